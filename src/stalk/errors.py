@@ -1,0 +1,157 @@
+"""The whole stalk exception tree.
+
+Every error stalk raises is a :class:`StalkError`; errors from the libraries underneath
+(noiseprotocol, cryptography, msgpack) are translated at the one module that calls each
+of them and chained with ``from``. Three errors are also anyio's stream errors, so code
+written against anyio's vocabulary works unchanged:
+
+- :class:`ConnectionLost` is an :class:`anyio.BrokenResourceError` (the stream was cut:
+  EOF or reset without an authenticated CLOSE);
+- :class:`ConnectionClosed` is an :class:`anyio.ClosedResourceError` (we closed it);
+- a clean CLOSE from the peer is not an error at all: receivers see :class:`anyio.EndOfStream`.
+
+Importing anyio here costs nothing at run time and pulls in no event loop: the sans-IO core
+only needs these exception classes, never anyio's I/O.
+
+Messages never contain key material or plaintext.
+"""
+
+from __future__ import annotations
+
+from anyio import BrokenResourceError, ClosedResourceError
+
+__all__ = [
+    "ClosedByPeer",
+    "ConnectionClosed",
+    "ConnectionLost",
+    "DecryptionFailed",
+    "HandshakeFailed",
+    "HandshakeTimeout",
+    "IdentityFileError",
+    "InvalidSpackValue",
+    "LocalProtocolError",
+    "MalformedSpack",
+    "MessageTooLarge",
+    "NonceExhausted",
+    "PeerIdentityMismatch",
+    "PeerRefused",
+    "ProtocolError",
+    "StalkError",
+]
+
+
+class StalkError(Exception):
+    """Root of every error stalk raises.
+
+    :ivar peer_address: ``(host, port)`` of the remote peer when the error happened on a
+        network connection, else ``None``. Set by the connection layer.
+    """
+
+    peer_address: tuple[str, int] | None = None
+
+
+class LocalProtocolError(StalkError):
+    """The caller used the API in a way the protocol does not allow.
+
+    For example: sending before the handshake finished, or answering an authorization
+    request twice. The connection state is unchanged unless the docs say otherwise.
+    """
+
+
+class InvalidSpackValue(StalkError, TypeError):
+    """A value cannot be carried in a spack (an unsupported type, an int out of range...).
+
+    Raised before anything is encoded or written, so the connection stays usable.
+    """
+
+
+class MessageTooLarge(StalkError, ValueError):
+    """A spack is larger than the limit the peer advertised (or our own configured limit).
+
+    Raised on the sending side before anything is written; the connection stays usable.
+    """
+
+
+class NonceExhausted(StalkError):
+    """A cipher reached the last nonce Noise allows; the connection must be closed."""
+
+
+class IdentityFileError(StalkError):
+    """An identity (key) file is missing, malformed, or has unsafe permissions."""
+
+
+class ProtocolError(StalkError):
+    """The peer broke the stalk wire protocol after the handshake; the connection is dead.
+
+    Raised for framing errors, unknown record kinds, over-limit sizes, bytes after CLOSE.
+    No partial or corrupted message is ever delivered when this is raised.
+    """
+
+
+class DecryptionFailed(ProtocolError):
+    """A transport message failed AEAD authentication (tampering, corruption or a bug)."""
+
+
+class MalformedSpack(ProtocolError, ValueError):
+    """Bytes are not a valid spack encoding.
+
+    Invalid msgpack, invalid UTF-8, unknown ext codes, trailing bytes, nesting deeper than
+    the limit, or a size over the limit.
+    """
+
+
+class HandshakeFailed(StalkError):
+    """The Noise handshake did not complete; no application data was exchanged."""
+
+
+class HandshakeTimeout(HandshakeFailed):
+    """The handshake did not complete within the configured time."""
+
+
+class PeerIdentityMismatch(HandshakeFailed):
+    """The peer does not hold the static key we expected (IK with a pinned key).
+
+    :ivar expected: the :class:`~stalk.PublicIdentity` we pinned, when known.
+    """
+
+    def __init__(self, message: str, *, expected: object | None = None) -> None:
+        super().__init__(message)
+        self.expected = expected
+
+
+class PeerRefused(HandshakeFailed):
+    """The peer refused the connection (not authorized, unsupported version, busy...).
+
+    :ivar code: the numeric refusal or CLOSE code from SPEC.md.
+    :ivar reason: the peer's human-readable reason (untrusted text).
+    """
+
+    def __init__(self, message: str, *, code: int, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class ConnectionLost(StalkError, BrokenResourceError):
+    """The connection ended without an authenticated CLOSE: truncation, EOF or reset.
+
+    Also an :class:`anyio.BrokenResourceError`. The application can tell this apart from a
+    clean close, which surfaces as :class:`anyio.EndOfStream`.
+    """
+
+
+class ClosedByPeer(ConnectionLost):
+    """The peer sent an authenticated CLOSE with an error code.
+
+    :ivar code: the CLOSE code (SPEC.md, "Close codes").
+    :ivar reason: the peer's reason text (untrusted).
+    """
+
+    def __init__(self, message: str, *, code: int, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class ConnectionClosed(StalkError, ClosedResourceError):
+    """This side already closed the connection (or it failed); it cannot be used again."""
