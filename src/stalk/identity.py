@@ -1,0 +1,479 @@
+"""Static identities: X25519 key pairs, their printable form and their key files.
+
+A peer is identified by its static X25519 public key (:class:`PublicIdentity`). Its
+printable form is ``stalk:`` followed by the 32 raw key bytes in unpadded base64url
+(43 characters); its fingerprint is ``SHA256:`` followed by the unpadded standard base64
+of the SHA-256 of the raw key, the convention ssh uses.
+
+Our own key pair is an :class:`Identity`. It is stored as an unencrypted PKCS#8 PEM file
+with mode 0600 (readable by ``openssl pkey``), next to a ``.pub`` file holding the
+printable public form, like ssh-keygen does.
+
+Nothing in this module ever puts private key material in a ``repr``, ``str`` or exception
+message.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import shlex
+import stat
+from pathlib import Path
+from typing import NoReturn
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from stalk.errors import IdentityFileError
+
+__all__ = ["Identity", "PublicIdentity", "same_key"]
+
+#: Length in bytes of an X25519 key (public or private).
+KEY_SIZE = 32
+
+#: Prefix of the printable form of a public identity.
+PREFIX = "stalk:"
+
+#: Length of the unpadded base64url encoding of a 32-byte key.
+_B64_LEN = 43
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+_EXPECTED_FORM = f"expected {PREFIX!r} followed by {_B64_LEN} base64url characters, no padding"
+
+#: Key files are tiny (a PKCS#8 X25519 PEM is 119 bytes); refuse to slurp anything big.
+_MAX_FILE_SIZE = 64 * 1024
+
+_PUB_SUFFIX = ".pub"
+
+#: Whether :meth:`Identity.load` enforces mode 0600 (POSIX permission bits mean nothing
+#: useful on other platforms).
+_CHECK_PERMISSIONS = os.name == "posix"
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _as_bytes(raw: bytes | bytearray | memoryview, what: str) -> bytes:
+    # bytes(int) would silently build a zero-filled buffer, so check the type first.
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be bytes, not {type(raw).__name__}")
+    data = bytes(raw)
+    if len(data) != KEY_SIZE:
+        raise ValueError(f"{what} must be exactly {KEY_SIZE} bytes, got {len(data)}")
+    return data
+
+
+def _expand(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
+class PublicIdentity:
+    """A peer's static X25519 public key (32 raw bytes). Immutable and hashable.
+
+    :param raw: the 32 raw bytes of the public key (any bytes-like object).
+    :raises ValueError: if ``raw`` is not exactly 32 bytes long.
+    :raises TypeError: if ``raw`` is not bytes-like.
+    """
+
+    __slots__ = ("_raw",)
+
+    _raw: bytes
+
+    def __init__(self, raw: bytes | bytearray | memoryview) -> None:
+        object.__setattr__(self, "_raw", _as_bytes(raw, "a public key"))
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __reduce__(self) -> tuple[type[PublicIdentity], tuple[bytes]]:
+        return (type(self), (self._raw,))
+
+    def __copy__(self) -> PublicIdentity:
+        return self
+
+    def __deepcopy__(self, memo: object) -> PublicIdentity:
+        return self
+
+    @property
+    def raw(self) -> bytes:
+        """The 32 raw bytes of the public key."""
+        return self._raw
+
+    @property
+    def fingerprint(self) -> str:
+        """``SHA256:`` + unpadded standard base64 of SHA-256(raw), as ssh prints it."""
+        digest = hashlib.sha256(self._raw).digest()
+        return "SHA256:" + base64.b64encode(digest).rstrip(b"=").decode("ascii")
+
+    @classmethod
+    def from_string(cls, text: str) -> PublicIdentity:
+        """Parse the printable form ``stalk:<43 base64url characters>``.
+
+        Surrounding whitespace is ignored. Only the canonical encoding is accepted: no
+        padding, no other alphabet, and re-encoding the key must give the same text.
+
+        :param text: the printable form, as produced by ``str(public_identity)``.
+        :raises ValueError: if ``text`` is not a valid printable public identity.
+        :raises TypeError: if ``text`` is not a ``str``.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"expected str, not {type(text).__name__}")
+        text = text.strip()
+        # The input is deliberately never echoed: a user may paste a private key by mistake.
+        if not text.startswith(PREFIX):
+            raise ValueError(f"not a stalk public identity: wrong prefix ({_EXPECTED_FORM})")
+        body = text[len(PREFIX) :]
+        if "=" in body:
+            raise ValueError(f"not a stalk public identity: padding found ({_EXPECTED_FORM})")
+        if _B64URL_RE.fullmatch(body) is None:
+            raise ValueError(
+                f"not a stalk public identity: invalid base64url character ({_EXPECTED_FORM})"
+            )
+        if len(body) != _B64_LEN:
+            raise ValueError(
+                f"not a stalk public identity: {len(body)} key characters ({_EXPECTED_FORM})"
+            )
+        raw = base64.urlsafe_b64decode(body + "=")
+        if _b64url(raw) != body:
+            raise ValueError(
+                f"not a stalk public identity: non-canonical base64url ({_EXPECTED_FORM})"
+            )
+        return cls(raw)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PublicIdentity:
+        """Read a public identity from a file such as the ``.pub`` written by :meth:`Identity.save`.
+
+        The first line that is neither blank nor a ``#`` comment must start with the
+        printable form; anything after it on that line (separated by whitespace) is an
+        ignored comment, as in ssh public key files. ``~`` is expanded.
+
+        :param path: the file to read.
+        :raises IdentityFileError: if the file cannot be read or holds no valid identity.
+        """
+        path = _expand(path)
+        data, _ = _read_small_file(path, "public identity file")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise IdentityFileError(f"public identity file '{path}' is not UTF-8 text") from exc
+        for raw_line in text.splitlines():
+            line = raw_line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                return cls.from_string(line.split(maxsplit=1)[0])
+            except ValueError as exc:
+                raise IdentityFileError(f"public identity file '{path}': {exc}") from exc
+        raise IdentityFileError(f"public identity file '{path}' contains no public identity")
+
+    def __str__(self) -> str:
+        return PREFIX + _b64url(self._raw)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PublicIdentity):
+            return NotImplemented
+        return hmac.compare_digest(self._raw, other._raw)
+
+    def __hash__(self) -> int:
+        return hash(self._raw)
+
+
+def same_key(a: PublicIdentity, b: PublicIdentity) -> bool:
+    """Compare two public identities in constant time.
+
+    :param a: a public identity.
+    :param b: another public identity.
+    :raises TypeError: if either argument is not a :class:`PublicIdentity`.
+    """
+    if not isinstance(a, PublicIdentity) or not isinstance(b, PublicIdentity):
+        raise TypeError("same_key() compares two PublicIdentity objects")
+    return hmac.compare_digest(a.raw, b.raw)
+
+
+class Identity:
+    """Our own static X25519 key pair.
+
+    Build one with :meth:`generate`, :meth:`from_private_bytes` or :meth:`load`. The
+    private key never appears in ``repr``/``str``, and an identity cannot be pickled
+    (use :meth:`save`).
+
+    :param private_key: a ``cryptography`` X25519 private key.
+    :raises TypeError: if ``private_key`` is not an ``X25519PrivateKey``.
+    """
+
+    __slots__ = ("_key", "_public")
+
+    _key: X25519PrivateKey
+    _public: PublicIdentity
+
+    def __init__(self, private_key: X25519PrivateKey) -> None:
+        if not isinstance(private_key, X25519PrivateKey):
+            raise TypeError(f"expected an X25519PrivateKey, not {type(private_key).__name__}")
+        public = PublicIdentity(
+            private_key.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+        )
+        object.__setattr__(self, "_key", private_key)
+        object.__setattr__(self, "_public", public)
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("an Identity cannot be pickled; use Identity.save()")
+
+    def __copy__(self) -> Identity:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Identity:
+        return self
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """Generate a new random key pair."""
+        return cls(X25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes | bytearray | memoryview) -> Identity:
+        """Build an identity from the 32 raw bytes of an X25519 private key.
+
+        :param raw: the raw private key (any bytes-like object).
+        :raises ValueError: if ``raw`` is not exactly 32 bytes long.
+        :raises TypeError: if ``raw`` is not bytes-like.
+        """
+        return cls(X25519PrivateKey.from_private_bytes(_as_bytes(raw, "a private key")))
+
+    @property
+    def public(self) -> PublicIdentity:
+        """Our public identity, the one peers see and pin."""
+        return self._public
+
+    def private_bytes(self) -> bytes:
+        """Return the raw 32-byte private key.
+
+        This is SECRET: whoever holds it can impersonate us. It exists for the Noise layer;
+        never log it, print it or send it anywhere.
+        """
+        return self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._public} {self._public.fingerprint}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Identity):
+            return NotImplemented
+        return hmac.compare_digest(self.private_bytes(), other.private_bytes())
+
+    def __hash__(self) -> int:
+        return hash(self._public)
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write the private key file and its ``.pub`` companion.
+
+        The private key goes to ``path`` as unencrypted PKCS#8 PEM with mode 0600; the
+        printable public form plus a newline goes to ``path + ".pub"`` (mode 0644, less if
+        the umask says so). Each file is written to a temporary file in the same directory,
+        fsynced and renamed into place, so a crash never leaves a half-written key. Missing
+        parent directories are created with mode 0700. ``~`` is expanded.
+
+        :param path: where to write the private key.
+        :param overwrite: replace an existing private key file instead of refusing.
+        :raises IdentityFileError: if the private key file exists and ``overwrite`` is
+            false, or if writing fails.
+        """
+        path = _expand(path)
+        if not path.name:
+            raise IdentityFileError(f"identity file path '{path}' names no file")
+        pub_path = path.with_name(path.name + _PUB_SUFFIX)
+        pem = self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        try:
+            _make_private_dirs(path.parent)
+        except OSError as exc:
+            raise IdentityFileError(
+                f"cannot create directory '{path.parent}': {exc.strerror or exc}"
+            ) from exc
+        _atomic_write(path, pem, 0o600, overwrite=overwrite)
+        _atomic_write(pub_path, (str(self._public) + "\n").encode("ascii"), 0o644, overwrite=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Identity:
+        """Read a private key file written by :meth:`save` (or any X25519 PKCS#8 PEM).
+
+        On POSIX systems the file must not be readable or writable by group or others,
+        as ssh requires of its keys. ``~`` is expanded.
+
+        :param path: the private key file.
+        :raises IdentityFileError: if the file is missing, unreadable, has unsafe
+            permissions, is not an unencrypted PEM private key, or is not an X25519 key.
+        """
+        path = _expand(path)
+        data, perms = _read_small_file(path, "identity file")
+        # Checked before the permissions, whose "chmod 600" advice would be wrong here.
+        if data.lstrip().startswith(PREFIX.encode("ascii")):
+            raise IdentityFileError(
+                f"identity file '{path}' holds a public identity, not a private key "
+                f"(pass the private key file, not the {_PUB_SUFFIX} file)"
+            )
+        if _CHECK_PERMISSIONS and perms & 0o077:
+            raise IdentityFileError(
+                f"permissions {perms:04o} for '{path}' are too open: a private key file must "
+                f"not be accessible by others. Fix it with: chmod 600 {shlex.quote(str(path))}"
+            )
+        if b"-----BEGIN" not in data:
+            raise IdentityFileError(f"identity file '{path}' is not a PEM file")
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError as exc:
+            raise IdentityFileError(
+                f"identity file '{path}' is encrypted; stalk needs an unencrypted PKCS#8 "
+                f"key (decrypt it with: openssl pkey -in {shlex.quote(str(path))} -out NEWFILE)"
+            ) from exc
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise IdentityFileError(
+                f"identity file '{path}' does not hold a readable PEM private key"
+            ) from exc
+        if not isinstance(key, X25519PrivateKey):
+            raise IdentityFileError(
+                f"identity file '{path}' holds a {type(key).__name__.removesuffix('PrivateKey')}"
+                " key, not an X25519 key"
+            )
+        return cls(key)
+
+
+def _make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing ancestors, each with mode 0700.
+
+    (``os.makedirs`` applies ``mode`` only to the last component.)
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort; POSIX only)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file in the same directory.
+
+    With ``overwrite`` false, the final step is a hard link, which fails atomically if
+    ``path`` exists (two processes saving at once cannot clobber each other); filesystems
+    without hard links fall back to an exists-check plus ``os.replace``.
+    """
+    if not overwrite and os.path.lexists(path):
+        raise _exists_error(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = (
+        os.O_CREAT
+        | os.O_EXCL
+        | os.O_WRONLY
+        | getattr(os, "O_BINARY", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
+    try:
+        fd = os.open(tmp, flags, mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise _exists_error(path) from None
+                except OSError:
+                    # No hard links here (some network or FAT filesystems).
+                    if os.path.lexists(path):
+                        raise _exists_error(path) from None
+                    os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    except OSError as exc:
+        raise IdentityFileError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+    _fsync_dir(path.parent)
+
+
+def _exists_error(path: Path) -> IdentityFileError:
+    return IdentityFileError(f"'{path}' already exists; pass overwrite=True to replace it")
+
+
+def _read_small_file(path: Path, kind: str) -> tuple[bytes, int]:
+    """Read a key file, checking (on the open descriptor) that it is a small regular file.
+
+    :returns: the contents and the permission bits of the file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    # O_NONBLOCK keeps a FIFO from hanging us; it is ignored for regular files.
+    flags |= getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as exc:
+        raise IdentityFileError(f"{kind} '{path}' does not exist") from exc
+    except OSError as exc:
+        raise IdentityFileError(f"cannot open {kind} '{path}': {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IdentityFileError(f"{kind} '{path}' is not a regular file")
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, _MAX_FILE_SIZE + 1 - total):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > _MAX_FILE_SIZE:
+                raise IdentityFileError(f"{kind} '{path}' is too large to be a key file")
+        return b"".join(chunks), stat.S_IMODE(st.st_mode)
+    except OSError as exc:
+        raise IdentityFileError(f"cannot read {kind} '{path}': {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
