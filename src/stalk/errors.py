@@ -22,6 +22,7 @@ from anyio import BrokenResourceError, ClosedResourceError
 
 __all__ = [
     "ClosedByPeer",
+    "ConnectFailed",
     "ConnectionClosed",
     "ConnectionLost",
     "DecryptionFailed",
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidSpackValue",
     "LocalProtocolError",
     "MalformedSpack",
+    "MessageLimitExceeded",
     "MessageTooLarge",
     "NonceExhausted",
     "PeerIdentityMismatch",
@@ -80,12 +82,24 @@ class IdentityFileError(StalkError):
     """An identity (key) file is missing, malformed, or has unsafe permissions."""
 
 
+class ConnectFailed(StalkError, OSError):
+    """The TCP connection to the peer could not be opened (also an :class:`OSError`)."""
+
+
 class ProtocolError(StalkError):
     """The peer broke the stalk wire protocol after the handshake; the connection is dead.
 
     Raised for framing errors, unknown record kinds, over-limit sizes, bytes after CLOSE.
     No partial or corrupted message is ever delivered when this is raised.
     """
+
+
+class MessageLimitExceeded(ProtocolError):
+    """The peer sent a spack larger than the limit we advertised in the handshake."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"peer sent a message larger than our {limit}-byte limit")
+        self.limit = limit
 
 
 class DecryptionFailed(ProtocolError):
@@ -154,4 +168,4 @@ class ClosedByPeer(ConnectionLost):
 
 
 class ConnectionClosed(StalkError, ClosedResourceError):
-    """This side already closed the connection (or it failed); it cannot be used again."""
+    """We already closed the connection (or it failed); it cannot be used again."""

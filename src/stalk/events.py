@@ -1,0 +1,92 @@
+"""Events a :class:`~stalk.session.Session` hands to its driver from ``next_event()``.
+
+Events are frozen values (h11's rule: do not subclass them). ``NEED_DATA`` is a sentinel
+meaning "feed more bytes with ``receive_data`` before asking again".
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+from stalk.identity import PublicIdentity
+from stalk.spack import Spack
+from stalk.wire import Pattern
+
+__all__ = [
+    "NEED_DATA",
+    "CloseReceived",
+    "Event",
+    "HandshakeComplete",
+    "MessageReceived",
+    "NeedData",
+    "PeerIdentified",
+    "PongReceived",
+]
+
+
+class NeedData(enum.Enum):
+    """Type of the :data:`NEED_DATA` sentinel."""
+
+    NEED_DATA = enum.auto()
+
+
+#: ``next_event()`` returns this when no event can be produced from the bytes received.
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentified:
+    """Responder only: the initiator's static key is known; answer with accept() or refuse().
+
+    With IK this comes from message 1, before the responder has answered, and it may be a
+    replay: the key is proven only by the :class:`HandshakeComplete` that follows.
+    """
+
+    peer: PublicIdentity
+    pattern: Pattern
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeComplete:
+    """Both parties are authenticated and the session is open for spacks.
+
+    :ivar handshake_hash: Noise ``h``, identical on both sides: bind tokens to it.
+    :ivar peer_max_message_size: the largest spack encoding the peer accepts.
+    """
+
+    peer: PublicIdentity
+    pattern: Pattern
+    handshake_hash: bytes
+    peer_max_message_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """One whole spack, authenticated and decoded."""
+
+    spack: Spack
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    """The answer to one of our PINGs, with its payload."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReceived:
+    """The peer sent an authenticated CLOSE: it will send nothing more.
+
+    ``code`` 0 is a normal close; any other code is an error close (SPEC "Close codes").
+    """
+
+    code: int
+    reason: str
+
+
+Event: TypeAlias = (
+    PeerIdentified | HandshakeComplete | MessageReceived | PongReceived | CloseReceived
+)

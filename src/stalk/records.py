@@ -1,0 +1,288 @@
+"""The record layer: what goes inside each Noise transport message.
+
+Theory of operation
+-------------------
+After the handshake every frame body is one Noise transport message, and its plaintext is a
+sequence of one or more records (SPEC "Records")::
+
+    kind (u8) || channel (uvarint) || length (uvarint) || body (length bytes)
+
+Sending (:class:`RecordWriter`): records are queued, then :meth:`RecordWriter.pack` packs
+them greedily into plaintexts of at most :data:`~stalk.wire.RECORD_CAPACITY` bytes, so many
+small spacks share one Noise message (batching) and a spack too large for the space left is
+split into FRAGMENT records ending with one MESSAGE (fragmentation). Each packed plaintext is
+handed out as soon as it is full, so memory stays near one Noise message beyond the queued
+spacks themselves.
+
+Receiving (:func:`parse_records` and :class:`Reassembler`): a plaintext is parsed *whole*
+before anything in it is acted on, so a malformed record anywhere in a Noise message means
+nothing from that message is delivered. Fragments are kept as a list and joined once when
+the final MESSAGE arrives: reassembly is linear in the message size, and the running total
+is checked against the limit before each piece is stored, so a peer cannot make us buffer
+more than the limit.
+
+Invariants checked here (each a :class:`~stalk.ProtocolError`): known kinds only; channel 0
+only (version 1); minimal varints; a length that fits in what is left; CLOSE and REKEY last
+in their Noise message; empty bodies for READY and REKEY; bounded PING/PONG and CLOSE bodies;
+no empty FRAGMENT; the reassembly limit.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Final, NamedTuple
+
+from stalk.errors import MessageLimitExceeded, ProtocolError
+from stalk.wire import (
+    MAX_CLOSE_REASON,
+    MAX_PING_PAYLOAD,
+    RECORD_CAPACITY,
+    RecordKind,
+)
+
+__all__ = [
+    "Reassembler",
+    "Record",
+    "RecordWriter",
+    "decode_close",
+    "encode_close",
+    "encode_uvarint",
+    "parse_records",
+    "read_uvarint",
+]
+
+_U16: Final = struct.Struct(">H")
+_KINDS: Final = frozenset(int(k) for k in RecordKind)
+_LAST_IN_MESSAGE: Final = frozenset({RecordKind.CLOSE, RecordKind.REKEY})
+#: A fragment smaller than this is not worth a record header: start a new Noise message.
+_MIN_FRAGMENT: Final = 512
+#: Largest value a 3-byte uvarint holds; record lengths never exceed it.
+_MAX_LENGTH_VARINT: Final = 3
+_MAX_CHANNEL_VARINT: Final = 5
+
+
+class Record(NamedTuple):
+    """One parsed record; ``body`` is a view into the decrypted plaintext."""
+
+    kind: RecordKind
+    channel: int
+    body: memoryview
+
+
+def encode_uvarint(value: int) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, least significant group first."""
+    if value < 0:
+        raise ValueError("uvarint must be non-negative")
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _uvarint_len(value: int) -> int:
+    return 1 if value < 1 << 7 else 2 if value < 1 << 14 else 3 if value < 1 << 21 else 4
+
+
+def read_uvarint(data: memoryview, pos: int, max_bytes: int) -> tuple[int, int]:
+    """Read a minimal uvarint of at most ``max_bytes`` bytes at ``pos``.
+
+    :returns: ``(value, new_pos)``.
+    :raises ~stalk.ProtocolError: truncated, longer than ``max_bytes``, or not minimal (a
+        trailing zero group), which would give one value two encodings.
+    """
+    value = 0
+    for i in range(max_bytes):
+        if pos + i >= len(data):
+            raise ProtocolError("truncated varint in record header")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if byte == 0 and i > 0:
+                raise ProtocolError("non-minimal varint in record header")
+            return value, pos + i + 1
+    raise ProtocolError(f"varint longer than {max_bytes} bytes in record header")
+
+
+def encode_close(code: int, reason: str) -> bytes:
+    """A CLOSE body: ``code (u16 BE) || reason (UTF-8, at most 1024 bytes)``."""
+    data = reason.encode("utf-8")[:MAX_CLOSE_REASON]
+    return _U16.pack(code) + data.decode("utf-8", "ignore").encode("utf-8")
+
+
+def decode_close(body: memoryview) -> tuple[int, str]:
+    """Parse a CLOSE body.
+
+    :raises ~stalk.ProtocolError: shorter than the code, reason too long or not UTF-8.
+    """
+    if len(body) < 2:
+        raise ProtocolError("CLOSE record shorter than its code")
+    if len(body) - 2 > MAX_CLOSE_REASON:
+        raise ProtocolError("CLOSE reason longer than 1024 bytes")
+    (code,) = _U16.unpack_from(body)
+    try:
+        reason = bytes(body[2:]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("CLOSE reason is not valid UTF-8") from exc
+    return code, reason
+
+
+def parse_records(plaintext: bytes) -> list[Record]:
+    """Parse and validate every record of one Noise message's plaintext.
+
+    :raises ~stalk.ProtocolError: any record is malformed; nothing is returned then.
+    """
+    view = memoryview(plaintext)
+    records: list[Record] = []
+    pos = 0
+    end = len(view)
+    if end == 0:
+        raise ProtocolError("transport message with no records")
+    while pos < end:
+        if records and records[-1].kind in _LAST_IN_MESSAGE:
+            raise ProtocolError(f"record after {records[-1].kind.name} in one Noise message")
+        kind_byte = view[pos]
+        if kind_byte not in _KINDS:
+            raise ProtocolError(f"unknown record kind 0x{kind_byte:02x}")
+        kind = RecordKind(kind_byte)
+        channel, pos = read_uvarint(view, pos + 1, _MAX_CHANNEL_VARINT)
+        if channel != 0:
+            raise ProtocolError(f"record on channel {channel}; version 1 uses channel 0 only")
+        length, pos = read_uvarint(view, pos, _MAX_LENGTH_VARINT)
+        if length > end - pos:
+            raise ProtocolError(f"{kind.name} record claims {length} bytes but {end - pos} remain")
+        body = view[pos : pos + length]
+        pos += length
+        _check_body(kind, body)
+        records.append(Record(kind, channel, body))
+    return records
+
+
+def _check_body(kind: RecordKind, body: memoryview) -> None:
+    if kind in (RecordKind.READY, RecordKind.REKEY) and len(body):
+        raise ProtocolError(f"{kind.name} record must have an empty body")
+    if kind in (RecordKind.PING, RecordKind.PONG) and len(body) > MAX_PING_PAYLOAD:
+        raise ProtocolError(f"{kind.name} payload longer than {MAX_PING_PAYLOAD} bytes")
+    if kind is RecordKind.FRAGMENT and not len(body):
+        raise ProtocolError("empty FRAGMENT record")
+    if kind is RecordKind.CLOSE:
+        decode_close(body)
+
+
+def _header(kind: RecordKind, length: int) -> bytes:
+    # Channel 0 encodes as the single byte 0x00.
+    return bytes((kind, 0)) + encode_uvarint(length)
+
+
+def _largest_fitting(avail: int) -> int:
+    """The largest body length ``n`` with ``n + len(uvarint(n)) <= avail``."""
+    n = avail - _uvarint_len(avail)
+    while (n + 1) + _uvarint_len(n + 1) <= avail:
+        n += 1
+    return max(n, 0)
+
+
+class RecordWriter:
+    """Packs queued records into Noise-message plaintexts (batching and fragmentation).
+
+    :param capacity: plaintext bytes per Noise message available for records.
+    """
+
+    __slots__ = ("_capacity", "_current", "_done")
+
+    def __init__(self, capacity: int = RECORD_CAPACITY) -> None:
+        self._capacity = capacity
+        self._current = bytearray()
+        self._done: list[bytes] = []
+
+    def add(self, kind: RecordKind, body: bytes | memoryview = b"") -> None:
+        """Queue a control record (CLOSE, PING, PONG, READY); it is never split."""
+        size = 2 + _uvarint_len(len(body)) + len(body)
+        if size > self._capacity:
+            raise ValueError(f"{kind.name} record of {size} bytes exceeds a Noise message")
+        if len(self._current) + size > self._capacity:
+            self._finish_current()
+        self._current += _header(kind, len(body))
+        self._current += body
+
+    def add_message(self, encoded: bytes | memoryview) -> None:
+        """Queue one encoded spack, fragmenting it across Noise messages as needed."""
+        view = memoryview(encoded)
+        while True:
+            avail = self._capacity - len(self._current) - 2
+            if len(view) + _uvarint_len(len(view)) <= avail:
+                self._current += _header(RecordKind.MESSAGE, len(view))
+                self._current += view
+                return
+            piece = _largest_fitting(avail)
+            if piece < _MIN_FRAGMENT:
+                self._finish_current()
+                continue
+            self._current += _header(RecordKind.FRAGMENT, piece)
+            self._current += view[:piece]
+            view = view[piece:]
+            self._finish_current()
+
+    def _finish_current(self) -> None:
+        if self._current:
+            self._done.append(bytes(self._current))
+            self._current = bytearray()
+
+    def pending(self) -> bool:
+        """Whether any record is queued and not yet taken by :meth:`pack`."""
+        return bool(self._current or self._done)
+
+    def pack(self) -> Iterator[bytes]:
+        """Yield the plaintexts of everything queued, in order, and empty the queue."""
+        self._finish_current()
+        done, self._done = self._done, []
+        yield from done
+
+
+class Reassembler:
+    """Rebuilds fragmented spacks on one channel, enforcing the size limit.
+
+    :param limit: the largest encoded spack accepted (our advertised maximum).
+    """
+
+    __slots__ = ("_limit", "_parts", "_size")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @property
+    def in_progress(self) -> bool:
+        """Whether fragments are waiting for their final MESSAGE record."""
+        return bool(self._parts)
+
+    def _account(self, length: int) -> None:
+        self._size += length
+        if self._size > self._limit:
+            raise MessageLimitExceeded(self._limit)
+
+    def fragment(self, body: memoryview) -> None:
+        """Store a non-final piece.
+
+        :raises ~stalk.ProtocolError: the message would exceed the limit.
+        """
+        self._account(len(body))
+        self._parts.append(bytes(body))
+
+    def message(self, body: memoryview) -> bytes | memoryview:
+        """Complete a message with its final piece and return its whole encoding.
+
+        :raises ~stalk.ProtocolError: the message would exceed the limit.
+        """
+        self._account(len(body))
+        if not self._parts:
+            self._size = 0
+            return body
+        self._parts.append(bytes(body))
+        whole = b"".join(self._parts)
+        self._parts = []
+        self._size = 0
+        return whole

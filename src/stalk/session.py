@@ -1,0 +1,610 @@
+"""The sans-IO stalk session: handshake, records and spacks; bytes in, events and bytes out.
+
+Theory of operation
+-------------------
+A :class:`Session` is one side of one connection. Its driver (the anyio layer, a test, or
+anything else) does three things in a loop, h11-style::
+
+    session.receive_data(chunk)            # b"" means the transport reached EOF
+    while (event := session.next_event()) is not NEED_DATA:
+        handle(event)
+    transport.write(session.data_to_send())
+
+plus the API calls: :meth:`Session.accept`/:meth:`Session.refuse` (responder, after
+:class:`~stalk.events.PeerIdentified`), :meth:`Session.queue`/:meth:`Session.flush`/
+:meth:`Session.send`, :meth:`Session.ping`, :meth:`Session.close`. After *every* call, the
+driver writes out :meth:`Session.data_to_send` (a responder answers as a side effect of
+receiving, and PINGs are answered automatically).
+
+Phases (:class:`SessionState`)::
+
+    HANDSHAKING --(responder: peer key known)--> AUTHORIZING --accept()--+
+        |                                             \\--refuse()--> CLOSED
+        +--(initiator IK: msg2 read; responder XX: accept)--> OPEN
+        +--(initiator XX: msg3 sent; responder IK: accept)--> CONFIRMING --READY--> OPEN
+    any error --> FAILED (terminal; the same error is raised again)
+
+CONFIRMING is SPEC "Confirmation": the party that read the last handshake message sends
+READY as its first record; its peer reports nothing (and sends no spack) until READY
+arrives. For the IK responder this is the replay defence: a recorded message 1 replayed by
+an attacker never produces a valid READY, so no connection is ever reported for it. For the
+XX initiator it carries the responder's authorization verdict.
+
+Invariants:
+
+- Nothing is delivered from a Noise message until all of its records have been parsed,
+  checked and decoded; a spack is delivered whole or not at all.
+- Any receive-side error is terminal. When the transport is up, an error CLOSE is queued
+  for the peer (best effort) before the error is raised.
+- The send side encrypts in call order, so nonce order is wire order; the driver must write
+  :meth:`data_to_send` in the order it was returned.
+- EOF without a CLOSE is a truncation (:class:`~stalk.ConnectionLost`), never a clean end.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from stalk._noise import TransportCipher
+from stalk.errors import (
+    ConnectionClosed,
+    ConnectionLost,
+    HandshakeFailed,
+    LocalProtocolError,
+    MessageLimitExceeded,
+    MessageTooLarge,
+    PeerRefused,
+    ProtocolError,
+    StalkError,
+)
+from stalk.events import (
+    NEED_DATA,
+    CloseReceived,
+    Event,
+    HandshakeComplete,
+    MessageReceived,
+    NeedData,
+    PeerIdentified,
+    PongReceived,
+)
+from stalk.framing import FramingError, encode_refusal, frame_header, read_frame
+from stalk.handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
+from stalk.identity import Identity, PublicIdentity
+from stalk.records import (
+    Reassembler,
+    RecordWriter,
+    decode_close,
+    encode_close,
+    parse_records,
+)
+from stalk.spack import Spack, SpackValue, decode_spack
+from stalk.wire import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_REKEY_AFTER_BYTES,
+    DEFAULT_REKEY_AFTER_MESSAGES,
+    MAX_CLOSE_REASON,
+    MAX_MESSAGE_SIZE_LIMIT,
+    MAX_PING_PAYLOAD,
+    MIN_MAX_MESSAGE_SIZE,
+    CloseCode,
+    Pattern,
+    RecordKind,
+)
+
+__all__ = ["Role", "Session", "SessionConfig", "SessionState"]
+
+#: A REKEY record on channel 0 with an empty body: kind, channel, length.
+_REKEY_RECORD = bytes((RecordKind.REKEY, 0, 0))
+
+
+class Role(enum.Enum):
+    """Which end of the handshake this session plays."""
+
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+
+class SessionState(enum.Enum):
+    """Where a session is in its life (see the module's theory of operation)."""
+
+    HANDSHAKING = "handshaking"
+    AUTHORIZING = "authorizing"
+    CONFIRMING = "confirming"
+    OPEN = "open"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Protocol limits and policy for one session.
+
+    :param max_message_size: the largest encoded spack we accept (advertised to the peer).
+    :param rekey_after_messages: send REKEY after this many Noise transport messages...
+    :param rekey_after_bytes: ...or this many plaintext bytes, whichever comes first.
+    """
+
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    rekey_after_messages: int = DEFAULT_REKEY_AFTER_MESSAGES
+    rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES
+
+    def __post_init__(self) -> None:
+        if not MIN_MAX_MESSAGE_SIZE <= self.max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
+            raise ValueError(
+                f"max_message_size must be {MIN_MAX_MESSAGE_SIZE}..{MAX_MESSAGE_SIZE_LIMIT}"
+            )
+        if self.rekey_after_messages < 1 or self.rekey_after_bytes < 1:
+            raise ValueError("rekey intervals must be positive")
+
+
+class Session:
+    """One side of a stalk connection, without I/O.
+
+    :param role: initiator (dials) or responder (accepts).
+    :param identity: our static key pair.
+    :param peer: initiator only: the responder's expected static key. Given, the session
+        runs IK and fails with :class:`~stalk.PeerIdentityMismatch` for any other key;
+        omitted, it runs XX and learns the key.
+    :param config: limits and rekey policy.
+    :param ephemeral_for_testing_only: a fixed ephemeral private key, for reproducible
+        transcripts (``vectors/``). Never use it on a real connection.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        identity: Identity,
+        *,
+        peer: PublicIdentity | None = None,
+        config: SessionConfig | None = None,
+        ephemeral_for_testing_only: bytes | None = None,
+    ) -> None:
+        if role is Role.RESPONDER and peer is not None:
+            raise ValueError("only an initiator can expect a peer key")
+        self.role = role
+        self.identity = identity
+        self.config = config or SessionConfig()
+        self._in = bytearray()
+        self._eof = False
+        self._out: list[bytes] = []
+        self._events: deque[Event] = deque()
+        self._state = SessionState.HANDSHAKING
+        self._error: StalkError | None = None
+        self._hs: InitiatorHandshake | ResponderHandshake | None
+        if role is Role.INITIATOR:
+            self._hs = InitiatorHandshake(
+                identity, peer, self.config.max_message_size, ephemeral=ephemeral_for_testing_only
+            )
+        else:
+            self._hs = ResponderHandshake(
+                identity, self.config.max_message_size, ephemeral=ephemeral_for_testing_only
+            )
+        self._pattern: Pattern | None = self._hs.pattern
+        self._result: HandshakeResult | None = None
+        self._send: TransportCipher | None = None
+        self._recv: TransportCipher | None = None
+        # Application records (spacks, and CLOSE/PING, which must follow what was queued
+        # before them) and control records the session emits by itself (READY, PONG, error
+        # CLOSE). Keeping them apart lets the receive path answer a PING without encrypting
+        # spacks the application queued but has not flushed.
+        self._writer = RecordWriter()
+        self._control = RecordWriter()
+        self._reassembler = Reassembler(self.config.max_message_size)
+        self._close_sent = False
+        self._close_received: CloseReceived | None = None
+        self._sent_since_rekey = 0
+        self._bytes_since_rekey = 0
+        self._rekey_requested = False
+        self._take_handshake_output()
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        """The current phase."""
+        return self._state
+
+    @property
+    def pattern(self) -> Pattern | None:
+        """``"XX"`` or ``"IK"`` (a responder knows it once the preamble arrived)."""
+        return self._pattern
+
+    @property
+    def peer(self) -> PublicIdentity | None:
+        """The peer's static key, once the peer is authenticated (state OPEN or later)."""
+        if self._result is None or self._state in (
+            SessionState.HANDSHAKING,
+            SessionState.AUTHORIZING,
+            SessionState.CONFIRMING,
+        ):
+            return None
+        return self._result.peer
+
+    @property
+    def handshake_hash(self) -> bytes | None:
+        """Noise ``h`` (channel binding), once the session is OPEN."""
+        return self._result.handshake_hash if self.peer is not None and self._result else None
+
+    @property
+    def peer_max_message_size(self) -> int | None:
+        """The largest encoded spack the peer accepts, once the handshake finished."""
+        return self._result.peer_params.max_message_size if self._result else None
+
+    @property
+    def close_sent(self) -> bool:
+        """Whether we sent CLOSE (our direction is finished)."""
+        return self._close_sent
+
+    @property
+    def close_received(self) -> CloseReceived | None:
+        """The peer's CLOSE, once received."""
+        return self._close_received
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes waiting in :meth:`data_to_send` (for write backpressure)."""
+        return sum(map(len, self._out))
+
+    # -- bytes in, events out ---------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer bytes from the transport; ``b""`` means EOF.
+
+        :raises ~stalk.LocalProtocolError: data after EOF.
+        """
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise LocalProtocolError("receive_data() after EOF")
+        self._in += data
+
+    def next_event(self) -> Event | NeedData:
+        """The next event, or :data:`~stalk.events.NEED_DATA`.
+
+        After a :class:`~stalk.events.CloseReceived`, returns the same event again.
+
+        :raises ~stalk.HandshakeFailed: the handshake failed (refused, wrong key, malformed,
+            or the peer left during it).
+        :raises ~stalk.ProtocolError: the peer broke the protocol after the handshake.
+        :raises ~stalk.ConnectionLost: EOF without CLOSE.
+        """
+        if self._error is not None:
+            raise self._error
+        if not self._events:
+            try:
+                self._progress()
+            except StalkError as exc:
+                self._fail(exc)
+                raise
+        if self._events:
+            return self._events.popleft()
+        if self._close_received is not None:
+            return self._close_received
+        return NEED_DATA
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the transport, in order; empties the queue."""
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    # -- the handshake --------------------------------------------------------------------
+
+    def _take_handshake_output(self) -> None:
+        if self._hs is not None and self._hs.out:
+            self._out.extend(self._hs.out)
+            self._hs.out.clear()
+
+    def _progress(self) -> None:
+        if self._state is SessionState.HANDSHAKING:
+            self._progress_handshake()
+        if self._state is SessionState.CONFIRMING:
+            try:
+                self._progress_transport()
+            except ProtocolError as exc:
+                # Before READY the peer is not authenticated: report a failed handshake.
+                raise HandshakeFailed(f"handshake confirmation failed: {exc}") from exc
+        elif self._state is SessionState.OPEN:
+            self._progress_transport()
+
+    def _progress_handshake(self) -> None:
+        hs = self._hs
+        if hs is None:  # pragma: no cover - present while HANDSHAKING
+            return
+        try:
+            done = hs.step(self._in, self._eof)
+        finally:
+            self._take_handshake_output()
+        self._pattern = hs.pattern
+        if isinstance(hs, ResponderHandshake):
+            if hs.awaiting_authorization and hs.peer is not None and hs.pattern is not None:
+                self._state = SessionState.AUTHORIZING
+                self._events.append(PeerIdentified(hs.peer, hs.pattern))
+            return
+        if done and hs.result is not None:
+            self._start_transport(hs.result)
+            if hs.pattern == "IK":
+                self._control.add(RecordKind.READY)
+                self._flush_records(self._control)
+                self._open()
+            else:
+                self._state = SessionState.CONFIRMING
+
+    def _start_transport(self, result: HandshakeResult) -> None:
+        self._result = result
+        self._send = result.send_cipher
+        self._recv = result.recv_cipher
+
+    def _open(self) -> None:
+        result = self._result
+        if result is None:  # pragma: no cover - set by _start_transport
+            return
+        self._state = SessionState.OPEN
+        self._hs = None
+        self._events.append(
+            HandshakeComplete(
+                peer=result.peer,
+                pattern=result.pattern,
+                handshake_hash=result.handshake_hash,
+                peer_max_message_size=result.peer_params.max_message_size,
+            )
+        )
+
+    def accept(self) -> None:
+        """Responder: admit the peer named by :class:`~stalk.events.PeerIdentified`.
+
+        :raises ~stalk.LocalProtocolError: not awaiting authorization.
+        """
+        hs = self._authorizing()
+        hs.accept()
+        self._take_handshake_output()
+        if hs.result is None:  # pragma: no cover - accept() always sets it
+            raise LocalProtocolError("handshake produced no result")
+        self._start_transport(hs.result)
+        if hs.pattern == "XX":
+            self._control.add(RecordKind.READY)
+            self._flush_records(self._control)
+            self._open()
+        else:
+            self._state = SessionState.CONFIRMING
+
+    def refuse(self, reason: str = "not authorized") -> None:
+        """Responder: refuse the peer named by :class:`~stalk.events.PeerIdentified`.
+
+        IK: an (unauthenticated) refusal verdict is queued instead of message 2, so no DH
+        is spent on an answer. XX: an authenticated CLOSE(NOT_AUTHORIZED) is queued. Either
+        way the session is CLOSED: write out :meth:`data_to_send`, then close the transport.
+
+        :raises ~stalk.LocalProtocolError: not awaiting authorization.
+        """
+        hs = self._authorizing()
+        hs.refuse()
+        if hs.result is not None:
+            self._start_transport(hs.result)
+            self._control.add(RecordKind.CLOSE, encode_close(CloseCode.NOT_AUTHORIZED, reason))
+            self._flush_records(self._control)
+        else:
+            self._out.append(encode_refusal(CloseCode.NOT_AUTHORIZED, reason))
+        hs.mark_answered()
+        self._close_sent = True
+        self._state = SessionState.CLOSED
+        self._hs = None
+
+    def _authorizing(self) -> ResponderHandshake:
+        if self._state is not SessionState.AUTHORIZING or not isinstance(
+            self._hs, ResponderHandshake
+        ):
+            raise LocalProtocolError("accept()/refuse() are only valid after PeerIdentified")
+        return self._hs
+
+    # -- transport: receiving ---------------------------------------------------------------
+
+    def _progress_transport(self) -> None:
+        while not self._events:
+            if self._close_received is not None and self._in:
+                raise ProtocolError("data after CLOSE")
+            try:
+                body = read_frame(self._in)
+            except FramingError as exc:
+                raise ProtocolError(str(exc)) from exc
+            if body is None:
+                if self._eof:
+                    self._end_of_input()
+                return
+            self._handle_message(body)
+
+    def _end_of_input(self) -> None:
+        if self._close_received is not None and not self._in:
+            return
+        if self._in:
+            raise ConnectionLost(f"connection cut in the middle of a frame ({len(self._in)} bytes)")
+        if self._state is SessionState.CONFIRMING:
+            raise HandshakeFailed("the peer closed the connection before confirming the handshake")
+        raise ConnectionLost("the peer closed the connection without a CLOSE")
+
+    def _handle_message(self, body: bytes) -> None:
+        recv = self._recv
+        if recv is None:  # pragma: no cover - set before CONFIRMING/OPEN
+            raise ProtocolError("no receive cipher")
+        plaintext = recv.decrypt(body)
+        records = parse_records(plaintext)
+        events: list[Event] = []
+        rekey = False
+        confirming = self._state is SessionState.CONFIRMING
+        for index, record in enumerate(records):
+            kind = record.kind
+            if confirming and index == 0:
+                if kind is RecordKind.CLOSE:
+                    code, reason = decode_close(record.body)
+                    raise PeerRefused(
+                        f"the peer closed the connection during the handshake "
+                        f"({_code_name(code)}): {reason}",
+                        code=code,
+                        reason=reason,
+                    )
+                if kind is not RecordKind.READY:
+                    raise HandshakeFailed(f"expected READY, got {kind.name}")
+                continue
+            if kind is RecordKind.MESSAGE:
+                whole = self._reassembler.message(record.body)
+                events.append(MessageReceived(decode_spack(whole)))
+            elif kind is RecordKind.FRAGMENT:
+                self._reassembler.fragment(record.body)
+            elif kind is RecordKind.PING:
+                if not self._close_sent:
+                    self._control.add(RecordKind.PONG, record.body)
+            elif kind is RecordKind.PONG:
+                events.append(PongReceived(bytes(record.body)))
+            elif kind is RecordKind.REKEY:
+                rekey = True
+            elif kind is RecordKind.CLOSE:
+                if self._reassembler.in_progress:
+                    raise ProtocolError("CLOSE in the middle of a fragmented message")
+                code, reason = decode_close(record.body)
+                events.append(CloseReceived(code, reason))
+            else:  # READY after confirmation
+                raise ProtocolError(f"unexpected {kind.name} record")
+        if rekey:
+            recv.rekey()
+        if confirming:
+            self._open()
+        for event in events:
+            if isinstance(event, CloseReceived):
+                self._close_received = event
+        self._events.extend(events)
+        if self._control.pending():
+            self._flush_records(self._control)
+
+    def _fail(self, exc: StalkError) -> None:
+        self._state = SessionState.FAILED
+        self._error = exc
+        self._events.clear()
+        if (
+            self._send is None
+            or self._close_sent
+            or isinstance(exc, (ConnectionLost, HandshakeFailed))
+        ):
+            return
+        code = (
+            CloseCode.MESSAGE_TOO_LARGE
+            if isinstance(exc, MessageLimitExceeded)
+            else CloseCode.PROTOCOL_ERROR
+        )
+        try:
+            self._writer = RecordWriter()  # drop anything queued: it will never be wanted
+            self._control.add(RecordKind.CLOSE, encode_close(code, str(exc)))
+            self._flush_records(self._control)
+        except StalkError:
+            return
+        self._close_sent = True
+
+    # -- transport: sending ----------------------------------------------------------------
+
+    def _check_sendable(self) -> None:
+        if self._close_sent or self._state in (SessionState.CLOSED, SessionState.FAILED):
+            raise ConnectionClosed("the session is closed for sending")
+        if self._state is not SessionState.OPEN:
+            raise LocalProtocolError(f"cannot send while {self._state.value}")
+
+    def queue(self, spack: Spack | Iterable[SpackValue]) -> None:
+        """Encode ``spack`` and queue it; :meth:`flush` encrypts everything queued.
+
+        :raises ~stalk.InvalidSpackValue: a value cannot be encoded (nothing is queued).
+        :raises ~stalk.MessageTooLarge: larger than the peer accepts (nothing is queued).
+        :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
+        :raises ~stalk.LocalProtocolError: the session is not open yet.
+        """
+        self._check_sendable()
+        encoded = (spack if isinstance(spack, Spack) else Spack(*spack)).encode()
+        limit = self.peer_max_message_size or 0
+        if len(encoded) > limit:
+            raise MessageTooLarge(
+                f"spack of {len(encoded)} bytes exceeds the peer's limit of {limit} bytes"
+            )
+        self._writer.add_message(encoded)
+
+    def flush(self) -> None:
+        """Encrypt everything queued into as few Noise messages as possible.
+
+        :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
+        """
+        if self._writer.pending():
+            self._check_sendable()
+            self._flush_records(self._writer)
+
+    def send(self, spack: Spack | Iterable[SpackValue]) -> None:
+        """:meth:`queue` then :meth:`flush`."""
+        self.queue(spack)
+        self.flush()
+
+    def ping(self, payload: bytes = b"") -> None:
+        """Send a PING; the peer's PONG arrives as :class:`~stalk.events.PongReceived`.
+
+        :raises ValueError: the payload is longer than 1024 bytes.
+        """
+        if len(payload) > MAX_PING_PAYLOAD:
+            raise ValueError(f"ping payload longer than {MAX_PING_PAYLOAD} bytes")
+        self._check_sendable()
+        self._writer.add(RecordKind.PING, payload)
+        self._flush_records(self._writer)
+
+    def request_rekey(self) -> None:
+        """Rekey our sending cipher with the next Noise message (policy does it anyway)."""
+        self._rekey_requested = True
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Send CLOSE after everything queued; our direction is then finished.
+
+        Receiving goes on until the peer's CLOSE or EOF. Idempotent. Before the handshake
+        finished there is nothing to authenticate a CLOSE with: the session just becomes
+        CLOSED and the driver closes the transport.
+
+        :raises ValueError: the code is not a u16 or the reason is longer than 1024 bytes.
+        """
+        if not 0 <= code <= 0xFFFF:
+            raise ValueError("close code must fit in 16 bits")
+        if len(reason.encode("utf-8")) > MAX_CLOSE_REASON:
+            raise ValueError(f"close reason longer than {MAX_CLOSE_REASON} bytes")
+        if self._close_sent or self._state is SessionState.FAILED:
+            return
+        self._close_sent = True
+        if self._send is None:
+            self._state = SessionState.CLOSED
+            return
+        self._writer.add(RecordKind.CLOSE, encode_close(code, reason))
+        self._flush_records(self._writer)
+
+    def _flush_records(self, writer: RecordWriter) -> None:
+        send = self._send
+        if send is None:  # pragma: no cover - callers check the state first
+            raise LocalProtocolError("no transport cipher yet")
+        config = self.config
+        for plaintext in writer.pack():
+            self._sent_since_rekey += 1
+            self._bytes_since_rekey += len(plaintext)
+            rekey = (
+                self._rekey_requested
+                or self._sent_since_rekey >= config.rekey_after_messages
+                or self._bytes_since_rekey >= config.rekey_after_bytes
+            )
+            ciphertext = send.encrypt(plaintext + _REKEY_RECORD if rekey else plaintext)
+            self._out.append(frame_header(len(ciphertext)))
+            self._out.append(ciphertext)
+            if rekey:
+                send.rekey()
+                self._rekey_requested = False
+                self._sent_since_rekey = 0
+                self._bytes_since_rekey = 0
+
+
+def _code_name(code: int) -> str:
+    try:
+        return CloseCode(code).name
+    except ValueError:
+        return f"code {code}"

@@ -1,0 +1,634 @@
+"""Spacks: ordered sequences of typed values, pushed together and delivered together.
+
+Theory of operation
+-------------------
+A spack is encoded as exactly one msgpack array (SPEC "Spack encoding"). Every supported
+Python type maps to one msgpack type, and decoding maps it back, so what the sender pushes
+is what the receiver pops, types included:
+
+- ``None``, ``bool``, ``int`` (-2**63 .. 2**64-1), ``float`` (always float 64), ``str``,
+  ``bytes``, ``list`` and ``dict`` use the native msgpack types;
+- :class:`Float32`, ``tuple`` and ``array.array`` have no msgpack type of their own, so they
+  travel as ext types (codes below) instead of being silently turned into a float 64, a
+  list or a list of numbers;
+- ``bytearray`` and ``memoryview`` are sent as bin and arrive as ``bytes``: the one
+  intentional type change (a receiver cannot know whether the sender's buffer was mutable).
+
+Encoding is strict (``strict_types``): a subclass of a supported type (``IntEnum``,
+``OrderedDict``, ``numpy.float64``...) is refused instead of being sent as its base type,
+because the receiver would get a different type back. Dict keys must be ``str`` or
+``bytes``: their hashes are randomized per process, so a hostile peer cannot pick keys that
+collide (int keys would allow hash flooding).
+
+Decoding is strict too, because the bytes come from a peer: anything that is not a valid
+encoding raises :class:`~stalk.errors.MalformedSpack`, never another exception type.
+msgpack bounds every claimed length by the input length, so a few bytes claiming a
+4-billion-element array fail before anything is allocated.
+
+Depth: the spack's own top-level array has depth 0; a container (list, tuple or dict)
+directly inside it has depth 1; a container inside that has depth 2, and so on. Depth at
+most :data:`MAX_DEPTH` is allowed; the encoder refuses to produce deeper values (the peer
+would reject them) and the decoder rejects them.
+
+A tuple is an ext whose payload is itself a msgpack array. Decoding it from inside
+msgpack's ``ext_hook`` would nest one msgpack call per level, each holding its own copy of
+the payload, so a 1 MiB blob inside 32 nested tuples would cost 33 MiB. Instead the hook
+only wraps the payload in a stub. After msgpack returns, one pass over the containers
+(recursion bounded by the depth limit) checks depths, rejects timestamps, and decodes each
+stub once its depth is known to be allowed, dropping the stub before going further down.
+The payload copies alive at any moment are then disjoint pieces of the input, and peak
+memory stays around twice the input size plus the decoded objects.
+
+Typed numeric arrays (``array.array``) travel as their raw elements, little-endian: that is
+the native order of every mainstream CPU, so a large array is one ``memcpy`` on each side
+(big-endian hosts byteswap). An array's typecode is mapped by its element kind and size, so
+it arrives with the canonical typecode for that element type (``'l'`` arrives as ``'q'`` on
+64-bit Linux, where a C ``long`` is 8 bytes).
+
+This module is part of the sans-IO core: it does no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from typing import Any, Final, TypeAlias, overload
+
+import msgpack
+
+from stalk.errors import InvalidSpackValue, MalformedSpack
+
+__all__ = [
+    "EXT_ARRAY_FLOAT32",
+    "EXT_ARRAY_FLOAT64",
+    "EXT_ARRAY_INT8",
+    "EXT_ARRAY_INT16",
+    "EXT_ARRAY_INT32",
+    "EXT_ARRAY_INT64",
+    "EXT_ARRAY_UINT8",
+    "EXT_ARRAY_UINT16",
+    "EXT_ARRAY_UINT32",
+    "EXT_ARRAY_UINT64",
+    "EXT_FLOAT32",
+    "EXT_TUPLE",
+    "MAX_DEPTH",
+    "Float32",
+    "Spack",
+    "SpackValue",
+    "decode_spack",
+    "encode_spack",
+]
+
+# Deep enough for any real message tree, shallow enough that checking it is cheap and a
+# hostile peer cannot make the decoder (or the application walking the result) recurse
+# without bound. SPEC.md fixes it: both ends must agree, so it is not configurable upwards.
+MAX_DEPTH: Final = 32
+
+# Ext codes (SPEC "Spack encoding"). They are part of the wire format: never renumber.
+# Non-negative codes are the application range of the msgpack spec; negative ones
+# (timestamp = -1) are reserved by msgpack itself and rejected.
+# A float 32 scalar: msgpack's own float 32 decodes to a Python float, losing the type.
+EXT_FLOAT32: Final = 1
+# A tuple: msgpack has one array type, which decodes to a list.
+EXT_TUPLE: Final = 2
+# Typed numeric arrays, one code per element type, so the receiver can rebuild the exact
+# element type without a per-element encoding. 16..25 leave 3..15 free for future scalars.
+EXT_ARRAY_INT8: Final = 16
+EXT_ARRAY_UINT8: Final = 17
+EXT_ARRAY_INT16: Final = 18
+EXT_ARRAY_UINT16: Final = 19
+EXT_ARRAY_INT32: Final = 20
+EXT_ARRAY_UINT32: Final = 21
+EXT_ARRAY_INT64: Final = 22
+EXT_ARRAY_UINT64: Final = 23
+EXT_ARRAY_FLOAT32: Final = 24
+EXT_ARRAY_FLOAT64: Final = 25
+
+# The msgpack int range: anything outside cannot be encoded at all.
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
+
+# Scalars are big-endian like msgpack's own numbers; array payloads are little-endian.
+_F32_BE: Final = struct.Struct(">f")
+_F32_LE: Final = struct.Struct("<f")
+# Arrays are stored in native order; only big-endian hosts need a byteswap.
+_BYTESWAP: Final = sys.byteorder == "big"
+
+SpackValue: TypeAlias = (
+    "bool | int | float | str | bytes | bytearray | memoryview"
+    " | list[SpackValue] | tuple[SpackValue, ...] | dict[str | bytes, SpackValue]"
+    " | array[int] | array[float] | None"
+)
+"""A value a spack can carry (recursively, for the containers)."""
+
+
+def _build_array_tables() -> tuple[dict[str, int], dict[int, str]]:
+    """Map array typecodes to ext codes by element kind and size, and back.
+
+    C type sizes vary by platform, so the tables are computed, not written down. The
+    reverse table takes the first typecode in the canonical order ``b B h H i I q Q f d``
+    (then ``l L``) that has the right size.
+    """
+    by_kind = {
+        ("int", 1): EXT_ARRAY_INT8,
+        ("uint", 1): EXT_ARRAY_UINT8,
+        ("int", 2): EXT_ARRAY_INT16,
+        ("uint", 2): EXT_ARRAY_UINT16,
+        ("int", 4): EXT_ARRAY_INT32,
+        ("uint", 4): EXT_ARRAY_UINT32,
+        ("int", 8): EXT_ARRAY_INT64,
+        ("uint", 8): EXT_ARRAY_UINT64,
+        ("float", 4): EXT_ARRAY_FLOAT32,
+        ("float", 8): EXT_ARRAY_FLOAT64,
+    }
+    to_ext: dict[str, int] = {}
+    to_typecode: dict[int, str] = {}
+    for typecode in "bBhHiIqQfdlL":
+        kind = "float" if typecode in "fd" else "int" if typecode.islower() else "uint"
+        ext = by_kind.get((kind, array(typecode).itemsize))
+        if ext is not None:
+            to_ext[typecode] = ext
+            to_typecode.setdefault(ext, typecode)
+    return to_ext, to_typecode
+
+
+_ARRAY_TABLES: Final = _build_array_tables()
+_TYPECODE_TO_EXT: Final = _ARRAY_TABLES[0]
+_EXT_TO_TYPECODE: Final = _ARRAY_TABLES[1]
+
+
+class Float32(float):
+    """A float carried as IEEE-754 binary32 (4 bytes on the wire instead of 8).
+
+    ``Float32(x)`` rounds ``x`` to the nearest binary32 value, so the value you hold is
+    exactly the value the peer gets. Arithmetic returns plain floats.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, value: float = 0.0) -> Float32:
+        """Round ``value`` to the nearest binary32.
+
+        :param value: any real number; infinities and NaN are kept.
+        :raises InvalidSpackValue: a finite value too large for binary32 (it would become
+            an infinity, silently corrupting the data).
+        """
+        try:
+            rounded: float = _F32_LE.unpack(_F32_LE.pack(float(value)))[0]
+        except OverflowError as exc:
+            raise InvalidSpackValue(
+                "value is out of binary32 range (magnitude above 3.4028235e38)"
+            ) from exc
+        return float.__new__(cls, rounded)
+
+    def __repr__(self) -> str:
+        """Return ``Float32(<value>)``, which evaluates back to the same value."""
+        return f"Float32({float.__repr__(self)})"
+
+    def __str__(self) -> str:
+        """Return the bare number, like a float."""
+        return float.__repr__(self)
+
+
+class _TupleStub:
+    """A tuple ext seen by msgpack's ``ext_hook``, decoded later without recursion."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+# Exact types that may appear in a spack. Subclasses are refused (see module docstring).
+_CONTAINER_TYPES: Final[frozenset[type]] = frozenset({list, tuple, dict})
+_ENCODABLE_TYPES: Final[frozenset[type]] = frozenset(
+    {type(None), bool, int, float, Float32, str, bytes, bytearray, memoryview, array}
+    | _CONTAINER_TYPES
+)
+_KEY_TYPES: Final[frozenset[type]] = frozenset({str, bytes})
+_ENCODABLE_LEAF_TYPES: Final = _ENCODABLE_TYPES - _CONTAINER_TYPES
+# Containers longer than this are first scanned in C for "only leaves": cheaper for big
+# containers of scalars, more expensive for small ones.
+_SCAN_THRESHOLD: Final = 16
+# What msgpack plus our hooks produce that needs no further look on decode.
+_DECODED_LEAF_TYPES: Final[frozenset[type]] = frozenset(
+    {type(None), bool, int, float, Float32, str, bytes, array}
+)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _default(obj: object) -> msgpack.ExtType:
+    """Encode the types msgpack has no native form for (msgpack's ``default`` hook).
+
+    With ``strict_types``, msgpack calls this for every object whose exact type it does
+    not know. :func:`_structure_ok` has already refused inexact types, so only Float32,
+    tuple, array and out-of-range ints get here.
+    """
+    if isinstance(obj, Float32):
+        return msgpack.ExtType(EXT_FLOAT32, _F32_BE.pack(obj))
+    if isinstance(obj, tuple):
+        return msgpack.ExtType(EXT_TUPLE, _packb(list(obj)))
+    if isinstance(obj, array):
+        return _array_ext(obj)
+    raise InvalidSpackValue(f"cannot encode {type(obj).__qualname__}")
+
+
+def _array_ext(values: array[Any]) -> msgpack.ExtType:
+    """Encode a typed numeric array as its raw little-endian elements."""
+    ext = _TYPECODE_TO_EXT.get(values.typecode)
+    if ext is None:
+        raise InvalidSpackValue(f"cannot encode array.array with typecode {values.typecode!r}")
+    if _BYTESWAP:
+        values = array(values.typecode, values)
+        values.byteswap()
+    return msgpack.ExtType(ext, values.tobytes())
+
+
+def _packb(values: list[Any]) -> bytes:
+    """Pack a list as one msgpack array with the spack settings."""
+    return msgpack.packb(
+        values,
+        default=_default,
+        use_single_float=False,
+        use_bin_type=True,
+        strict_types=True,
+        datetime=False,
+        unicode_errors="strict",
+    )
+
+
+def _structure_ok(node: list[Any] | tuple[Any, ...] | dict[Any, Any], depth: int = 0) -> bool:
+    """Check exact types, dict key types and depth of a container at ``depth``.
+
+    Recursion is bounded: it never goes below depth :data:`MAX_DEPTH` (a recursive walk is
+    about twice as fast as an explicit stack here). A large container of scalars costs one
+    C-level ``set(map(type, ...))``. Int range, string validity and the like are left to
+    msgpack; :func:`_diagnose` explains any failure.
+    """
+    children: Collection[Any]
+    if type(node) is dict:
+        if not _KEY_TYPES.issuperset(map(type, node)):
+            return False
+        children = node.values()
+    else:
+        children = node
+    if len(children) > _SCAN_THRESHOLD and _ENCODABLE_LEAF_TYPES.issuperset(map(type, children)):
+        return True
+    depth += 1
+    for child in children:
+        kind = type(child)
+        if kind in _ENCODABLE_LEAF_TYPES:
+            continue
+        if kind not in _CONTAINER_TYPES or depth > MAX_DEPTH or not _structure_ok(child, depth):
+            return False
+    return True
+
+
+def _short_repr(obj: object) -> str:
+    """``repr`` cut to a length fit for an error message."""
+    text = repr(obj)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_problem(obj: object) -> str:
+    """Say why an object of an unsupported type cannot be encoded."""
+    kind = type(obj)
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    for base in (bool, int, float, str, bytes, bytearray, list, tuple, dict):
+        if isinstance(obj, base):
+            return (
+                f"cannot encode {name} (a subclass of {base.__qualname__}; only exact"
+                f" {base.__qualname__} is encoded, convert it first)"
+            )
+    return f"cannot encode {name}"
+
+
+def _scalar_problem(obj: object) -> str | None:
+    """Say why a non-container value cannot be encoded, or ``None`` if it can."""
+    if type(obj) not in _ENCODABLE_TYPES:
+        return _type_problem(obj)
+    # From here the type is exact, so isinstance() tests are exact type tests.
+    if isinstance(obj, int) and not _INT_MIN <= obj <= _INT_MAX:
+        return "int out of range (must be in -2**63 .. 2**64-1)"
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"str has a lone surrogate at index {exc.start}"
+    if isinstance(obj, memoryview) and not obj.c_contiguous:
+        return "memoryview is not C-contiguous"
+    if isinstance(obj, array) and obj.typecode not in _TYPECODE_TO_EXT:
+        return f"cannot encode array.array with typecode {obj.typecode!r}"
+    return None
+
+
+def _at(path: list[str], problem: str | None) -> str | None:
+    """Prefix a problem with the path of the value it is about (long paths abridged)."""
+    if problem is None:
+        return None
+    if len(path) > 8:
+        path = [*path[:4], f"... {len(path) - 7} levels ...", *path[-3:]]
+    return f"{', '.join(path)}: {problem}"
+
+
+def _find_problem(obj: object, depth: int, path: list[str]) -> str | None:
+    """Find the first value under ``obj`` that cannot be encoded; describe it with its path.
+
+    Only runs after a failure. Recursion is bounded: it stops below depth :data:`MAX_DEPTH`.
+
+    :param depth: the depth ``obj`` has if it is a container.
+    :param path: how ``obj`` was reached, e.g. ``["spack element 2", "key 'x'"]``.
+    """
+    if type(obj) not in _CONTAINER_TYPES:
+        return _at(path, _scalar_problem(obj))
+    if depth > MAX_DEPTH:
+        return _at(path, f"nesting deeper than MAX_DEPTH ({MAX_DEPTH})")
+    if isinstance(obj, dict):
+        return _find_problem_in_dict(obj, depth, path)
+    if isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            problem = _find_problem(value, depth + 1, [*path, f"item {index}"])
+            if problem is not None:
+                return problem
+    return None
+
+
+def _find_problem_in_dict(obj: dict[Any, Any], depth: int, path: list[str]) -> str | None:
+    """:func:`_find_problem` for a dict: keys first, then each value."""
+    for key, value in obj.items():
+        where = [*path, f"key {_short_repr(key)}"]
+        if type(key) not in _KEY_TYPES:
+            return _at(where, f"dict keys must be str or bytes, not {type(key).__qualname__}")
+        problem = _at(where, _scalar_problem(key)) or _find_problem(value, depth + 1, where)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _diagnose(values: list[Any]) -> str | None:
+    """Describe the first value of a spack that cannot be encoded, or ``None``."""
+    for index, value in enumerate(values):
+        problem = _find_problem(value, 1, [f"spack element {index}"])
+        if problem is not None:
+            return problem
+    return None
+
+
+def encode_spack(values: Iterable[SpackValue]) -> bytes:
+    """Encode values as one spack: a single msgpack array.
+
+    :param values: the spack's elements, in order.
+    :returns: the encoding (``b"\\x90"`` for no values).
+    :raises InvalidSpackValue: a value cannot be carried (unsupported type or subclass,
+        int out of range, dict key that is not str/bytes, lone surrogate, nesting deeper
+        than :data:`MAX_DEPTH`...); the message names the value's position.
+    """
+    items = values._values if isinstance(values, Spack) else list(values)
+    if not _structure_ok(items):
+        raise InvalidSpackValue(_diagnose(items) or "spack cannot be encoded")
+    try:
+        return _packb(items)
+    except (TypeError, ValueError, OverflowError, BufferError) as exc:
+        # InvalidSpackValue (from _default) is a TypeError; UnicodeEncodeError a ValueError.
+        raise InvalidSpackValue(_diagnose(items) or f"spack cannot be encoded: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _ext_hook(code: int, payload: bytes) -> object:
+    """Decode one ext value (msgpack's ``ext_hook``); tuples are left as stubs."""
+    if code == EXT_TUPLE:
+        return _TupleStub(payload)
+    if code == EXT_FLOAT32:
+        if len(payload) != 4:
+            raise MalformedSpack(f"float32 ext has {len(payload)} bytes, not 4")
+        return float.__new__(Float32, _F32_BE.unpack(payload)[0])
+    typecode = _EXT_TO_TYPECODE.get(code)
+    if typecode is None:
+        raise MalformedSpack(f"unknown ext code {code}")
+    values = array(typecode)
+    if len(payload) % values.itemsize:
+        raise MalformedSpack(
+            f"array ext {code} has {len(payload)} bytes, not a multiple of {values.itemsize}"
+        )
+    values.frombytes(payload)
+    if _BYTESWAP:
+        values.byteswap()
+    return values
+
+
+def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """Build a dict, refusing repeated keys (msgpack's ``object_pairs_hook``).
+
+    A map with a repeated key would otherwise keep only the last value, silently.
+    """
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise MalformedSpack("map has a duplicate key")
+    return result
+
+
+def _unpackb(data: bytes | bytearray | memoryview) -> Any:
+    """Unpack exactly one msgpack object with the spack settings."""
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        ext_hook=_ext_hook,
+        object_pairs_hook=_pairs_hook,
+    )
+
+
+def _too_deep(max_depth: int) -> MalformedSpack:
+    """The error for nesting deeper than ``max_depth``."""
+    return MalformedSpack(f"spack nesting is deeper than the limit ({max_depth})")
+
+
+def _finish(node: list[Any] | dict[Any, Any], depth: int, max_depth: int) -> None:
+    """Check depths under a decoded container at ``depth`` and decode its tuple stubs.
+
+    Works in place. Recursion is bounded: it never goes below ``max_depth``, and a stub is
+    decoded only once its depth is known to be allowed. The stub (and with it the copy of
+    its payload) is dropped before descending, so the copies alive at any time are disjoint
+    pieces of the input.
+    """
+    children: Collection[Any] = node.values() if type(node) is dict else node
+    if len(children) > _SCAN_THRESHOLD and _DECODED_LEAF_TYPES.issuperset(map(type, children)):
+        return
+    depth += 1
+    # Slots are looked up, not iterated as (slot, value) pairs: enumerate() and dict.items()
+    # keep their last pair alive, which would keep every stub payload on the path alive.
+    slots: Iterable[Any] = node if type(node) is dict else range(len(node))
+    for slot in slots:
+        kind = type(node[slot])
+        if kind in _DECODED_LEAF_TYPES:
+            continue
+        if kind is not list and kind is not dict and kind is not _TupleStub:
+            # msgpack decodes ext -1 (its timestamp) itself, without calling ext_hook.
+            raise MalformedSpack("unknown ext code -1")
+        if depth > max_depth:
+            raise _too_deep(max_depth)
+        if kind is _TupleStub:
+            try:
+                inner = _unpackb(node[slot].payload)
+            except msgpack.ExtraData as exc:
+                raise MalformedSpack("tuple ext payload has bytes after its array") from exc
+            node[slot] = inner  # drops the stub and its payload
+            if type(inner) is not list:
+                raise MalformedSpack("tuple ext payload is not an array")
+            _finish(inner, depth, max_depth)
+            node[slot] = tuple(inner)
+        else:
+            _finish(node[slot], depth, max_depth)
+
+
+def _decode(data: bytes | bytearray | memoryview, max_depth: int) -> list[Any]:
+    """Decode and check; raises whatever msgpack raises, or MalformedSpack."""
+    top = _unpackb(data)
+    if type(top) is not list:
+        raise MalformedSpack("spack top level is not an array")
+    _finish(top, 0, max_depth)
+    return top
+
+
+def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH) -> Spack:
+    """Decode one spack from exactly ``data``.
+
+    Nothing is allocated on the strength of a claimed length, and payload copies stay
+    within about twice ``len(data)``. The decoded Python objects themselves can be larger
+    than their encoding (an empty list is one byte on the wire, ~64 bytes in memory): bound
+    ``len(data)`` before calling.
+
+    :param data: the encoding, as any bytes-like object.
+    :param max_depth: the deepest container allowed (see the module docstring for how depth
+        is counted); may only tighten :data:`MAX_DEPTH`.
+    :returns: the decoded spack; ``bytearray``/``memoryview`` values come back as ``bytes``.
+    :raises MalformedSpack: ``data`` is not exactly one valid spack encoding: invalid
+        msgpack, truncated input or trailing bytes, a top level that is not an array,
+        invalid UTF-8, a map key that is not str/bytes, a repeated map key, an unknown or
+        malformed ext, or nesting deeper than ``max_depth``.
+    :raises ValueError: ``max_depth`` is outside ``0 .. MAX_DEPTH``.
+    :raises TypeError: ``data`` is not bytes-like.
+    """
+    if not 0 <= max_depth <= MAX_DEPTH:
+        raise ValueError(f"max_depth must be in 0 .. {MAX_DEPTH}, not {max_depth}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"spack data must be bytes-like, not {type(data).__qualname__}")
+    if isinstance(data, memoryview) and (data.itemsize != 1 or data.ndim != 1):
+        data = data.tobytes()
+    try:
+        top = _decode(data, max_depth)
+    except MalformedSpack:
+        raise
+    except msgpack.ExtraData as exc:
+        raise MalformedSpack("trailing bytes after the spack") from exc
+    except msgpack.StackError as exc:
+        raise _too_deep(max_depth) from exc
+    except msgpack.FormatError as exc:
+        raise MalformedSpack("invalid msgpack: reserved type byte 0xc1") from exc
+    except UnicodeDecodeError as exc:
+        # Our own message: the codec's names the offending byte, which is plaintext.
+        raise MalformedSpack("string is not valid UTF-8") from exc
+    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
+        raise MalformedSpack(f"invalid msgpack: {exc}") from exc
+    return Spack._from_list(top)
+
+
+# --------------------------------------------------------------------------- Spack
+
+
+class Spack(Sequence[SpackValue]):
+    """An ordered sequence of typed values, pushed together and delivered together.
+
+    A spack behaves like a read-only sequence (``len``, indexing, slicing, iteration,
+    ``a, b = spack``) that can also grow with :meth:`push`. It is mutable, hence
+    unhashable.
+    """
+
+    __slots__ = ("_values",)
+
+    _values: list[SpackValue]
+
+    def __init__(self, *values: SpackValue) -> None:
+        """Create a spack holding ``values`` in order (nothing is checked until encoding).
+
+        :param values: the elements.
+        """
+        self._values = list(values)
+
+    @classmethod
+    def _from_list(cls, values: list[SpackValue]) -> Spack:
+        """Wrap a list without copying it (the spack takes ownership)."""
+        spack = cls.__new__(cls)
+        spack._values = values
+        return spack
+
+    def push(self, *values: SpackValue) -> Spack:
+        """Append values; return this spack so calls can be chained.
+
+        :param values: the elements to append, in order.
+        """
+        self._values.extend(values)
+        return self
+
+    @property
+    def values(self) -> tuple[SpackValue, ...]:
+        """The elements, as a tuple (a snapshot: later pushes do not change it)."""
+        return tuple(self._values)
+
+    def encode(self) -> bytes:
+        """Encode this spack (see :func:`encode_spack`).
+
+        :raises InvalidSpackValue: a value cannot be carried.
+        """
+        return encode_spack(self._values)
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH) -> Spack:
+        """Decode a spack (see :func:`decode_spack`).
+
+        :param data: the encoding, as any bytes-like object.
+        :param max_depth: the deepest container allowed, at most :data:`MAX_DEPTH`.
+        :raises MalformedSpack: ``data`` is not a valid spack encoding.
+        """
+        return decode_spack(data, max_depth=max_depth)
+
+    def __iter__(self) -> Iterator[SpackValue]:
+        """Iterate over the elements."""
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        """Return the number of elements."""
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> SpackValue: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Spack: ...
+
+    def __getitem__(self, index: int | slice) -> SpackValue | Spack:
+        """Return one element, or a new spack for a slice."""
+        if isinstance(index, slice):
+            return Spack._from_list(self._values[index])
+        return self._values[index]
+
+    def __eq__(self, other: object) -> bool:
+        """Spacks are equal when their element lists are equal (Python equality)."""
+        if not isinstance(other, Spack):
+            return NotImplemented
+        return self._values == other._values
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        """Return ``Spack(1, 'a', b'x')``."""
+        return f"Spack({', '.join(map(repr, self._values))})"

@@ -1,0 +1,132 @@
+"""Every constant of the stalk wire protocol, version 1 (SPEC.md gives the meaning of each).
+
+Nothing here does anything; the sans-IO modules (:mod:`stalk.framing`,
+:mod:`stalk.handshake`, :mod:`stalk.records`, :mod:`stalk.session`) import their numbers
+from this one place so that SPEC.md and the code can be checked against each other.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, Literal
+
+from stalk._noise import MAX_PLAINTEXT
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_REKEY_AFTER_BYTES",
+    "DEFAULT_REKEY_AFTER_MESSAGES",
+    "FRAME_HEADER_LEN",
+    "MAGIC",
+    "MAX_CLOSE_REASON",
+    "MAX_FRAME_BODY",
+    "MAX_HANDSHAKE_PAYLOAD",
+    "MAX_MESSAGE_SIZE_LIMIT",
+    "MAX_PING_PAYLOAD",
+    "MAX_RECORD_HEADER",
+    "MAX_REFUSAL_REASON",
+    "MIN_MAX_MESSAGE_SIZE",
+    "PATTERNS",
+    "PREAMBLE_LEN",
+    "PROTOCOL_NAMES",
+    "PROTOCOL_VERSION",
+    "RECORD_CAPACITY",
+    "CloseCode",
+    "Pattern",
+    "RecordKind",
+]
+
+#: The first five bytes an initiator sends: ASCII ``STALK``.
+MAGIC: Final = b"STALK"
+#: The wire protocol version this code speaks (preamble byte 5, handshake payload "version").
+PROTOCOL_VERSION: Final = 1
+#: ``MAGIC || version (u8) || pattern (2 ASCII bytes)``.
+PREAMBLE_LEN: Final = 8
+
+Pattern = Literal["XX", "IK"]
+PATTERNS: Final[tuple[Pattern, ...]] = ("XX", "IK")
+#: The Noise protocol run for each pattern byte pair in the preamble.
+PROTOCOL_NAMES: Final[dict[Pattern, str]] = {
+    "XX": "Noise_XX_25519_AESGCM_SHA256",
+    "IK": "Noise_IK_25519_AESGCM_SHA256",
+}
+
+#: Every message on the wire after the preamble is ``u16 big-endian length || body``.
+FRAME_HEADER_LEN: Final = 2
+#: A frame body is one Noise message, so it is bounded by Noise's 65535-byte limit.
+MAX_FRAME_BODY: Final = 65_535
+
+#: Bounds the msgpack map carried in each handshake message (they hold a few small fields).
+MAX_HANDSHAKE_PAYLOAD: Final = 1_024
+#: Bounds a refusal's reason (one length byte).
+MAX_REFUSAL_REASON: Final = 255
+#: Bounds a CLOSE record's reason text, in UTF-8 bytes.
+MAX_CLOSE_REASON: Final = 1_024
+#: Bounds a PING/PONG payload: enough for a nonce or timestamp, not a data channel.
+MAX_PING_PAYLOAD: Final = 1_024
+
+#: ``kind (1) || channel (uvarint, 1 byte for channel 0..127) || length (uvarint, <= 3)``.
+#: A channel needs up to 5 bytes in general; version 1 only uses channel 0 (1 byte).
+MAX_RECORD_HEADER: Final = 1 + 1 + 3
+#: Plaintext bytes per Noise message available for records. Three bytes are held back in
+#: every transport message so that a REKEY record (which must come last) always fits.
+RECORD_CAPACITY: Final = MAX_PLAINTEXT - 3
+
+#: Default limit on one reassembled spack (encoded size): bounds what an untrusted peer can
+#: make us buffer.
+DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
+#: Smallest limit a peer may advertise: anything smaller could not carry ordinary messages.
+MIN_MAX_MESSAGE_SIZE: Final = 1_024
+#: Largest limit a peer may advertise (2**53, exact in every JSON/float-based peer).
+MAX_MESSAGE_SIZE_LIMIT: Final = 2**53
+#: Default sender rekey policy: after this many Noise transport messages...
+DEFAULT_REKEY_AFTER_MESSAGES: Final = 2**16
+#: ...or this many plaintext bytes, whichever comes first (SPEC "Rekey").
+DEFAULT_REKEY_AFTER_BYTES: Final = 2**30
+
+
+class RecordKind(enum.IntEnum):
+    """The kind byte of a transport record (SPEC "Records")."""
+
+    #: A whole spack, or the last piece of a fragmented one.
+    MESSAGE = 0x01
+    #: A non-final piece of a spack; the next MESSAGE on the channel completes it.
+    FRAGMENT = 0x02
+    #: Authenticated end of this direction: ``code (u16 BE) || reason (UTF-8)``.
+    CLOSE = 0x03
+    #: Liveness probe; the receiver answers with PONG carrying the same payload.
+    PING = 0x04
+    #: Answer to PING.
+    PONG = 0x05
+    #: The sender rekeys its sending cipher after this Noise message (empty body).
+    REKEY = 0x06
+    #: First record from the party that read the last handshake message (empty body).
+    READY = 0x07
+
+
+class CloseCode(enum.IntEnum):
+    """Reasons for a refusal (one byte) or a CLOSE record (two bytes), SPEC "Close codes".
+
+    Codes ``0x1000``-``0xFFFF`` are free for applications (CLOSE only).
+    """
+
+    #: Normal end of the stream (never used as a refusal).
+    NORMAL = 0
+    #: The preamble names a version or pattern this peer does not speak.
+    UNSUPPORTED = 1
+    #: IK message 1 could not be decrypted: the responder does not hold the pinned key.
+    DECRYPT_FAILED = 2
+    #: The peer's identity is not authorized.
+    NOT_AUTHORIZED = 3
+    #: Too many handshakes in progress; try later.
+    BUSY = 4
+    #: The peer broke the protocol.
+    PROTOCOL_ERROR = 5
+    #: A spack exceeded the receiver's advertised limit.
+    MESSAGE_TOO_LARGE = 6
+    #: The sender hit an internal error (e.g. an application handler failed).
+    INTERNAL_ERROR = 7
+    #: The sender is shutting down.
+    GOING_AWAY = 8
+    #: The peer took too long (handshake or idle timeout).
+    TIMEOUT = 9

@@ -1,0 +1,524 @@
+"""Two sans-IO sessions back to back: handshakes, spacks, close, and failures."""
+
+from __future__ import annotations
+
+import array
+import hashlib
+from collections.abc import Sequence
+
+import pytest
+
+from helpers import connected_pair, drain, make_pair
+from stalk.errors import (
+    ConnectionClosed,
+    ConnectionLost,
+    DecryptionFailed,
+    HandshakeFailed,
+    LocalProtocolError,
+    MessageLimitExceeded,
+    MessageTooLarge,
+    PeerIdentityMismatch,
+    PeerRefused,
+    ProtocolError,
+)
+from stalk.events import (
+    NEED_DATA,
+    CloseReceived,
+    HandshakeComplete,
+    MessageReceived,
+    PeerIdentified,
+    PongReceived,
+)
+from stalk.framing import encode_frame
+from stalk.identity import Identity
+from stalk.session import Role, Session, SessionConfig, SessionState
+from stalk.spack import Float32, Spack
+from stalk.wire import CloseCode, Pattern, RecordKind
+
+
+def messages(events: Sequence[object]) -> list[Spack]:
+    return [e.spack for e in events if isinstance(e, MessageReceived)]
+
+
+# -- handshakes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ik", [False, True], ids=["XX", "IK"])
+def test_handshake_authenticates_both_sides(ik: bool) -> None:
+    client_id, server_id = Identity.generate(), Identity.generate()
+    pair = make_pair(ik=ik, client_identity=client_id, server_identity=server_id)
+    pair.pump()
+    pattern: Pattern = "IK" if ik else "XX"
+    identified = pair.server_events[0]
+    assert identified == PeerIdentified(client_id.public, pattern)
+    (client_done,) = pair.client_events
+    server_done = pair.server_events[1]
+    assert isinstance(client_done, HandshakeComplete)
+    assert isinstance(server_done, HandshakeComplete)
+    assert client_done.peer == server_id.public
+    assert server_done.peer == client_id.public
+    assert client_done.pattern == server_done.pattern == pattern
+    assert client_done.handshake_hash == server_done.handshake_hash
+    assert len(client_done.handshake_hash) == 32
+    assert pair.client.peer == server_id.public
+    assert pair.server.handshake_hash == client_done.handshake_hash
+    assert pair.client.state is pair.server.state is SessionState.OPEN
+
+
+def test_each_handshake_has_a_fresh_hash() -> None:
+    server_id = Identity.generate()
+    a = connected_pair(ik=True, server_identity=server_id)
+    b = connected_pair(ik=True, server_identity=server_id)
+    assert a.client.handshake_hash != b.client.handshake_hash
+
+
+def test_ik_responder_answers_nothing_before_authorization() -> None:
+    server_id = Identity.generate()
+    pair = make_pair(ik=True, server_identity=server_id)
+    pair.server.receive_data(pair.client.data_to_send())
+    event = pair.server.next_event()
+    assert isinstance(event, PeerIdentified)
+    assert pair.server.state is SessionState.AUTHORIZING
+    assert pair.server.data_to_send() == b""  # no message 2, no DH spent yet
+    assert pair.server.peer is None  # identified, not yet authenticated
+
+
+def test_xx_message_one_carries_no_identity() -> None:
+    client_id = Identity.generate()
+    pair = make_pair(client_identity=client_id)
+    opening = pair.client.data_to_send()
+    assert opening[:8] == b"STALK\x01XX"
+    assert client_id.public.raw not in opening
+
+
+def test_ik_with_wrong_key_fails_with_identity_mismatch() -> None:
+    real, pinned = Identity.generate(), Identity.generate()
+    client = Session(Role.INITIATOR, Identity.generate(), peer=pinned.public)
+    server = Session(Role.RESPONDER, real)
+    server.receive_data(client.data_to_send())
+    with pytest.raises(HandshakeFailed):
+        server.next_event()
+    client.receive_data(server.data_to_send())
+    with pytest.raises(PeerIdentityMismatch) as info:
+        client.next_event()
+    assert info.value.expected == pinned.public
+    assert pinned.public.fingerprint in str(info.value)
+    assert client.state is SessionState.FAILED
+    with pytest.raises(PeerIdentityMismatch):  # terminal: the same error again
+        client.next_event()
+
+
+@pytest.mark.parametrize("ik", [False, True], ids=["XX", "IK"])
+def test_refused_peer_gets_a_clear_error(ik: bool) -> None:
+    pair = make_pair(ik=ik, authorize=False)
+    with pytest.raises(PeerRefused) as info:
+        pair.pump()
+    assert info.value.code == CloseCode.NOT_AUTHORIZED
+    assert info.value.reason == "you are not on the list"
+    assert pair.server.state is SessionState.CLOSED
+    assert not messages(pair.server_events)
+
+
+def test_unknown_version_is_refused_as_unsupported() -> None:
+    pair = make_pair()
+    opening = bytearray(pair.client.data_to_send())
+    opening[5] = 2
+    pair.server.receive_data(bytes(opening))
+    with pytest.raises(HandshakeFailed, match="version 2"):
+        pair.server.next_event()
+    pair.client.receive_data(pair.server.data_to_send())
+    with pytest.raises(PeerRefused) as info:
+        pair.client.next_event()
+    assert info.value.code == CloseCode.UNSUPPORTED
+
+
+@pytest.mark.parametrize("opening", [b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00\x01", b"S"])
+def test_non_stalk_client_is_rejected_at_once(opening: bytes) -> None:
+    server = Session(Role.RESPONDER, Identity.generate())
+    server.receive_data(opening)
+    if opening == b"S":  # a valid prefix: wait for more, then fail at EOF
+        assert server.next_event() is NEED_DATA
+        server.receive_data(b"")
+    with pytest.raises(HandshakeFailed):
+        server.next_event()
+
+
+def test_downgrade_from_ik_to_xx_fails() -> None:
+    server_id = Identity.generate()
+    pair = make_pair(ik=True, server_identity=server_id)
+    opening = bytearray(pair.client.data_to_send())
+    opening[6:8] = b"XX"
+    pair.server.receive_data(bytes(opening))
+    # The responder runs XX over an IK message 1: the "cleartext payload" it reads is the
+    # encrypted static key, which is no msgpack map, so the handshake fails right there.
+    with pytest.raises(HandshakeFailed, match="msgpack"):
+        pair.server.next_event()
+
+
+def test_replayed_ik_message_one_never_connects() -> None:
+    server_id = Identity.generate()
+    pair = make_pair(ik=True, server_identity=server_id)
+    recorded = pair.client.data_to_send()
+    # An attacker replays the recording to a fresh responder with the same key.
+    replay = Session(Role.RESPONDER, server_id)
+    replay.receive_data(recorded)
+    assert isinstance(replay.next_event(), PeerIdentified)
+    replay.accept()
+    assert replay.data_to_send()  # message 2 goes out...
+    assert replay.peer is None  # ...but the initiator is not reported as connected
+    assert replay.state is SessionState.CONFIRMING
+    with pytest.raises(LocalProtocolError):
+        replay.send(Spack("secret"))
+    replay.receive_data(encode_frame(b"\x00" * 40))  # the attacker cannot forge READY
+    with pytest.raises(HandshakeFailed):
+        replay.next_event()
+
+
+def test_replayed_ik_message_one_then_eof_is_a_failed_handshake() -> None:
+    server_id = Identity.generate()
+    client = Session(Role.INITIATOR, Identity.generate(), peer=server_id.public)
+    replay = Session(Role.RESPONDER, server_id)
+    replay.receive_data(client.data_to_send())
+    replay.next_event()
+    replay.accept()
+    replay.receive_data(b"")
+    with pytest.raises(HandshakeFailed, match="before confirming"):
+        replay.next_event()
+
+
+def test_eof_during_handshake_is_a_failed_handshake() -> None:
+    pair = make_pair()
+    pair.server.receive_data(pair.client.data_to_send()[:20])
+    pair.server.receive_data(b"")
+    with pytest.raises(HandshakeFailed, match="during the handshake"):
+        pair.server.next_event()
+
+
+def test_accept_outside_authorization_is_local_error() -> None:
+    server = Session(Role.RESPONDER, Identity.generate())
+    with pytest.raises(LocalProtocolError):
+        server.accept()
+    with pytest.raises(ValueError, match="initiator"):
+        Session(Role.RESPONDER, Identity.generate(), peer=Identity.generate().public)
+
+
+def test_send_before_handshake_is_local_error() -> None:
+    pair = make_pair()
+    with pytest.raises(LocalProtocolError):
+        pair.client.send(Spack(1))
+
+
+# -- spacks ---------------------------------------------------------------------------
+
+
+EVERY_TYPE = Spack(
+    None,
+    True,
+    False,
+    0,
+    -(2**63),
+    2**64 - 1,
+    1.5,
+    Float32(0.25),
+    "",
+    "héllo",
+    b"",
+    b"\x00\xff",
+    [1, [2, [3]]],
+    (1, "two", (3.0,)),
+    {"k": {"n": [None]}, b"raw": b"v"},
+    array.array("d", [1.0, 2.5]),
+    array.array("B", b"\x00\x01"),
+)
+
+
+@pytest.mark.parametrize("ik", [False, True], ids=["XX", "IK"])
+def test_spacks_of_every_type_both_ways(ik: bool) -> None:
+    pair = connected_pair(ik=ik)
+    pair.client.send(EVERY_TYPE)
+    pair.server.send(EVERY_TYPE)
+    pair.pump()
+    assert messages(pair.server_events) == [EVERY_TYPE]
+    assert messages(pair.client_events) == [EVERY_TYPE]
+
+
+def test_empty_spack_round_trips() -> None:
+    pair = connected_pair()
+    pair.client.send(Spack())
+    pair.pump()
+    assert messages(pair.server_events) == [Spack()]
+
+
+def test_queued_spacks_are_batched_into_one_noise_message() -> None:
+    pair = connected_pair()
+    for i in range(100):
+        pair.client.queue(Spack(i, "x" * 10))
+    pair.client.flush()
+    wire = pair.client.data_to_send()
+    frame_len = int.from_bytes(wire[:2], "big")
+    assert len(wire) == 2 + frame_len  # one frame carries all hundred
+    pair.server.receive_data(wire)
+    assert messages(drain(pair.server)) == [Spack(i, "x" * 10) for i in range(100)]
+
+
+def test_large_spack_is_fragmented_and_reassembled() -> None:
+    payload = bytes(range(256)) * 20_000  # 5 MB
+    pair = connected_pair()
+    pair.client.send(Spack("big", payload))
+    wire = pair.client.data_to_send()
+    assert len(wire) > len(payload)
+    pair.server.receive_data(wire)
+    (spack,) = messages(drain(pair.server))
+    assert spack[0] == "big"
+    assert spack[1] == payload
+
+
+@pytest.mark.parametrize("ik", [False, True], ids=["XX", "IK"])
+def test_fifty_mebibyte_spack_with_raised_limit(ik: bool) -> None:
+    limit = SessionConfig(max_message_size=64 << 20)
+    pair = connected_pair(ik=ik, client_config=limit, server_config=limit)
+    payload = hashlib.sha256(b"seed").digest() * (50 * 1024 * 1024 // 32)
+    pair.client.send(Spack(payload, array.array("q", range(1000))))
+    pair.pump(chunk=1 << 20)
+    (spack,) = messages(pair.server_events)
+    assert spack[0] == payload
+    assert spack[1] == array.array("q", range(1000))
+
+
+def test_spack_over_peer_limit_is_refused_before_queueing() -> None:
+    small = SessionConfig(max_message_size=4096)
+    pair = connected_pair(server_config=small)
+    assert pair.client.peer_max_message_size == 4096
+    with pytest.raises(MessageTooLarge):
+        pair.client.send(Spack(b"x" * 5000))
+    assert pair.client.data_to_send() == b""
+    pair.client.send(Spack(b"x" * 4000))  # still usable
+    pair.pump()
+    assert len(messages(pair.server_events)) == 1
+
+
+def test_peer_exceeding_our_limit_is_a_protocol_error() -> None:
+    small = SessionConfig(max_message_size=4096)
+    pair = connected_pair(server_config=small)
+    # A misbehaving client ignores the advertised limit.
+    pair.client._writer.add_message(Spack(b"x" * 200_000).encode())
+    pair.client._flush_records(pair.client._writer)
+    pair.server.receive_data(pair.client.data_to_send())
+    with pytest.raises(MessageLimitExceeded):
+        drain(pair.server)
+    pair.client.receive_data(pair.server.data_to_send())
+    (close,) = drain(pair.client)
+    assert isinstance(close, CloseReceived)
+    assert close.code == CloseCode.MESSAGE_TOO_LARGE
+
+
+def test_invalid_value_raises_before_anything_is_queued() -> None:
+    pair = connected_pair()
+    with pytest.raises(TypeError):
+        pair.client.send(Spack({1, 2}))  # type: ignore[arg-type]
+    assert pair.client.data_to_send() == b""
+    pair.client.send(Spack("ok"))
+    pair.pump()
+    assert messages(pair.server_events) == [Spack("ok")]
+
+
+def test_byte_at_a_time_delivery() -> None:
+    pair = make_pair(ik=True)
+    pair.pump(chunk=1)
+    pair.client.send(Spack("a", b"b" * 70_000))
+    pair.client.send(Spack("c"))
+    pair.pump(chunk=1)
+    assert messages(pair.server_events) == [Spack("a", b"b" * 70_000), Spack("c")]
+
+
+# -- rekey, ping, close -------------------------------------------------------------------
+
+
+def test_rekey_by_message_count_keeps_both_sides_in_step() -> None:
+    config = SessionConfig(rekey_after_messages=3)
+    pair = connected_pair(client_config=config)
+    sent = [Spack(i, b"y" * 100) for i in range(20)]
+    keys = []
+    for spack in sent:
+        pair.client.send(spack)
+        keys.append(pair.client._send._state.k)  # type: ignore[union-attr]
+        pair.pump()
+    assert messages(pair.server_events) == sent
+    assert len(set(keys)) >= 6  # the sending key really changed, several times
+
+
+def test_rekey_by_bytes_and_on_request() -> None:
+    config = SessionConfig(rekey_after_bytes=100_000)
+    pair = connected_pair(client_config=config, server_config=config)
+    pair.client.send(Spack(b"z" * 1_000_000))
+    pair.server.request_rekey()
+    pair.server.send(Spack("after"))
+    pair.server.send(Spack("again"))
+    pair.pump()
+    assert messages(pair.server_events) == [Spack(b"z" * 1_000_000)]
+    assert messages(pair.client_events) == [Spack("after"), Spack("again")]
+
+
+def test_ping_is_answered_with_the_same_payload() -> None:
+    pair = connected_pair()
+    pair.client.ping(b"nonce")
+    pair.pump()
+    assert pair.client_events == [PongReceived(b"nonce")]
+    with pytest.raises(ValueError, match="ping payload"):
+        pair.client.ping(b"x" * 2000)
+
+
+def test_answering_a_ping_does_not_flush_queued_spacks() -> None:
+    pair = connected_pair()
+    pair.server.queue(Spack("queued, not flushed"))
+    pair.client.ping(b"p")
+    pair.server.receive_data(pair.client.data_to_send())
+    assert drain(pair.server) == []
+    pong_only = pair.server.data_to_send()
+    pair.client.receive_data(pong_only)
+    assert drain(pair.client) == [PongReceived(b"p")]
+    pair.server.flush()
+    pair.pump()
+    assert messages(pair.client_events) == [Spack("queued, not flushed")]
+
+
+def test_close_is_authenticated_and_half_closes() -> None:
+    pair = connected_pair()
+    pair.client.queue(Spack("last"))
+    pair.client.close(CloseCode.NORMAL, "done")
+    pair.pump()
+    assert pair.server_events == [MessageReceived(Spack("last")), CloseReceived(0, "done")]
+    assert pair.server.next_event() == CloseReceived(0, "done")  # idempotent
+    with pytest.raises(ConnectionClosed):
+        pair.client.send(Spack("too late"))
+    pair.client.close()  # idempotent
+    pair.server.send(Spack("reply"))  # the other direction is still open
+    pair.pump()
+    assert messages(pair.client_events) == [Spack("reply")]
+
+
+def test_eof_without_close_is_truncation() -> None:
+    pair = connected_pair()
+    pair.client.send(Spack(1))
+    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(b"")
+    assert messages(drain_until_error(pair.server)) == [Spack(1)]
+    with pytest.raises(ConnectionLost):
+        pair.server.next_event()
+
+
+def drain_until_error(session: Session) -> list[object]:
+    events: list[object] = []
+    while True:
+        try:
+            event = session.next_event()
+        except Exception:  # the caller checks the error next
+            return events
+        if event is NEED_DATA:
+            return events
+        events.append(event)
+
+
+def test_eof_mid_frame_is_truncation_and_delivers_nothing_partial() -> None:
+    pair = connected_pair()
+    pair.client.send(Spack(b"q" * 100_000))
+    wire = pair.client.data_to_send()
+    pair.server.receive_data(wire[:-1])
+    pair.server.receive_data(b"")
+    with pytest.raises(ConnectionLost, match="middle of a frame"):
+        drain(pair.server)
+
+
+def test_eof_after_close_is_clean() -> None:
+    pair = connected_pair()
+    pair.client.close()
+    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(b"")
+    assert drain(pair.server) == [CloseReceived(0, "")]
+    assert pair.server.next_event() == CloseReceived(0, "")
+
+
+def test_data_after_close_is_a_protocol_error() -> None:
+    pair = connected_pair()
+    pair.client.close()
+    wire = pair.client.data_to_send()
+    pair.server.receive_data(wire + wire[:10])
+    assert drain(pair.server) == [CloseReceived(0, "")]
+    with pytest.raises(ProtocolError, match="after CLOSE"):
+        pair.server.next_event()
+
+
+# -- tampering --------------------------------------------------------------------------
+
+
+def test_flipped_bit_fails_authentication_and_notifies_peer() -> None:
+    pair = connected_pair()
+    pair.client.send(Spack("secret"))
+    wire = bytearray(pair.client.data_to_send())
+    wire[5] ^= 0x01
+    pair.server.receive_data(bytes(wire))
+    with pytest.raises(DecryptionFailed):
+        pair.server.next_event()
+    assert pair.server.state is SessionState.FAILED
+    pair.client.receive_data(pair.server.data_to_send())
+    (close,) = drain(pair.client)
+    assert isinstance(close, CloseReceived)
+    assert close.code == CloseCode.PROTOCOL_ERROR
+
+
+def _forge(pair_sender: Session, plaintext: bytes) -> bytes:
+    """Encrypt a crafted plaintext with the sender's real cipher (a buggy peer)."""
+    send = pair_sender._send
+    assert send is not None
+    return encode_frame(send.encrypt(plaintext))
+
+
+@pytest.mark.parametrize(
+    ("plaintext", "match"),
+    [
+        (b"", "no records"),
+        (b"\x09\x00\x00", "unknown record kind"),
+        (b"\x01\x01\x01\x90", "channel 1"),
+        (b"\x01\x00\x05\x90", "claims 5 bytes"),
+        (b"\x01\x00\x81\x00\x90", "non-minimal"),
+        (b"\x01\x00\x81\x81\x81\x01", "longer than 3"),
+        (b"\x01\x00\x80", "truncated varint"),
+        (b"\x06\x00\x00\x01\x00\x01\x90", "after REKEY"),
+        (b"\x03\x00\x02\x00\x00\x01\x00\x01\x90", "after CLOSE"),
+        (b"\x07\x00\x00", "unexpected READY"),
+        (b"\x06\x00\x01\x00", "empty body"),
+        (b"\x02\x00\x00", "empty FRAGMENT"),
+        (b"\x03\x00\x01\x00", "shorter than its code"),
+        (b"\x03\x00\x03\x00\x00\xff", "not valid UTF-8"),
+        (b"\x01\x00\x01\xc1", None),
+        (b"\x01\x00\x02\x90\x90", None),
+        (b"\x02\x00\x01\x91\x03\x00\x02\x00\x00", "middle of a fragmented"),
+    ],
+)
+def test_malformed_records_are_fatal_and_deliver_nothing(
+    plaintext: bytes, match: str | None
+) -> None:
+    pair = connected_pair()
+    good = Spack("before")
+    pair.client.send(good)
+    pair.server.receive_data(pair.client.data_to_send())
+    # A well-formed message in the same Noise message as the bad record must not leak out.
+    forged = _forge(pair.client, b"\x01\x00\x02\x91\x07" + plaintext if plaintext else b"")
+    pair.server.receive_data(forged)
+    assert pair.server.next_event() == MessageReceived(good)
+    with pytest.raises(ProtocolError, match=match):
+        pair.server.next_event()
+    with pytest.raises(ProtocolError):
+        pair.server.next_event()
+
+
+def test_record_kind_numbers_are_stable() -> None:
+    assert [(k.name, int(k)) for k in RecordKind] == [
+        ("MESSAGE", 1),
+        ("FRAGMENT", 2),
+        ("CLOSE", 3),
+        ("PING", 4),
+        ("PONG", 5),
+        ("REKEY", 6),
+        ("READY", 7),
+    ]
