@@ -359,6 +359,24 @@ def test_rekey_by_bytes_and_on_request() -> None:
     assert messages(pair.client_events) == [Spack("after"), Spack("again")]
 
 
+@pytest.mark.parametrize("how", ["requested", "by count"])
+def test_close_on_a_rekey_boundary_stays_the_last_record(how: str) -> None:
+    config = SessionConfig(rekey_after_messages=1 if how == "by count" else 1000)
+    pair = connected_pair(client_config=config, server_config=config)
+    if how == "requested":
+        pair.client.request_rekey()
+    pair.client.queue(Spack("x"))
+    pair.client.close(CloseCode.NORMAL, "bye")
+    pair.pump()
+    assert pair.server_events == [MessageReceived(Spack("x")), CloseReceived(0, "bye")]
+
+
+def test_refusal_close_on_a_rekey_boundary_is_still_a_refusal() -> None:
+    pair = make_pair(authorize=False, server_config=SessionConfig(rekey_after_messages=1))
+    with pytest.raises(PeerRefused):
+        pair.pump()
+
+
 def test_ping_is_answered_with_the_same_payload() -> None:
     pair = connected_pair()
     pair.client.ping(b"nonce")

@@ -388,7 +388,7 @@ class Session:
         if hs.result is not None:
             self._start_transport(hs.result)
             self._control.add(RecordKind.CLOSE, encode_close(CloseCode.NOT_AUTHORIZED, reason))
-            self._flush_records(self._control)
+            self._flush_records(self._control, final=True)
         else:
             self._out.append(encode_refusal(CloseCode.NOT_AUTHORIZED, reason))
         hs.mark_answered()
@@ -499,7 +499,7 @@ class Session:
         try:
             self._writer = RecordWriter()  # drop anything queued: it will never be wanted
             self._control.add(RecordKind.CLOSE, encode_close(code, str(exc)))
-            self._flush_records(self._control)
+            self._flush_records(self._control, final=True)
         except StalkError:
             return
         self._close_sent = True
@@ -578,17 +578,23 @@ class Session:
             self._state = SessionState.CLOSED
             return
         self._writer.add(RecordKind.CLOSE, encode_close(code, reason))
-        self._flush_records(self._writer)
+        self._flush_records(self._writer, final=True)
 
-    def _flush_records(self, writer: RecordWriter) -> None:
+    def _flush_records(self, writer: RecordWriter, *, final: bool = False) -> None:
+        """Encrypt everything ``writer`` holds into ``_out``, applying the rekey policy.
+
+        :param final: the last plaintext ends with CLOSE, which must stay the last record
+            (and nothing is sent after it, so rekeying then would be pointless).
+        """
         send = self._send
         if send is None:  # pragma: no cover - callers check the state first
             raise LocalProtocolError("no transport cipher yet")
         config = self.config
-        for plaintext in writer.pack():
+        plaintexts = list(writer.pack())
+        for index, plaintext in enumerate(plaintexts):
             self._sent_since_rekey += 1
             self._bytes_since_rekey += len(plaintext)
-            rekey = (
+            rekey = not (final and index == len(plaintexts) - 1) and (
                 self._rekey_requested
                 or self._sent_since_rekey >= config.rekey_after_messages
                 or self._bytes_since_rekey >= config.rekey_after_bytes
