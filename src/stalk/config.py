@@ -1,0 +1,61 @@
+"""Connection and listener settings for the anyio layer (all limits have a reason)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from stalk.session import SessionConfig
+from stalk.wire import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_REKEY_AFTER_BYTES,
+    DEFAULT_REKEY_AFTER_MESSAGES,
+)
+
+__all__ = ["Config"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Timeouts, limits and policy for connections and listeners.
+
+    :param handshake_timeout: seconds for TCP connect plus the whole handshake
+        (authorization included); a peer that stalls longer is dropped.
+    :param write_timeout: seconds a single write may take. Writes are shielded from
+        cancellation so that a frame is never left half-written; one that cannot finish in
+        this time (a peer that stopped reading) breaks the connection instead.
+    :param close_timeout: seconds ``aclose()`` waits to deliver our CLOSE.
+    :param max_message_size: the largest encoded spack we accept (advertised to the peer).
+    :param max_handshakes: listener only: handshakes in progress at once; further clients
+        are refused with BUSY at once instead of queueing.
+    :param read_size: bytes asked of the transport per read (large reads make large
+        messages cheap).
+    :param rekey_after_messages: rekey the sending cipher after this many Noise messages...
+    :param rekey_after_bytes: ...or this many plaintext bytes, whichever comes first.
+    """
+
+    handshake_timeout: float = 10.0
+    write_timeout: float = 60.0
+    close_timeout: float = 5.0
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_handshakes: int = 256
+    read_size: int = 256 * 1024
+    rekey_after_messages: int = DEFAULT_REKEY_AFTER_MESSAGES
+    rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout", "write_timeout", "close_timeout"):
+            value = getattr(self, name)
+            if not (value > 0 and not math.isnan(value)):
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if self.max_handshakes < 1 or self.read_size < 1:
+            raise ValueError("max_handshakes and read_size must be positive")
+        self.session_config()  # validates the session fields
+
+    def session_config(self) -> SessionConfig:
+        """The sans-IO part of these settings."""
+        return SessionConfig(
+            max_message_size=self.max_message_size,
+            rekey_after_messages=self.rekey_after_messages,
+            rekey_after_bytes=self.rekey_after_bytes,
+        )

@@ -1,0 +1,515 @@
+"""The anyio layer: a :class:`Connection` is an ``ObjectStream[Spack]`` over a byte stream.
+
+Theory of operation
+-------------------
+A Connection owns one sans-IO :class:`~stalk.session.Session` and one anyio byte stream
+(TCP in practice, memory streams in tests) and makes no protocol decision of its own: it
+moves bytes between the two and maps outcomes onto anyio's vocabulary, like anyio's
+``TLSStream``.
+
+Concurrency. Sending and receiving may run at the same time in different tasks: they use
+independent cipher states. Every write to the transport happens under ``_send_lock`` and
+writes whatever :meth:`Session.data_to_send` returns at that moment, so the order of bytes on
+the wire is the order in which the session encrypted them (nonce order). Encryption itself
+may happen outside the lock (the receive path encrypts PONGs and error CLOSEs), which is
+safe for the same reason. Two concurrent ``receive()`` calls are a usage error
+(:class:`anyio.BusyResourceError`).
+
+Cancellation. ``receive()`` can be cancelled at any point: anyio's ``receive`` either returns
+bytes or consumes none, and the session buffers partial frames. A write, once it starts, is
+*shielded* from cancellation so that no frame is ever half-written (the peer would misread
+every later byte); the caller's cancellation takes effect right after. A write that cannot
+finish within ``Config.write_timeout`` (the peer stopped reading) marks the connection
+broken and closes the transport. Cancelling ``send()`` while it waits for the lock leaves its
+spack queued: the next ``send``/``flush`` writes it.
+
+Failure. Any protocol or transport error is terminal: the connection becomes *broken*, a
+best-effort error CLOSE is written, the transport is closed, and every later call raises
+:class:`~stalk.ConnectionLost` (an :class:`anyio.BrokenResourceError`). After ``aclose()``
+every call raises :class:`~stalk.ConnectionClosed` (an :class:`anyio.ClosedResourceError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypeAlias
+
+import anyio
+from anyio.abc import ByteStream, ObjectStream, SocketAttribute, TaskGroup
+
+from stalk.config import Config
+from stalk.errors import (
+    ClosedByPeer,
+    ConnectFailed,
+    ConnectionClosed,
+    ConnectionLost,
+    HandshakeFailed,
+    HandshakeTimeout,
+    StalkError,
+)
+from stalk.events import (
+    NEED_DATA,
+    CloseReceived,
+    HandshakeComplete,
+    MessageReceived,
+    PeerIdentified,
+)
+from stalk.identity import Identity, PublicIdentity
+from stalk.session import Role, Session
+from stalk.spack import Spack, SpackValue
+from stalk.wire import CloseCode, Pattern
+
+__all__ = [
+    "Authorize",
+    "Connection",
+    "MessageHandler",
+    "StalkAttribute",
+    "connect",
+]
+
+logger = logging.getLogger("stalk")
+
+#: ``authorize(peer) -> bool`` (or a coroutine function): may this peer connect?
+Authorize: TypeAlias = Callable[[PublicIdentity], "bool | Awaitable[bool]"]
+#: ``handler(spack)`` (or a coroutine function) called for every spack received.
+MessageHandler: TypeAlias = Callable[[Spack], "Awaitable[None] | None"]
+
+
+class StalkAttribute(anyio.TypedAttributeSet):
+    """Typed attributes a :class:`Connection` publishes (``conn.extra(StalkAttribute.peer)``)."""
+
+    #: the peer's static public key (authenticated)
+    peer: PublicIdentity = anyio.typed_attribute()
+    #: our own static key pair
+    identity: Identity = anyio.typed_attribute()
+    #: ``"XX"`` or ``"IK"``
+    pattern: str = anyio.typed_attribute()
+    #: Noise handshake hash: the channel-binding value
+    handshake_hash: bytes = anyio.typed_attribute()
+
+
+def _address(transport: ByteStream) -> tuple[str, int] | None:
+    remote = transport.extra(SocketAttribute.remote_address, None)
+    if isinstance(remote, tuple) and len(remote) >= 2:
+        return str(remote[0]), int(remote[1])
+    return None
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class Connection(ObjectStream[Spack]):
+    """An established, authenticated stalk connection: an anyio ``ObjectStream`` of spacks.
+
+    There is no public initializer: use :func:`connect`, a :class:`~stalk.Listener`, or
+    :meth:`wrap` for an arbitrary anyio byte stream.
+    """
+
+    def __init__(self, transport: ByteStream, session: Session, config: Config) -> None:
+        self._transport = transport
+        self._session = session
+        self._config = config
+        self._address = _address(transport)
+        self._send_lock = anyio.Lock()
+        self._receive_guard = anyio.ResourceGuard("receiving from")
+        self._closed = False
+        self._broken: StalkError | None = None
+        self._handler: MessageHandler | None = None
+        self._task_group: TaskGroup | None = None
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    async def wrap(
+        cls,
+        transport: ByteStream,
+        *,
+        identity: Identity,
+        peer: PublicIdentity | None = None,
+        server_side: bool = False,
+        authorize: Authorize | None = None,
+        config: Config | None = None,
+    ) -> Connection:
+        """Run the stalk handshake over ``transport`` and return the connection.
+
+        :param identity: our static key pair.
+        :param peer: client side: the server's expected key (IK), or ``None`` (XX).
+        :param server_side: act as the responder.
+        :param authorize: server side: asked whether the client's key may connect.
+        :param config: timeouts and limits.
+        :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
+            (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
+            :class:`~stalk.HandshakeTimeout`). The transport is closed.
+        """
+        config = config or Config()
+        role = Role.RESPONDER if server_side else Role.INITIATOR
+        session = Session(role, identity, peer=peer, config=config.session_config())
+        conn = cls(transport, session, config)
+        try:
+            with anyio.fail_after(config.handshake_timeout):
+                await conn._run_handshake(authorize)
+        except TimeoutError as exc:
+            raise await conn._fail(
+                HandshakeTimeout(f"no complete handshake within {config.handshake_timeout} s")
+            ) from exc
+        except StalkError as exc:
+            await conn._write_best_effort()
+            raise await conn._fail(exc) from None
+        except BaseException:
+            await conn._abort()
+            raise
+        return conn
+
+    async def _run_handshake(self, authorize: Authorize | None) -> None:
+        session = self._session
+        while True:
+            event = session.next_event()
+            await self._write_pending()  # a responder answers as a side effect of reading
+            if event is NEED_DATA:
+                await self._receive_into_session(handshake=True)
+            elif isinstance(event, PeerIdentified):
+                allowed = (
+                    True if authorize is None else bool(await _maybe_await(authorize(event.peer)))
+                )
+                if allowed:
+                    session.accept()
+                    continue
+                session.refuse("not authorized")
+                await self._write_pending()
+                raise HandshakeFailed(f"refused peer {event.peer.fingerprint} (not authorized)")
+            elif isinstance(event, HandshakeComplete):
+                await self._write_pending()
+                logger.debug(
+                    "handshake complete with %s (%s) at %s",
+                    event.peer.fingerprint,
+                    event.pattern,
+                    self._address,
+                )
+                return
+
+    # -- attributes -----------------------------------------------------------------------
+
+    @property
+    def peer(self) -> PublicIdentity:
+        """The peer's authenticated static public key."""
+        peer = self._session.peer
+        if peer is None:  # pragma: no cover - a Connection exists only once established
+            raise ConnectionClosed("no authenticated peer")
+        return peer
+
+    @property
+    def identity(self) -> Identity:
+        """Our own static key pair."""
+        return self._session.identity
+
+    @property
+    def pattern(self) -> Pattern:
+        """The Noise pattern used: ``"XX"`` or ``"IK"``."""
+        return self._session.pattern or "XX"
+
+    @property
+    def handshake_hash(self) -> bytes:
+        """The Noise handshake hash, identical on both sides (channel binding)."""
+        return self._session.handshake_hash or b""
+
+    @property
+    def host(self) -> str | None:
+        """The peer's IP address (``None`` for non-socket transports)."""
+        return self._address[0] if self._address else None
+
+    @property
+    def port(self) -> int | None:
+        """The peer's TCP port (``None`` for non-socket transports)."""
+        return self._address[1] if self._address else None
+
+    @property
+    def peer_max_message_size(self) -> int:
+        """The largest encoded spack the peer accepts."""
+        return self._session.peer_max_message_size or 0
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """The transport's typed attributes plus :class:`StalkAttribute`."""
+        return {
+            **self._transport.extra_attributes,
+            StalkAttribute.peer: lambda: self.peer,
+            StalkAttribute.identity: lambda: self.identity,
+            StalkAttribute.pattern: lambda: self.pattern,
+            StalkAttribute.handshake_hash: lambda: self.handshake_hash,
+        }
+
+    def __repr__(self) -> str:
+        where = f"{self.host}:{self.port}" if self._address else "stream"
+        state = "closed" if self._closed else "broken" if self._broken else "open"
+        return f"<stalk.Connection {self.pattern} {self.peer.fingerprint} {where} {state}>"
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._tag(ConnectionClosed("the connection is closed"))
+        if self._broken is not None:
+            raise self._tag(ConnectionLost(f"the connection is broken: {self._broken}"))
+
+    def queue(self, item: Spack | Iterable[SpackValue]) -> None:
+        """Encode ``item`` and buffer it without writing; :meth:`flush` sends everything.
+
+        :raises ~stalk.InvalidSpackValue: a value cannot be encoded (nothing is queued).
+        :raises ~stalk.MessageTooLarge: larger than the peer accepts (nothing is queued).
+        :raises ~stalk.ConnectionClosed: the connection was closed (or ``send_eof`` called).
+        :raises ~stalk.ConnectionLost: the connection is broken.
+        """
+        self._check_open()
+        self._session.queue(item)
+
+    async def flush(self) -> None:
+        """Encrypt everything queued into as few Noise messages as possible and write it.
+
+        :raises ~stalk.ConnectionClosed: the connection was closed.
+        :raises ~stalk.ConnectionLost: the connection broke (or the write timed out).
+        """
+        async with self._send_lock:
+            self._check_open()
+            self._session.flush()
+            await self._write_pending()
+
+    async def send(self, item: Spack) -> None:
+        """Send one spack (:meth:`queue` then :meth:`flush`).
+
+        :raises ~stalk.InvalidSpackValue: a value cannot be encoded (nothing is written).
+        :raises ~stalk.MessageTooLarge: larger than the peer accepts (nothing is written).
+        :raises ~stalk.ConnectionClosed: the connection was closed.
+        :raises ~stalk.ConnectionLost: the connection broke (or the write timed out).
+        """
+        self.queue(item)
+        await self.flush()
+
+    async def send_eof(self) -> None:
+        """Send CLOSE (normal) and half-close: the peer's ``receive()`` ends, ours goes on.
+
+        :raises ~stalk.ConnectionLost: the connection broke.
+        """
+        async with self._send_lock:
+            if self._closed or self._session.close_sent:
+                return
+            self._check_open()
+            self._session.close(CloseCode.NORMAL)
+            await self._write_pending()
+            # The CLOSE is written; a failed TCP half-close changes nothing.
+            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self._transport.send_eof()
+
+    async def _write_pending(self) -> None:
+        """Write what the session has for the transport; shielded, bounded by write_timeout.
+
+        Callers hold ``_send_lock`` (or are the only task, during the handshake).
+        """
+        # Loop: the receive path may encrypt a PONG while we write; it leaves it to us.
+        while data := self._session.data_to_send():
+            deadline = anyio.current_time() + self._config.write_timeout
+            with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+                try:
+                    await self._transport.send(data)
+                except (OSError, anyio.BrokenResourceError) as exc:
+                    raise await self._fail(ConnectionLost(f"write failed: {exc!r}")) from exc
+                except anyio.ClosedResourceError as exc:
+                    raise self._tag(ConnectionClosed("the connection is closed")) from exc
+            if scope.cancelled_caught:
+                raise await self._fail(
+                    ConnectionLost(
+                        f"a write did not complete within {self._config.write_timeout} s"
+                    )
+                )
+
+    async def _write_best_effort(self) -> None:
+        with (
+            anyio.move_on_after(self._config.close_timeout, shield=True),
+            contextlib.suppress(StalkError),
+        ):
+            await self._write_pending()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def _receive_into_session(self, *, handshake: bool = False) -> None:
+        try:
+            data = await self._transport.receive(self._config.read_size)
+        except anyio.EndOfStream:
+            self._session.receive_data(b"")
+        except anyio.ClosedResourceError as exc:
+            raise self._tag(ConnectionClosed("the connection is closed")) from exc
+        except (OSError, anyio.BrokenResourceError) as exc:
+            if handshake:
+                raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
+            raise await self._fail(ConnectionLost(f"connection lost: {exc!r}")) from exc
+        else:
+            self._session.receive_data(data)
+
+    async def receive(self) -> Spack:
+        """The next spack from the peer.
+
+        :raises ~anyio.EndOfStream: the peer closed its direction cleanly (CLOSE code 0).
+        :raises ~stalk.ClosedByPeer: the peer sent CLOSE with an error code.
+        :raises ~stalk.ConnectionLost: the stream was cut (EOF or reset without CLOSE), or
+            the peer broke the protocol (the error's ``__cause__`` says how).
+        :raises ~stalk.ProtocolError: the peer broke the protocol (also ends the connection).
+        :raises ~stalk.ConnectionClosed: we closed the connection.
+        :raises ~anyio.BusyResourceError: another task is already receiving.
+        """
+        with self._receive_guard:
+            while True:
+                self._check_open_for_receive()
+                try:
+                    event = self._session.next_event()
+                except StalkError as exc:
+                    await self._write_best_effort()
+                    raise await self._fail(exc) from None
+                if self._session.pending_output and not self._send_lock.locked():
+                    # A PONG to write. If a sender holds the lock, it writes this before
+                    # releasing it (see _write_pending); waiting for the lock here could
+                    # deadlock with a peer that is itself blocked writing to us.
+                    async with self._send_lock:
+                        await self._write_pending()
+                if event is NEED_DATA:
+                    await self._receive_into_session()
+                elif isinstance(event, MessageReceived):
+                    return event.spack
+                elif isinstance(event, CloseReceived):
+                    if event.code == CloseCode.NORMAL:
+                        raise anyio.EndOfStream
+                    raise self._tag(
+                        ClosedByPeer(
+                            f"the peer closed the connection ({_code_name(event.code)}): "
+                            f"{event.reason}",
+                            code=event.code,
+                            reason=event.reason,
+                        )
+                    )
+
+    def _check_open_for_receive(self) -> None:
+        if self._closed:
+            raise self._tag(ConnectionClosed("the connection is closed"))
+        if self._broken is not None:
+            raise self._tag(ConnectionLost(f"the connection is broken: {self._broken}"))
+
+    # -- closing --------------------------------------------------------------------------
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Send CLOSE with ``code`` and ``reason`` (best effort), then close the transport.
+
+        Idempotent. Waits at most ``Config.close_timeout`` for the CLOSE to be written.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._broken is None:
+            with anyio.move_on_after(self._config.close_timeout, shield=True):
+                async with self._send_lock:
+                    try:
+                        self._session.close(code, reason)
+                        await self._write_pending()
+                    except StalkError:
+                        pass
+        await self._abort()
+
+    async def aclose(self) -> None:
+        """Close cleanly: send CLOSE (normal), then close the transport. Idempotent."""
+        await self.close()
+
+    async def _abort(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(self._transport)
+
+    def _tag(self, exc: StalkError) -> StalkError:
+        exc.peer_address = self._address
+        return exc
+
+    async def _fail(self, exc: StalkError) -> StalkError:
+        """Mark the connection broken by ``exc``, close the transport, return ``exc``."""
+        self._tag(exc)
+        if self._broken is None and not self._closed:
+            self._broken = exc
+            logger.debug("connection to %s failed: %s", self._address, exc)
+        await self._abort()
+        return exc
+
+    # -- handler-driven use ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Connection:
+        """Enter: with a message handler (``connect(handler=...)``), start dispatching."""
+        if self._handler is not None and self._task_group is None:
+            self._task_group = anyio.create_task_group()
+            await self._task_group.__aenter__()
+            self._task_group.start_soon(self._dispatch, self._handler)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        """Close the connection (and stop the handler task, if any)."""
+        try:
+            await self.aclose()
+        finally:
+            group, self._task_group = self._task_group, None
+            if group is not None:
+                group.cancel_scope.cancel()
+                await group.__aexit__(exc_type, exc_val, exc_tb)
+
+    async def _dispatch(self, handler: MessageHandler) -> None:
+        try:
+            async for spack in self:
+                await _maybe_await(handler(spack))
+        except ConnectionClosed:
+            return
+
+
+def _code_name(code: int) -> str:
+    try:
+        return CloseCode(code).name
+    except ValueError:
+        return f"code {code}"
+
+
+async def connect(
+    host: str,
+    port: int,
+    peer: PublicIdentity | str | None = None,
+    *,
+    identity: Identity | None = None,
+    handler: MessageHandler | None = None,
+    config: Config | None = None,
+) -> Connection:
+    """Open a TCP connection to ``host:port`` and run the stalk handshake.
+
+    :param peer: the server's expected static key (or its printable form): the handshake
+        is IK and fails with :class:`~stalk.PeerIdentityMismatch` for any other key.
+        ``None``: XX, and ``conn.peer`` tells who answered.
+    :param identity: our static key pair; ``None`` makes a fresh one for this connection.
+    :param handler: called (or awaited) with every spack received, in order, while the
+        connection is used as ``async with``; ``receive()`` is then not available.
+    :param config: timeouts and limits.
+    :raises ~stalk.ConnectFailed: the TCP connection could not be opened.
+    :raises ~stalk.HandshakeFailed: the handshake failed (see :meth:`Connection.wrap`).
+    """
+    config = config or Config()
+    if isinstance(peer, str):
+        peer = PublicIdentity.from_string(peer)
+    try:
+        with anyio.fail_after(config.handshake_timeout):
+            stream = await anyio.connect_tcp(host, port)
+    except (OSError, TimeoutError) as exc:
+        error = ConnectFailed(f"cannot connect to {host}:{port}: {exc}")
+        error.peer_address = (host, port)
+        raise error from exc
+    conn = await Connection.wrap(
+        stream, identity=identity or Identity.generate(), peer=peer, config=config
+    )
+    conn._handler = handler
+    return conn
