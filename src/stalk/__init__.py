@@ -1,5 +1,73 @@
-"""stalk: peer-to-peer, end-to-end encrypted, message-based connections over TCP."""
+"""stalk: peer-to-peer, end-to-end encrypted, message-based connections over TCP.
+
+Two peers run a Noise handshake (XX when the caller does not know the peer's key, IK when
+it does) and then exchange *spacks*: ordered lists of typed values, delivered whole or not
+at all. The architecture is a sans-IO core (:mod:`stalk.session` and the modules it uses)
+under a thin anyio layer (:mod:`stalk.connection`, :mod:`stalk.listener`), so the same code
+runs on asyncio and trio. SPEC.md defines the wire protocol.
+"""
 
 from stalk._version import __version__
+from stalk.config import Config
+from stalk.connection import Connection, StalkAttribute, connect
+from stalk.errors import (
+    ClosedByPeer,
+    ConnectFailed,
+    ConnectionClosed,
+    ConnectionLost,
+    DecryptionFailed,
+    HandshakeFailed,
+    HandshakeTimeout,
+    IdentityFileError,
+    InvalidSpackValue,
+    LocalProtocolError,
+    MalformedSpack,
+    MessageLimitExceeded,
+    MessageTooLarge,
+    NonceExhausted,
+    PeerIdentityMismatch,
+    PeerRefused,
+    ProtocolError,
+    StalkError,
+)
+from stalk.identity import Identity, PublicIdentity
+from stalk.known_peers import AuthorizedPeers, KnownPeers
+from stalk.listener import Listener, create_listener, listen
+from stalk.spack import Float32, Spack
+from stalk.wire import CloseCode
 
-__all__ = ["__version__"]
+__all__ = [
+    "AuthorizedPeers",
+    "CloseCode",
+    "ClosedByPeer",
+    "Config",
+    "ConnectFailed",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionLost",
+    "DecryptionFailed",
+    "Float32",
+    "HandshakeFailed",
+    "HandshakeTimeout",
+    "Identity",
+    "IdentityFileError",
+    "InvalidSpackValue",
+    "KnownPeers",
+    "Listener",
+    "LocalProtocolError",
+    "MalformedSpack",
+    "MessageLimitExceeded",
+    "MessageTooLarge",
+    "NonceExhausted",
+    "PeerIdentityMismatch",
+    "PeerRefused",
+    "ProtocolError",
+    "PublicIdentity",
+    "Spack",
+    "StalkAttribute",
+    "StalkError",
+    "__version__",
+    "connect",
+    "create_listener",
+    "listen",
+]
