@@ -15,8 +15,8 @@ demo: $(VENV)/.installed
 	$(PY) -m stalk demo
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests vectors
+	$(PY) -m ruff format --check src tests vectors
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy

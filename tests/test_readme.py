@@ -1,0 +1,91 @@
+"""README.md's quick start runs as written, and its claims match the code."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import stalk
+from stalk.config import Config
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_quick_start_runs_as_written() -> None:
+    block = re.search(r"## Quick start\n\n```python\n(.*?)```", README, re.DOTALL)
+    assert block is not None
+    result = subprocess.run(
+        [sys.executable, "-c", block.group(1)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first == "echo 1 2.5 text b'bytes'"
+    fingerprint, pattern, hash_hex = second.split()
+    assert fingerprint.startswith("SHA256:")
+    assert pattern == "IK"
+    assert len(bytes.fromhex(hash_hex)) == 32
+
+
+def test_two_commands_are_the_makefile_targets_ci_runs() -> None:
+    assert "    make demo" in README
+    assert "    make test" in README
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "make test" in ci.splitlines()[-1]
+
+
+def test_config_table_matches_defaults() -> None:
+    defaults = Config()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", README, re.MULTILINE))
+    assert rows["handshake_timeout"].strip() == f"{defaults.handshake_timeout:g} s"
+    assert rows["write_timeout"].strip() == f"{defaults.write_timeout:g} s"
+    assert rows["close_timeout"].strip() == f"{defaults.close_timeout:g} s"
+    assert rows["max_message_size"].strip() == f"{defaults.max_message_size >> 20} MiB"
+    assert rows["max_handshakes"].strip() == str(defaults.max_handshakes)
+    assert rows["read_size"].strip() == f"{defaults.read_size >> 10} KiB"
+
+
+def test_public_namespace_is_all_and_documented() -> None:
+    public = {
+        name
+        for name, value in vars(stalk).items()
+        if not name.startswith("_") and not isinstance(value, type(stalk))
+    }
+    assert public == set(stalk.__all__) - {"__version__"}
+    for name in stalk.__all__:
+        if name == "__version__":
+            continue
+        assert getattr(stalk, name).__doc__, name
+
+
+CORE = [
+    "spack",
+    "identity",
+    "_noise",
+    "wire",
+    "framing",
+    "records",
+    "handshake",
+    "session",
+    "events",
+]
+FORBIDDEN = {"anyio", "asyncio", "trio", "socket", "time", "selectors", "threading"}
+
+
+def test_core_modules_import_no_io() -> None:
+    for module in CORE:
+        tree = ast.parse((ROOT / "src" / "stalk" / f"{module}.py").read_text(encoding="utf-8"))
+        roots = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                roots.add(node.module.split(".")[0])
+        assert not roots & FORBIDDEN, (module, roots & FORBIDDEN)
