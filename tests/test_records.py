@@ -1,0 +1,149 @@
+"""The record layer: varints, packing (batching, fragmentation), parsing and reassembly."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stalk._noise import MAX_PLAINTEXT
+from stalk.errors import MessageLimitExceeded, ProtocolError
+from stalk.records import (
+    Reassembler,
+    RecordWriter,
+    decode_close,
+    encode_close,
+    encode_uvarint,
+    parse_records,
+    read_uvarint,
+)
+from stalk.wire import MAX_CLOSE_REASON, RECORD_CAPACITY, RecordKind
+
+
+@given(st.integers(min_value=0, max_value=2**35 - 1))
+def test_uvarint_round_trip_is_minimal(value: int) -> None:
+    data = encode_uvarint(value)
+    assert read_uvarint(memoryview(data), 0, 5) == (value, len(data))
+    assert len(data) == max(1, (value.bit_length() + 6) // 7)
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"), [(0, "00"), (127, "7f"), (128, "8001"), (300, "ac02"), (65514, "eaff03")]
+)
+def test_uvarint_examples_from_spec(value: int, encoded: str) -> None:
+    assert encode_uvarint(value).hex() == encoded
+
+
+@pytest.mark.parametrize("data", [b"\x80\x00", b"\xff\x00", b"\x80\x80\x00"])
+def test_non_minimal_uvarints_are_rejected(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="non-minimal"):
+        read_uvarint(memoryview(data), 0, 5)
+
+
+def _replay(plaintexts: list[bytes], limit: int = 1 << 30) -> list[tuple[RecordKind, bytes]]:
+    """Parse plaintexts and reassemble messages, as a receiver does."""
+    reassembler = Reassembler(limit)
+    out: list[tuple[RecordKind, bytes]] = []
+    for plaintext in plaintexts:
+        assert 0 < len(plaintext) <= RECORD_CAPACITY
+        for record in parse_records(plaintext):
+            if record.kind is RecordKind.FRAGMENT:
+                reassembler.fragment(record.body)
+            elif record.kind is RecordKind.MESSAGE:
+                out.append((record.kind, bytes(reassembler.message(record.body))))
+            else:
+                out.append((record.kind, bytes(record.body)))
+    assert not reassembler.in_progress
+    return out
+
+
+item = st.one_of(
+    st.tuples(st.just(RecordKind.MESSAGE), st.integers(1, 3 * MAX_PLAINTEXT)),
+    st.tuples(st.sampled_from([RecordKind.PING, RecordKind.PONG]), st.integers(0, 1024)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(item, max_size=25))
+def test_packing_then_parsing_returns_every_record_in_order(
+    items: list[tuple[RecordKind, int]],
+) -> None:
+    writer = RecordWriter()
+    expected = []
+    for n, (kind, size) in enumerate(items):
+        body = bytes([n % 251]) * size
+        if kind is RecordKind.MESSAGE:
+            writer.add_message(body)
+        else:
+            writer.add(kind, body)
+        expected.append((kind, body))
+    plaintexts = list(writer.pack())
+    assert _replay(plaintexts) == expected
+    assert not writer.pending()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 200), min_size=2, max_size=300))
+def test_small_messages_share_noise_messages(sizes: list[int]) -> None:
+    writer = RecordWriter()
+    for size in sizes:
+        writer.add_message(b"m" * size)
+    plaintexts = list(writer.pack())
+    # Batching: records are packed greedily (small spacks are never split), so the number
+    # of Noise messages is what first-fit in order gives.
+    bins, used = 1, 0
+    for size in sizes:
+        record = size + 2 + len(encode_uvarint(size))
+        if used + record > RECORD_CAPACITY:
+            bins, used = bins + 1, 0
+        used += record
+    assert len(plaintexts) == bins
+    assert _replay(plaintexts) == [(RecordKind.MESSAGE, b"m" * size) for size in sizes]
+
+
+def test_large_message_fills_noise_messages_completely() -> None:
+    writer = RecordWriter()
+    writer.add_message(b"x" * 1_000_000)
+    plaintexts = list(writer.pack())
+    assert all(len(p) == RECORD_CAPACITY for p in plaintexts[:-1])
+    assert [r.kind for r in parse_records(plaintexts[-1])] == [RecordKind.MESSAGE]
+    assert _replay(plaintexts) == [(RecordKind.MESSAGE, b"x" * 1_000_000)]
+
+
+def test_reassembly_limit_is_checked_before_buffering() -> None:
+    reassembler = Reassembler(100)
+    reassembler.fragment(memoryview(b"a" * 60))
+    with pytest.raises(MessageLimitExceeded):
+        reassembler.fragment(memoryview(b"b" * 41))
+    single = Reassembler(100)
+    with pytest.raises(MessageLimitExceeded):
+        single.message(memoryview(b"c" * 101))
+    exact = Reassembler(100)
+    assert bytes(exact.message(memoryview(b"d" * 100))) == b"d" * 100
+
+
+def test_close_body_round_trip_and_limits() -> None:
+    body = encode_close(0x1234, "ünïcode reason")
+    assert decode_close(memoryview(body)) == (0x1234, "ünïcode reason")
+    long = encode_close(5, "é" * MAX_CLOSE_REASON)  # truncated on a character boundary
+    code, reason = decode_close(memoryview(long))
+    assert code == 5
+    assert len(reason.encode()) <= MAX_CLOSE_REASON
+    with pytest.raises(ProtocolError, match="longer than 1024"):
+        decode_close(memoryview(b"\x00\x00" + b"x" * (MAX_CLOSE_REASON + 1)))
+
+
+def test_control_record_too_large_for_a_noise_message_is_refused() -> None:
+    with pytest.raises(ValueError, match="exceeds a Noise message"):
+        RecordWriter().add(RecordKind.PING, b"x" * MAX_PLAINTEXT)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_parse_records_raises_only_protocol_errors(data: bytes) -> None:
+    try:
+        records = parse_records(data)
+    except ProtocolError:
+        return
+    consumed = sum(2 + len(encode_uvarint(len(r.body))) + len(r.body) for r in records)
+    assert consumed == len(data)
