@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from stalk._noise import (
     DHLEN,
@@ -31,6 +32,7 @@ from stalk.errors import (
     LocalProtocolError,
     NonceExhausted,
 )
+from stalk.identity import Identity
 
 XX = "Noise_XX_25519_AESGCM_SHA256"
 IK = "Noise_IK_25519_AESGCM_SHA256"
@@ -428,3 +430,29 @@ def test_wrong_prologue_on_one_side_fails_the_handshake_ik() -> None:
     pair = ik_pair(init_prologue=b"stalk v1", resp_prologue=b"")
     with pytest.raises(HandshakeAuthenticationFailed):
         pair.resp.read_message(pair.init.write_message(b""))
+
+
+def test_transport_rekey_matches_the_noise_spec_independently() -> None:
+    """REKEY per Noise §4.2, computed here with cryptography alone (no noiseprotocol)."""
+    alice, bob = Identity.generate(), Identity.generate()
+    init = NoiseHandshake(
+        "Noise_IK_25519_AESGCM_SHA256",
+        initiator=True,
+        static_private=alice.private_bytes(),
+        remote_static_public=bob.public.raw,
+    )
+    resp = NoiseHandshake(
+        "Noise_IK_25519_AESGCM_SHA256", initiator=False, static_private=bob.private_bytes()
+    )
+    resp.read_message(init.write_message(b""))
+    init.read_message(resp.write_message(b""))
+    send, _ = init.split()
+    key = init._conn.noise_protocol.cipher_state_encrypt.k
+    first = send.encrypt(b"one")
+    send.rekey()
+    second = send.encrypt(b"two")
+    nonce = b"\x00\x00\x00\x00" + (2**64 - 1).to_bytes(8, "big")
+    new_key = AESGCM(key).encrypt(nonce, bytes(32), b"")[:32]
+    assert first == AESGCM(key).encrypt(bytes(4) + (0).to_bytes(8, "big"), b"one", None)
+    # The nonce is not reset by Rekey(): the second message uses n = 1 under the new key.
+    assert second == AESGCM(new_key).encrypt(bytes(4) + (1).to_bytes(8, "big"), b"two", None)

@@ -40,7 +40,7 @@ def test_non_minimal_uvarints_are_rejected(data: bytes) -> None:
         read_uvarint(memoryview(data), 0, 5)
 
 
-def _replay(plaintexts: list[bytes], limit: int = 1 << 30) -> list[tuple[RecordKind, bytes]]:
+def _replay(plaintexts: list[bytearray], limit: int = 1 << 30) -> list[tuple[RecordKind, bytes]]:
     """Parse plaintexts and reassemble messages, as a receiver does."""
     reassembler = Reassembler(limit)
     out: list[tuple[RecordKind, bytes]] = []

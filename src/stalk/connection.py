@@ -36,7 +36,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import anyio
 from anyio.abc import ByteStream, ObjectStream, SocketAttribute, TaskGroup
@@ -314,7 +314,9 @@ class Connection(ObjectStream[Spack]):
             deadline = anyio.current_time() + self._config.write_timeout
             with anyio.CancelScope(shield=True, deadline=deadline) as scope:
                 try:
-                    await self._transport.send(data)
+                    # anyio types ``send`` as taking bytes; every byte stream accepts any
+                    # bytes-like object, and the session never touches ``data`` again.
+                    await self._transport.send(cast("bytes", data))
                 except (OSError, anyio.BrokenResourceError) as exc:
                     raise await self._fail(ConnectionLost(f"write failed: {exc!r}")) from exc
                 except anyio.ClosedResourceError as exc:

@@ -129,7 +129,7 @@ def decode_close(body: memoryview) -> tuple[int, str]:
     return code, reason
 
 
-def parse_records(plaintext: bytes) -> list[Record]:
+def parse_records(plaintext: bytes | bytearray) -> list[Record]:
     """Parse and validate every record of one Noise message's plaintext.
 
     :raises ~stalk.ProtocolError: any record is malformed; nothing is returned then.
@@ -195,7 +195,7 @@ class RecordWriter:
     def __init__(self, capacity: int = RECORD_CAPACITY) -> None:
         self._capacity = capacity
         self._current = bytearray()
-        self._done: list[bytes] = []
+        self._done: list[bytearray] = []
 
     def add(self, kind: RecordKind, body: bytes | memoryview = b"") -> None:
         """Queue a control record (CLOSE, PING, PONG, READY); it is never split."""
@@ -227,14 +227,14 @@ class RecordWriter:
 
     def _finish_current(self) -> None:
         if self._current:
-            self._done.append(bytes(self._current))
+            self._done.append(self._current)
             self._current = bytearray()
 
     def pending(self) -> bool:
         """Whether any record is queued and not yet taken by :meth:`pack`."""
         return bool(self._current or self._done)
 
-    def pack(self) -> Iterator[bytes]:
+    def pack(self) -> Iterator[bytearray]:
         """Yield the plaintexts of everything queued, in order, and empty the queue."""
         self._finish_current()
         done, self._done = self._done, []

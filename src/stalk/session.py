@@ -44,11 +44,12 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import struct
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from stalk._noise import TransportCipher
+from stalk._noise import TAGLEN, TransportCipher
 from stalk.errors import (
     ConnectionClosed,
     ConnectionLost,
@@ -70,7 +71,7 @@ from stalk.events import (
     PeerIdentified,
     PongReceived,
 )
-from stalk.framing import FramingError, encode_refusal, frame_header, read_frame
+from stalk.framing import encode_refusal
 from stalk.handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
 from stalk.identity import Identity, PublicIdentity
 from stalk.records import (
@@ -85,6 +86,7 @@ from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
     DEFAULT_REKEY_AFTER_MESSAGES,
+    FRAME_HEADER_LEN,
     MAX_CLOSE_REASON,
     MAX_MESSAGE_SIZE_LIMIT,
     MAX_PING_PAYLOAD,
@@ -98,6 +100,7 @@ __all__ = ["Role", "Session", "SessionConfig", "SessionState"]
 
 #: A REKEY record on channel 0 with an empty body: kind, channel, length.
 _REKEY_RECORD = bytes((RecordKind.REKEY, 0, 0))
+_FRAME_HEADER = struct.Struct(">H")
 
 
 class Role(enum.Enum):
@@ -169,7 +172,7 @@ class Session:
         self.config = config or SessionConfig()
         self._in = bytearray()
         self._eof = False
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._events: deque[Event] = deque()
         self._state = SessionState.HANDSHAKING
         self._error: StalkError | None = None
@@ -286,11 +289,11 @@ class Session:
             return self._close_received
         return NEED_DATA
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self) -> bytes | bytearray:
         """Everything queued for the transport, in order; empties the queue."""
         if not self._out:
             return b""
-        data = b"".join(self._out)
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         return data
 
@@ -406,18 +409,31 @@ class Session:
     # -- transport: receiving ---------------------------------------------------------------
 
     def _progress_transport(self) -> None:
-        while not self._events:
-            if self._close_received is not None and self._in:
-                raise ProtocolError("data after CLOSE")
-            try:
-                body = read_frame(self._in)
-            except FramingError as exc:
-                raise ProtocolError(str(exc)) from exc
-            if body is None:
-                if self._eof:
-                    self._end_of_input()
-                return
-            self._handle_message(body)
+        # Frames are decrypted straight out of the input buffer through memoryviews, and the
+        # consumed prefix is deleted once per call, not once per frame.
+        buf = self._in
+        offset = 0
+        try:
+            while not self._events:
+                available = len(buf) - offset
+                if self._close_received is not None and available:
+                    raise ProtocolError("data after CLOSE")
+                if available < FRAME_HEADER_LEN:
+                    break
+                (length,) = _FRAME_HEADER.unpack_from(buf, offset)
+                if length == 0:
+                    raise ProtocolError("zero-length frame")
+                end = offset + FRAME_HEADER_LEN + length
+                if len(buf) < end:
+                    break
+                with memoryview(buf) as view, view[offset + FRAME_HEADER_LEN : end] as body:
+                    self._handle_message(body)
+                offset = end
+        finally:
+            if offset:
+                del buf[:offset]
+        if not self._events and self._eof:
+            self._end_of_input()
 
     def _end_of_input(self) -> None:
         if self._close_received is not None and not self._in:
@@ -428,7 +444,7 @@ class Session:
             raise HandshakeFailed("the peer closed the connection before confirming the handshake")
         raise ConnectionLost("the peer closed the connection without a CLOSE")
 
-    def _handle_message(self, body: bytes) -> None:
+    def _handle_message(self, body: memoryview) -> None:
         recv = self._recv
         if recv is None:  # pragma: no cover - set before CONFIRMING/OPEN
             raise ProtocolError("no receive cipher")
@@ -591,22 +607,36 @@ class Session:
             raise LocalProtocolError("no transport cipher yet")
         config = self.config
         plaintexts = list(writer.pack())
+        if not plaintexts:
+            return
+        # One output buffer for the whole flush: each frame's header is packed in place and
+        # each ciphertext encrypted straight into it, so a large spack is copied once here.
+        out = bytearray(sum(len(p) + FRAME_HEADER_LEN + TAGLEN + 3 for p in plaintexts))
+        view = memoryview(out)
+        offset = 0
+        last = len(plaintexts) - 1
         for index, plaintext in enumerate(plaintexts):
             self._sent_since_rekey += 1
             self._bytes_since_rekey += len(plaintext)
-            rekey = not (final and index == len(plaintexts) - 1) and (
+            rekey = not (final and index == last) and (
                 self._rekey_requested
                 or self._sent_since_rekey >= config.rekey_after_messages
                 or self._bytes_since_rekey >= config.rekey_after_bytes
             )
-            ciphertext = send.encrypt(plaintext + _REKEY_RECORD if rekey else plaintext)
-            self._out.append(frame_header(len(ciphertext)))
-            self._out.append(ciphertext)
+            if rekey:
+                plaintext.extend(_REKEY_RECORD)  # RECORD_CAPACITY keeps room for it
+            size = len(plaintext) + TAGLEN
+            _FRAME_HEADER.pack_into(out, offset, size)
+            send.encrypt_into(plaintext, view[offset + 2 : offset + 2 + size])
+            offset += 2 + size
             if rekey:
                 send.rekey()
                 self._rekey_requested = False
                 self._sent_since_rekey = 0
                 self._bytes_since_rekey = 0
+        view.release()
+        del out[offset:]
+        self._out.append(out)
 
 
 def _code_name(code: int) -> str:
