@@ -96,7 +96,7 @@ def _decode_map(payload: bytes) -> dict[str, Any]:
         value = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:
         # msgpack raises ValueError subclasses, StackError, UnicodeDecodeError and others.
-        raise HandshakeFailed("handshake payload is not valid msgpack") from exc
+        raise HandshakeFailed("handshake payload is not a msgpack map with string keys") from exc
     if not isinstance(value, dict):
         raise HandshakeFailed("handshake payload is not a msgpack map")
     return value
