@@ -50,6 +50,7 @@ def test_config_table_matches_defaults() -> None:
     assert rows["max_message_size"].strip() == f"{defaults.max_message_size >> 20} MiB"
     assert rows["max_handshakes"].strip() == str(defaults.max_handshakes)
     assert rows["read_size"].strip() == f"{defaults.read_size >> 10} KiB"
+    assert rows["send_buffer"].strip() == f"{defaults.send_buffer >> 10} KiB"
 
 
 def test_public_namespace_is_all_and_documented() -> None:

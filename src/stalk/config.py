@@ -30,6 +30,8 @@ class Config:
         are refused with BUSY at once instead of queueing.
     :param read_size: bytes asked of the transport per read (large reads make large
         messages cheap).
+    :param send_buffer: bytes of queued spacks beyond which ``send()`` waits for the writer
+        (write backpressure; see :class:`~stalk.Connection`).
     :param rekey_after_messages: rekey the sending cipher after this many Noise messages...
     :param rekey_after_bytes: ...or this many plaintext bytes, whichever comes first.
     """
@@ -40,6 +42,7 @@ class Config:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_handshakes: int = 256
     read_size: int = 256 * 1024
+    send_buffer: int = 256 * 1024
     rekey_after_messages: int = DEFAULT_REKEY_AFTER_MESSAGES
     rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES
 
@@ -48,8 +51,8 @@ class Config:
             value = getattr(self, name)
             if not (value > 0 and not math.isnan(value)):
                 raise ValueError(f"{name} must be a positive number of seconds")
-        if self.max_handshakes < 1 or self.read_size < 1:
-            raise ValueError("max_handshakes and read_size must be positive")
+        if self.max_handshakes < 1 or self.read_size < 1 or self.send_buffer < 0:
+            raise ValueError("max_handshakes, read_size and send_buffer must be positive")
         self.session_config()  # validates the session fields
 
     def session_config(self) -> SessionConfig:

@@ -15,6 +15,16 @@ may happen outside the lock (the receive path encrypts PONGs and error CLOSEs), 
 safe for the same reason. Two concurrent ``receive()`` calls are a usage error
 (:class:`anyio.BusyResourceError`).
 
+Coalescing. While a connection has a *writer task* (inside ``async with conn:``, and always
+for connections handed to a listener's handler), ``send()`` only encodes and queues its spack,
+wakes the writer and returns without waiting for the socket; the writer encrypts everything
+queued since its last write into as few Noise messages as possible and writes them with one
+call. A lone spack therefore goes out at the next scheduling point (no timer, so latency does
+not grow), while a burst of sends shares Noise messages and socket writes. Once more than
+``Config.send_buffer`` bytes are queued, ``send()`` waits for the writer (backpressure).
+``flush()`` always waits until everything queued has been written. Without a writer task
+(a connection used without ``async with``), ``send()`` writes before it returns.
+
 Cancellation. ``receive()`` can be cancelled at any point: anyio's ``receive`` either returns
 bytes or consumes none, and the session buffers partial frames. A write, once it starts, is
 *shielded* from cancellation so that no frame is ever half-written (the peer would misread
@@ -121,6 +131,8 @@ class Connection(ObjectStream[Spack]):
         self._broken: StalkError | None = None
         self._handler: MessageHandler | None = None
         self._task_group: TaskGroup | None = None
+        self._writer_running = False
+        self._wakeup = anyio.Event()
 
     # -- construction ---------------------------------------------------------------------
 
@@ -279,15 +291,42 @@ class Connection(ObjectStream[Spack]):
             await self._write_pending()
 
     async def send(self, item: Spack) -> None:
-        """Send one spack (:meth:`queue` then :meth:`flush`).
+        """Send one spack.
+
+        With a writer task (see the module docs) the spack is queued for it and ``send``
+        returns at once unless more than ``Config.send_buffer`` bytes are waiting; without
+        one, it is written before ``send`` returns. Either way spacks go out in call order.
 
         :raises ~stalk.InvalidSpackValue: a value cannot be encoded (nothing is written).
         :raises ~stalk.MessageTooLarge: larger than the peer accepts (nothing is written).
         :raises ~stalk.ConnectionClosed: the connection was closed.
-        :raises ~stalk.ConnectionLost: the connection broke (or the write timed out).
+        :raises ~stalk.ConnectionLost: the connection broke (or a write timed out).
         """
         self.queue(item)
+        if self._writer_running and self._session.queued_bytes <= self._config.send_buffer:
+            self._wakeup.set()
+            return
         await self.flush()
+
+    async def _write_behind(self) -> None:
+        """The writer task: write whatever senders queued, batched, until cancelled."""
+        self._writer_running = True
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+                async with self._send_lock:
+                    if self._closed or self._broken is not None:
+                        return
+                    self._session.flush()
+                    await self._write_pending()
+        except StalkError:
+            return  # the connection is broken or closed; the next call reports it
+        finally:
+            self._writer_running = False
+
+    def _start_writer(self, task_group: TaskGroup) -> None:
+        task_group.start_soon(self._write_behind, name=f"stalk writer {self._address}")
 
     async def send_eof(self) -> None:
         """Send CLOSE (normal) and half-close: the peer's ``receive()`` ends, ours goes on.
@@ -442,11 +481,13 @@ class Connection(ObjectStream[Spack]):
     # -- handler-driven use ---------------------------------------------------------------
 
     async def __aenter__(self) -> Connection:
-        """Enter: with a message handler (``connect(handler=...)``), start dispatching."""
-        if self._handler is not None and self._task_group is None:
+        """Enter: start the writer task (and, with ``connect(handler=...)``, dispatching)."""
+        if self._task_group is None:
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
-            self._task_group.start_soon(self._dispatch, self._handler)
+            self._start_writer(self._task_group)
+            if self._handler is not None:
+                self._task_group.start_soon(self._dispatch, self._handler)
         return self
 
     async def __aexit__(

@@ -102,6 +102,13 @@ class Listener:
         finally:
             self._handshakes -= 1
         logger.info("peer %s connected (%s) from %s", conn.peer.fingerprint, conn.pattern, address)
+        async with anyio.create_task_group() as writer_group:
+            conn._start_writer(writer_group)
+            await self._run_handler(handler, conn, address)
+            writer_group.cancel_scope.cancel()
+
+    @staticmethod
+    async def _run_handler(handler: ConnectionHandler, conn: Connection, address: object) -> None:
         try:
             await handler(conn)
         except ConnectionLost as exc:

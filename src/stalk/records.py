@@ -190,12 +190,13 @@ class RecordWriter:
     :param capacity: plaintext bytes per Noise message available for records.
     """
 
-    __slots__ = ("_capacity", "_current", "_done")
+    __slots__ = ("_capacity", "_current", "_done", "_done_bytes")
 
     def __init__(self, capacity: int = RECORD_CAPACITY) -> None:
         self._capacity = capacity
         self._current = bytearray()
         self._done: list[bytearray] = []
+        self._done_bytes = 0
 
     def add(self, kind: RecordKind, body: bytes | memoryview = b"") -> None:
         """Queue a control record (CLOSE, PING, PONG, READY); it is never split."""
@@ -228,16 +229,23 @@ class RecordWriter:
     def _finish_current(self) -> None:
         if self._current:
             self._done.append(self._current)
+            self._done_bytes += len(self._current)
             self._current = bytearray()
 
     def pending(self) -> bool:
         """Whether any record is queued and not yet taken by :meth:`pack`."""
         return bool(self._current or self._done)
 
+    @property
+    def queued_bytes(self) -> int:
+        """Plaintext bytes queued and not yet taken by :meth:`pack`."""
+        return self._done_bytes + len(self._current)
+
     def pack(self) -> Iterator[bytearray]:
         """Yield the plaintexts of everything queued, in order, and empty the queue."""
         self._finish_current()
         done, self._done = self._done, []
+        self._done_bytes = 0
         yield from done
 
 

@@ -247,6 +247,11 @@ class Session:
         return self._close_received
 
     @property
+    def queued_bytes(self) -> int:
+        """Bytes of records queued by :meth:`queue` and not yet encrypted by :meth:`flush`."""
+        return self._writer.queued_bytes
+
+    @property
     def pending_output(self) -> int:
         """Bytes waiting in :meth:`data_to_send` (for write backpressure)."""
         return sum(map(len, self._out))
