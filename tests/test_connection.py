@@ -504,3 +504,65 @@ async def test_handshake_failure_is_typed_and_carries_address() -> None:
         with pytest.raises(HandshakeFailed) as info:
             await connect(host, port, Identity.generate().public)
         assert info.value.peer_address == (host, port)
+
+
+class CountingStream(StapledByteStream):
+    """A byte stream that counts the writes made to it."""
+
+    writes = 0
+
+    async def send(self, item: bytes) -> None:
+        self.writes += 1
+        await super().send(item)
+
+
+async def test_writer_task_coalesces_a_burst_of_sends() -> None:
+    a, b = byte_stream_pair()
+    counting = CountingStream(a.send_stream, a.receive_stream)
+    server_id = Identity.generate()
+    async with anyio.create_task_group() as tg:
+        result: list[Connection] = []
+
+        async def serve() -> None:
+            result.append(await Connection.wrap(b, identity=server_id, server_side=True))
+
+        tg.start_soon(serve)
+        client = await Connection.wrap(
+            counting, identity=Identity.generate(), peer=server_id.public
+        )
+    server = result[0]
+    before = counting.writes
+    async with client:
+        for i in range(1000):
+            await client.send(Spack(i))  # returns without writing: the writer batches
+        await client.flush()
+        assert counting.writes - before < 20
+        for i in range(1000):
+            assert await server.receive() == Spack(i)
+    with pytest.raises(anyio.EndOfStream):
+        await server.receive()
+    await server.aclose()
+
+
+async def test_writer_backpressure_and_write_timeout() -> None:
+    stop = anyio.Event()
+
+    async def never_reads(conn: Connection) -> None:
+        await stop.wait()
+
+    config = Config(write_timeout=0.5, send_buffer=64 * 1024)
+    async with serving(never_reads) as ((host, port, server_id), _):
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            async with await connect(host, port, server_id.public, config=config) as conn:
+                with anyio.fail_after(20):
+                    while True:
+                        await conn.send(Spack(b"x" * 4096))
+                        sent += 1
+
+        with pytest.raises(ConnectionLost, match="did not complete"):
+            await flood()
+        assert sent < 5000  # bounded by socket buffers plus send_buffer, not by memory
+        stop.set()

@@ -503,7 +503,9 @@ class Connection(ObjectStream[Spack]):
             group, self._task_group = self._task_group, None
             if group is not None:
                 group.cancel_scope.cancel()
-                await group.__aexit__(exc_type, exc_val, exc_tb)
+                # Not the body's exception: it propagates by itself once we return, and
+                # handing it to the group would wrap it in an ExceptionGroup.
+                await group.__aexit__(None, None, None)
 
     async def _dispatch(self, handler: MessageHandler) -> None:
         try:
