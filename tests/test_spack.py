@@ -11,6 +11,7 @@ import math
 import pickle
 import struct
 import sys
+import threading
 import tracemalloc
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -890,3 +891,24 @@ def test_module_is_sans_io() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert imported.isdisjoint({"anyio", "asyncio", "socket", "time", "trio", "selectors"})
+
+
+def test_encoding_from_many_threads_never_mixes_buffers() -> None:
+    """Packers are reused per thread; concurrent and nested (tuple) packing stay separate."""
+    spacks = [Spack(i, ("nested", (i, b"x" * i)), [i] * (i % 7)) for i in range(64)]
+    expected = [spack.encode() for spack in spacks]
+    failures: list[int] = []
+
+    def work() -> None:
+        for _ in range(50):
+            for index, spack in enumerate(spacks):
+                if spack.encode() != expected[index]:
+                    failures.append(index)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert all(Spack.decode(data) == spack for data, spack in zip(expected, spacks, strict=True))

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 _U16: Final = struct.Struct(">H")
-_KINDS: Final = frozenset(int(k) for k in RecordKind)
+_KIND_BY_BYTE: Final = {int(k): k for k in RecordKind}
 _LAST_IN_MESSAGE: Final = frozenset({RecordKind.CLOSE, RecordKind.REKEY})
 #: A fragment smaller than this is not worth a record header: start a new Noise message.
 _MIN_FRAGMENT: Final = 512
@@ -140,23 +140,29 @@ def parse_records(plaintext: bytes | bytearray) -> list[Record]:
     end = len(view)
     if end == 0:
         raise ProtocolError("transport message with no records")
+    kinds = _KIND_BY_BYTE
     while pos < end:
         if records and records[-1].kind in _LAST_IN_MESSAGE:
             raise ProtocolError(f"record after {records[-1].kind.name} in one Noise message")
-        kind_byte = view[pos]
-        if kind_byte not in _KINDS:
-            raise ProtocolError(f"unknown record kind 0x{kind_byte:02x}")
-        kind = RecordKind(kind_byte)
-        channel, pos = read_uvarint(view, pos + 1, _MAX_CHANNEL_VARINT)
-        if channel != 0:
-            raise ProtocolError(f"record on channel {channel}; version 1 uses channel 0 only")
-        length, pos = read_uvarint(view, pos, _MAX_LENGTH_VARINT)
+        kind = kinds.get(view[pos])
+        if kind is None:
+            raise ProtocolError(f"unknown record kind 0x{view[pos]:02x}")
+        if pos + 2 < end and view[pos + 1] == 0 and view[pos + 2] < 0x80:
+            # The common case, channel 0 and a body under 128 bytes, without varint calls.
+            length = view[pos + 2]
+            pos += 3
+        else:
+            channel, pos = read_uvarint(view, pos + 1, _MAX_CHANNEL_VARINT)
+            if channel != 0:
+                raise ProtocolError(f"record on channel {channel}; version 1 uses channel 0 only")
+            length, pos = read_uvarint(view, pos, _MAX_LENGTH_VARINT)
         if length > end - pos:
             raise ProtocolError(f"{kind.name} record claims {length} bytes but {end - pos} remain")
         body = view[pos : pos + length]
         pos += length
-        _check_body(kind, body)
-        records.append(Record(kind, channel, body))
+        if kind is not RecordKind.MESSAGE:
+            _check_body(kind, body)
+        records.append(Record(kind, 0, body))
     return records
 
 
@@ -210,6 +216,12 @@ class RecordWriter:
 
     def add_message(self, encoded: bytes | memoryview) -> None:
         """Queue one encoded spack, fragmenting it across Noise messages as needed."""
+        size = len(encoded)
+        if size < 0x80 and len(self._current) + size + 3 <= self._capacity:
+            # The common small spack: one MESSAGE record with a one-byte length.
+            self._current += bytes((RecordKind.MESSAGE, 0, size))
+            self._current += encoded
+            return
         view = memoryview(encoded)
         while True:
             avail = self._capacity - len(self._current) - 2

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import threading
 from array import array
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, Final, TypeAlias, overload
@@ -248,10 +249,8 @@ def _array_ext(values: array[Any]) -> msgpack.ExtType:
     return msgpack.ExtType(ext, values.tobytes())
 
 
-def _packb(values: list[Any]) -> bytes:
-    """Pack a list as one msgpack array with the spack settings."""
-    return msgpack.packb(
-        values,
+def _new_packer() -> msgpack.Packer:
+    return msgpack.Packer(
         default=_default,
         use_single_float=False,
         use_bin_type=True,
@@ -259,6 +258,21 @@ def _packb(values: list[Any]) -> bytes:
         datetime=False,
         unicode_errors="strict",
     )
+
+
+#: One reusable Packer per thread: building one per spack costs more than packing a small
+#: spack. A Packer is taken out while in use, so the re-entrant packing of tuples (through
+#: ``_default``) and other threads each get their own; one that raised is dropped, never
+#: reused with a half-written buffer.
+_PACKERS = threading.local()
+
+
+def _packb(values: list[Any]) -> bytes:
+    """Pack a list as one msgpack array with the spack settings."""
+    packer = _PACKERS.__dict__.pop("packer", None) or _new_packer()
+    data: bytes = packer.pack(values)
+    _PACKERS.packer = packer
+    return data
 
 
 def _structure_ok(node: list[Any] | tuple[Any, ...] | dict[Any, Any], depth: int = 0) -> bool:
