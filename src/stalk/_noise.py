@@ -89,7 +89,7 @@ _KEYPAIRS: Final = {
 
 @functools.lru_cache(maxsize=32)
 def _static_keypair_25519(private: bytes) -> Any:
-    """noiseprotocol's key pair object for a static key, built once per key.
+    """Noiseprotocol's key pair object for a static key, built once per key.
 
     ``set_keypair_from_private_bytes`` would re-derive the public key (one X25519 scalar
     multiplication) on every handshake.
