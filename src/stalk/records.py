@@ -264,20 +264,23 @@ class RecordWriter:
 class Reassembler:
     """Rebuilds fragmented spacks on one channel, enforcing the size limit.
 
+    Pieces are appended to one growing buffer (each byte is copied once; CPython grows a
+    bytearray geometrically, so the total cost is linear in the message size).
+
     :param limit: the largest encoded spack accepted (our advertised maximum).
     """
 
-    __slots__ = ("_limit", "_parts", "_size")
+    __slots__ = ("_buffer", "_limit", "_size")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._parts: list[bytes] = []
+        self._buffer = bytearray()
         self._size = 0
 
     @property
     def in_progress(self) -> bool:
         """Whether fragments are waiting for their final MESSAGE record."""
-        return bool(self._parts)
+        return bool(self._buffer)
 
     def _account(self, length: int) -> None:
         self._size += length
@@ -290,19 +293,18 @@ class Reassembler:
         :raises ~stalk.ProtocolError: the message would exceed the limit.
         """
         self._account(len(body))
-        self._parts.append(bytes(body))
+        self._buffer += body
 
-    def message(self, body: memoryview) -> bytes | memoryview:
+    def message(self, body: memoryview) -> bytearray | memoryview:
         """Complete a message with its final piece and return its whole encoding.
 
         :raises ~stalk.ProtocolError: the message would exceed the limit.
         """
         self._account(len(body))
-        if not self._parts:
-            self._size = 0
-            return body
-        self._parts.append(bytes(body))
-        whole = b"".join(self._parts)
-        self._parts = []
         self._size = 0
+        if not self._buffer:
+            return body
+        whole = self._buffer
+        whole += body
+        self._buffer = bytearray()
         return whole
