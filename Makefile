@@ -15,8 +15,8 @@ demo: $(VENV)/.installed
 	$(PY) -m stalk demo
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests vectors
-	$(PY) -m ruff format --check src tests vectors
+	$(PY) -m ruff check src tests vectors examples
+	$(PY) -m ruff format --check src tests vectors examples
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy
