@@ -245,9 +245,33 @@ def test_from_string_says_what_is_wrong(text: str, reason: str) -> None:
 def test_non_canonical_encodings_decode_to_a_valid_key() -> None:
     # The last character carries 2 unused bits: 'B' decodes like 'A' under a lenient
     # decoder, so accepting it would give one key two printable forms.
-    lenient = base64.urlsafe_b64decode("A" * 42 + "B=")
-    assert lenient == bytes(32)
-    assert str(PublicIdentity(lenient)) == "stalk:" + "A" * 43
+    lenient = base64.urlsafe_b64decode("Q" + "A" * 41 + "B=")
+    assert lenient == b"\x40" + bytes(31)
+    assert str(PublicIdentity(lenient)) == "stalk:Q" + "A" * 42
+
+
+LOW_ORDER_HEX = [
+    "00" * 32,
+    "01" + "00" * 31,
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ec" + "ff" * 30 + "7f",
+    "ed" + "ff" * 30 + "7f",
+    "ee" + "ff" * 30 + "7f",
+]
+
+
+@pytest.mark.parametrize("high_bit", [False, True])
+@pytest.mark.parametrize("point", LOW_ORDER_HEX)
+def test_low_order_public_keys_are_refused(point: str, high_bit: bool) -> None:
+    raw = bytearray.fromhex(point)
+    if high_bit:
+        raw[31] |= 0x80
+    with pytest.raises(ValueError, match="low-order"):
+        PublicIdentity(bytes(raw))
+    text = "stalk:" + base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+    with pytest.raises(ValueError, match="low-order"):
+        PublicIdentity.from_string(text)
 
 
 def test_from_string_rejects_non_str() -> None:
@@ -277,15 +301,18 @@ def test_fingerprint_matches_independent_sha256() -> None:
 def test_fingerprint_format() -> None:
     # Chosen so the digest's base64 contains '+' or '/': the standard alphabet is kept.
     for i in range(256):
-        fp = PublicIdentity(bytes([i]) * 32).fingerprint
+        raw = hashlib.sha256(bytes([i])).digest()
+        fp = PublicIdentity(raw).fingerprint
         assert fp.startswith("SHA256:")
         body = fp[len("SHA256:") :]
         assert len(body) == 43
         assert "=" not in body
         assert "-" not in body
         assert "_" not in body
-        assert base64.standard_b64decode(body + "=") == hashlib.sha256(bytes([i]) * 32).digest()
-    bodies = "".join(PublicIdentity(bytes([i]) * 32).fingerprint for i in range(256))
+        assert base64.standard_b64decode(body + "=") == hashlib.sha256(raw).digest()
+    bodies = "".join(
+        PublicIdentity(hashlib.sha256(bytes([i])).digest()).fingerprint for i in range(256)
+    )
     assert "+" in bodies
     assert "/" in bodies
 
@@ -301,7 +328,7 @@ def test_public_equality_and_hash() -> None:
     raw = bytes(range(32))
     a = PublicIdentity(raw)
     b = PublicIdentity(bytearray(raw))
-    c = PublicIdentity(bytes(32))
+    c = PublicIdentity(bytes([9]) * 32)
     assert a == b
     assert hash(a) == hash(b)
     assert a != c
@@ -314,7 +341,7 @@ def test_public_equality_and_hash() -> None:
 
 
 def test_same_key_rejects_other_types() -> None:
-    pub = PublicIdentity(bytes(32))
+    pub = PublicIdentity(bytes([9]) * 32)
     with pytest.raises(TypeError):
         same_key(pub, bytes(32))  # type: ignore[arg-type]
 
@@ -333,7 +360,7 @@ def test_identity_equality_and_hash() -> None:
 
 
 def test_public_identity_is_immutable() -> None:
-    pub = PublicIdentity(bytes(32))
+    pub = PublicIdentity(bytes([9]) * 32)
     with pytest.raises(AttributeError):
         pub._raw = bytes(range(32))
     with pytest.raises(AttributeError):
@@ -343,7 +370,7 @@ def test_public_identity_is_immutable() -> None:
     with pytest.raises(AttributeError):
         del pub._raw
     assert not hasattr(pub, "__dict__")
-    assert pub.raw == bytes(32)
+    assert pub.raw == bytes([9]) * 32
 
 
 def test_identity_is_immutable() -> None:

@@ -9,7 +9,7 @@ runs on asyncio and trio. SPEC.md defines the wire protocol.
 
 from stalk._version import __version__
 from stalk.config import Config
-from stalk.connection import Connection, StalkAttribute, connect
+from stalk.connection import Authorize, Connection, MessageHandler, StalkAttribute, connect
 from stalk.errors import (
     ClosedByPeer,
     ConnectFailed,
@@ -31,12 +31,13 @@ from stalk.errors import (
     StalkError,
 )
 from stalk.identity import Identity, PublicIdentity
-from stalk.known_peers import AuthorizedPeers, KnownPeers
-from stalk.listener import Listener, create_listener, listen
-from stalk.spack import Float32, Spack
+from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
+from stalk.listener import ConnectionHandler, Listener, create_listener, listen
+from stalk.spack import Float32, Spack, SpackValue
 from stalk.wire import CloseCode
 
 __all__ = [
+    "Authorize",
     "AuthorizedPeers",
     "CloseCode",
     "ClosedByPeer",
@@ -44,6 +45,7 @@ __all__ = [
     "ConnectFailed",
     "Connection",
     "ConnectionClosed",
+    "ConnectionHandler",
     "ConnectionLost",
     "DecryptionFailed",
     "Float32",
@@ -56,6 +58,7 @@ __all__ = [
     "Listener",
     "LocalProtocolError",
     "MalformedSpack",
+    "MessageHandler",
     "MessageLimitExceeded",
     "MessageTooLarge",
     "NonceExhausted",
@@ -64,10 +67,12 @@ __all__ = [
     "ProtocolError",
     "PublicIdentity",
     "Spack",
+    "SpackValue",
     "StalkAttribute",
     "StalkError",
     "__version__",
     "connect",
     "create_listener",
     "listen",
+    "stalk_home",
 ]

@@ -508,11 +508,14 @@ class Connection(ObjectStream[Spack]):
                 await group.__aexit__(None, None, None)
 
     async def _dispatch(self, handler: MessageHandler) -> None:
+        # A connection that ends badly must not tear down the caller's ``async with`` body
+        # from this background task: the error is kept (the connection is broken) and the
+        # next send()/flush() raises it.
         try:
             async for spack in self:
                 await _maybe_await(handler(spack))
-        except ConnectionClosed:
-            return
+        except StalkError as exc:
+            logger.debug("receiving from %s ended: %s", self._address, exc)
 
 
 def _code_name(code: int) -> str:

@@ -74,6 +74,28 @@ def _expand(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.expanduser(os.fspath(path)))
 
 
+_P25519 = 2**255 - 19
+#: The X25519 u-coordinates of small order (and their non-canonical encodings p, p+1):
+#: a DH with any of them yields the all-zero secret (RFC 7748 §6.1), so no peer can hold
+#: the matching private key. Bit 255 is ignored by X25519, hence the mask.
+_LOW_ORDER = frozenset(
+    u.to_bytes(32, "little")
+    for u in (
+        0,
+        1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+        _P25519 - 1,
+        _P25519,
+        _P25519 + 1,
+    )
+)
+
+
+def _masked(key: bytes) -> bytes:
+    return key[:31] + bytes([key[31] & 0x7F])
+
+
 class PublicIdentity:
     """A peer's static X25519 public key (32 raw bytes). Immutable and hashable.
 
@@ -87,7 +109,13 @@ class PublicIdentity:
     _raw: bytes
 
     def __init__(self, raw: bytes | bytearray | memoryview) -> None:
-        object.__setattr__(self, "_raw", _as_bytes(raw, "a public key"))
+        key = _as_bytes(raw, "a public key")
+        if _masked(key) in _LOW_ORDER:
+            raise ValueError(
+                "not a usable X25519 public key: it is a low-order point, which gives an "
+                "all-zero shared secret"
+            )
+        object.__setattr__(self, "_raw", key)
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
         raise AttributeError(f"{type(self).__name__} is immutable")

@@ -115,8 +115,10 @@ class Listener:
             logger.info("connection from %s lost: %s", address, exc)
             await conn.aclose()
         except StalkError as exc:
+            # A peer's protocol error already closed the connection with its own code; what
+            # reaches here with the connection open is the handler's own mistake.
             logger.warning("connection from %s failed: %s", address, exc)
-            await conn.close(CloseCode.PROTOCOL_ERROR, str(exc))
+            await conn.close(CloseCode.INTERNAL_ERROR, type(exc).__name__)
         except Exception as exc:  # a failing handler closes its own connection only
             logger.exception("handler for %s raised", address)
             await conn.close(CloseCode.INTERNAL_ERROR, type(exc).__name__)
