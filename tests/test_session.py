@@ -14,6 +14,7 @@ from stalk.errors import (
     ConnectionLost,
     DecryptionFailed,
     HandshakeFailed,
+    InvalidSpackValue,
     LocalProtocolError,
     MessageLimitExceeded,
     MessageTooLarge,
@@ -540,3 +541,37 @@ def test_record_kind_numbers_are_stable() -> None:
         ("REKEY", 6),
         ("READY", 7),
     ]
+
+
+def test_ping_in_a_rejected_message_is_not_answered() -> None:
+    pair = connected_pair()
+    pair.server.receive_data(_forge(pair.client, b"\x04\x00\x02hi" + b"\x01\x00\x01\xc1"))
+    with pytest.raises(ProtocolError):
+        drain(pair.server)
+    pair.client.receive_data(pair.server.data_to_send())
+    events = drain(pair.client)
+    assert not any(isinstance(e, PongReceived) for e in events)
+    assert isinstance(events[-1], CloseReceived)
+
+
+def test_eof_inside_the_ready_frame_is_a_failed_handshake() -> None:
+    server_id = Identity.generate()
+    client = Session(Role.INITIATOR, Identity.generate(), peer=server_id.public)
+    server = Session(Role.RESPONDER, server_id)
+    server.receive_data(client.data_to_send())
+    server.next_event()
+    server.accept()
+    client.receive_data(server.data_to_send())
+    drain(client)
+    server.receive_data(client.data_to_send()[:5])
+    server.receive_data(b"")
+    with pytest.raises(HandshakeFailed):
+        server.next_event()
+
+
+@pytest.mark.parametrize("item", ["hello", b"ab", {"a": 1}, 5, None, [1, 2]])
+def test_only_spacks_can_be_sent(item: object) -> None:
+    pair = connected_pair()
+    with pytest.raises(InvalidSpackValue, match="take a Spack"):
+        pair.client.send(item)  # type: ignore[arg-type]
+    assert pair.client.data_to_send() == b""

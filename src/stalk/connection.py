@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias, cast
 
@@ -70,7 +70,7 @@ from stalk.events import (
 )
 from stalk.identity import Identity, PublicIdentity
 from stalk.session import Role, Session
-from stalk.spack import Spack, SpackValue
+from stalk.spack import Spack
 from stalk.wire import CloseCode, Pattern
 
 __all__ = [
@@ -169,9 +169,13 @@ class Connection(ObjectStream[Spack]):
             raise await conn._fail(
                 HandshakeTimeout(f"no complete handshake within {config.handshake_timeout} s")
             ) from exc
-        except StalkError as exc:
+        except HandshakeFailed as exc:
             await conn._write_best_effort()
             raise await conn._fail(exc) from None
+        except StalkError as exc:
+            # Before the handshake completes every failure is a failed handshake, whatever
+            # layer saw it (a write that broke, a cut connection...).
+            raise await conn._fail(HandshakeFailed(f"handshake failed: {exc}")) from exc
         except BaseException:
             await conn._abort()
             raise
@@ -185,9 +189,7 @@ class Connection(ObjectStream[Spack]):
             if event is NEED_DATA:
                 await self._receive_into_session(handshake=True)
             elif isinstance(event, PeerIdentified):
-                allowed = (
-                    True if authorize is None else bool(await _maybe_await(authorize(event.peer)))
-                )
+                allowed = await self._authorized(authorize, event.peer)
                 if allowed:
                     session.accept()
                     continue
@@ -203,6 +205,17 @@ class Connection(ObjectStream[Spack]):
                     self._address,
                 )
                 return
+
+    @staticmethod
+    async def _authorized(authorize: Authorize | None, peer: PublicIdentity) -> bool:
+        """Ask the application's hook; a hook that raises refuses (fail closed)."""
+        if authorize is None:
+            return True
+        try:
+            return bool(await _maybe_await(authorize(peer)))
+        except Exception:
+            logger.exception("authorize() raised for %s; refusing the peer", peer.fingerprint)
+            return False
 
     # -- attributes -----------------------------------------------------------------------
 
@@ -268,7 +281,7 @@ class Connection(ObjectStream[Spack]):
         if self._broken is not None:
             raise self._tag(ConnectionLost(f"the connection is broken: {self._broken}"))
 
-    def queue(self, item: Spack | Iterable[SpackValue]) -> None:
+    def queue(self, item: Spack) -> None:
         """Encode ``item`` and buffer it without writing; :meth:`flush` sends everything.
 
         :raises ~stalk.InvalidSpackValue: a value cannot be encoded (nothing is queued).
@@ -549,15 +562,22 @@ async def connect(
     config = config or Config()
     if isinstance(peer, str):
         peer = PublicIdentity.from_string(peer)
+    identity = identity or Identity.generate()
+    # One deadline for the TCP connect and the handshake together (Config.handshake_timeout).
     try:
         with anyio.fail_after(config.handshake_timeout):
-            stream = await anyio.connect_tcp(host, port)
-    except (OSError, TimeoutError) as exc:
-        error = ConnectFailed(f"cannot connect to {host}:{port}: {exc}")
-        error.peer_address = (host, port)
-        raise error from exc
-    conn = await Connection.wrap(
-        stream, identity=identity or Identity.generate(), peer=peer, config=config
-    )
+            try:
+                stream = await anyio.connect_tcp(host, port)
+            except OSError as exc:
+                error = ConnectFailed(f"cannot connect to {host}:{port}: {exc}")
+                error.peer_address = (host, port)
+                raise error from exc
+            conn = await Connection.wrap(stream, identity=identity, peer=peer, config=config)
+    except TimeoutError as exc:
+        timeout = HandshakeTimeout(
+            f"no connection and handshake with {host}:{port} within {config.handshake_timeout} s"
+        )
+        timeout.peer_address = (host, port)
+        raise timeout from exc
     conn._handler = handler
     return conn

@@ -99,6 +99,10 @@ class Listener:
         except HandshakeFailed as exc:
             logger.info("handshake with %s failed: %s", address, exc)
             return
+        except Exception:  # one connection must never take the listener down
+            logger.exception("handshake with %s failed unexpectedly", address)
+            await anyio.aclose_forcefully(stream)
+            return
         finally:
             self._handshakes -= 1
         logger.info("peer %s connected (%s) from %s", conn.peer.fingerprint, conn.pattern, address)

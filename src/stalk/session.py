@@ -46,7 +46,6 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from stalk._noise import TAGLEN, TransportCipher
@@ -54,6 +53,7 @@ from stalk.errors import (
     ConnectionClosed,
     ConnectionLost,
     HandshakeFailed,
+    InvalidSpackValue,
     LocalProtocolError,
     MessageLimitExceeded,
     MessageTooLarge,
@@ -81,7 +81,7 @@ from stalk.records import (
     encode_close,
     parse_records,
 )
-from stalk.spack import Spack, SpackValue, decode_spack
+from stalk.spack import Spack, decode_spack
 from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
@@ -441,12 +441,13 @@ class Session:
             self._end_of_input()
 
     def _end_of_input(self) -> None:
+        if self._state is SessionState.CONFIRMING:
+            # Before READY the peer is not authenticated: whatever was cut, the handshake failed.
+            raise HandshakeFailed("the peer closed the connection before confirming the handshake")
         if self._close_received is not None and not self._in:
             return
         if self._in:
             raise ConnectionLost(f"connection cut in the middle of a frame ({len(self._in)} bytes)")
-        if self._state is SessionState.CONFIRMING:
-            raise HandshakeFailed("the peer closed the connection before confirming the handshake")
         raise ConnectionLost("the peer closed the connection without a CLOSE")
 
     def _handle_message(self, body: memoryview) -> None:
@@ -456,6 +457,7 @@ class Session:
         plaintext = recv.decrypt(body)
         records = parse_records(plaintext)
         events: list[Event] = []
+        pings: list[memoryview] = []
         rekey = False
         confirming = self._state is SessionState.CONFIRMING
         for index, record in enumerate(records):
@@ -478,8 +480,7 @@ class Session:
             elif kind is RecordKind.FRAGMENT:
                 self._reassembler.fragment(record.body)
             elif kind is RecordKind.PING:
-                if not self._close_sent:
-                    self._control.add(RecordKind.PONG, record.body)
+                pings.append(record.body)
             elif kind is RecordKind.PONG:
                 events.append(PongReceived(bytes(record.body)))
             elif kind is RecordKind.REKEY:
@@ -491,8 +492,12 @@ class Session:
                 events.append(CloseReceived(code, reason))
             else:  # READY after confirmation
                 raise ProtocolError(f"unexpected {kind.name} record")
+        # Only now, with every record of the message checked, act on it.
         if rekey:
             recv.rekey()
+        if not self._close_sent:
+            for ping in pings:
+                self._control.add(RecordKind.PONG, ping)
         if confirming:
             self._open()
         for event in events:
@@ -533,7 +538,7 @@ class Session:
         if self._state is not SessionState.OPEN:
             raise LocalProtocolError(f"cannot send while {self._state.value}")
 
-    def queue(self, spack: Spack | Iterable[SpackValue]) -> None:
+    def queue(self, spack: Spack) -> None:
         """Encode ``spack`` and queue it; :meth:`flush` encrypts everything queued.
 
         :raises ~stalk.InvalidSpackValue: a value cannot be encoded (nothing is queued).
@@ -542,7 +547,12 @@ class Session:
         :raises ~stalk.LocalProtocolError: the session is not open yet.
         """
         self._check_sendable()
-        encoded = (spack if isinstance(spack, Spack) else Spack(*spack)).encode()
+        if not isinstance(spack, Spack):
+            raise InvalidSpackValue(
+                f"send() and queue() take a Spack, not {type(spack).__name__}: "
+                "wrap the values as Spack(value, ...)"
+            )
+        encoded = spack.encode()
         limit = self.peer_max_message_size or 0
         if len(encoded) > limit:
             raise MessageTooLarge(
@@ -559,7 +569,7 @@ class Session:
             self._check_sendable()
             self._flush_records(self._writer)
 
-    def send(self, spack: Spack | Iterable[SpackValue]) -> None:
+    def send(self, spack: Spack) -> None:
         """:meth:`queue` then :meth:`flush`."""
         self.queue(spack)
         self.flush()
