@@ -1,0 +1,1 @@
+"""The adversarial catalogue: one named hostile-input case per row (see README.md here)."""
