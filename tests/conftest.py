@@ -13,3 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+# hypothesis is imported here, before any test runs: importing it late (its pytest plugin does
+# at the end of a run that used no hypothesis test) can hit a CPython 3.11 ast.parse bug.
+import hypothesis  # noqa: E402, F401

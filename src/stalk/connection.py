@@ -372,7 +372,7 @@ class Connection(ObjectStream[Spack]):
                 except (OSError, anyio.BrokenResourceError) as exc:
                     raise await self._fail(ConnectionLost(f"write failed: {exc!r}")) from exc
                 except anyio.ClosedResourceError as exc:
-                    raise self._tag(ConnectionClosed("the connection is closed")) from exc
+                    raise self._closed_error() from exc
             if scope.cancelled_caught:
                 raise await self._fail(
                     ConnectionLost(
@@ -381,11 +381,35 @@ class Connection(ObjectStream[Spack]):
                 )
 
     async def _write_best_effort(self) -> None:
+        """Write an error CLOSE or refusal if no other task is writing (bounded, shielded).
+
+        While a sender holds the lock it is blocked writing; the caller is about to tear
+        the connection down, which ends that write, so the CLOSE is simply not sent.
+        """
+        if self._send_lock.locked():
+            return
         with (
             anyio.move_on_after(self._config.close_timeout, shield=True),
             contextlib.suppress(StalkError),
         ):
-            await self._write_pending()
+            async with self._send_lock:
+                await self._write_pending()
+
+    async def _write_pong(self) -> None:
+        """Get what the receive path encrypted (a PONG) written, never losing an event.
+
+        ``receive()`` may hold a spack it is about to return, so nothing here may be
+        interrupted by cancellation: the writer task is only woken, and a direct write
+        happens only when the lock is free, shielded (and bounded by write_timeout). If a
+        sender holds the lock, it writes this before releasing it (see _write_pending);
+        waiting for the lock here could deadlock with a peer blocked writing to us.
+        """
+        if self._writer_running:
+            self._wakeup.set()
+        elif not self._send_lock.locked():
+            with anyio.CancelScope(shield=True), contextlib.suppress(StalkError):
+                async with self._send_lock:
+                    await self._write_pending()
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -395,7 +419,7 @@ class Connection(ObjectStream[Spack]):
         except anyio.EndOfStream:
             self._session.receive_data(b"")
         except anyio.ClosedResourceError as exc:
-            raise self._tag(ConnectionClosed("the connection is closed")) from exc
+            raise self._closed_error() from exc
         except (OSError, anyio.BrokenResourceError) as exc:
             if handshake:
                 raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
@@ -422,12 +446,8 @@ class Connection(ObjectStream[Spack]):
                 except StalkError as exc:
                     await self._write_best_effort()
                     raise await self._fail(exc) from None
-                if self._session.pending_output and not self._send_lock.locked():
-                    # A PONG to write. If a sender holds the lock, it writes this before
-                    # releasing it (see _write_pending); waiting for the lock here could
-                    # deadlock with a peer that is itself blocked writing to us.
-                    async with self._send_lock:
-                        await self._write_pending()
+                if self._session.pending_output:
+                    await self._write_pong()
                 if event is NEED_DATA:
                     await self._receive_into_session()
                 elif isinstance(event, MessageReceived):
@@ -478,6 +498,12 @@ class Connection(ObjectStream[Spack]):
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(self._transport)
 
+    def _closed_error(self) -> StalkError:
+        """The error for a transport found closed: by our aclose(), or by a failure."""
+        if self._broken is not None:
+            return self._tag(ConnectionLost(f"the connection is broken: {self._broken}"))
+        return self._tag(ConnectionClosed("the connection is closed"))
+
     def _tag(self, exc: StalkError) -> StalkError:
         exc.peer_address = self._address
         return exc
@@ -509,9 +535,19 @@ class Connection(ObjectStream[Spack]):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        """Close the connection (and stop the handler task, if any)."""
+        """Close the connection (and stop the writer and handler tasks).
+
+        Leaving normally sends CLOSE NORMAL; leaving through an exception sends
+        INTERNAL_ERROR (GOING_AWAY for a cancellation), so the peer never mistakes an
+        abandoned stream for a complete one.
+        """
         try:
-            await self.aclose()
+            if exc_type is None:
+                await self.aclose()
+            elif issubclass(exc_type, anyio.get_cancelled_exc_class()):
+                await self.close(CloseCode.GOING_AWAY, "cancelled")
+            else:
+                await self.close(CloseCode.INTERNAL_ERROR, exc_type.__name__)
         finally:
             group, self._task_group = self._task_group, None
             if group is not None:

@@ -16,10 +16,11 @@ connection is closed with INTERNAL_ERROR, and the listener keeps serving.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
@@ -34,6 +35,11 @@ from stalk.wire import CloseCode
 __all__ = ["ConnectionHandler", "Listener", "create_listener", "listen"]
 
 logger = logging.getLogger("stalk")
+
+#: accept() errors that mean "out of resources for now" (file descriptors, buffers).
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: How long to pause accepting after such an error.
+_ACCEPT_BACKOFF: Final = 0.1
 
 #: ``async def handler(conn)``: serves one connection; it is closed when the handler ends.
 ConnectionHandler: TypeAlias = Callable[[Connection], Awaitable[None]]
@@ -74,7 +80,41 @@ class Listener:
 
         :param task_group: where connection tasks run (default: a group of our own).
         """
-        await self._sockets.serve(lambda stream: self._handle(stream, handler), task_group)
+        async with contextlib.AsyncExitStack() as stack:
+            if task_group is None:
+                task_group = await stack.enter_async_context(anyio.create_task_group())
+            async with anyio.create_task_group() as acceptors:
+                for sockets in self._socket_listeners():
+                    acceptors.start_soon(self._accept_loop, sockets, handler, task_group)
+
+    def _socket_listeners(self) -> list[anyio.abc.Listener[anyio.abc.SocketStream]]:
+        inner = getattr(self._sockets, "listeners", None)
+        return list(inner) if inner is not None else [self._sockets]
+
+    async def _accept_loop(
+        self,
+        sockets: anyio.abc.Listener[anyio.abc.SocketStream],
+        handler: ConnectionHandler,
+        task_group: TaskGroup,
+    ) -> None:
+        """Accept forever; running out of file descriptors pauses accepting, never stops it."""
+        accept = getattr(sockets, "accept", None)
+        if accept is None:  # pragma: no cover - anyio's TCP listeners all have accept()
+            await sockets.serve(lambda stream: self._handle(stream, handler), task_group)
+            return
+        while True:
+            try:
+                stream = await accept()
+            except (OSError, anyio.BrokenResourceError) as exc:
+                # anyio's trio backend reports the OSError as the cause of a
+                # BrokenResourceError; asyncio's raises it as is.
+                cause = exc if isinstance(exc, OSError) else exc.__cause__
+                if not isinstance(cause, OSError) or cause.errno not in _RESOURCE_ERRNOS:
+                    raise
+                logger.warning("accept failed (%s); retrying shortly", cause)
+                await anyio.sleep(_ACCEPT_BACKOFF)
+                continue
+            task_group.start_soon(self._handle, stream, handler)
 
     async def _handle(self, stream: ByteStream, handler: ConnectionHandler) -> None:
         address = stream.extra(SocketAttribute.remote_address, None)
@@ -106,10 +146,15 @@ class Listener:
         finally:
             self._handshakes -= 1
         logger.info("peer %s connected (%s) from %s", conn.peer.fingerprint, conn.pattern, address)
-        async with anyio.create_task_group() as writer_group:
-            conn._start_writer(writer_group)
-            await self._run_handler(handler, conn, address)
-            writer_group.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as writer_group:
+                conn._start_writer(writer_group)
+                await self._run_handler(handler, conn, address)
+                writer_group.cancel_scope.cancel()
+        finally:
+            # Reached with the connection still open only when the listener is being
+            # stopped (cancelled): tell the peer instead of leaving it hanging.
+            await conn.close(CloseCode.GOING_AWAY, "listener shutting down")
 
     @staticmethod
     async def _run_handler(handler: ConnectionHandler, conn: Connection, address: object) -> None:
