@@ -1,0 +1,540 @@
+"""Resource limits hold: handshake floods, message-size limits, backpressure, idle memory.
+
+Memory is measured with :mod:`tracemalloc` (Python allocations, which is where stalk could
+buffer without bound; kernel socket buffers are bounded by the kernel) and, where a limit is
+about one object, by watching that object. All traffic is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import subprocess
+import sys
+import time
+import tracemalloc
+import warnings
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+
+from faultproxy import guarded_listener
+from stalk import records
+from stalk.config import Config
+from stalk.connection import Connection, connect
+from stalk.errors import (
+    ConnectionLost,
+    HandshakeFailed,
+    MessageLimitExceeded,
+    MessageTooLarge,
+    PeerRefused,
+    StalkError,
+)
+from stalk.events import NEED_DATA, CloseReceived, HandshakeComplete
+from stalk.handshake import InitiatorHandshake
+from stalk.identity import Identity, PublicIdentity
+from stalk.listener import Listener, listen
+from stalk.session import Role, Session, SessionConfig
+from stalk.spack import Spack
+from stalk.wire import CloseCode, RecordKind
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@contextmanager
+def traced(frames: int = 1) -> Iterator[Callable[[], tuple[int, int]]]:
+    """Trace Python allocations; yields ``() -> (current, peak)`` relative to the start."""
+    gc.collect()
+    tracemalloc.start(frames)
+    base, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+
+    def measure() -> tuple[int, int]:
+        current, peak = tracemalloc.get_traced_memory()
+        return current - base, peak - base
+
+    try:
+        yield measure
+    finally:
+        tracemalloc.stop()
+
+
+@asynccontextmanager
+async def serving(
+    handler: Callable[[Connection], Awaitable[None]],
+    config: Config | None = None,
+) -> AsyncIterator[tuple[Listener, Identity]]:
+    identity = Identity.generate()
+    listener, guard = await guarded_listener(identity, config=config)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handler)
+        yield listener, identity
+        tg.cancel_scope.cancel()
+    assert not guard.escaped, f"exceptions escaped the listener: {guard.escaped}"
+
+
+async def raw_session(
+    address: tuple[str, int], server: PublicIdentity, config: SessionConfig | None = None
+) -> tuple[SocketStream, Session]:
+    """A sans-IO initiator over a plain socket: a peer whose every byte the test controls."""
+    stream = await anyio.connect_tcp(*address)
+    session = Session(Role.INITIATOR, Identity.generate(), peer=server, config=config)
+    while True:
+        event = session.next_event()
+        if out := session.data_to_send():
+            await stream.send(bytes(out))
+        if isinstance(event, HandshakeComplete):
+            return stream, session
+        if event is NEED_DATA:
+            session.receive_data(await stream.receive())
+
+
+# -- handshake floods ------------------------------------------------------------------------------
+
+FLOOD = 300
+TRICKLERS = 20
+FLOOD_TIMEOUT = 1.5
+
+
+@pytest.mark.parametrize("max_handshakes", [256, 32])
+async def test_handshake_flood_is_bounded_and_reclaimed(
+    anyio_backend: str, max_handshakes: int
+) -> None:
+    """300 sockets send half a preamble and stall, 20 more trickle valid bytes slowly.
+
+    Beyond ``max_handshakes`` clients get BUSY at once; the deadline reclaims every stalled
+    slot (trickling or not); a legitimate client is refused quickly during the flood and
+    connects as soon as the slots are reclaimed.
+    """
+    config = Config(max_handshakes=max_handshakes, handshake_timeout=FLOOD_TIMEOUT)
+
+    async def echo(conn: Connection) -> None:
+        async for spack in conn:
+            await conn.send(spack)
+
+    async with serving(echo, config) as (listener, server_id):
+        started = anyio.current_time()
+        stalled: list[SocketStream] = []
+        peak = 0
+        for _ in range(FLOOD):
+            sock = await anyio.connect_tcp(*listener.address)
+            await sock.send(b"STAL")  # half a preamble, then nothing
+            stalled.append(sock)
+            peak = max(peak, listener.handshakes_in_progress)
+        tricklers = [await anyio.connect_tcp(*listener.address) for _ in range(TRICKLERS)]
+        await anyio.sleep(0.1)
+        in_progress = listener.handshakes_in_progress
+        assert in_progress == max_handshakes, in_progress
+
+        # During the flood: BUSY at once, not a hang.
+        refused_at = anyio.current_time()
+        with anyio.fail_after(1), pytest.raises(PeerRefused) as info:
+            await connect(*listener.address, server_id.public)
+        assert info.value.code == CloseCode.BUSY
+        busy_latency = anyio.current_time() - refused_at
+
+        outcome: Counter[str] = Counter()
+
+        async def watch(sock: SocketStream, trickle: bool) -> None:
+            """Read until the server answers or closes; trickle a valid preamble meanwhile."""
+            async with anyio.create_task_group() as tg:
+                if trickle:
+                    tg.start_soon(_trickle, sock)
+                try:
+                    data = await sock.receive()
+                    outcome["busy" if data[:1] == bytes([CloseCode.BUSY]) else "other"] += 1
+                except anyio.EndOfStream:
+                    outcome["closed"] += 1
+                except (anyio.BrokenResourceError, OSError):
+                    outcome["reset"] += 1
+                tg.cancel_scope.cancel()
+
+        with anyio.fail_after(FLOOD_TIMEOUT + 3):
+            async with anyio.create_task_group() as tg:
+                for sock in stalled:
+                    tg.start_soon(watch, sock, False)
+                for sock in tricklers:
+                    tg.start_soon(watch, sock, True)
+        reclaimed = anyio.current_time() - started
+
+        # Right after: the slots are free again, a legitimate client connects.
+        with anyio.fail_after(5):
+            async with await connect(*listener.address, server_id.public) as conn:
+                await conn.send(Spack("after the flood"))
+                assert await conn.receive() == Spack("after the flood")
+        assert listener.handshakes_in_progress == 0
+        for sock in stalled + tricklers:
+            await sock.aclose()
+    print(
+        f"\nflood/{anyio_backend}/max_handshakes={max_handshakes}: peak {peak} in progress, "
+        f"{dict(outcome)}; BUSY answered in {busy_latency * 1000:.0f} ms; "
+        f"all reclaimed {reclaimed:.2f} s after the flood began"
+    )
+    assert peak <= max_handshakes
+    assert busy_latency < 0.5
+    # Every socket ended: BUSY beyond the limit, closed or reset at the deadline.
+    assert outcome["other"] == 0
+    assert outcome["busy"] == FLOOD + TRICKLERS - max_handshakes
+    assert outcome["busy"] + outcome["closed"] + outcome["reset"] == FLOOD + TRICKLERS
+
+
+async def _trickle(sock: SocketStream) -> None:
+    """Valid preamble bytes, one every 0.3 s: a slowloris the absolute deadline must stop."""
+    try:
+        for byte in b"STALK\x01IK":
+            await sock.send(bytes([byte]))
+            await anyio.sleep(0.3)
+        await anyio.sleep_forever()
+    except (anyio.BrokenResourceError, OSError):
+        return
+
+
+# -- message-size limits ---------------------------------------------------------------------------
+
+
+def _responder_handshake(advertised: int) -> tuple[Session, HandshakeFailed | None, int]:
+    """Feed a responder an IK message 1 advertising ``advertised``; return its peak memory."""
+    server_id = Identity.generate()
+    hs = InitiatorHandshake(Identity.generate(), server_id.public, advertised)
+    hello = b"".join(hs.out)
+    error = None
+    with traced() as measure:
+        server = Session(Role.RESPONDER, server_id, config=SessionConfig(max_message_size=64 * KiB))
+        server.receive_data(hello)
+        try:
+            assert server.next_event() is not NEED_DATA
+            server.accept()
+        except HandshakeFailed as exc:
+            error = exc
+        _, peak = measure()
+    return server, error, peak
+
+
+@pytest.mark.parametrize("advertised", [2**53, 2**53 + 1, 2**64 - 1])
+def test_a_huge_advertised_limit_costs_the_receiver_nothing(advertised: int) -> None:
+    """A peer advertising any ``max_message_size`` makes the responder allocate nothing for it.
+
+    2**53 is the protocol's maximum (accepted: it only allows *us* to send big spacks);
+    beyond it the handshake fails with a typed error and a PROTOCOL_ERROR refusal. The
+    memory is compared with a handshake advertising the default 16 MiB.
+    """
+    _, _, ordinary = _responder_handshake(16 * MiB)
+    server, error, peak = _responder_handshake(advertised)
+    assert peak <= ordinary + 16 * KiB, (peak, ordinary)
+    if advertised <= 2**53:
+        assert error is None
+        assert server.peer_max_message_size == advertised
+    else:
+        assert error is not None
+        assert server.data_to_send()[:1] == bytes([CloseCode.PROTOCOL_ERROR])
+
+
+async def test_a_peer_advertising_a_huge_limit_still_gets_ours(anyio_backend: str) -> None:
+    got: list[int] = []
+
+    async def big_talker(conn: Connection) -> None:
+        assert conn.peer_max_message_size == 2**53
+        await conn.send(Spack(bytes(4 * MiB)))  # allowed: the client accepts anything
+        async for spack in conn:
+            got.append(len(spack[0]))  # type: ignore[arg-type]
+
+    async with serving(big_talker, Config(max_message_size=64 * KiB)) as (listener, server_id):
+        client_config = Config(max_message_size=2**53)
+        async with await connect(*listener.address, server_id.public, config=client_config) as conn:
+            assert conn.peer_max_message_size == 64 * KiB
+            assert len((await conn.receive())[0]) == 4 * MiB  # type: ignore[arg-type]
+            with pytest.raises(MessageTooLarge):
+                await conn.send(Spack(bytes(64 * KiB)))  # over the server's limit
+            await conn.send(Spack(bytes(60 * KiB)))  # the connection is still fine
+            await conn.flush()
+        with anyio.fail_after(5):
+            while not got:
+                await anyio.sleep(0.01)
+    assert got == [60 * KiB]
+
+
+LIMIT = 2 * MiB
+FRAGMENT = 60_000
+FLOOD_FRAGMENTS = 512  # 30 MiB of one never-ending spack
+
+
+@dataclass
+class _Watch:
+    errors: list[BaseException] = field(default_factory=list)
+    high_water: int = 0
+
+
+async def test_an_oversized_spack_is_cut_off_at_the_limit(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer streams FRAGMENTs of one spack far beyond our limit.
+
+    The receiver fails with MessageLimitExceeded once the running total passes the limit,
+    having buffered at most the limit (watched in the Reassembler and with tracemalloc), and
+    the flood stops.
+    """
+    watch = _Watch()
+    original = records.Reassembler.fragment
+
+    def watched(self: records.Reassembler, body: memoryview) -> None:
+        original(self, body)
+        watch.high_water = max(watch.high_water, self._size)
+
+    monkeypatch.setattr(records.Reassembler, "fragment", watched)
+
+    async def sink(conn: Connection) -> None:
+        try:
+            async for _ in conn:
+                pass
+        except Exception as exc:
+            watch.errors.append(exc)
+
+    sent = 0
+    close_code: int | None = None
+    async with serving(sink, Config(max_message_size=LIMIT)) as (listener, server_id):
+        with traced() as measure:
+            stream, session = await raw_session(listener.address, server_id.public)
+            chunk = bytes(FRAGMENT)
+            with anyio.fail_after(20):
+                try:
+                    for _ in range(FLOOD_FRAGMENTS):
+                        session._writer.add(RecordKind.FRAGMENT, chunk)  # bypasses the limit
+                        session.flush()
+                        await stream.send(bytes(session.data_to_send()))
+                        sent += FRAGMENT
+                except (anyio.BrokenResourceError, OSError):
+                    pass
+                with (
+                    anyio.move_on_after(2),  # the error CLOSE is best effort
+                    contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream, OSError),
+                ):
+                    while close_code is None:
+                        session.receive_data(await stream.receive())
+                        while (event := session.next_event()) is not NEED_DATA:
+                            if isinstance(event, CloseReceived):
+                                close_code = event.code
+                                break
+            _, peak = measure()
+            await stream.aclose()
+            with anyio.fail_after(5):
+                while not watch.errors:
+                    await anyio.sleep(0.01)
+    print(
+        f"\noversize/{anyio_backend}: peer wrote {sent / MiB:.1f} MiB before being cut off; "
+        f"receiver buffered at most {watch.high_water / MiB:.2f} MiB (limit {LIMIT / MiB:.0f} "
+        f"MiB), Python peak {peak / MiB:.2f} MiB; CLOSE code seen by the peer: {close_code}"
+    )
+    assert isinstance(watch.errors[0], MessageLimitExceeded)
+    assert watch.high_water <= LIMIT
+    assert peak < LIMIT + 2 * MiB
+    assert sent < FLOOD_FRAGMENTS * FRAGMENT  # the flood was stopped
+    assert close_code in (None, CloseCode.MESSAGE_TOO_LARGE)
+
+
+# -- backpressure ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", [False, True], ids=["direct", "writer-task"])
+async def test_a_reader_that_stops_stops_the_sender(anyio_backend: str, writer: bool) -> None:
+    """The peer never reads: sends block, write_timeout breaks the connection, memory is flat."""
+    stop = anyio.Event()
+
+    async def never_reads(conn: Connection) -> None:
+        await stop.wait()
+
+    config = Config(write_timeout=0.5)
+    spack = Spack(bytes(64 * KiB))
+    async with serving(never_reads) as (listener, server_id):
+        sent = 0
+        started = time.perf_counter()
+        with traced() as measure:
+            conn = await connect(*listener.address, server_id.public, config=config)
+            if writer:
+                await conn.__aenter__()
+            failure: ConnectionLost | None = None
+            with anyio.fail_after(30):
+                try:
+                    while True:
+                        await conn.send(spack)
+                        sent += 1
+                except ConnectionLost as exc:
+                    failure = exc
+            _, peak = measure()
+        elapsed = time.perf_counter() - started
+        with pytest.raises(ConnectionLost):
+            await conn.send(Spack(1))
+        if writer:
+            await conn.__aexit__(None, None, None)
+        await conn.aclose()
+        stop.set()
+    print(
+        f"\nbackpressure/{anyio_backend}/{'writer' if writer else 'direct'}: "
+        f"{sent} x 64 KiB accepted before the sender stopped, failed after {elapsed:.1f} s, "
+        f"Python peak {peak / MiB:.2f} MiB"
+    )
+    assert failure is not None
+    assert "did not complete" in str(failure) or "broken" in str(failure), failure
+    assert sent * 64 * KiB < 64 * MiB  # bounded by socket buffers (+ send_buffer), not memory
+    assert peak < 8 * MiB
+
+
+# -- idle connections -----------------------------------------------------------------------------
+
+IDLE = 200
+
+
+@pytest.mark.parametrize("burst", [False, True], ids=["idle", "after-a-burst"])
+async def test_memory_per_idle_connection_is_bounded(anyio_backend: str, burst: bool) -> None:
+    """Hold established connections open and idle; measure what each costs.
+
+    The figure is per connection *pair* (both ends live in this process), so it bounds what
+    the listener keeps per connection. ``after-a-burst``: each connection first carried a
+    300 KiB spack each way (more than one read), so buffers sized for that traffic must not
+    stay allocated once the connection is idle.
+    """
+    count = IDLE // 2 if burst else IDLE
+    release = anyio.Event()
+    ready = 0
+
+    async def server_side(conn: Connection) -> None:
+        nonlocal ready
+        if burst:
+            await conn.send(Spack(bytes(300 * KiB)))
+            await conn.receive()
+        ready += 1
+        await release.wait()
+
+    async with serving(server_side) as (listener, server_id):
+        conns: list[Connection] = []
+        with traced() as measure:
+            for _ in range(count):
+                conn = await connect(*listener.address, server_id.public)
+                if burst:
+                    await conn.receive()
+                    await conn.send(Spack(bytes(300 * KiB)))
+                conns.append(conn)
+            with anyio.fail_after(10):
+                while ready < count:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.05)
+            gc.collect()
+            current, peak = measure()
+        release.set()
+        for conn in conns:
+            await conn.aclose()
+    per_pair = current / count
+    print(
+        f"\nidle/{anyio_backend}/{'burst' if burst else 'idle'}: {count} idle connections "
+        f"hold {per_pair / KiB:.1f} KiB per connection pair (client + server); "
+        f"Python peak while connecting {peak / MiB:.1f} MiB"
+    )
+    assert per_pair < 64 * KiB
+
+
+# -- running out of file descriptors ------------------------------------------------------------
+
+_LOW_FD_SERVER = """
+import resource, sys
+import anyio, stalk
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+identity = stalk.Identity.generate()
+
+async def echo(conn):
+    async for spack in conn:
+        await conn.send(spack)
+
+async def main():
+    async with await stalk.create_listener("127.0.0.1", 0, identity=identity) as listener:
+        print(listener.address[1], str(identity.public), flush=True)
+        await listener.serve(echo)
+
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+async def test_the_listener_survives_running_out_of_file_descriptors(anyio_backend: str) -> None:
+    """A listener limited to 64 fds is sent 100 connections, which are then closed.
+
+    Beyond the limit the kernel still completes TCP handshakes (the backlog) but accept()
+    fails with EMFILE. Once the clients leave, the listener must serve again.
+    """
+    process = await anyio.open_process(
+        [sys.executable, "-c", _LOW_FD_SERVER, anyio_backend],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        with anyio.fail_after(20):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await process.stdout.receive()
+        port_text, key = line.decode().split()
+        port = int(port_text)
+        flood: list[SocketStream] = []
+        with contextlib.suppress(OSError):  # refused: the listener is already gone
+            for _ in range(100):
+                flood.append(await anyio.connect_tcp("127.0.0.1", port))
+        await anyio.sleep(0.5)
+        for sock in flood:
+            await sock.aclose()
+        with anyio.move_on_after(0.5):
+            await process.wait()
+        if process.returncode is not None:
+            assert process.stderr is not None
+            error = (await process.stderr.receive()).decode(errors="replace")
+            pytest.fail(f"the listener died after {len(flood)} connections: ...{error[-300:]}")
+        with anyio.fail_after(5):
+            async with await connect("127.0.0.1", port, PublicIdentity.from_string(key)) as conn:
+                await conn.send(Spack("still serving"))
+                assert await conn.receive() == Spack("still serving")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+
+
+# -- shutting a listener down --------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # the leak this test is about
+async def test_stopping_the_listener_tells_its_clients(anyio_backend: str) -> None:
+    server_id = Identity.generate()
+
+    async def wait_forever(conn: Connection) -> None:
+        await anyio.sleep_forever()
+
+    conn: Connection | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            host, port = await tg.start(
+                partial(listen, "127.0.0.1", 0, wait_forever, identity=server_id)
+            )
+            conn = client = await connect(host, port, server_id.public)
+            await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()  # the server shuts down
+        outcome = "still waiting"
+        with anyio.move_on_after(2):
+            try:
+                await client.receive()
+                outcome = "a message"
+            except anyio.EndOfStream:
+                outcome = "EndOfStream"
+            except StalkError as exc:
+                outcome = type(exc).__name__
+        assert outcome != "still waiting", "2 s after the listener stopped, the client waits on"
+    finally:
+        if conn is not None:
+            await conn.aclose()
+        # Collect the server's leaked sockets here, quietly, not in some later test.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
