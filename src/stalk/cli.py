@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 
 import stalk
+from stalk import bench
 from stalk.connection import Connection
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
@@ -234,6 +235,11 @@ def cmd_vectors(args: argparse.Namespace) -> int:
     return vectors_main([*(["-v"] if args.verbose else []), *args.files])
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark stalk against TLS 1.3 and plain TCP (see benchmarks/README.md)."""
+    return bench.run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -294,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("files", nargs="+", metavar="FILE")
     sub.add_argument("-v", "--verbose", action="store_true")
     sub.set_defaults(run=cmd_vectors)
+
+    sub = commands.add_parser("bench", help="benchmark stalk against TLS 1.3 and plain TCP")
+    bench.add_arguments(sub)
+    sub.set_defaults(run=cmd_bench)
     return parser
 
 

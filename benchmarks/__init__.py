@@ -1,0 +1,1 @@
+"""stalk's benchmarks: ``python -m benchmarks`` runs ``stalk bench`` (see README.md)."""

@@ -1,0 +1,135 @@
+"""Profile one benchmark cell with cProfile, in the client and in the server process.
+
+    python benchmarks/profile_cell.py send 64               # stalk, one send per 64 B spack
+    python benchmarks/profile_cell.py batch 64 --transport tcp
+    python benchmarks/profile_cell.py send 1048576 --n 200
+    python benchmarks/profile_cell.py rtt
+    python benchmarks/profile_cell.py handshake xx --concurrency 16
+    python benchmarks/profile_cell.py linearity
+
+The cell runs twice unprofiled (warm-up, then the unprofiled time), then once with both
+workers under cProfile. For each side the report gives the time blocked in the event loop's
+poll (``epoll.poll``, ``select``...) apart from the busy time, per unit (message, round trip,
+connection, MiB), then the top functions by own time. cProfile inflates Python-heavy code
+2-3x; compare shares, not absolute times, with unprofiled figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pstats
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from stalk import bench
+
+#: cProfile entries that are the event loop waiting for I/O, not work.
+_BLOCKING = ("poll' of 'select.epoll", "'select.select'", "control' of 'select.kqueue")
+
+
+def _job(args: argparse.Namespace) -> tuple[dict[str, Any], str, int, str]:
+    """The client job, the connection that carries profile commands, units, unit name."""
+    conn = "stalk_big" if args.cell == "linearity" and args.transport == "stalk" else args.transport
+    if args.cell in ("send", "batch"):
+        size = int(args.arg or 64)
+        n = args.n or max(20, min(20_000, 64 * 1024 * 1024 // size))
+        batch = bench.batch_size(size) if args.cell == "batch" else 1
+        job = {"op": "sink", "conn": conn, "size": size, "n": n, "batch": batch}
+        return job, conn, n, "msg"
+    if args.cell == "rtt":
+        n = args.n or 5000
+        return {"op": "rtt", "conn": conn, "size": bench.RTT_SIZE, "n": n}, conn, n, "round trip"
+    if args.cell == "handshake":
+        kind = {"xx": "stalk_xx", "ik": "stalk_ik"}.get(args.arg or "xx", args.arg or "xx")
+        n = args.n or 300
+        job = {"op": "handshake", "kind": kind, "concurrency": args.concurrency, "n": n}
+        return job, "stalk", n, "connection"
+    if args.cell == "linearity":
+        job = {"op": "linearity", "conn": conn, "small_n": 0, "big_n": args.n or 2}
+        return job, conn, 64 * (args.n or 2), "MiB"
+    raise SystemExit(f"unknown cell {args.cell!r}")
+
+
+def _label(key: tuple[str, int, str]) -> str:
+    filename, line, name = key
+    if filename == "~":
+        return name
+    parts = Path(filename).parts
+    short = "/".join(parts[-2:]) if len(parts) > 1 else filename
+    return f"{short}:{line}({name})"
+
+
+def _report(path: Path, side: str, units: int, unit: str, top: int, sort: str) -> None:
+    stats = pstats.Stats(str(path))
+    entries: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = sum(value[2] for value in entries.values())
+    blocked = sum(
+        value[2]
+        for key, value in entries.items()
+        if any(pattern in _label(key) for pattern in _BLOCKING)
+    )
+    busy = total - blocked
+    print(
+        f"\n== {side}: busy {busy * 1e6 / units:.1f} us/{unit}, blocked in poll "
+        f"{blocked * 1e6 / units:.1f} us/{unit} (profiled)"
+    )
+    column = 2 if sort == "tottime" else 3
+    ranked = sorted(entries.items(), key=lambda item: item[1][column], reverse=True)[:top]
+    print(f"{'own %busy':>9} {'own us/u':>9} {'cum us/u':>9} {'calls/u':>8}  function")
+    for key, (_, calls, own, cumulative, _) in ranked:
+        share = 100 * own / busy if busy else 0.0
+        print(
+            f"{share:8.1f}% {own * 1e6 / units:9.2f} {cumulative * 1e6 / units:9.2f} "
+            f"{calls / units:8.2f}  {_label(key)}"
+        )
+
+
+def main() -> int:
+    """Profile the cell named on the command line; print both sides' top entries."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cell", choices=["send", "batch", "rtt", "handshake", "linearity"])
+    parser.add_argument("arg", nargs="?", help="size in bytes, or xx/ik/tls/tcp for handshake")
+    parser.add_argument("--transport", default="stalk", choices=bench.TRANSPORTS)
+    parser.add_argument("--backend", default="asyncio", choices=bench.available_backends())
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--n", type=int, help="messages / round trips / connections")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
+    parser.add_argument("--out", help="keep the .prof files in this directory")
+    parser.add_argument("--malloc-tuned", action="store_true")
+    args = parser.parse_args()
+    job, via, units, unit = _job(args)
+    with tempfile.TemporaryDirectory(prefix="stalk-profile-") as tmp:
+        out = Path(args.out) if args.out else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        cert, key = bench.make_certificate(Path(tmp))
+        connect = sorted({via, job.get("conn", via)})
+        pair = bench.start_pair(
+            args.backend, cert, key, connect, bench.worker_env(args.malloc_tuned)
+        )
+        try:
+            pair.job(**job)  # warm-up
+            plain = pair.job(**job)
+            client, server = out / "client.prof", out / "server.prof"
+            profile = {"via": via, "client": str(client), "server": str(server)}
+            profiled = pair.job(**job, profile=profile)
+        finally:
+            pair.close()
+        seconds = plain.get("seconds", plain.get("big_seconds", 0.0))
+        seconds_profiled = profiled.get("seconds", profiled.get("big_seconds", 0.0))
+        print(f"cell {args.cell} {args.arg or ''} {args.transport} on {args.backend}: {job}")
+        print(
+            f"unprofiled {seconds * 1e6 / units:.1f} us/{unit} ({units / seconds:.0f} {unit}/s), "
+            f"profiled {seconds_profiled * 1e6 / units:.1f} us/{unit}"
+        )
+        for side, path in (("client", client), ("server", server)):
+            _report(path, side, units, unit, args.top, args.sort)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""``stalk bench`` runs end to end and reports every figure (no timing is asserted here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stalk import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = [b for b in ("asyncio", "trio") if b in bench.available_backends()]
+
+
+def run_bench(tmp_path: Path, *options: str, timeout: float) -> tuple[str, dict[str, Any]]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stalk", "bench", *options, "--quiet", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(out.read_text())
+
+
+def expected_figures(backend: str) -> Iterator[tuple[str, ...]]:
+    """Every path (under ``backends[backend]``) that must hold a positive number."""
+    for mode in ("send", "batch"):
+        for size in bench.SIZES:
+            for transport in bench.TRANSPORTS:
+                for metric in ("msgs_per_s", "mb_per_s"):
+                    yield ("throughput", mode, str(size), transport, metric)
+            yield ("throughput", mode, str(size), "batch")
+            yield ("throughput", mode, str(size), "stalk_vs_tls")
+            yield ("throughput", mode, str(size), "stalk_vs_tcp")
+    for transport in bench.TRANSPORTS:
+        for metric in ("median_us", "p99_us"):
+            yield ("rtt", transport, metric)
+    for other in ("tls", "tcp"):
+        for metric in ("median_us", "p99_us"):
+            yield ("rtt", f"stalk_vs_{other}", metric)
+    for name in ("sequential", "concurrent16"):
+        for kind in bench.HANDSHAKE_KINDS:
+            for metric in ("conns_per_s", "median_ms", "p99_ms"):
+                yield ("handshake", name, kind, metric)
+        for kind in ("stalk_xx", "stalk_ik"):
+            for other in ("tls", "tcp"):
+                yield ("handshake", name, f"{kind}_vs_{other}")
+    for transport in bench.TRANSPORTS:
+        for metric in ("connections", "server_bytes_per_conn", "client_bytes_per_conn"):
+            yield ("memory", transport, metric)
+    for other in ("tls", "tcp"):
+        for side in ("server", "client"):
+            yield ("memory", f"stalk_vs_{other}_{side}")
+    for transport in bench.TRANSPORTS:
+        for metric in ("small_us_per_mib", "big_us_per_mib", "ratio"):
+            yield ("linearity", transport, metric)
+
+
+TARGET_NAMES = {
+    "1 MiB send MB/s vs TLS",
+    "1 MiB send MB/s vs TCP",
+    "8 MiB send MB/s vs TLS",
+    "8 MiB send MB/s vs TCP",
+    "64 B queue+flush vs TCP batched",
+    "64 B queue+flush vs TLS one-per-send",
+    "64 B send loop vs TLS one-per-send",
+    "RTT 64 B median vs TLS",
+    "handshakes/s XX sequential vs TLS",
+    "handshakes/s IK sequential vs TLS",
+    "handshakes/s XX concurrent16 vs TLS",
+    "handshakes/s IK concurrent16 vs TLS",
+    "memory per idle conn (server)",
+    "memory per idle conn (client)",
+    "64 MiB vs 1 MiB time per MiB",
+}
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def check_result(stdout: str, result: dict[str, Any]) -> None:
+    assert set(result["backends"]) == set(BACKENDS)
+    missing = []
+    for backend, data in result["backends"].items():
+        for path in expected_figures(backend):
+            node: Any = data
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            if not positive(node):
+                missing.append(f"{backend}: {'/'.join(path)} = {node!r}")
+        assert {t["name"] for t in data["targets"]} == TARGET_NAMES
+        for target in data["targets"]:
+            assert positive(target["value"]), target
+            assert isinstance(target["pass"], bool)
+        assert f"=== {backend} " in stdout
+        assert f"Targets ({backend}): " in stdout
+    assert not missing, "\n".join(missing)
+    for size in bench.SIZES:
+        for metric in ("seal_mb_per_s", "open_mb_per_s", "ceiling_msgs_per_s", "ceiling_mb_per_s"):
+            assert positive(result["aesgcm"][str(size)][metric])
+    for heading in ("One-way throughput", "round trip", "New connections", "Memory", "linearity"):
+        assert heading in stdout
+
+
+def test_smoke_run_reports_every_figure(tmp_path: Path) -> None:
+    stdout, result = run_bench(tmp_path, "--smoke", timeout=150)
+    assert result["meta"]["budget"] == "smoke"
+    check_result(stdout, result)
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
+    stdout, result = run_bench(tmp_path, "--quick", "--backends", ",".join(BACKENDS), timeout=180)
+    assert result["meta"]["budget"] == "quick"
+    check_result(stdout, result)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "benchmarks", "--help"],
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"],
+        [sys.executable, "-m", "stalk", "bench", "--help"],
+    ],
+    ids=["python -m benchmarks", "benchmarks/run.py", "stalk bench"],
+)
+def test_entry_points(command: list[str]) -> None:
+    proc = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout
+    assert "--json" in proc.stdout
+
+
+def test_unknown_backend_is_a_clean_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "stalk", "bench", "--smoke", "--backends", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "unknown backend nope" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_batch_size_is_about_one_mib() -> None:
+    assert bench.batch_size(64) == 1000
+    assert bench.batch_size(16 * 1024) == 64
+    assert bench.batch_size(8 * 1024 * 1024) == 2
