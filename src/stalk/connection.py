@@ -23,7 +23,10 @@ call. A lone spack therefore goes out at the next scheduling point (no timer, so
 not grow), while a burst of sends shares Noise messages and socket writes. Once more than
 ``Config.send_buffer`` bytes are queued, ``send()`` waits for the writer (backpressure).
 ``flush()`` always waits until everything queued has been written. Without a writer task
-(a connection used without ``async with``), ``send()`` writes before it returns.
+(a connection used without ``async with``), ``send()`` writes before it returns. One more
+case writes at once: the first ``send()`` after a ``receive()`` that had to wait for the
+network. That is a reply in a request/response exchange, where latency matters and there
+is nothing to batch with; a handler answering a burst of buffered requests still batches.
 
 Cancellation. ``receive()`` can be cancelled at any point: anyio's ``receive`` either returns
 bytes or consumes none, and the session buffers partial frames. A write, once it starts, is
@@ -125,7 +128,8 @@ class Connection(ObjectStream[Spack]):
         self._session = session
         self._config = config
         self._address = _address(transport)
-        self._send_lock = anyio.Lock()
+        # fast_acquire: taking a free lock costs no event-loop pass (one per send otherwise).
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self._receive_guard = anyio.ResourceGuard("receiving from")
         self._closed = False
         self._broken: StalkError | None = None
@@ -133,6 +137,9 @@ class Connection(ObjectStream[Spack]):
         self._task_group: TaskGroup | None = None
         self._writer_running = False
         self._wakeup = anyio.Event()
+        #: The last spack receive() returned had to wait for the network: a reply sent
+        #: now is latency-bound (request/response), so send() writes it at once.
+        self._answering = False
 
     # -- construction ---------------------------------------------------------------------
 
@@ -316,7 +323,12 @@ class Connection(ObjectStream[Spack]):
         :raises ~stalk.ConnectionLost: the connection broke (or a write timed out).
         """
         self.queue(item)
-        if self._writer_running and self._session.queued_bytes <= self._config.send_buffer:
+        answering, self._answering = self._answering, False
+        if (
+            self._writer_running
+            and not (answering and not self._send_lock.locked())
+            and self._session.queued_bytes <= self._config.send_buffer
+        ):
             self._wakeup.set()
             return
         await self.flush()
@@ -439,6 +451,7 @@ class Connection(ObjectStream[Spack]):
         :raises ~anyio.BusyResourceError: another task is already receiving.
         """
         with self._receive_guard:
+            waited = False
             while True:
                 self._check_open_for_receive()
                 try:
@@ -450,7 +463,9 @@ class Connection(ObjectStream[Spack]):
                     await self._write_pong()
                 if event is NEED_DATA:
                     await self._receive_into_session()
+                    waited = True
                 elif isinstance(event, MessageReceived):
+                    self._answering = waited
                     return event.spack
                 elif isinstance(event, CloseReceived):
                     if event.code == CloseCode.NORMAL:
