@@ -264,23 +264,24 @@ class RecordWriter:
 class Reassembler:
     """Rebuilds fragmented spacks on one channel, enforcing the size limit.
 
-    Pieces are appended to one growing buffer (each byte is copied once; CPython grows a
-    bytearray geometrically, so the total cost is linear in the message size).
+    Pieces are kept as views into their decrypted plaintexts (which nothing else holds or
+    changes) and joined once when the final piece arrives: each byte is copied once, and the
+    running total is checked before a piece is kept.
 
     :param limit: the largest encoded spack accepted (our advertised maximum).
     """
 
-    __slots__ = ("_buffer", "_limit", "_size")
+    __slots__ = ("_limit", "_parts", "_size")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._buffer = bytearray()
+        self._parts: list[memoryview] = []
         self._size = 0
 
     @property
     def in_progress(self) -> bool:
         """Whether fragments are waiting for their final MESSAGE record."""
-        return bool(self._buffer)
+        return bool(self._parts)
 
     def _account(self, length: int) -> None:
         self._size += length
@@ -293,18 +294,18 @@ class Reassembler:
         :raises ~stalk.ProtocolError: the message would exceed the limit.
         """
         self._account(len(body))
-        self._buffer += body
+        self._parts.append(body)
 
-    def message(self, body: memoryview) -> bytearray | memoryview:
+    def message(self, body: memoryview) -> bytes | memoryview:
         """Complete a message with its final piece and return its whole encoding.
 
         :raises ~stalk.ProtocolError: the message would exceed the limit.
         """
         self._account(len(body))
         self._size = 0
-        if not self._buffer:
+        if not self._parts:
             return body
-        whole = self._buffer
-        whole += body
-        self._buffer = bytearray()
+        self._parts.append(body)
+        whole = b"".join(self._parts)
+        self._parts = []
         return whole
