@@ -374,23 +374,26 @@ class Connection(ObjectStream[Spack]):
         Callers hold ``_send_lock`` (or are the only task, during the handshake).
         """
         # Loop: the receive path may encrypt a PONG while we write; it leaves it to us.
-        while data := self._session.data_to_send():
-            deadline = anyio.current_time() + self._config.write_timeout
-            with anyio.CancelScope(shield=True, deadline=deadline) as scope:
-                try:
-                    # anyio types ``send`` as taking bytes; every byte stream accepts any
-                    # bytes-like object, and the session never touches ``data`` again.
-                    await self._transport.send(cast("bytes", data))
-                except (OSError, anyio.BrokenResourceError) as exc:
-                    raise await self._fail(ConnectionLost(f"write failed: {exc!r}")) from exc
-                except anyio.ClosedResourceError as exc:
-                    raise self._closed_error() from exc
-            if scope.cancelled_caught:
-                raise await self._fail(
-                    ConnectionLost(
-                        f"a write did not complete within {self._config.write_timeout} s"
-                    )
-                )
+        while chunks := self._session.take_output():
+            for data in chunks:
+                await self._write_chunk(data)
+
+    async def _write_chunk(self, data: bytes | bytearray) -> None:
+        """Write one buffer; shielded from cancellation, bounded by write_timeout."""
+        deadline = anyio.current_time() + self._config.write_timeout
+        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+            try:
+                # anyio types ``send`` as taking bytes; every byte stream accepts any
+                # bytes-like object, and the session never touches ``data`` again.
+                await self._transport.send(cast("bytes", data))
+            except (OSError, anyio.BrokenResourceError) as exc:
+                raise await self._fail(ConnectionLost(f"write failed: {exc!r}")) from exc
+            except anyio.ClosedResourceError as exc:
+                raise self._closed_error() from exc
+        if scope.cancelled_caught:
+            raise await self._fail(
+                ConnectionLost(f"a write did not complete within {self._config.write_timeout} s")
+            )
 
     async def _write_best_effort(self) -> None:
         """Write an error CLOSE or refusal if no other task is writing (bounded, shielded).

@@ -101,6 +101,10 @@ __all__ = ["Role", "Session", "SessionConfig", "SessionState"]
 #: A REKEY record on channel 0 with an empty body: kind, channel, length.
 _REKEY_RECORD = bytes((RecordKind.REKEY, 0, 0))
 _FRAME_HEADER = struct.Struct(">H")
+#: Frames per output buffer (about 1 MiB of full Noise messages)...
+_OUTPUT_CHUNK = 16
+#: ...and the size up to which take_output() joins smaller buffers into one write.
+_OUTPUT_BYTES = _OUTPUT_CHUNK * 65_537
 
 
 class Role(enum.Enum):
@@ -170,7 +174,10 @@ class Session:
         self.role = role
         self.identity = identity
         self.config = config or SessionConfig()
-        self._in = bytearray()
+        # Received bytes not yet consumed. After the handshake, a chunk that arrives while
+        # nothing is buffered is kept as the ``bytes`` it came in (no copy); it becomes a
+        # bytearray only if more arrives before it is consumed.
+        self._in: bytearray | bytes = bytearray()
         self._eof = False
         self._out: list[bytes | bytearray] = []
         self._events: deque[Event] = deque()
@@ -268,7 +275,12 @@ class Session:
             return
         if self._eof:
             raise LocalProtocolError("receive_data() after EOF")
-        self._in += data
+        if not self._in and type(data) is bytes and self._hs is None:
+            self._in = data
+        elif type(self._in) is bytearray:
+            self._in += data
+        else:
+            self._in = bytearray(self._in) + data
 
     def next_event(self) -> Event | NeedData:
         """The next event, or :data:`~stalk.events.NEED_DATA`.
@@ -325,8 +337,11 @@ class Session:
         hs = self._hs
         if hs is None:  # pragma: no cover - present while HANDSHAKING
             return
+        buffer = self._in
+        if type(buffer) is not bytearray:  # pragma: no cover - bytes are kept only after it
+            buffer = self._in = bytearray(buffer)
         try:
-            done = hs.step(self._in, self._eof)
+            done = hs.step(buffer, self._eof)
         finally:
             self._take_handshake_output()
         self._pattern = hs.pattern
@@ -436,7 +451,10 @@ class Session:
                 offset = end
         finally:
             if offset:
-                del buf[:offset]
+                if type(buf) is bytearray:
+                    del buf[:offset]
+                else:
+                    self._in = bytearray(buf[offset:])
         if not self._events and self._eof:
             self._end_of_input()
 
@@ -622,36 +640,58 @@ class Session:
             raise LocalProtocolError("no transport cipher yet")
         config = self.config
         plaintexts = list(writer.pack())
-        if not plaintexts:
-            return
-        # One output buffer for the whole flush: each frame's header is packed in place and
-        # each ciphertext encrypted straight into it, so a large spack is copied once here.
-        out = bytearray(sum(len(p) + FRAME_HEADER_LEN + TAGLEN + 3 for p in plaintexts))
-        view = memoryview(out)
-        offset = 0
         last = len(plaintexts) - 1
-        for index, plaintext in enumerate(plaintexts):
-            self._sent_since_rekey += 1
-            self._bytes_since_rekey += len(plaintext)
-            rekey = not (final and index == last) and (
-                self._rekey_requested
-                or self._sent_since_rekey >= config.rekey_after_messages
-                or self._bytes_since_rekey >= config.rekey_after_bytes
-            )
-            if rekey:
-                plaintext.extend(_REKEY_RECORD)  # RECORD_CAPACITY keeps room for it
-            size = len(plaintext) + TAGLEN
-            _FRAME_HEADER.pack_into(out, offset, size)
-            send.encrypt_into(plaintext, view[offset + 2 : offset + 2 + size])
-            offset += 2 + size
-            if rekey:
-                send.rekey()
-                self._rekey_requested = False
-                self._sent_since_rekey = 0
-                self._bytes_since_rekey = 0
-        view.release()
-        del out[offset:]
-        self._out.append(out)
+        # Output buffers of at most _OUTPUT_CHUNK frames: each frame's header is packed in
+        # place and its ciphertext encrypted straight into the buffer (one copy), and a large
+        # spack becomes several ~1 MiB writes instead of one huge buffer, which would cost
+        # fresh pages (mmap, zero-filling) on every message.
+        for first in range(0, len(plaintexts), _OUTPUT_CHUNK):
+            group = plaintexts[first : first + _OUTPUT_CHUNK]
+            out = bytearray(sum(len(p) + FRAME_HEADER_LEN + TAGLEN + 3 for p in group))
+            offset = 0
+            with memoryview(out) as view:
+                for index, plaintext in enumerate(group, first):
+                    self._sent_since_rekey += 1
+                    self._bytes_since_rekey += len(plaintext)
+                    rekey = not (final and index == last) and (
+                        self._rekey_requested
+                        or self._sent_since_rekey >= config.rekey_after_messages
+                        or self._bytes_since_rekey >= config.rekey_after_bytes
+                    )
+                    if rekey:
+                        plaintext.extend(_REKEY_RECORD)  # RECORD_CAPACITY keeps room for it
+                    size = len(plaintext) + TAGLEN
+                    _FRAME_HEADER.pack_into(out, offset, size)
+                    send.encrypt_into(plaintext, view[offset + 2 : offset + 2 + size])
+                    offset += 2 + size
+                    if rekey:
+                        send.rekey()
+                        self._rekey_requested = False
+                        self._sent_since_rekey = 0
+                        self._bytes_since_rekey = 0
+            del out[offset:]
+            self._out.append(out)
+
+    def take_output(self) -> list[bytes | bytearray]:
+        """Like :meth:`data_to_send`, as buffers to write in order.
+
+        Small pieces are joined (one write each for a preamble and its first message, or
+        for many small frames); buffers of about 1 MiB or more are handed out as they are.
+        """
+        out, self._out = self._out, []
+        if len(out) <= 1:
+            return out
+        chunks: list[bytes | bytearray] = []
+        pending: list[bytes | bytearray] = []
+        size = 0
+        for piece in out:
+            if pending and size + len(piece) > _OUTPUT_BYTES:
+                chunks.append(pending[0] if len(pending) == 1 else b"".join(pending))
+                pending, size = [], 0
+            pending.append(piece)
+            size += len(piece)
+        chunks.append(pending[0] if len(pending) == 1 else b"".join(pending))
+        return chunks
 
 
 def _code_name(code: int) -> str:
