@@ -153,6 +153,7 @@ class Connection(ObjectStream[Spack]):
         server_side: bool = False,
         authorize: Authorize | None = None,
         config: Config | None = None,
+        _caller_has_deadline: bool = False,
     ) -> Connection:
         """Run the stalk handshake over ``transport`` and return the connection.
 
@@ -170,7 +171,11 @@ class Connection(ObjectStream[Spack]):
         session = Session(role, identity, peer=peer, config=config.session_config())
         conn = cls(transport, session, config)
         try:
-            with anyio.fail_after(config.handshake_timeout):
+            with (
+                contextlib.nullcontext()
+                if _caller_has_deadline  # connect(): one deadline covers TCP and handshake
+                else anyio.fail_after(config.handshake_timeout)
+            ):
                 await conn._run_handshake(authorize)
         except TimeoutError as exc:
             raise await conn._fail(
@@ -188,11 +193,23 @@ class Connection(ObjectStream[Spack]):
             raise
         return conn
 
+    async def _write_handshake(self) -> None:
+        """Write handshake output directly: no shield or per-write deadline is needed here.
+
+        A handshake interrupted in any way is abandoned whole (the transport is closed), so
+        a half-written frame can never be misread, and ``handshake_timeout`` bounds it all.
+        """
+        for data in self._session.take_output():
+            try:
+                await self._transport.send(cast("bytes", data))
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
+
     async def _run_handshake(self, authorize: Authorize | None) -> None:
         session = self._session
         while True:
             event = session.next_event()
-            await self._write_pending()  # a responder answers as a side effect of reading
+            await self._write_handshake()  # a responder answers as a side effect of reading
             if event is NEED_DATA:
                 await self._receive_into_session(handshake=True)
             elif isinstance(event, PeerIdentified):
@@ -201,10 +218,10 @@ class Connection(ObjectStream[Spack]):
                     session.accept()
                     continue
                 session.refuse("not authorized")
-                await self._write_pending()
+                await self._write_handshake()
                 raise HandshakeFailed(f"refused peer {event.peer.fingerprint} (not authorized)")
             elif isinstance(event, HandshakeComplete):
-                await self._write_pending()
+                await self._write_handshake()
                 logger.debug(
                     "handshake complete with %s (%s) at %s",
                     event.peer.fingerprint,
@@ -626,7 +643,9 @@ async def connect(
                 error = ConnectFailed(f"cannot connect to {host}:{port}: {exc}")
                 error.peer_address = (host, port)
                 raise error from exc
-            conn = await Connection.wrap(stream, identity=identity, peer=peer, config=config)
+            conn = await Connection.wrap(
+                stream, identity=identity, peer=peer, config=config, _caller_has_deadline=True
+            )
     except TimeoutError as exc:
         timeout = HandshakeTimeout(
             f"no connection and handshake with {host}:{port} within {config.handshake_timeout} s"
