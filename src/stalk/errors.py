@@ -13,7 +13,7 @@ written against anyio's vocabulary works unchanged:
 Importing anyio here costs nothing at run time and pulls in no event loop: the sans-IO core
 only needs these exception classes, never anyio's I/O.
 
-Messages never contain key material or plaintext.
+Messages never contain key material or received plaintext.
 """
 
 from __future__ import annotations
