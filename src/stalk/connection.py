@@ -473,7 +473,7 @@ class Connection(ObjectStream[Spack]):
         with self._receive_guard:
             waited = False
             while True:
-                self._check_open_for_receive()
+                self._check_open()
                 try:
                     event = self._session.next_event()
                 except StalkError as exc:
@@ -498,12 +498,6 @@ class Connection(ObjectStream[Spack]):
                             reason=event.reason,
                         )
                     )
-
-    def _check_open_for_receive(self) -> None:
-        if self._closed:
-            raise self._tag(ConnectionClosed("the connection is closed"))
-        if self._broken is not None:
-            raise self._tag(ConnectionLost(f"the connection is broken: {self._broken}"))
 
     # -- closing --------------------------------------------------------------------------
 
