@@ -308,7 +308,6 @@ class Tally:
     faults: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     by_label: Counter[tuple[str, str]] = field(default_factory=Counter)
-    known_bugs: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
     slowest: float = 0.0
 
@@ -325,8 +324,6 @@ class Tally:
         for label in primaries:
             seen = {o: n for (lab, o), n in sorted(self.by_label.items()) if lab == label}
             lines.append(f"    primary {label}: {seen}")
-        if self.known_bugs:
-            lines.append(f"  known bugs seen: {dict(self.known_bugs)}")
         if self.slowest:
             lines.append(f"  slowest faulted connection: {self.slowest:.2f} s")
         return "\n".join(lines)
@@ -548,7 +545,6 @@ def test_sans_io_faults() -> None:
 class _ServerBook:
     active: int = 0
     ends: Counter[str] = field(default_factory=Counter)
-    known_bugs: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
 
 
@@ -761,8 +757,6 @@ async def _run_fault_proxy(anyio_backend: str, cases: int, seed: int) -> None:
     tally.violations += [f"exception escaped the listener: {exc!r}" for exc in guard.escaped]
     print(f"\n{tally.report(f'sockets/{anyio_backend}')}")
     print(f"  server ends: {dict(book.ends)}; control round trips: {controls[0]}; {elapsed:.1f} s")
-    if book.known_bugs:
-        print(f"  known bugs seen on the server: {dict(book.known_bugs)}")
     print(f"  {_fault_total_hint()}")
     violations = tally.violations + book.violations
     assert not violations, "\n".join(violations[:20])

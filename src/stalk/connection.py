@@ -74,7 +74,7 @@ from stalk.events import (
 from stalk.identity import Identity, PublicIdentity
 from stalk.session import Role, Session
 from stalk.spack import Spack
-from stalk.wire import CloseCode, Pattern
+from stalk.wire import CloseCode, Pattern, close_code_name
 
 __all__ = [
     "Authorize",
@@ -492,7 +492,7 @@ class Connection(ObjectStream[Spack]):
                         raise anyio.EndOfStream
                     raise self._tag(
                         ClosedByPeer(
-                            f"the peer closed the connection ({_code_name(event.code)}): "
+                            f"the peer closed the connection ({close_code_name(event.code)}): "
                             f"{event.reason}",
                             code=event.code,
                             reason=event.reason,
@@ -594,13 +594,6 @@ class Connection(ObjectStream[Spack]):
                 await _maybe_await(handler(spack))
         except StalkError as exc:
             logger.debug("receiving from %s ended: %s", self._address, exc)
-
-
-def _code_name(code: int) -> str:
-    try:
-        return CloseCode(code).name
-    except ValueError:
-        return f"code {code}"
 
 
 async def connect(

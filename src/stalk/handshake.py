@@ -60,6 +60,7 @@ from stalk.wire import (
     PROTOCOL_VERSION,
     CloseCode,
     Pattern,
+    close_code_name,
 )
 
 __all__ = [
@@ -149,6 +150,17 @@ def _eof_during_handshake() -> HandshakeFailed:
     return HandshakeFailed("the peer closed the connection during the handshake")
 
 
+def _read_frame(buf: bytearray, eof: bool) -> bytes | None:
+    """The next handshake frame's body, ``None`` if incomplete; errors as HandshakeFailed."""
+    try:
+        body = read_frame(buf)
+    except FramingError as exc:
+        raise HandshakeFailed(str(exc)) from exc
+    if body is None and eof:
+        raise _eof_during_handshake()
+    return body
+
+
 class InitiatorHandshake:
     """The initiator's side: XX without an expected peer key, IK with one.
 
@@ -202,7 +214,7 @@ class InitiatorHandshake:
                 raise self._refused(verdict)
             self._state = "msg2"
         if self._state == "msg2":
-            body = self._read_frame(buf, eof)
+            body = _read_frame(buf, eof)
             if body is None:
                 return False
             payload = self._noise.read_message(body)
@@ -213,16 +225,6 @@ class InitiatorHandshake:
             self._state = "done"
         return True
 
-    @staticmethod
-    def _read_frame(buf: bytearray, eof: bool) -> bytes | None:
-        try:
-            body = read_frame(buf)
-        except FramingError as exc:
-            raise HandshakeFailed(str(exc)) from exc
-        if body is None and eof:
-            raise _eof_during_handshake()
-        return body
-
     def _refused(self, refusal: Refusal) -> HandshakeFailed:
         if refusal.code == CloseCode.DECRYPT_FAILED and self._expected is not None:
             return PeerIdentityMismatch(
@@ -230,12 +232,8 @@ class InitiatorHandshake:
                 f"{self._expected.fingerprint} (or the message was altered in transit)",
                 expected=self._expected,
             )
-        try:
-            name = CloseCode(refusal.code).name
-        except ValueError:
-            name = f"code {refusal.code}"
         return PeerRefused(
-            f"the peer refused the handshake ({name}): {refusal.reason}",
+            f"the peer refused the handshake ({close_code_name(refusal.code)}): {refusal.reason}",
             code=refusal.code,
             reason=refusal.reason,
         )
@@ -317,7 +315,7 @@ class ResponderHandshake:
         if noise is None or self.pattern is None:  # pragma: no cover - set just above
             return False
         if self._state == "msg1":
-            body = InitiatorHandshake._read_frame(buf, eof)
+            body = _read_frame(buf, eof)
             if body is None:
                 return False
             try:
@@ -336,7 +334,7 @@ class ResponderHandshake:
             self._answer(noise)
             self._state = "msg3"
         if self._state == "msg3":
-            body = InitiatorHandshake._read_frame(buf, eof)
+            body = _read_frame(buf, eof)
             if body is None:
                 return False
             self._peer_params = decode_params(noise.read_message(body))
@@ -378,15 +376,6 @@ class ResponderHandshake:
         if self._state != "authorize":
             raise HandshakeFailed("refuse() is only valid while awaiting authorization")
         self._state = "refused"
-
-    @property
-    def answered(self) -> bool:
-        """Whether the verdict byte has been queued (a refusal can no longer be sent)."""
-        return self._answered
-
-    def mark_answered(self) -> None:
-        """Record that the session queued a verdict itself (a refusal)."""
-        self._answered = True
 
 
 class _Unsupported(HandshakeFailed):

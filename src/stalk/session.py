@@ -94,6 +94,7 @@ from stalk.wire import (
     CloseCode,
     Pattern,
     RecordKind,
+    close_code_name,
 )
 
 __all__ = ["Role", "Session", "SessionConfig", "SessionState"]
@@ -414,7 +415,6 @@ class Session:
             self._flush_records(self._control, final=True)
         else:
             self._out.append(encode_refusal(CloseCode.NOT_AUTHORIZED, reason))
-        hs.mark_answered()
         self._close_sent = True
         self._state = SessionState.CLOSED
         self._hs = None
@@ -485,7 +485,7 @@ class Session:
                     code, reason = decode_close(record.body)
                     raise PeerRefused(
                         f"the peer closed the connection during the handshake "
-                        f"({_code_name(code)}): {reason}",
+                        f"({close_code_name(code)}): {reason}",
                         code=code,
                         reason=reason,
                     )
@@ -692,10 +692,3 @@ class Session:
             size += len(piece)
         chunks.append(pending[0] if len(pending) == 1 else b"".join(pending))
         return chunks
-
-
-def _code_name(code: int) -> str:
-    try:
-        return CloseCode(code).name
-    except ValueError:
-        return f"code {code}"

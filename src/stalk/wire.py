@@ -23,7 +23,6 @@ __all__ = [
     "MAX_HANDSHAKE_PAYLOAD",
     "MAX_MESSAGE_SIZE_LIMIT",
     "MAX_PING_PAYLOAD",
-    "MAX_RECORD_HEADER",
     "MAX_REFUSAL_REASON",
     "MIN_MAX_MESSAGE_SIZE",
     "PATTERNS",
@@ -34,6 +33,7 @@ __all__ = [
     "CloseCode",
     "Pattern",
     "RecordKind",
+    "close_code_name",
 ]
 
 #: The first five bytes an initiator sends: ASCII ``STALK``.
@@ -65,9 +65,6 @@ MAX_CLOSE_REASON: Final = 1_024
 #: Bounds a PING/PONG payload: enough for a nonce or timestamp, not a data channel.
 MAX_PING_PAYLOAD: Final = 1_024
 
-#: ``kind (1) || channel (uvarint, 1 byte for channel 0..127) || length (uvarint, <= 3)``.
-#: A channel needs up to 5 bytes in general; version 1 only uses channel 0 (1 byte).
-MAX_RECORD_HEADER: Final = 1 + 1 + 3
 #: Plaintext bytes per Noise message available for records. Three bytes are held back in
 #: every transport message so that a REKEY record (which must come last) always fits.
 RECORD_CAPACITY: Final = MAX_PLAINTEXT - 3
@@ -130,3 +127,11 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 8
     #: The peer took too long (handshake or idle timeout).
     TIMEOUT = 9
+
+
+def close_code_name(code: int) -> str:
+    """A close code's name for messages (``NOT_AUTHORIZED``), or ``code N`` if unknown."""
+    try:
+        return CloseCode(code).name
+    except ValueError:
+        return f"code {code}"
