@@ -79,13 +79,6 @@ MAX_NONCE: Final = 2**64 - 1
 _NONCE_BE: Final = struct.Struct(">4xQ")
 _NONCE_LE: Final = struct.Struct("<4xQ")
 
-_KEYPAIRS: Final = {
-    "s": Keypair.STATIC,
-    "e": Keypair.EPHEMERAL,
-    "rs": Keypair.REMOTE_STATIC,
-    "re": Keypair.REMOTE_EPHEMERAL,
-}
-
 
 @functools.lru_cache(maxsize=32)
 def _static_keypair_25519(private: bytes) -> Any:
