@@ -19,7 +19,6 @@ import contextlib
 import errno
 import logging
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Final, TypeAlias
 
 import anyio
@@ -45,7 +44,7 @@ _ACCEPT_BACKOFF: Final = 0.1
 ConnectionHandler: TypeAlias = Callable[[Connection], Awaitable[None]]
 
 
-class Listener:
+class Listener(anyio.abc.AsyncResource):
     """A bound stalk listener; use :func:`create_listener`, then :meth:`serve`.
 
     Usable as ``async with``: leaving closes the listening sockets.
@@ -177,19 +176,6 @@ class Listener:
     async def aclose(self) -> None:
         """Stop listening (connections already accepted are unaffected)."""
         await self._sockets.aclose()
-
-    async def __aenter__(self) -> Listener:
-        """Return self."""
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        """Close the listening sockets."""
-        await self.aclose()
 
 
 async def create_listener(
