@@ -89,3 +89,15 @@ def test_core_modules_import_no_io() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 roots.add(node.module.split(".")[0])
         assert not roots & FORBIDDEN, (module, roots & FORBIDDEN)
+
+
+def test_every_public_error_is_documented_in_readme() -> None:
+    errors = [
+        name
+        for name in stalk.__all__
+        if isinstance(getattr(stalk, name), type) and issubclass(getattr(stalk, name), Exception)
+    ]
+    assert len(errors) > 10
+    missing = [name for name in errors if f"`{name}`" not in README and name != "StalkError"]
+    assert missing == []
+    assert "`stalk.StalkError`" in README
