@@ -479,14 +479,14 @@ class Connection(ObjectStream[Spack]):
                 except StalkError as exc:
                     await self._write_best_effort()
                     raise await self._fail(exc) from None
-                if self._session.pending_output:
+                if self._session.has_output:
                     await self._write_pong()
+                if type(event) is MessageReceived:
+                    self._answering = waited
+                    return event.spack
                 if event is NEED_DATA:
                     await self._receive_into_session()
                     waited = True
-                elif isinstance(event, MessageReceived):
-                    self._answering = waited
-                    return event.spack
                 elif isinstance(event, CloseReceived):
                     if event.code == CloseCode.NORMAL:
                         raise anyio.EndOfStream

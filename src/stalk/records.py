@@ -129,6 +129,10 @@ def decode_close(body: memoryview) -> tuple[int, str]:
     return code, reason
 
 
+#: Builds a Record without NamedTuple's Python-level ``__new__`` (one per spack received).
+_new_record = tuple.__new__
+
+
 def parse_records(plaintext: bytes | bytearray) -> list[Record]:
     """Parse and validate every record of one Noise message's plaintext.
 
@@ -141,8 +145,10 @@ def parse_records(plaintext: bytes | bytearray) -> list[Record]:
     if end == 0:
         raise ProtocolError("transport message with no records")
     kinds = _KIND_BY_BYTE
+    last = _LAST_IN_MESSAGE
+    kind = None
     while pos < end:
-        if records and records[-1].kind in _LAST_IN_MESSAGE:
+        if kind in last:
             raise ProtocolError(f"record after {records[-1].kind.name} in one Noise message")
         kind = kinds.get(view[pos])
         if kind is None:
@@ -162,7 +168,7 @@ def parse_records(plaintext: bytes | bytearray) -> list[Record]:
         pos += length
         if kind is not RecordKind.MESSAGE:
             _check_body(kind, body)
-        records.append(Record(kind, 0, body))
+        records.append(_new_record(Record, (kind, 0, body)))
     return records
 
 
@@ -301,10 +307,12 @@ class Reassembler:
 
         :raises ~stalk.ProtocolError: the message would exceed the limit.
         """
+        if not self._parts:  # the common case: a spack in one record
+            if len(body) > self._limit:
+                raise MessageLimitExceeded(self._limit)
+            return body
         self._account(len(body))
         self._size = 0
-        if not self._parts:
-            return body
         self._parts.append(body)
         whole = b"".join(self._parts)
         self._parts = []

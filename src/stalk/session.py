@@ -264,6 +264,11 @@ class Session:
         """Bytes waiting in :meth:`data_to_send` (for write backpressure)."""
         return sum(map(len, self._out))
 
+    @property
+    def has_output(self) -> bool:
+        """Whether :meth:`data_to_send` has anything (cheaper than :attr:`pending_output`)."""
+        return bool(self._out)
+
     # -- bytes in, events out ---------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -474,40 +479,42 @@ class Session:
             raise ProtocolError("no receive cipher")
         plaintext = recv.decrypt(body)
         records = parse_records(plaintext)
-        events: list[Event] = []
         pings: list[memoryview] = []
         rekey = False
         confirming = self._state is SessionState.CONFIRMING
-        for index, record in enumerate(records):
-            kind = record.kind
-            if confirming and index == 0:
-                if kind is RecordKind.CLOSE:
-                    code, reason = decode_close(record.body)
-                    raise PeerRefused(
-                        f"the peer closed the connection during the handshake "
-                        f"({close_code_name(code)}): {reason}",
-                        code=code,
-                        reason=reason,
-                    )
-                if kind is not RecordKind.READY:
-                    raise HandshakeFailed(f"expected READY, got {kind.name}")
-                continue
+        # Events go straight to the queue; while confirming they wait behind
+        # HandshakeComplete, which is queued only once the whole message checked out.
+        events: deque[Event] = deque() if confirming else self._events
+        if confirming:
+            first = records.pop(0)
+            if first.kind is RecordKind.CLOSE:
+                code, reason = decode_close(first.body)
+                raise PeerRefused(
+                    f"the peer closed the connection during the handshake "
+                    f"({close_code_name(code)}): {reason}",
+                    code=code,
+                    reason=reason,
+                )
+            if first.kind is not RecordKind.READY:
+                raise HandshakeFailed(f"expected READY, got {first.kind.name}")
+        reassemble = self._reassembler.message
+        for kind, _, record_body in records:
             if kind is RecordKind.MESSAGE:
-                whole = self._reassembler.message(record.body)
-                events.append(MessageReceived(decode_spack(whole)))
+                events.append(MessageReceived(decode_spack(reassemble(record_body))))
             elif kind is RecordKind.FRAGMENT:
-                self._reassembler.fragment(record.body)
+                self._reassembler.fragment(record_body)
             elif kind is RecordKind.PING:
-                pings.append(record.body)
+                pings.append(record_body)
             elif kind is RecordKind.PONG:
-                events.append(PongReceived(bytes(record.body)))
+                events.append(PongReceived(bytes(record_body)))
             elif kind is RecordKind.REKEY:
                 rekey = True
             elif kind is RecordKind.CLOSE:
                 if self._reassembler.in_progress:
                     raise ProtocolError("CLOSE in the middle of a fragmented message")
-                code, reason = decode_close(record.body)
-                events.append(CloseReceived(code, reason))
+                code, reason = decode_close(record_body)
+                self._close_received = CloseReceived(code, reason)
+                events.append(self._close_received)
             else:  # READY after confirmation
                 raise ProtocolError(f"unexpected {kind.name} record")
         # Only now, with every record of the message checked, act on it.
@@ -518,10 +525,7 @@ class Session:
                 self._control.add(RecordKind.PONG, ping)
         if confirming:
             self._open()
-        for event in events:
-            if isinstance(event, CloseReceived):
-                self._close_received = event
-        self._events.extend(events)
+            self._events.extend(events)
         if self._control.pending():
             self._flush_records(self._control)
 
@@ -565,7 +569,7 @@ class Session:
         :raises ~stalk.LocalProtocolError: the session is not open yet.
         """
         self._check_sendable()
-        if not isinstance(spack, Spack):
+        if type(spack) is not Spack and not isinstance(spack, Spack):
             raise InvalidSpackValue(
                 f"send() and queue() take a Spack, not {type(spack).__name__}: "
                 "wrap the values as Spack(value, ...)"

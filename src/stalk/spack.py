@@ -403,7 +403,11 @@ def encode_spack(values: Iterable[SpackValue]) -> bytes:
         int out of range, dict key that is not str/bytes, lone surrogate, nesting deeper
         than :data:`MAX_DEPTH`...); the message names the value's position.
     """
-    items = values._values if isinstance(values, Spack) else list(values)
+    # Spack is an ABC (a Sequence), so isinstance() against it is slow: test exact types first.
+    if type(values) is list:
+        items = values
+    else:
+        items = values._values if isinstance(values, Spack) else list(values)
     if not _structure_ok(items):
         raise InvalidSpackValue(_diagnose(items) or "spack cannot be encoded")
     try:
@@ -504,13 +508,11 @@ def _finish(node: list[Any] | dict[Any, Any], depth: int, max_depth: int) -> Non
             _finish(node[slot], depth, max_depth)
 
 
-def _decode(data: bytes | bytearray | memoryview, max_depth: int) -> list[Any]:
-    """Decode and check; raises whatever msgpack raises, or MalformedSpack."""
-    top = _unpackb(data)
+def _finish_top(top: Any, max_depth: int) -> None:
+    """Check a decoded top level that is not a flat array of leaves."""
     if type(top) is not list:
         raise MalformedSpack("spack top level is not an array")
     _finish(top, 0, max_depth)
-    return top
 
 
 def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH) -> Spack:
@@ -532,14 +534,18 @@ def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_D
     :raises ValueError: ``max_depth`` is outside ``0 .. MAX_DEPTH``.
     :raises TypeError: ``data`` is not bytes-like.
     """
-    if not 0 <= max_depth <= MAX_DEPTH:
+    if max_depth != MAX_DEPTH and not 0 <= max_depth <= MAX_DEPTH:
         raise ValueError(f"max_depth must be in 0 .. {MAX_DEPTH}, not {max_depth}")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    if type(data) is memoryview:
+        if data.itemsize != 1 or data.ndim != 1:
+            data = data.tobytes()
+    elif not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"spack data must be bytes-like, not {type(data).__qualname__}")
-    if isinstance(data, memoryview) and (data.itemsize != 1 or data.ndim != 1):
-        data = data.tobytes()
     try:
-        top = _decode(data, max_depth)
+        top = _unpackb(data)
+        # The common spack holds only scalars, strings and bytes: nothing left to check.
+        if type(top) is not list or not _DECODED_LEAF_TYPES.issuperset(map(type, top)):
+            _finish_top(top, max_depth)
     except MalformedSpack:
         raise
     except msgpack.ExtraData as exc:
