@@ -7,6 +7,7 @@ import collections
 import contextlib
 import datetime
 import enum
+import itertools
 import math
 import pickle
 import struct
@@ -15,6 +16,7 @@ import threading
 import tracemalloc
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from stalk.spack import (
     Float32,
     Spack,
     decode_spack,
+    decode_spack_pieces,
     encode_spack,
 )
 
@@ -912,3 +915,67 @@ def test_encoding_from_many_threads_never_mixes_buffers() -> None:
         thread.join()
     assert failures == []
     assert all(Spack.decode(data) == spack for data, spack in zip(expected, spacks, strict=True))
+
+
+# -- decoding from pieces (a fragmented message) ---------------------------------------------
+
+
+def _outcome(decode: Callable[[], Spack]) -> tuple[str, Any]:
+    """What a decode did: its values, or the type of error it raised."""
+    try:
+        return "ok", list(decode())
+    except MalformedSpack:
+        return "malformed", None
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(cut, len(data)) for cut in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@given(
+    head=st.lists(spack_values, max_size=4),
+    payload=st.binary(max_size=600),
+    cuts=st.lists(st.integers(0, 700), min_size=1, max_size=4),
+)
+def test_pieces_with_a_trailing_bin_decode_as_the_whole(
+    head: list[Any], payload: bytes, cuts: list[int]
+) -> None:
+    """The trailing-bin path gives exactly what decoding the joined encoding gives."""
+    data = encode_spack([*head, payload])
+    pieces = [memoryview(piece) for piece in _split(data, cuts)]
+    decoded = decode_spack_pieces(pieces)
+    assert_same(list(decode_spack(data)), list(decoded))
+    assert type(decoded[-1]) is bytes
+
+
+@given(
+    data=st.binary(max_size=80),
+    cuts=st.lists(st.integers(0, 90), min_size=1, max_size=3),
+)
+def test_pieces_of_any_bytes_fail_or_succeed_as_the_whole(data: bytes, cuts: list[int]) -> None:
+    """Whatever the bytes and the cuts, pieces decode exactly as their concatenation."""
+    pieces = _split(data, cuts)
+    whole = _outcome(partial(decode_spack, data))
+    assert _outcome(partial(decode_spack_pieces, pieces)) == whole
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"\x92\xa2\xff\xfe\xc4\x03abc", "invalid UTF-8 before the bin"),
+        (b"\x92\x82\xa1k\x01\xa1k\x02\xc4\x03abc", "repeated map key before the bin"),
+        (b"\x92\xc1\xc4\x03abc", "reserved byte before the bin"),
+        (b"\x92\x01\xc4\x04abc", "bin shorter than its header says"),
+        (b"\x92\x01\xc4\x02abc", "trailing byte after the bin"),
+        (b"\x93\x01\xc4\x03abc", "array claims one element more"),
+        (b"\x81\xa1k\xc4\x03abc", "top level is a map"),
+        (b"\x92" + b"\x91" * 40 + b"\x90\xc4\x03abc", "too deep before the bin"),
+    ],
+)
+def test_malformed_pieces_are_refused_like_the_whole(data: bytes, why: str) -> None:
+    """Hostile shapes near the fast path are refused exactly as the joined bytes are."""
+    for cut in range(1, len(data)):
+        pieces = [data[:cut], data[cut:]]
+        assert _outcome(partial(decode_spack_pieces, pieces)) == ("malformed", None), why

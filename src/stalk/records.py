@@ -302,9 +302,11 @@ class Reassembler:
         self._account(len(body))
         self._parts.append(body)
 
-    def message(self, body: memoryview) -> bytes | memoryview:
-        """Complete a message with its final piece and return its whole encoding.
+    def message(self, body: memoryview) -> memoryview | list[memoryview]:
+        """Complete a message with its final piece and return its encoding.
 
+        :returns: ``body`` itself for a message in one record, else the list of pieces
+            (for :func:`~stalk.spack.decode_spack_pieces`, which avoids joining them).
         :raises ~stalk.ProtocolError: the message would exceed the limit.
         """
         if not self._parts:  # the common case: a spack in one record
@@ -313,7 +315,6 @@ class Reassembler:
             return body
         self._account(len(body))
         self._size = 0
-        self._parts.append(body)
-        whole = b"".join(self._parts)
-        self._parts = []
-        return whole
+        parts, self._parts = self._parts, []
+        parts.append(body)
+        return parts

@@ -81,7 +81,7 @@ from stalk.records import (
     encode_close,
     parse_records,
 )
-from stalk.spack import Spack, decode_spack
+from stalk.spack import Spack, decode_spack, decode_spack_pieces
 from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
@@ -175,10 +175,13 @@ class Session:
         self.role = role
         self.identity = identity
         self.config = config or SessionConfig()
-        # Received bytes not yet consumed. After the handshake, a chunk that arrives while
-        # nothing is buffered is kept as the ``bytes`` it came in (no copy); it becomes a
-        # bytearray only if more arrives before it is consumed.
-        self._in: bytearray | bytes = bytearray()
+        # Received bytes not yet consumed: ``_in[_in_pos:]``, then the chunks in ``_more``.
+        # During the handshake everything is appended to one bytearray. After it, chunks are
+        # kept as the ``bytes`` they came in and frames are decrypted straight out of them;
+        # only a frame split across chunks is copied, alone, to join its pieces.
+        self._in: bytearray | bytes | memoryview = bytearray()
+        self._in_pos = 0
+        self._more: deque[bytes | memoryview] = deque()
         self._eof = False
         self._out: list[bytes | bytearray] = []
         self._events: deque[Event] = deque()
@@ -281,12 +284,22 @@ class Session:
             return
         if self._eof:
             raise LocalProtocolError("receive_data() after EOF")
-        if not self._in and type(data) is bytes and self._hs is None:
-            self._in = data
+        if self._hs is None:
+            # The caller may reuse a bytearray or memoryview: keep only bytes we own.
+            chunk = data if type(data) is bytes else bytes(data)
+            if self._in_pos == len(self._in) and not self._more:
+                self._in, self._in_pos = chunk, 0
+            else:
+                self._more.append(chunk)
         elif type(self._in) is bytearray:
             self._in += data
         else:
             self._in = bytearray(self._in) + data
+
+    @property
+    def _unconsumed(self) -> int:
+        """Received bytes not yet consumed."""
+        return len(self._in) - self._in_pos + sum(map(len, self._more))
 
     def next_event(self) -> Event | NeedData:
         """The next event, or :data:`~stalk.events.NEED_DATA`.
@@ -434,43 +447,77 @@ class Session:
     # -- transport: receiving ---------------------------------------------------------------
 
     def _progress_transport(self) -> None:
-        # Frames are decrypted straight out of the input buffer through memoryviews, and the
-        # consumed prefix is deleted once per call, not once per frame.
-        buf = self._in
-        offset = 0
-        try:
-            while not self._events:
-                available = len(buf) - offset
-                if self._close_received is not None and available:
-                    raise ProtocolError("data after CLOSE")
-                if available < FRAME_HEADER_LEN:
-                    break
-                (length,) = _FRAME_HEADER.unpack_from(buf, offset)
-                if length == 0:
-                    raise ProtocolError("zero-length frame")
-                end = offset + FRAME_HEADER_LEN + length
-                if len(buf) < end:
-                    break
-                with memoryview(buf) as view, view[offset + FRAME_HEADER_LEN : end] as body:
-                    self._handle_message(body)
-                offset = end
-        finally:
-            if offset:
-                if type(buf) is bytearray:
-                    del buf[:offset]
-                else:
-                    self._in = bytearray(buf[offset:])
+        while not self._events:
+            if self._close_received is not None and self._unconsumed:
+                raise ProtocolError("data after CLOSE")
+            frame = self._next_frame()
+            if frame is None:
+                break
+            buf, start, end = frame
+            with memoryview(buf) as view, view[start:end] as body:
+                self._handle_message(body)
         if not self._events and self._eof:
             self._end_of_input()
+
+    def _next_frame(self) -> tuple[bytes | bytearray | memoryview, int, int] | None:
+        """Where the next complete frame's body is (and consume it), or ``None``.
+
+        :raises ~stalk.ProtocolError: a zero-length frame.
+        """
+        while True:
+            buf, pos = self._in, self._in_pos
+            available = len(buf) - pos
+            if available >= FRAME_HEADER_LEN:
+                (length,) = _FRAME_HEADER.unpack_from(buf, pos)
+                if length == 0:
+                    raise ProtocolError("zero-length frame")
+                end = pos + FRAME_HEADER_LEN + length
+                if end <= len(buf):
+                    self._in_pos = end
+                    return buf, pos + FRAME_HEADER_LEN, end
+            if not self._more:
+                if not available and len(buf):
+                    self._in, self._in_pos = b"", 0  # drop the consumed chunk
+                return None
+            if available:
+                self._join_split_frame()
+            else:
+                self._in, self._in_pos = self._more.popleft(), 0
+
+    def _join_split_frame(self) -> None:
+        """Copy the frame that starts at ``_in_pos`` and goes on in ``_more`` into one buffer.
+
+        Takes exactly the bytes that frame needs (or all there are): the copy is at most
+        one frame, whatever the chunk sizes.
+        """
+        joined = bytearray(memoryview(self._in)[self._in_pos :])
+        more = self._more
+        while more:
+            if len(joined) < FRAME_HEADER_LEN:
+                need = FRAME_HEADER_LEN - len(joined)
+            else:
+                need = FRAME_HEADER_LEN + _FRAME_HEADER.unpack_from(joined)[0] - len(joined)
+            if need <= 0:
+                break
+            chunk = more[0]
+            if len(chunk) <= need:
+                joined += chunk
+                more.popleft()
+            else:
+                with memoryview(chunk) as view:
+                    joined += view[:need]
+                more[0] = memoryview(chunk)[need:]
+        self._in, self._in_pos = joined, 0
 
     def _end_of_input(self) -> None:
         if self._state is SessionState.CONFIRMING:
             # Before READY the peer is not authenticated: whatever was cut, the handshake failed.
             raise HandshakeFailed("the peer closed the connection before confirming the handshake")
-        if self._close_received is not None and not self._in:
+        left = self._unconsumed
+        if self._close_received is not None and not left:
             return
-        if self._in:
-            raise ConnectionLost(f"connection cut in the middle of a frame ({len(self._in)} bytes)")
+        if left:
+            raise ConnectionLost(f"connection cut in the middle of a frame ({left} bytes)")
         raise ConnectionLost("the peer closed the connection without a CLOSE")
 
     def _handle_message(self, body: memoryview) -> None:
@@ -500,7 +547,11 @@ class Session:
         reassemble = self._reassembler.message
         for kind, _, record_body in records:
             if kind is RecordKind.MESSAGE:
-                events.append(MessageReceived(decode_spack(reassemble(record_body))))
+                whole = reassemble(record_body)
+                spack = (
+                    decode_spack(whole) if type(whole) is memoryview else decode_spack_pieces(whole)
+                )
+                events.append(MessageReceived(spack))
             elif kind is RecordKind.FRAGMENT:
                 self._reassembler.fragment(record_body)
             elif kind is RecordKind.PING:

@@ -79,6 +79,7 @@ __all__ = [
     "Spack",
     "SpackValue",
     "decode_spack",
+    "decode_spack_pieces",
     "encode_spack",
 ]
 
@@ -560,6 +561,51 @@ def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_D
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
         raise MalformedSpack(f"invalid msgpack: {exc}") from exc
     return Spack._from_list(top)
+
+
+#: bin 8/16/32 type bytes and the size of their headers.
+_BIN_HEADER_SIZES: Final = {0xC4: 2, 0xC5: 3, 0xC6: 5}
+
+
+def decode_spack_pieces(pieces: Sequence[bytes | bytearray | memoryview]) -> Spack:
+    """Decode one spack whose encoding is the concatenation of ``pieces``.
+
+    Same result and errors as ``decode_spack(b"".join(pieces))``. The common shape of a
+    large spack, a last element that is a ``bin`` reaching to the end of the encoding,
+    is decoded without joining the encoding first: the elements before it are decoded
+    (and checked) as a spack of their own with an empty ``bin`` in its place, and the
+    payload is joined from the pieces straight into the ``bytes`` value. That saves a
+    copy, and an allocation, of the whole message.
+    """
+    if len(pieces) == 1:
+        return decode_spack(pieces[0])
+    return _decode_trailing_bin(pieces) or decode_spack(b"".join(pieces))
+
+
+def _decode_trailing_bin(pieces: Sequence[bytes | bytearray | memoryview]) -> Spack | None:
+    """The trailing-bin fast path of :func:`decode_spack_pieces`; ``None``: not that shape."""
+    first = memoryview(pieces[0])
+    unpacker = msgpack.Unpacker(max_buffer_size=len(first))
+    unpacker.feed(first)
+    try:
+        count = unpacker.read_array_header()
+        if count == 0:
+            return None
+        for _ in range(count - 1):
+            unpacker.skip()
+        start = unpacker.tell()
+    except (msgpack.OutOfData, msgpack.UnpackException, ValueError):
+        return None  # not an array, or its elements before the last do not fit here
+    header = _BIN_HEADER_SIZES.get(first[start]) if start < len(first) else None
+    if header is None or start + header > len(first):
+        return None
+    length = int.from_bytes(first[start + 1 : start + header], "big")
+    if start + header + length != sum(map(len, pieces)):
+        return None
+    # Everything before the last element, as a spack ending in an empty bin instead.
+    spack = decode_spack(bytes(first[:start]) + b"\xc4\x00")
+    spack._values[-1] = b"".join([first[start + header :], *pieces[1:]])
+    return spack
 
 
 # --------------------------------------------------------------------------- Spack
