@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -151,3 +153,26 @@ def test_parse_records_raises_only_protocol_errors(data: bytes) -> None:
         return
     consumed = sum(2 + len(encode_uvarint(len(r.body))) + len(r.body) for r in records)
     assert consumed == len(data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    before=st.integers(0, 2 * MAX_PLAINTEXT),
+    cuts=st.lists(st.integers(0, 3 * MAX_PLAINTEXT), max_size=3),
+    size=st.integers(0, 3 * MAX_PLAINTEXT),
+)
+def test_a_message_in_pieces_packs_exactly_as_joined(
+    before: int, cuts: list[int], size: int
+) -> None:
+    """add_message_pieces writes the same plaintexts as add_message of the joined bytes."""
+    body = bytes(range(256)) * (size // 256 + 1)
+    body = body[:size]
+    bounds = [0, *sorted({min(cut, size) for cut in cuts}), size]
+    pieces = [body[a:b] for a, b in itertools.pairwise(bounds)]
+    joined, split = RecordWriter(), RecordWriter()
+    for writer in (joined, split):
+        if before:
+            writer.add_message(b"p" * before)  # so the message starts mid-plaintext
+    joined.add_message(body)
+    split.add_message_pieces(pieces)
+    assert list(split.pack()) == list(joined.pack())

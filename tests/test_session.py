@@ -332,6 +332,38 @@ def test_byte_at_a_time_delivery() -> None:
     assert messages(pair.server_events) == [Spack("a", b"b" * 70_000), Spack("c")]
 
 
+def test_trickled_frame_is_joined_in_place_not_recopied() -> None:
+    """A frame arriving a byte at a time grows one buffer: joining it costs linear time.
+
+    Re-copying the partial frame on every byte would make a trickling peer cost the
+    receiver quadratic work (about 2 GB of copying for one 64 KiB frame).
+    """
+    pair = connected_pair()
+    pair.client.send(Spack(b"t" * 60_000))
+    wire = bytes(pair.client.data_to_send())
+    pair.server.receive_data(wire[:10])
+    assert drain(pair.server) == []
+    joined = None
+    for offset in range(10, len(wire) - 1):
+        pair.server.receive_data(wire[offset : offset + 1])
+        assert drain(pair.server) == []
+        joined = joined or pair.server._in
+        assert pair.server._in is joined
+    pair.server.receive_data(wire[-1:])
+    assert messages(drain(pair.server)) == [Spack(b"t" * 60_000)]
+
+
+def test_delivered_data_is_not_kept() -> None:
+    """Once everything received is delivered, no received chunk stays referenced."""
+    pair = connected_pair()
+    for size in (10, 70_000, 300_000):
+        pair.client.send(Spack(b"d" * size))
+        pair.server.receive_data(bytes(pair.client.data_to_send()))
+        assert messages(drain(pair.server)) == [Spack(b"d" * size)]
+        assert len(pair.server._in) == 0
+        assert not pair.server._more
+
+
 # -- rekey, ping, close -------------------------------------------------------------------
 
 

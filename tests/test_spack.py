@@ -46,6 +46,7 @@ from stalk.spack import (
     decode_spack,
     decode_spack_pieces,
     encode_spack,
+    encode_spack_pieces,
 )
 
 # ----------------------------------------------------------------------------- helpers
@@ -979,3 +980,29 @@ def test_malformed_pieces_are_refused_like_the_whole(data: bytes, why: str) -> N
     for cut in range(1, len(data)):
         pieces = [data[:cut], data[cut:]]
         assert _outcome(partial(decode_spack_pieces, pieces)) == ("malformed", None), why
+
+
+@pytest.mark.parametrize("size", [0, 100, 65535, 65536, 65537, 200_000])
+@pytest.mark.parametrize("head", [[], [1, "a"], [{"k": [1.5, None]}, (2, b"x")]])
+def test_pieces_encode_to_the_same_bytes(head: list[Any], size: int) -> None:
+    """A large trailing bytes value is its own piece; the bytes are encode_spack's."""
+    payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    pieces = encode_spack_pieces([*head, payload])
+    assert b"".join(pieces) == encode_spack([*head, payload])
+    assert (pieces[-1] is payload) == (size >= 65536)
+
+
+@given(values=st.lists(spack_values, max_size=5))
+def test_pieces_encode_like_encode_spack(values: list[Any]) -> None:
+    """Any values: the pieces join to encode_spack's bytes."""
+    assert b"".join(encode_spack_pieces(values)) == encode_spack(values)
+
+
+def test_pieces_refuse_what_encode_spack_refuses() -> None:
+    """A bad value before a large payload is reported as encode_spack reports it."""
+    values = [object(), b"x" * 70_000]
+    with pytest.raises(InvalidSpackValue) as whole:
+        encode_spack(values)  # type: ignore[arg-type]
+    with pytest.raises(InvalidSpackValue) as pieces:
+        encode_spack_pieces(values)  # type: ignore[arg-type]
+    assert str(pieces.value) == str(whole.value)

@@ -30,7 +30,8 @@ no empty FRAGMENT; the reassembly limit.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from typing import Final, NamedTuple
 
 from stalk.errors import MessageLimitExceeded, ProtocolError
@@ -228,21 +229,43 @@ class RecordWriter:
             self._current += bytes((RecordKind.MESSAGE, 0, size))
             self._current += encoded
             return
-        view = memoryview(encoded)
+        self.add_message_pieces([encoded])
+
+    def add_message_pieces(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Queue one spack encoded as the concatenation of ``pieces``, fragmenting it.
+
+        Each byte is copied once, into its plaintext: a large payload passed as its own
+        piece is never joined to the rest of the encoding first.
+        """
+        views = deque(memoryview(piece) for piece in pieces if len(piece))
+        remaining = sum(map(len, views))
+        current = self._current
         while True:
-            avail = self._capacity - len(self._current) - 2
-            if len(view) + _uvarint_len(len(view)) <= avail:
-                self._current += _header(RecordKind.MESSAGE, len(view))
-                self._current += view
+            avail = self._capacity - len(current) - 2
+            if remaining + _uvarint_len(remaining) <= avail:
+                current += _header(RecordKind.MESSAGE, remaining)
+                for view in views:
+                    current += view
                 return
             piece = _largest_fitting(avail)
             if piece < _MIN_FRAGMENT:
                 self._finish_current()
+                current = self._current
                 continue
-            self._current += _header(RecordKind.FRAGMENT, piece)
-            self._current += view[:piece]
-            view = view[piece:]
+            current += _header(RecordKind.FRAGMENT, piece)
+            remaining -= piece
+            while piece:
+                view = views[0]
+                if len(view) <= piece:
+                    current += view
+                    piece -= len(view)
+                    views.popleft()
+                else:
+                    current += view[:piece]
+                    views[0] = view[piece:]
+                    piece = 0
             self._finish_current()
+            current = self._current
 
     def _finish_current(self) -> None:
         if self._current:

@@ -81,7 +81,7 @@ from stalk.records import (
     encode_close,
     parse_records,
 )
-from stalk.spack import Spack, decode_spack, decode_spack_pieces
+from stalk.spack import Spack, decode_spack, decode_spack_pieces, encode_spack_pieces
 from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
@@ -473,11 +473,15 @@ class Session:
                     raise ProtocolError("zero-length frame")
                 end = pos + FRAME_HEADER_LEN + length
                 if end <= len(buf):
-                    self._in_pos = end
+                    if end == len(buf) and not self._more:
+                        self._in, self._in_pos = b"", 0  # the caller holds buf until done
+                    else:
+                        self._in_pos = end
                     return buf, pos + FRAME_HEADER_LEN, end
             if not self._more:
-                if not available and len(buf):
-                    self._in, self._in_pos = b"", 0  # drop the consumed chunk
+                if pos:
+                    # Keep only the start of the next frame, not the chunk it came in.
+                    self._in, self._in_pos = bytes(memoryview(buf)[pos:]), 0
                 return None
             if available:
                 self._join_split_frame()
@@ -490,7 +494,10 @@ class Session:
         Takes exactly the bytes that frame needs (or all there are): the copy is at most
         one frame, whatever the chunk sizes.
         """
-        joined = bytearray(memoryview(self._in)[self._in_pos :])
+        if type(self._in) is bytearray and not self._in_pos:
+            joined = self._in  # a frame being joined already: grow it in place (a trickle)
+        else:
+            joined = bytearray(memoryview(self._in)[self._in_pos :])
         more = self._more
         while more:
             if len(joined) < FRAME_HEADER_LEN:
@@ -625,13 +632,17 @@ class Session:
                 f"send() and queue() take a Spack, not {type(spack).__name__}: "
                 "wrap the values as Spack(value, ...)"
             )
-        encoded = spack.encode()
+        pieces = encode_spack_pieces(spack._values)
+        size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
         limit = self.peer_max_message_size or 0
-        if len(encoded) > limit:
+        if size > limit:
             raise MessageTooLarge(
-                f"spack of {len(encoded)} bytes exceeds the peer's limit of {limit} bytes"
+                f"spack of {size} bytes exceeds the peer's limit of {limit} bytes"
             )
-        self._writer.add_message(encoded)
+        if len(pieces) == 1:
+            self._writer.add_message(pieces[0])
+        else:
+            self._writer.add_message_pieces(pieces)
 
     def flush(self) -> None:
         """Encrypt everything queued into as few Noise messages as possible.

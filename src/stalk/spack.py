@@ -81,6 +81,7 @@ __all__ = [
     "decode_spack",
     "decode_spack_pieces",
     "encode_spack",
+    "encode_spack_pieces",
 ]
 
 # Deep enough for any real message tree, shallow enough that checking it is cheap and a
@@ -416,6 +417,36 @@ def encode_spack(values: Iterable[SpackValue]) -> bytes:
     except (TypeError, ValueError, OverflowError, BufferError) as exc:
         # InvalidSpackValue (from _default) is a TypeError; UnicodeEncodeError a ValueError.
         raise InvalidSpackValue(_diagnose(items) or f"spack cannot be encoded: {exc}") from exc
+
+
+#: A last ``bytes`` value at least this long is kept out of the msgpack buffer.
+_PIECE_THRESHOLD: Final = 64 * 1024
+
+
+def encode_spack_pieces(values: Iterable[SpackValue]) -> list[bytes]:
+    """Encode values as one spack, returned as pieces whose concatenation is the encoding.
+
+    Same bytes and errors as :func:`encode_spack`. When the last value is a large
+    ``bytes``, it is its own piece, the very object given: msgpack would copy it into
+    its buffer and out again, twice the payload in copies for nothing, since the
+    record layer copies it into plaintexts anyway.
+    """
+    items = values if type(values) is list else list(values)
+    if (
+        not items
+        or type(items[-1]) is not bytes
+        or not _PIECE_THRESHOLD <= len(items[-1]) < 1 << 32
+    ):
+        return [encode_spack(items)]
+    payload: bytes = items[-1]
+    # The encoding with an empty bin last ends in its 2-byte header (c4 00): swap in the
+    # header msgpack writes for this length (bin 16 or bin 32).
+    prefix = encode_spack([*items[:-1], b""])[:-2]
+    size = len(payload)
+    header = (
+        b"\xc5" + size.to_bytes(2, "big") if size <= 0xFFFF else b"\xc6" + size.to_bytes(4, "big")
+    )
+    return [prefix + header, payload]
 
 
 # --------------------------------------------------------------------------- decoding
