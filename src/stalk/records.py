@@ -12,14 +12,17 @@ them greedily into plaintexts of at most :data:`~stalk.wire.RECORD_CAPACITY` byt
 small spacks share one Noise message (batching) and a spack too large for the space left is
 split into FRAGMENT records ending with one MESSAGE (fragmentation). Each packed plaintext is
 handed out as soon as it is full, so memory stays near one Noise message beyond the queued
-spacks themselves.
+spacks themselves. A spack given as pieces (:meth:`RecordWriter.add_message_pieces`, for a
+large trailing payload kept out of msgpack's buffer) is fragmented the same way, each byte
+copied once, into its plaintext.
 
 Receiving (:func:`parse_records` and :class:`Reassembler`): a plaintext is parsed *whole*
 before anything in it is acted on, so a malformed record anywhere in a Noise message means
-nothing from that message is delivered. Fragments are kept as a list and joined once when
-the final MESSAGE arrives: reassembly is linear in the message size, and the running total
-is checked against the limit before each piece is stored, so a peer cannot make us buffer
-more than the limit.
+nothing from that message is delivered. Fragments are kept as a list of views and handed
+over with the final MESSAGE to :func:`~stalk.spack.decode_spack_pieces`, which joins them
+once (straight into the value of a trailing ``bin`` when it can): reassembly is linear in
+the message size, and the running total is checked against the limit before each piece is
+stored, so a peer cannot make us buffer more than the limit.
 
 Invariants checked here (each a :class:`~stalk.ProtocolError`): known kinds only; channel 0
 only (version 1); minimal varints; a length that fits in what is left; CLOSE and REKEY last
