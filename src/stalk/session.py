@@ -536,8 +536,9 @@ class Session:
         pings: list[memoryview] = []
         rekey = False
         confirming = self._state is SessionState.CONFIRMING
-        # Events go straight to the queue; while confirming they wait behind
-        # HandshakeComplete, which is queued only once the whole message checked out.
+        # Events go straight to the queue: if a later record of this message fails, the
+        # session fails and _fail() empties the queue, so none of it is ever delivered.
+        # While confirming they wait behind HandshakeComplete, queued only at the end.
         events: deque[Event] = deque() if confirming else self._events
         if confirming:
             first = records.pop(0)

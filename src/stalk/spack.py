@@ -610,12 +610,15 @@ def decode_spack_pieces(pieces: Sequence[bytes | bytearray | memoryview]) -> Spa
     """
     if len(pieces) == 1:
         return decode_spack(pieces[0])
-    return _decode_trailing_bin(pieces) or decode_spack(b"".join(pieces))
+    spack = _decode_trailing_bin(pieces)
+    return decode_spack(b"".join(pieces)) if spack is None else spack
 
 
 def _decode_trailing_bin(pieces: Sequence[bytes | bytearray | memoryview]) -> Spack | None:
     """The trailing-bin fast path of :func:`decode_spack_pieces`; ``None``: not that shape."""
     first = memoryview(pieces[0])
+    if first.itemsize != 1 or first.ndim != 1:
+        return None
     unpacker = msgpack.Unpacker(max_buffer_size=len(first))
     unpacker.feed(first)
     try:
