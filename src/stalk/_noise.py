@@ -195,10 +195,13 @@ class TransportCipher:
             raise DecryptionFailed(
                 f"transport message of {len(ciphertext)} bytes is shorter than the AEAD tag"
             )
+        nonce = self._next_nonce()  # raises first for a one-way or exhausted cipher
         try:
-            return self._aead_call("decrypt", ciphertext)
+            plaintext: bytes = self._aead.decrypt(nonce, ciphertext, None)
         except InvalidTag as exc:
             raise DecryptionFailed("transport message failed authentication") from exc
+        self._n += 1
+        return plaintext
 
     def rekey(self) -> None:
         """Noise ``Rekey()`` (§4.2): a new key from the old one; the nonce is not reset."""

@@ -47,6 +47,7 @@ import enum
 import struct
 from collections import deque
 from dataclasses import dataclass
+from typing import Final
 
 from stalk._noise import TAGLEN, TransportCipher
 from stalk.errors import (
@@ -146,6 +147,14 @@ class SessionConfig:
             )
         if self.rekey_after_messages < 1 or self.rekey_after_bytes < 1:
             raise ValueError("rekey intervals must be positive")
+
+
+_OPEN: Final = SessionState.OPEN
+
+
+def _decode(whole: memoryview | list[memoryview]) -> Spack:
+    """Decode a reassembled spack: one view, or the pieces of a fragmented one."""
+    return decode_spack(whole) if type(whole) is memoryview else decode_spack_pieces(whole)
 
 
 class Session:
@@ -456,7 +465,7 @@ class Session:
             buf, start, end = frame
             with memoryview(buf) as view, view[start:end] as body:
                 self._handle_message(body)
-        if not self._events and self._eof:
+        if self._eof and not self._events:
             self._end_of_input()
 
     def _next_frame(self) -> tuple[bytes | bytearray | memoryview, int, int] | None:
@@ -531,8 +540,13 @@ class Session:
         recv = self._recv
         if recv is None:  # pragma: no cover - set before CONFIRMING/OPEN
             raise ProtocolError("no receive cipher")
-        plaintext = recv.decrypt(body)
-        records = parse_records(plaintext)
+        records = parse_records(recv.decrypt(body))
+        if len(records) == 1 and records[0].kind is RecordKind.MESSAGE and self._state is _OPEN:
+            # The common case, one spack (or its last fragment) alone, without the loop.
+            self._events.append(
+                MessageReceived(_decode(self._reassembler.message(records[0].body)))
+            )
+            return
         pings: list[memoryview] = []
         rekey = False
         confirming = self._state is SessionState.CONFIRMING
@@ -555,11 +569,7 @@ class Session:
         reassemble = self._reassembler.message
         for kind, _, record_body in records:
             if kind is RecordKind.MESSAGE:
-                whole = reassemble(record_body)
-                spack = (
-                    decode_spack(whole) if type(whole) is memoryview else decode_spack_pieces(whole)
-                )
-                events.append(MessageReceived(spack))
+                events.append(MessageReceived(_decode(reassemble(record_body))))
             elif kind is RecordKind.FRAGMENT:
                 self._reassembler.fragment(record_body)
             elif kind is RecordKind.PING:
@@ -707,6 +717,25 @@ class Session:
             raise LocalProtocolError("no transport cipher yet")
         config = self.config
         plaintexts = list(writer.pack())
+        if len(plaintexts) == 1:
+            # The common case, one frame with no rekey due, without the general loop.
+            plaintext = plaintexts[0]
+            sent = self._sent_since_rekey + 1
+            sent_bytes = self._bytes_since_rekey + len(plaintext)
+            if not (
+                self._rekey_requested
+                or sent >= config.rekey_after_messages
+                or sent_bytes >= config.rekey_after_bytes
+            ):
+                size = len(plaintext) + TAGLEN
+                out = bytearray(FRAME_HEADER_LEN + size)
+                _FRAME_HEADER.pack_into(out, 0, size)
+                with memoryview(out) as view:
+                    send.encrypt_into(plaintext, view[FRAME_HEADER_LEN:])
+                self._sent_since_rekey = sent
+                self._bytes_since_rekey = sent_bytes
+                self._out.append(out)
+                return
         last = len(plaintexts) - 1
         # Output buffers of at most _OUTPUT_CHUNK frames: each frame's header is packed in
         # place and its ciphertext encrypted straight into the buffer (one copy), and a large
