@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -176,3 +177,20 @@ def test_a_message_in_pieces_packs_exactly_as_joined(
     joined.add_message(body)
     split.add_message_pieces(pieces)
     assert list(split.pack()) == list(joined.pack())
+
+
+def test_a_large_message_is_packed_one_plaintext_at_a_time() -> None:
+    """Fragments are built as they are taken: packing 16 MiB holds about one plaintext."""
+    payload = bytes(16 * 1024 * 1024)
+    writer = RecordWriter()
+    tracemalloc.start()
+    try:
+        writer.add_message_pieces([b"\x91\xc6\x01\x00\x00\x00", payload])
+        taken = 0
+        for plaintext in writer.pack():
+            taken += len(plaintext)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert taken > len(payload)
+    assert peak < 1024 * 1024

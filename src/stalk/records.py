@@ -214,7 +214,7 @@ class RecordWriter:
     def __init__(self, capacity: int = RECORD_CAPACITY) -> None:
         self._capacity = capacity
         self._current = bytearray()
-        self._done: list[bytearray] = []
+        self._done: list[bytearray | _Fragments] = []
         self._done_bytes = 0
 
     def add(self, kind: RecordKind, body: bytes | memoryview = b"") -> None:
@@ -258,6 +258,14 @@ class RecordWriter:
                 self._finish_current()
                 current = self._current
                 continue
+            if not current:
+                # Whole Noise messages of fragments until the rest fits in one: they are
+                # built only when packed, one at a time, not all copied out now.
+                count = -(-remaining // piece) - 1
+                self._done.append(_Fragments(_take(views, count * piece), count, piece))
+                self._done_bytes += count * (len(_header(RecordKind.FRAGMENT, piece)) + piece)
+                remaining -= count * piece
+                continue
             current += _header(RecordKind.FRAGMENT, piece)
             remaining -= piece
             while piece:
@@ -289,11 +297,59 @@ class RecordWriter:
         return self._done_bytes + len(self._current)
 
     def pack(self) -> Iterator[bytearray]:
-        """Yield the plaintexts of everything queued, in order, and empty the queue."""
+        """Yield the plaintexts of everything queued, in order, and empty the queue.
+
+        Fragments of a large spack are built as they are yielded: consume each plaintext
+        before asking for the next, and memory stays near one Noise message.
+        """
         self._finish_current()
         done, self._done = self._done, []
         self._done_bytes = 0
-        yield from done
+        for item in done:
+            if isinstance(item, bytearray):
+                yield item
+            else:
+                yield from item.plaintexts()
+
+
+class _Fragments:
+    """``count`` whole Noise messages of FRAGMENT records of ``size`` bytes, from ``views``.
+
+    The views cover exactly ``count * size`` bytes of a queued spack's encoding, which
+    nothing changes while it is queued (encoded bytes, or the caller's ``bytes`` payload).
+    """
+
+    __slots__ = ("count", "size", "views")
+
+    def __init__(self, views: list[memoryview], count: int, size: int) -> None:
+        self.views = views
+        self.count = count
+        self.size = size
+
+    def plaintexts(self) -> Iterator[bytearray]:
+        """Each plaintext in turn, built from the views when asked for."""
+        header = _header(RecordKind.FRAGMENT, self.size)
+        views = deque(self.views)
+        for _ in range(self.count):
+            plaintext = bytearray(header)
+            for view in _take(views, self.size):
+                plaintext += view
+            yield plaintext
+
+
+def _take(views: deque[memoryview], size: int) -> list[memoryview]:
+    """Remove the first ``size`` bytes from ``views`` and return them as views."""
+    taken: list[memoryview] = []
+    while size:
+        view = views[0]
+        if len(view) <= size:
+            taken.append(views.popleft())
+            size -= len(view)
+        else:
+            taken.append(view[:size])
+            views[0] = view[size:]
+            size = 0
+    return taken
 
 
 class Reassembler:

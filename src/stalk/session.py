@@ -47,6 +47,7 @@ import enum
 import struct
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from typing import Final
 
 from stalk._noise import TAGLEN, TransportCipher
@@ -716,10 +717,11 @@ class Session:
         if send is None:  # pragma: no cover - callers check the state first
             raise LocalProtocolError("no transport cipher yet")
         config = self.config
-        plaintexts = list(writer.pack())
-        if len(plaintexts) == 1:
+        plaintexts = writer.pack()
+        group = list(islice(plaintexts, _OUTPUT_CHUNK))
+        if len(group) == 1:
             # The common case, one frame with no rekey due, without the general loop.
-            plaintext = plaintexts[0]
+            plaintext = group[0]
             sent = self._sent_since_rekey + 1
             sent_bytes = self._bytes_since_rekey + len(plaintext)
             if not (
@@ -736,20 +738,22 @@ class Session:
                 self._bytes_since_rekey = sent_bytes
                 self._out.append(out)
                 return
-        last = len(plaintexts) - 1
         # Output buffers of at most _OUTPUT_CHUNK frames: each frame's header is packed in
         # place and its ciphertext encrypted straight into the buffer (one copy), and a large
         # spack becomes several ~1 MiB writes instead of one huge buffer, which would cost
-        # fresh pages (mmap, zero-filling) on every message.
-        for first in range(0, len(plaintexts), _OUTPUT_CHUNK):
-            group = plaintexts[first : first + _OUTPUT_CHUNK]
+        # fresh pages (mmap, zero-filling) on every message. Plaintexts are taken from the
+        # writer a group at a time (one group ahead, to know which frame is the last), so a
+        # large spack never exists as plaintexts all at once.
+        while group:
+            following = list(islice(plaintexts, _OUTPUT_CHUNK))
             out = bytearray(sum(len(p) + FRAME_HEADER_LEN + TAGLEN + 3 for p in group))
             offset = 0
             with memoryview(out) as view:
-                for index, plaintext in enumerate(group, first):
+                for index, plaintext in enumerate(group, 1 - len(group)):
                     self._sent_since_rekey += 1
                     self._bytes_since_rekey += len(plaintext)
-                    rekey = not (final and index == last) and (
+                    last = index == 0 and not following
+                    rekey = not (final and last) and (
                         self._rekey_requested
                         or self._sent_since_rekey >= config.rekey_after_messages
                         or self._bytes_since_rekey >= config.rekey_after_bytes
@@ -767,6 +771,7 @@ class Session:
                         self._bytes_since_rekey = 0
             del out[offset:]
             self._out.append(out)
+            group = following
 
     def take_output(self) -> list[bytes | bytearray]:
         """Like :meth:`data_to_send`, as buffers to write in order.
