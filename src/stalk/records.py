@@ -268,16 +268,8 @@ class RecordWriter:
                 continue
             current += _header(RecordKind.FRAGMENT, piece)
             remaining -= piece
-            while piece:
-                view = views[0]
-                if len(view) <= piece:
-                    current += view
-                    piece -= len(view)
-                    views.popleft()
-                else:
-                    current += view[:piece]
-                    views[0] = view[piece:]
-                    piece = 0
+            for view in _take(views, piece):
+                current += view
             self._finish_current()
             current = self._current
 
