@@ -929,6 +929,14 @@ def _outcome(decode: Callable[[], Spack]) -> tuple[str, Any]:
         return "malformed", None
 
 
+@contextlib.contextmanager
+def trailing_bin_path_for_any_size() -> Iterator[None]:
+    """Take the trailing-bin path whatever the size (it normally starts at 256 KiB)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spack_module, "_PIECES_FAST_PATH", 0)
+        yield
+
+
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({min(cut, len(data)) for cut in cuts})
     bounds = [0, *points, len(data)]
@@ -946,7 +954,8 @@ def test_pieces_with_a_trailing_bin_decode_as_the_whole(
     """The trailing-bin path gives exactly what decoding the joined encoding gives."""
     data = encode_spack([*head, payload])
     pieces = [memoryview(piece) for piece in _split(data, cuts)]
-    decoded = decode_spack_pieces(pieces)
+    with trailing_bin_path_for_any_size():
+        decoded = decode_spack_pieces(pieces)
     assert_same(list(decode_spack(data)), list(decoded))
     assert type(decoded[-1]) is bytes
 
@@ -960,6 +969,8 @@ def test_pieces_of_any_bytes_fail_or_succeed_as_the_whole(data: bytes, cuts: lis
     pieces = _split(data, cuts)
     whole = _outcome(partial(decode_spack, data))
     assert _outcome(partial(decode_spack_pieces, pieces)) == whole
+    with trailing_bin_path_for_any_size():
+        assert _outcome(partial(decode_spack_pieces, pieces)) == whole
 
 
 @pytest.mark.parametrize(
@@ -977,9 +988,21 @@ def test_pieces_of_any_bytes_fail_or_succeed_as_the_whole(data: bytes, cuts: lis
 )
 def test_malformed_pieces_are_refused_like_the_whole(data: bytes, why: str) -> None:
     """Hostile shapes near the fast path are refused exactly as the joined bytes are."""
-    for cut in range(1, len(data)):
-        pieces = [data[:cut], data[cut:]]
-        assert _outcome(partial(decode_spack_pieces, pieces)) == ("malformed", None), why
+    with trailing_bin_path_for_any_size():
+        for cut in range(1, len(data)):
+            pieces = [data[:cut], data[cut:]]
+            assert _outcome(partial(decode_spack_pieces, pieces)) == ("malformed", None), why
+
+
+def test_a_large_fragmented_bin_is_joined_straight_into_its_value() -> None:
+    """At full size the trailing-bin path is taken, and the value is the whole payload."""
+    payload = bytes(range(256)) * 2048  # 512 KiB
+    data = encode_spack(["name", 7, payload])
+    pieces = [memoryview(data)[i : i + 65_000] for i in range(0, len(data), 65_000)]
+    assert spack_module._decode_trailing_bin(pieces) is not None
+    decoded = decode_spack_pieces(pieces)
+    assert list(decoded) == ["name", 7, payload]
+    assert type(decoded[2]) is bytes
 
 
 @pytest.mark.parametrize("size", [0, 100, 65535, 65536, 65537, 200_000])

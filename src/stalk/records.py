@@ -235,6 +235,11 @@ class RecordWriter:
             self._current += bytes((RecordKind.MESSAGE, 0, size))
             self._current += encoded
             return
+        if size + _uvarint_len(size) <= self._capacity - len(self._current) - 2:
+            # Fits whole in the current plaintext: one MESSAGE record, nothing to split.
+            self._current += _header(RecordKind.MESSAGE, size)
+            self._current += encoded
+            return
         self.add_message_pieces([encoded])
 
     def add_message_pieces(self, pieces: Sequence[bytes | memoryview]) -> None:

@@ -594,6 +594,10 @@ def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_D
     return Spack._from_list(top)
 
 
+#: From this size on, a fragmented spack is worth the trailing-bin path (below it, joining
+#: a few warm pieces costs less than setting that path up).
+_PIECES_FAST_PATH: Final = 256 * 1024
+
 #: bin 8/16/32 type bytes and the size of their headers.
 _BIN_HEADER_SIZES: Final = {0xC4: 2, 0xC5: 3, 0xC6: 5}
 
@@ -610,7 +614,9 @@ def decode_spack_pieces(pieces: Sequence[bytes | bytearray | memoryview]) -> Spa
     """
     if len(pieces) == 1:
         return decode_spack(pieces[0])
-    spack = _decode_trailing_bin(pieces)
+    spack = None
+    if sum(map(len, pieces)) >= _PIECES_FAST_PATH:
+        spack = _decode_trailing_bin(pieces)
     return decode_spack(b"".join(pieces)) if spack is None else spack
 
 
