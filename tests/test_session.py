@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import tracemalloc
 from collections.abc import Sequence
 
 import pytest
@@ -351,6 +352,29 @@ def test_trickled_frame_is_joined_in_place_not_recopied() -> None:
         assert pair.server._in is joined
     pair.server.receive_data(wire[-1:])
     assert messages(drain(pair.server)) == [Spack(b"t" * 60_000)]
+
+
+def test_a_large_spack_is_encrypted_as_the_transport_takes_it() -> None:
+    """Sending 32 MiB holds a few MiB at a time (the same at 4 or 64 MiB), not the spack."""
+    limit = SessionConfig(max_message_size=64 << 20)
+    pair = connected_pair(client_config=limit, server_config=limit)
+    payload = bytes(32 << 20)
+    tracemalloc.start()
+    try:
+        pair.client.send(Spack(payload))
+        written = 0
+        largest = 0
+        while chunks := pair.client.take_output():
+            for chunk in chunks:
+                written += len(chunk)
+                largest = max(largest, len(chunk))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert written > len(payload)
+    assert largest <= 2 << 20
+    assert peak < 8 << 20
+    assert not pair.client.has_output
 
 
 def test_delivered_data_is_not_kept() -> None:

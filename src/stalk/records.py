@@ -294,19 +294,24 @@ class RecordWriter:
         return self._done_bytes + len(self._current)
 
     def pack(self) -> Iterator[bytearray]:
-        """Yield the plaintexts of everything queued, in order, and empty the queue.
+        """Empty the queue now; return an iterator of its plaintexts, in order.
 
-        Fragments of a large spack are built as they are yielded: consume each plaintext
-        before asking for the next, and memory stays near one Noise message.
+        Fragments of a large spack are built as they are iterated: consume each plaintext
+        before asking for the next, and memory stays near one Noise message. What is
+        queued after this call goes to the next ``pack()``.
         """
         self._finish_current()
         done, self._done = self._done, []
         self._done_bytes = 0
-        for item in done:
-            if isinstance(item, bytearray):
-                yield item
-            else:
-                yield from item.plaintexts()
+        return _plaintexts(done)
+
+
+def _plaintexts(items: list[bytearray | _Fragments]) -> Iterator[bytearray]:
+    for item in items:
+        if isinstance(item, bytearray):
+            yield item
+        else:
+            yield from item.plaintexts()
 
 
 class _Fragments:

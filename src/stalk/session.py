@@ -46,8 +46,8 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from typing import Final
 
 from stalk._noise import TAGLEN, TransportCipher
@@ -153,6 +153,20 @@ class SessionConfig:
 _OPEN: Final = SessionState.OPEN
 
 
+class _Sealing:
+    """Plaintexts flushed together, not encrypted yet, with the next one looked ahead.
+
+    :param final: the last plaintext ends with CLOSE (no REKEY may follow it).
+    """
+
+    __slots__ = ("final", "next", "plaintexts")
+
+    def __init__(self, plaintexts: Iterator[bytearray], final: bool) -> None:
+        self.plaintexts = plaintexts
+        self.final = final
+        self.next = next(plaintexts, None)
+
+
 def _decode(whole: memoryview | list[memoryview]) -> Spack:
     """Decode a reassembled spack: one view, or the pieces of a fragmented one."""
     return decode_spack(whole) if type(whole) is memoryview else decode_spack_pieces(whole)
@@ -194,6 +208,9 @@ class Session:
         self._more: deque[bytes | memoryview] = deque()
         self._eof = False
         self._out: list[bytes | bytearray] = []
+        # Flushed plaintexts not encrypted yet (first in, first out; see _flush_records).
+        self._unsealed: deque[_Sealing] = deque()
+        self._unsealed_bytes = 0
         self._events: deque[Event] = deque()
         self._state = SessionState.HANDSHAKING
         self._error: StalkError | None = None
@@ -274,13 +291,16 @@ class Session:
 
     @property
     def pending_output(self) -> int:
-        """Bytes waiting in :meth:`data_to_send` (for write backpressure)."""
-        return sum(map(len, self._out))
+        """Bytes waiting in :meth:`data_to_send` (for write backpressure).
+
+        Plaintexts flushed but not encrypted yet count at their plaintext size.
+        """
+        return sum(map(len, self._out)) + self._unsealed_bytes
 
     @property
     def has_output(self) -> bool:
         """Whether :meth:`data_to_send` has anything (cheaper than :attr:`pending_output`)."""
-        return bool(self._out)
+        return bool(self._out or self._unsealed)
 
     # -- bytes in, events out ---------------------------------------------------------------
 
@@ -337,6 +357,8 @@ class Session:
 
     def data_to_send(self) -> bytes | bytearray:
         """Everything queued for the transport, in order; empties the queue."""
+        if self._unsealed:
+            self._seal(None)
         if not self._out:
             return b""
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
@@ -708,17 +730,50 @@ class Session:
         self._flush_records(self._writer, final=True)
 
     def _flush_records(self, writer: RecordWriter, *, final: bool = False) -> None:
-        """Encrypt everything ``writer`` holds into ``_out``, applying the rekey policy.
+        """Queue everything ``writer`` holds for encryption, and encrypt up to ~1 MiB now.
+
+        Encryption is first in, first out: the bytes and nonces on the wire are exactly
+        those of encrypting everything at once; only the time at which it is done moves.
+        What is left (the rest of a large spack) is encrypted by :meth:`take_output` or
+        :meth:`data_to_send` when the transport wants it, so a large spack is never held
+        as ciphertext all at once, and its first bytes can leave while the rest is sealed.
 
         :param final: the last plaintext ends with CLOSE, which must stay the last record
             (and nothing is sent after it, so rekeying then would be pointless).
         """
+        if self._send is None:  # pragma: no cover - callers check the state first
+            raise LocalProtocolError("no transport cipher yet")
+        self._unsealed_bytes += writer.queued_bytes
+        self._unsealed.append(_Sealing(writer.pack(), final))
+        self._seal(_OUTPUT_BYTES)
+
+    def _seal(self, budget: int | None) -> None:
+        """Encrypt queued plaintexts into ``_out``: about ``budget`` bytes, or all (None)."""
+        produced = 0
+        unsealed = self._unsealed
+        while unsealed and (budget is None or produced < budget):
+            entry = unsealed[0]
+            produced += self._seal_group(entry)
+            if entry.next is None:
+                unsealed.popleft()
+
+    def _seal_group(self, entry: _Sealing) -> int:
+        """Encrypt up to _OUTPUT_CHUNK plaintexts of ``entry`` into one output buffer.
+
+        Each frame's header is packed in place and its ciphertext encrypted straight into
+        the buffer (one copy); a large spack becomes several ~1 MiB writes instead of one
+        huge buffer, which would cost fresh pages (mmap, zero-filling) on every message.
+        Applies the rekey policy. Returns the bytes produced.
+        """
         send = self._send
-        if send is None:  # pragma: no cover - callers check the state first
+        if send is None:  # pragma: no cover - set before anything is queued
             raise LocalProtocolError("no transport cipher yet")
         config = self.config
-        plaintexts = writer.pack()
-        group = list(islice(plaintexts, _OUTPUT_CHUNK))
+        group: list[bytearray] = []
+        while entry.next is not None and len(group) < _OUTPUT_CHUNK:
+            group.append(entry.next)
+            entry.next = next(entry.plaintexts, None)
+        self._unsealed_bytes -= sum(map(len, group))
         if len(group) == 1:
             # The common case, one frame with no rekey due, without the general loop.
             plaintext = group[0]
@@ -737,41 +792,33 @@ class Session:
                 self._sent_since_rekey = sent
                 self._bytes_since_rekey = sent_bytes
                 self._out.append(out)
-                return
-        # Output buffers of at most _OUTPUT_CHUNK frames: each frame's header is packed in
-        # place and its ciphertext encrypted straight into the buffer (one copy), and a large
-        # spack becomes several ~1 MiB writes instead of one huge buffer, which would cost
-        # fresh pages (mmap, zero-filling) on every message. Plaintexts are taken from the
-        # writer a group at a time (one group ahead, to know which frame is the last), so a
-        # large spack never exists as plaintexts all at once.
-        while group:
-            following = list(islice(plaintexts, _OUTPUT_CHUNK))
-            out = bytearray(sum(len(p) + FRAME_HEADER_LEN + TAGLEN + 3 for p in group))
-            offset = 0
-            with memoryview(out) as view:
-                for index, plaintext in enumerate(group, 1 - len(group)):
-                    self._sent_since_rekey += 1
-                    self._bytes_since_rekey += len(plaintext)
-                    last = index == 0 and not following
-                    rekey = not (final and last) and (
-                        self._rekey_requested
-                        or self._sent_since_rekey >= config.rekey_after_messages
-                        or self._bytes_since_rekey >= config.rekey_after_bytes
-                    )
-                    if rekey:
-                        plaintext.extend(_REKEY_RECORD)  # RECORD_CAPACITY keeps room for it
-                    size = len(plaintext) + TAGLEN
-                    _FRAME_HEADER.pack_into(out, offset, size)
-                    send.encrypt_into(plaintext, view[offset + 2 : offset + 2 + size])
-                    offset += 2 + size
-                    if rekey:
-                        send.rekey()
-                        self._rekey_requested = False
-                        self._sent_since_rekey = 0
-                        self._bytes_since_rekey = 0
-            del out[offset:]
-            self._out.append(out)
-            group = following
+                return len(out)
+        out = bytearray(sum(len(p) + FRAME_HEADER_LEN + TAGLEN + 3 for p in group))
+        offset = 0
+        with memoryview(out) as view:
+            for index, plaintext in enumerate(group, 1 - len(group)):
+                self._sent_since_rekey += 1
+                self._bytes_since_rekey += len(plaintext)
+                last = index == 0 and entry.next is None
+                rekey = not (entry.final and last) and (
+                    self._rekey_requested
+                    or self._sent_since_rekey >= config.rekey_after_messages
+                    or self._bytes_since_rekey >= config.rekey_after_bytes
+                )
+                if rekey:
+                    plaintext.extend(_REKEY_RECORD)  # RECORD_CAPACITY keeps room for it
+                size = len(plaintext) + TAGLEN
+                _FRAME_HEADER.pack_into(out, offset, size)
+                send.encrypt_into(plaintext, view[offset + 2 : offset + 2 + size])
+                offset += 2 + size
+                if rekey:
+                    send.rekey()
+                    self._rekey_requested = False
+                    self._sent_since_rekey = 0
+                    self._bytes_since_rekey = 0
+        del out[offset:]
+        self._out.append(out)
+        return offset
 
     def take_output(self) -> list[bytes | bytearray]:
         """Like :meth:`data_to_send`, as buffers to write in order.
@@ -779,6 +826,8 @@ class Session:
         Small pieces are joined (one write each for a preamble and its first message, or
         for many small frames); buffers of about 1 MiB or more are handed out as they are.
         """
+        if not self._out and self._unsealed:
+            self._seal(_OUTPUT_BYTES)
         out, self._out = self._out, []
         if len(out) <= 1:
             return out
