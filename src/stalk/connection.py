@@ -18,8 +18,9 @@ safe for the same reason. Two concurrent ``receive()`` calls are a usage error
 Coalescing. While a connection has a *writer task* (inside ``async with conn:``, and always
 for connections handed to a listener's handler), ``send()`` only encodes and queues its spack,
 wakes the writer and returns without waiting for the socket; the writer encrypts everything
-queued since its last write into as few Noise messages as possible and writes them with one
-call. A lone spack therefore goes out at the next scheduling point (no timer, so latency does
+queued since its last write into as few Noise messages as possible and writes them in one
+call (about 1 MiB at a time for large spacks, each megabyte encrypted just before it is
+written). A lone spack therefore goes out at the next scheduling point (no timer, so latency does
 not grow), while a burst of sends shares Noise messages and socket writes. Once more than
 ``Config.send_buffer`` bytes are queued, ``send()`` waits for the writer (backpressure).
 ``flush()`` always waits until everything queued has been written. Without a writer task

@@ -821,10 +821,12 @@ class Session:
         return offset
 
     def take_output(self) -> list[bytes | bytearray]:
-        """Like :meth:`data_to_send`, as buffers to write in order.
+        """Like :meth:`data_to_send`, as buffers to write in order, about 1 MiB per call.
 
         Small pieces are joined (one write each for a preamble and its first message, or
         for many small frames); buffers of about 1 MiB or more are handed out as they are.
+        Flushed records not encrypted yet are encrypted here, about 1 MiB per call: call
+        it until it returns an empty list to write everything.
         """
         if not self._out and self._unsealed:
             self._seal(_OUTPUT_BYTES)
