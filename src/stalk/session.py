@@ -821,12 +821,12 @@ class Session:
         return offset
 
     def take_output(self) -> list[bytes | bytearray]:
-        """Like :meth:`data_to_send`, as buffers to write in order, about 1 MiB per call.
+        """Like :meth:`data_to_send`, as buffers to write in order; call it until it is empty.
 
         Small pieces are joined (one write each for a preamble and its first message, or
         for many small frames); buffers of about 1 MiB or more are handed out as they are.
-        Flushed records not encrypted yet are encrypted here, about 1 MiB per call: call
-        it until it returns an empty list to write everything.
+        It returns what is already encrypted, or, when nothing is, encrypts about 1 MiB
+        more of what was flushed: the rest of a large spack comes in later calls.
         """
         if not self._out and self._unsealed:
             self._seal(_OUTPUT_BYTES)
