@@ -773,6 +773,8 @@ class Session:
         while entry.next is not None and len(group) < _OUTPUT_CHUNK:
             group.append(entry.next)
             entry.next = next(entry.plaintexts, None)
+        if not group:  # pragma: no cover - nothing empty is ever queued
+            return 0
         self._unsealed_bytes -= sum(map(len, group))
         if len(group) == 1:
             # The common case, one frame with no rekey due, without the general loop.
