@@ -377,6 +377,33 @@ def test_a_large_spack_is_encrypted_as_the_transport_takes_it() -> None:
     assert not pair.client.has_output
 
 
+def test_records_queued_behind_a_large_spack_keep_their_order() -> None:
+    """A PONG and a spack queued while a large spack is half encrypted go out after it.
+
+    Encryption is first in, first out, so nonce order stays wire order; rekeys every
+    three Noise messages land inside the large spack and both sides stay in step.
+    """
+    config = SessionConfig(rekey_after_messages=3, max_message_size=8 << 20)
+    pair = connected_pair(client_config=config, server_config=config)
+    big = bytes(range(256)) * (12 << 10)  # 3 MiB
+    pair.client.send(Spack("big", big))
+    first = pair.client.take_output()  # about 1 MiB leaves; the rest is not encrypted yet
+    assert pair.client.has_output
+    pair.server.ping(b"mid")
+    pair.client.receive_data(bytes(pair.server.data_to_send()))
+    assert drain(pair.client) == []  # the PONG is queued behind the rest of the spack
+    pair.client.send(Spack("after"))
+    pair.server.receive_data(b"".join(first))
+    wire = bytes(pair.client.data_to_send())
+    for offset in range(0, len(wire), 100_000):
+        pair.server.receive_data(wire[offset : offset + 100_000])
+    events = drain(pair.server)
+    assert [type(event) for event in events] == [MessageReceived, PongReceived, MessageReceived]
+    assert list(events[0].spack) == ["big", big]  # type: ignore[union-attr]
+    assert events[1].payload == b"mid"  # type: ignore[union-attr]
+    assert list(events[2].spack) == ["after"]  # type: ignore[union-attr]
+
+
 def test_delivered_data_is_not_kept() -> None:
     """Once everything received is delivered, no received chunk stays referenced."""
     pair = connected_pair()
