@@ -679,7 +679,10 @@ class Session:
             self._writer.add_message_pieces(pieces)
 
     def flush(self) -> None:
-        """Encrypt everything queued into as few Noise messages as possible.
+        """Send everything queued, in as few Noise messages as possible.
+
+        The first ~1 MiB is encrypted now; the rest of a large flush is encrypted, in
+        order, as :meth:`take_output` or :meth:`data_to_send` hand it out.
 
         :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
         """
