@@ -210,7 +210,6 @@ class Session:
         self._out: list[bytes | bytearray] = []
         # Flushed plaintexts not encrypted yet (first in, first out; see _flush_records).
         self._unsealed: deque[_Sealing] = deque()
-        self._unsealed_bytes = 0
         self._events: deque[Event] = deque()
         self._state = SessionState.HANDSHAKING
         self._error: StalkError | None = None
@@ -290,16 +289,8 @@ class Session:
         return self._writer.queued_bytes
 
     @property
-    def pending_output(self) -> int:
-        """Bytes waiting in :meth:`data_to_send` (for write backpressure).
-
-        Plaintexts flushed but not encrypted yet count at their plaintext size.
-        """
-        return sum(map(len, self._out)) + self._unsealed_bytes
-
-    @property
     def has_output(self) -> bool:
-        """Whether :meth:`data_to_send` has anything (cheaper than :attr:`pending_output`)."""
+        """Whether :meth:`data_to_send` has anything (flushed but not yet encrypted included)."""
         return bool(self._out or self._unsealed)
 
     # -- bytes in, events out ---------------------------------------------------------------
@@ -746,7 +737,6 @@ class Session:
         """
         if self._send is None:  # pragma: no cover - callers check the state first
             raise LocalProtocolError("no transport cipher yet")
-        self._unsealed_bytes += writer.queued_bytes
         self._unsealed.append(_Sealing(writer.pack(), final))
         self._seal(_OUTPUT_BYTES)
 
@@ -778,7 +768,6 @@ class Session:
             entry.next = next(entry.plaintexts, None)
         if not group:  # pragma: no cover - nothing empty is ever queued
             return 0
-        self._unsealed_bytes -= sum(map(len, group))
         if len(group) == 1:
             # The common case, one frame with no rekey due, without the general loop.
             plaintext = group[0]
