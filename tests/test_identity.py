@@ -689,7 +689,7 @@ def test_load_skips_permission_check_off_posix(
     key_path = tmp_path / "key"
     identity.save(key_path)
     key_path.chmod(0o644)
-    monkeypatch.setattr("stalk.identity._CHECK_PERMISSIONS", False)
+    monkeypatch.setattr("stalk._files.CHECK_PERMISSIONS", False)
     assert Identity.load(key_path) == identity
 
 

@@ -16,12 +16,10 @@ message.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import os
 import re
-import secrets
 import shlex
 import stat
 from pathlib import Path
@@ -31,6 +29,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from stalk import _files
 from stalk.errors import IdentityFileError
 
 __all__ = ["Identity", "PublicIdentity", "same_key"]
@@ -50,10 +49,6 @@ _EXPECTED_FORM = f"expected {PREFIX!r} followed by {_B64_LEN} base64url characte
 _MAX_FILE_SIZE = 64 * 1024
 
 _PUB_SUFFIX = ".pub"
-
-#: Whether :meth:`Identity.load` enforces mode 0600 (POSIX permission bits mean nothing
-#: useful on other platforms).
-_CHECK_PERMISSIONS = os.name == "posix"
 
 
 def _b64url(raw: bytes) -> str:
@@ -190,7 +185,7 @@ class PublicIdentity:
         :raises IdentityFileError: if the file cannot be read or holds no valid identity.
         """
         path = _expand(path)
-        data, _ = _read_small_file(path, "public identity file")
+        data, _ = _files.read_file(path, "public identity file", limit=_MAX_FILE_SIZE)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -341,38 +336,46 @@ class Identity:
             serialization.NoEncryption(),
         )
         try:
-            _make_private_dirs(path.parent)
+            _files.make_private_dirs(path.parent)
         except OSError as exc:
             raise IdentityFileError(
                 f"cannot create directory '{path.parent}': {exc.strerror or exc}"
             ) from exc
-        _atomic_write(path, pem, 0o600, overwrite=overwrite)
-        _atomic_write(pub_path, (str(self._public) + "\n").encode("ascii"), 0o644, overwrite=True)
+        _files.atomic_write(path, pem, 0o600, overwrite=overwrite)
+        public_line = (str(self._public) + "\n").encode("ascii")
+        _files.atomic_write(pub_path, public_line, 0o644, overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Identity:
         """Read a private key file written by :meth:`save` (or any X25519 PKCS#8 PEM).
 
-        On POSIX systems the file must not be readable or writable by group or others,
-        as ssh requires of its keys. ``~`` is expanded.
+        On POSIX systems the file must be owned by us (or root) and not be readable or
+        writable by group or others, as ssh requires of its keys; and no directory above
+        it, up to ``$HOME`` (or ``/``), may be writable by group or others or owned by
+        another user (sticky directories such as ``/tmp`` excepted), as ssh's
+        ``StrictModes`` requires of its trust files. ``~`` is expanded.
 
         :param path: the private key file.
         :raises IdentityFileError: if the file is missing, unreadable, has unsafe
-            permissions, is not an unencrypted PEM private key, or is not an X25519 key.
+            ownership or permissions (or sits in an unsafe directory), is not an
+            unencrypted PEM private key, or is not an X25519 key.
         """
         path = _expand(path)
-        data, perms = _read_small_file(path, "identity file")
+        data, st = _files.read_file(path, "identity file", limit=_MAX_FILE_SIZE)
         # Checked before the permissions, whose "chmod 600" advice would be wrong here.
         if data.lstrip().startswith(PREFIX.encode("ascii")):
             raise IdentityFileError(
                 f"identity file '{path}' holds a public identity, not a private key "
                 f"(pass the private key file, not the {_PUB_SUFFIX} file)"
             )
-        if _CHECK_PERMISSIONS and perms & 0o077:
+        _files.check_owner(path, st, "identity file")
+        perms = stat.S_IMODE(st.st_mode)
+        if _files.CHECK_PERMISSIONS and perms & 0o077:
             raise IdentityFileError(
                 f"permissions {perms:04o} for '{path}' are too open: a private key file must "
                 f"not be accessible by others. Fix it with: chmod 600 {shlex.quote(str(path))}"
             )
+        _files.check_directories(path, "identity file")
         if b"-----BEGIN" not in data:
             raise IdentityFileError(f"identity file '{path}' is not a PEM file")
         try:
@@ -392,116 +395,3 @@ class Identity:
                 " key, not an X25519 key"
             )
         return cls(key)
-
-
-def _make_private_dirs(directory: Path) -> None:
-    """Create ``directory`` and any missing ancestors, each with mode 0700.
-
-    (``os.makedirs`` applies ``mode`` only to the last component.)
-    """
-    missing: list[Path] = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
-        if current.parent == current:
-            break
-        current = current.parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            d.mkdir(mode=0o700)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort; POSIX only)."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file in the same directory.
-
-    With ``overwrite`` false, the final step is a hard link, which fails atomically if
-    ``path`` exists (two processes saving at once cannot clobber each other); filesystems
-    without hard links fall back to an exists-check plus ``os.replace``.
-    """
-    if not overwrite and os.path.lexists(path):
-        raise _exists_error(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = (
-        os.O_CREAT
-        | os.O_EXCL
-        | os.O_WRONLY
-        | getattr(os, "O_BINARY", 0)
-        | getattr(os, "O_CLOEXEC", 0)
-    )
-    try:
-        fd = os.open(tmp, flags, mode)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise _exists_error(path) from None
-                except OSError:
-                    # No hard links here (some network or FAT filesystems).
-                    if os.path.lexists(path):
-                        raise _exists_error(path) from None
-                    os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-    except OSError as exc:
-        raise IdentityFileError(f"cannot write '{path}': {exc.strerror or exc}") from exc
-    _fsync_dir(path.parent)
-
-
-def _exists_error(path: Path) -> IdentityFileError:
-    return IdentityFileError(f"'{path}' already exists; pass overwrite=True to replace it")
-
-
-def _read_small_file(path: Path, kind: str) -> tuple[bytes, int]:
-    """Read a key file, checking (on the open descriptor) that it is a small regular file.
-
-    :returns: the contents and the permission bits of the file.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-    # O_NONBLOCK keeps a FIFO from hanging us; it is ignored for regular files.
-    flags |= getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError as exc:
-        raise IdentityFileError(f"{kind} '{path}' does not exist") from exc
-    except OSError as exc:
-        raise IdentityFileError(f"cannot open {kind} '{path}': {exc.strerror or exc}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IdentityFileError(f"{kind} '{path}' is not a regular file")
-        chunks: list[bytes] = []
-        total = 0
-        while chunk := os.read(fd, _MAX_FILE_SIZE + 1 - total):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > _MAX_FILE_SIZE:
-                raise IdentityFileError(f"{kind} '{path}' is too large to be a key file")
-        return b"".join(chunks), stat.S_IMODE(st.st_mode)
-    except OSError as exc:
-        raise IdentityFileError(f"cannot read {kind} '{path}': {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)

@@ -6,18 +6,40 @@ key is refused instead of silently accepted. An authorized-peers file lists the 
 a listener admits, one per line; ``AuthorizedPeers`` is usable directly as ``authorize``.
 
 Both files are text: one entry per line, ``#`` starts a comment, blank lines are ignored.
+
+On POSIX systems both are checked the way ssh's ``StrictModes`` checks its files before
+every read: the file must be owned by us or root and not writable by group or others, and
+so must every directory above it up to ``$HOME`` (or ``/``); a sticky directory such as
+``/tmp`` may be writable by all. Anything else is refused with :class:`~stalk.IdentityFileError`
+naming the path and the ``chmod`` that fixes it.
+
+:class:`KnownPeers` updates are serialised between processes by an exclusive ``flock`` on
+``known_peers.lock`` next to the file, and each update replaces the file atomically
+(temporary file, fsync, rename, fsync of the directory), so concurrent writers lose no
+entry and readers, which take no lock, always see a whole file.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
+from stalk import _files
 from stalk.errors import IdentityFileError
 from stalk.identity import PublicIdentity
 
 __all__ = ["AuthorizedPeers", "KnownPeers", "stalk_home"]
+
+_KNOWN_KIND = "known peers file"
+_AUTHORIZED_KIND = "authorized peers file"
+
+#: Largest trust file read (about 200,000 known peers); a bound, not a format limit.
+_MAX_TRUST_FILE_SIZE = 16 * 1024 * 1024
+
+#: Mode of a new known_peers file; an existing file keeps its mode when it is rewritten.
+_NEW_FILE_MODE = 0o600
 
 
 def stalk_home() -> Path:
@@ -29,19 +51,29 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _entries(path: Path) -> list[tuple[int, str]]:
+def _read(path: Path, kind: str) -> tuple[list[tuple[int, str]], os.stat_result | None]:
+    """The ``(line number, entry)`` pairs of a trust file, and its ``stat``.
+
+    The ownership and permission checks come first; a missing file has no entries (and
+    no ``stat``).
+    """
+    _files.check_directories(path, kind)
+    found = _files.read_file(path, kind, limit=_MAX_TRUST_FILE_SIZE, missing_ok=True)
+    if found is None:
+        return [], None
+    data, st = found
+    _files.check_owner(path, st, kind)
+    _files.check_not_writable_by_others(path, st, kind)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IdentityFileError(f"cannot read {path}: {exc}") from exc
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise IdentityFileError(f"{kind} '{path}' is not UTF-8 text") from exc
     lines = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if line:
             lines.append((number, line))
-    return lines
+    return lines, st
 
 
 class KnownPeers:
@@ -53,51 +85,78 @@ class KnownPeers:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else stalk_home() / "known_peers"
 
-    def _load(self) -> dict[str, PublicIdentity]:
+    def _load(self, path: Path) -> tuple[dict[str, PublicIdentity], os.stat_result | None]:
         peers: dict[str, PublicIdentity] = {}
-        for number, line in _entries(self.path):
+        entries, st = _read(path, _KNOWN_KIND)
+        for number, line in entries:
             fields = line.split()
             if len(fields) != 2:
-                raise IdentityFileError(f"{self.path}:{number}: expected 'HOST:PORT KEY'")
+                raise IdentityFileError(f"{path}:{number}: expected 'HOST:PORT KEY'")
             try:
                 peers[fields[0]] = PublicIdentity.from_string(fields[1])
             except ValueError as exc:
-                raise IdentityFileError(f"{self.path}:{number}: {exc}") from exc
-        return peers
+                raise IdentityFileError(f"{path}:{number}: {exc}") from exc
+        return peers, st
 
     def lookup(self, host: str, port: int) -> PublicIdentity | None:
-        """The key remembered for ``host:port``, if any.
+        """The key remembered for ``host:port``, if any. Takes no lock.
 
-        :raises ~stalk.IdentityFileError: the file is malformed.
+        :raises ~stalk.IdentityFileError: the file is malformed, or it (or a directory
+            above it) is owned by another user or writable by group or others.
         """
-        return self._load().get(_address(host, port))
+        return self._load(self.path)[0].get(_address(host, port))
 
     def remember(self, host: str, port: int, key: PublicIdentity) -> None:
-        """Record (or replace) the key for ``host:port``; the file is rewritten atomically."""
-        peers = self._load()
-        peers[_address(host, port)] = key
-        self._write(peers)
+        """Record (or replace) the key for ``host:port``.
+
+        The update is made under the lock and the file is replaced atomically, so
+        concurrent writers (other processes included) lose no entry.
+
+        :raises ~stalk.IdentityFileError: as :meth:`lookup`, or the file cannot be written.
+        """
+        address = _address(host, port)
+
+        def update(peers: dict[str, PublicIdentity]) -> bool:
+            peers[address] = key
+            return True
+
+        self._update(update)
 
     def forget(self, host: str, port: int) -> bool:
-        """Remove the entry for ``host:port``; return whether there was one."""
-        peers = self._load()
-        if peers.pop(_address(host, port), None) is None:
-            return False
-        self._write(peers)
-        return True
+        """Remove the entry for ``host:port``; return whether there was one.
 
-    def _write(self, peers: dict[str, PublicIdentity]) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        body = "# stalk known peers: HOST:PORT KEY (written by stalk; edit with care)\n"
-        body += "".join(f"{address} {key}\n" for address, key in sorted(peers.items()))
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".known_peers.")
+        :raises ~stalk.IdentityFileError: as :meth:`remember`.
+        """
+        address = _address(host, port)
+
+        def update(peers: dict[str, PublicIdentity]) -> bool:
+            return peers.pop(address, None) is not None
+
+        return self._update(update)
+
+    def _update(self, change: Callable[[dict[str, PublicIdentity]], bool]) -> bool:
+        """Read, ``change`` and (if it returns true) rewrite the file, under the lock.
+
+        Works on the file a symbolic link points to, so a linked known_peers stays linked.
+        """
+        path = Path(os.path.realpath(self.path))
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(body)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            _files.make_private_dirs(path.parent)
+        except OSError as exc:
+            raise IdentityFileError(
+                f"cannot create directory '{path.parent}': {exc.strerror or exc}"
+            ) from exc
+        # Check the directories before creating the lock file in one of them.
+        _files.check_directories(self.path, _KNOWN_KIND)
+        with _files.locked(path.with_name(path.name + ".lock")):
+            peers, st = self._load(path)
+            if not change(peers):
+                return False
+            body = "# stalk known peers: HOST:PORT KEY (written by stalk; edit with care)\n"
+            body += "".join(f"{address} {key}\n" for address, key in sorted(peers.items()))
+            mode = _NEW_FILE_MODE if st is None else stat.S_IMODE(st.st_mode) & 0o777
+            _files.atomic_write(path, body.encode("utf-8"), mode, overwrite=True)
+        return True
 
 
 class AuthorizedPeers:
@@ -105,7 +164,8 @@ class AuthorizedPeers:
 
     :param path: one printable public key per line (``stalk:...``); text after the key on
         the same line is a comment, as in ssh's ``authorized_keys``.
-    :raises ~stalk.IdentityFileError: the file is missing or has a malformed line.
+    :raises ~stalk.IdentityFileError: the file is missing or has a malformed line, or it
+        (or a directory above it) is owned by another user or writable by group or others.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -116,9 +176,13 @@ class AuthorizedPeers:
         self.reload()
 
     def reload(self) -> None:
-        """Read the file again (e.g. after it was edited)."""
+        """Read the file again (e.g. after it was edited); a deleted file admits nobody.
+
+        :raises ~stalk.IdentityFileError: as the constructor (the old keys are kept).
+        """
         keys = set()
-        for number, line in _entries(self.path):
+        entries, _ = _read(self.path, _AUTHORIZED_KIND)
+        for number, line in entries:
             try:
                 keys.add(PublicIdentity.from_string(line.split()[0]))
             except ValueError as exc:
