@@ -245,8 +245,14 @@ def _patch_ephemeral(noise: NoiseHandshake, public: bytes) -> None:
 
 
 def _patch_static(noise: NoiseHandshake, public: bytes) -> None:
-    """Make the ``s`` token send ``public`` (encrypted, so the victim decrypts it fine)."""
-    noise._hs.s.public_bytes = public
+    """Make the ``s`` token send ``public`` (encrypted, so the victim decrypts it fine).
+
+    The key pair is replaced, not edited: stalk caches one key pair object per static
+    private key, and editing it would make every later handshake with that key send
+    ``public`` too. Our own DH keeps using the real private key.
+    """
+    real = noise._hs.s
+    noise._hs.s = KeyPair25519(private=real.private, public=real.public, public_bytes=public)
 
 
 @dataclass
