@@ -50,6 +50,7 @@ from .attacks import (
 from .harness import SLOW_HANDSHAKE, TEARDOWN, Attack, Case, Expect, Target, finish
 from .peers import (
     LOW_ORDER_POINTS,
+    NON_CANONICAL_POINTS,
     READY,
     REKEY,
     Initiator,
@@ -914,4 +915,7 @@ CASES: list[Case] = [
         ]
     ],
     *[case for name, point in LOW_ORDER_POINTS.items() for case in _low_order(name, point)],
+    *TWIN_CASES,
+    *[case for name, point in NON_CANONICAL_POINTS.items() for case in _non_canonical(name, point)],
+    *[_deny_list_case(pattern, twin) for pattern in ("XX", "IK") for twin in (False, True)],
 ]

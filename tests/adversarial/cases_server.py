@@ -39,6 +39,7 @@ from .attacks import LEGIT, A, B, Build
 from .harness import Case, Expect, ServerPlay, ServerSide
 from .peers import (
     LOW_ORDER_POINTS,
+    NON_CANONICAL_POINTS,
     READY,
     REKEY,
     Responder,
@@ -728,4 +729,17 @@ CASES: list[Case] = [
         server(_shaped(split_headers), build=lambda t: t.seal(close())),
     ),
     *[case for name, point in LOW_ORDER_POINTS.items() for case in _low_order(name, point)],
+    *_bad_keys(
+        "non-canonical",
+        "bit255_twin",
+        "the bit-255 twin of the server's real key (the same DH key, non-canonical)",
+        twin_e=True,
+    ),
+    *[
+        case
+        for name, point in NON_CANONICAL_POINTS.items()
+        for case in _bad_keys(
+            "non-canonical", name, f"non-canonical `{name}` ({point.hex()[-8:]})", low_e=point
+        )
+    ],
 ]
