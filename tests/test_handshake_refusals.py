@@ -8,18 +8,24 @@ once XX message 3 was read, or nothing at all.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from functools import partial
 
+import anyio
 import msgpack
 import pytest
 
 from adversarial.peers import READY, Initiator, Responder, rec
 from helpers import drain
+from stalk.config import Config
+from stalk.connection import Connection
 from stalk.errors import HandshakeFailed, InvalidPeerKey, PeerIdentityMismatch, PeerRefused
 from stalk.events import HandshakeComplete, PeerIdentified
 from stalk.framing import encode_frame
 from stalk.handshake import Params, decode_params
 from stalk.identity import Identity
+from stalk.listener import listen
 from stalk.records import decode_close
 from stalk.session import Role, Session, SessionState
 from stalk.wire import CloseCode, RecordKind
@@ -208,6 +214,65 @@ def test_ik_authorization_refusal_is_not_authorized() -> None:
     server.refuse("no")
     assert refusal(server.data_to_send()) == CloseCode.NOT_AUTHORIZED
     assert server.state is SessionState.CLOSED
+
+
+async def _never_called(conn: Connection) -> None:
+    raise AssertionError("a failed handshake reached the handler")
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(b"STALK\x01XX", id="preamble"),
+        pytest.param(b"STALK\x01IK\x00\x80" + bytes(40), id="part-of-ik-msg1"),
+    ],
+)
+async def test_deadline_before_the_verdict_sends_nothing(anyio_backend: str, sent: bytes) -> None:
+    deadline = 0.2
+    config = Config(handshake_timeout=deadline)
+    async with anyio.create_task_group() as tg:
+        host, port = await tg.start(
+            partial(
+                listen, "127.0.0.1", 0, _never_called, identity=Identity.generate(), config=config
+            )
+        )
+        async with await anyio.connect_tcp(host, port) as stream:
+            started = anyio.current_time()
+            if sent:
+                await stream.send(sent)
+            received = bytearray()
+            with (
+                anyio.fail_after(5),
+                contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError),
+            ):
+                while True:
+                    received += await stream.receive()
+            elapsed = anyio.current_time() - started
+        tg.cancel_scope.cancel()
+    assert received == b""
+    assert deadline * 0.9 <= elapsed < deadline + 2
+
+
+@pytest.mark.parametrize(
+    ("ik", "length"),
+    [
+        pytest.param(False, 0, id="xx-zero-length"),
+        pytest.param(False, 95, id="xx-short"),
+        pytest.param(False, 96 + 1025, id="xx-long"),
+        pytest.param(True, 47, id="ik-short"),
+        pytest.param(True, 48 + 1025, id="ik-long"),
+    ],
+)
+def test_initiator_refuses_a_bad_message_2_length_from_the_header(ik: bool, length: int) -> None:
+    server_identity = Identity.generate()
+    client = Session(
+        Role.INITIATOR, Identity.generate(), peer=server_identity.public if ik else None
+    )
+    client.data_to_send()
+    client.receive_data(b"\x00" + length.to_bytes(2, "big"))
+    fails(client)
+    assert client.data_to_send() == b""
 
 
 # -- SPEC 5: after the verdict: an authenticated CLOSE once XX msg3 was read, else nothing ------
