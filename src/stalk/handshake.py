@@ -399,9 +399,9 @@ class ResponderHandshake:
         self._peer_params: Params | None = None
         #: Bytes to send, in order; the session drains it.
         self.out: list[bytes] = []
-        #: Set when the handshake failed after XX message 3 was read: the verdict is given,
-        #: but the transport ciphers exist, so the session sends an authenticated CLOSE with
-        #: this code instead of READY, encrypted with this cipher.
+        #: Set when the handshake failed after XX message 3 was read: the verdict is given
+        #: (nothing is left in ``out``), but the transport ciphers exist, so the session
+        #: sends an authenticated CLOSE with this code instead of READY, with this cipher.
         self.failure_close: tuple[CloseCode, TransportCipher] | None = None
         self.pattern: Pattern | None = None
         #: The initiator's static key once known (IK msg1, XX msg3); unproven until done.

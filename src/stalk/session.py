@@ -385,7 +385,6 @@ class Session:
         try:
             done = hs.step(buffer, self._eof)
         except HandshakeFailed as exc:
-            self._take_handshake_output()
             if isinstance(hs, ResponderHandshake) and hs.failure_close is not None:
                 # XX message 3 was read: the verdict is given, but an authenticated CLOSE
                 # can still say why instead of READY (SPEC "Verdict and refusals").
