@@ -104,7 +104,30 @@ MAX_NONCE: Final = 2**64 - 1
 # Record kinds and close codes, written out here rather than imported: the models below
 # are meant to be independent of stalk's code.
 MESSAGE, FRAGMENT, CLOSE, PING, PONG, REKEY, READY = range(1, 8)
-PROTOCOL_ERROR, MESSAGE_TOO_LARGE = 5, 6
+DECRYPT_FAILED, PROTOCOL_ERROR, MESSAGE_TOO_LARGE, INVALID_KEY = 2, 5, 6, 10
+#: SPEC "Canonical keys": the field prime, and the canonical low-order u-coordinates.
+P25519: Final = 2**255 - 19
+LOW_ORDER_U: Final = frozenset(
+    {
+        0,
+        1,
+        P25519 - 1,
+        int.from_bytes(
+            bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+            "little",
+        ),
+        int.from_bytes(
+            bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+            "little",
+        ),
+    }
+)
+
+
+def bad_key(raw: bytes) -> bool:
+    """Whether 32 bytes are no canonical, usable X25519 key (SPEC "Canonical keys")."""
+    u = int.from_bytes(raw, "little")
+    return u >= P25519 or u in LOW_ORDER_U
 
 
 class Bug(AssertionError):
@@ -417,7 +440,12 @@ def fuzz_preamble(data: bytes) -> None:
         # A good preamble: the verdict is about message 1 now.
         check(isinstance(whole.error, HandshakeFailed), f"{whole.error!r} in message 1")
         if whole.output[:1] != b"\x00":
-            check(parse_refusal(whole.output) in (2, 5), f"refusal {whole.output!r}")
+            code = parse_refusal(whole.output)
+            check(code in (DECRYPT_FAILED, PROTOCOL_ERROR, INVALID_KEY), f"refusal {code}")
+            if code == INVALID_KEY:
+                # Without the responder's key only the cleartext e can be the bad key.
+                e = data[10:42]
+                check(len(e) == 32 and bad_key(e), f"INVALID_KEY for e = {e.hex()}")
     check_seeded_run(whole, CLIENT, "preamble")
 
 

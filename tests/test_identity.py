@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from stalk.errors import IdentityFileError, StalkError
 from stalk.identity import Identity, PublicIdentity, same_key
@@ -52,6 +52,11 @@ def secret_renderings(identity: Identity) -> list[str]:
         base64.urlsafe_b64encode(priv).decode().rstrip("="),
         repr(priv),
     ]
+
+
+def canonical(raw: bytes) -> bytes:
+    """32 random-looking bytes made a canonical X25519 key (bit 255 cleared)."""
+    return raw[:31] + bytes([raw[31] & 0x7F])
 
 
 def assert_no_secret(text: str, identity: Identity) -> None:
@@ -94,6 +99,30 @@ def test_from_private_bytes_round_trip() -> None:
     assert identity.public == PublicIdentity(raw_public(key))
     assert Identity.from_private_bytes(bytearray(priv)) == identity
     assert Identity.from_private_bytes(memoryview(priv)) == identity
+
+
+@pytest.mark.parametrize(
+    ("byte", "mask"),
+    [
+        pytest.param(0, 0x07, id="low-3-bits"),  # cleared by clamping
+        pytest.param(31, 0x80, id="bit-255"),  # cleared by clamping
+        pytest.param(31, 0x40, id="bit-254"),  # set by clamping
+    ],
+)
+def test_identities_with_one_clamped_scalar_are_equal(byte: int, mask: int) -> None:
+    # X25519 clamps the private scalar: raw private keys that differ only in the clamped
+    # bits are one key (one public key, one DH), so they are one Identity.
+    a = Identity.generate()
+    raw = bytearray(a.private_bytes())
+    raw[byte] ^= mask
+    b = Identity.from_private_bytes(bytes(raw))
+    assert b.private_bytes() != a.private_bytes()
+    assert b.public == a.public
+    assert b == a
+    assert hash(b) == hash(a)
+    assert len({a, b}) == 1
+    assert a != Identity.generate()
+    assert a.__eq__(a.public) is NotImplemented
 
 
 def test_identity_wraps_cryptography_key() -> None:
@@ -156,8 +185,8 @@ def test_str_format() -> None:
 
 
 def test_str_uses_urlsafe_alphabet() -> None:
-    # 0xfb 0xff ... encodes to '+' and '/' in the standard alphabet.
-    raw = b"\xfb\xff\xbf" * 10 + b"\xff\xff"
+    # 0xfb 0xff ... encodes to '+' and '/' in the standard alphabet (bit 255 stays clear).
+    raw = b"\xfb\xff\xbf" * 10 + b"\xff\x7f"
     text = str(PublicIdentity(raw))
     assert "+" not in text
     assert "/" not in text
@@ -250,28 +279,101 @@ def test_non_canonical_encodings_decode_to_a_valid_key() -> None:
     assert str(PublicIdentity(lenient)) == "stalk:Q" + "A" * 42
 
 
+P25519 = 2**255 - 19
+
+#: The canonical low-order u-coordinates (RFC 7748 §6.1; libsodium's list).
 LOW_ORDER_HEX = [
     "00" * 32,
     "01" + "00" * 31,
     "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
     "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-    "ec" + "ff" * 30 + "7f",
-    "ed" + "ff" * 30 + "7f",
-    "ee" + "ff" * 30 + "7f",
+    "ec" + "ff" * 30 + "7f",  # p - 1
 ]
 
 
-@pytest.mark.parametrize("high_bit", [False, True])
+def printable(raw: bytes) -> str:
+    """The printable form of any 32 bytes, built by hand (no checks)."""
+    return "stalk:" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def twin(raw: bytes) -> bytes:
+    """The same X25519 key with the ignored bit 255 set."""
+    return raw[:31] + bytes([raw[31] | 0x80])
+
+
 @pytest.mark.parametrize("point", LOW_ORDER_HEX)
-def test_low_order_public_keys_are_refused(point: str, high_bit: bool) -> None:
-    raw = bytearray.fromhex(point)
-    if high_bit:
-        raw[31] |= 0x80
+def test_low_order_public_keys_are_refused(point: str) -> None:
+    raw = bytes.fromhex(point)
     with pytest.raises(ValueError, match="low-order"):
-        PublicIdentity(bytes(raw))
-    text = "stalk:" + base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+        PublicIdentity(raw)
     with pytest.raises(ValueError, match="low-order"):
-        PublicIdentity.from_string(text)
+        PublicIdentity.from_string(printable(raw))
+
+
+@pytest.mark.parametrize(
+    ("u", "reason"),
+    [
+        pytest.param(P25519, "u >= 2", id="p"),  # zero, reduced: low order as well
+        pytest.param(P25519 + 1, "u >= 2", id="p+1"),  # one, reduced
+        pytest.param(P25519 + 9, "u >= 2", id="p+9"),  # the base point, reduced
+        pytest.param(2**255 - 1, "u >= 2", id="2^255-1"),
+        pytest.param(2**255, "bit 255", id="2^255"),  # zero with bit 255
+        pytest.param(2**255 + 9, "bit 255", id="2^255+9"),
+        pytest.param(2**256 - 1, "bit 255", id="2^256-1"),
+    ],
+)
+def test_non_canonical_public_keys_are_refused(u: int, reason: str) -> None:
+    raw = u.to_bytes(32, "little")
+    with pytest.raises(ValueError, match=f"not a canonical X25519 public key: {reason}"):
+        PublicIdentity(raw)
+    with pytest.raises(ValueError, match="not a canonical"):
+        PublicIdentity.from_string(printable(raw))
+
+
+@pytest.mark.parametrize("u", [2, 9, P25519 - 2, 2**254])
+def test_canonical_keys_up_to_p_minus_2_are_accepted(u: int) -> None:
+    raw = u.to_bytes(32, "little")
+    assert PublicIdentity(raw).raw == raw
+    assert PublicIdentity.from_string(printable(raw)).raw == raw
+
+
+def test_bit_255_twin_of_a_real_key_is_refused_everywhere(tmp_path: Path) -> None:
+    # The twin is the same DH key (X25519 ignores bit 255): accepted, it would be a second
+    # identity for one private key, with its own string, fingerprint, == and hash.
+    identity = Identity.generate()
+    bad = twin(identity.public.raw)
+    peer = X25519PrivateKey.generate()
+    assert peer.exchange(X25519PublicKey.from_public_bytes(bad)) == peer.exchange(
+        X25519PublicKey.from_public_bytes(identity.public.raw)
+    )
+    with pytest.raises(ValueError, match="bit 255 is set"):
+        PublicIdentity(bad)
+    with pytest.raises(ValueError, match="bit 255 is set") as info:
+        PublicIdentity.from_string(printable(bad))
+    assert printable(bad) not in exception_text(info.value)
+    pub_file = tmp_path / "twin.pub"
+    pub_file.write_text(f"# a public key file\n{printable(bad)} laptop\n")
+    with pytest.raises(IdentityFileError, match="bit 255 is set"):
+        PublicIdentity.load(pub_file)
+
+
+def test_u_at_least_p_twin_is_the_same_dh_key_and_is_refused() -> None:
+    # u = p + 9 reduces to 9 (the base point): the same DH key under another encoding.
+    reduced = (P25519 + 9).to_bytes(32, "little")
+    base = (9).to_bytes(32, "little")
+    peer = X25519PrivateKey.generate()
+    assert peer.exchange(X25519PublicKey.from_public_bytes(reduced)) == peer.exchange(
+        X25519PublicKey.from_public_bytes(base)
+    )
+    with pytest.raises(ValueError, match="u >= 2"):
+        PublicIdentity(reduced)
+    assert PublicIdentity(base).raw == base
+
+
+def test_every_generated_key_is_canonical() -> None:
+    for _ in range(64):
+        raw = Identity.generate().public.raw
+        assert int.from_bytes(raw, "little") < P25519
 
 
 def test_from_string_rejects_non_str() -> None:
@@ -301,7 +403,7 @@ def test_fingerprint_matches_independent_sha256() -> None:
 def test_fingerprint_format() -> None:
     # Chosen so the digest's base64 contains '+' or '/': the standard alphabet is kept.
     for i in range(256):
-        raw = hashlib.sha256(bytes([i])).digest()
+        raw = canonical(hashlib.sha256(bytes([i])).digest())
         fp = PublicIdentity(raw).fingerprint
         assert fp.startswith("SHA256:")
         body = fp[len("SHA256:") :]
@@ -311,7 +413,8 @@ def test_fingerprint_format() -> None:
         assert "_" not in body
         assert base64.standard_b64decode(body + "=") == hashlib.sha256(raw).digest()
     bodies = "".join(
-        PublicIdentity(hashlib.sha256(bytes([i])).digest()).fingerprint for i in range(256)
+        PublicIdentity(canonical(hashlib.sha256(bytes([i])).digest())).fingerprint
+        for i in range(256)
     )
     assert "+" in bodies
     assert "/" in bodies

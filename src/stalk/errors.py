@@ -29,6 +29,7 @@ __all__ = [
     "HandshakeFailed",
     "HandshakeTimeout",
     "IdentityFileError",
+    "InvalidPeerKey",
     "InvalidSpackValue",
     "LocalProtocolError",
     "MalformedSpack",
@@ -131,6 +132,16 @@ class PeerIdentityMismatch(HandshakeFailed):
     def __init__(self, message: str, *, expected: object | None = None) -> None:
         super().__init__(message)
         self.expected = expected
+
+
+class InvalidPeerKey(HandshakeFailed):
+    """A public key in the peer's handshake message is not a canonical, usable X25519 key.
+
+    Raised on the side that read the key (its ephemeral ``e`` or static ``s``): a low-order
+    point, bit 255 set, or u >= 2^255 - 19 (SPEC "Canonical keys"). The other side sees
+    :class:`PeerRefused` with code ``INVALID_KEY``, or nothing when the reader is the
+    initiator (it has no way to refuse). The message never contains the key.
+    """
 
 
 class PeerRefused(HandshakeFailed):

@@ -21,26 +21,42 @@ authenticated message fails. The responder learns the initiator's static key at 
 or XX message 3 and then stops in ``awaiting_authorization`` until :meth:`accept` or
 :meth:`refuse`; with IK that is before it has spent a DH on an answer.
 
+Every message's length is checked from its frame header (its keys and tags, plus at most
+1024 payload bytes), and every public key it carries must be canonical and usable (SPEC
+"Canonical keys"): the cleartext ``e`` is checked before the message is handed to Noise, the
+encrypted ``s`` once Noise has read the message (also when that read failed: a low-order
+``s`` makes the DH that follows it fail). A non-canonical key gives the same DH results as
+its canonical twin, so without the check the handshake would succeed under a second
+identity for one key.
+
 A handshake error is always fatal (noiseprotocol's state is already advanced). Before
 raising, the responder queues a refusal verdict when it has not answered yet, so a
 well-behaved initiator learns why (the refusal is unauthenticated: it can only ever make a
-handshake fail, never succeed).
+handshake fail, never succeed). After XX message 3 was read the transport ciphers exist:
+the responder then leaves the code and cipher for an authenticated CLOSE in
+``failure_close`` for the session to send. SPEC "Verdict and refusals" lists every code.
 
-Payloads are msgpack maps with string keys (SPEC "Handshake payloads"): XX message 1 carries
-an empty map (it is cleartext); each party's parameters travel in its last handshake message
-(initiator: XX msg3 or IK msg1; responder: msg2). Unknown keys are ignored so that later
-versions can add fields.
+Payloads are exactly one msgpack map with string keys, none repeated (SPEC "Handshake
+payloads"): XX message 1 carries an empty map (it is cleartext); each party's parameters
+travel in its last handshake message (initiator: XX msg3 or IK msg1; responder: msg2).
+Unknown keys are ignored so that later versions can add fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import msgpack
 
-from stalk._noise import HandshakeAuthenticationFailed, NoiseHandshake, TransportCipher
-from stalk.errors import HandshakeFailed, PeerIdentityMismatch, PeerRefused
+from stalk._noise import (
+    DHLEN,
+    TAGLEN,
+    HandshakeAuthenticationFailed,
+    NoiseHandshake,
+    TransportCipher,
+)
+from stalk.errors import HandshakeFailed, InvalidPeerKey, PeerIdentityMismatch, PeerRefused
 from stalk.framing import (
     FramingError,
     Refusal,
@@ -51,8 +67,9 @@ from stalk.framing import (
     read_preamble,
     read_verdict,
 )
-from stalk.identity import Identity, PublicIdentity
+from stalk.identity import Identity, PublicIdentity, check_public_key
 from stalk.wire import (
+    FRAME_HEADER_LEN,
     MAX_HANDSHAKE_PAYLOAD,
     MAX_MESSAGE_SIZE_LIMIT,
     MIN_MAX_MESSAGE_SIZE,
@@ -90,32 +107,70 @@ def encode_params(max_message_size: int) -> bytes:
     return msgpack.packb({"version": PROTOCOL_VERSION, "max_message_size": max_message_size})
 
 
-def _decode_map(payload: bytes) -> dict[str, Any]:
+class _Pairs:
+    """A msgpack map as decoded: its (key, value) pairs in order, repeats kept."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[object, object]]) -> None:
+        self.pairs = pairs
+
+
+def _decode_map(payload: bytes) -> dict[str, object]:
+    """Decode a handshake payload: exactly one map, string keys, none repeated (SPEC 8).
+
+    Maps nested in the values of unknown keys are not looked into: they are ignored.
+
+    :raises ~stalk.HandshakeFailed: anything else (the responder refuses with PROTOCOL_ERROR).
+    """
     if len(payload) > MAX_HANDSHAKE_PAYLOAD:
         raise HandshakeFailed(f"handshake payload longer than {MAX_HANDSHAKE_PAYLOAD} bytes")
     try:
-        value = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        # Maps come back as _Pairs, so that repeated keys are seen (a dict would keep only
+        # the last value) and no key needs to be hashable. Trailing bytes raise ExtraData.
+        value = msgpack.unpackb(payload, raw=False, strict_map_key=False, object_pairs_hook=_Pairs)
     except Exception as exc:
         # msgpack raises ValueError subclasses, StackError, UnicodeDecodeError and others.
-        raise HandshakeFailed("handshake payload is not a msgpack map with string keys") from exc
-    if not isinstance(value, dict):
+        raise HandshakeFailed("handshake payload is not exactly one valid msgpack value") from exc
+    if type(value) is not _Pairs:
         raise HandshakeFailed("handshake payload is not a msgpack map")
-    return value
+    fields: dict[str, object] = {}
+    for key, item in value.pairs:
+        if type(key) is not str:
+            raise HandshakeFailed("handshake payload has a map key that is not a string")
+        if key in fields:
+            raise HandshakeFailed("handshake payload repeats a map key")
+        fields[key] = item
+    return fields
+
+
+def _describe(value: object) -> str:
+    """A received field for an error message: an int as is, anything else by its type only."""
+    if type(value) is int:
+        return str(value)
+    return "missing" if value is None else f"of type {type(value).__name__}"
 
 
 def decode_params(payload: bytes) -> Params:
     """Parse and check a party's parameters.
 
-    :raises ~stalk.HandshakeFailed: not a map, wrong version, or a missing or out-of-range
-        ``max_message_size``.
+    Both fields must be of type ``int`` (``bool`` is refused); unknown keys are ignored.
+
+    :raises ~stalk.HandshakeFailed: not a map as :func:`_decode_map` requires, wrong
+        version, or a missing, mistyped or out-of-range ``max_message_size``.
     """
     fields = _decode_map(payload)
     version = fields.get("version")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise HandshakeFailed(f"handshake payload version {version!r} is not {PROTOCOL_VERSION}")
+        raise HandshakeFailed(
+            f"handshake payload version is {_describe(version)}, not {PROTOCOL_VERSION}"
+        )
     size = fields.get("max_message_size")
     if type(size) is not int or not MIN_MAX_MESSAGE_SIZE <= size <= MAX_MESSAGE_SIZE_LIMIT:
-        raise HandshakeFailed(f"handshake payload max_message_size {size!r} is out of range")
+        raise HandshakeFailed(
+            f"handshake payload max_message_size is {_describe(size)}, not "
+            f"{MIN_MAX_MESSAGE_SIZE}..{MAX_MESSAGE_SIZE_LIMIT}"
+        )
     return Params(version=version, max_message_size=size)
 
 
@@ -150,8 +205,40 @@ def _eof_during_handshake() -> HandshakeFailed:
     return HandshakeFailed("the peer closed the connection during the handshake")
 
 
-def _read_frame(buf: bytearray, eof: bool) -> bytes | None:
-    """The next handshake frame's body, ``None`` if incomplete; errors as HandshakeFailed."""
+#: The fixed part of each handshake message (SPEC 7): its public keys and AEAD tags, all
+#: but the payload's own bytes. A message is at least this long and at most this plus
+#: MAX_HANDSHAKE_PAYLOAD, so its frame header alone can tell that it is malformed.
+_FIXED_LEN: Final[dict[tuple[Pattern, int], int]] = {
+    ("XX", 1): DHLEN,  # e, cleartext payload
+    ("XX", 2): DHLEN + (DHLEN + TAGLEN) + TAGLEN,  # e, enc(s), enc(payload)
+    ("XX", 3): (DHLEN + TAGLEN) + TAGLEN,  # enc(s), enc(payload)
+    ("IK", 1): DHLEN + (DHLEN + TAGLEN) + TAGLEN,  # e, enc(s), enc(payload)
+    ("IK", 2): DHLEN + TAGLEN,  # e, enc(payload)
+}
+
+
+def _read_message(buf: bytearray, eof: bool, pattern: Pattern, number: int) -> bytes | None:
+    """The body of handshake message ``number``, ``None`` if incomplete.
+
+    Its length is checked as soon as the frame header is there, before the body is
+    buffered.
+
+    :raises ~stalk.HandshakeFailed: a zero-length frame, a message too short to hold its
+        keys and tags or too long for a payload of at most 1024 bytes, or EOF.
+    """
+    if len(buf) >= FRAME_HEADER_LEN:
+        length = int.from_bytes(buf[:FRAME_HEADER_LEN], "big")
+        fixed = _FIXED_LEN[pattern, number]
+        if 0 < length < fixed:
+            raise HandshakeFailed(
+                f"{pattern} message {number} of {length} bytes is too short (its keys and "
+                f"tags take {fixed})"
+            )
+        if length > fixed + MAX_HANDSHAKE_PAYLOAD:
+            raise HandshakeFailed(
+                f"{pattern} message {number} of {length} bytes is too long (its payload "
+                f"would exceed {MAX_HANDSHAKE_PAYLOAD} bytes)"
+            )
     try:
         body = read_frame(buf)
     except FramingError as exc:
@@ -159,6 +246,53 @@ def _read_frame(buf: bytearray, eof: bool) -> bytes | None:
     if body is None and eof:
         raise _eof_during_handshake()
     return body
+
+
+def _check_ephemeral(body: bytes, message: str) -> None:
+    """Refuse the cleartext ``e`` that starts ``body``, before Noise uses it in a DH.
+
+    :raises ~stalk.InvalidPeerKey: not a canonical, usable X25519 key.
+    """
+    try:
+        check_public_key(body[:DHLEN])
+    except ValueError as exc:
+        raise InvalidPeerKey(f"the ephemeral key in {message} is refused: {exc}") from exc
+
+
+def _check_static(noise: NoiseHandshake, message: str) -> None:
+    """Refuse the static key that ``message`` carried, once Noise decrypted it.
+
+    :raises ~stalk.InvalidPeerKey: not a canonical, usable X25519 key.
+    """
+    remote = noise.remote_static
+    if remote is None:
+        return
+    try:
+        check_public_key(remote)
+    except ValueError as exc:
+        raise InvalidPeerKey(f"the static key in {message} is refused: {exc}") from exc
+
+
+def _read_checked(
+    noise: NoiseHandshake, body: bytes, message: str, *, carries_static: bool
+) -> bytes:
+    """``noise.read_message(body)``, with the static key the message carries checked.
+
+    The check also runs when the read fails: a low-order static key makes the DH right
+    after it fail inside Noise, and the key, not the DH, is what the peer got wrong.
+
+    :raises ~stalk.InvalidPeerKey: the message carried a bad static key.
+    :raises ~stalk.HandshakeFailed: the read failed for another reason.
+    """
+    try:
+        payload = noise.read_message(body)
+    except HandshakeFailed:
+        if carries_static:
+            _check_static(noise, message)
+        raise
+    if carries_static:
+        _check_static(noise, message)
+    return payload
 
 
 class InitiatorHandshake:
@@ -199,6 +333,8 @@ class InitiatorHandshake:
     def step(self, buf: bytearray, eof: bool) -> bool:
         """Consume what ``buf`` holds; return ``True`` once the handshake is complete.
 
+        :raises ~stalk.InvalidPeerKey: message 2 carries a key that is not a canonical,
+            usable X25519 key.
         :raises ~stalk.HandshakeFailed: refused, mismatched key, malformed or cut short.
         """
         if self._state == "verdict":
@@ -214,10 +350,12 @@ class InitiatorHandshake:
                 raise self._refused(verdict)
             self._state = "msg2"
         if self._state == "msg2":
-            body = _read_frame(buf, eof)
+            body = _read_message(buf, eof, self.pattern, 2)
             if body is None:
                 return False
-            payload = self._noise.read_message(body)
+            message = f"{self.pattern} message 2"
+            _check_ephemeral(body, message)
+            payload = _read_checked(self._noise, body, message, carries_static=self.pattern == "XX")
             params = decode_params(payload)
             if self.pattern == "XX":
                 self.out.append(encode_frame(self._noise.write_message(self._params)))
@@ -261,6 +399,10 @@ class ResponderHandshake:
         self._peer_params: Params | None = None
         #: Bytes to send, in order; the session drains it.
         self.out: list[bytes] = []
+        #: Set when the handshake failed after XX message 3 was read: the verdict is given
+        #: (nothing is left in ``out``), but the transport ciphers exist, so the session
+        #: sends an authenticated CLOSE with this code instead of READY, with this cipher.
+        self.failure_close: tuple[CloseCode, TransportCipher] | None = None
         self.pattern: Pattern | None = None
         #: The initiator's static key once known (IK msg1, XX msg3); unproven until done.
         self.peer: PublicIdentity | None = None
@@ -274,16 +416,21 @@ class ResponderHandshake:
     def step(self, buf: bytearray, eof: bool) -> bool:
         """Consume what ``buf`` holds; return ``True`` once the handshake is complete.
 
-        :raises ~stalk.HandshakeFailed: anything wrong with the initiator's messages; a
-            refusal verdict is queued in ``out`` first when one is still possible.
+        :raises ~stalk.InvalidPeerKey: a message carries a key that is not a canonical,
+            usable X25519 key.
+        :raises ~stalk.HandshakeFailed: anything else wrong with the initiator's messages.
+            Before raising, a refusal verdict is queued in ``out`` when we have not answered
+            yet; after XX message 3 was read, :attr:`failure_close` is set instead.
         """
         try:
             return self._step(buf, eof)
         except HandshakeFailed as exc:
+            code = _refusal_code(exc)
             if not self._answered:
-                code = getattr(exc, "refusal_code", CloseCode.PROTOCOL_ERROR)
                 self.out.append(encode_refusal(code, str(exc)))
                 self._answered = True
+            elif self._noise is not None and self._noise.complete:
+                self.failure_close = (code, self._noise.split()[0])
             raise
 
     def _step(self, buf: bytearray, eof: bool) -> bool:
@@ -315,11 +462,13 @@ class ResponderHandshake:
         if noise is None or self.pattern is None:  # pragma: no cover - set just above
             return False
         if self._state == "msg1":
-            body = _read_frame(buf, eof)
+            body = _read_message(buf, eof, self.pattern, 1)
             if body is None:
                 return False
+            message = f"{self.pattern} message 1"
+            _check_ephemeral(body, message)
             try:
-                payload = noise.read_message(body)
+                payload = _read_checked(noise, body, message, carries_static=self.pattern == "IK")
             except HandshakeAuthenticationFailed as exc:
                 if self.pattern == "IK":
                     raise _DecryptFailed(
@@ -334,10 +483,11 @@ class ResponderHandshake:
             self._answer(noise)
             self._state = "msg3"
         if self._state == "msg3":
-            body = _read_frame(buf, eof)
+            body = _read_message(buf, eof, "XX", 3)
             if body is None:
                 return False
-            self._peer_params = decode_params(noise.read_message(body))
+            payload = _read_checked(noise, body, "XX message 3", carries_static=True)
+            self._peer_params = decode_params(payload)
             self._identified(noise)
             return False
         return self._state == "done"
@@ -379,8 +529,19 @@ class ResponderHandshake:
 
 
 class _Unsupported(HandshakeFailed):
-    refusal_code = CloseCode.UNSUPPORTED
+    """The preamble names something we do not speak (refused with UNSUPPORTED)."""
 
 
 class _DecryptFailed(HandshakeFailed):
-    refusal_code = CloseCode.DECRYPT_FAILED
+    """IK message 1 was not encrypted to our static key (refused with DECRYPT_FAILED)."""
+
+
+def _refusal_code(exc: HandshakeFailed) -> CloseCode:
+    """The code a responder refuses (or closes) with for ``exc`` (SPEC 5's table)."""
+    if isinstance(exc, _Unsupported):
+        return CloseCode.UNSUPPORTED
+    if isinstance(exc, _DecryptFailed):
+        return CloseCode.DECRYPT_FAILED
+    if isinstance(exc, InvalidPeerKey):
+        return CloseCode.INVALID_KEY
+    return CloseCode.PROTOCOL_ERROR

@@ -1,9 +1,10 @@
 """Static identities: X25519 key pairs, their printable form and their key files.
 
-A peer is identified by its static X25519 public key (:class:`PublicIdentity`). Its
-printable form is ``stalk:`` followed by the 32 raw key bytes in unpadded base64url
-(43 characters); its fingerprint is ``SHA256:`` followed by the unpadded standard base64
-of the SHA-256 of the raw key, the convention ssh uses.
+A peer is identified by its static X25519 public key (:class:`PublicIdentity`), in its
+canonical encoding only, so that one private key is one identity. Its printable form is
+``stalk:`` followed by the 32 raw key bytes in unpadded base64url (43 characters); its
+fingerprint is ``SHA256:`` followed by the unpadded standard base64 of the SHA-256 of the
+raw key, the convention ssh uses.
 
 Our own key pair is an :class:`Identity`. It is stored as an unencrypted PKCS#8 PEM file
 with mode 0600 (readable by ``openssl pkey``), next to a ``.pub`` file holding the
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from stalk import _files
 from stalk.errors import IdentityFileError
 
-__all__ = ["Identity", "PublicIdentity", "same_key"]
+__all__ = ["Identity", "PublicIdentity", "check_public_key", "same_key"]
 
 #: Length in bytes of an X25519 key (public or private).
 KEY_SIZE = 32
@@ -69,33 +70,62 @@ def _expand(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.expanduser(os.fspath(path)))
 
 
+#: The field prime of Curve25519: a canonical u-coordinate is below it.
 _P25519 = 2**255 - 19
-#: The X25519 u-coordinates of small order (and their non-canonical encodings p, p+1):
-#: a DH with any of them yields the all-zero secret (RFC 7748 §6.1), so no peer can hold
-#: the matching private key. Bit 255 is ignored by X25519, hence the mask.
+#: The canonical X25519 u-coordinates of small order: a DH with any of them yields the
+#: all-zero secret (RFC 7748 §6.1), so no peer can hold the matching private key. Their
+#: other encodings (p, p + 1, and any with bit 255 set) are refused as non-canonical.
 _LOW_ORDER = frozenset(
-    u.to_bytes(32, "little")
+    u.to_bytes(KEY_SIZE, "little")
     for u in (
         0,
         1,
         325606250916557431795983626356110631294008115727848805560023387167927233504,
         39382357235489614581723060781553021112529911719440698176882885853963445705823,
         _P25519 - 1,
-        _P25519,
-        _P25519 + 1,
     )
 )
 
 
-def _masked(key: bytes) -> bytes:
-    return key[:31] + bytes([key[31] & 0x7F])
+def check_public_key(raw: bytes) -> None:
+    """Refuse 32 bytes that are not a canonical, usable X25519 public key.
+
+    X25519 ignores bit 255 and reduces u modulo p = 2^255 - 19 (RFC 7748 §5), so an
+    encoding with bit 255 set, or with u >= p, is the same DH key as a canonical one:
+    accepting it would give one private key several identities. A low-order point gives
+    an all-zero shared secret. The message never contains the key.
+
+    :param raw: exactly 32 bytes (the caller checks the length).
+    :raises ValueError: the key is non-canonical or of low order.
+    """
+    u = int.from_bytes(raw, "little")
+    if u >> 255:
+        raise ValueError(
+            "not a canonical X25519 public key: bit 255 is set (X25519 ignores that bit, so "
+            "this is a second encoding of the key without it)"
+        )
+    if u >= _P25519:
+        raise ValueError(
+            "not a canonical X25519 public key: u >= 2^255-19 (X25519 reduces u modulo "
+            "2^255-19, so this is a second encoding of u - (2^255-19))"
+        )
+    if raw in _LOW_ORDER:
+        raise ValueError(
+            "not a usable X25519 public key: it is a low-order point, which gives an "
+            "all-zero shared secret"
+        )
 
 
 class PublicIdentity:
     """A peer's static X25519 public key (32 raw bytes). Immutable and hashable.
 
+    Only canonical keys exist (u < 2^255 - 19, bit 255 clear) and low-order points are
+    refused, so one private key has exactly one public identity (see
+    :func:`check_public_key`).
+
     :param raw: the 32 raw bytes of the public key (any bytes-like object).
-    :raises ValueError: if ``raw`` is not exactly 32 bytes long.
+    :raises ValueError: if ``raw`` is not exactly 32 bytes long, not canonical, or a
+        low-order point.
     :raises TypeError: if ``raw`` is not bytes-like.
     """
 
@@ -105,11 +135,7 @@ class PublicIdentity:
 
     def __init__(self, raw: bytes | bytearray | memoryview) -> None:
         key = _as_bytes(raw, "a public key")
-        if _masked(key) in _LOW_ORDER:
-            raise ValueError(
-                "not a usable X25519 public key: it is a low-order point, which gives an "
-                "all-zero shared secret"
-            )
+        check_public_key(key)
         object.__setattr__(self, "_raw", key)
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
@@ -146,7 +172,8 @@ class PublicIdentity:
         padding, no other alphabet, and re-encoding the key must give the same text.
 
         :param text: the printable form, as produced by ``str(public_identity)``.
-        :raises ValueError: if ``text`` is not a valid printable public identity.
+        :raises ValueError: if ``text`` is not a valid printable public identity, or the
+            key it encodes is not canonical or is a low-order point.
         :raises TypeError: if ``text`` is not a ``str``.
         """
         if not isinstance(text, str):
@@ -305,9 +332,14 @@ class Identity:
         return f"<{type(self).__name__} {self._public} {self._public.fingerprint}>"
 
     def __eq__(self, other: object) -> bool:
+        """Same public key, compared in constant time.
+
+        X25519 clamps the private scalar, so raw private keys that differ only in the
+        clamped bits are one key: they have one public key and are equal here.
+        """
         if not isinstance(other, Identity):
             return NotImplemented
-        return hmac.compare_digest(self.private_bytes(), other.private_bytes())
+        return hmac.compare_digest(self._public.raw, other._public.raw)
 
     def __hash__(self) -> int:
         return hash(self._public)

@@ -384,6 +384,13 @@ class Session:
             buffer = self._in = bytearray(buffer)
         try:
             done = hs.step(buffer, self._eof)
+        except HandshakeFailed as exc:
+            if isinstance(hs, ResponderHandshake) and hs.failure_close is not None:
+                # XX message 3 was read: the verdict is given, but an authenticated CLOSE
+                # can still say why instead of READY (SPEC "Verdict and refusals").
+                code, self._send = hs.failure_close
+                self._queue_final_close(code, str(exc))
+            raise
         finally:
             self._take_handshake_output()
         self._pattern = hs.pattern
@@ -452,13 +459,18 @@ class Session:
         hs.refuse()
         if hs.result is not None:
             self._start_transport(hs.result)
-            self._control.add(RecordKind.CLOSE, encode_close(CloseCode.NOT_AUTHORIZED, reason))
-            self._flush_records(self._control, final=True)
+            self._queue_final_close(CloseCode.NOT_AUTHORIZED, reason)
         else:
             self._out.append(encode_refusal(CloseCode.NOT_AUTHORIZED, reason))
-        self._close_sent = True
+            self._close_sent = True
         self._state = SessionState.CLOSED
         self._hs = None
+
+    def _queue_final_close(self, code: int, reason: str) -> None:
+        """Queue a CLOSE from the control writer as our last transport message."""
+        self._control.add(RecordKind.CLOSE, encode_close(code, reason))
+        self._flush_records(self._control, final=True)
+        self._close_sent = True
 
     def _authorizing(self) -> ResponderHandshake:
         if self._state is not SessionState.AUTHORIZING or not isinstance(

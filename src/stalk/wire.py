@@ -127,6 +127,9 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 8
     #: The peer took too long (handshake or idle timeout).
     TIMEOUT = 9
+    #: A public key in a handshake message is not a canonical, usable X25519 key (low
+    #: order, bit 255 set, or u >= 2^255 - 19).
+    INVALID_KEY = 10
 
 
 def close_code_name(code: int) -> str:

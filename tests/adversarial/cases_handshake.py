@@ -20,15 +20,16 @@ from stalk.errors import (
     DecryptionFailed,
     HandshakeFailed,
     HandshakeTimeout,
+    InvalidPeerKey,
     PeerIdentityMismatch,
     PeerRefused,
     ProtocolError,
     StalkError,
 )
 from stalk.framing import encode_frame
-from stalk.identity import Identity
+from stalk.identity import Identity, PublicIdentity
 from stalk.spack import Spack
-from stalk.wire import MAX_MESSAGE_SIZE_LIMIT, RecordKind
+from stalk.wire import MAX_MESSAGE_SIZE_LIMIT, CloseCode, RecordKind
 
 from .attacks import (
     CLEAN,
@@ -49,6 +50,7 @@ from .attacks import (
 from .harness import SLOW_HANDSHAKE, TEARDOWN, Attack, Case, Expect, Target, finish
 from .peers import (
     LOW_ORDER_POINTS,
+    NON_CANONICAL_POINTS,
     READY,
     REKEY,
     Initiator,
@@ -374,34 +376,127 @@ async def xx_msg3_cut(target: Target, cut: int) -> Attack:
     return await finish(wire)
 
 
-def _low_order(name: str, point: bytes) -> list[Case]:
-    positions = [
-        ("xx_msg1_e", "XX message 1 `e`", MALFORMED, lambda t: Initiator(low_e=point)),
-        ("xx_msg3_s", "XX message 3 `s` (encrypted)", HS_FAILED, lambda t: Initiator(low_s=point)),
+#: The listener refuses a bad key in message 1 before answering.
+BAD_KEY = Expect(InvalidPeerKey, False, code=CloseCode.INVALID_KEY)
+#: A bad key in XX message 3 whose DH fails: no transport keys, so nothing is sent.
+BAD_KEY_NO_CLOSE = Expect(InvalidPeerKey, False)
+
+
+async def xx_msg3_answer(target: Target, make: Callable[[Target], Initiator]) -> Attack:
+    """XX up to message 3, then read the listener's answer (READY or CLOSE) to the end."""
+    wire = await target.wire()
+    init = make(target)
+    await wire.send(init.opening())
+    assert await read_verdict(wire) == 0
+    body = await wire.read_frame()
+    assert body is not None
+    init.read_msg2(body)
+    await wire.send(encode_frame(init.msg3()))
+    return await finish(wire, init.transport())
+
+
+def _bad_keys(
+    category: str,
+    name: str,
+    what: str,
+    e: Callable[[], dict[str, Any]],
+    s: Callable[[], dict[str, Any]],
+    *,
+    msg3: Expect,
+) -> list[Case]:
+    """A bad ``e`` or ``s`` at every position a client sends one (``e()``/``s()`` give the
+    :class:`Initiator` knobs); ``msg3`` is the outcome for XX message 3's ``s``."""
+    positions: list[tuple[str, str, Expect, Callable[..., Any]]] = [
+        (
+            "xx_msg1_e",
+            "XX message 1 `e`",
+            BAD_KEY,
+            play(handshake_with, make=lambda _t: Initiator(**e())),
+        ),
+        (
+            "xx_msg3_s",
+            "XX message 3 `s` (encrypted)",
+            msg3,
+            play(xx_msg3_answer, make=lambda _t: Initiator(**s())),
+        ),
         (
             "ik_msg1_e",
             "IK message 1 `e`",
-            MALFORMED,
-            lambda t: Initiator(server=t.server, low_e=point),
+            BAD_KEY,
+            play(handshake_with, make=lambda t: Initiator(server=t.server, **e())),
         ),
         (
             "ik_msg1_s",
             "IK message 1 `s` (encrypted)",
-            MALFORMED,
-            lambda t: Initiator(server=t.server, low_s=point),
+            BAD_KEY,
+            play(handshake_with, make=lambda t: Initiator(server=t.server, **s())),
         ),
     ]
     return [
-        row(
-            "low-order",
-            "client",
-            f"{position}_{name}",
-            f"low-order point `{name}` ({point.hex()[:8]}...) as {where}",
-            expect,
-            play(handshake_with, make=make),
-        )
-        for position, where, expect, make in positions
+        row(category, "client", f"{position}_{name}", f"{what} as {where}", expect, run)
+        for position, where, expect, run in positions
     ]
+
+
+def _low_order(name: str, point: bytes) -> list[Case]:
+    return _bad_keys(
+        "low-order",
+        name,
+        f"low-order point `{name}` ({point.hex()[:8]}...)",
+        lambda: {"low_e": point},
+        lambda: {"low_s": point},
+        msg3=BAD_KEY_NO_CLOSE,  # the DH after a low-order s fails: no transport keys
+    )
+
+
+def _non_canonical(name: str, point: bytes) -> list[Case]:
+    return _bad_keys(
+        "non-canonical",
+        name,
+        f"non-canonical `{name}` (...{point.hex()[-8:]})",
+        lambda: {"low_e": point},
+        lambda: {"low_s": point},
+        msg3=BAD_KEY_NO_CLOSE,  # no key anyone holds: the DHs disagree, msg3 fails to read
+    )
+
+
+#: The bit-255 twins of the client's own real keys: the same DH keys, so the handshake
+#: itself succeeds; only the key check refuses them. In XX message 3 the transport keys
+#: then exist, and the listener says why in an authenticated CLOSE instead of READY.
+TWIN_CASES = _bad_keys(
+    "non-canonical",
+    "bit255_twin",
+    "the bit-255 twin of the client's real key (the same DH key, non-canonical)",
+    lambda: {"twin_e": True},
+    lambda: {"twin_s": True},
+    msg3=BAD_KEY,
+)
+
+#: The key the isolated deny-list listener refuses; its twin must be refused too.
+DENIED = Identity.generate()
+
+
+def _deny(peer: PublicIdentity) -> bool:
+    return peer != DENIED.public
+
+
+def _deny_list_case(pattern: str, twin: bool) -> Case:
+    ik = pattern == "IK"
+    sends = (
+        f"{pattern}: the bit-255 twin of a key the listener's `authorize` deny-lists (issue 9)"
+        if twin
+        else f"{pattern}: a key the listener's `authorize` deny-lists"
+    )
+    expect = BAD_KEY if twin else Expect(HandshakeFailed, False, code=CloseCode.NOT_AUTHORIZED)
+
+    def make(t: Target) -> Initiator:
+        return Initiator(server=t.server if ik else None, identity=DENIED, twin_s=twin)
+
+    run = play(handshake_with, make=make) if ik else play(xx_msg3_answer, make=make)
+    case_id = f"{pattern.lower()}_deny_listed_key" + ("_twin" if twin else "")
+    return row(
+        "non-canonical", "client", case_id, sends, expect, run, isolated=True, authorize=_deny
+    )
 
 
 def _ready_case(
@@ -820,4 +915,7 @@ CASES: list[Case] = [
         ]
     ],
     *[case for name, point in LOW_ORDER_POINTS.items() for case in _low_order(name, point)],
+    *TWIN_CASES,
+    *[case for name, point in NON_CANONICAL_POINTS.items() for case in _non_canonical(name, point)],
+    *[_deny_list_case(pattern, twin) for pattern in ("XX", "IK") for twin in (False, True)],
 ]

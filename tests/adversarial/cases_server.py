@@ -24,6 +24,7 @@ from stalk.errors import (
     DecryptionFailed,
     HandshakeFailed,
     HandshakeTimeout,
+    InvalidPeerKey,
     MalformedSpack,
     MessageLimitExceeded,
     PeerIdentityMismatch,
@@ -38,6 +39,7 @@ from .attacks import LEGIT, A, B, Build
 from .harness import Case, Expect, ServerPlay, ServerSide
 from .peers import (
     LOW_ORDER_POINTS,
+    NON_CANONICAL_POINTS,
     READY,
     REKEY,
     Responder,
@@ -62,6 +64,8 @@ DEADLINE = 0.4 + 0.6
 
 #: The client never gets a connection.
 NO_CONNECTION = Expect(HandshakeFailed, False)
+#: The server's message 2 carries a bad key: the client refuses it, never connected.
+BAD_KEY = Expect(InvalidPeerKey, False)
 #: A clean end of the server's direction, everything delivered.
 CLEAN = Expect(anyio.EndOfStream, True)
 
@@ -433,30 +437,38 @@ TRANSPORT: list[tuple[str, str, Build, tuple[Spack, ...], Expect]] = [
 ]
 
 
-def _low_order(name: str, point: bytes) -> list[Case]:
+def _bad_keys(category: str, name: str, what: str, **knob: Any) -> list[Case]:
+    """XX msg2 ``e`` and ``s``, IK msg2 ``e`` sent as ``knob`` says; stalk's client must
+    fail with :class:`~stalk.InvalidPeerKey` before sending message 3 or READY."""
+    e_knob = {key.replace("_s", "_e"): value for key, value in knob.items()}
+    s_knob = {key.replace("_e", "_s"): value for key, value in knob.items()}
     return [
         row(
             f"xx_msg2_e_{name}",
-            "low-order",
-            f"a server whose XX message 2 `e` is low-order point `{name}`",
-            NO_CONNECTION,
-            server(handshake_then, build=lambda _t: b"", resp=Responder(low_e=point)),
+            category,
+            f"a server whose XX message 2 `e` is {what}",
+            BAD_KEY,
+            server(handshake_then, build=lambda _t: b"", resp=Responder(**e_knob)),
         ),
         row(
             f"xx_msg2_s_{name}",
-            "low-order",
-            f"a server whose XX message 2 `s` (encrypted) is low-order point `{name}`",
-            NO_CONNECTION,
-            server(handshake_then, build=lambda _t: b"", resp=Responder(low_s=point)),
+            category,
+            f"a server whose XX message 2 `s` (encrypted) is {what}",
+            BAD_KEY,
+            server(handshake_then, build=lambda _t: b"", resp=Responder(**s_knob)),
         ),
         row(
             f"ik_msg2_e_{name}",
-            "low-order",
-            f"a server whose IK message 2 `e` is low-order point `{name}`",
-            NO_CONNECTION,
-            server(handshake_then, ik=True, build=lambda _t: b"", resp=Responder(low_e=point)),
+            category,
+            f"a server whose IK message 2 `e` is {what}",
+            BAD_KEY,
+            server(handshake_then, ik=True, build=lambda _t: b"", resp=Responder(**e_knob)),
         ),
     ]
+
+
+def _low_order(name: str, point: bytes) -> list[Case]:
+    return _bad_keys("low-order", name, f"low-order point `{name}`", low_e=point)
 
 
 async def stall_after_msg2(wire: Wire, side: ServerSide) -> None:
@@ -717,4 +729,17 @@ CASES: list[Case] = [
         server(_shaped(split_headers), build=lambda t: t.seal(close())),
     ),
     *[case for name, point in LOW_ORDER_POINTS.items() for case in _low_order(name, point)],
+    *_bad_keys(
+        "non-canonical",
+        "bit255_twin",
+        "the bit-255 twin of the server's real key (the same DH key, non-canonical)",
+        twin_e=True,
+    ),
+    *[
+        case
+        for name, point in NON_CANONICAL_POINTS.items()
+        for case in _bad_keys(
+            "non-canonical", name, f"non-canonical `{name}` ({point.hex()[-8:]})", low_e=point
+        )
+    ],
 ]

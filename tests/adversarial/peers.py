@@ -7,7 +7,9 @@ whatever plaintext it likes with its real sending cipher. Everything it sends th
 authenticates, unless the case is about something that must not.
 
 - :class:`Wire`: a socket with a read buffer (frames, exact reads, read-to-EOF, RST).
-- :class:`Initiator` / :class:`Responder`: Noise-level handshake peers with knobs.
+- :class:`Initiator` / :class:`Responder`: Noise-level handshake peers with knobs, among
+  them any public key as ``e`` or ``s`` (low-order, non-canonical) and the bit-255 twin of
+  their real keys (non-canonical, yet the same DH key: only a key check can refuse it).
 - :class:`Transport`: the attacker's two transport ciphers; :meth:`Transport.seal` makes a
   frame out of any plaintext.
 - record helpers (:func:`rec`, :func:`msg`, ...), the published low-order X25519 points, real
@@ -64,6 +66,25 @@ LOW_ORDER_POINTS: Final[dict[str, bytes]] = {
         f"{name}_bit255": _le(int.from_bytes(raw, "little") | 1 << 255)
         for name, raw in _CANONICAL_LOW_ORDER.items()
     },
+}
+
+
+def bit_255_twin(raw: bytes) -> bytes:
+    """``raw`` with bit 255 set: a non-canonical encoding of the same X25519 key.
+
+    X25519 ignores that bit, so a DH with the twin gives exactly the result of a DH with
+    the key itself: a handshake that sends the twin of a real key succeeds unless the
+    receiver refuses non-canonical keys.
+    """
+    return raw[:31] + bytes([raw[31] | 0x80])
+
+
+#: Non-canonical encodings that are no twin of a key anyone holds (u >= p, or bit 255
+#: set on such a u): refused before any DH, so no private key is needed to send them.
+NON_CANONICAL_POINTS: Final[dict[str, bytes]] = {
+    "p_plus_9": _le(_P + 9),  # the base point 9, unreduced
+    "2_255_minus_1": _le(2**255 - 1),
+    "9_bit255": _le(9 | 1 << 255),
 }
 
 #: Our handshake payload parameters, as stalk sends them.
@@ -244,9 +265,36 @@ def _patch_ephemeral(noise: NoiseHandshake, public: bytes) -> None:
     noise._hs.e = pair
 
 
+def _patch_ephemeral_twin(noise: NoiseHandshake) -> None:
+    """Make the next ``e`` token send the bit-255 twin of a real ephemeral key."""
+    pair = KeyPair25519.from_private_bytes(os.urandom(32))
+    pair.public_bytes = bit_255_twin(pair.public_bytes)
+    noise._hs.e = pair
+
+
 def _patch_static(noise: NoiseHandshake, public: bytes) -> None:
-    """Make the ``s`` token send ``public`` (encrypted, so the victim decrypts it fine)."""
-    noise._hs.s.public_bytes = public
+    """Make the ``s`` token send ``public`` (encrypted, so the victim decrypts it fine).
+
+    The key pair is replaced, not edited: stalk caches one key pair object per static
+    private key, and editing it would make every later handshake with that key send
+    ``public`` too. Our own DH keeps using the real private key.
+    """
+    real = noise._hs.s
+    noise._hs.s = KeyPair25519(private=real.private, public=real.public, public_bytes=public)
+
+
+def _patch_keys(
+    noise: NoiseHandshake, e: bytes | None, s: bytes | None, *, twin_e: bool, twin_s: bool
+) -> None:
+    """Apply an :class:`Initiator`'s or :class:`Responder`'s key knobs."""
+    if e is not None:
+        _patch_ephemeral(noise, e)
+    if twin_e:
+        _patch_ephemeral_twin(noise)
+    if s is not None:
+        _patch_static(noise, s)
+    if twin_s:
+        _patch_static(noise, bit_255_twin(noise._hs.s.public_bytes))
 
 
 @dataclass
@@ -310,8 +358,10 @@ class Initiator:
     :param prologue: the Noise prologue (default: the preamble; differ to forge a MITM).
     :param msg1_payload: IK: our parameters; XX: the cleartext map (default ``80``).
     :param msg3_payload: XX: our parameters.
-    :param low_e: send this (low-order) public key as ``e``.
-    :param low_s: send this (low-order) public key as ``s``.
+    :param low_e: send this (low-order or non-canonical) public key as ``e``.
+    :param low_s: send this (low-order or non-canonical) public key as ``s``.
+    :param twin_e: send the bit-255 twin of our real ephemeral key as ``e`` (our DH works).
+    :param twin_s: send the bit-255 twin of our real static key as ``s`` (our DH works).
     """
 
     server: PublicIdentity | None = None
@@ -323,6 +373,8 @@ class Initiator:
     msg3_payload: bytes | None = None
     low_e: bytes | None = None
     low_s: bytes | None = None
+    twin_e: bool = False
+    twin_s: bool = False
     #: XX: message 3 as sent (framed), once :func:`client_handshake` sent it.
     msg3_frame: bytes = b""
 
@@ -338,10 +390,7 @@ class Initiator:
             static_private=self.identity.private_bytes(),
             remote_static_public=self.server.raw if pattern == "IK" and self.server else None,
         )
-        if self.low_e is not None:
-            _patch_ephemeral(self.noise, self.low_e)
-        if self.low_s is not None:
-            _patch_static(self.noise, self.low_s)
+        _patch_keys(self.noise, self.low_e, self.low_s, twin_e=self.twin_e, twin_s=self.twin_s)
         if self.msg1_payload is None:
             self.msg1_payload = params() if pattern == "IK" else b"\x80"
         if self.msg3_payload is None:
@@ -373,9 +422,13 @@ class Initiator:
 
 
 class Refused(Exception):
-    """The victim answered the preamble and message 1 with a refusal verdict."""
+    """The victim refused: a refusal verdict, or (XX) a first transport message not READY.
 
-    def __init__(self, code: int) -> None:
+    :ivar code: the refusal code, or the code of the CLOSE sent instead of READY
+        (``None`` when that message held no CLOSE).
+    """
+
+    def __init__(self, code: int | None) -> None:
         super().__init__(f"refused with code {code}")
         self.code = code
 
@@ -413,9 +466,10 @@ async def client_handshake(
         first = await wire.read_frame()
         if first is None:
             raise EOFError("no READY")
-        kinds = [r.kind for r in transport.open(first)]
-        if kinds[:1] != [RecordKind.READY]:
-            raise Refused(CloseCode.NOT_AUTHORIZED)
+        records = transport.open(first)
+        if [r.kind for r in records[:1]] != [RecordKind.READY]:
+            codes = close_codes(records)
+            raise Refused(codes[0] if codes else None)
         return transport
     transport = init.transport()
     if ready:
@@ -430,8 +484,10 @@ class Responder:
     :param identity: our static key (an IK client must pin its public half).
     :param prologue: the Noise prologue (default: the preamble as received).
     :param msg2_payload: our parameters (default: stalk's).
-    :param low_e: send this (low-order) public key as ``e``.
-    :param low_s: XX: send this (low-order) public key as ``s``.
+    :param low_e: send this (low-order or non-canonical) public key as ``e``.
+    :param low_s: XX: send this (low-order or non-canonical) public key as ``s``.
+    :param twin_e: send the bit-255 twin of our real ephemeral key as ``e`` (our DH works).
+    :param twin_s: XX: send the bit-255 twin of our real static key as ``s``.
     """
 
     identity: Identity = field(default_factory=Identity.generate)
@@ -439,6 +495,8 @@ class Responder:
     msg2_payload: bytes | None = None
     low_e: bytes | None = None
     low_s: bytes | None = None
+    twin_e: bool = False
+    twin_s: bool = False
     pattern: Pattern | None = None
     noise: NoiseHandshake | None = None
 
@@ -452,10 +510,7 @@ class Responder:
             prologue=self.prologue if self.prologue is not None else preamble,
             static_private=self.identity.private_bytes(),
         )
-        if self.low_e is not None:
-            _patch_ephemeral(self.noise, self.low_e)
-        if self.low_s is not None:
-            _patch_static(self.noise, self.low_s)
+        _patch_keys(self.noise, self.low_e, self.low_s, twin_e=self.twin_e, twin_s=self.twin_s)
 
     def msg2(self) -> bytes:
         """Message 2 (not framed)."""
