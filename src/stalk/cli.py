@@ -1,16 +1,39 @@
 """The ``stalk`` command line: keys, a listener, a client, the demo and the vector runner.
 
-Every command uses only the public API. Errors are one readable line on stderr and a
-non-zero exit status, never a traceback.
+Every command uses only the public API. Errors are one readable line on stderr
+(``stalk: error: ...``) and a non-zero exit status, never a traceback: an exception group
+from an anyio task group is reduced to the errors inside it, and ``stalk listen`` writes
+the ``stalk`` logger's warnings as single lines too.
+
+Everything a peer chooses is untrusted text: a refusal reason (not even authenticated),
+a CLOSE reason, the error messages that quote them, and the contents of spacks. The
+command line writes such text only through :func:`escape`, which shows every character
+that Python's ``repr()`` would escape as an escape sequence (``\\x1b``, ``\\u202e``), so
+a peer cannot move the cursor, ring the bell, retitle the terminal, forge extra lines or
+reorder a line with bidirectional controls.
+
+Received spacks are printed as :func:`summarize` makes them (``stalk listen``, ``connect``
+and ``send --wait`` alike): each ``str``/``bytes`` value shortened to about
+:data:`VALUE_CHARS` characters and the line to about :data:`SUMMARY_CHARS`, with the
+spack's size, built without ever making the ``repr()`` of a whole large value. ``--full``
+prints the whole ``repr()``, escaped the same way. ``--max-message-size`` sets
+:attr:`stalk.Config.max_message_size`, the largest spack the peer may send us.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import codecs
+import io
+import logging
+import os
+import stat
 import sys
-from collections.abc import Sequence
+from array import array
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, Final
 
 import anyio
 
@@ -20,14 +43,299 @@ from stalk.connection import Connection
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
-from stalk.spack import Spack, SpackValue
+from stalk.spack import Float32, Spack, SpackValue
 from stalk.vectors import main as vectors_main
 
 __all__ = ["main"]
 
+#: The most characters one ``str`` or ``bytes`` value takes in a summary (its quotes and
+#: the ``... (N more bytes)`` note aside).
+VALUE_CHARS: Final = 200
+#: A summary adds no further value once the line is this long: with one last value, the
+#: notes of nested containers and the size, a line stays under 2,600 characters.
+SUMMARY_CHARS: Final = 1000
+#: A summary states the spack's size in bytes unless it holds more values than this (all
+#: containers included): counting those would take longer than the summary is worth.
+SIZE_VALUES: Final = 100_000
+
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
+
+
+# -- printing what a peer sent --------------------------------------------------------------
+
+
+def escape(text: str) -> str:
+    """Return ``text`` with every character ``repr()`` escapes written as its escape.
+
+    That is every character :meth:`str.isprintable` refuses: the C0 controls (ESC, BEL,
+    CR, LF, TAB...), DEL, the C1 controls U+0080..U+009F (CSI is U+009B), the format
+    characters (category Cf: the bidirectional marks, embeddings, overrides and isolates
+    U+200E/F, U+202A..U+202E, U+2066..U+2069, U+061C, zero-width characters, U+FEFF, the
+    soft hyphen, tag characters), the line and paragraph separators U+2028/U+2029, every
+    space but U+0020, surrogates, private-use and unassigned code points. Escapes are the
+    ones ``repr()`` writes (``\\x1b``, ``\\n``, ``\\u202e``, ``\\U000e0041``), so escaped
+    text reads like the ``repr()`` of a spack. Backslashes are left alone: what a peer
+    sends can look like an escape, but can never act as one.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def _utf8_length(text: str) -> int:
+    """The length of ``text`` in UTF-8, without encoding a large string all at once."""
+    if text.isascii():
+        return len(text)
+    step = 1 << 16
+    return sum(len(text[i : i + step].encode("utf-8")) for i in range(0, len(text), step))
+
+
+def _length_header(length: int, fix_limit: int, widths: tuple[int, ...]) -> int:
+    """Bytes of a msgpack length header: one for the fix form, else a tag and 1/2/4 bytes."""
+    if length < fix_limit:
+        return 1
+    return next((1 + w for w in widths if length < 1 << (8 * w)), 1 + widths[-1])
+
+
+def _ext_size(payload: int) -> int:
+    """Bytes of a msgpack ext value (fixext for 1/2/4/8/16 bytes, else ext 8/16/32)."""
+    return payload + (
+        2 if payload in (1, 2, 4, 8, 16) else _length_header(payload, 0, (1, 2, 4)) + 1
+    )
+
+
+def _int_size(value: int) -> int:
+    """Bytes of a msgpack int: a fixint, else a tag and the narrowest of 1/2/4/8 bytes."""
+    if -32 <= value < 128:
+        return 1
+    if value >= 0:
+        return next(1 + w for w in (1, 2, 4, 8) if value < 1 << (8 * w) or w == 8)
+    return next(1 + w for w in (1, 2, 4, 8) if value >= -(1 << (8 * w - 1)) or w == 8)
+
+
+class _TooManyValues(Exception):
+    """Raised inside :func:`encoded_size` when its budget of values runs out."""
+
+
+def _size(value: Any, budget: list[int]) -> int:
+    """The encoded size of ``value``; ``budget[0]`` counts down the container elements."""
+    kind = type(value)
+    if value is None or kind is bool:
+        return 1
+    if kind is int:
+        return _int_size(value)
+    if kind is Float32:
+        return 6
+    if kind is float:
+        return 9
+    if kind is str:
+        length = _utf8_length(value)
+        return length + _length_header(length, 32, (1, 2, 4))
+    if kind is bytes or kind is bytearray or kind is memoryview:
+        length = memoryview(value).nbytes
+        return length + _length_header(length, 0, (1, 2, 4))
+    if kind is array:
+        return _ext_size(len(value) * value.itemsize)
+    budget[0] -= len(value)
+    if budget[0] < 0:
+        raise _TooManyValues
+    if kind is list:
+        return _length_header(len(value), 16, (2, 4)) + sum(_size(v, budget) for v in value)
+    if kind is tuple:
+        payload = _length_header(len(value), 16, (2, 4)) + sum(_size(v, budget) for v in value)
+        return _ext_size(payload)
+    if kind is dict:
+        items = sum(_size(k, budget) + _size(v, budget) for k, v in value.items())
+        return _length_header(len(value), 16, (2, 4)) + items
+    raise TypeError(f"not a spack value: {kind.__qualname__}")
+
+
+def encoded_size(values: Sequence[Any], *, max_values: int = SIZE_VALUES) -> int | None:
+    """The length of the spack encoding of ``values`` (SPEC.md section 19), or ``None``.
+
+    Computed from lengths, without encoding anything or copying a ``bytes`` value or an
+    ASCII string: ``encoded_size(spack)`` equals ``len(spack.encode())``. Every
+    value inside a container is one Python step, so a spack holding more than
+    ``max_values`` values (counting those in nested containers) is not counted: the answer
+    is ``None`` after at most that many steps.
+    """
+    try:
+        return _size(list(values), [max_values])
+    except _TooManyValues:
+        return None
+
+
+def _plural(number: int, noun: str) -> str:
+    """``noun``, or its plural unless ``number`` is 1."""
+    return noun if number == 1 else f"{noun}s"
+
+
+class _Summary:
+    """Builds the bounded text of a spack (see :func:`summarize`)."""
+
+    def __init__(self, value_chars: int, total_chars: int) -> None:
+        self.parts: list[str] = []
+        self.left = total_chars
+        self.value_chars = value_chars
+        self.shortened = False
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.left -= len(text)
+
+    def value(self, value: Any) -> None:
+        kind = type(value)
+        if kind is str:
+            self.sliced(value, len(value), "characters")
+        elif kind is bytes or kind is bytearray or kind is memoryview:
+            data = memoryview(value).cast("B")
+            self.sliced(data, len(data), "bytes")
+        elif kind is list:
+            self.items("[", value, len(value), "]", self.value)
+        elif kind is tuple:
+            self.items("(", value, len(value), ",)" if len(value) == 1 else ")", self.value)
+        elif kind is dict:
+            self.items("{", value.items(), len(value), "}", self.entry)
+        elif kind is array:
+            if value:
+                self.items(f"array({value.typecode!r}, [", value, len(value), "])", self.value)
+            else:
+                self.add(f"array({value.typecode!r})")
+        elif value is None or kind in (bool, int, float, Float32):
+            self.add(repr(value))  # at most a few dozen characters
+        else:
+            self.add(f"<{kind.__qualname__}>")
+
+    def entry(self, item: tuple[Any, Any]) -> None:
+        self.value(item[0])
+        self.add(": ")
+        self.value(item[1])
+
+    def sliced(self, value: str | memoryview, length: int, unit: str) -> None:
+        """A prefix of ``value`` whose repr fits in ``value_chars``, and what is left."""
+        shown = min(length, self.value_chars)
+        while True:
+            head = value[:shown]
+            text = repr(head if isinstance(head, str) else bytes(head))
+            if len(text) <= self.value_chars + 3 or shown <= 1:
+                break
+            shown = max(1, shown * self.value_chars // len(text))
+        self.add(text)
+        if shown < length:
+            self.add(f"... ({length - shown} more {unit})")
+            self.shortened = True
+
+    def items(
+        self,
+        opening: str,
+        items: Iterable[Any],
+        count: int,
+        closing: str,
+        show: Callable[[Any], None],
+    ) -> None:
+        self.add(opening)
+        for index, item in enumerate(items):
+            if index:
+                self.add(", ")
+            if self.left <= 0:
+                self.add(f"... ({count - index} more {_plural(count - index, 'value')})")
+                self.shortened = True
+                break
+            show(item)
+        self.add(closing)
+
+
+def summarize(
+    spack: Spack, *, value_chars: int = VALUE_CHARS, total_chars: int = SUMMARY_CHARS
+) -> str:
+    """A one-line, escaped, bounded rendering of ``spack``.
+
+    A spack that fits reads exactly as its ``repr()``. A longer one shows each ``str`` and
+    ``bytes`` value up to about ``value_chars`` characters followed by
+    ``... (N more bytes)`` (``characters`` for a string), stops listing the values of a
+    container once the line reaches ``total_chars`` with ``... (N more values)``, and ends
+    with ``(spack of N bytes, M values; --full prints it all)`` (the size is left out for a
+    spack of more than :data:`SIZE_VALUES` values in all). Only the parts shown are ever
+    turned into text, so a 16 MiB value costs a 200-byte slice, not a 64 MiB repr.
+    """
+    summary = _Summary(value_chars, total_chars)
+    summary.items("Spack(", spack, len(spack), ")", summary.value)
+    text = "".join(summary.parts)
+    if summary.shortened:
+        size, count = encoded_size(spack), len(spack)
+        values = f"{count} {_plural(count, 'value')}"
+        if size is None:
+            text += f" (spack of {values}, over {SIZE_VALUES} in all; --full prints it all)"
+        else:
+            text += f" (spack of {size} bytes, {values}; --full prints it all)"
+    return escape(text)
+
+
+def _show(spack: Spack, args: argparse.Namespace) -> str:
+    """What the command prints for a received spack: its summary, or with --full all of it."""
+    return escape(repr(spack)) if args.full else summarize(spack)
+
+
+def _error_text(exc: BaseException) -> str:
+    """One exception as text: its message, or its type when the message is empty."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
+    known = (CommandError, stalk.StalkError, OSError, ValueError)
+    text = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
+    return text or type(exc).__name__
+
+
+def _leaf_errors(exc: BaseException) -> list[BaseException]:
+    """``exc`` itself, or the errors inside it if it is an exception group.
+
+    Groups are recognised by their ``exceptions`` tuple: the built-in BaseExceptionGroup
+    from Python 3.11 and the ``exceptiongroup`` backport that anyio uses on 3.10 both have
+    one, and no import is needed on either.
+    """
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple) and inner and all(isinstance(e, BaseException) for e in inner):
+        return [leaf for sub in inner for leaf in _leaf_errors(sub)]
+    return [exc]
+
+
+def _report(exc: BaseException) -> int:
+    """Print ``exc`` as one ``stalk: error:`` line (escaped); return the exit status.
+
+    An exception group (a task group failed) is reduced to the errors that explain it:
+    cancellations are dropped, and so is "we closed the connection" when another error
+    caused the close. Each distinct message appears once.
+    """
+    leaves = _leaf_errors(exc)
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        return 130
+    # Cancellations (asyncio.CancelledError, trio.Cancelled) are BaseExceptions only.
+    leaves = [leaf for leaf in leaves if isinstance(leaf, Exception)] or leaves
+    causes = [leaf for leaf in leaves if not isinstance(leaf, anyio.ClosedResourceError)]
+    messages = dict.fromkeys(_error_text(leaf) for leaf in causes or leaves)
+    print(f"stalk: error: {escape('; '.join(messages))}", file=sys.stderr, flush=True)
+    return 1
+
+
+class _LogLine(logging.Handler):
+    """Writes the ``stalk`` logger's records as single escaped lines, tracebacks omitted.
+
+    The listener logs errors of single connections (their text may quote a peer); the
+    command line shows them as one line each instead of Python's default output.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f": {_error_text(record.exc_info[1])}"
+        print(f"stalk: {record.levelname.lower()}: {escape(text)}", file=sys.stderr, flush=True)
+
+
+def _config(args: argparse.Namespace) -> stalk.Config:
+    if args.max_message_size is None:
+        return stalk.Config()
+    return stalk.Config(max_message_size=args.max_message_size)
 
 
 def _say(text: str) -> None:
@@ -108,7 +416,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    """Serve: print peers and their spacks (or echo them)."""
+    """Serve: print peers and a summary of their spacks (or echo them)."""
     host, port = _parse_address(args.address, default_host="127.0.0.1")
     path = _identity_path(args.file)
     if not path.exists() and args.file is None:
@@ -116,21 +424,26 @@ def cmd_listen(args: argparse.Namespace) -> int:
         _say(f"created a new identity in {path}")
     identity = _load_identity(path)
     authorize = AuthorizedPeers(args.authorized_peers) if args.authorized_peers else None
+    config = _config(args)
+    logging.getLogger("stalk").addHandler(_LogLine(logging.WARNING))
 
     async def handler(conn: Connection) -> None:
         who = conn.peer.fingerprint
         _say(f"peer {who} connected ({conn.pattern}) from {conn.host}:{conn.port}")
+        ending = ""
         try:
             async for spack in conn:
-                _say(f"{who}: {spack!r}")
+                _say(f"{who}: {_show(spack, args)}")
                 if args.echo:
                     await conn.send(spack)
+        except stalk.StalkError as exc:
+            ending = f": {escape(_error_text(exc))}"
         finally:
-            _say(f"peer {who} disconnected")
+            _say(f"peer {who} disconnected{ending}")
 
     async def serve() -> None:
         async with await stalk.create_listener(
-            host, port, identity=identity, authorize=authorize
+            host, port, identity=identity, authorize=authorize, config=config
         ) as listener:
             bound_host, bound_port = listener.address
             _say(f"listening on {bound_host}:{bound_port} as {identity.public}")
@@ -158,7 +471,7 @@ async def _dial(args: argparse.Namespace) -> Connection:
     else:
         peer = known.lookup(host, port)
     try:
-        conn = await stalk.connect(host, port, peer, identity=identity)
+        conn = await stalk.connect(host, port, peer, identity=identity, config=_config(args))
     except stalk.PeerIdentityMismatch:
         if args.peer or peer is None:
             raise
@@ -194,11 +507,58 @@ def cmd_send(args: argparse.Namespace) -> int:
         async with await _dial(args) as conn:
             await conn.send(spack)
             if args.wait:
-                with anyio.fail_after(args.wait):
-                    _say(repr(await conn.receive()))
+                try:
+                    with anyio.fail_after(args.wait):
+                        reply = await conn.receive()
+                except TimeoutError:
+                    raise CommandError(f"no reply within {args.wait} s") from None
+                except anyio.EndOfStream:
+                    raise CommandError("the peer closed the connection without replying") from None
+                _say(_show(reply, args))
 
     anyio.run(run, backend=args.backend)
     return 0
+
+
+async def _stdin_lines() -> AsyncIterator[str]:
+    """The lines of standard input, without their line endings.
+
+    A terminal, pipe or socket is read from its file descriptor once it is readable, so
+    that waiting for input is cancellable: when the server ends the session, ``stalk
+    connect`` reports it at once instead of after the next line. Anything else (a regular
+    file, ``/dev/null``) never blocks for long and is read in a worker thread.
+    """
+    fd = -1
+    if sys.platform != "win32" and sys.stdin is not None:
+        try:
+            fd = sys.stdin.fileno()
+            mode = os.fstat(fd).st_mode
+        except (OSError, ValueError):
+            fd = -1
+        else:
+            if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)):
+                fd = -1
+    if fd < 0:
+        async for line in anyio.wrap_file(sys.stdin):
+            yield line.rstrip("\n")
+        return
+    decoder = codecs.getincrementaldecoder(sys.stdin.encoding or "utf-8")(errors="replace")
+    pending: list[str] = []
+    while True:
+        await anyio.wait_readable(fd)
+        data = os.read(fd, 1 << 16)
+        text = decoder.decode(data, final=not data)
+        if "\n" in text:
+            *lines, rest = "".join([*pending, text]).split("\n")
+            pending = [rest]
+            for line in lines:
+                yield line.removesuffix("\r")
+        else:
+            pending.append(text)
+        if not data:
+            break
+    if last := "".join(pending):
+        yield last
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
@@ -206,16 +566,15 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
     async def printer(conn: Connection) -> None:
         async for spack in conn:
-            _say(repr(spack))
+            _say(_show(spack, args))
 
     async def run() -> None:
         async with await _dial(args) as conn:
             print(f"connected to {conn.peer.fingerprint} ({conn.pattern})", file=sys.stderr)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(printer, conn)
-                stdin = anyio.wrap_file(sys.stdin)
-                async for line in stdin:
-                    await conn.send(Spack(line.rstrip("\n")))
+                async for line in _stdin_lines():
+                    await conn.send(Spack(line))
                 await conn.send_eof()
 
     anyio.run(run, backend=args.backend)
@@ -256,12 +615,29 @@ def build_parser() -> argparse.ArgumentParser:
             "-f", "--file", help="identity file (default: $STALK_HOME/identity, ~/.stalk/identity)"
         )
 
+    def peer_data_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--full",
+            action="store_true",
+            help="print received spacks whole (default: a summary of about "
+            f"{SUMMARY_CHARS} characters, each text or bytes value cut to about {VALUE_CHARS}); "
+            "control and bidi characters are escaped either way",
+        )
+        sub.add_argument(
+            "--max-message-size",
+            type=int,
+            metavar="BYTES",
+            help="the largest encoded spack accepted from the peer, advertised to it "
+            f"(stalk.Config.max_message_size, default {stalk.Config().max_message_size})",
+        )
+
     def dial_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("address", metavar="HOST:PORT")
         sub.add_argument(
             "--peer", metavar="KEY", help="pin this server key (overrides known_peers)"
         )
         identity_option(sub)
+        peer_data_options(sub)
 
     sub = commands.add_parser("keygen", help="create an identity (static key pair)")
     identity_option(sub)
@@ -277,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--echo", action="store_true", help="send every spack back")
     sub.add_argument("--authorized-peers", metavar="FILE", help="admit only the keys listed")
     identity_option(sub)
+    peer_data_options(sub)
     sub.set_defaults(run=cmd_listen)
 
     sub = commands.add_parser("connect", help="send each stdin line as a spack, print replies")
@@ -310,13 +687,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stalk`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # Printable text a terminal's encoding cannot represent is escaped, not an error.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return int(args.run(args))
-    except KeyboardInterrupt:
-        return 130
-    except (CommandError, stalk.StalkError, OSError, ValueError) as exc:
-        print(f"stalk: error: {exc}", file=sys.stderr)
-        return 1
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- every failure is one line, never a traceback
+        return _report(exc)
 
 
 if __name__ == "__main__":
