@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -27,12 +28,14 @@ import pytest
 from anyio.abc import SocketStream
 
 from faultproxy import guarded_listener
+from helpers import drain
 from stalk import records
 from stalk.config import Config
 from stalk.connection import Connection, connect
 from stalk.errors import (
     ConnectionLost,
     HandshakeFailed,
+    IdleTimeout,
     MessageLimitExceeded,
     MessageTooLarge,
     PeerRefused,
@@ -527,7 +530,79 @@ async def test_the_listener_survives_running_out_of_file_descriptors(anyio_backe
             await process.aclose()
 
 
-# -- listener caps ------------------------------------------------------------------------------
+async def test_caps_refuse_cleanly_at_the_file_limit_and_idle_peers_are_dropped(
+    anyio_backend: str,
+) -> None:
+    """Issue 9's nofile finding: 55 idle authenticated peers under a 64-file limit.
+
+    Without caps they used every descriptor, and later clients waited on a failing
+    accept(). With ``max_connections`` below the limit the surplus and the legitimate
+    clients get BUSY at once; the idle peers never read (so never answer the keepalive
+    PING) and are dropped by ``idle_timeout``, after which a client is served again.
+    """
+    cap, idle, attempts = 48, 2.0, 55
+    process, port, key = await _low_fd_server(anyio_backend, max_connections=cap, idle_timeout=idle)
+    idlers: list[SocketStream] = []
+    try:
+        refused: Counter[int] = Counter()
+        opened = anyio.current_time()
+        with anyio.fail_after(idle):  # all of it well within one idle period
+            for _ in range(attempts):
+                try:
+                    stream, _session = await raw_session(("127.0.0.1", port), key)
+                except PeerRefused as exc:
+                    refused[exc.code] += 1
+                else:
+                    idlers.append(stream)
+            busy_latencies = []
+            for _ in range(3):
+                started = anyio.current_time()
+                with pytest.raises(PeerRefused) as info:
+                    await connect("127.0.0.1", port, key)
+                busy_latencies.append(anyio.current_time() - started)
+                assert info.value.code == CloseCode.BUSY
+                assert info.value.reason == "too many connections"
+        assert len(idlers) == cap
+        assert refused == {CloseCode.BUSY: attempts - cap}
+        refused.clear()
+        # Served again once the idle peers are dropped: 2 x idle after each one connected.
+        served_at = None
+        with anyio.fail_after(2 * idle + 5):
+            while served_at is None:
+                try:
+                    async with await connect("127.0.0.1", port, key) as conn:
+                        await conn.send(Spack("served again"))
+                        assert await conn.receive() == Spack("served again")
+                    served_at = anyio.current_time() - opened
+                except PeerRefused as exc:
+                    refused[exc.code] += 1
+                    await anyio.sleep(0.1)
+        assert set(refused) == {CloseCode.BUSY}
+    finally:
+        for stream in idlers:
+            await stream.aclose()
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        assert process.stderr is not None
+        log = b""
+        with anyio.move_on_after(5), contextlib.suppress(anyio.EndOfStream):
+            while True:
+                log += await process.stderr.receive()
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+    text = log.decode(errors="replace")
+    print(
+        f"\nnofile/{anyio_backend}: {len(idlers)} idle peers held, {attempts - cap} refused; "
+        f"legitimate clients refused with BUSY in at most {max(busy_latencies) * 1000:.0f} ms; "
+        f"served again {served_at:.2f} s after the idle peers connected (idle_timeout {idle} s)"
+    )
+    assert max(busy_latencies) < 1.0
+    assert 2 * idle - 0.1 < served_at < 2 * idle + 3
+    assert "RLIMIT_NOFILE is 64" in text, text[-500:]  # the warning at creation
+    assert "accept failed" not in text, text[-500:]  # never out of descriptors
+
+
+# -- listener caps and the idle timeout ------------------------------------------------------------
 
 
 async def _echo(conn: Connection) -> None:
@@ -562,6 +637,9 @@ def test_the_address_key_groups_what_one_attacker_holds() -> None:
     [
         {"max_connections": 0},
         {"max_handshakes_per_address": 0},
+        {"idle_timeout": 0},
+        {"idle_timeout": -1.0},
+        {"idle_timeout": math.nan},
     ],
 )
 def test_config_rejects_unusable_listener_limits(fields: dict[str, float]) -> None:
@@ -685,6 +763,174 @@ async def test_established_connections_are_capped(anyio_backend: str) -> None:
                 await conn.aclose()
     print(f"\nmax_connections/{anyio_backend}: client {cap + 1} refused in {busy_latency:.3f} s")
     assert busy_latency < 0.5
+
+
+IDLE_TIMEOUT = 0.5
+
+
+async def test_idle_timeout_drops_a_silent_peer_and_keeps_a_live_one(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw peer that completes the handshake and goes silent is closed with TIMEOUT.
+
+    It receives the keepalive PING after ``idle_timeout`` and the CLOSE at twice that. A
+    stalk client that keeps receiving answers every PING and stays connected.
+    """
+    pings: list[float] = []
+    original_ping = Session.ping
+
+    def counting_ping(self: Session, payload: bytes = b"") -> None:
+        pings.append(anyio.current_time())
+        original_ping(self, payload)
+
+    monkeypatch.setattr(Session, "ping", counting_ping)
+    errors: list[Exception] = []
+
+    async def echo_and_record(conn: Connection) -> None:
+        try:
+            await _echo(conn)
+        except StalkError as exc:
+            errors.append(exc)
+            raise
+
+    config = Config(idle_timeout=IDLE_TIMEOUT)
+    async with serving(echo_and_record, config) as (listener, server_id):
+        live = await connect(*listener.address, server_id.public)
+        received: list[Spack] = []
+
+        async def keep_receiving() -> None:
+            async for spack in live:
+                received.append(spack)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_receiving)
+            stream, session = await raw_session(listener.address, server_id.public)
+            silent_since = anyio.current_time()
+            first_bytes = None
+            events = []
+            with anyio.fail_after(4 * IDLE_TIMEOUT + 2):
+                try:
+                    while True:  # reading, never answering
+                        data = await stream.receive()
+                        first_bytes = first_bytes or anyio.current_time() - silent_since
+                        session.receive_data(data)
+                        events += drain(session)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    closed_after = anyio.current_time() - silent_since
+            await stream.aclose()
+            # The live client goes on through several idle periods.
+            await anyio.sleep(4 * IDLE_TIMEOUT)
+            await live.send(Spack("still here"))
+            with anyio.fail_after(2):
+                while not received:
+                    await anyio.sleep(0.01)
+            assert listener.connections == 1
+            tg.cancel_scope.cancel()
+        await live.aclose()
+    print(
+        f"\nidle/{anyio_backend}: silent peer pinged after {first_bytes:.2f} s, closed after "
+        f"{closed_after:.2f} s (idle_timeout {IDLE_TIMEOUT} s); live peer answered "
+        f"{len(pings) - 1} PINGs and stayed"
+    )
+    assert first_bytes is not None
+    assert IDLE_TIMEOUT - 0.05 < first_bytes < IDLE_TIMEOUT + 0.4
+    assert 2 * IDLE_TIMEOUT - 0.05 < closed_after < 2 * IDLE_TIMEOUT + 0.5
+    assert [e.code for e in events if isinstance(e, CloseReceived)] == [CloseCode.TIMEOUT]
+    assert any(isinstance(exc, IdleTimeout) for exc in errors), errors
+    assert received == [Spack("still here")]
+    assert len(pings) >= 1 + 5  # the silent peer's, then one per idle period of the live one
+
+
+async def test_the_idle_timer_counts_only_time_spent_receiving(anyio_backend: str) -> None:
+    """Receiving in short, cancelled polls adds up; the time between polls does not count.
+
+    The server never reads, so it never answers the PING: with idle_timeout 0.3 s the
+    client gives up after 0.6 s of waiting in all, during its third 0.25 s poll, although
+    well over 0.6 s passed since the last byte.
+    """
+    idle = 0.3
+    stop = anyio.Event()
+
+    async def never_reads(conn: Connection) -> None:
+        await stop.wait()
+
+    async with serving(never_reads) as (listener, server_id):
+        conn = await connect(*listener.address, server_id.public, config=Config(idle_timeout=idle))
+        polls = 0
+
+        async def poll() -> None:
+            nonlocal polls
+            while True:
+                polls += 1
+                with anyio.move_on_after(0.25):
+                    await conn.receive()
+                await anyio.sleep(0.4)
+
+        started = anyio.current_time()
+        with anyio.fail_after(10), pytest.raises(IdleTimeout):
+            await poll()
+        elapsed = anyio.current_time() - started
+        with pytest.raises(ConnectionLost):
+            await conn.send(Spack(1))
+        await conn.aclose()
+        stop.set()
+    assert polls == 3
+    assert elapsed > 1.0
+
+
+@pytest.mark.parametrize("writer", [False, True], ids=["direct", "writer-task"])
+async def test_the_idle_timeout_never_waits_for_a_blocked_writer(
+    anyio_backend: str, writer: bool
+) -> None:
+    """A send is stuck (the peer reads nothing) while receive() times out.
+
+    The PING cannot be written (a sender holds the lock), and the timeout must not wait
+    for it: receive() raises IdleTimeout at twice idle_timeout, closing the transport,
+    which ends the stuck send long before write_timeout.
+    """
+    idle = 0.5
+    stop = anyio.Event()
+
+    async def never_reads(conn: Connection) -> None:
+        await stop.wait()
+
+    config = Config(idle_timeout=idle, write_timeout=30)
+    async with serving(never_reads) as (listener, server_id):
+        conn = await connect(*listener.address, server_id.public, config=config)
+        if writer:
+            await conn.__aenter__()
+        send_error: list[BaseException] = []
+        send_ended = math.inf
+
+        async def stuck_send() -> None:
+            nonlocal send_ended
+            try:
+                await conn.send(Spack(bytes(15 * MiB)))  # far beyond the socket buffers
+                await conn.flush()
+            except ConnectionLost as exc:
+                send_error.append(exc)
+            send_ended = anyio.current_time() - started
+
+        started = anyio.current_time()
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stuck_send)
+                with pytest.raises(IdleTimeout):
+                    await conn.receive()
+                timed_out = anyio.current_time() - started
+        if writer:
+            await conn.__aexit__(None, None, None)
+        await conn.aclose()
+        stop.set()
+    print(
+        f"\nidle-vs-blocked-writer/{anyio_backend}/{'writer' if writer else 'direct'}: "
+        f"IdleTimeout after {timed_out:.2f} s, the stuck send ended after {send_ended:.2f} s"
+    )
+    assert 2 * idle - 0.05 < timed_out < 2 * idle + 0.5
+    # The send stayed stuck until the timeout closed the transport, and not much longer.
+    assert timed_out - 0.05 < send_ended < timed_out + 1.0
+    assert len(send_error) == 1
+    assert len(send_error) == 1
 
 
 # -- shutting a listener down --------------------------------------------------------------------

@@ -51,6 +51,8 @@ def test_config_table_matches_defaults() -> None:
     assert rows["max_handshakes"].strip() == str(defaults.max_handshakes)
     assert rows["max_connections"].strip() == str(defaults.max_connections)
     assert rows["max_handshakes_per_address"].strip() == str(defaults.max_handshakes_per_address)
+    assert defaults.idle_timeout is None
+    assert rows["idle_timeout"].strip() == "off"
     assert rows["read_size"].strip() == f"{defaults.read_size >> 10} KiB"
     assert rows["send_buffer"].strip() == f"{defaults.send_buffer >> 10} KiB"
 

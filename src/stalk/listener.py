@@ -15,7 +15,8 @@ blocks the others. Three caps are checked when a client arrives, before any cryp
 
 A client beyond any of them is refused with BUSY immediately (one byte and a reason saying
 which cap) rather than queued, so a flood of clients that never finish cannot pile up
-sockets behind the limit. Each handshake is bounded by ``Config.handshake_timeout``.
+sockets behind the limit. Each handshake is bounded by ``Config.handshake_timeout``; an
+established connection whose handler receives can be bounded by ``Config.idle_timeout``.
 
 After a successful handshake (and ``authorize``), ``handler(conn)`` runs in the same task.
 When it returns, the connection is closed cleanly; when it raises, the error is logged, the
