@@ -114,6 +114,7 @@ SERVER_CONFIG = Config(
     write_timeout=1.0,
     close_timeout=0.5,
     max_handshakes=4 * SOCKET_WORKERS,
+    max_handshakes_per_address=4 * SOCKET_WORKERS,  # every worker is on 127.0.0.1
 )
 #: CLOSE code a client uses when its own deadline expires (an application code)
 APP_DEADLINE_CODE = 0x1001

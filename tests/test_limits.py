@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import logging
+import math
 import subprocess
 import sys
 import time
@@ -25,12 +28,14 @@ import pytest
 from anyio.abc import SocketStream
 
 from faultproxy import guarded_listener
+from helpers import drain
 from stalk import records
 from stalk.config import Config
 from stalk.connection import Connection, connect
 from stalk.errors import (
     ConnectionLost,
     HandshakeFailed,
+    IdleTimeout,
     MessageLimitExceeded,
     MessageTooLarge,
     PeerRefused,
@@ -39,7 +44,7 @@ from stalk.errors import (
 from stalk.events import NEED_DATA, CloseReceived, HandshakeComplete
 from stalk.handshake import InitiatorHandshake
 from stalk.identity import Identity, PublicIdentity
-from stalk.listener import Listener, listen
+from stalk.listener import Listener, _address_key, _check_file_limit, listen
 from stalk.session import Role, Session, SessionConfig
 from stalk.spack import Spack
 from stalk.wire import CloseCode, RecordKind
@@ -86,14 +91,18 @@ async def raw_session(
     """A sans-IO initiator over a plain socket: a peer whose every byte the test controls."""
     stream = await anyio.connect_tcp(*address)
     session = Session(Role.INITIATOR, Identity.generate(), peer=server, config=config)
-    while True:
-        event = session.next_event()
-        if out := session.data_to_send():
-            await stream.send(bytes(out))
-        if isinstance(event, HandshakeComplete):
-            return stream, session
-        if event is NEED_DATA:
-            session.receive_data(await stream.receive())
+    try:
+        while True:
+            event = session.next_event()
+            if out := session.data_to_send():
+                await stream.send(bytes(out))
+            if isinstance(event, HandshakeComplete):
+                return stream, session
+            if event is NEED_DATA:
+                session.receive_data(await stream.receive())
+    except BaseException:  # refused, cut, cancelled: the socket is not the caller's to close
+        await anyio.aclose_forcefully(stream)
+        raise
 
 
 # -- handshake floods ------------------------------------------------------------------------------
@@ -113,7 +122,12 @@ async def test_handshake_flood_is_bounded_and_reclaimed(
     slot (trickling or not); a legitimate client is refused quickly during the flood and
     connects as soon as the slots are reclaimed.
     """
-    config = Config(max_handshakes=max_handshakes, handshake_timeout=FLOOD_TIMEOUT)
+    # All from 127.0.0.1: the per-address cap is lifted to test the global one.
+    config = Config(
+        max_handshakes=max_handshakes,
+        max_handshakes_per_address=max_handshakes,
+        handshake_timeout=FLOOD_TIMEOUT,
+    )
 
     async def echo(conn: Connection) -> None:
         async for spack in conn:
@@ -185,14 +199,14 @@ async def test_handshake_flood_is_bounded_and_reclaimed(
     assert outcome["busy"] + outcome["closed"] + outcome["reset"] == FLOOD + TRICKLERS
 
 
-async def _trickle(sock: SocketStream) -> None:
-    """Valid preamble bytes, one every 0.3 s: a slowloris the absolute deadline must stop."""
+async def _trickle(sock: SocketStream, pause: float = 0.3) -> None:
+    """Valid preamble bytes, one per ``pause``: a slowloris the absolute deadline must stop."""
     try:
         for byte in b"STALK\x01IK":
             await sock.send(bytes([byte]))
-            await anyio.sleep(0.3)
+            await anyio.sleep(pause)
         await anyio.sleep_forever()
-    except (anyio.BrokenResourceError, OSError):
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         return
 
 
@@ -440,18 +454,23 @@ async def test_memory_per_idle_connection_is_bounded(anyio_backend: str, burst: 
 
 # -- running out of file descriptors ------------------------------------------------------------
 
+#: A listener limited to 64 open files; argv: backend, Config fields as JSON.
 _LOW_FD_SERVER = """
-import resource, sys
+import json, logging, resource, sys
 import anyio, stalk
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 identity = stalk.Identity.generate()
+config = stalk.Config(**json.loads(sys.argv[2]))
 
 async def echo(conn):
     async for spack in conn:
         await conn.send(spack)
 
 async def main():
-    async with await stalk.create_listener("127.0.0.1", 0, identity=identity) as listener:
+    async with await stalk.create_listener(
+        "127.0.0.1", 0, identity=identity, config=config
+    ) as listener:
         print(listener.address[1], str(identity.public), flush=True)
         await listener.serve(echo)
 
@@ -459,25 +478,34 @@ anyio.run(main, backend=sys.argv[1])
 """
 
 
+async def _low_fd_server(
+    anyio_backend: str, **config: object
+) -> tuple[anyio.abc.Process, int, PublicIdentity]:
+    """Start ``_LOW_FD_SERVER``; its process, port and key."""
+    process = await anyio.open_process(
+        [sys.executable, "-c", _LOW_FD_SERVER, anyio_backend, json.dumps(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    with anyio.fail_after(20):
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await process.stdout.receive()
+    port_text, key = line.decode().split()
+    return process, int(port_text), PublicIdentity.from_string(key)
+
+
 async def test_the_listener_survives_running_out_of_file_descriptors(anyio_backend: str) -> None:
     """A listener limited to 64 fds is sent 100 connections, which are then closed.
 
     Beyond the limit the kernel still completes TCP handshakes (the backlog) but accept()
-    fails with EMFILE. Once the clients leave, the listener must serve again.
+    fails with EMFILE. Once the clients leave, the listener must serve again. (The caps that
+    would refuse these clients before the limit is reached are lifted: that is the next
+    test.)
     """
-    process = await anyio.open_process(
-        [sys.executable, "-c", _LOW_FD_SERVER, anyio_backend],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    process, port, key = await _low_fd_server(anyio_backend, max_handshakes_per_address=256)
     try:
-        assert process.stdout is not None
-        with anyio.fail_after(20):
-            line = b""
-            while not line.endswith(b"\n"):
-                line += await process.stdout.receive()
-        port_text, key = line.decode().split()
-        port = int(port_text)
         flood: list[SocketStream] = []
         with contextlib.suppress(OSError):  # refused: the listener is already gone
             for _ in range(100):
@@ -492,7 +520,7 @@ async def test_the_listener_survives_running_out_of_file_descriptors(anyio_backe
             error = (await process.stderr.receive()).decode(errors="replace")
             pytest.fail(f"the listener died after {len(flood)} connections: ...{error[-300:]}")
         with anyio.fail_after(5):
-            async with await connect("127.0.0.1", port, PublicIdentity.from_string(key)) as conn:
+            async with await connect("127.0.0.1", port, key) as conn:
                 await conn.send(Spack("still serving"))
                 assert await conn.receive() == Spack("still serving")
     finally:
@@ -500,6 +528,409 @@ async def test_the_listener_survives_running_out_of_file_descriptors(anyio_backe
             process.kill()
         with anyio.CancelScope(shield=True):
             await process.aclose()
+
+
+async def test_caps_refuse_cleanly_at_the_file_limit_and_idle_peers_are_dropped(
+    anyio_backend: str,
+) -> None:
+    """Issue 9's nofile finding: 55 idle authenticated peers under a 64-file limit.
+
+    Without caps they used every descriptor, and later clients waited on a failing
+    accept(). With ``max_connections`` below the limit the surplus and the legitimate
+    clients get BUSY at once; the idle peers never read (so never answer the keepalive
+    PING) and are dropped by ``idle_timeout``, after which a client is served again.
+    """
+    cap, idle, attempts = 48, 2.0, 55
+    process, port, key = await _low_fd_server(anyio_backend, max_connections=cap, idle_timeout=idle)
+    idlers: list[SocketStream] = []
+    try:
+        refused: Counter[int] = Counter()
+        opened = anyio.current_time()
+        with anyio.fail_after(idle):  # all of it well within one idle period
+            for _ in range(attempts):
+                try:
+                    stream, _session = await raw_session(("127.0.0.1", port), key)
+                except PeerRefused as exc:
+                    refused[exc.code] += 1
+                else:
+                    idlers.append(stream)
+            busy_latencies = []
+            for _ in range(3):
+                started = anyio.current_time()
+                with pytest.raises(PeerRefused) as info:
+                    await connect("127.0.0.1", port, key)
+                busy_latencies.append(anyio.current_time() - started)
+                assert info.value.code == CloseCode.BUSY
+                assert info.value.reason == "too many connections"
+        assert len(idlers) == cap
+        assert refused == {CloseCode.BUSY: attempts - cap}
+        refused.clear()
+        # Served again once the idle peers are dropped: 2 x idle after each one connected.
+        served_at = None
+        with anyio.fail_after(2 * idle + 5):
+            while served_at is None:
+                try:
+                    async with await connect("127.0.0.1", port, key) as conn:
+                        await conn.send(Spack("served again"))
+                        assert await conn.receive() == Spack("served again")
+                    served_at = anyio.current_time() - opened
+                except PeerRefused as exc:
+                    refused[exc.code] += 1
+                    await anyio.sleep(0.1)
+        assert set(refused) == {CloseCode.BUSY}
+    finally:
+        for stream in idlers:
+            await stream.aclose()
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        assert process.stderr is not None
+        log = b""
+        with anyio.move_on_after(5), contextlib.suppress(anyio.EndOfStream):
+            while True:
+                log += await process.stderr.receive()
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+    text = log.decode(errors="replace")
+    print(
+        f"\nnofile/{anyio_backend}: {len(idlers)} idle peers held, {attempts - cap} refused; "
+        f"legitimate clients refused with BUSY in at most {max(busy_latencies) * 1000:.0f} ms; "
+        f"served again {served_at:.2f} s after the idle peers connected (idle_timeout {idle} s)"
+    )
+    assert max(busy_latencies) < 1.0
+    assert 2 * idle - 0.1 < served_at < 2 * idle + 3
+    assert "RLIMIT_NOFILE is 64" in text, text[-500:]  # the warning at creation
+    assert "accept failed" not in text, text[-500:]  # never out of descriptors
+
+
+# -- listener caps and the idle timeout ------------------------------------------------------------
+
+
+async def _echo(conn: Connection) -> None:
+    async for spack in conn:
+        await conn.send(spack)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    """Wait until ``condition()`` holds (the server side of a connection lags the client)."""
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+def test_the_address_key_groups_what_one_attacker_holds() -> None:
+    assert _address_key(("192.0.2.7", 4000)) == "192.0.2.7"
+    assert _address_key(("::ffff:192.0.2.7", 4000, 0, 0)) == "192.0.2.7"
+    one_64 = {
+        _address_key(("2001:db8:1:2::1", 1, 0, 0)),
+        _address_key(("2001:db8:1:2:ffff:ffff:ffff:ffff", 1, 0, 0)),
+    }
+    assert one_64 == {"2001:db8:1:2::/64"}
+    assert _address_key(("2001:db8:1:3::1", 1, 0, 0)) == "2001:db8:1:3::/64"
+    assert _address_key(("fe80::1%eth0", 1, 0, 2)) == "fe80::/64"
+    assert _address_key("/run/stalk.sock") is None
+    assert _address_key(None) is None
+    assert _address_key(("not an address", 1)) is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_connections": 0},
+        {"max_handshakes_per_address": 0},
+        {"idle_timeout": 0},
+        {"idle_timeout": -1.0},
+        {"idle_timeout": math.nan},
+    ],
+)
+def test_config_rejects_unusable_listener_limits(fields: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        Config(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is Unix only")
+def test_the_listener_warns_when_the_file_limit_is_too_low(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    resource = pytest.importorskip("resource")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (1024, hard))
+    with caplog.at_level(logging.WARNING, logger="stalk"):
+        _check_file_limit(Config())  # the default fits the usual 1024
+        assert caplog.records == []
+        _check_file_limit(Config(max_connections=961))
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "max_connections=961" in message
+    assert "need 1025 open files" in message
+    assert "RLIMIT_NOFILE is 1024" in message
+    assert "lower max_connections to 960" in message
+
+
+ATTACKERS = 300
+
+
+async def test_one_address_cannot_take_the_handshake_slots(anyio_backend: str) -> None:
+    """300 sockets from 127.0.0.2 trickle a valid preamble, a byte every 0.5 s.
+
+    Before the per-address cap they held every handshake slot and legitimate clients got
+    BUSY. Now 127.0.0.2 holds at most ``max_handshakes_per_address`` slots, its other
+    sockets get BUSY at once, and clients from 127.0.0.1 connect quickly all along.
+    """
+    config = Config(handshake_timeout=3.0)
+    cap = config.max_handshakes_per_address
+    outcome: Counter[str] = Counter()
+    busy_after: list[float] = []
+    latencies: list[float] = []
+    peak = 0
+
+    async def attacker(sock: SocketStream, connected: float) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_trickle, sock, 0.5)
+            try:
+                data = await sock.receive()
+            except anyio.EndOfStream:
+                outcome["closed"] += 1
+            except (anyio.BrokenResourceError, OSError):
+                outcome["reset"] += 1
+            else:
+                if data[:1] == bytes([CloseCode.BUSY]):
+                    outcome["busy"] += 1
+                    busy_after.append(anyio.current_time() - connected)
+                else:
+                    outcome["other"] += 1
+            tg.cancel_scope.cancel()
+        await sock.aclose()
+
+    async def legitimate(address: tuple[str, int], server: PublicIdentity) -> None:
+        for i in range(10):
+            started = anyio.current_time()
+            with anyio.fail_after(5):
+                async with await connect(*address, server) as conn:
+                    latencies.append(anyio.current_time() - started)
+                    await conn.send(Spack("legitimate", i))
+                    assert await conn.receive() == Spack("legitimate", i)
+            await anyio.sleep(0.2)
+
+    async with serving(_echo, config) as (listener, server_id):
+        with anyio.fail_after(config.handshake_timeout + 10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(legitimate, listener.address, server_id.public)
+                for _ in range(ATTACKERS):
+                    sock = await anyio.connect_tcp(*listener.address, local_host="127.0.0.2")
+                    tg.start_soon(attacker, sock, anyio.current_time())
+                    peak = max(peak, listener.handshakes_by_address.get("127.0.0.2", 0))
+                await anyio.sleep(0.2)
+                peak = max(peak, listener.handshakes_by_address.get("127.0.0.2", 0))
+        assert listener.handshakes_in_progress == 0
+        assert listener.handshakes_by_address == {}  # nothing kept per address afterwards
+    median = sorted(latencies)[len(latencies) // 2]
+    print(
+        f"\nper-address/{anyio_backend}: 127.0.0.2 held at most {peak} handshakes, "
+        f"{dict(outcome)}, BUSY within {max(busy_after) * 1000:.0f} ms; {len(latencies)} "
+        f"legitimate clients connected during the flood in at most "
+        f"{max(latencies) * 1000:.0f} ms (median {median * 1000:.0f})"
+    )
+    assert peak == cap
+    assert outcome["busy"] == ATTACKERS - cap
+    assert outcome["busy"] + outcome["closed"] + outcome["reset"] == ATTACKERS
+    assert max(busy_after) < 1.0
+    assert len(latencies) == 10
+    assert max(latencies) < 1.0
+
+
+async def test_established_connections_are_capped(anyio_backend: str) -> None:
+    """Beyond ``max_connections`` a client gets BUSY at once; a freed slot is usable again."""
+    cap = 20
+    async with serving(_echo, Config(max_connections=cap)) as (listener, server_id):
+        conns = [await connect(*listener.address, server_id.public) for _ in range(cap)]
+        try:
+            await _until(lambda: listener.connections == cap)
+            started = anyio.current_time()
+            with anyio.fail_after(1), pytest.raises(PeerRefused) as info:
+                await connect(*listener.address, server_id.public)
+            busy_latency = anyio.current_time() - started
+            assert info.value.code == CloseCode.BUSY
+            assert info.value.reason == "too many connections"
+            assert listener.connections == cap
+            await conns.pop().aclose()
+            await _until(lambda: listener.connections == cap - 1)
+            async with await connect(*listener.address, server_id.public) as conn:
+                await conn.send(Spack("in again"))
+                assert await conn.receive() == Spack("in again")
+                assert listener.connections == cap
+        finally:
+            for conn in conns:
+                await conn.aclose()
+    print(f"\nmax_connections/{anyio_backend}: client {cap + 1} refused in {busy_latency:.3f} s")
+    assert busy_latency < 0.5
+
+
+IDLE_TIMEOUT = 0.5
+
+
+async def test_idle_timeout_drops_a_silent_peer_and_keeps_a_live_one(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw peer that completes the handshake and goes silent is closed with TIMEOUT.
+
+    It receives the keepalive PING after ``idle_timeout`` and the CLOSE at twice that. A
+    stalk client that keeps receiving answers every PING and stays connected.
+    """
+    pings: list[float] = []
+    original_ping = Session.ping
+
+    def counting_ping(self: Session, payload: bytes = b"") -> None:
+        pings.append(anyio.current_time())
+        original_ping(self, payload)
+
+    monkeypatch.setattr(Session, "ping", counting_ping)
+    errors: list[Exception] = []
+
+    async def echo_and_record(conn: Connection) -> None:
+        try:
+            await _echo(conn)
+        except StalkError as exc:
+            errors.append(exc)
+            raise
+
+    config = Config(idle_timeout=IDLE_TIMEOUT)
+    async with serving(echo_and_record, config) as (listener, server_id):
+        live = await connect(*listener.address, server_id.public)
+        received: list[Spack] = []
+
+        async def keep_receiving() -> None:
+            async for spack in live:
+                received.append(spack)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_receiving)
+            stream, session = await raw_session(listener.address, server_id.public)
+            silent_since = anyio.current_time()
+            first_bytes = None
+            events = []
+            with anyio.fail_after(4 * IDLE_TIMEOUT + 2):
+                try:
+                    while True:  # reading, never answering
+                        data = await stream.receive()
+                        first_bytes = first_bytes or anyio.current_time() - silent_since
+                        session.receive_data(data)
+                        events += drain(session)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    closed_after = anyio.current_time() - silent_since
+            await stream.aclose()
+            # The live client goes on through several idle periods.
+            await anyio.sleep(4 * IDLE_TIMEOUT)
+            await live.send(Spack("still here"))
+            with anyio.fail_after(2):
+                while not received:
+                    await anyio.sleep(0.01)
+            assert listener.connections == 1
+            tg.cancel_scope.cancel()
+        await live.aclose()
+    print(
+        f"\nidle/{anyio_backend}: silent peer pinged after {first_bytes:.2f} s, closed after "
+        f"{closed_after:.2f} s (idle_timeout {IDLE_TIMEOUT} s); live peer answered "
+        f"{len(pings) - 1} PINGs and stayed"
+    )
+    assert first_bytes is not None
+    assert IDLE_TIMEOUT - 0.05 < first_bytes < IDLE_TIMEOUT + 0.4
+    assert 2 * IDLE_TIMEOUT - 0.05 < closed_after < 2 * IDLE_TIMEOUT + 0.5
+    assert [e.code for e in events if isinstance(e, CloseReceived)] == [CloseCode.TIMEOUT]
+    assert any(isinstance(exc, IdleTimeout) for exc in errors), errors
+    assert received == [Spack("still here")]
+    assert len(pings) >= 1 + 5  # the silent peer's, then one per idle period of the live one
+
+
+async def test_the_idle_timer_counts_only_time_spent_receiving(anyio_backend: str) -> None:
+    """Receiving in short, cancelled polls adds up; the time between polls does not count.
+
+    The server never reads, so it never answers the PING: with idle_timeout 0.3 s the
+    client gives up after 0.6 s of waiting in all, during its third 0.25 s poll, although
+    well over 0.6 s passed since the last byte.
+    """
+    idle = 0.3
+    stop = anyio.Event()
+
+    async def never_reads(conn: Connection) -> None:
+        await stop.wait()
+
+    async with serving(never_reads) as (listener, server_id):
+        conn = await connect(*listener.address, server_id.public, config=Config(idle_timeout=idle))
+        polls = 0
+
+        async def poll() -> None:
+            nonlocal polls
+            while True:
+                polls += 1
+                with anyio.move_on_after(0.25):
+                    await conn.receive()
+                await anyio.sleep(0.4)
+
+        started = anyio.current_time()
+        with anyio.fail_after(10), pytest.raises(IdleTimeout):
+            await poll()
+        elapsed = anyio.current_time() - started
+        with pytest.raises(ConnectionLost):
+            await conn.send(Spack(1))
+        await conn.aclose()
+        stop.set()
+    assert polls == 3
+    assert elapsed > 1.0
+
+
+@pytest.mark.parametrize("writer", [False, True], ids=["direct", "writer-task"])
+async def test_the_idle_timeout_never_waits_for_a_blocked_writer(
+    anyio_backend: str, writer: bool
+) -> None:
+    """A send is stuck (the peer reads nothing) while receive() times out.
+
+    The PING cannot be written (a sender holds the lock), and the timeout must not wait
+    for it: receive() raises IdleTimeout at twice idle_timeout, closing the transport,
+    which ends the stuck send long before write_timeout.
+    """
+    idle = 0.5
+    stop = anyio.Event()
+
+    async def never_reads(conn: Connection) -> None:
+        await stop.wait()
+
+    config = Config(idle_timeout=idle, write_timeout=30)
+    async with serving(never_reads) as (listener, server_id):
+        conn = await connect(*listener.address, server_id.public, config=config)
+        if writer:
+            await conn.__aenter__()
+        send_error: list[BaseException] = []
+        send_ended = math.inf
+
+        async def stuck_send() -> None:
+            nonlocal send_ended
+            try:
+                await conn.send(Spack(bytes(15 * MiB)))  # far beyond the socket buffers
+                await conn.flush()
+            except ConnectionLost as exc:
+                send_error.append(exc)
+            send_ended = anyio.current_time() - started
+
+        started = anyio.current_time()
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stuck_send)
+                with pytest.raises(IdleTimeout):
+                    await conn.receive()
+                timed_out = anyio.current_time() - started
+        if writer:
+            await conn.__aexit__(None, None, None)
+        await conn.aclose()
+        stop.set()
+    print(
+        f"\nidle-vs-blocked-writer/{anyio_backend}/{'writer' if writer else 'direct'}: "
+        f"IdleTimeout after {timed_out:.2f} s, the stuck send ended after {send_ended:.2f} s"
+    )
+    assert 2 * idle - 0.05 < timed_out < 2 * idle + 0.5
+    # The send stayed stuck until the timeout closed the transport, and not much longer.
+    assert timed_out - 0.05 < send_ended < timed_out + 1.0
+    assert len(send_error) == 1
+    assert len(send_error) == 1
 
 
 # -- shutting a listener down --------------------------------------------------------------------

@@ -49,6 +49,10 @@ def test_config_table_matches_defaults() -> None:
     assert rows["close_timeout"].strip() == f"{defaults.close_timeout:g} s"
     assert rows["max_message_size"].strip() == f"{defaults.max_message_size >> 20} MiB"
     assert rows["max_handshakes"].strip() == str(defaults.max_handshakes)
+    assert rows["max_connections"].strip() == str(defaults.max_connections)
+    assert rows["max_handshakes_per_address"].strip() == str(defaults.max_handshakes_per_address)
+    assert defaults.idle_timeout is None
+    assert rows["idle_timeout"].strip() == "off"
     assert rows["read_size"].strip() == f"{defaults.read_size >> 10} KiB"
     assert rows["send_buffer"].strip() == f"{defaults.send_buffer >> 10} KiB"
 

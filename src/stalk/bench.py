@@ -463,10 +463,15 @@ class _Server:
 async def _server_main(options: argparse.Namespace) -> None:
     server = _Server(_server_ssl_context(options.cert, options.key))
     identity = stalk.Identity.generate()
-    big = stalk.Config(max_message_size=BIG_LIMIT)
+    # Every client is on HOST, and the memory figure holds a thousand connections open: the
+    # listener caps are raised to what _raise_fd_limit() makes room for.
+    plain = stalk.Config(max_connections=4096, max_handshakes_per_address=256)
+    big = stalk.Config(
+        max_connections=4096, max_handshakes_per_address=256, max_message_size=BIG_LIMIT
+    )
     async with anyio.create_task_group() as tg:
         listeners = {
-            "stalk": await stalk.create_listener(HOST, 0, identity=identity),
+            "stalk": await stalk.create_listener(HOST, 0, identity=identity, config=plain),
             "stalk_big": await stalk.create_listener(HOST, 0, identity=identity, config=big),
         }
         tls = await anyio.create_tcp_listener(local_host=HOST, local_port=0)

@@ -34,6 +34,22 @@ class Config:
         (write backpressure; see :class:`~stalk.Connection`).
     :param rekey_after_messages: rekey the sending cipher after this many Noise messages...
     :param rekey_after_bytes: ...or this many plaintext bytes, whichever comes first.
+    :param max_connections: listener only: connections at once, established or still in
+        their handshake; a client beyond it is refused with BUSY before any cryptography.
+        The default fits the usual soft limit of 1024 open files per process with 64
+        descriptors to spare for the process itself (the listener warns when the limit is
+        lower). Raise both together for more.
+    :param max_handshakes_per_address: listener only: handshakes in progress from one
+        address (an IPv4 address, or an IPv6 /64 prefix, which one subscriber usually
+        holds whole); beyond it that address is refused with BUSY at once, so one host
+        cannot take every handshake slot. 16 leaves room for a burst of clients behind
+        one NAT while a single address holds at most 1/16 of the default slots.
+    :param idle_timeout: ``None`` (the default) or seconds. While ``receive()`` waits for
+        the network and the peer has sent no byte for this long, a PING (keepalive) is
+        sent; if no byte arrives within another ``idle_timeout``, the connection is closed
+        with TIMEOUT and ``receive()`` raises :class:`~stalk.IdleTimeout`. Only time spent
+        waiting in ``receive()`` counts (cancelled calls included); a connection that no
+        one receives from is never timed out.
     """
 
     handshake_timeout: float = 10.0
@@ -45,14 +61,23 @@ class Config:
     send_buffer: int = 256 * 1024
     rekey_after_messages: int = DEFAULT_REKEY_AFTER_MESSAGES
     rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES
+    max_connections: int = 960
+    max_handshakes_per_address: int = 16
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "write_timeout", "close_timeout"):
             value = getattr(self, name)
             if not (value > 0 and not math.isnan(value)):
                 raise ValueError(f"{name} must be a positive number of seconds")
+        if self.idle_timeout is not None and not (
+            self.idle_timeout > 0 and not math.isnan(self.idle_timeout)
+        ):
+            raise ValueError("idle_timeout must be None or a positive number of seconds")
         if self.max_handshakes < 1 or self.read_size < 1 or self.send_buffer < 0:
             raise ValueError("max_handshakes, read_size and send_buffer must be positive")
+        if self.max_connections < 1 or self.max_handshakes_per_address < 1:
+            raise ValueError("max_connections and max_handshakes_per_address must be positive")
         self.session_config()  # validates the session fields
 
     def session_config(self) -> SessionConfig:

@@ -37,6 +37,14 @@ finish within ``Config.write_timeout`` (the peer stopped reading) marks the conn
 broken and closes the transport. Cancelling ``send()`` while it waits for the lock leaves its
 spack queued: the next ``send``/``flush`` writes it.
 
+Idle timeout. With ``Config.idle_timeout`` set, ``receive()`` keeps a timer of the time it
+has spent waiting for the network since the peer's last byte (cancelled calls included;
+time between calls does not count). At ``idle_timeout`` it sends a PING, written like a
+PONG (see ``_write_pong``: never waiting for the send lock); at twice that, with still no
+byte, it closes the connection with TIMEOUT and raises :class:`~stalk.IdleTimeout`. A peer
+that is receiving answers the PING by itself, so only a silent, unresponsive one is
+dropped.
+
 Failure. Any protocol or transport error is terminal: the connection becomes *broken*, a
 best-effort error CLOSE is written, the transport is closed, and every later call raises
 :class:`~stalk.ConnectionLost` (an :class:`anyio.BrokenResourceError`). After ``aclose()``
@@ -63,6 +71,7 @@ from stalk.errors import (
     ConnectionLost,
     HandshakeFailed,
     HandshakeTimeout,
+    IdleTimeout,
     StalkError,
 )
 from stalk.events import (
@@ -141,6 +150,10 @@ class Connection(ObjectStream[Spack]):
         #: The last spack receive() returned had to wait for the network: a reply sent
         #: now is latency-bound (request/response), so send() writes it at once.
         self._answering = False
+        #: Idle timer (Config.idle_timeout): seconds receive() has waited for the network
+        #: since the peer's last byte, and whether a keepalive PING went out since then.
+        self._idle_waited = 0.0
+        self._keepalive_sent = False
 
     # -- construction ---------------------------------------------------------------------
 
@@ -429,13 +442,14 @@ class Connection(ObjectStream[Spack]):
                 await self._write_pending()
 
     async def _write_pong(self) -> None:
-        """Get what the receive path encrypted (a PONG) written, never losing an event.
+        """Get what the receive path encrypted (a PONG, a keepalive PING) written.
 
         ``receive()`` may hold a spack it is about to return, so nothing here may be
-        interrupted by cancellation: the writer task is only woken, and a direct write
-        happens only when the lock is free, shielded (and bounded by write_timeout). If a
-        sender holds the lock, it writes this before releasing it (see _write_pending);
-        waiting for the lock here could deadlock with a peer blocked writing to us.
+        interrupted by cancellation (no event is ever lost): the writer task is only woken,
+        and a direct write happens only when the lock is free, shielded (and bounded by
+        write_timeout). If a sender holds the lock, it writes this before releasing it (see
+        _write_pending); waiting for the lock here could deadlock with a peer blocked
+        writing to us.
         """
         if self._writer_running:
             self._wakeup.set()
@@ -447,8 +461,12 @@ class Connection(ObjectStream[Spack]):
     # -- receiving ------------------------------------------------------------------------
 
     async def _receive_into_session(self, *, handshake: bool = False) -> None:
+        idle = None if handshake else self._config.idle_timeout
         try:
-            data = await self._transport.receive(self._config.read_size)
+            if idle is None:
+                data: bytes | None = await self._transport.receive(self._config.read_size)
+            else:
+                data = await self._receive_or_keepalive(idle)
         except anyio.EndOfStream:
             self._session.receive_data(b"")
         except anyio.ClosedResourceError as exc:
@@ -458,7 +476,55 @@ class Connection(ObjectStream[Spack]):
                 raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
             raise await self._fail(ConnectionLost(f"connection lost: {exc!r}")) from exc
         else:
+            if data is None:
+                raise await self._idle_timeout()
             self._session.receive_data(data)
+
+    async def _receive_or_keepalive(self, idle: float) -> bytes | None:
+        """Read from the transport under the idle timer; ``None``: the peer is gone.
+
+        The timer counts only time spent here (so an application busy between two
+        ``receive()`` calls is never mistaken for an idle peer), across calls, cancelled
+        ones included (so receiving under short application timeouts still counts). After
+        ``idle`` seconds of waiting since the peer's last byte a PING goes out; after
+        ``2 * idle`` the peer has not answered it. Any byte resets the timer: a PONG, or
+        anything else the peer had to say. A read either returns bytes or consumes none
+        when cancelled, so the timer's deadlines never lose data.
+        """
+        while True:
+            phase_end = 2 * idle if self._keepalive_sent else idle
+            started = anyio.current_time()
+            with anyio.move_on_after(phase_end - self._idle_waited):
+                try:
+                    data = await self._transport.receive(self._config.read_size)
+                except BaseException:  # cancelled (by this timer or the caller), or failed
+                    self._idle_waited += anyio.current_time() - started
+                    raise
+                self._idle_waited = 0.0
+                self._keepalive_sent = False
+                return data
+            self._idle_waited = phase_end
+            if self._keepalive_sent:
+                return None
+            self._keepalive_sent = True
+            try:
+                # PING is an application record: it also sends what queue() left unflushed.
+                self._session.ping()
+            except StalkError:
+                continue  # we already sent CLOSE: nothing can go out; the peer may still talk
+            await self._write_pong()
+
+    async def _idle_timeout(self) -> StalkError:
+        """Close with TIMEOUT (best effort, never waiting for a blocked sender); the error."""
+        if self._broken is None and not self._closed:
+            self._session.close(CloseCode.TIMEOUT, "idle timeout")
+            await self._write_best_effort()
+        return await self._fail(
+            IdleTimeout(
+                f"the peer sent nothing during {self._idle_waited:g} s of waiting and did not "
+                "answer a keepalive PING"
+            )
+        )
 
     async def receive(self) -> Spack:
         """The next spack from the peer.
@@ -467,6 +533,8 @@ class Connection(ObjectStream[Spack]):
         :raises ~stalk.ClosedByPeer: the peer sent CLOSE with an error code.
         :raises ~stalk.ConnectionLost: the stream was cut (EOF or reset without CLOSE), or
             the peer broke the protocol (the error's ``__cause__`` says how).
+        :raises ~stalk.IdleTimeout: (a ConnectionLost) with ``Config.idle_timeout`` set, the
+            peer stayed silent and did not answer a keepalive PING (see the module docs).
         :raises ~stalk.ProtocolError: the peer broke the protocol (also ends the connection).
         :raises ~stalk.ConnectionClosed: we closed the connection.
         :raises ~anyio.BusyResourceError: another task is already receiving.

@@ -29,6 +29,7 @@ __all__ = [
     "HandshakeFailed",
     "HandshakeTimeout",
     "IdentityFileError",
+    "IdleTimeout",
     "InvalidPeerKey",
     "InvalidSpackValue",
     "LocalProtocolError",
@@ -176,6 +177,14 @@ class ClosedByPeer(ConnectionLost):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+class IdleTimeout(ConnectionLost):
+    """The peer sent nothing while we waited and did not answer a keepalive PING.
+
+    Raised by ``receive()`` with :attr:`Config.idle_timeout <stalk.Config.idle_timeout>`
+    set; the connection has been closed with CLOSE code TIMEOUT.
+    """
 
 
 class ConnectionClosed(StalkError, ClosedResourceError):

@@ -3,10 +3,20 @@
 Theory of operation
 -------------------
 Every accepted TCP connection gets its own task, so one slow or hostile client never
-blocks the others. At most ``Config.max_handshakes`` handshakes run at once; a client that
-arrives beyond that is refused with BUSY immediately (one byte and a reason) rather than
-queued, so a flood of clients that never finish cannot pile up sockets behind the limit.
-Each handshake is bounded by ``Config.handshake_timeout``.
+blocks the others. Three caps are checked when a client arrives, before any cryptography:
+
+- ``Config.max_connections``: connections at once, established or still handshaking (a
+  handshake holds its slot from the start, so the cap is never overshot and is a bound on
+  the sockets the listener holds);
+- ``Config.max_handshakes``: handshakes in progress at once;
+- ``Config.max_handshakes_per_address``: handshakes in progress from one address (IPv4
+  address, or IPv6 /64 prefix; IPv4-mapped IPv6 counts as IPv4), so one host cannot take
+  every handshake slot.
+
+A client beyond any of them is refused with BUSY immediately (one byte and a reason saying
+which cap) rather than queued, so a flood of clients that never finish cannot pile up
+sockets behind the limit. Each handshake is bounded by ``Config.handshake_timeout``; an
+established connection whose handler receives can be bounded by ``Config.idle_timeout``.
 
 After a successful handshake (and ``authorize``), ``handler(conn)`` runs in the same task.
 When it returns, the connection is closed cleanly; when it raises, the error is logged, the
@@ -17,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeAlias
 
@@ -39,9 +51,57 @@ logger = logging.getLogger("stalk")
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: How long to pause accepting after such an error.
 _ACCEPT_BACKOFF: Final = 0.1
+#: How long a BUSY refusal may take to write before the socket is dropped anyway.
+_REFUSAL_TIMEOUT: Final = 1.0
+#: Descriptors a process needs besides the listener's connections: listening sockets,
+#: standard streams, the event loop's own, log files, the application's other files and
+#: outgoing connections, refusals being written.
+_FD_MARGIN: Final = 64
 
 #: ``async def handler(conn)``: serves one connection; it is closed when the handler ends.
 ConnectionHandler: TypeAlias = Callable[[Connection], Awaitable[None]]
+
+
+def _address_key(address: object) -> str | None:
+    """What the per-address handshake cap counts by: the IPv4 address, or the IPv6 /64.
+
+    ``address`` is a socket's remote address (``(host, port, ...)``); IPv4-mapped IPv6
+    addresses count as IPv4. ``None`` for anything that is not an IP address.
+    """
+    host = address[0] if isinstance(address, tuple) and address else address
+    if not isinstance(host, str):
+        return None
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])  # drop an IPv6 zone (fe80::1%eth0)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _check_file_limit(config: Config) -> None:
+    """Warn when the process may not open as many files as the listener may hold sockets."""
+    if sys.platform == "win32":  # no RLIMIT_NOFILE; Windows sockets are not file descriptors
+        return
+    import resource  # noqa: PLC0415 - Unix only
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = config.max_connections + _FD_MARGIN
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        logger.warning(
+            "Config.max_connections=%d plus %d descriptors for the process need %d open "
+            "files, but the soft RLIMIT_NOFILE is %d: beyond it clients are not refused "
+            "but left waiting while accept() fails; raise the limit (ulimit -n, systemd "
+            "LimitNOFILE=) or lower max_connections to %d",
+            config.max_connections,
+            _FD_MARGIN,
+            needed,
+            soft,
+            max(1, soft - _FD_MARGIN),
+        )
 
 
 class Listener(anyio.abc.AsyncResource):
@@ -62,6 +122,10 @@ class Listener(anyio.abc.AsyncResource):
         self._authorize = authorize
         self._config = config
         self._handshakes = 0
+        self._connections = 0
+        #: handshakes in progress by address key; an entry is removed when it drops to 0
+        self._handshakes_by_address: dict[str, int] = {}
+        _check_file_limit(config)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -73,6 +137,20 @@ class Listener(anyio.abc.AsyncResource):
     def handshakes_in_progress(self) -> int:
         """How many handshakes are running now."""
         return self._handshakes
+
+    @property
+    def connections(self) -> int:
+        """How many connections are established now (their handlers are running)."""
+        return self._connections
+
+    @property
+    def handshakes_by_address(self) -> dict[str, int]:
+        """Handshakes in progress per address key (IPv4 address or IPv6 /64), a copy.
+
+        Only keys with a handshake in progress appear, so its size is bounded by
+        ``Config.max_handshakes``.
+        """
+        return dict(self._handshakes_by_address)
 
     async def serve(self, handler: ConnectionHandler, task_group: TaskGroup | None = None) -> None:
         """Accept connections until cancelled, running ``handler(conn)`` for each.
@@ -115,18 +193,50 @@ class Listener(anyio.abc.AsyncResource):
                 continue
             task_group.start_soon(self._handle, stream, handler)
 
+    def _refusal(self, key: str | None) -> tuple[int, str, str] | None:
+        """Why a client from ``key`` is refused now: (log level, reason sent, detail)."""
+        config = self._config
+        if self._connections + self._handshakes >= config.max_connections:
+            return (
+                logging.WARNING,
+                "too many connections",
+                f"{self._connections} established + {self._handshakes} handshaking, "
+                f"max_connections={config.max_connections}",
+            )
+        if self._handshakes >= config.max_handshakes:
+            return (
+                logging.WARNING,
+                "too many handshakes",
+                f"{self._handshakes} in progress, max_handshakes={config.max_handshakes}",
+            )
+        from_key = self._handshakes_by_address.get(key, 0) if key is not None else 0
+        if from_key >= config.max_handshakes_per_address:
+            # One host over its share: routine under attack, not a capacity problem.
+            return (
+                logging.INFO,
+                "too many handshakes from your address",
+                f"{from_key} in progress from {key}, "
+                f"max_handshakes_per_address={config.max_handshakes_per_address}",
+            )
+        return None
+
     async def _handle(self, stream: ByteStream, handler: ConnectionHandler) -> None:
         address = stream.extra(SocketAttribute.remote_address, None)
-        if self._handshakes >= self._config.max_handshakes:
-            logger.warning("refusing %s: %d handshakes in progress", address, self._handshakes)
+        key = _address_key(address)
+        refusal = self._refusal(key)
+        if refusal is not None:
+            level, reason, detail = refusal
+            logger.log(level, "refusing %s with BUSY: %s (%s)", address, reason, detail)
             with (
-                anyio.move_on_after(1, shield=True),
+                anyio.move_on_after(_REFUSAL_TIMEOUT, shield=True),
                 contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError),
             ):
-                await stream.send(encode_refusal(CloseCode.BUSY, "too many handshakes"))
+                await stream.send(encode_refusal(CloseCode.BUSY, reason))
             await anyio.aclose_forcefully(stream)
             return
         self._handshakes += 1
+        if key is not None:
+            self._handshakes_by_address[key] = self._handshakes_by_address.get(key, 0) + 1
         try:
             conn = await Connection.wrap(
                 stream,
@@ -144,16 +254,24 @@ class Listener(anyio.abc.AsyncResource):
             return
         finally:
             self._handshakes -= 1
+            if key is not None:
+                left = self._handshakes_by_address.pop(key) - 1
+                if left:
+                    self._handshakes_by_address[key] = left
         logger.info("peer %s connected (%s) from %s", conn.peer.fingerprint, conn.pattern, address)
+        self._connections += 1
         try:
             async with anyio.create_task_group() as writer_group:
                 conn._start_writer(writer_group)
                 await self._run_handler(handler, conn, address)
                 writer_group.cancel_scope.cancel()
         finally:
-            # Reached with the connection still open only when the listener is being
-            # stopped (cancelled): tell the peer instead of leaving it hanging.
-            await conn.close(CloseCode.GOING_AWAY, "listener shutting down")
+            try:
+                # Reached with the connection still open only when the listener is being
+                # stopped (cancelled): tell the peer instead of leaving it hanging.
+                await conn.close(CloseCode.GOING_AWAY, "listener shutting down")
+            finally:
+                self._connections -= 1
 
     @staticmethod
     async def _run_handler(handler: ConnectionHandler, conn: Connection, address: object) -> None:

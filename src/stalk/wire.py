@@ -115,7 +115,7 @@ class CloseCode(enum.IntEnum):
     DECRYPT_FAILED = 2
     #: The peer's identity is not authorized.
     NOT_AUTHORIZED = 3
-    #: Too many handshakes in progress; try later.
+    #: The responder is at a limit (connections or handshakes in progress); try later.
     BUSY = 4
     #: The peer broke the protocol.
     PROTOCOL_ERROR = 5
