@@ -7,6 +7,7 @@ import collections
 import contextlib
 import datetime
 import enum
+import gc
 import itertools
 import math
 import pickle
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from stalk import spack as spack_module
+from stalk import weigh as weigh_module
 from stalk.errors import InvalidSpackValue, MalformedSpack
 from stalk.spack import (
     EXT_ARRAY_FLOAT32,
@@ -43,6 +45,7 @@ from stalk.spack import (
     MAX_DEPTH,
     Float32,
     Spack,
+    SpackDecoder,
     decode_spack,
     decode_spack_pieces,
     encode_spack,
@@ -930,10 +933,10 @@ def _outcome(decode: Callable[[], Spack]) -> tuple[str, Any]:
 
 
 @contextlib.contextmanager
-def trailing_bin_path_for_any_size() -> Iterator[None]:
-    """Take the trailing-bin path whatever the size (it normally starts at 256 KiB)."""
+def payloads_cut_at_any_size() -> Iterator[None]:
+    """Cut every str, bin and typed-array payload out of msgpack's way (normally >= 64 KiB)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(spack_module, "_PIECES_FAST_PATH", 0)
+        patch.setattr(weigh_module, "BIG", 2)
         yield
 
 
@@ -948,13 +951,13 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     payload=st.binary(max_size=600),
     cuts=st.lists(st.integers(0, 700), min_size=1, max_size=4),
 )
-def test_pieces_with_a_trailing_bin_decode_as_the_whole(
+def test_pieces_with_a_cut_out_bin_decode_as_the_whole(
     head: list[Any], payload: bytes, cuts: list[int]
 ) -> None:
-    """The trailing-bin path gives exactly what decoding the joined encoding gives."""
+    """A payload assembled from the pieces gives exactly what the joined encoding gives."""
     data = encode_spack([*head, payload])
     pieces = [memoryview(piece) for piece in _split(data, cuts)]
-    with trailing_bin_path_for_any_size():
+    with payloads_cut_at_any_size():
         decoded = decode_spack_pieces(pieces)
     assert_same(list(decode_spack(data)), list(decoded))
     assert type(decoded[-1]) is bytes
@@ -969,7 +972,7 @@ def test_pieces_of_any_bytes_fail_or_succeed_as_the_whole(data: bytes, cuts: lis
     pieces = _split(data, cuts)
     whole = _outcome(partial(decode_spack, data))
     assert _outcome(partial(decode_spack_pieces, pieces)) == whole
-    with trailing_bin_path_for_any_size():
+    with payloads_cut_at_any_size():
         assert _outcome(partial(decode_spack_pieces, pieces)) == whole
 
 
@@ -988,21 +991,33 @@ def test_pieces_of_any_bytes_fail_or_succeed_as_the_whole(data: bytes, cuts: lis
 )
 def test_malformed_pieces_are_refused_like_the_whole(data: bytes, why: str) -> None:
     """Hostile shapes near the fast path are refused exactly as the joined bytes are."""
-    with trailing_bin_path_for_any_size():
+    with payloads_cut_at_any_size():
         for cut in range(1, len(data)):
             pieces = [data[:cut], data[cut:]]
             assert _outcome(partial(decode_spack_pieces, pieces)) == ("malformed", None), why
 
 
 def test_a_large_fragmented_bin_is_joined_straight_into_its_value() -> None:
-    """At full size the trailing-bin path is taken, and the value is the whole payload."""
-    payload = bytes(range(256)) * 2048  # 512 KiB
+    """A large bin never passes through msgpack: its pieces are joined into its value.
+
+    Each piece is its own buffer, as a received fragment is, so pieces are kept as views
+    and the only copy is the join: peak memory is the pieces plus the value.
+    """
+    payload = bytes(range(256)) * 8192  # 2 MiB
     data = encode_spack(["name", 7, payload])
-    pieces = [memoryview(data)[i : i + 65_000] for i in range(0, len(data), 65_000)]
-    assert spack_module._decode_trailing_bin(pieces) is not None
-    decoded = decode_spack_pieces(pieces)
+    pieces = [data[i : i + 65_000] for i in range(0, len(data), 65_000)]
+    del data
+    gc.collect()
+    tracemalloc.start()
+    decoder = SpackDecoder(sum(map(len, pieces)))
+    for piece in pieces:
+        decoder.feed(memoryview(piece))
+    decoded = decoder.finish()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
     assert list(decoded) == ["name", 7, payload]
     assert type(decoded[2]) is bytes
+    assert peak < len(payload) * 1.1, peak  # the value itself; the pieces were allocated before
 
 
 @pytest.mark.parametrize("size", [0, 100, 65535, 65536, 65537, 200_000])

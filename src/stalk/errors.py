@@ -97,10 +97,16 @@ class ProtocolError(StalkError):
 
 
 class MessageLimitExceeded(ProtocolError):
-    """The peer sent a spack larger than the limit we advertised in the handshake."""
+    """The peer sent a spack larger than we accept.
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"peer sent a message larger than our {limit}-byte limit")
+    Either its encoding exceeds the limit we advertised in the handshake, or it would
+    decode to more objects than its decoded-weight budget (SPEC "Decoded weight").
+
+    :ivar limit: the limit that was exceeded, in bytes.
+    """
+
+    def __init__(self, limit: int, message: str | None = None) -> None:
+        super().__init__(message or f"peer sent a message larger than our {limit}-byte limit")
         self.limit = limit
 
 

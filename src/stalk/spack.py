@@ -60,6 +60,22 @@ from typing import Any, Final, TypeAlias, overload
 import msgpack
 
 from stalk.errors import InvalidSpackValue, MalformedSpack
+from stalk.weigh import BIG_PART, BIG_START, KIND_BIN, KIND_STR, PASS, Weigher
+from stalk.wire import (
+    EXT_ARRAY_FLOAT32,
+    EXT_ARRAY_FLOAT64,
+    EXT_ARRAY_INT8,
+    EXT_ARRAY_INT16,
+    EXT_ARRAY_INT32,
+    EXT_ARRAY_INT64,
+    EXT_ARRAY_UINT8,
+    EXT_ARRAY_UINT16,
+    EXT_ARRAY_UINT32,
+    EXT_ARRAY_UINT64,
+    EXT_FLOAT32,
+    EXT_TUPLE,
+    MAX_DEPTH,
+)
 
 __all__ = [
     "EXT_ARRAY_FLOAT32",
@@ -77,6 +93,7 @@ __all__ = [
     "MAX_DEPTH",
     "Float32",
     "Spack",
+    "SpackDecoder",
     "SpackValue",
     "decode_spack",
     "decode_spack_pieces",
@@ -84,30 +101,6 @@ __all__ = [
     "encode_spack_pieces",
 ]
 
-# Deep enough for any real message tree, shallow enough that checking it is cheap and a
-# hostile peer cannot make the decoder (or the application walking the result) recurse
-# without bound. SPEC.md fixes it: both ends must agree, so it is not configurable upwards.
-MAX_DEPTH: Final = 32
-
-# Ext codes (SPEC "Spack encoding"). They are part of the wire format: never renumber.
-# Non-negative codes are the application range of the msgpack spec; negative ones
-# (timestamp = -1) are reserved by msgpack itself and rejected.
-# A float 32 scalar: msgpack's own float 32 decodes to a Python float, losing the type.
-EXT_FLOAT32: Final = 1
-# A tuple: msgpack has one array type, which decodes to a list.
-EXT_TUPLE: Final = 2
-# Typed numeric arrays, one code per element type, so the receiver can rebuild the exact
-# element type without a per-element encoding. 16..25 leave 3..15 free for future scalars.
-EXT_ARRAY_INT8: Final = 16
-EXT_ARRAY_UINT8: Final = 17
-EXT_ARRAY_INT16: Final = 18
-EXT_ARRAY_UINT16: Final = 19
-EXT_ARRAY_INT32: Final = 20
-EXT_ARRAY_UINT32: Final = 21
-EXT_ARRAY_INT64: Final = 22
-EXT_ARRAY_UINT64: Final = 23
-EXT_ARRAY_FLOAT32: Final = 24
-EXT_ARRAY_FLOAT64: Final = 25
 
 # The msgpack int range: anything outside cannot be encoded at all.
 _INT_MIN: Final = -(2**63)
@@ -485,8 +478,19 @@ def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return result
 
 
-def _unpackb(data: bytes | bytearray | memoryview) -> Any:
-    """Unpack exactly one msgpack object with the spack settings."""
+#: The fast path lets msgpack preallocate slots for at most this many items per container
+#: (it allocates a container's claimed length before its items arrive, and may nest 1,024
+#: deep): about 2 MiB at worst for a malformed input. A longer container sends the whole
+#: spack to the weighing decoder, which checks every claim first.
+_FAST_CONTAINER: Final = 256
+
+
+def _unpackb(data: bytes | bytearray | memoryview, *, fast: bool = False) -> Any:
+    """Unpack exactly one msgpack object with the spack settings.
+
+    :param fast: bound container lengths to :data:`_FAST_CONTAINER` (see above).
+    """
+    limit = _FAST_CONTAINER if fast else -1
     return msgpack.unpackb(
         data,
         raw=False,
@@ -494,6 +498,8 @@ def _unpackb(data: bytes | bytearray | memoryview) -> Any:
         use_list=True,
         ext_hook=_ext_hook,
         object_pairs_hook=_pairs_hook,
+        max_array_len=limit,
+        max_map_len=limit,
     )
 
 
@@ -550,10 +556,12 @@ def _finish_top(top: Any, max_depth: int) -> None:
 def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH) -> Spack:
     """Decode one spack from exactly ``data``.
 
-    Nothing is allocated on the strength of a claimed length, and payload copies stay
-    within about twice ``len(data)``. The decoded Python objects themselves can be larger
-    than their encoding (an empty list is one byte on the wire, ~64 bytes in memory): bound
-    ``len(data)`` before calling.
+    Nothing is allocated on the strength of a claimed length: a spack with a container
+    longer than :data:`_FAST_CONTAINER` items is weighed first (:mod:`stalk.weigh`), which
+    checks every claim against the bytes present. The decoded Python objects themselves
+    can be larger than their encoding (an empty list is one byte on the wire, 56 bytes in
+    memory): bound ``len(data)`` before calling, or use :class:`SpackDecoder`, which
+    enforces the decoded-weight budget.
 
     :param data: the encoding, as any bytes-like object.
     :param max_depth: the deepest container allowed (see the module docstring for how depth
@@ -574,78 +582,236 @@ def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_D
     elif not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"spack data must be bytes-like, not {type(data).__qualname__}")
     try:
-        top = _unpackb(data)
+        top = _unpackb(data, fast=True)
         # The common spack holds only scalars, strings and bytes: nothing left to check.
         if type(top) is not list or not _DECODED_LEAF_TYPES.issuperset(map(type, top)):
             _finish_top(top, max_depth)
     except MalformedSpack:
         raise
-    except msgpack.ExtraData as exc:
-        raise MalformedSpack("trailing bytes after the spack") from exc
-    except msgpack.StackError as exc:
-        raise _too_deep(max_depth) from exc
-    except msgpack.FormatError as exc:
-        raise MalformedSpack("invalid msgpack: reserved type byte 0xc1") from exc
-    except UnicodeDecodeError as exc:
-        # Our own message: the codec's names the offending byte, which is plaintext.
-        raise MalformedSpack("string is not valid UTF-8") from exc
-    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
-        raise MalformedSpack(f"invalid msgpack: {exc}") from exc
+    except ValueError as exc:
+        if "exceeds max_" not in str(exc):
+            raise _malformed(exc) from exc
+        # A container longer than the fast path allows: weigh, then decode.
+        decoder = SpackDecoder(len(data), budget=False, complete=True, max_depth=max_depth)
+        try:
+            decoder.feed(data)
+            return decoder.finish()
+        except MalformedSpack as error:
+            if error.__cause__ is None:
+                raise error from exc
+            raise
+    except Exception as exc:
+        raise _malformed(exc) from exc
     return Spack._from_list(top)
 
 
-#: From this size on, a fragmented spack is worth the trailing-bin path (below it, joining
-#: a few warm pieces costs less than setting that path up).
-_PIECES_FAST_PATH: Final = 256 * 1024
+def _malformed(exc: Exception) -> MalformedSpack:
+    """Translate what msgpack (or a hook) raised for bad input into MalformedSpack."""
+    if isinstance(exc, MalformedSpack):
+        return exc
+    if isinstance(exc, msgpack.ExtraData):
+        return MalformedSpack("trailing bytes after the spack")
+    if isinstance(exc, msgpack.StackError):
+        return _too_deep(MAX_DEPTH)
+    if isinstance(exc, msgpack.FormatError):
+        return MalformedSpack("invalid msgpack: reserved type byte 0xc1")
+    if isinstance(exc, UnicodeDecodeError):
+        # Our own message: the codec's names the offending byte, which is plaintext.
+        return MalformedSpack("string is not valid UTF-8")
+    if isinstance(
+        exc, (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException)
+    ):
+        return MalformedSpack(f"invalid msgpack: {exc}")
+    raise exc
 
-#: bin 8/16/32 type bytes and the size of their headers.
-_BIN_HEADER_SIZES: Final = {0xC4: 2, 0xC5: 3, 0xC6: 5}
+
+def _tuple_now(payload: bytes) -> tuple[Any, ...]:
+    """Decode a tuple ext's payload at once (its structure and depth are already weighed)."""
+    try:
+        inner = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_ext_hook_now,
+            object_pairs_hook=_pairs_hook,
+        )
+    except msgpack.ExtraData as exc:
+        raise MalformedSpack("tuple ext payload has bytes after its array") from exc
+    if type(inner) is not list:
+        raise MalformedSpack("tuple ext payload is not an array")
+    return tuple(inner)
+
+
+def _ext_hook_now(code: int, payload: bytes) -> object:
+    """:func:`_ext_hook`, decoding tuples at once instead of leaving stubs."""
+    return _tuple_now(payload) if code == EXT_TUPLE else _ext_hook(code, payload)
+
+
+#: The ext code of the placeholder the streaming decoder hands msgpack in place of a value
+#: it assembled itself. Peers cannot send it: the weigher refuses every unknown code.
+_PLACEHOLDER: Final = 127
+#: A piece of a cut-out payload is kept as a view of the buffer it arrived in only if it
+#: fills at least this share of that buffer (and is not tiny); smaller pieces are copied,
+#: so a small view never pins a large plaintext.
+_VIEW_SHARE: Final = 7 / 8
+#: Initial size of the streaming unpacker's buffer.
+_UNPACKER_START: Final = 4096
+_VIEW_MIN: Final = 4096
+
+
+class SpackDecoder:
+    """Decodes one spack whose encoding arrives in pieces, within its budget.
+
+    Each piece is weighed first (:class:`~stalk.weigh.Weigher`: structure, claims against
+    ``max_size``, decoded-weight budget), then handed to a streaming msgpack unpacker, so
+    the work per piece is bounded by the piece and nothing is built for a spack the budget
+    refuses. Large str, bin and typed-array payloads are cut out and joined straight from
+    the pieces into their value (one copy); a piece is kept as a view only while it fills
+    most of the buffer it came in, else copied (see :data:`_VIEW_SHARE`).
+
+    :param max_size: the most bytes the encoding may have.
+    :param budget: refuse a spack whose decoded weight exceeds its budget.
+    :param complete: the caller feeds the whole encoding (a claim beyond ``max_size`` is
+        a truncation, not an oversized message).
+    :param max_depth: the deepest container allowed (at most :data:`MAX_DEPTH`).
+    """
+
+    __slots__ = ("_assembled", "_big", "_parts", "_top", "_unpacker", "_weigher")
+
+    def __init__(
+        self,
+        max_size: int,
+        *,
+        budget: bool = True,
+        complete: bool = False,
+        max_depth: int = MAX_DEPTH,
+    ) -> None:
+        self._weigher = Weigher(
+            max_size, complete=complete, budget=budget, cut=True, max_depth=max_depth
+        )
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=self._ext_hook,
+            object_pairs_hook=_pairs_hook,
+            # Placeholders are 6 bytes: room for them however small a cut-out payload.
+            max_buffer_size=max_size + 1024,
+            # The buffer starts this small and grows as msgpack needs (default: 1 MiB).
+            read_size=min(_UNPACKER_START, max_size + 1024),
+        )
+        #: Values assembled from cut-out payloads, by placeholder index (dropped once used).
+        self._assembled: list[object] = []
+        #: The cut-out payload being collected: (kind, ext code), and its pieces.
+        self._big: tuple[int, int] | None = None
+        self._parts: list[bytes | bytearray | memoryview] = []
+        self._top: list[SpackValue] | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes fed so far."""
+        return self._weigher.size
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Weigh and decode the next piece of the encoding.
+
+        :raises MalformedSpack: the bytes can never be a valid spack.
+        :raises ~stalk.MessageLimitExceeded: the spack is certain to exceed ``max_size``
+            or its decoded-weight budget.
+        """
+        weigher = self._weigher
+        weigher.feed(data)
+        fed = False
+        for op in weigher.ops:
+            kind = op[0]
+            if kind == PASS:
+                self._unpacker.feed(op[1])  # type: ignore[arg-type]
+                fed = True
+            elif kind == BIG_PART:
+                self._keep(op[1])  # type: ignore[arg-type]
+            elif kind == BIG_START:
+                self._big = (op[1], op[3])  # type: ignore[assignment]
+            else:
+                self._unpacker.feed(self._assemble())
+                fed = True
+        weigher.ops.clear()
+        if fed:
+            self._unpack()
+
+    def finish(self) -> Spack:
+        """The encoding ended: return the spack.
+
+        :raises MalformedSpack: the encoding is truncated or otherwise invalid.
+        """
+        self._weigher.finish()
+        if self._top is None:  # pragma: no cover - the weigher saw a complete array
+            raise MalformedSpack("spack encoding is truncated")
+        return Spack._from_list(self._top)
+
+    def _unpack(self) -> None:
+        try:
+            top = self._unpacker.unpack()
+        except msgpack.OutOfData:
+            return
+        except Exception as exc:
+            raise _malformed(exc) from exc
+        self._top = top
+
+    def _keep(self, piece: memoryview) -> None:
+        """Hold one piece of a cut-out payload, copying it if a view would pin more."""
+        parts = self._parts
+        owner = piece.obj
+        if len(piece) >= _VIEW_MIN and len(piece) >= _VIEW_SHARE * len(owner):  # type: ignore[arg-type]
+            parts.append(piece)
+        elif parts and type(parts[-1]) is bytearray:
+            parts[-1] += piece
+        else:
+            parts.append(bytearray(piece))
+
+    def _assemble(self) -> bytes:
+        """Build the value of the payload just completed; return its placeholder."""
+        big, self._big = self._big, None
+        parts, self._parts = self._parts, []
+        if big is None:  # pragma: no cover - BIG_END always follows BIG_START
+            raise MalformedSpack("payload ended before it started")
+        kind, code = big
+        joined = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+        del parts
+        value: object
+        if kind == KIND_BIN:
+            value = joined
+        elif kind == KIND_STR:
+            try:
+                value = str(joined, "utf-8")
+            except UnicodeDecodeError as exc:
+                raise MalformedSpack("string is not valid UTF-8") from exc
+        else:
+            value = _ext_hook(code, joined)
+        self._assembled.append(value)
+        index = len(self._assembled) - 1
+        return bytes((0xD6, _PLACEHOLDER)) + index.to_bytes(4, "big")
+
+    def _ext_hook(self, code: int, payload: bytes) -> object:
+        if code == _PLACEHOLDER:
+            index = int.from_bytes(payload, "big")
+            value, self._assembled[index] = self._assembled[index], None
+            return value
+        return _ext_hook_now(code, payload)
 
 
 def decode_spack_pieces(pieces: Sequence[bytes | bytearray | memoryview]) -> Spack:
     """Decode one spack whose encoding is the concatenation of ``pieces``.
 
-    Same result and errors as ``decode_spack(b"".join(pieces))``. The common shape of a
-    large spack, a last element that is a ``bin`` reaching to the end of the encoding,
-    is decoded without joining the encoding first: the elements before it are decoded
-    (and checked) as a spack of their own with an empty ``bin`` in its place, and the
-    payload is joined from the pieces straight into the ``bytes`` value. That saves a
-    copy, and an allocation, of the whole message.
+    Same result and errors as ``decode_spack(b"".join(pieces))``, without joining the
+    pieces first: a large payload goes from the pieces straight into its value.
     """
     if len(pieces) == 1:
         return decode_spack(pieces[0])
-    spack = None
-    if sum(map(len, pieces)) >= _PIECES_FAST_PATH:
-        spack = _decode_trailing_bin(pieces)
-    return decode_spack(b"".join(pieces)) if spack is None else spack
-
-
-def _decode_trailing_bin(pieces: Sequence[bytes | bytearray | memoryview]) -> Spack | None:
-    """The trailing-bin fast path of :func:`decode_spack_pieces`; ``None``: not that shape."""
-    first = memoryview(pieces[0])
-    if first.itemsize != 1 or first.ndim != 1:
-        return None
-    unpacker = msgpack.Unpacker(max_buffer_size=len(first))
-    unpacker.feed(first)
-    try:
-        count = unpacker.read_array_header()
-        if count == 0:
-            return None
-        for _ in range(count - 1):
-            unpacker.skip()
-        start = unpacker.tell()
-    except (msgpack.OutOfData, msgpack.UnpackException, ValueError):
-        return None  # not an array, or its elements before the last do not fit here
-    header = _BIN_HEADER_SIZES.get(first[start]) if start < len(first) else None
-    if header is None or start + header > len(first):
-        return None
-    length = int.from_bytes(first[start + 1 : start + header], "big")
-    if start + header + length != sum(map(len, pieces)):
-        return None
-    # Everything before the last element, as a spack ending in an empty bin instead.
-    spack = decode_spack(bytes(first[:start]) + b"\xc4\x00")
-    spack._values[-1] = b"".join([first[start + header :], *pieces[1:]])
-    return spack
+    decoder = SpackDecoder(sum(map(len, pieces)), budget=False, complete=True)
+    for piece in pieces:
+        decoder.feed(piece)
+    return decoder.finish()
 
 
 # --------------------------------------------------------------------------- Spack

@@ -16,9 +16,23 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_REKEY_AFTER_BYTES",
     "DEFAULT_REKEY_AFTER_MESSAGES",
+    "EXT_ARRAY_FLOAT32",
+    "EXT_ARRAY_FLOAT64",
+    "EXT_ARRAY_INT8",
+    "EXT_ARRAY_INT16",
+    "EXT_ARRAY_INT32",
+    "EXT_ARRAY_INT64",
+    "EXT_ARRAY_ITEMSIZE",
+    "EXT_ARRAY_UINT8",
+    "EXT_ARRAY_UINT16",
+    "EXT_ARRAY_UINT32",
+    "EXT_ARRAY_UINT64",
+    "EXT_FLOAT32",
+    "EXT_TUPLE",
     "FRAME_HEADER_LEN",
     "MAGIC",
     "MAX_CLOSE_REASON",
+    "MAX_DEPTH",
     "MAX_FRAME_BODY",
     "MAX_HANDSHAKE_PAYLOAD",
     "MAX_MESSAGE_SIZE_LIMIT",
@@ -30,6 +44,8 @@ __all__ = [
     "PROTOCOL_NAMES",
     "PROTOCOL_VERSION",
     "RECORD_CAPACITY",
+    "WEIGHT_FACTOR",
+    "WEIGHT_FLOOR",
     "CloseCode",
     "Pattern",
     "RecordKind",
@@ -76,10 +92,53 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 MIN_MAX_MESSAGE_SIZE: Final = 1_024
 #: Largest limit a peer may advertise (2**53, exact in every JSON/float-based peer).
 MAX_MESSAGE_SIZE_LIMIT: Final = 2**53
+#: Decoded-weight budget of one spack (SPEC "Decoded weight"): its objects may weigh at most
+#: ``WEIGHT_FACTOR`` times its encoded size, plus ``WEIGHT_FLOOR``. The floor admits every
+#: spack small enough for one record (its heaviest shape weighs 108 bytes per wire byte).
+WEIGHT_FACTOR: Final = 8
+WEIGHT_FLOOR: Final = 8 * 1024 * 1024
 #: Default sender rekey policy: after this many Noise transport messages...
 DEFAULT_REKEY_AFTER_MESSAGES: Final = 2**16
 #: ...or this many plaintext bytes, whichever comes first (SPEC "Rekey").
 DEFAULT_REKEY_AFTER_BYTES: Final = 2**30
+
+
+#: Deepest container nesting in a spack (SPEC "Nesting depth"): deep enough for any real
+#: message tree, shallow enough that a peer cannot make a decoder (or the application
+#: walking the result) recurse without bound. Both ends must agree, so it is fixed.
+MAX_DEPTH: Final = 32
+
+# Ext codes (SPEC "Spack encoding"): part of the wire format, never renumbered. Negative
+# codes are msgpack's own (timestamp = -1) and, like every code not listed, rejected.
+#: A float 32 scalar (msgpack's own float 32 decodes to a Python float, losing the type).
+EXT_FLOAT32: Final = 1
+#: A tuple (msgpack has one array type, which decodes to a list).
+EXT_TUPLE: Final = 2
+#: Typed numeric arrays, one code per element type, so the receiver rebuilds the exact
+#: element type without a per-element encoding; 3..15 stay free for future scalars.
+EXT_ARRAY_INT8: Final = 16
+EXT_ARRAY_UINT8: Final = 17
+EXT_ARRAY_INT16: Final = 18
+EXT_ARRAY_UINT16: Final = 19
+EXT_ARRAY_INT32: Final = 20
+EXT_ARRAY_UINT32: Final = 21
+EXT_ARRAY_INT64: Final = 22
+EXT_ARRAY_UINT64: Final = 23
+EXT_ARRAY_FLOAT32: Final = 24
+EXT_ARRAY_FLOAT64: Final = 25
+#: Bytes per element of each typed-array ext code.
+EXT_ARRAY_ITEMSIZE: Final[dict[int, int]] = {
+    EXT_ARRAY_INT8: 1,
+    EXT_ARRAY_UINT8: 1,
+    EXT_ARRAY_INT16: 2,
+    EXT_ARRAY_UINT16: 2,
+    EXT_ARRAY_INT32: 4,
+    EXT_ARRAY_UINT32: 4,
+    EXT_ARRAY_INT64: 8,
+    EXT_ARRAY_UINT64: 8,
+    EXT_ARRAY_FLOAT32: 4,
+    EXT_ARRAY_FLOAT64: 8,
+}
 
 
 class RecordKind(enum.IntEnum):

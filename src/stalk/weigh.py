@@ -1,0 +1,698 @@
+"""Weighing a spack encoding before it is decoded (sans-IO).
+
+Theory of operation
+-------------------
+Decoding builds Python objects that can outweigh their encoding about 100 to 1 (an empty
+list is one byte on the wire and 64 bytes of heap), and msgpack's C decoder allocates up to
+10,000 slots for a container as soon as its header claims them, before any element has
+arrived. A peer controls both. So before a spack that arrives in pieces is decoded, a
+:class:`Weigher` walks its encoding, piece by piece as the pieces arrive, and builds
+nothing. It
+
+- checks the structure (SPEC "Strict decoding"): the top level is one array and nothing
+  follows it, no reserved byte ``c1``, map keys are str or bin, ext codes are known and
+  their payloads well sized, a tuple's payload is exactly one array, depth is at most
+  :data:`~stalk.wire.MAX_DEPTH`. UTF-8 and repeated keys are left to the decoder;
+- checks every claimed length against what can still arrive: the bytes a header promises
+  (its payload, one byte at least per claimed element) must fit in the size limit, so no
+  allocation is ever made on a claim the limit already rules out;
+- adds up the **decoded weight** (SPEC "Decoded weight"): the heap the decoded objects take,
+  from the table below, and refuses a spack whose weight exceeds its budget,
+  ``WEIGHT_FACTOR * size + WEIGHT_FLOOR``, as soon as the bytes promised so far make that
+  certain.
+
+Weights (bytes; CPython's own sizes on 64-bit platforms, rounded up):
+
+======================  =====================================================
+value                   weight
+======================  =====================================================
+array of n              56 + 8n (list object and its slots)
+map of n entries        64 (empty), 216 + 40 (n - 1) otherwise (dict and table)
+str of l bytes          0 if l <= 1 (CPython caches them), else 80 + l
+bin of l bytes          0 if l <= 1, else 40 + l
+int                     0 for -5 .. 255 (cached), 32 otherwise, 36 for 64-bit forms
+float (32 or 64)        24
+nil, true, false        0
+ext 1 (float32)         40
+ext 2 (tuple), payload  80 + 8n + 3p (tuple, its slots, payload copies while decoding)
+  of p bytes, n items   (its array is weighed as an array as well)
+ext 16..25, payload p   64 + 2p (array object, payload copy)
+======================  =====================================================
+
+Every spack of up to 64 KiB is within its budget whatever its shape (the heaviest shape,
+chained one-entry maps, weighs 108 per byte), so a single-record spack needs no weighing.
+
+Cutting out large payloads. For the streaming decoder (:class:`~stalk.spack.SpackDecoder`)
+the weigher also says what to hand to msgpack: with ``cut=True``, :meth:`Weigher.feed`
+appends to :attr:`Weigher.ops` the spans of the piece that go to msgpack as they are, and
+cuts out every str, bin or typed-array payload of :data:`BIG` bytes or more outside a
+tuple: the decoder assembles those itself, straight from the pieces, so msgpack never
+buffers them.
+
+This module is part of the sans-IO core: it does no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Final
+
+from stalk.errors import MalformedSpack, MessageLimitExceeded, StalkError
+from stalk.wire import (
+    EXT_ARRAY_ITEMSIZE,
+    EXT_FLOAT32,
+    EXT_TUPLE,
+    MAX_DEPTH,
+    WEIGHT_FACTOR,
+    WEIGHT_FLOOR,
+)
+
+__all__ = ["BIG", "Weigher", "header_size", "weigh"]
+
+#: A str, bin or typed-array payload this long (outside a tuple) is cut out for the decoder.
+BIG: Final = 64 * 1024
+
+#: Ops appended to :attr:`Weigher.ops` (see :meth:`Weigher.feed`).
+PASS: Final = 0
+BIG_START: Final = 1
+BIG_PART: Final = 2
+BIG_END: Final = 3
+
+#: What a big payload becomes, for the decoder.
+KIND_STR: Final = 0
+KIND_BIN: Final = 1
+KIND_ARRAY: Final = 2
+
+_SLOT: Final = 8
+_LIST: Final = 56
+_DICT_EMPTY: Final = 64
+_DICT_ONE: Final = 216
+_DICT_ENTRY: Final = 40
+_STR: Final = 80
+_BYTES: Final = 40
+_INT: Final = 32
+_INT64: Final = 36
+_FLOAT: Final = 24
+_FLOAT32: Final = 40
+_TUPLE: Final = 80
+_ARRAY: Final = 64
+
+_U16: Final = struct.Struct(">H")
+_U32: Final = struct.Struct(">I")
+
+# Frame kinds of open containers.
+_ARRAY_FRAME: Final = 0
+_MAP_FRAME: Final = 1
+_TUPLE_FRAME: Final = 2
+_ROOT_FRAME: Final = 3
+
+#: Header length of each type byte that has a length or count field; fixed-width scalars
+#: map to their whole size. Bytes absent here have a 1-byte header.
+_HEADER: Final = {
+    0xC4: 2, 0xC5: 3, 0xC6: 5,  # bin 8/16/32
+    0xC7: 3, 0xC8: 4, 0xC9: 6,  # ext 8/16/32 (length, then the code)
+    0xCA: 5, 0xCB: 9,  # float 32/64
+    0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9,  # uint 8/16/32/64
+    0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9,  # int 8/16/32/64
+    0xD4: 2, 0xD5: 2, 0xD6: 2, 0xD7: 2, 0xD8: 2,  # fixext 1..16 (the code)
+    0xD9: 2, 0xDA: 3, 0xDB: 5,  # str 8/16/32
+    0xDC: 3, 0xDD: 5,  # array 16/32
+    0xDE: 3, 0xDF: 5,  # map 16/32
+}  # fmt: skip
+_FIXEXT_SIZE: Final = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+
+# Classes of type bytes, for the scanning loop.
+_ONE: Final = 0  # a whole value in one byte: fixint, nil, bool, empty array or map
+_FIXARRAY: Final = 1
+_FIXMAP: Final = 2
+_FIXSTR: Final = 3
+_NUMBER: Final = 4  # float 32/64, int 8..64: fixed size, no payload
+_BIN: Final = 5
+_STRING: Final = 6
+_EXT: Final = 7
+_ARRAY16: Final = 8
+_MAP16: Final = 9
+_RESERVED: Final = 10
+_KEY_CLASSES: Final = frozenset({_FIXSTR, _BIN, _STRING})
+
+
+def _classes() -> tuple[bytes, tuple[int, ...]]:
+    """Each type byte's class, and the weight of the values that are a class by themselves."""
+    table = bytearray(256)
+    weight = [0] * 256
+    for first in range(256):
+        if first <= 0x7F or first in (0xC0, 0xC2, 0xC3) or first >= 0xE0:
+            table[first] = _ONE
+            weight[first] = _INT if 0xE0 <= first < 0xFB else 0  # -5..-1 are cached
+        elif first in (0x80, 0x90):
+            table[first] = _ONE
+            weight[first] = _DICT_EMPTY if first == 0x80 else _LIST
+        elif first <= 0x8F:
+            table[first] = _FIXMAP
+        elif first <= 0x9F:
+            table[first] = _FIXARRAY
+        elif first <= 0xBF:
+            table[first] = _FIXSTR
+            length = first & 0x1F
+            weight[first] = _STR + length if length > 1 else 0
+        elif first == 0xC1:
+            table[first] = _RESERVED
+        elif first <= 0xC6:
+            table[first] = _BIN
+        elif first <= 0xC9 or 0xD4 <= first <= 0xD8:
+            table[first] = _EXT
+        elif first <= 0xD3:
+            table[first] = _NUMBER
+            weight[first] = {0xCA: _FLOAT, 0xCB: _FLOAT, 0xCC: 0, 0xCF: _INT64, 0xD3: _INT64}.get(
+                first, _INT
+            )
+        elif first <= 0xDB:
+            table[first] = _STRING
+        elif first <= 0xDD:
+            table[first] = _ARRAY16
+        else:
+            table[first] = _MAP16
+    return bytes(table), tuple(weight)
+
+
+_CLASS, _WEIGHT = _classes()
+#: Bytes before the payload, for every type byte (indexing a tuple beats a dict lookup).
+_SIZE: Final = tuple(_HEADER.get(first, 1) for first in range(256))
+#: Runs of one-byte values are weighed in C: the pattern, and the bytes that weigh.
+_ONE_RUN: Final = re.compile(rb"[\x00-\x80\x90\xc0\xc2\xc3\xe0-\xff]+")
+_UNCACHED_INTS: Final = bytes(range(0xE0, 0xFB))
+#: A container whose items are this many or more tries runs of like values.
+_RUN_MIN: Final = 8
+#: Runs of one fixed-size type byte (a number, or a str of one fixed length).
+_SAME_RUNS: dict[int, re.Pattern[bytes]] = {}
+
+
+def _one_run(view: memoryview, pos: int, limit: int) -> int:
+    """How many one-byte values start at ``pos`` (at least the one there)."""
+    match = _ONE_RUN.match(view, pos, limit)
+    return match.end() - pos if match else 1
+
+
+def _run_weight(run: bytes, deep: bool) -> int:
+    """The weight of a run of one-byte values (``deep``: a container there is too deep)."""
+    lists = run.count(b"\x90")
+    dicts = run.count(b"\x80")
+    if (lists or dicts) and deep:
+        raise MalformedSpack("spack nesting is deeper than the limit")
+    return (
+        _LIST * lists
+        + _DICT_EMPTY * dicts
+        + _INT * (len(run) - len(run.translate(None, _UNCACHED_INTS)))
+    )
+
+
+def _flat(
+    view: memoryview, pos: int, end: int, first: int, inner_ok: bool
+) -> tuple[int, int] | None:
+    """Weigh a fixarray or fixmap at ``pos`` whose items are all simple values.
+
+    Simple: scalars, strings and bins short enough to be in ``view``, and empty containers
+    if ``inner_ok`` (one level down is not too deep); map keys are strings or bins.
+    Returns the position after it and its weight, or ``None`` (weigh it item by item): a
+    list of small records costs one call per record, not a frame.
+    """
+    is_map = first < 0x90
+    count = (first & 0x0F) * (2 if is_map else 1)
+    weight = _DICT_ENTRY * (count // 2 - 1) + _DICT_ONE if is_map else _LIST + _SLOT * count
+    classes = _CLASS
+    weights = _WEIGHT
+    pos += 1
+    for index in range(count):
+        if pos >= end:
+            return None
+        item = view[pos]
+        cls = classes[item]
+        if is_map and not index & 1 and cls not in _KEY_CLASSES:
+            return None
+        if cls == _ONE:
+            if item in (0x80, 0x90) and not inner_ok:
+                return None
+            weight += weights[item]
+            pos += 1
+            continue
+        size = _SIZE[item]
+        if pos + size > end:
+            return None
+        if cls == _NUMBER:
+            weight += _INT if item == 0xD0 and 0x80 <= view[pos + 1] < 0xFB else weights[item]
+        elif cls == _FIXSTR:
+            weight += weights[item]
+            size += item & 0x1F
+        elif cls in (_BIN, _STRING):
+            length = _length(view, pos, size)
+            if length >= BIG:
+                return None
+            if length > 1:
+                weight += (_BYTES if cls == _BIN else _STR) + length
+            size += length
+        else:
+            return None
+        if pos + size > end:
+            return None
+        pos += size
+    return pos, weight
+
+
+def _same_run(first: int) -> re.Pattern[bytes]:
+    pattern = _SAME_RUNS.get(first)
+    if pattern is None:
+        size = _HEADER.get(first, 1) + (first & 0x1F if _CLASS[first] == _FIXSTR else 0)
+        pattern = re.compile(b"(?:" + re.escape(bytes([first])) + rb"[\s\S]{%d})+" % (size - 1))
+        _SAME_RUNS[first] = pattern
+    return pattern
+
+
+def header_size(first: int) -> int:
+    """How many bytes the item starting with ``first`` needs before its payload."""
+    return _HEADER.get(first, 1)
+
+
+class Weigher:
+    """Walks one spack encoding fed in pieces; see the module docstring.
+
+    :param max_size: the most bytes the encoding may have (the receiver's limit). A claim
+        that cannot fit is an error as soon as it is read.
+    :param complete: the encoding is all there: a claim beyond ``max_size`` is a truncation
+        (:class:`~stalk.MalformedSpack`) rather than an oversized message
+        (:class:`~stalk.MessageLimitExceeded`).
+    :param budget: refuse spacks whose decoded weight exceeds their budget.
+    :param cut: record :attr:`ops` for :class:`~stalk.spack.SpackDecoder`.
+    :param max_depth: the deepest container allowed (at most :data:`~stalk.wire.MAX_DEPTH`).
+    """
+
+    __slots__ = (
+        "_budget",
+        "_carry",
+        "_complete",
+        "_cut",
+        "_done",
+        "_frames",
+        "_max_depth",
+        "_max_size",
+        "_offset",
+        "_skip",
+        "_skip_big",
+        "_span",
+        "_tuple_ends",
+        "ops",
+        "weight",
+    )
+
+    def __init__(
+        self,
+        max_size: int,
+        *,
+        complete: bool = False,
+        budget: bool = True,
+        cut: bool = False,
+        max_depth: int = MAX_DEPTH,
+    ) -> None:
+        self._max_size = max_size
+        self._max_depth = max_depth
+        self._complete = complete
+        self._budget = budget
+        self._cut = cut
+        #: Decoded weight of everything seen so far.
+        self.weight = 0
+        #: With ``cut``: ``(PASS, view)``, ``(BIG_START, kind, length, ext_code)``,
+        #: ``(BIG_PART, view)``, ``(BIG_END,)``, in stream order; the caller empties it.
+        self.ops: list[tuple[object, ...]] = []
+        # Open containers, innermost last: [kind, items left, depth]. The root frame holds
+        # the one top-level array.
+        self._frames: list[list[int]] = [[_ROOT_FRAME, 1, -1]]
+        # Absolute end of each open tuple's payload, innermost last.
+        self._tuple_ends: list[int] = []
+        self._offset = 0  # absolute position of the next piece's first byte
+        self._skip = 0  # payload bytes of the current item still to come
+        self._skip_big = False  # ...and whether they are cut out
+        self._carry = b""  # the start of an item header split across pieces
+        self._done = False  # the top-level array is complete
+        self._span = 0  # start of the bytes of the current piece not yet handed on as PASS
+
+    @property
+    def size(self) -> int:
+        """Bytes fed so far."""
+        return self._offset
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Weigh the next piece of the encoding.
+
+        :raises ~stalk.MalformedSpack: the bytes can never be a valid spack.
+        :raises ~stalk.MessageLimitExceeded: the spack is certain to exceed the size limit
+            or its weight budget (checked before the caller decodes anything of the piece).
+        """
+        view = data if type(data) is memoryview else memoryview(data)
+        end = len(view)
+        if self._done and end:
+            raise MalformedSpack("trailing bytes after the spack")
+        base = self._offset
+        pos = 0
+        if self._skip:
+            pos = self._take_payload(view, 0, end, base)
+        if self._carry and pos < end:
+            pos = self._finish_carry(view, pos, end, base)
+        if pos < end:
+            pos = self._scan(view, pos, end, base)
+        self._offset = base + end
+        self._check(base + pos)
+
+    def finish(self) -> None:
+        """The encoding ended here: it must be exactly one complete spack.
+
+        :raises ~stalk.MalformedSpack: it is truncated (or empty).
+        """
+        if not self._done or self._skip or self._carry:
+            raise MalformedSpack("spack encoding is truncated")
+
+    # -- scanning ---------------------------------------------------------------------------
+
+    def _take_payload(
+        self, view: memoryview, pos: int, end: int, base: int, *, in_span: bool = False
+    ) -> int:
+        """Consume as much of the current item's payload as ``view`` holds.
+
+        :param in_span: :meth:`_scan` hands these bytes on itself (unless cut out).
+        """
+        take = min(self._skip, end - pos)
+        if self._cut and take and (self._skip_big or not in_span):
+            self.ops.append((BIG_PART if self._skip_big else PASS, view[pos : pos + take]))
+        self._skip -= take
+        pos += take
+        if not self._skip:
+            if self._skip_big:
+                self.ops.append((BIG_END,))
+                self._skip_big = False
+            self._close_frames(base + pos)
+        return pos
+
+    def _finish_carry(self, view: memoryview, pos: int, end: int, base: int) -> int:
+        """Complete an item header split across pieces and weigh that one item."""
+        carry = self._carry
+        need = header_size(carry[0]) - len(carry)
+        if end - pos < need:
+            self._carry = carry + bytes(view[pos:end])
+            return end
+        head = carry + bytes(view[pos : pos + need])
+        self._carry = b""
+        self._scan(memoryview(head), 0, len(head), base + pos - len(carry))
+        pos += need
+        if self._skip:
+            pos = self._take_payload(view, pos, end, base)
+        return pos
+
+    def _scan(self, view: memoryview, pos: int, end: int, base: int) -> int:  # noqa: PLR0915
+        """Weigh whole items from ``pos`` up to ``end`` (saving a split header); new pos.
+
+        The loop handles one-byte values, numbers and short strings inline (with runs of
+        like values in C); containers, long strings, bins and exts go to :meth:`_item`. It
+        is one function on purpose: a call per value would cost more than the value.
+        """
+        if self._done:
+            raise MalformedSpack("trailing bytes after the spack")
+        frames = self._frames
+        tuple_ends = self._tuple_ends
+        classes = _CLASS
+        weights = _WEIGHT
+        sizes = _SIZE
+        self._span = pos
+        weight = self.weight
+        frame = frames[-1]
+        left = frame[1]
+        kind = frame[0]
+        plain = kind == _ARRAY_FRAME and not tuple_ends  # an array outside any tuple
+        deep = frame[2] + 1 > self._max_depth  # a container here would be too deep
+        while pos < end:
+            if not left:
+                # The innermost container is complete: close it (and any it completes).
+                frame[1] = 0
+                self.weight = weight
+                self._close_frames(base + pos)
+                if not frames:
+                    break
+                frame = frames[-1]
+                left = frame[1]
+                kind = frame[0]
+                plain = kind == _ARRAY_FRAME and not tuple_ends
+                deep = frame[2] + 1 > self._max_depth
+                continue
+            first = view[pos]
+            cls = classes[first]
+            if plain:
+                pass
+            elif kind == _MAP_FRAME and not tuple_ends:
+                if not left & 1 and cls not in _KEY_CLASSES:
+                    raise MalformedSpack("map key is not str or bin")
+            else:
+                self._check_item(first, cls, frame, left, base + pos)
+            if cls == _ONE:
+                if plain and left >= _RUN_MIN:
+                    run = _one_run(view, pos, min(end, pos + left))
+                    weight += _run_weight(bytes(view[pos : pos + run]), deep)
+                    pos += run
+                    left -= run
+                    continue
+                if deep and first in (0x90, 0x80):
+                    raise _too_deep(self._max_depth)
+                weight += weights[first]
+                pos += 1
+                left -= 1
+                continue
+            size = sizes[first]
+            if pos + size > end:
+                self._carry = bytes(view[pos:end])
+                break
+            if cls == _NUMBER or (
+                cls == _FIXSTR and not tuple_ends and pos + 1 + (first & 0x1F) <= end
+            ):
+                item = size + (first & 0x1F if cls == _FIXSTR else 0)
+                if plain and left >= _RUN_MIN:
+                    match = _same_run(first).match(view, pos, min(end, pos + left * item))
+                    if match:
+                        run = (match.end() - pos) // item
+                        weight += run * weights[first]
+                        pos += run * item
+                        left -= run
+                        continue
+                weight += _INT if first == 0xD0 and 0x80 <= view[pos + 1] < 0xFB else weights[first]
+                pos += item
+                left -= 1
+                continue
+            if cls in (_FIXARRAY, _FIXMAP) and not tuple_ends and not deep:
+                # A small container of simple values, weighed without a frame.
+                flat = _flat(view, pos, end, first, frame[2] + 2 <= self._max_depth)
+                if flat:
+                    pos, added = flat
+                    weight += added
+                    left -= 1
+                    continue
+            if cls in (_BIN, _STRING) and not tuple_ends:
+                length = _length(view, pos, size)
+                if length < BIG and pos + size + length <= end:
+                    if length > 1:
+                        weight += (_BYTES if cls == _BIN else _STR) + length
+                    pos += size + length
+                    left -= 1
+                    continue
+            left -= 1
+            frame[1] = left
+            self.weight = weight
+            pos = self._item(view, pos, end, base, frame)
+            weight = self.weight
+            if not frames:
+                break
+            frame = frames[-1]
+            left = frame[1]
+            kind = frame[0]
+            plain = kind == _ARRAY_FRAME and not tuple_ends
+            deep = frame[2] + 1 > self._max_depth
+        frame[1] = left
+        self.weight = weight
+        if not left and not self._skip and not self._carry:
+            self._close_frames(base + pos)
+        if self._done and pos < end:
+            raise MalformedSpack("trailing bytes after the spack")
+        if self._cut and self._span < pos:
+            self.ops.append((PASS, view[self._span : pos]))
+        return pos
+
+    def _check_item(self, first: int, cls: int, frame: list[int], left: int, at: int) -> None:
+        """Rules for an item that starts at absolute ``at`` in a map, a tuple or the root."""
+        kind = frame[0]
+        if self._tuple_ends:
+            if at + _HEADER.get(first, 1) > self._tuple_ends[-1]:
+                raise MalformedSpack("a value runs past the end of its tuple")
+            if kind == _TUPLE_FRAME and cls not in (_FIXARRAY, _ARRAY16) and first != 0x90:
+                raise MalformedSpack("tuple ext payload is not an array")
+        if kind == _MAP_FRAME:
+            if not left & 1 and cls not in _KEY_CLASSES:
+                raise MalformedSpack("map key is not str or bin")
+        elif kind == _ROOT_FRAME and cls not in (_FIXARRAY, _ARRAY16) and first != 0x90:
+            raise MalformedSpack("spack top level is not an array")
+
+    def _item(self, view: memoryview, pos: int, end: int, base: int, frame: list[int]) -> int:
+        """Weigh one container header, string, bin or ext whose header starts at ``pos``."""
+        first = view[pos]
+        cls = _CLASS[first]
+        size = _HEADER.get(first, 1)
+        in_tuple = bool(self._tuple_ends)
+        big = -1
+        code = 0
+        payload = 0
+        if cls in (_FIXARRAY, _FIXMAP):
+            self._open(cls == _FIXMAP, first & 0x0F, frame)
+        elif cls in (_ARRAY16, _MAP16):
+            self._open(cls == _MAP16, _length(view, pos, size), frame)
+        elif cls in (_BIN, _STRING, _FIXSTR):
+            payload = first & 0x1F if cls == _FIXSTR else _length(view, pos, size)
+            if payload > 1:
+                self.weight += (_BYTES if cls == _BIN else _STR) + payload
+            if payload >= BIG and self._cut and not in_tuple:
+                big = KIND_BIN if cls == _BIN else KIND_STR
+        elif cls == _EXT:
+            code = view[pos + size - 1]
+            if code >= 0x80:
+                code -= 0x100
+            payload = _FIXEXT_SIZE[first] if first >= 0xD4 else _length(view, pos, size - 1)
+            if code == EXT_TUPLE:
+                self._open_tuple(payload, base + pos + size, frame)
+                payload = 0  # the payload is weighed as the tuple's items
+            else:
+                self._ext(code, payload)
+                if payload >= BIG and self._cut and not in_tuple and code != EXT_FLOAT32:
+                    big = KIND_ARRAY
+        elif cls == _NUMBER:
+            self.weight += (
+                _INT if first == 0xD0 and 0x80 <= view[pos + 1] < 0xFB else _WEIGHT[first]
+            )
+        else:
+            raise MalformedSpack("invalid msgpack: reserved type byte 0xc1")
+        pos += size
+        if not payload:
+            return pos
+        self._promise(base + pos, payload)
+        if big >= 0:
+            if self._span < pos - size:
+                self.ops.append((PASS, view[self._span : pos - size]))
+            self.ops.append((BIG_START, big, payload, code))
+            self._skip_big = True
+        self._skip = payload
+        pos = self._take_payload(view, pos, end, base, in_span=True)
+        if big >= 0:
+            self._span = pos
+        return pos
+
+    def _open(self, is_map: bool, count: int, parent: list[int]) -> None:
+        """A container header claiming ``count`` items (entries for a map) was read."""
+        in_tuple = parent[0] == _TUPLE_FRAME  # this array *is* that tuple: same level
+        depth = parent[2] if in_tuple else parent[2] + 1
+        if depth > self._max_depth:
+            raise _too_deep(self._max_depth)
+        if is_map:
+            self.weight += _DICT_ENTRY * (count - 1) + _DICT_ONE if count else _DICT_EMPTY
+        else:
+            self.weight += _LIST + (2 * _SLOT if in_tuple else _SLOT) * count
+        self._frames.append(
+            [_MAP_FRAME if is_map else _ARRAY_FRAME, 2 * count if is_map else count, depth]
+        )
+
+    def _open_tuple(self, payload: int, after: int, parent: list[int]) -> None:
+        """An ext 2 header: its payload, ending ``payload`` bytes after ``after``, is one array."""
+        if parent[2] + 1 > self._max_depth:
+            raise _too_deep(self._max_depth)
+        if self._tuple_ends and after + payload > self._tuple_ends[-1]:
+            raise MalformedSpack("a tuple claims more bytes than the tuple around it holds")
+        self.weight += _TUPLE + 3 * payload
+        self._tuple_ends.append(after + payload)
+        self._frames.append([_TUPLE_FRAME, 1, parent[2] + 1])
+
+    def _ext(self, code: int, payload: int) -> None:
+        """Check and weigh an ext other than a tuple."""
+        if code == EXT_FLOAT32:
+            if payload != 4:
+                raise MalformedSpack(f"float32 ext has {payload} bytes, not 4")
+            self.weight += _FLOAT32
+            return
+        itemsize = EXT_ARRAY_ITEMSIZE.get(code)
+        if itemsize is None:
+            raise MalformedSpack(f"unknown ext code {code}")
+        if payload % itemsize:
+            raise MalformedSpack(
+                f"array ext {code} has {payload} bytes, not a multiple of {itemsize}"
+            )
+        self.weight += _ARRAY + 2 * payload
+
+    def _promise(self, after: int, payload: int) -> None:
+        """An item's header promised ``payload`` more bytes right after ``after``."""
+        if self._tuple_ends and after + payload > self._tuple_ends[-1]:
+            raise MalformedSpack("a value claims more bytes than its tuple holds")
+
+    def _check(self, at: int) -> None:
+        """What the headers read so far promise must fit the size limit and weight budget.
+
+        ``at`` is the absolute position reached (or promised by the current item); each
+        item still owed by an open container needs at least one more byte, and an open
+        tuple reaches at least to the end of its payload.
+        """
+        reach = max(at + self._skip, self._offset)
+        owed = 0
+        for kind, left, _ in self._frames:
+            if kind == _TUPLE_FRAME:
+                reach = max(reach, self._tuple_ends[0])
+                break
+            owed += left
+        promised = reach + owed
+        if promised > self._max_size:
+            if self._complete:
+                raise MalformedSpack("spack encoding is truncated: a length claims more bytes")
+            raise MessageLimitExceeded(self._max_size)
+        if self._budget and self.weight > WEIGHT_FACTOR * promised + WEIGHT_FLOOR:
+            raise _over_budget(self.weight, promised)
+
+    def _close_frames(self, at: int) -> None:
+        """Pop every container whose last item has just ended at absolute offset ``at``."""
+        frames = self._frames
+        while frames and frames[-1][1] == 0:
+            kind = frames.pop()[0]
+            if kind == _TUPLE_FRAME and at != self._tuple_ends.pop():
+                raise MalformedSpack("tuple ext payload has bytes after its array")
+        if not frames:
+            self._done = True
+
+
+def _too_deep(limit: int) -> MalformedSpack:
+    return MalformedSpack(f"spack nesting is deeper than the limit ({limit})")
+
+
+def _over_budget(weight: int, size: int) -> StalkError:
+    return MessageLimitExceeded(
+        WEIGHT_FACTOR * size + WEIGHT_FLOOR,
+        f"peer sent a spack that decodes to at least {weight} bytes of objects, more than "
+        f"its budget of {WEIGHT_FACTOR} x {size} + {WEIGHT_FLOOR} bytes",
+    )
+
+
+def _length(view: memoryview, pos: int, size: int) -> int:
+    """The length or count field that ends a header of ``size`` bytes at ``pos``."""
+    width = size - 1
+    if width == 1:
+        return view[pos + 1]
+    if width == 2:
+        return _U16.unpack_from(view, pos + 1)[0]  # type: ignore[no-any-return]
+    return _U32.unpack_from(view, pos + 1)[0]  # type: ignore[no-any-return]
+
+
+def weigh(encoding: bytes | bytearray | memoryview, max_size: int | None = None) -> int:
+    """The decoded weight of a complete spack encoding, checking its structure on the way.
+
+    :raises ~stalk.MalformedSpack: not exactly one valid spack structure.
+    """
+    weigher = Weigher(len(encoding) if max_size is None else max_size, budget=False)
+    weigher.feed(encoding)
+    weigher.finish()
+    return weigher.weight
