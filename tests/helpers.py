@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stalk.events import NEED_DATA, CloseReceived, Event, PeerIdentified
+from stalk.events import NEED_DATA, PAUSED, CloseReceived, Event, PeerIdentified
 from stalk.identity import Identity
 from stalk.session import Role, Session, SessionConfig
 
 
 def drain(session: Session) -> list[Event]:
-    """Every event the session can produce now (a CloseReceived ends the list)."""
+    """Every event the session can produce now (a CloseReceived ends the list).
+
+    PAUSED after a step of work is resumed at once; PAUSED with output owed ends the list
+    (the caller moves that output, then drains again).
+    """
     events: list[Event] = []
     while (event := session.next_event()) is not NEED_DATA:
+        if event is PAUSED:
+            if session.has_output:
+                break
+            continue
         events.append(event)
         if isinstance(event, CloseReceived):
             break
@@ -37,9 +45,9 @@ class Pair:
         moved = True
         while moved:
             moved = False
-            for src, dst, seen in (
-                (self.client, self.server, self.server_events),
-                (self.server, self.client, self.client_events),
+            for src, dst, seen, src_seen in (
+                (self.client, self.server, self.server_events, self.client_events),
+                (self.server, self.client, self.client_events, self.server_events),
             ):
                 data = src.data_to_send()
                 if not data:
@@ -49,6 +57,8 @@ class Pair:
                 for i in range(0, len(data), step):
                     dst.receive_data(data[i : i + step])
                     self._collect(dst, seen)
+                if src.state.value not in ("handshaking", "authorizing", "failed"):
+                    self._collect(src, src_seen)  # it may have paused until its output went
 
     def _collect(self, session: Session, seen: list[Event]) -> None:
         pending = drain(session)

@@ -29,7 +29,6 @@ from anyio.abc import SocketStream
 
 from faultproxy import guarded_listener
 from helpers import drain
-from stalk import records
 from stalk.config import Config
 from stalk.connection import Connection, connect
 from stalk.errors import (
@@ -46,7 +45,7 @@ from stalk.handshake import InitiatorHandshake
 from stalk.identity import Identity, PublicIdentity
 from stalk.listener import Listener, _address_key, _check_file_limit, listen
 from stalk.session import Role, Session, SessionConfig
-from stalk.spack import Spack
+from stalk.spack import Spack, SpackDecoder
 from stalk.wire import CloseCode, RecordKind
 
 KiB = 1024
@@ -288,20 +287,21 @@ class _Watch:
 async def test_an_oversized_spack_is_cut_off_at_the_limit(
     anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A peer streams FRAGMENTs of one spack far beyond our limit.
+    """A peer streams FRAGMENTs of one valid-looking spack far beyond our limit.
 
     The receiver fails with MessageLimitExceeded once the running total passes the limit,
-    having buffered at most the limit (watched in the Reassembler and with tracemalloc), and
-    the flood stops.
+    having taken at most the limit (watched in the decoder and with tracemalloc), and the
+    flood stops.
     """
     watch = _Watch()
-    original = records.Reassembler.fragment
+    original = SpackDecoder.feed
 
-    def watched(self: records.Reassembler, body: memoryview) -> None:
-        original(self, body)
-        watch.high_water = max(watch.high_water, self._size)
+    def watched(self: SpackDecoder, data: bytes | memoryview, limit: int | None = None) -> int:
+        taken = original(self, data, limit)
+        watch.high_water = max(watch.high_water, self.size)
+        return taken
 
-    monkeypatch.setattr(records.Reassembler, "fragment", watched)
+    monkeypatch.setattr(SpackDecoder, "feed", watched)
 
     async def sink(conn: Connection) -> None:
         try:
@@ -310,15 +310,19 @@ async def test_an_oversized_spack_is_cut_off_at_the_limit(
         except Exception as exc:
             watch.errors.append(exc)
 
+    # An array of a million 58-byte bins: every piece is valid so far, and nothing it
+    # claims goes past the limit; only the running total does.
+    item = b"\xc4\x3a" + bytes(58)
+    flood = b"\xdd\x00\x10\x00\x00" + item * (FLOOD_FRAGMENTS * FRAGMENT // len(item))
     sent = 0
     close_code: int | None = None
     async with serving(sink, Config(max_message_size=LIMIT)) as (listener, server_id):
         with traced() as measure:
             stream, session = await raw_session(listener.address, server_id.public)
-            chunk = bytes(FRAGMENT)
             with anyio.fail_after(20):
                 try:
-                    for _ in range(FLOOD_FRAGMENTS):
+                    for start in range(0, FLOOD_FRAGMENTS * FRAGMENT, FRAGMENT):
+                        chunk = flood[start : start + FRAGMENT]
                         session._writer.add(RecordKind.FRAGMENT, chunk)  # bypasses the limit
                         session.flush()
                         await stream.send(bytes(session.data_to_send()))

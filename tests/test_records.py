@@ -1,4 +1,4 @@
-"""The record layer: varints, packing (batching, fragmentation), parsing and reassembly."""
+"""The record layer: varints, packing (batching, fragmentation) and parsing."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stalk._noise import MAX_PLAINTEXT
-from stalk.errors import MessageLimitExceeded, ProtocolError
+from stalk.errors import ProtocolError
 from stalk.records import (
-    Reassembler,
     RecordWriter,
     decode_close,
     encode_close,
@@ -43,22 +42,21 @@ def test_non_minimal_uvarints_are_rejected(data: bytes) -> None:
         read_uvarint(memoryview(data), 0, 5)
 
 
-def _replay(plaintexts: list[bytearray], limit: int = 1 << 30) -> list[tuple[RecordKind, bytes]]:
-    """Parse plaintexts and reassemble messages, as a receiver does."""
-    reassembler = Reassembler(limit)
+def _replay(plaintexts: list[bytearray]) -> list[tuple[RecordKind, bytes]]:
+    """Parse plaintexts and join each message's pieces, as a receiver does."""
+    pieces: list[bytes] = []
     out: list[tuple[RecordKind, bytes]] = []
     for plaintext in plaintexts:
         assert 0 < len(plaintext) <= RECORD_CAPACITY
         for record in parse_records(plaintext):
             if record.kind is RecordKind.FRAGMENT:
-                reassembler.fragment(record.body)
+                pieces.append(bytes(record.body))
             elif record.kind is RecordKind.MESSAGE:
-                whole = reassembler.message(record.body)
-                joined = bytes(whole) if isinstance(whole, memoryview) else b"".join(whole)
-                out.append((record.kind, joined))
+                out.append((record.kind, b"".join([*pieces, bytes(record.body)])))
+                pieces.clear()
             else:
                 out.append((record.kind, bytes(record.body)))
-    assert not reassembler.in_progress
+    assert not pieces
     return out
 
 
@@ -113,20 +111,6 @@ def test_large_message_fills_noise_messages_completely() -> None:
     assert all(len(p) == RECORD_CAPACITY for p in plaintexts[:-1])
     assert [r.kind for r in parse_records(plaintexts[-1])] == [RecordKind.MESSAGE]
     assert _replay(plaintexts) == [(RecordKind.MESSAGE, b"x" * 1_000_000)]
-
-
-def test_reassembly_limit_is_checked_before_buffering() -> None:
-    reassembler = Reassembler(100)
-    reassembler.fragment(memoryview(b"a" * 60))
-    with pytest.raises(MessageLimitExceeded):
-        reassembler.fragment(memoryview(b"b" * 41))
-    single = Reassembler(100)
-    with pytest.raises(MessageLimitExceeded):
-        single.message(memoryview(b"c" * 101))
-    exact = Reassembler(100)
-    whole = exact.message(memoryview(b"d" * 100))
-    assert isinstance(whole, memoryview)
-    assert bytes(whole) == b"d" * 100
 
 
 def test_close_body_round_trip_and_limits() -> None:

@@ -540,14 +540,22 @@ def test_eof_after_close_is_clean() -> None:
     assert pair.server.next_event() == CloseReceived(0, "")
 
 
-def test_data_after_close_is_a_protocol_error() -> None:
+@pytest.mark.parametrize("split", [False, True], ids=["same-segment", "later"])
+def test_bytes_after_close_are_never_read(split: bool) -> None:
+    """SPEC "Close": whatever follows CLOSE is discarded, however TCP segments it."""
     pair = connected_pair()
     pair.client.close()
     wire = pair.client.data_to_send()
-    pair.server.receive_data(wire + wire[:10])
-    assert drain(pair.server) == [CloseReceived(0, "")]
-    with pytest.raises(ProtocolError, match="after CLOSE"):
-        pair.server.next_event()
+    if split:
+        pair.server.receive_data(wire)
+        assert drain(pair.server) == [CloseReceived(0, "")]
+        pair.server.receive_data(b"\xff" * 300)
+    else:
+        pair.server.receive_data(wire + b"\xff" * 300)
+        assert drain(pair.server) == [CloseReceived(0, "")]
+    assert pair.server.next_event() == CloseReceived(0, "")
+    pair.server.receive_data(b"")
+    assert pair.server.next_event() == CloseReceived(0, "")
 
 
 # -- tampering --------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from stalk.errors import (
 )
 from stalk.events import (
     NEED_DATA,
+    PAUSED,
     CloseReceived,
     HandshakeComplete,
     MessageReceived,
@@ -230,6 +231,9 @@ class SessionPair(RuleBasedStateMachine):
                 return
             if event is NEED_DATA:
                 return
+            if event is PAUSED:
+                self.collect(receiver)  # what it owes goes out, then it reads on
+                continue
             close = self.closes[receiver]
             if close is not None:
                 assert event == close, f"{event!r} after {close!r}"

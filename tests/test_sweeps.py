@@ -48,6 +48,7 @@ from stalk.connection import Connection, connect
 from stalk.errors import ConnectionLost, HandshakeFailed, ProtocolError, StalkError
 from stalk.events import (
     NEED_DATA,
+    PAUSED,
     CloseReceived,
     Event,
     HandshakeComplete,
@@ -76,20 +77,34 @@ EDGE = 48
 STRIDE = 397
 
 
-def new_session(role: Role, pattern: Pattern) -> Session:
+def new_session(role: Role, pattern: Pattern, cls: type[Session] = Session) -> Session:
     """A session with the fixed keys: it writes exactly the recorded bytes."""
     if role is Role.INITIATOR:
-        return Session(
+        return cls(
             Role.INITIATOR,
             CLIENT,
             peer=SERVER.public if pattern == "IK" else None,
             ephemeral_for_testing_only=CLIENT_EPHEMERAL,
         )
-    return Session(Role.RESPONDER, SERVER, ephemeral_for_testing_only=SERVER_EPHEMERAL)
+    return cls(Role.RESPONDER, SERVER, ephemeral_for_testing_only=SERVER_EPHEMERAL)
 
 
 def receiver_role(direction: Direction) -> Role:
     return Role.RESPONDER if direction == "c2s" else Role.INITIATOR
+
+
+class Replaying(Session):
+    """A receiver that sends the PINGs its original sent (once open; what it writes is
+    dropped), so the PONGs in the stream answer PINGs of its own (SPEC "Ping")."""
+
+    pings: tuple[bytes, ...] = ()
+
+
+def replaying(role: Role, pattern: Pattern, pings: Sequence[bytes]) -> Replaying:
+    session = new_session(role, pattern, Replaying)
+    assert isinstance(session, Replaying)
+    session.pings = tuple(pings)
+    return session
 
 
 # -- driving a receiver -------------------------------------------------------------------
@@ -112,6 +127,9 @@ def pull(session: Session, events: list[Event]) -> None:
         event = session.next_event()
         if event is NEED_DATA:
             return
+        if event is PAUSED:
+            session.data_to_send()  # a replay: what it writes is dropped
+            continue
         if isinstance(event, CloseReceived):
             # next_event() repeats the CLOSE once nothing more can happen: record it once.
             if not any(isinstance(e, CloseReceived) for e in events):
@@ -120,6 +138,10 @@ def pull(session: Session, events: list[Event]) -> None:
         events.append(event)
         if isinstance(event, PeerIdentified):
             session.accept()
+        elif isinstance(event, HandshakeComplete) and isinstance(session, Replaying):
+            for ping in session.pings:
+                session.ping(ping)
+            session.data_to_send()
 
 
 def feed(session: Session, chunks: Sequence[bytes], *, eof: bool = True) -> Outcome:
@@ -214,6 +236,8 @@ class Stream:
     #: The honest receiver's events, and len(events) after each unit.
     events: tuple[Event, ...]
     marks: tuple[int, ...]
+    #: The PINGs the receiving side sent in the original session.
+    pings: tuple[bytes, ...]
 
     def unit_at(self, offset: int) -> int:
         """Index of the unit holding byte ``offset``."""
@@ -231,7 +255,7 @@ class Stream:
         return sum(1 for _, end in self.units if end <= cut)
 
     def receiver(self) -> Session:
-        return new_session(receiver_role(self.direction), self.pattern)
+        return replaying(receiver_role(self.direction), self.pattern, self.pings)
 
 
 def split_units(data: bytes, direction: Direction) -> tuple[tuple[int, int], ...]:
@@ -292,12 +316,13 @@ def stream(name: str, direction: Direction) -> Stream:
     script(rec)
     data = bytes(rec.wire[direction])
     units = split_units(data, direction)
-    honest = feed(new_session(receiver_role(direction), pattern), [data[a:b] for a, b in units])
+    other: Direction = "s2c" if direction == "c2s" else "c2s"
+    receiver = replaying(receiver_role(direction), pattern, rec.pings[other])
+    honest = feed(receiver, [data[a:b] for a, b in units])
     # The oracle is itself checked against what the sender really sent.
     assert honest.error is None, honest.error
     delivered = [e.spack for e in honest.events if isinstance(e, MessageReceived)]
     assert [s.encode() for s in delivered] == [s.encode() for s in rec.spacks[direction]]
-    other: Direction = "s2c" if direction == "c2s" else "c2s"
     pongs = [e.payload for e in honest.events if isinstance(e, PongReceived)]
     assert pongs == rec.pings[other]
     close = honest.events[-1]
@@ -313,6 +338,7 @@ def stream(name: str, direction: Direction) -> Stream:
         first_transport_unit=handshake_units,
         events=tuple(honest.events),
         marks=tuple(honest.marks),
+        pings=tuple(rec.pings[other]),
     )
 
 

@@ -46,6 +46,7 @@ import msgpack
 from stalk._noise import NoiseHandshake, TransportCipher
 from stalk.events import (
     NEED_DATA,
+    PAUSED,
     CloseReceived,
     Event,
     HandshakeComplete,
@@ -406,6 +407,10 @@ def _drain(session: Session) -> list[Event]:
     """Every event available now (a CloseReceived, which repeats, ends the list)."""
     events: list[Event] = []
     while (event := session.next_event()) is not NEED_DATA:
+        if event is PAUSED:
+            if session.has_output:
+                break  # the recorder moves what it owes first
+            continue
         events.append(event)
         if isinstance(event, CloseReceived):
             break

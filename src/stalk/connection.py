@@ -76,6 +76,7 @@ from stalk.errors import (
 )
 from stalk.events import (
     NEED_DATA,
+    PAUSED,
     CloseReceived,
     HandshakeComplete,
     MessageReceived,
@@ -226,6 +227,8 @@ class Connection(ObjectStream[Spack]):
             await self._write_handshake()  # a responder answers as a side effect of reading
             if event is NEED_DATA:
                 await self._receive_into_session(handshake=True)
+            elif event is PAUSED:
+                await anyio.lowlevel.checkpoint()  # its output was just written
             elif isinstance(event, PeerIdentified):
                 allowed = await self._authorized(authorize, event.peer)
                 if allowed:
@@ -458,6 +461,23 @@ class Connection(ObjectStream[Spack]):
                 async with self._send_lock:
                     await self._write_pending()
 
+    async def _resume_reading(self) -> None:
+        """The session paused reading (PAUSED): let it read again.
+
+        When it paused because the peer made us owe answers beyond the bound, those answers
+        must reach the socket first: wait for the send lock and write them. A peer that
+        does not read its PONGs thus stops being read (TCP carries the backpressure back to
+        it) until write_timeout breaks the connection. Otherwise it paused after a bounded
+        step of work: just let other tasks run. No event is held here, so cancellation is
+        harmless.
+        """
+        if not self._session.has_output:
+            await anyio.lowlevel.checkpoint()
+            return
+        async with self._send_lock:
+            self._check_open()
+            await self._write_pending()
+
     # -- receiving ------------------------------------------------------------------------
 
     async def _receive_into_session(self, *, handshake: bool = False) -> None:
@@ -556,6 +576,8 @@ class Connection(ObjectStream[Spack]):
                 if event is NEED_DATA:
                     await self._receive_into_session()
                     waited = True
+                elif event is PAUSED:
+                    await self._resume_reading()
                 elif isinstance(event, CloseReceived):
                     if event.code == CloseCode.NORMAL:
                         raise anyio.EndOfStream

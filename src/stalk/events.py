@@ -1,7 +1,8 @@
 """Events a :class:`~stalk.session.Session` hands to its driver from ``next_event()``.
 
 Events are frozen values (h11's rule: do not subclass them). ``NEED_DATA`` is a sentinel
-meaning "feed more bytes with ``receive_data`` before asking again".
+meaning "feed more bytes with ``receive_data`` before asking again"; ``PAUSED`` one meaning
+"write out what is owed, let other tasks run, and ask again without feeding more".
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from stalk.wire import Pattern
 
 __all__ = [
     "NEED_DATA",
+    "PAUSED",
     "CloseReceived",
     "Event",
     "HandshakeComplete",
     "MessageReceived",
     "NeedData",
+    "Paused",
     "PeerIdentified",
     "PongReceived",
 ]
@@ -34,6 +37,19 @@ class NeedData(enum.Enum):
 
 #: ``next_event()`` returns this when no event can be produced from the bytes received.
 NEED_DATA: Final = NeedData.NEED_DATA
+
+
+class Paused(enum.Enum):
+    """Type of the :data:`PAUSED` sentinel."""
+
+    PAUSED = enum.auto()
+
+
+#: ``next_event()`` returns this when the session stopped reading on its own: it did a
+#: bounded step of work, or the peer made it owe more answers than it holds. Write out
+#: ``take_output()``, let other tasks run, then call ``next_event()`` again, without
+#: feeding more bytes first.
+PAUSED: Final = Paused.PAUSED
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,18 +16,15 @@ spacks themselves. A spack given as pieces (:meth:`RecordWriter.add_message_piec
 large trailing payload kept out of msgpack's buffer) is fragmented the same way, each byte
 copied once, into its plaintext.
 
-Receiving (:func:`parse_records` and :class:`Reassembler`): a plaintext is parsed *whole*
-before anything in it is acted on, so a malformed record anywhere in a Noise message means
-nothing from that message is delivered. Fragments are kept as a list of views and handed
-over with the final MESSAGE to :func:`~stalk.spack.decode_spack_pieces`, which joins them
-once (straight into the value of a trailing ``bin`` when it can): reassembly is linear in
-the message size, and the running total is checked against the limit before each piece is
-stored, so a peer cannot make us buffer more than the limit.
+Receiving (:func:`parse_records`): a plaintext is parsed *whole* before anything in it is
+acted on, so a malformed record anywhere in a Noise message means nothing from that
+message is delivered. The session hands MESSAGE and FRAGMENT bodies to the spack decoders
+(:mod:`stalk.spack`), which rebuild a fragmented spack piece by piece within its limits.
 
 Invariants checked here (each a :class:`~stalk.ProtocolError`): known kinds only; channel 0
 only (version 1); minimal varints; a length that fits in what is left; CLOSE and REKEY last
 in their Noise message; empty bodies for READY and REKEY; bounded PING/PONG and CLOSE bodies;
-no empty FRAGMENT; the reassembly limit.
+no empty FRAGMENT.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Final, NamedTuple
 
-from stalk.errors import MessageLimitExceeded, ProtocolError
+from stalk.errors import ProtocolError
 from stalk.wire import (
     MAX_CLOSE_REASON,
     MAX_PING_PAYLOAD,
@@ -46,7 +43,6 @@ from stalk.wire import (
 )
 
 __all__ = [
-    "Reassembler",
     "Record",
     "RecordWriter",
     "decode_close",
@@ -352,56 +348,3 @@ def _take(views: deque[memoryview], size: int) -> list[memoryview]:
             views[0] = view[size:]
             size = 0
     return taken
-
-
-class Reassembler:
-    """Rebuilds fragmented spacks on one channel, enforcing the size limit.
-
-    Pieces are kept as views into their decrypted plaintexts (which nothing else holds or
-    changes) and joined once when the final piece arrives: each byte is copied once, and the
-    running total is checked before a piece is kept.
-
-    :param limit: the largest encoded spack accepted (our advertised maximum).
-    """
-
-    __slots__ = ("_limit", "_parts", "_size")
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._parts: list[memoryview] = []
-        self._size = 0
-
-    @property
-    def in_progress(self) -> bool:
-        """Whether fragments are waiting for their final MESSAGE record."""
-        return bool(self._parts)
-
-    def _account(self, length: int) -> None:
-        self._size += length
-        if self._size > self._limit:
-            raise MessageLimitExceeded(self._limit)
-
-    def fragment(self, body: memoryview) -> None:
-        """Store a non-final piece.
-
-        :raises ~stalk.ProtocolError: the message would exceed the limit.
-        """
-        self._account(len(body))
-        self._parts.append(body)
-
-    def message(self, body: memoryview) -> memoryview | list[memoryview]:
-        """Complete a message with its final piece and return its encoding.
-
-        :returns: ``body`` itself for a message in one record, else the list of pieces
-            (for :func:`~stalk.spack.decode_spack_pieces`, which avoids joining them).
-        :raises ~stalk.ProtocolError: the message would exceed the limit.
-        """
-        if not self._parts:  # the common case: a spack in one record
-            if len(body) > self._limit:
-                raise MessageLimitExceeded(self._limit)
-            return body
-        self._account(len(body))
-        self._size = 0
-        parts, self._parts = self._parts, []
-        parts.append(body)
-        return parts

@@ -44,6 +44,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from collections import deque
 from collections.abc import Iterator
@@ -65,11 +66,13 @@ from stalk.errors import (
 )
 from stalk.events import (
     NEED_DATA,
+    PAUSED,
     CloseReceived,
     Event,
     HandshakeComplete,
     MessageReceived,
     NeedData,
+    Paused,
     PeerIdentified,
     PongReceived,
 )
@@ -77,13 +80,14 @@ from stalk.framing import encode_refusal
 from stalk.handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
 from stalk.identity import Identity, PublicIdentity
 from stalk.records import (
-    Reassembler,
+    Record,
     RecordWriter,
     decode_close,
     encode_close,
     parse_records,
 )
-from stalk.spack import Spack, decode_spack, decode_spack_pieces, encode_spack_pieces
+from stalk.spack import Spack, SpackDecoder, decode_fast, encode_spack_pieces
+from stalk.weigh import Weigher, within_budget
 from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
@@ -93,6 +97,7 @@ from stalk.wire import (
     MAX_MESSAGE_SIZE_LIMIT,
     MAX_PING_PAYLOAD,
     MIN_MAX_MESSAGE_SIZE,
+    RECORD_CAPACITY,
     CloseCode,
     Pattern,
     RecordKind,
@@ -108,6 +113,16 @@ _FRAME_HEADER = struct.Struct(">H")
 _OUTPUT_CHUNK = 16
 #: ...and the size up to which take_output() joins smaller buffers into one write.
 _OUTPUT_BYTES = _OUTPUT_CHUNK * 65_537
+#: The most receive work one next_event() call does before it hands control back with
+#: PAUSED (SPEC "Resource model"): each spack byte decoded in one piece counts one unit,
+#: each byte weighed and decoded piecewise counts _WEIGHED_COST (about that much dearer per
+#: byte). A step is then at most about one Noise message of dense msgpack: roughly 30 ms
+#: on this project's 2-core machine, so no message holds an event loop for long.
+_STEP: Final = 64 * 1024
+_WEIGHED_COST: Final = 4
+#: Answers owed to the peer (PONGs not yet taken by the driver) beyond which the session
+#: reads no more input (PAUSED) until the driver takes its output: one Noise message.
+_OWED_LIMIT: Final = RECORD_CAPACITY
 
 
 class Role(enum.Enum):
@@ -167,9 +182,76 @@ class _Sealing:
         self.next = next(plaintexts, None)
 
 
-def _decode(whole: memoryview | list[memoryview]) -> Spack:
-    """Decode a reassembled spack: one view, or the pieces of a fragmented one."""
-    return decode_spack(whole) if type(whole) is memoryview else decode_spack_pieces(whole)
+def _check_weight(pieces: list[bytes], size: int) -> None:
+    """Refuse a spack that would decode to more than its budget (SPEC "Decoded weight").
+
+    :raises ~stalk.MessageTooLarge: the receiver would refuse it.
+    """
+    weigher = Weigher(size)
+    try:
+        for piece in pieces:
+            weigher.feed(piece)
+    except MessageLimitExceeded as exc:
+        raise MessageTooLarge(
+            f"spack of {size} bytes would decode to more objects than the receiver accepts "
+            f"({exc}); send bulk numbers as array.array, or split the spack"
+        ) from None
+
+
+def _coalesce(records: list[Record]) -> list[Record]:
+    """Join each run of FRAGMENT records (with the MESSAGE that ends it) into one record.
+
+    A peer may cut a spack into many tiny pieces in one Noise message; decoding each
+    alone would cost a decoder step per piece. Joined (in C), a run costs one step, and
+    the copy holds only the pieces, never the plaintext they came in.
+    """
+    if not any(
+        a.kind is RecordKind.FRAGMENT and b.kind in _PIECE_KINDS
+        for a, b in itertools.pairwise(records)
+    ):
+        return records
+    joined: list[Record] = []
+    run: list[memoryview] = []
+    for record in records:
+        if record.kind is RecordKind.FRAGMENT:
+            run.append(record.body)
+            continue
+        if run:
+            if record.kind is RecordKind.MESSAGE:
+                run.append(record.body)
+            body = memoryview(b"".join(run)) if len(run) > 1 else run[0]
+            kind = record.kind if record.kind is RecordKind.MESSAGE else RecordKind.FRAGMENT
+            joined.append(Record(kind, 0, body))
+            run = []
+            if record.kind is RecordKind.MESSAGE:
+                continue
+        joined.append(record)
+    if run:
+        body = memoryview(b"".join(run)) if len(run) > 1 else run[0]
+        joined.append(Record(RecordKind.FRAGMENT, 0, body))
+    return joined
+
+
+_PIECE_KINDS: Final = frozenset({RecordKind.FRAGMENT, RecordKind.MESSAGE})
+
+
+class _Incoming:
+    """A transport message being processed, possibly over several next_event() calls.
+
+    Its events wait here until every record is processed: if any record fails, none of
+    the message is delivered (SPEC "Records").
+    """
+
+    __slots__ = ("confirming", "events", "index", "offset", "pings", "records", "rekey")
+
+    def __init__(self, records: list[Record], *, confirming: bool) -> None:
+        self.records = records
+        self.confirming = confirming
+        self.index = 0  # the record being processed
+        self.offset = 0  # how much of its body a piecewise decoder has taken
+        self.events: list[Event] = []
+        self.pings: list[memoryview] = []
+        self.rekey = False
 
 
 class Session:
@@ -232,7 +314,13 @@ class Session:
         # spacks the application queued but has not flushed.
         self._writer = RecordWriter()
         self._control = RecordWriter()
-        self._reassembler = Reassembler(self.config.max_message_size)
+        # The spack being decoded piecewise (fragmented, or weighed first), if any.
+        self._decoder: SpackDecoder | None = None
+        self._incoming: _Incoming | None = None
+        self._work = 0  # receive work done in the current next_event() call
+        self._paused = False
+        self._pings_sent = 0
+        self._pongs_received = 0
         self._close_sent = False
         self._close_received: CloseReceived | None = None
         self._sent_since_rekey = 0
@@ -290,8 +378,8 @@ class Session:
 
     @property
     def has_output(self) -> bool:
-        """Whether :meth:`data_to_send` has anything (flushed but not yet encrypted included)."""
-        return bool(self._out or self._unsealed)
+        """Whether :meth:`data_to_send` has anything (answers owed to the peer included)."""
+        return bool(self._out or self._unsealed or self._control.pending())
 
     # -- bytes in, events out ---------------------------------------------------------------
 
@@ -305,6 +393,8 @@ class Session:
             return
         if self._eof:
             raise LocalProtocolError("receive_data() after EOF")
+        if self._close_received is not None:
+            return  # the peer's direction is finished: nothing after its CLOSE is read
         if self._hs is None:
             # The caller may reuse a bytearray or memoryview: keep only bytes we own.
             chunk = data if type(data) is bytes else bytes(data)
@@ -322,10 +412,15 @@ class Session:
         """Received bytes not yet consumed."""
         return len(self._in) - self._in_pos + sum(map(len, self._more))
 
-    def next_event(self) -> Event | NeedData:
-        """The next event, or :data:`~stalk.events.NEED_DATA`.
+    def next_event(self) -> Event | NeedData | Paused:
+        """The next event, :data:`~stalk.events.NEED_DATA` or :data:`~stalk.events.PAUSED`.
 
-        After a :class:`~stalk.events.CloseReceived`, returns the same event again.
+        ``NEED_DATA``: feed more bytes with :meth:`receive_data`. ``PAUSED``: the session
+        stopped reading on its own, either because one call did enough work (let other
+        tasks run, then call again) or because the peer made us owe it more answers than
+        we hold (write out :meth:`take_output` first); do not feed more bytes before
+        calling again. After a :class:`~stalk.events.CloseReceived`, returns the same event
+        again.
 
         :raises ~stalk.HandshakeFailed: the handshake failed (refused, wrong key, malformed,
             or the peer left during it).
@@ -335,6 +430,7 @@ class Session:
         if self._error is not None:
             raise self._error
         if not self._events:
+            self._paused = False
             try:
                 self._progress()
             except StalkError as exc:
@@ -344,10 +440,11 @@ class Session:
             return self._events.popleft()
         if self._close_received is not None:
             return self._close_received
-        return NEED_DATA
+        return PAUSED if self._paused else NEED_DATA
 
     def data_to_send(self) -> bytes | bytearray:
         """Everything queued for the transport, in order; empties the queue."""
+        self._flush_owed()
         if self._unsealed:
             self._seal(None)
         if not self._out:
@@ -482,16 +579,31 @@ class Session:
     # -- transport: receiving ---------------------------------------------------------------
 
     def _progress_transport(self) -> None:
+        self._work = 0
         while not self._events:
-            if self._close_received is not None and self._unconsumed:
-                raise ProtocolError("data after CLOSE")
+            if self._incoming is not None:
+                if not self._continue_incoming():
+                    self._paused = True
+                    return
+                continue
+            if self._close_received is not None:
+                self._in, self._in_pos = b"", 0  # bytes after CLOSE are never read
+                self._more.clear()
+                break
+            if self._control.queued_bytes > _OWED_LIMIT or (
+                self._work >= _STEP and self._unconsumed
+            ):
+                # We owe the peer too many answers, or this call did enough: hand control
+                # back before reading more (the peer's bytes wait in TCP's buffers).
+                self._paused = True
+                return
             frame = self._next_frame()
             if frame is None:
                 break
             buf, start, end = frame
             with memoryview(buf) as view, view[start:end] as body:
                 self._handle_message(body)
-        if self._eof and not self._events:
+        if self._eof and not self._events and self._incoming is None:
             self._end_of_input()
 
     def _next_frame(self) -> tuple[bytes | bytearray | memoryview, int, int] | None:
@@ -567,19 +679,22 @@ class Session:
         if recv is None:  # pragma: no cover - set before CONFIRMING/OPEN
             raise ProtocolError("no receive cipher")
         records = parse_records(recv.decrypt(body))
-        if len(records) == 1 and records[0].kind is RecordKind.MESSAGE and self._state is _OPEN:
-            # The common case, one spack (or its last fragment) alone, without the loop.
-            self._events.append(
-                MessageReceived(_decode(self._reassembler.message(records[0].body)))
-            )
-            return
-        pings: list[memoryview] = []
-        rekey = False
+        if (
+            len(records) == 1
+            and records[0].kind is RecordKind.MESSAGE
+            and self._state is _OPEN
+            and self._decoder is None
+        ):
+            # The common case, one whole spack alone, without the record loop.
+            body = records[0].body
+            if len(body) > self.config.max_message_size:
+                raise MessageLimitExceeded(self.config.max_message_size)
+            spack = decode_fast(body)
+            if spack is not None:
+                self._work += len(body)
+                self._events.append(MessageReceived(spack))
+                return
         confirming = self._state is SessionState.CONFIRMING
-        # Events go straight to the queue: if a later record of this message fails, the
-        # session fails and _fail() empties the queue, so none of it is ever delivered.
-        # While confirming they wait behind HandshakeComplete, queued only at the end.
-        events: deque[Event] = deque() if confirming else self._events
         if confirming:
             first = records.pop(0)
             if first.kind is RecordKind.CLOSE:
@@ -592,42 +707,104 @@ class Session:
                 )
             if first.kind is not RecordKind.READY:
                 raise HandshakeFailed(f"expected READY, got {first.kind.name}")
-        reassemble = self._reassembler.message
-        for kind, _, record_body in records:
-            if kind is RecordKind.MESSAGE:
-                events.append(MessageReceived(_decode(reassemble(record_body))))
-            elif kind is RecordKind.FRAGMENT:
-                self._reassembler.fragment(record_body)
+        self._incoming = _Incoming(_coalesce(records), confirming=confirming)
+        self._continue_incoming()
+
+    def _continue_incoming(self) -> bool:
+        """Process the current transport message's records, within this call's work budget.
+
+        :returns: whether the message is done (else the budget ran out: call again).
+        """
+        incoming = self._incoming
+        if incoming is None:  # pragma: no cover - called only with a message in progress
+            return True
+        records = incoming.records
+        events = incoming.events
+        while incoming.index < len(records):
+            if self._work >= _STEP:
+                return False
+            kind, _, body = records[incoming.index]
+            if kind is RecordKind.MESSAGE or kind is RecordKind.FRAGMENT:
+                spack = self._spack_piece(incoming, kind, body)
+                if incoming.offset < len(body):
+                    return False  # a piecewise decoder ran out of budget inside this body
+                if spack is not None:
+                    events.append(MessageReceived(spack))
             elif kind is RecordKind.PING:
-                pings.append(record_body)
+                incoming.pings.append(body)
             elif kind is RecordKind.PONG:
-                events.append(PongReceived(bytes(record_body)))
+                # One event per PING we sent; an unsolicited PONG is discarded (SPEC "Ping").
+                if self._pongs_received < self._pings_sent:
+                    self._pongs_received += 1
+                    events.append(PongReceived(bytes(body)))
             elif kind is RecordKind.REKEY:
-                rekey = True
+                incoming.rekey = True
             elif kind is RecordKind.CLOSE:
-                if self._reassembler.in_progress:
+                if self._decoder is not None:
                     raise ProtocolError("CLOSE in the middle of a fragmented message")
-                code, reason = decode_close(record_body)
+                code, reason = decode_close(body)
                 self._close_received = CloseReceived(code, reason)
                 events.append(self._close_received)
             else:  # READY after confirmation
                 raise ProtocolError(f"unexpected {kind.name} record")
-        # Only now, with every record of the message checked, act on it.
-        if rekey:
-            recv.rekey()
+            incoming.index += 1
+            incoming.offset = 0
+        # Only now, with every record of the message processed, act on it.
+        self._incoming = None
+        if incoming.rekey and self._recv is not None:
+            self._recv.rekey()
         if not self._close_sent:
-            for ping in pings:
+            for ping in incoming.pings:
                 self._control.add(RecordKind.PONG, ping)
-        if confirming:
+        if incoming.confirming:
             self._open()
-            self._events.extend(events)
-        if self._control.pending():
-            self._flush_records(self._control)
+        self._events.extend(events)
+        return True
+
+    def _spack_piece(self, incoming: _Incoming, kind: RecordKind, body: memoryview) -> Spack | None:
+        """Take a MESSAGE or FRAGMENT body; return the spack it completes, if it does.
+
+        A whole spack in one record is decoded at once (the fast decoder); a fragmented one,
+        or one whose containers the fast decoder leaves to the weigher, goes through a
+        :class:`~stalk.spack.SpackDecoder`, as much of it per call as the budget allows
+        (``incoming.offset`` says how far it got).
+        """
+        if self._decoder is None and kind is RecordKind.MESSAGE:
+            if len(body) > self.config.max_message_size:
+                raise MessageLimitExceeded(self.config.max_message_size)
+            spack = decode_fast(body)
+            if spack is not None:
+                self._work += len(body)
+                incoming.offset = len(body)
+                return spack
+        decoder = self._decoder
+        if decoder is None:
+            if kind is RecordKind.MESSAGE:  # a whole spack in this record: its size is known
+                decoder = SpackDecoder(len(body), complete=True)
+            else:
+                decoder = SpackDecoder(self.config.max_message_size)
+            self._decoder = decoder
+        if not incoming.offset and decoder.size + len(body) > self.config.max_message_size:
+            # The running total of the pieces, checked before any of this one is taken.
+            raise MessageLimitExceeded(self.config.max_message_size)
+        while incoming.offset < len(body):
+            room = _STEP - self._work
+            if room <= 0:
+                return None
+            done = decoder.work
+            incoming.offset += decoder.feed(body[incoming.offset :], room // _WEIGHED_COST)
+            self._work += (decoder.work - done) * _WEIGHED_COST + 1
+        if kind is RecordKind.FRAGMENT:
+            return None
+        self._decoder = None
+        return decoder.finish()
 
     def _fail(self, exc: StalkError) -> None:
         self._state = SessionState.FAILED
         self._error = exc
         self._events.clear()
+        self._incoming = None
+        self._decoder = None
         if (
             self._send is None
             or self._close_sent
@@ -676,6 +853,8 @@ class Session:
             raise MessageTooLarge(
                 f"spack of {size} bytes exceeds the peer's limit of {limit} bytes"
             )
+        if not within_budget(size):
+            _check_weight(pieces, size)
         if len(pieces) == 1:
             self._writer.add_message(pieces[0])
         else:
@@ -707,6 +886,7 @@ class Session:
             raise ValueError(f"ping payload longer than {MAX_PING_PAYLOAD} bytes")
         self._check_sendable()
         self._writer.add(RecordKind.PING, payload)
+        self._pings_sent += 1
         self._flush_records(self._writer)
 
     def request_rekey(self) -> None:
@@ -749,8 +929,15 @@ class Session:
         """
         if self._send is None:  # pragma: no cover - callers check the state first
             raise LocalProtocolError("no transport cipher yet")
+        if writer is not self._control and self._control.pending():
+            self._unsealed.append(_Sealing(self._control.pack(), False))
         self._unsealed.append(_Sealing(writer.pack(), final))
         self._seal(_OUTPUT_BYTES)
+
+    def _flush_owed(self) -> None:
+        """Queue the answers owed to the peer (PONGs) for encryption."""
+        if self._control.pending() and self._send is not None:
+            self._flush_records(self._control)
 
     def _seal(self, budget: int | None) -> None:
         """Encrypt queued plaintexts into ``_out``: about ``budget`` bytes, or all (None)."""
@@ -834,6 +1021,7 @@ class Session:
         It returns what is already encrypted, or, when nothing is, encrypts about 1 MiB
         more of what was flushed: the rest of a large spack comes in later calls.
         """
+        self._flush_owed()
         if not self._out and self._unsealed:
             self._seal(_OUTPUT_BYTES)
         out, self._out = self._out, []

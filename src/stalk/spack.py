@@ -95,6 +95,7 @@ __all__ = [
     "Spack",
     "SpackDecoder",
     "SpackValue",
+    "decode_fast",
     "decode_spack",
     "decode_spack_pieces",
     "encode_spack",
@@ -581,6 +582,33 @@ def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_D
             data = data.tobytes()
     elif not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"spack data must be bytes-like, not {type(data).__qualname__}")
+    result = _decode_fast(data, max_depth)
+    if isinstance(result, Spack):
+        return result
+    # A container longer than the fast path allows: weigh, then decode.
+    decoder = SpackDecoder(len(data), budget=False, complete=True, max_depth=max_depth)
+    try:
+        decoder.feed(data)
+        return decoder.finish()
+    except MalformedSpack as error:
+        if error.__cause__ is None:
+            raise error from result
+        raise
+
+
+def decode_fast(data: bytes | bytearray | memoryview) -> Spack | None:
+    """Decode a spack in one msgpack call, or return ``None`` if it must be weighed first.
+
+    ``None`` means a container is longer than :data:`_FAST_CONTAINER` items: msgpack would
+    allocate for its claimed length before its items arrive, so the caller decodes it with
+    a :class:`SpackDecoder` instead. Errors are :func:`decode_spack`'s.
+    """
+    result = _decode_fast(data, MAX_DEPTH)
+    return result if isinstance(result, Spack) else None
+
+
+def _decode_fast(data: bytes | bytearray | memoryview, max_depth: int) -> Spack | ValueError:
+    """:func:`decode_fast`, returning msgpack's length error instead of ``None``."""
     try:
         top = _unpackb(data, fast=True)
         # The common spack holds only scalars, strings and bytes: nothing left to check.
@@ -589,17 +617,9 @@ def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_D
     except MalformedSpack:
         raise
     except ValueError as exc:
-        if "exceeds max_" not in str(exc):
-            raise _malformed(exc) from exc
-        # A container longer than the fast path allows: weigh, then decode.
-        decoder = SpackDecoder(len(data), budget=False, complete=True, max_depth=max_depth)
-        try:
-            decoder.feed(data)
-            return decoder.finish()
-        except MalformedSpack as error:
-            if error.__cause__ is None:
-                raise error from exc
-            raise
+        if "exceeds max_" in str(exc):
+            return exc
+        raise _malformed(exc) from exc
     except Exception as exc:
         raise _malformed(exc) from exc
     return Spack._from_list(top)
@@ -713,15 +733,18 @@ class SpackDecoder:
         """Bytes fed so far."""
         return self._weigher.size
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Weigh and decode the next piece of the encoding.
+    def feed(self, data: bytes | bytearray | memoryview, limit: int | None = None) -> int:
+        """Weigh and decode the next piece of the encoding; return the bytes taken.
 
+        :param limit: weigh and decode about this many bytes of values at most (cut-out
+            payload bytes do not count), stopping at a value boundary; the caller feeds
+            the rest of the piece later. Bounds the work of one call.
         :raises MalformedSpack: the bytes can never be a valid spack.
         :raises ~stalk.MessageLimitExceeded: the spack is certain to exceed ``max_size``
             or its decoded-weight budget.
         """
         weigher = self._weigher
-        weigher.feed(data)
+        taken = weigher.feed(data, limit)
         fed = False
         for op in weigher.ops:
             kind = op[0]
@@ -738,6 +761,12 @@ class SpackDecoder:
         weigher.ops.clear()
         if fed:
             self._unpack()
+        return taken
+
+    @property
+    def work(self) -> int:
+        """Bytes weighed and decoded so far (cut-out payload bytes are only copied)."""
+        return self._weigher.size - self._weigher.cut_bytes
 
     def finish(self) -> Spack:
         """The encoding ended: return the spack.

@@ -26,7 +26,7 @@ Weights (bytes; CPython's own sizes on 64-bit platforms, rounded up):
 ======================  =====================================================
 value                   weight
 ======================  =====================================================
-array of n              56 + 8n (list object and its slots)
+array of n              56 + 8n (list object and its slots), + n beyond 10,000 items
 map of n entries        64 (empty), 216 + 40 (n - 1) otherwise (dict and table)
 str of l bytes          0 if l <= 1 (CPython caches them), else 80 + l
 bin of l bytes          0 if l <= 1, else 40 + l
@@ -36,7 +36,7 @@ nil, true, false        0
 ext 1 (float32)         40
 ext 2 (tuple), payload  80 + 8n + 3p (tuple, its slots, payload copies while decoding)
   of p bytes, n items   (its array is weighed as an array as well)
-ext 16..25, payload p   64 + 2p (array object, payload copy)
+ext 16..25, payload p   80 + 2p (array object, payload copy)
 ======================  =====================================================
 
 Every spack of up to 64 KiB is within its budget whatever its shape (the heaviest shape,
@@ -68,10 +68,12 @@ from stalk.wire import (
     WEIGHT_FLOOR,
 )
 
-__all__ = ["BIG", "Weigher", "header_size", "weigh"]
+__all__ = ["BIG", "MAX_WEIGHT_PER_BYTE", "Weigher", "header_size", "weigh", "within_budget"]
 
 #: A str, bin or typed-array payload this long (outside a tuple) is cut out for the decoder.
 BIG: Final = 64 * 1024
+#: The most a spack can weigh per encoded byte (chained one-entry maps, ``81 a0 81 a0 ...``).
+MAX_WEIGHT_PER_BYTE: Final = 108
 
 #: Ops appended to :attr:`Weigher.ops` (see :meth:`Weigher.feed`).
 PASS: Final = 0
@@ -96,7 +98,9 @@ _INT64: Final = 36
 _FLOAT: Final = 24
 _FLOAT32: Final = 40
 _TUPLE: Final = 80
-_ARRAY: Final = 64
+_ARRAY: Final = 80
+#: msgpack preallocates a container's slots up to this many items, then appends.
+_PREALLOC: Final = 10_000
 
 _U16: Final = struct.Struct(">H")
 _U32: Final = struct.Struct(">I")
@@ -184,8 +188,6 @@ _ONE_RUN: Final = re.compile(rb"[\x00-\x80\x90\xc0\xc2\xc3\xe0-\xff]+")
 _UNCACHED_INTS: Final = bytes(range(0xE0, 0xFB))
 #: A container whose items are this many or more tries runs of like values.
 _RUN_MIN: Final = 8
-#: Runs of one fixed-size type byte (a number, or a str of one fixed length).
-_SAME_RUNS: dict[int, re.Pattern[bytes]] = {}
 
 
 def _one_run(view: memoryview, pos: int, limit: int) -> int:
@@ -259,13 +261,16 @@ def _flat(
     return pos, weight
 
 
-def _same_run(first: int) -> re.Pattern[bytes]:
-    pattern = _SAME_RUNS.get(first)
-    if pattern is None:
-        size = _HEADER.get(first, 1) + (first & 0x1F if _CLASS[first] == _FIXSTR else 0)
-        pattern = re.compile(b"(?:" + re.escape(bytes([first])) + rb"[\s\S]{%d})+" % (size - 1))
-        _SAME_RUNS[first] = pattern
-    return pattern
+def _same_run(view: memoryview, pos: int, limit: int, item: int) -> int:
+    """How many values of ``item`` bytes with the type byte at ``pos`` follow each other.
+
+    The type bytes of such a run are every ``item``-th byte: one strided copy and a strip,
+    in C, count them (counting at least the value at ``pos``).
+    """
+    heads = bytes(view[pos:limit:item])
+    if (limit - pos) % item:
+        heads = heads[:-1]  # the last type byte has no room for its value
+    return max(len(heads) - len(heads.lstrip(heads[:1])), 1)
 
 
 def header_size(first: int) -> int:
@@ -300,6 +305,7 @@ class Weigher:
         "_skip_big",
         "_span",
         "_tuple_ends",
+        "cut_bytes",
         "ops",
         "weight",
     )
@@ -320,6 +326,8 @@ class Weigher:
         self._cut = cut
         #: Decoded weight of everything seen so far.
         self.weight = 0
+        #: Payload bytes cut out so far (handed over without being weighed or decoded).
+        self.cut_bytes = 0
         #: With ``cut``: ``(PASS, view)``, ``(BIG_START, kind, length, ext_code)``,
         #: ``(BIG_PART, view)``, ``(BIG_END,)``, in stream order; the caller empties it.
         self.ops: list[tuple[object, ...]] = []
@@ -340,9 +348,12 @@ class Weigher:
         """Bytes fed so far."""
         return self._offset
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Weigh the next piece of the encoding.
+    def feed(self, data: bytes | bytearray | memoryview, limit: int | None = None) -> int:
+        """Weigh the next piece of the encoding; return how many of its bytes were taken.
 
+        :param limit: stop weighing values once about this many bytes of them were
+            weighed (payload bytes that are cut out do not count), at a value boundary:
+            the caller feeds the rest later. ``None``: take the whole piece.
         :raises ~stalk.MalformedSpack: the bytes can never be a valid spack.
         :raises ~stalk.MessageLimitExceeded: the spack is certain to exceed the size limit
             or its weight budget (checked before the caller decodes anything of the piece).
@@ -358,9 +369,13 @@ class Weigher:
         if self._carry and pos < end:
             pos = self._finish_carry(view, pos, end, base)
         if pos < end:
-            pos = self._scan(view, pos, end, base)
-        self._offset = base + end
+            stop = end if limit is None else min(end, pos + max(limit, 1))
+            pos = self._scan(view, pos, end, base, stop)
+            if self._carry:
+                pos = end  # the split header is kept, so the whole piece was taken
+        self._offset = base + pos
         self._check(base + pos)
+        return pos
 
     def finish(self) -> None:
         """The encoding ended here: it must be exactly one complete spack.
@@ -380,6 +395,8 @@ class Weigher:
         :param in_span: :meth:`_scan` hands these bytes on itself (unless cut out).
         """
         take = min(self._skip, end - pos)
+        if self._skip_big:
+            self.cut_bytes += take
         if self._cut and take and (self._skip_big or not in_span):
             self.ops.append((BIG_PART if self._skip_big else PASS, view[pos : pos + take]))
         self._skip -= take
@@ -400,14 +417,18 @@ class Weigher:
             return end
         head = carry + bytes(view[pos : pos + need])
         self._carry = b""
-        self._scan(memoryview(head), 0, len(head), base + pos - len(carry))
+        self._scan(memoryview(head), 0, len(head), base + pos - len(carry), len(head))
         pos += need
         if self._skip:
             pos = self._take_payload(view, pos, end, base)
         return pos
 
-    def _scan(self, view: memoryview, pos: int, end: int, base: int) -> int:  # noqa: PLR0915
+    def _scan(  # noqa: PLR0915
+        self, view: memoryview, pos: int, end: int, base: int, stop: int
+    ) -> int:
         """Weigh whole items from ``pos`` up to ``end`` (saving a split header); new pos.
+
+        Stops at the first value boundary at or after ``stop``.
 
         The loop handles one-byte values, numbers and short strings inline (with runs of
         like values in C); containers, long strings, bins and exts go to :meth:`_item`. It
@@ -428,6 +449,8 @@ class Weigher:
         plain = kind == _ARRAY_FRAME and not tuple_ends  # an array outside any tuple
         deep = frame[2] + 1 > self._max_depth  # a container here would be too deep
         while pos < end:
+            if pos >= stop and not self._skip:
+                break
             if not left:
                 # The innermost container is complete: close it (and any it completes).
                 frame[1] = 0
@@ -471,14 +494,12 @@ class Weigher:
                 cls == _FIXSTR and not tuple_ends and pos + 1 + (first & 0x1F) <= end
             ):
                 item = size + (first & 0x1F if cls == _FIXSTR else 0)
-                if plain and left >= _RUN_MIN:
-                    match = _same_run(first).match(view, pos, min(end, pos + left * item))
-                    if match:
-                        run = (match.end() - pos) // item
-                        weight += run * weights[first]
-                        pos += run * item
-                        left -= run
-                        continue
+                if plain and left >= _RUN_MIN and first != 0xD0:
+                    run = _same_run(view, pos, min(end, pos + left * item), item)
+                    weight += run * weights[first]
+                    pos += run * item
+                    left -= run
+                    continue
                 weight += _INT if first == 0xD0 and 0x80 <= view[pos + 1] < 0xFB else weights[first]
                 pos += item
                 left -= 1
@@ -597,6 +618,8 @@ class Weigher:
             self.weight += _DICT_ENTRY * (count - 1) + _DICT_ONE if count else _DICT_EMPTY
         else:
             self.weight += _LIST + (2 * _SLOT if in_tuple else _SLOT) * count
+            if count > _PREALLOC:
+                self.weight += count  # msgpack appends past its prealloc: lists overallocate
         self._frames.append(
             [_MAP_FRAME if is_map else _ARRAY_FRAME, 2 * count if is_map else count, depth]
         )
@@ -685,6 +708,14 @@ def _length(view: memoryview, pos: int, size: int) -> int:
     if width == 2:
         return _U16.unpack_from(view, pos + 1)[0]  # type: ignore[no-any-return]
     return _U32.unpack_from(view, pos + 1)[0]  # type: ignore[no-any-return]
+
+
+def within_budget(size: int) -> bool:
+    """Whether every spack of ``size`` encoded bytes is within its budget, whatever its shape.
+
+    True up to about 82 KiB, which covers every spack that fits in one record.
+    """
+    return MAX_WEIGHT_PER_BYTE * size <= WEIGHT_FACTOR * size + WEIGHT_FLOOR
 
 
 def weigh(encoding: bytes | bytearray | memoryview, max_size: int | None = None) -> int:
