@@ -97,6 +97,9 @@ __all__ = [
 
 logger = logging.getLogger("stalk")
 
+#: receive() lets other tasks run after this many spacks returned without waiting.
+_YIELD_EVERY = 512
+
 #: ``authorize(peer) -> bool`` (or a coroutine function): may this peer connect?
 Authorize: TypeAlias = Callable[[PublicIdentity], "bool | Awaitable[bool]"]
 #: ``handler(spack)`` (or a coroutine function) called for every spack received.
@@ -151,6 +154,8 @@ class Connection(ObjectStream[Spack]):
         #: The last spack receive() returned had to wait for the network: a reply sent
         #: now is latency-bound (request/response), so send() writes it at once.
         self._answering = False
+        #: Spacks receive() returned in a row without waiting for the network.
+        self._streak = 0
         #: Idle timer (Config.idle_timeout): seconds receive() has waited for the network
         #: since the peer's last byte, and whether a keepalive PING went out since then.
         self._idle_waited = 0.0
@@ -560,6 +565,12 @@ class Connection(ObjectStream[Spack]):
         :raises ~anyio.BusyResourceError: another task is already receiving.
         """
         with self._receive_guard:
+            if self._streak >= _YIELD_EVERY:
+                # A peer that sent many spacks at once must not keep a receive loop from
+                # ever yielding: let other tasks run (nothing is held yet, so a cancellation
+                # here loses nothing).
+                self._streak = 0
+                await anyio.lowlevel.checkpoint()
             waited = False
             while True:
                 self._check_open()
@@ -572,6 +583,7 @@ class Connection(ObjectStream[Spack]):
                     await self._write_pong()
                 if type(event) is MessageReceived:
                     self._answering = waited
+                    self._streak = 0 if waited else self._streak + 1
                     return event.spack
                 if event is NEED_DATA:
                     await self._receive_into_session()

@@ -49,6 +49,7 @@ __all__ = [
     "encode_close",
     "encode_uvarint",
     "parse_records",
+    "read_records",
     "read_uvarint",
 ]
 
@@ -143,16 +144,25 @@ def parse_records(plaintext: bytes | bytearray) -> list[Record]:
     if 3 <= end < 0x83 and view[0] == RecordKind.MESSAGE and view[1] == 0 and view[2] == end - 3:
         # The most common plaintext of all: one small spack (a request or a reply).
         return [_new_record(Record, (RecordKind.MESSAGE, 0, view[3:]))]
-    records: list[Record] = []
-    pos = 0
+    return read_records(view, 0, None)[0]
+
+
+def read_records(view: memoryview, pos: int, count: int | None) -> tuple[list[Record], int]:
+    """Parse and validate up to ``count`` records of a plaintext from ``pos``.
+
+    Lets a receiver parse a plaintext of many tiny records in bounded steps; the rules
+    between records hold across steps (nothing may follow CLOSE or REKEY).
+
+    :returns: the records, and where the next one starts (``len(view)`` once all read).
+    :raises ~stalk.ProtocolError: a record is malformed.
+    """
+    end = len(view)
     if end == 0:
         raise ProtocolError("transport message with no records")
+    records: list[Record] = []
+    stop = end if count is None else count
     kinds = _KIND_BY_BYTE
-    last = _LAST_IN_MESSAGE
-    kind = None
-    while pos < end:
-        if kind in last:
-            raise ProtocolError(f"record after {records[-1].kind.name} in one Noise message")
+    while pos < end and len(records) != stop:
         kind = kinds.get(view[pos])
         if kind is None:
             raise ProtocolError(f"unknown record kind 0x{view[pos]:02x}")
@@ -171,8 +181,10 @@ def parse_records(plaintext: bytes | bytearray) -> list[Record]:
         pos += length
         if kind is not RecordKind.MESSAGE:
             _check_body(kind, body)
+            if kind in _LAST_IN_MESSAGE and pos < end:
+                raise ProtocolError(f"record after {kind.name} in one Noise message")
         records.append(_new_record(Record, (kind, 0, body)))
-    return records
+    return records, pos
 
 
 def _check_body(kind: RecordKind, body: memoryview) -> None:
@@ -279,6 +291,15 @@ class RecordWriter:
             self._done.append(self._current)
             self._done_bytes += len(self._current)
             self._current = bytearray()
+
+    def extend(self, other: RecordWriter) -> None:
+        """Queue everything ``other`` holds after what this writer holds (``other`` empties)."""
+        self._finish_current()
+        other._finish_current()
+        self._done += other._done
+        self._done_bytes += other._done_bytes
+        other._done = []
+        other._done_bytes = 0
 
     def pending(self) -> bool:
         """Whether any record is queued and not yet taken by :meth:`pack`."""

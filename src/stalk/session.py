@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import operator
 import struct
 from collections import deque
 from collections.abc import Iterator
@@ -84,7 +85,7 @@ from stalk.records import (
     RecordWriter,
     decode_close,
     encode_close,
-    parse_records,
+    read_records,
 )
 from stalk.spack import Spack, SpackDecoder, decode_fast, encode_spack_pieces
 from stalk.weigh import Weigher, within_budget
@@ -114,12 +115,15 @@ _OUTPUT_CHUNK = 16
 #: ...and the size up to which take_output() joins smaller buffers into one write.
 _OUTPUT_BYTES = _OUTPUT_CHUNK * 65_537
 #: The most receive work one next_event() call does before it hands control back with
-#: PAUSED (SPEC "Resource model"): each spack byte decoded in one piece counts one unit,
-#: each byte weighed and decoded piecewise counts _WEIGHED_COST (about that much dearer per
-#: byte). A step is then at most about one Noise message of dense msgpack: roughly 30 ms
-#: on this project's 2-core machine, so no message holds an event loop for long.
-_STEP: Final = 64 * 1024
-_WEIGHED_COST: Final = 4
+#: PAUSED (SPEC "Resource model"), in units of about a quarter of a microsecond of this
+#: project's 2-core machine: parsing a record costs _RECORD_COST, a spack byte decoded in
+#: one piece one unit, a byte weighed and decoded piecewise _WEIGHED_COST (the dearest
+#: shapes, measured). A step is then about 30 ms at most, whatever the peer sends, so no
+#: message holds an event loop for long; a Noise message of ordinary small spacks, or one
+#: fragment of a bulk payload, fits in one step.
+_STEP: Final = 120_000
+_RECORD_COST: Final = 32
+_WEIGHED_COST: Final = 6
 #: Answers owed to the peer (PONGs not yet taken by the driver) beyond which the session
 #: reads no more input (PAUSED) until the driver takes its output: one Noise message.
 _OWED_LIMIT: Final = RECORD_CAPACITY
@@ -205,7 +209,7 @@ def _coalesce(records: list[Record]) -> list[Record]:
     alone would cost a decoder step per piece. Joined (in C), a run costs one step, and
     the copy holds only the pieces, never the plaintext they came in.
     """
-    if not any(
+    if RecordKind.FRAGMENT not in map(_KIND, records) or not any(
         a.kind is RecordKind.FRAGMENT and b.kind in _PIECE_KINDS
         for a, b in itertools.pairwise(records)
     ):
@@ -233,24 +237,37 @@ def _coalesce(records: list[Record]) -> list[Record]:
 
 
 _PIECE_KINDS: Final = frozenset({RecordKind.FRAGMENT, RecordKind.MESSAGE})
+_KIND: Final = operator.itemgetter(0)
 
 
 class _Incoming:
     """A transport message being processed, possibly over several next_event() calls.
 
-    Its events wait here until every record is processed: if any record fails, none of
-    the message is delivered (SPEC "Records").
+    Its records are parsed a batch at a time, and its events wait here until every record
+    is processed: if any record fails, none of the message is delivered (SPEC "Records").
     """
 
-    __slots__ = ("confirming", "events", "index", "offset", "pings", "records", "rekey")
+    __slots__ = (
+        "confirming",
+        "events",
+        "index",
+        "offset",
+        "parsed",
+        "plaintext",
+        "pongs",
+        "records",
+        "rekey",
+    )
 
-    def __init__(self, records: list[Record], *, confirming: bool) -> None:
-        self.records = records
-        self.confirming = confirming
-        self.index = 0  # the record being processed
+    def __init__(self, plaintext: memoryview, parsed: int, *, confirming: bool) -> None:
+        self.plaintext = plaintext
+        self.parsed = parsed  # where the next batch of records starts
+        self.records: list[Record] = []  # the current batch
+        self.index = 0  # the record of the batch being processed
         self.offset = 0  # how much of its body a piecewise decoder has taken
+        self.confirming = confirming
         self.events: list[Event] = []
-        self.pings: list[memoryview] = []
+        self.pongs: RecordWriter | None = None  # answers to its PINGs, sent once it is done
         self.rekey = False
 
 
@@ -678,25 +695,28 @@ class Session:
         recv = self._recv
         if recv is None:  # pragma: no cover - set before CONFIRMING/OPEN
             raise ProtocolError("no receive cipher")
-        records = parse_records(recv.decrypt(body))
+        plaintext = memoryview(recv.decrypt(body))
+        end = len(plaintext)
         if (
-            len(records) == 1
-            and records[0].kind is RecordKind.MESSAGE
+            3 <= end < 0x83
+            and plaintext[0] == RecordKind.MESSAGE
+            and plaintext[1] == 0
+            and plaintext[2] == end - 3
             and self._state is _OPEN
             and self._decoder is None
         ):
-            # The common case, one whole spack alone, without the record loop.
-            body = records[0].body
-            if len(body) > self.config.max_message_size:
-                raise MessageLimitExceeded(self.config.max_message_size)
-            spack = decode_fast(body)
+            # The common case, one small whole spack alone, without the record loop.
+            spack = decode_fast(plaintext[3:])
             if spack is not None:
-                self._work += len(body)
+                self._work += end + _RECORD_COST
                 self._events.append(MessageReceived(spack))
                 return
+        if not end:
+            raise ProtocolError("transport message with no records")
         confirming = self._state is SessionState.CONFIRMING
+        parsed = 0
         if confirming:
-            first = records.pop(0)
+            (first,), parsed = read_records(plaintext, 0, 1)
             if first.kind is RecordKind.CLOSE:
                 code, reason = decode_close(first.body)
                 raise PeerRefused(
@@ -707,7 +727,7 @@ class Session:
                 )
             if first.kind is not RecordKind.READY:
                 raise HandshakeFailed(f"expected READY, got {first.kind.name}")
-        self._incoming = _Incoming(_coalesce(records), confirming=confirming)
+        self._incoming = _Incoming(plaintext, parsed, confirming=confirming)
         self._continue_incoming()
 
     def _continue_incoming(self) -> bool:
@@ -718,75 +738,103 @@ class Session:
         incoming = self._incoming
         if incoming is None:  # pragma: no cover - called only with a message in progress
             return True
-        records = incoming.records
         events = incoming.events
-        while incoming.index < len(records):
+        limit = self.config.max_message_size
+        while True:
+            records = incoming.records
+            if incoming.index == len(records):
+                if incoming.parsed == len(incoming.plaintext):
+                    break
+                if self._work >= _STEP:
+                    return False
+                batch = max((_STEP - self._work) // _RECORD_COST, 1)
+                records, incoming.parsed = read_records(incoming.plaintext, incoming.parsed, batch)
+                self._work += len(records) * _RECORD_COST
+                incoming.records = _coalesce(records)
+                incoming.index = 0
+                continue
             if self._work >= _STEP:
                 return False
             kind, _, body = records[incoming.index]
-            if kind is RecordKind.MESSAGE or kind is RecordKind.FRAGMENT:
-                spack = self._spack_piece(incoming, kind, body)
-                if incoming.offset < len(body):
-                    return False  # a piecewise decoder ran out of budget inside this body
+            if kind is RecordKind.MESSAGE and self._decoder is None and len(body) <= limit:
+                # A whole spack in one record: decoded at once unless it must be weighed.
+                spack = decode_fast(body)
+                if spack is None:
+                    spack = self._piecewise(incoming, kind, body)
+                    if incoming.offset < len(body):
+                        return False
+                else:
+                    self._work += len(body)
                 if spack is not None:
                     events.append(MessageReceived(spack))
-            elif kind is RecordKind.PING:
-                incoming.pings.append(body)
-            elif kind is RecordKind.PONG:
-                # One event per PING we sent; an unsolicited PONG is discarded (SPEC "Ping").
-                if self._pongs_received < self._pings_sent:
-                    self._pongs_received += 1
-                    events.append(PongReceived(bytes(body)))
-            elif kind is RecordKind.REKEY:
-                incoming.rekey = True
-            elif kind is RecordKind.CLOSE:
-                if self._decoder is not None:
-                    raise ProtocolError("CLOSE in the middle of a fragmented message")
-                code, reason = decode_close(body)
-                self._close_received = CloseReceived(code, reason)
-                events.append(self._close_received)
-            else:  # READY after confirmation
-                raise ProtocolError(f"unexpected {kind.name} record")
+            elif not self._record(incoming, kind, body):
+                return False  # a piecewise decoder ran out of budget inside this body
             incoming.index += 1
             incoming.offset = 0
         # Only now, with every record of the message processed, act on it.
         self._incoming = None
         if incoming.rekey and self._recv is not None:
             self._recv.rekey()
-        if not self._close_sent:
-            for ping in incoming.pings:
-                self._control.add(RecordKind.PONG, ping)
+        if incoming.pongs is not None and not self._close_sent:
+            self._control.extend(incoming.pongs)
         if incoming.confirming:
             self._open()
         self._events.extend(events)
         return True
 
-    def _spack_piece(self, incoming: _Incoming, kind: RecordKind, body: memoryview) -> Spack | None:
-        """Take a MESSAGE or FRAGMENT body; return the spack it completes, if it does.
+    def _record(self, incoming: _Incoming, kind: RecordKind, body: memoryview) -> bool:
+        """Act on one record other than a whole spack decoded at once.
 
-        A whole spack in one record is decoded at once (the fast decoder); a fragmented one,
-        or one whose containers the fast decoder leaves to the weigher, goes through a
-        :class:`~stalk.spack.SpackDecoder`, as much of it per call as the budget allows
-        (``incoming.offset`` says how far it got).
+        :returns: whether it is done (else the budget ran out inside a spack's piece).
         """
-        if self._decoder is None and kind is RecordKind.MESSAGE:
-            if len(body) > self.config.max_message_size:
+        if kind is RecordKind.MESSAGE or kind is RecordKind.FRAGMENT:
+            if kind is RecordKind.MESSAGE and self._decoder is None:
+                # A whole spack: the caller decodes it unless it is over the limit.
                 raise MessageLimitExceeded(self.config.max_message_size)
-            spack = decode_fast(body)
+            spack = self._piecewise(incoming, kind, body)
             if spack is not None:
-                self._work += len(body)
-                incoming.offset = len(body)
-                return spack
+                incoming.events.append(MessageReceived(spack))
+            return incoming.offset == len(body)
+        if kind is RecordKind.PING:
+            if incoming.pongs is None:
+                incoming.pongs = RecordWriter()
+            incoming.pongs.add(RecordKind.PONG, body)
+            self._work += _RECORD_COST
+        elif kind is RecordKind.PONG:
+            # One event per PING we sent; an unsolicited PONG is discarded (SPEC "Ping").
+            if self._pongs_received < self._pings_sent:
+                self._pongs_received += 1
+                incoming.events.append(PongReceived(bytes(body)))
+        elif kind is RecordKind.REKEY:
+            incoming.rekey = True
+        elif kind is RecordKind.CLOSE:
+            if self._decoder is not None:
+                raise ProtocolError("CLOSE in the middle of a fragmented message")
+            code, reason = decode_close(body)
+            self._close_received = CloseReceived(code, reason)
+            incoming.events.append(self._close_received)
+        else:  # READY after confirmation
+            raise ProtocolError(f"unexpected {kind.name} record")
+        return True
+
+    def _piecewise(self, incoming: _Incoming, kind: RecordKind, body: memoryview) -> Spack | None:
+        """Feed a MESSAGE or FRAGMENT body to the piecewise decoder; the spack it completes.
+
+        A fragmented spack, or one whose containers the fast decoder leaves to the weigher,
+        goes through a :class:`~stalk.spack.SpackDecoder`, as much of ``body`` per call as
+        the work budget allows (``incoming.offset`` says how far it got).
+        """
+        limit = self.config.max_message_size
         decoder = self._decoder
         if decoder is None:
             if kind is RecordKind.MESSAGE:  # a whole spack in this record: its size is known
                 decoder = SpackDecoder(len(body), complete=True)
             else:
-                decoder = SpackDecoder(self.config.max_message_size)
+                decoder = SpackDecoder(limit)
             self._decoder = decoder
-        if not incoming.offset and decoder.size + len(body) > self.config.max_message_size:
+        if not incoming.offset and decoder.size + len(body) > limit:
             # The running total of the pieces, checked before any of this one is taken.
-            raise MessageLimitExceeded(self.config.max_message_size)
+            raise MessageLimitExceeded(limit)
         while incoming.offset < len(body):
             room = _STEP - self._work
             if room <= 0:

@@ -582,33 +582,24 @@ def decode_spack(data: bytes | bytearray | memoryview, *, max_depth: int = MAX_D
             data = data.tobytes()
     elif not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"spack data must be bytes-like, not {type(data).__qualname__}")
-    result = _decode_fast(data, max_depth)
-    if isinstance(result, Spack):
-        return result
+    spack = decode_fast(data, max_depth=max_depth)
+    if spack is not None:
+        return spack
     # A container longer than the fast path allows: weigh, then decode.
     decoder = SpackDecoder(len(data), budget=False, complete=True, max_depth=max_depth)
-    try:
-        decoder.feed(data)
-        return decoder.finish()
-    except MalformedSpack as error:
-        if error.__cause__ is None:
-            raise error from result
-        raise
+    decoder.feed(data)
+    return decoder.finish()
 
 
-def decode_fast(data: bytes | bytearray | memoryview) -> Spack | None:
+def decode_fast(
+    data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH
+) -> Spack | None:
     """Decode a spack in one msgpack call, or return ``None`` if it must be weighed first.
 
     ``None`` means a container is longer than :data:`_FAST_CONTAINER` items: msgpack would
     allocate for its claimed length before its items arrive, so the caller decodes it with
     a :class:`SpackDecoder` instead. Errors are :func:`decode_spack`'s.
     """
-    result = _decode_fast(data, MAX_DEPTH)
-    return result if isinstance(result, Spack) else None
-
-
-def _decode_fast(data: bytes | bytearray | memoryview, max_depth: int) -> Spack | ValueError:
-    """:func:`decode_fast`, returning msgpack's length error instead of ``None``."""
     try:
         top = _unpackb(data, fast=True)
         # The common spack holds only scalars, strings and bytes: nothing left to check.
@@ -618,7 +609,7 @@ def _decode_fast(data: bytes | bytearray | memoryview, max_depth: int) -> Spack 
         raise
     except ValueError as exc:
         if "exceeds max_" in str(exc):
-            return exc
+            return None
         raise _malformed(exc) from exc
     except Exception as exc:
         raise _malformed(exc) from exc

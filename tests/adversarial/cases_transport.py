@@ -399,6 +399,9 @@ _AT_LIMIT = Spack(b"x" * (MAX_MESSAGE - 6))
 assert len(_AT_LIMIT.encode()) == MAX_MESSAGE
 _OVER = Spack(b"x" * (MAX_MESSAGE - 5)).encode()
 _TINY = Spack("in", "tiny", "pieces")
+#: A list of chained one-entry maps, the heaviest shape per encoded byte (SPEC 19).
+_HEAVY = b"\xdd" + ((MAX_MESSAGE - 5) // 63).to_bytes(4, "big")
+_HEAVY += (b"\x81\xa0" * 31 + b"\x80") * ((MAX_MESSAGE - 5) // 63)
 
 
 def _tiny_fragments(t: Transport) -> bytes:
@@ -558,6 +561,53 @@ CASES: list[Case] = [
             after_handshake,
             build=_fragments(_OVER, [60000, MAX_MESSAGE - 59999], final=False),
             eof=False,
+        ),
+    ),
+    row(
+        "fragments",
+        "client",
+        "claim_beyond_limit_in_first_fragment",
+        f"a first FRAGMENT whose bin header claims more bytes than the {MAX_MESSAGE}-byte "
+        "limit: refused at that piece, before anything more arrives",
+        broken(MessageLimitExceeded, CloseCode.MESSAGE_TOO_LARGE),
+        play(
+            after_handshake,
+            build=lambda t: t.seal(rec(F, b"\x91\xc6" + (MAX_MESSAGE).to_bytes(4, "big"))),
+            eof=False,
+        ),
+    ),
+    row(
+        "fragments",
+        "client",
+        "over_weight_budget",
+        f"FRAGMENTs of a {len(_HEAVY)}-byte spack of chained one-entry maps (107 bytes of "
+        "objects per byte): refused once its weight passes 8 x size + 8 MiB",
+        broken(MessageLimitExceeded, CloseCode.MESSAGE_TOO_LARGE),
+        play(after_handshake, build=_fragments(_HEAVY, [60000]), eof=False),
+    ),
+    row(
+        "fragments",
+        "client",
+        "never_valid_first_fragment",
+        "a first FRAGMENT that can never begin a spack (a top-level map): refused at that "
+        "piece, not at the final MESSAGE",
+        broken(MalformedSpack),
+        play(after_handshake, build=lambda t: t.seal(rec(F, b"\x81\xa1k")), eof=False),
+    ),
+    row(
+        "fragments",
+        "client",
+        "empty_final_message",
+        "the whole encoding in FRAGMENTs, then an empty final MESSAGE (valid, SPEC 12)",
+        CLEAN,
+        play(
+            after_handshake,
+            build=lambda t: (
+                t.seal(rec(F, A.encode()[:3]) + rec(F, A.encode()[3:]))
+                + t.seal(rec(M, b""))
+                + t.seal(close())
+            ),
+            delivered_too=(A,),
         ),
     ),
     row(
