@@ -6,9 +6,10 @@ A :class:`Session` is one side of one connection. Its driver (the anyio layer, a
 anything else) does three things in a loop, h11-style::
 
     session.receive_data(chunk)            # b"" means the transport reached EOF
-    while (event := session.next_event()) is not NEED_DATA:
+    while (event := session.next_event()) not in (NEED_DATA, PAUSED):
         handle(event)
     transport.write(session.data_to_send())
+    # after PAUSED: write the output, let other tasks run, then call next_event() again
 
 plus the API calls: :meth:`Session.accept`/:meth:`Session.refuse` (responder, after
 :class:`~stalk.events.PeerIdentified`), :meth:`Session.queue`/:meth:`Session.flush`/
@@ -39,6 +40,10 @@ Invariants:
 - The send side encrypts in call order, so nonce order is wire order; the driver must write
   :meth:`data_to_send` in the order it was returned.
 - EOF without a CLOSE is a truncation (:class:`~stalk.ConnectionLost`), never a clean end.
+- One :meth:`next_event` call does a bounded amount of work (SPEC "Resource model"): past
+  its step, or while the answers it owes the peer (PONGs) fill a Noise message that the
+  driver has not taken, it returns ``PAUSED`` and reads nothing more until called again.
+  What the peer makes us hold is bounded by reading less, never by growing a queue.
 """
 
 from __future__ import annotations
@@ -283,6 +288,41 @@ class Session:
     :param ephemeral_for_testing_only: a fixed ephemeral private key, for reproducible
         transcripts (``vectors/``). Never use it on a real connection.
     """
+
+    # Slots: a session is held per connection, and an instance dict of this many
+    # attributes costs more than a kilobyte.
+    __slots__ = (
+        "_bytes_since_rekey",
+        "_close_received",
+        "_close_sent",
+        "_control",
+        "_decoder",
+        "_eof",
+        "_error",
+        "_events",
+        "_hs",
+        "_in",
+        "_in_pos",
+        "_incoming",
+        "_more",
+        "_out",
+        "_pattern",
+        "_paused",
+        "_pings_sent",
+        "_pongs_received",
+        "_recv",
+        "_rekey_requested",
+        "_result",
+        "_send",
+        "_sent_since_rekey",
+        "_state",
+        "_unsealed",
+        "_work",
+        "_writer",
+        "config",
+        "identity",
+        "role",
+    )
 
     def __init__(
         self,
