@@ -91,10 +91,12 @@ def same(a: Any, b: Any) -> bool:
 
 
 @contextmanager
-def cut_at(size: int) -> Iterator[None]:
-    """Cut payloads out for the decoder from ``size`` bytes on (normally 64 KiB)."""
+def cut_at(size: int, lazy: int = spack_module._LAZY) -> Iterator[None]:
+    """Cut payloads out for the decoder from ``size`` bytes on (normally 64 KiB), and start
+    its streaming unpacker beyond ``lazy`` bytes (0: always stream; normally 16 KiB)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(weigh_module, "BIG", size)
+        patch.setattr(spack_module, "_LAZY", lazy)
         yield
 
 
@@ -114,32 +116,33 @@ def check(data: bytes, cuts: list[int], limits: list[int]) -> None:
 cuts = st.lists(st.integers(0, 300), max_size=4)
 limits = st.lists(st.integers(0, 40), max_size=3)
 big = st.sampled_from([1, 2, 5, 64 * KiB])
+lazy = st.sampled_from([0, 16 * KiB])
 
 
 @_SETTINGS
-@given(values=st.lists(spack_values, max_size=5), cuts=cuts, limits=limits, big=big)
+@given(values=st.lists(spack_values, max_size=5), cuts=cuts, limits=limits, big=big, lazy=lazy)
 def test_valid_spacks_decode_piecewise_as_at_once(
-    values: list[Any], cuts: list[int], limits: list[int], big: int
+    values: list[Any], cuts: list[int], limits: list[int], big: int, lazy: int
 ) -> None:
-    with cut_at(big):
+    with cut_at(big, lazy):
         check(encode_spack(values), cuts, limits)
 
 
 @_SETTINGS
-@given(value=raw_msgpack, cuts=cuts, limits=limits, big=big)
+@given(value=raw_msgpack, cuts=cuts, limits=limits, big=big, lazy=lazy)
 def test_raw_msgpack_decodes_piecewise_as_at_once(
-    value: Any, cuts: list[int], limits: list[int], big: int
+    value: Any, cuts: list[int], limits: list[int], big: int, lazy: int
 ) -> None:
-    with cut_at(big):
+    with cut_at(big, lazy):
         check(msgpack.packb(value, use_bin_type=True), cuts, limits)
 
 
 @_SETTINGS
-@given(data=st.binary(max_size=80), cuts=cuts, limits=limits, big=big)
+@given(data=st.binary(max_size=80), cuts=cuts, limits=limits, big=big, lazy=lazy)
 def test_any_bytes_decode_piecewise_as_at_once(
-    data: bytes, cuts: list[int], limits: list[int], big: int
+    data: bytes, cuts: list[int], limits: list[int], big: int, lazy: int
 ) -> None:
-    with cut_at(big):
+    with cut_at(big, lazy):
         check(data, cuts, limits)
 
 
@@ -151,13 +154,20 @@ def test_any_bytes_decode_piecewise_as_at_once(
     cuts=cuts,
     limits=limits,
     big=big,
+    lazy=lazy,
 )
 def test_mutated_spacks_decode_piecewise_as_at_once(
-    values: list[Any], where: int, byte: int, cuts: list[int], limits: list[int], big: int
+    values: list[Any],
+    where: int,
+    byte: int,
+    cuts: list[int],
+    limits: list[int],
+    big: int,
+    lazy: int,
 ) -> None:
     data = bytearray(encode_spack(values))
     data[where % len(data)] = byte
-    with cut_at(big):
+    with cut_at(big, lazy):
         check(bytes(data), cuts, limits)
 
 
@@ -276,6 +286,35 @@ def test_the_heaviest_shape_reaches_the_maximum_and_one_record_is_always_within_
     assert within_budget(65_535)
     assert MAX_WEIGHT_PER_BYTE * 65_535 <= WEIGHT_FACTOR * 65_535 + WEIGHT_FLOOR
     assert not within_budget(100_000)
+
+
+@pytest.mark.parametrize("lazy", [0, 16 * KiB])
+def test_a_decoded_spack_is_freed_when_dropped_without_the_cycle_collector(lazy: int) -> None:
+    """Nothing the decoder builds is kept alive by a reference cycle.
+
+    A decoder that its unpacker's ext hook referred back to kept every spack it decoded
+    (8 MiB for an 8 MiB spack) until the cyclic collector happened to run.
+    """
+    data = encode_spack([b"x" * (1 * MiB), "after", [b"y" * (100 * KiB)]])
+    pieces = [data[at : at + 65_000] for at in range(0, len(data), 65_000)]
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        with cut_at(64 * KiB, lazy):
+            decoder = SpackDecoder(len(data))
+            for piece in pieces:
+                decoder.feed(piece)
+            spack = decoder.finish()
+        assert spack[0] == b"x" * MiB
+        assert spack[2] == [b"y" * (100 * KiB)]
+        held = tracemalloc.get_traced_memory()[0]
+        del decoder, spack
+        released = held - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert released > MiB + 100 * KiB, released
 
 
 # -- claims and budget: refused before anything is built -------------------------------------

@@ -50,6 +50,7 @@ This module is part of the sans-IO core: it does no I/O.
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 import threading
@@ -668,6 +669,10 @@ _PLACEHOLDER: Final = 127
 _VIEW_SHARE: Final = 7 / 8
 #: Initial size of the streaming unpacker's buffer.
 _UNPACKER_START: Final = 4096
+#: Bytes for msgpack (all but cut-out payloads) collected before a streaming unpacker is
+#: started. A spack with no more, the usual shape of a large one (a few values and a large
+#: payload), is decoded in one call when it ends: cheaper than streaming, and as bounded.
+_LAZY: Final = 16 * 1024
 _VIEW_MIN: Final = 4096
 
 
@@ -688,7 +693,17 @@ class SpackDecoder:
     :param max_depth: the deepest container allowed (at most :data:`MAX_DEPTH`).
     """
 
-    __slots__ = ("_assembled", "_big", "_parts", "_top", "_unpacker", "_weigher")
+    __slots__ = (
+        "_assembled",
+        "_big",
+        "_buffer_size",
+        "_hook",
+        "_parts",
+        "_pending",
+        "_top",
+        "_unpacker",
+        "_weigher",
+    )
 
     def __init__(
         self,
@@ -701,19 +716,17 @@ class SpackDecoder:
         self._weigher = Weigher(
             max_size, complete=complete, budget=budget, cut=True, max_depth=max_depth
         )
-        self._unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            ext_hook=self._ext_hook,
-            object_pairs_hook=_pairs_hook,
-            # Placeholders are 6 bytes: room for them however small a cut-out payload.
-            max_buffer_size=max_size + 1024,
-            # The buffer starts this small and grows as msgpack needs (default: 1 MiB).
-            read_size=min(_UNPACKER_START, max_size + 1024),
-        )
         #: Values assembled from cut-out payloads, by placeholder index (dropped once used).
         self._assembled: list[object] = []
+        # The hook holds the list, not the decoder: a decoder -> unpacker -> bound method
+        # -> decoder cycle would keep every decoded value alive until the cyclic garbage
+        # collector happened to run.
+        self._hook = functools.partial(_take_assembled, self._assembled)
+        # Placeholders are 6 bytes: room for them however small a cut-out payload.
+        self._buffer_size = max_size + 1024
+        #: Bytes for msgpack not handed over yet (see :data:`_LAZY`).
+        self._pending = bytearray()
+        self._unpacker: msgpack.Unpacker | None = None
         #: The cut-out payload being collected: (kind, ext code), and its pieces.
         self._big: tuple[int, int] | None = None
         self._parts: list[bytes | bytearray | memoryview] = []
@@ -736,22 +749,20 @@ class SpackDecoder:
         """
         weigher = self._weigher
         taken = weigher.feed(data, limit)
-        fed = False
+        pending = self._pending
         for op in weigher.ops:
             kind = op[0]
             if kind == PASS:
-                self._unpacker.feed(op[1])  # type: ignore[arg-type]
-                fed = True
+                pending += op[1]  # type: ignore[arg-type]
             elif kind == BIG_PART:
                 self._keep(op[1])  # type: ignore[arg-type]
             elif kind == BIG_START:
                 self._big = (op[1], op[3])  # type: ignore[assignment]
             else:
-                self._unpacker.feed(self._assemble())
-                fed = True
+                pending += self._assemble()
         weigher.ops.clear()
-        if fed:
-            self._unpack()
+        if pending and (self._unpacker is not None or len(pending) > _LAZY):
+            self._stream()
         return taken
 
     @property
@@ -765,13 +776,41 @@ class SpackDecoder:
         :raises MalformedSpack: the encoding is truncated or otherwise invalid.
         """
         self._weigher.finish()
+        if self._unpacker is None:
+            try:
+                self._top = msgpack.unpackb(
+                    self._pending,
+                    raw=False,
+                    strict_map_key=True,
+                    use_list=True,
+                    ext_hook=self._hook,
+                    object_pairs_hook=_pairs_hook,
+                )
+            except Exception as exc:
+                raise _malformed(exc) from exc
+            self._pending = bytearray()
         if self._top is None:  # pragma: no cover - the weigher saw a complete array
             raise MalformedSpack("spack encoding is truncated")
         return Spack._from_list(self._top)
 
-    def _unpack(self) -> None:
+    def _stream(self) -> None:
+        """Hand the pending bytes to the streaming unpacker (started on first use)."""
+        unpacker = self._unpacker
+        if unpacker is None:
+            unpacker = self._unpacker = msgpack.Unpacker(
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                ext_hook=self._hook,
+                object_pairs_hook=_pairs_hook,
+                max_buffer_size=self._buffer_size,
+                # The buffer starts this small and grows as msgpack needs (default: 1 MiB).
+                read_size=min(_UNPACKER_START, self._buffer_size),
+            )
+        unpacker.feed(self._pending)
+        self._pending.clear()
         try:
-            top = self._unpacker.unpack()
+            top = unpacker.unpack()
         except msgpack.OutOfData:
             return
         except Exception as exc:
@@ -812,12 +851,18 @@ class SpackDecoder:
         index = len(self._assembled) - 1
         return bytes((0xD6, _PLACEHOLDER)) + index.to_bytes(4, "big")
 
-    def _ext_hook(self, code: int, payload: bytes) -> object:
-        if code == _PLACEHOLDER:
-            index = int.from_bytes(payload, "big")
-            value, self._assembled[index] = self._assembled[index], None
-            return value
-        return _ext_hook_now(code, payload)
+
+def _take_assembled(assembled: list[object], code: int, payload: bytes) -> object:
+    """The ext hook of :class:`SpackDecoder`.
+
+    A placeholder gives its assembled value (dropped from ``assembled`` once taken);
+    any other ext is decoded as usual.
+    """
+    if code == _PLACEHOLDER:
+        index = int.from_bytes(payload, "big")
+        value, assembled[index] = assembled[index], None
+        return value
+    return _ext_hook_now(code, payload)
 
 
 def decode_spack_pieces(pieces: Sequence[bytes | bytearray | memoryview]) -> Spack:
