@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import array
 import hashlib
+import itertools
 import tracemalloc
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import connected_pair, drain, make_pair
 from stalk.errors import (
@@ -33,8 +36,9 @@ from stalk.events import (
 )
 from stalk.framing import encode_frame
 from stalk.identity import Identity
+from stalk.records import encode_uvarint
 from stalk.session import Role, Session, SessionConfig, SessionState
-from stalk.spack import Float32, Spack
+from stalk.spack import Float32, Spack, SpackValue
 from stalk.wire import CloseCode, Pattern, RecordKind
 
 
@@ -666,3 +670,53 @@ def test_only_spacks_can_be_sent(item: object) -> None:
     with pytest.raises(InvalidSpackValue, match="take a Spack"):
         pair.client.send(item)  # type: ignore[arg-type]
     assert pair.client.data_to_send() == b""
+
+
+def _outcome(plaintexts: Sequence[bytes], padded: bool) -> tuple[list[object], str | None]:
+    """What a receiver makes of ``plaintexts`` (each one Noise message): events, error."""
+    pair = connected_pair(server_config=SessionConfig(max_message_size=4096))
+    pong = b"\x05\x00\x00"  # unsolicited: discarded, but the plaintext is no longer lone
+    events: list[object] = []
+    try:
+        for plaintext in plaintexts:
+            pair.server.receive_data(_forge(pair.client, plaintext + pong * padded))
+            events += drain(pair.server)
+    except (ProtocolError, MessageLimitExceeded) as exc:
+        return events, f"{type(exc).__name__}: {exc}"
+    return events, None
+
+
+_spack_values: st.SearchStrategy[list[SpackValue]] = st.lists(
+    st.binary(max_size=3000)
+    | st.text(max_size=5)
+    | st.lists(st.integers(-(2**63), 2**63 - 1), max_size=300),
+    max_size=3,
+)
+_spack_encodings = _spack_values.map(lambda values: Spack(*values).encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(
+            _spack_encodings | st.binary(max_size=40),
+            st.lists(st.integers(0, 5000), max_size=3),
+            st.sampled_from([RecordKind.MESSAGE, RecordKind.FRAGMENT]),
+        ),
+        max_size=4,
+    )
+)
+def test_a_lone_piece_is_received_as_the_record_loop_receives_it(
+    messages: list[tuple[bytes, list[int], RecordKind]],
+) -> None:
+    """Differential: a plaintext holding one MESSAGE or FRAGMENT takes a shorter path than
+    the record loop; padded with a record that changes nothing, it takes the loop. Each
+    message (a spack encoding or any bytes) is cut into pieces, the last one of ``last``."""
+    plaintexts = []
+    for data, cuts, last in messages:
+        points = sorted({min(cut, len(data)) for cut in cuts})
+        pieces = [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
+        for index, body in enumerate(pieces):
+            kind = last if index == len(pieces) - 1 else RecordKind.FRAGMENT
+            plaintexts.append(bytes((kind, 0)) + encode_uvarint(len(body)) + body)
+    assert _outcome(plaintexts, padded=False) == _outcome(plaintexts, padded=True)

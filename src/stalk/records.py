@@ -48,6 +48,7 @@ __all__ = [
     "decode_close",
     "encode_close",
     "encode_uvarint",
+    "lone_piece",
     "parse_records",
     "read_records",
     "read_uvarint",
@@ -55,6 +56,7 @@ __all__ = [
 
 _U16: Final = struct.Struct(">H")
 _KIND_BY_BYTE: Final = {int(k): k for k in RecordKind}
+_PIECE_BYTES: Final = frozenset({int(RecordKind.MESSAGE), int(RecordKind.FRAGMENT)})
 _LAST_IN_MESSAGE: Final = frozenset({RecordKind.CLOSE, RecordKind.REKEY})
 #: A fragment smaller than this is not worth a record header: start a new Noise message.
 _MIN_FRAGMENT: Final = 512
@@ -145,6 +147,31 @@ def parse_records(plaintext: bytes | bytearray) -> list[Record]:
         # The most common plaintext of all: one small spack (a request or a reply).
         return [_new_record(Record, (RecordKind.MESSAGE, 0, view[3:]))]
     return read_records(view, 0, None)[0]
+
+
+def lone_piece(view: memoryview) -> Record | None:
+    """The plaintext's only record, if it is one MESSAGE or FRAGMENT on channel 0.
+
+    That is the plaintext of almost every Noise message a spack stream carries (a spack
+    alone, or one piece of a large one), so a receiver can skip the record loop for it.
+    Anything else, including a malformed header or an empty FRAGMENT, gives ``None``:
+    :func:`read_records` parses it (and raises the error).
+    """
+    end = len(view)
+    if end < 3 or view[1] != 0:
+        return None
+    kind = view[0]
+    if kind not in _PIECE_BYTES:
+        return None
+    length, pos = view[2], 3
+    if length >= 0x80:
+        try:
+            length, pos = read_uvarint(view, 2, _MAX_LENGTH_VARINT)
+        except ProtocolError:
+            return None
+    if pos + length != end or (not length and kind == RecordKind.FRAGMENT):
+        return None
+    return _new_record(Record, (_KIND_BY_BYTE[kind], 0, view[pos:]))
 
 
 def read_records(view: memoryview, pos: int, count: int | None) -> tuple[list[Record], int]:

@@ -90,6 +90,7 @@ from stalk.records import (
     RecordWriter,
     decode_close,
     encode_close,
+    lone_piece,
     read_records,
 )
 from stalk.spack import Spack, SpackDecoder, decode_fast, encode_spack_pieces
@@ -737,19 +738,31 @@ class Session:
             raise ProtocolError("no receive cipher")
         plaintext = memoryview(recv.decrypt(body))
         end = len(plaintext)
-        if (
-            3 <= end < 0x83
-            and plaintext[0] == RecordKind.MESSAGE
-            and plaintext[1] == 0
-            and plaintext[2] == end - 3
-            and self._state is _OPEN
-            and self._decoder is None
-        ):
-            # The common case, one small whole spack alone, without the record loop.
-            spack = decode_fast(plaintext[3:])
-            if spack is not None:
-                self._work += end + _RECORD_COST
-                self._events.append(MessageReceived(spack))
+        # The common plaintexts, one spack or one piece of a large one alone, skip the
+        # record loop's parsing; whatever else they hold is processed the same way.
+        lone = lone_piece(plaintext) if self._state is _OPEN else None
+        if lone is not None:
+            kind, _, piece = lone
+            if kind is RecordKind.MESSAGE and self._decoder is None:
+                if len(piece) <= self.config.max_message_size:
+                    spack = decode_fast(piece)
+                    if spack is not None:
+                        self._work += end + _RECORD_COST
+                        self._events.append(MessageReceived(spack))
+                        return
+                # Over the limit, or for the weigher: the record loop does it all again.
+                lone = None
+            else:
+                self._work += _RECORD_COST
+                spack, offset = self._piecewise(kind, piece, 0)
+                if offset == len(piece):
+                    if spack is not None:
+                        self._events.append(MessageReceived(spack))
+                    return
+                # Out of budget inside the piece: the record loop resumes it.
+                incoming = self._incoming = _Incoming(plaintext, end, confirming=False)
+                incoming.records = [lone]
+                incoming.offset = offset
                 return
         if not end:
             raise ProtocolError("transport message with no records")
@@ -800,7 +813,7 @@ class Session:
                 # A whole spack in one record: decoded at once unless it must be weighed.
                 spack = decode_fast(body)
                 if spack is None:
-                    spack = self._piecewise(incoming, kind, body)
+                    spack, incoming.offset = self._piecewise(kind, body, incoming.offset)
                     if incoming.offset < len(body):
                         return False
                 else:
@@ -831,7 +844,7 @@ class Session:
             if kind is RecordKind.MESSAGE and self._decoder is None:
                 # A whole spack: the caller decodes it unless it is over the limit.
                 raise MessageLimitExceeded(self.config.max_message_size)
-            spack = self._piecewise(incoming, kind, body)
+            spack, incoming.offset = self._piecewise(kind, body, incoming.offset)
             if spack is not None:
                 incoming.events.append(MessageReceived(spack))
             return incoming.offset == len(body)
@@ -857,12 +870,16 @@ class Session:
             raise ProtocolError(f"unexpected {kind.name} record")
         return True
 
-    def _piecewise(self, incoming: _Incoming, kind: RecordKind, body: memoryview) -> Spack | None:
-        """Feed a MESSAGE or FRAGMENT body to the piecewise decoder; the spack it completes.
+    def _piecewise(
+        self, kind: RecordKind, body: memoryview, offset: int
+    ) -> tuple[Spack | None, int]:
+        """Feed ``body[offset:]`` to the piecewise decoder, as much as this call's budget allows.
 
         A fragmented spack, or one whose containers the fast decoder leaves to the weigher,
-        goes through a :class:`~stalk.spack.SpackDecoder`, as much of ``body`` per call as
-        the work budget allows (``incoming.offset`` says how far it got).
+        goes through a :class:`~stalk.spack.SpackDecoder`.
+
+        :returns: the spack the body completes (if it does), and how far into it the
+            decoder got (``len(body)`` once all of it is taken).
         """
         limit = self.config.max_message_size
         decoder = self._decoder
@@ -872,20 +889,20 @@ class Session:
             else:
                 decoder = SpackDecoder(limit)
             self._decoder = decoder
-        if not incoming.offset and decoder.size + len(body) > limit:
+        if not offset and decoder.size + len(body) > limit:
             # The running total of the pieces, checked before any of this one is taken.
             raise MessageLimitExceeded(limit)
-        while incoming.offset < len(body):
+        while offset < len(body):
             room = _STEP - self._work
             if room <= 0:
-                return None
+                return None, offset
             done = decoder.work
-            incoming.offset += decoder.feed(body[incoming.offset :], room // _WEIGHED_COST)
+            offset += decoder.feed(body[offset:] if offset else body, room // _WEIGHED_COST)
             self._work += (decoder.work - done) * _WEIGHED_COST + 1
         if kind is RecordKind.FRAGMENT:
-            return None
+            return None, offset
         self._decoder = None
-        return decoder.finish()
+        return decoder.finish(), offset
 
     def _fail(self, exc: StalkError) -> None:
         self._state = SessionState.FAILED
