@@ -76,9 +76,14 @@ class Mix:
     #: Queue one message's worth of these records into a writer (the sender's work);
     #: ``None`` for a dense spack, whose sender's work is encoding it.
     write: Callable[[RecordWriter], None] | None
+    #: Every message ends with REKEY: both sides derive a new key after it.
+    rekey: bool = False
+    #: Noise messages sent per "message" of ``--messages`` (small messages send more).
+    scale: int = 1
 
 
-def _mixes() -> list[Mix]:
+def record_mixes() -> list[Mix]:
+    """Noise messages full of small records, each with how a stalk sender writes them."""
     spack64 = encode_spack([os.urandom(57)])
     empty = encode_spack([])
     small_records = [
@@ -111,6 +116,12 @@ def _mixes() -> list[Mix]:
             writer.add(RecordKind.FRAGMENT, b"\x00")
 
     mixes.append(Mix("1-byte FRAGMENTs of a bin", lambda i: zeros if i else first, write_fragments))
+
+    def write_rekey(writer: RecordWriter) -> None:
+        writer.add(RecordKind.REKEY, b"")
+
+    rekey = record(RecordKind.REKEY, b"")
+    mixes.append(Mix("a REKEY alone in every message", _same(rekey), write_rekey, True, 1000))
     return mixes
 
 
@@ -135,9 +146,14 @@ def measure(mix: Mix, messages: int) -> dict[str, float]:
     client, server = pair()
     send = client._send
     assert send is not None
+    messages *= mix.scale
     plaintexts = [mix.plaintext(index) for index in range(messages)]
+    frames = []
     started = time.process_time()
-    frames = [encode_frame(send.encrypt(p)) for p in plaintexts]
+    for plaintext in plaintexts:
+        frames.append(encode_frame(send.encrypt(plaintext)))
+        if mix.rekey:
+            send.rekey()
     crafted = time.process_time() - started
     wire = sum(map(len, frames))
     written = float("nan")
@@ -146,8 +162,10 @@ def measure(mix: Mix, messages: int) -> dict[str, float]:
         started = time.process_time()
         for _ in range(messages):
             mix.write(writer)
-            for plaintext in writer.pack():
-                encode_frame(send.encrypt(bytes(plaintext)))
+            for packed in writer.pack():
+                encode_frame(send.encrypt(bytes(packed)))
+                if mix.rekey:
+                    send.rekey()
         written = time.process_time() - started
     worst = 0.0
     started = time.process_time()
@@ -184,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "| ratio | worst step ms | ended |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    cases = [*_mixes(), _dense(b"\x90"), _dense(b"\x81\xa0\x90"), _dense(b"\x92\x01\x02")]
+    cases = [*record_mixes(), _dense(b"\x90"), _dense(b"\x81\xa0\x90"), _dense(b"\x92\x01\x02")]
     for mix in cases:
         r = measure(mix, args.messages)
         writer = "n/a" if math.isnan(r["writer"]) else f"{r['writer']:.0f}"

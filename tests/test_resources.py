@@ -9,6 +9,15 @@ worst round trip measures how long the listener's event loop was held, and it mu
 served throughout and right after. The default run sends a few MiB; ``-m slow`` sends what
 the finding sent.
 
+The HTTP/2 denial-of-service advisories of resources.md (SPEC 21 has the table), and the
+tests here that cover their stalk analogues: 9511 data dribble and 9517 internal data
+buffering, a peer that does not read (``test_a_ping_flood...``, and test_limits.py's
+``test_a_reader_that_stops_stops_the_sender``); 9512 ping flood and 9515 settings flood,
+answers owed (``test_a_ping_flood...``); 9513 resource loop, a REKEY in every message, and
+9518 empty frames, tiny records (``test_tiny_records...``); 9516 0-length headers, 1-byte
+fragments (findings 1 and 2); 9514 reset flood and CVE-2023-44487 rapid reset, connections
+opened and dropped (``test_connections_opened_and_dropped...``).
+
 Setting ``STALK_VICTIM_SRC`` to another stalk's ``src`` directory runs the same attacks
 against that stalk (how the "before" figures in the closing notes were measured).
 
@@ -33,15 +42,16 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import Process, SocketStream
+from benchmarks import hostile
 
 from helpers import connected_pair
 from stalk.connection import connect
 from stalk.errors import MessageTooLarge, StalkError
 from stalk.events import NEED_DATA, PAUSED, CloseReceived, MessageReceived
 from stalk.framing import encode_frame
-from stalk.identity import PublicIdentity
+from stalk.identity import Identity, PublicIdentity
 from stalk.records import encode_uvarint
-from stalk.session import Session
+from stalk.session import Role, Session
 from stalk.spack import Spack
 from stalk.wire import RECORD_CAPACITY, WEIGHT_FACTOR, WEIGHT_FLOOR, CloseCode, RecordKind
 from test_limits import raw_session
@@ -459,6 +469,68 @@ async def test_tiny_records_do_not_hold_the_loop(anyio_backend: str, mix: str) -
     )
     assert attack.probe.worst < STALL_BOUND
     assert peak <= SLACK
+
+
+# -- connections opened and dropped (the rapid-reset and reset-flood analogues) --------------------
+
+
+@pytest.mark.parametrize("seconds", [2.0, pytest.param(20.0, marks=pytest.mark.slow)])
+async def test_connections_opened_and_dropped_cost_nothing_lasting(
+    anyio_backend: str, seconds: float
+) -> None:
+    """CVE-2023-44487 (rapid reset) and CVE-2019-9514 (reset flood), as stalk has them: one
+    peer opens connections as fast as it can and drops each one, alternately right after
+    handshake message 1, and after the handshake and a record that earns an error CLOSE it
+    never reads. The listener's memory stays flat, an innocent client is served
+    throughout, and a fresh client connects afterwards."""
+    rounds = 0
+    async with under_attack(anyio_backend) as attack:
+        address = ("127.0.0.1", attack.victim.port)
+        attacker = Identity.generate()
+        with anyio.move_on_after(seconds):
+            while True:
+                rounds += 1
+                if rounds % 2:
+                    stream = await anyio.connect_tcp(*address)
+                    initiator = Session(Role.INITIATOR, attacker, peer=attack.victim.key)
+                    initiator.next_event()
+                    await stream.send(bytes(initiator.data_to_send()))
+                    await anyio.aclose_forcefully(stream)
+                else:
+                    stream, session = await raw_session(address, attack.victim.key)
+                    with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                        await stream.send(seal(session, record(RecordKind.READY, b"")))
+                    await anyio.aclose_forcefully(stream)
+        await anyio.sleep(0.5)
+        held, peak = attack.grown()
+    print(
+        f"\nrapid reset/{anyio_backend}: {rounds} connections opened and dropped in {seconds:.0f}"
+        f" s: victim RSS +{held / MiB:.1f} MiB (peak +{peak / MiB:.1f} MiB); worst innocent "
+        f"round trip {attack.probe.worst * 1000:.0f} ms"
+    )
+    assert rounds > 20
+    assert peak <= SLACK
+    assert attack.probe.worst < STALL_BOUND
+
+
+#: The most receiving may cost per wire byte, as a multiple of what a sender built on stalk's
+#: record writer spends producing the same bytes (SPEC 21, "Time and CPU"; measured 2-6x).
+CPU_FACTOR = 10
+
+
+@pytest.mark.parametrize("mix", hostile.record_mixes(), ids=lambda mix: mix.name)
+def test_tiny_records_cost_the_receiver_about_what_they_cost_a_sender(mix: hostile.Mix) -> None:
+    """Finding 5, CPU: for every record mix, the receiver's CPU per wire byte is within
+    :data:`CPU_FACTOR` of a stalk sender's (before: 1,000-1,400x), and no single step of
+    receive work holds the loop long. The best of three runs is taken: the machine is
+    shared, and noise only ever adds time."""
+    runs = [hostile.measure(mix, messages=16) for _ in range(3)]
+    ratio = min(run["receiver"] / run["writer"] for run in runs)
+    worst = min(run["worst step"] for run in runs) / 1000
+    print(f"\n{mix.name}: receiver {ratio:.1f}x the sender's CPU; worst step {worst * 1000:.0f} ms")
+    assert not any(run["refused"] for run in runs)
+    assert ratio <= CPU_FACTOR
+    assert worst < STALL_BOUND
 
 
 def test_an_over_budget_spack_is_refused_by_its_sender() -> None:
