@@ -57,9 +57,10 @@ def reference(data: bytes) -> tuple[str, Any]:
     return "ok", top
 
 
-def piecewise(data: bytes, cuts: list[int], limits: list[int]) -> tuple[str, Any]:
-    """Decode ``data`` cut at ``cuts``, each piece fed under work limits (cycled)."""
-    decoder = SpackDecoder(len(data), budget=False, complete=True)
+def piecewise(data: bytes, cuts: list[int], limits: list[int], join: int = 0) -> tuple[str, Any]:
+    """Decode ``data`` cut at ``cuts``, each piece fed under work limits (cycled), pieces
+    joined up to ``join`` bytes before any weighing."""
+    decoder = SpackDecoder(len(data), budget=False, complete=True, join=join)
     points = sorted({min(cut, len(data)) for cut in cuts})
     limit = itertools.cycle(limits or [0])
     try:
@@ -100,9 +101,9 @@ def cut_at(size: int, lazy: int = spack_module._LAZY) -> Iterator[None]:
         yield
 
 
-def check(data: bytes, cuts: list[int], limits: list[int]) -> None:
+def check(data: bytes, cuts: list[int], limits: list[int], join: int = 0) -> None:
     expected = reference(data)
-    got = piecewise(data, cuts, limits)
+    got = piecewise(data, cuts, limits, join)
     try:
         whole: tuple[str, Any] = "ok", list(decode_spack(data))
     except MalformedSpack:
@@ -116,34 +117,38 @@ def check(data: bytes, cuts: list[int], limits: list[int]) -> None:
 cuts = st.lists(st.integers(0, 300), max_size=4)
 limits = st.lists(st.integers(0, 40), max_size=3)
 big = st.sampled_from([1, 2, 5, 64 * KiB])
-lazy = st.sampled_from([0, 16 * KiB])
+#: The decoder's two shortcuts, each on and off: (lazy, join) of :func:`cut_at` and
+#: :func:`piecewise` (normally 16 KiB, and 20,000 bytes for the pieces of a spack).
+decoders = st.tuples(st.sampled_from([0, 16 * KiB]), st.sampled_from([0, 5, 64, 20_000]))
 
 
 @_SETTINGS
-@given(values=st.lists(spack_values, max_size=5), cuts=cuts, limits=limits, big=big, lazy=lazy)
+@given(
+    values=st.lists(spack_values, max_size=5), cuts=cuts, limits=limits, big=big, decoder=decoders
+)
 def test_valid_spacks_decode_piecewise_as_at_once(
-    values: list[Any], cuts: list[int], limits: list[int], big: int, lazy: int
+    values: list[Any], cuts: list[int], limits: list[int], big: int, decoder: tuple[int, int]
 ) -> None:
-    with cut_at(big, lazy):
-        check(encode_spack(values), cuts, limits)
+    with cut_at(big, decoder[0]):
+        check(encode_spack(values), cuts, limits, decoder[1])
 
 
 @_SETTINGS
-@given(value=raw_msgpack, cuts=cuts, limits=limits, big=big, lazy=lazy)
+@given(value=raw_msgpack, cuts=cuts, limits=limits, big=big, decoder=decoders)
 def test_raw_msgpack_decodes_piecewise_as_at_once(
-    value: Any, cuts: list[int], limits: list[int], big: int, lazy: int
+    value: Any, cuts: list[int], limits: list[int], big: int, decoder: tuple[int, int]
 ) -> None:
-    with cut_at(big, lazy):
-        check(msgpack.packb(value, use_bin_type=True), cuts, limits)
+    with cut_at(big, decoder[0]):
+        check(msgpack.packb(value, use_bin_type=True), cuts, limits, decoder[1])
 
 
 @_SETTINGS
-@given(data=st.binary(max_size=80), cuts=cuts, limits=limits, big=big, lazy=lazy)
+@given(data=st.binary(max_size=80), cuts=cuts, limits=limits, big=big, decoder=decoders)
 def test_any_bytes_decode_piecewise_as_at_once(
-    data: bytes, cuts: list[int], limits: list[int], big: int, lazy: int
+    data: bytes, cuts: list[int], limits: list[int], big: int, decoder: tuple[int, int]
 ) -> None:
-    with cut_at(big, lazy):
-        check(data, cuts, limits)
+    with cut_at(big, decoder[0]):
+        check(data, cuts, limits, decoder[1])
 
 
 @_SETTINGS
@@ -154,7 +159,7 @@ def test_any_bytes_decode_piecewise_as_at_once(
     cuts=cuts,
     limits=limits,
     big=big,
-    lazy=lazy,
+    decoder=decoders,
 )
 def test_mutated_spacks_decode_piecewise_as_at_once(
     values: list[Any],
@@ -163,12 +168,12 @@ def test_mutated_spacks_decode_piecewise_as_at_once(
     cuts: list[int],
     limits: list[int],
     big: int,
-    lazy: int,
+    decoder: tuple[int, int],
 ) -> None:
     data = bytearray(encode_spack(values))
     data[where % len(data)] = byte
-    with cut_at(big, lazy):
-        check(bytes(data), cuts, limits)
+    with cut_at(big, decoder[0]):
+        check(bytes(data), cuts, limits, decoder[1])
 
 
 @contextmanager

@@ -130,6 +130,11 @@ _OUTPUT_BYTES = _OUTPUT_CHUNK * 65_537
 _STEP: Final = 120_000
 _RECORD_COST: Final = 32
 _WEIGHED_COST: Final = 6
+#: A spack in pieces is joined while its pieces total at most this, and decoded at its end
+#: in one call like a spack in one record; only a larger one is weighed as it arrives.
+#: Small spacks come in pieces when they straddle two Noise messages, and weighing costs
+#: several times decoding; at this size even the weighing a dense one needs fits one step.
+_JOIN: Final = _STEP // _WEIGHED_COST
 #: Answers owed to the peer (PONGs not yet taken by the driver) beyond which the session
 #: reads no more input (PAUSED) until the driver takes its output: one Noise message.
 _OWED_LIMIT: Final = RECORD_CAPACITY
@@ -887,7 +892,7 @@ class Session:
             if kind is RecordKind.MESSAGE:  # a whole spack in this record: its size is known
                 decoder = SpackDecoder(len(body), complete=True)
             else:
-                decoder = SpackDecoder(limit)
+                decoder = SpackDecoder(limit, join=_JOIN)
             self._decoder = decoder
         if not offset and decoder.size + len(body) > limit:
             # The running total of the pieces, checked before any of this one is taken.
@@ -902,6 +907,7 @@ class Session:
         if kind is RecordKind.FRAGMENT:
             return None, offset
         self._decoder = None
+        self._work += decoder.joined  # decoded in one call, as a spack in one record
         return decoder.finish(), offset
 
     def _fail(self, exc: StalkError) -> None:

@@ -61,7 +61,7 @@ from typing import Any, Final, TypeAlias, overload
 import msgpack
 
 from stalk.errors import InvalidSpackValue, MalformedSpack
-from stalk.weigh import BIG_PART, BIG_START, KIND_BIN, KIND_STR, PASS, Weigher
+from stalk.weigh import BIG_PART, BIG_START, KIND_BIN, KIND_STR, PASS, Weigher, within_budget
 from stalk.wire import (
     EXT_ARRAY_FLOAT32,
     EXT_ARRAY_FLOAT64,
@@ -686,18 +686,30 @@ class SpackDecoder:
     the pieces into their value (one copy); a piece is kept as a view only while it fills
     most of the buffer it came in, else copied (see :data:`_VIEW_SHARE`).
 
+    With ``join``, a small spack skips all that: its pieces are joined (copied) while
+    their total stays within ``join`` bytes, and decoded in one call at the end, as a
+    spack in one record is (:func:`decode_fast`). Only a spack that outgrows ``join``
+    is weighed, from its first byte. A small spack arrives in pieces whenever it
+    straddles two Noise messages, and weighing it costs several times decoding it.
+
     :param max_size: the most bytes the encoding may have.
     :param budget: refuse a spack whose decoded weight exceeds its budget.
     :param complete: the caller feeds the whole encoding (a claim beyond ``max_size`` is
         a truncation, not an oversized message).
     :param max_depth: the deepest container allowed (at most :data:`MAX_DEPTH`).
+    :param join: join pieces up to this many bytes before weighing (0: weigh at once).
+        Checking what the joined bytes claim waits until they outgrow it or end.
     """
 
     __slots__ = (
         "_assembled",
+        "_backlog",
         "_big",
         "_buffer_size",
         "_hook",
+        "_join",
+        "_joined",
+        "_max_depth",
         "_parts",
         "_pending",
         "_top",
@@ -712,7 +724,16 @@ class SpackDecoder:
         budget: bool = True,
         complete: bool = False,
         max_depth: int = MAX_DEPTH,
+        join: int = 0,
     ) -> None:
+        if not within_budget(join):
+            raise ValueError("join beyond the size every spack's budget admits")
+        self._join = join
+        self._max_depth = max_depth
+        #: The pieces joined so far, until they outgrow ``join`` (then ``None``).
+        self._joined: bytearray | None = bytearray() if join else None
+        #: Joined bytes that outgrew ``join``, being weighed and decoded.
+        self._backlog: memoryview | None = None
         self._weigher = Weigher(
             max_size, complete=complete, budget=budget, cut=True, max_depth=max_depth
         )
@@ -735,18 +756,44 @@ class SpackDecoder:
     @property
     def size(self) -> int:
         """Bytes fed so far."""
-        return self._weigher.size
+        joined = self._joined
+        return self._weigher.size + (len(joined) if joined is not None else 0)
+
+    @property
+    def joined(self) -> int:
+        """Bytes joined and not yet decoded: :meth:`finish` decodes them in one call."""
+        joined = self._joined
+        return len(joined) if joined is not None else 0
 
     def feed(self, data: bytes | bytearray | memoryview, limit: int | None = None) -> int:
-        """Weigh and decode the next piece of the encoding; return the bytes taken.
+        """Take the next piece of the encoding (join it, or weigh and decode it).
 
+        :returns: the bytes of ``data`` taken.
         :param limit: weigh and decode about this many bytes of values at most (cut-out
             payload bytes do not count), stopping at a value boundary; the caller feeds
-            the rest of the piece later. Bounds the work of one call.
+            the rest of the piece later. Bounds the work of one call. A call that works
+            through joined bytes instead takes none of ``data``.
         :raises MalformedSpack: the bytes can never be a valid spack.
         :raises ~stalk.MessageLimitExceeded: the spack is certain to exceed ``max_size``
             or its decoded-weight budget.
         """
+        joined = self._joined
+        if joined is not None:
+            if len(joined) + len(data) <= self._join:
+                joined += data
+                return len(data)
+            # Outgrown: what was joined is weighed first, like any piece.
+            self._joined = None
+            self._backlog = memoryview(joined) if joined else None
+        backlog = self._backlog
+        if backlog is not None:
+            taken = self._take(backlog, limit)
+            self._backlog = backlog[taken:] if taken < len(backlog) else None
+            return 0
+        return self._take(data, limit)
+
+    def _take(self, data: bytes | bytearray | memoryview, limit: int | None) -> int:
+        """Weigh and decode ``data`` (within ``limit``); return the bytes taken."""
         weigher = self._weigher
         taken = weigher.feed(data, limit)
         pending = self._pending
@@ -775,6 +822,13 @@ class SpackDecoder:
 
         :raises MalformedSpack: the encoding is truncated or otherwise invalid.
         """
+        joined = self._joined
+        if joined is not None:
+            self._joined = None
+            spack = decode_fast(joined, max_depth=self._max_depth)
+            if spack is not None:  # within its budget: ``join`` is that small
+                return spack
+            self._take(joined, None)  # at most ``join`` bytes: weighed in one go
         self._weigher.finish()
         if self._unpacker is None:
             try:
