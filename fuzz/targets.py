@@ -72,6 +72,7 @@ from stalk.events import (
     PongReceived,
 )
 from stalk.identity import Identity
+from stalk.session import _JOIN as JOIN
 from stalk.session import Role, Session, SessionConfig
 from stalk.spack import Float32, Spack, SpackDecoder, decode_spack
 from stalk.wire import Pattern
@@ -657,7 +658,7 @@ def model(plaintexts: list[bytes], limit: int) -> Expected:
     # A fragmented spack is refused at the first piece after which it can never be valid
     # (SPEC "Messages, batching and fragmentation"): stalk's own piecewise decoder, itself
     # checked against the one-shot decoder (tests/test_weigh.py), says when that is.
-    prefix = SpackDecoder(limit)
+    prefix = SpackDecoder(limit, join=JOIN)
     for plaintext in plaintexts:
         if expected.closed:  # bytes after the CLOSE message are never read
             return expected
@@ -683,7 +684,7 @@ def model(plaintexts: list[bytes], limit: int) -> Expected:
                 else:
                     whole = b"".join([*fragments, record.body])
                     fragments = []
-                    prefix = SpackDecoder(limit)
+                    prefix = SpackDecoder(limit, join=JOIN)
                     try:
                         events.append(("message", decode_spack(whole)))
                     except MalformedSpack:

@@ -567,12 +567,14 @@ CASES: list[Case] = [
         "fragments",
         "client",
         "claim_beyond_limit_in_first_fragment",
-        f"a first FRAGMENT whose bin header claims more bytes than the {MAX_MESSAGE}-byte "
-        "limit: refused at that piece, before anything more arrives",
+        f"a first FRAGMENT of 30,000 bytes whose bin header claims more than the "
+        f"{MAX_MESSAGE}-byte limit: refused at that piece, before anything more arrives",
         broken(MessageLimitExceeded, CloseCode.MESSAGE_TOO_LARGE),
         play(
             after_handshake,
-            build=lambda t: t.seal(rec(F, b"\x91\xc6" + (MAX_MESSAGE).to_bytes(4, "big"))),
+            build=lambda t: t.seal(
+                rec(F, b"\x91\xc6" + (MAX_MESSAGE).to_bytes(4, "big") + bytes(30_000))
+            ),
             eof=False,
         ),
     ),
@@ -589,10 +591,28 @@ CASES: list[Case] = [
         "fragments",
         "client",
         "never_valid_first_fragment",
-        "a first FRAGMENT that can never begin a spack (a top-level map): refused at that "
-        "piece, not at the final MESSAGE",
+        "a first FRAGMENT of 30,000 bytes that can never begin a spack (a top-level map): "
+        "refused at that piece, not at the final MESSAGE",
         broken(MalformedSpack),
-        play(after_handshake, build=lambda t: t.seal(rec(F, b"\x81\xa1k")), eof=False),
+        play(
+            after_handshake,
+            build=lambda t: t.seal(rec(F, b"\x81\xa1k\xc5\x75\x30" + bytes(30_000))),
+            eof=False,
+        ),
+    ),
+    row(
+        "fragments",
+        "client",
+        "never_valid_small_fragments",
+        "a spack of 3 bytes in two pieces that can never be a spack (a top-level map): "
+        "joined, and refused at its final MESSAGE (pieces totalling at most 20,000 bytes are "
+        "checked as a whole)",
+        broken(MalformedSpack),
+        play(
+            after_handshake,
+            build=lambda t: t.seal(rec(F, b"\x81\xa1")) + t.seal(rec(M, b"k")),
+            eof=False,
+        ),
     ),
     row(
         "fragments",
