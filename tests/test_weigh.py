@@ -322,6 +322,22 @@ def test_a_decoded_spack_is_freed_when_dropped_without_the_cycle_collector(lazy:
     assert released > MiB + 100 * KiB, released
 
 
+def test_joined_bytes_count_in_the_size_until_they_are_weighed() -> None:
+    """Pieces that outgrow ``join`` are weighed a step at a time; meanwhile the bytes
+    taken (what the size limit is checked against) still count all of them."""
+    data = encode_spack([list(range(3000)), b"z" * 30_000])
+    decoder = SpackDecoder(len(data), join=20_000)
+    assert decoder.feed(data[:15_000]) == 15_000
+    assert decoder.size == decoder.joined == 15_000
+    rest = memoryview(data)[15_000:]
+    while rest:
+        taken = decoder.feed(rest, 10)  # a few values per call: the joined bytes first
+        assert decoder.size == len(data) - len(rest) + taken
+        assert not decoder.joined
+        rest = rest[taken:]
+    assert list(decoder.finish()) == [list(range(3000)), b"z" * 30_000]
+
+
 # -- claims and budget: refused before anything is built -------------------------------------
 
 

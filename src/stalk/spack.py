@@ -55,7 +55,7 @@ import struct
 import sys
 import threading
 from array import array
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, Final, TypeAlias, overload
 
 import msgpack
@@ -487,10 +487,16 @@ def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 _FAST_CONTAINER: Final = 256
 
 
-def _unpackb(data: bytes | bytearray | memoryview, *, fast: bool = False) -> Any:
+def _unpackb(
+    data: bytes | bytearray | memoryview,
+    *,
+    fast: bool = False,
+    ext_hook: Callable[[int, bytes], object] | None = None,
+) -> Any:
     """Unpack exactly one msgpack object with the spack settings.
 
     :param fast: bound container lengths to :data:`_FAST_CONTAINER` (see above).
+    :param ext_hook: decode exts with this instead of :func:`_ext_hook`.
     """
     limit = _FAST_CONTAINER if fast else -1
     return msgpack.unpackb(
@@ -498,7 +504,7 @@ def _unpackb(data: bytes | bytearray | memoryview, *, fast: bool = False) -> Any
         raw=False,
         strict_map_key=True,
         use_list=True,
-        ext_hook=_ext_hook,
+        ext_hook=ext_hook or _ext_hook,
         object_pairs_hook=_pairs_hook,
         max_array_len=limit,
         max_map_len=limit,
@@ -755,9 +761,9 @@ class SpackDecoder:
 
     @property
     def size(self) -> int:
-        """Bytes fed so far."""
-        joined = self._joined
-        return self._weigher.size + (len(joined) if joined is not None else 0)
+        """Bytes taken so far (joined ones included, whether weighed yet or not)."""
+        unweighed = self._joined if self._joined is not None else self._backlog
+        return self._weigher.size + (len(unweighed) if unweighed is not None else 0)
 
     @property
     def joined(self) -> int:
@@ -832,14 +838,7 @@ class SpackDecoder:
         self._weigher.finish()
         if self._unpacker is None:
             try:
-                self._top = msgpack.unpackb(
-                    self._pending,
-                    raw=False,
-                    strict_map_key=True,
-                    use_list=True,
-                    ext_hook=self._hook,
-                    object_pairs_hook=_pairs_hook,
-                )
+                self._top = _unpackb(self._pending, ext_hook=self._hook)
             except Exception as exc:
                 raise _malformed(exc) from exc
             self._pending = bytearray()
