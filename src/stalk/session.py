@@ -748,16 +748,14 @@ class Session:
         lone = lone_piece(plaintext) if self._state is _OPEN else None
         if lone is not None:
             kind, _, piece = lone
-            if kind is RecordKind.MESSAGE and self._decoder is None:
-                if len(piece) <= self.config.max_message_size:
-                    spack = decode_fast(piece)
-                    if spack is not None:
-                        self._work += end + _RECORD_COST
-                        self._events.append(MessageReceived(spack))
-                        return
-                # Over the limit, or for the weigher: the record loop does it all again.
-                lone = None
-            else:
+            whole = kind is RecordKind.MESSAGE and self._decoder is None
+            if whole and len(piece) > self.config.max_message_size:
+                lone = None  # the record loop refuses it
+            elif whole and (spack := decode_fast(piece)) is not None:
+                self._work += end + _RECORD_COST
+                self._events.append(MessageReceived(spack))
+                return
+            else:  # a piece, or a whole spack for the weigher
                 self._work += _RECORD_COST
                 spack, offset = self._piecewise(kind, piece, 0)
                 if offset == len(piece):
