@@ -49,7 +49,6 @@ Invariants:
 from __future__ import annotations
 
 import enum
-import itertools
 import operator
 import struct
 from collections import deque
@@ -180,7 +179,12 @@ class SessionConfig:
             raise ValueError("rekey intervals must be positive")
 
 
+# Looking an enum member up on its class costs about 0.2 us (Python 3.11): the receive
+# path, which does it per record, uses these.
 _OPEN: Final = SessionState.OPEN
+_CONFIRMING: Final = SessionState.CONFIRMING
+_MESSAGE: Final = RecordKind.MESSAGE
+_FRAGMENT: Final = RecordKind.FRAGMENT
 
 
 class _Sealing:
@@ -220,34 +224,31 @@ def _coalesce(records: list[Record]) -> list[Record]:
     alone would cost a decoder step per piece. Joined (in C), a run costs one step, and
     the copy holds only the pieces, never the plaintext they came in.
     """
-    if RecordKind.FRAGMENT not in map(_KIND, records) or not any(
-        a.kind is RecordKind.FRAGMENT and b.kind in _PIECE_KINDS
-        for a, b in itertools.pairwise(records)
-    ):
-        return records
+    kinds = list(map(_KIND, records))
+    if _FRAGMENT not in kinds[:-1]:
+        return records  # no FRAGMENT followed by anything (the common case: one at the end)
     joined: list[Record] = []
     run: list[memoryview] = []
     for record in records:
-        if record.kind is RecordKind.FRAGMENT:
+        if record.kind is _FRAGMENT:
             run.append(record.body)
             continue
         if run:
-            if record.kind is RecordKind.MESSAGE:
+            if record.kind is _MESSAGE:
                 run.append(record.body)
             body = memoryview(b"".join(run)) if len(run) > 1 else run[0]
-            kind = record.kind if record.kind is RecordKind.MESSAGE else RecordKind.FRAGMENT
+            kind = record.kind if record.kind is _MESSAGE else _FRAGMENT
             joined.append(Record(kind, 0, body))
             run = []
-            if record.kind is RecordKind.MESSAGE:
+            if record.kind is _MESSAGE:
                 continue
         joined.append(record)
     if run:
         body = memoryview(b"".join(run)) if len(run) > 1 else run[0]
-        joined.append(Record(RecordKind.FRAGMENT, 0, body))
+        joined.append(Record(_FRAGMENT, 0, body))
     return joined
 
 
-_PIECE_KINDS: Final = frozenset({RecordKind.FRAGMENT, RecordKind.MESSAGE})
 _KIND: Final = operator.itemgetter(0)
 
 
@@ -524,16 +525,18 @@ class Session:
             self._hs.out.clear()
 
     def _progress(self) -> None:
-        if self._state is SessionState.HANDSHAKING:
+        state = self._state
+        if state is SessionState.HANDSHAKING:
             self._progress_handshake()
-        if self._state is SessionState.CONFIRMING:
+            state = self._state
+        if state is _OPEN:
+            self._progress_transport()
+        elif state is _CONFIRMING:
             try:
                 self._progress_transport()
             except ProtocolError as exc:
                 # Before READY the peer is not authenticated: report a failed handshake.
                 raise HandshakeFailed(f"handshake confirmation failed: {exc}") from exc
-        elif self._state is SessionState.OPEN:
-            self._progress_transport()
 
     def _progress_handshake(self) -> None:
         hs = self._hs
@@ -748,7 +751,7 @@ class Session:
         lone = lone_piece(plaintext) if self._state is _OPEN else None
         if lone is not None:
             kind, _, piece = lone
-            whole = kind is RecordKind.MESSAGE and self._decoder is None
+            whole = kind is _MESSAGE and self._decoder is None
             if whole and len(piece) > self.config.max_message_size:
                 lone = None  # the record loop refuses it
             elif whole and (spack := decode_fast(piece)) is not None:
@@ -769,7 +772,7 @@ class Session:
                 return
         if not end:
             raise ProtocolError("transport message with no records")
-        confirming = self._state is SessionState.CONFIRMING
+        confirming = self._state is _CONFIRMING
         parsed = 0
         if confirming:
             (first,), parsed = read_records(plaintext, 0, 1)
@@ -798,35 +801,41 @@ class Session:
         limit = self.config.max_message_size
         while True:
             records = incoming.records
-            if incoming.index == len(records):
-                if incoming.parsed == len(incoming.plaintext):
-                    break
+            index = incoming.index
+            while index < len(records):
                 if self._work >= _STEP:
+                    incoming.index = index
                     return False
-                batch = max((_STEP - self._work) // _RECORD_COST, 1)
-                records, incoming.parsed = read_records(incoming.plaintext, incoming.parsed, batch)
-                self._work += len(records) * _RECORD_COST
-                incoming.records = _coalesce(records)
-                incoming.index = 0
-                continue
-            if self._work >= _STEP:
-                return False
-            kind, _, body = records[incoming.index]
-            if kind is RecordKind.MESSAGE and self._decoder is None and len(body) <= limit:
-                # A whole spack in one record: decoded at once unless it must be weighed.
-                spack = decode_fast(body)
-                if spack is None:
-                    spack, incoming.offset = self._piecewise(kind, body, incoming.offset)
-                    if incoming.offset < len(body):
-                        return False
+                kind, _, body = records[index]
+                if kind is _MESSAGE and self._decoder is None and len(body) <= limit:
+                    # A whole spack in one record: decoded at once unless it must be weighed.
+                    spack = decode_fast(body)
+                    if spack is None:
+                        spack, incoming.offset = self._piecewise(kind, body, incoming.offset)
+                        if incoming.offset < len(body):
+                            incoming.index = index
+                            return False
+                        incoming.offset = 0
+                    else:
+                        self._work += len(body)
+                    if spack is not None:
+                        events.append(MessageReceived(spack))
+                elif self._record(incoming, kind, body):
+                    incoming.offset = 0
                 else:
-                    self._work += len(body)
-                if spack is not None:
-                    events.append(MessageReceived(spack))
-            elif not self._record(incoming, kind, body):
-                return False  # a piecewise decoder ran out of budget inside this body
-            incoming.index += 1
-            incoming.offset = 0
+                    incoming.index = index
+                    return False  # a piecewise decoder ran out of budget inside this body
+                index += 1
+            if incoming.parsed == len(incoming.plaintext):
+                break
+            if self._work >= _STEP:
+                incoming.index = index
+                return False
+            batch = max((_STEP - self._work) // _RECORD_COST, 1)
+            records, incoming.parsed = read_records(incoming.plaintext, incoming.parsed, batch)
+            self._work += len(records) * _RECORD_COST
+            incoming.records = _coalesce(records)
+            incoming.index = 0
         # Only now, with every record of the message processed, act on it.
         self._incoming = None
         if incoming.rekey and self._recv is not None:
@@ -843,8 +852,8 @@ class Session:
 
         :returns: whether it is done (else the budget ran out inside a spack's piece).
         """
-        if kind is RecordKind.MESSAGE or kind is RecordKind.FRAGMENT:
-            if kind is RecordKind.MESSAGE and self._decoder is None:
+        if kind is _MESSAGE or kind is _FRAGMENT:
+            if kind is _MESSAGE and self._decoder is None:
                 # A whole spack: the caller decodes it unless it is over the limit.
                 raise MessageLimitExceeded(self.config.max_message_size)
             spack, incoming.offset = self._piecewise(kind, body, incoming.offset)
@@ -887,7 +896,7 @@ class Session:
         limit = self.config.max_message_size
         decoder = self._decoder
         if decoder is None:
-            if kind is RecordKind.MESSAGE:  # a whole spack in this record: its size is known
+            if kind is _MESSAGE:  # a whole spack in this record: its size is known
                 decoder = SpackDecoder(len(body), complete=True)
             else:
                 decoder = SpackDecoder(limit, join=_JOIN)
@@ -902,7 +911,7 @@ class Session:
             done = decoder.work
             offset += decoder.feed(body[offset:] if offset else body, room // _WEIGHED_COST)
             self._work += (decoder.work - done) * _WEIGHED_COST + 1
-        if kind is RecordKind.FRAGMENT:
+        if kind is _FRAGMENT:
             return None, offset
         self._decoder = None
         self._work += decoder.joined  # decoded in one call, as a spack in one record

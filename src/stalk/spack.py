@@ -715,6 +715,7 @@ class SpackDecoder:
         "_hook",
         "_join",
         "_joined",
+        "_limits",
         "_max_depth",
         "_parts",
         "_pending",
@@ -740,8 +741,18 @@ class SpackDecoder:
         self._joined: bytearray | None = bytearray() if join else None
         #: Joined bytes that outgrew ``join``, being weighed and decoded.
         self._backlog: memoryview | None = None
-        self._weigher = Weigher(
-            max_size, complete=complete, budget=budget, cut=True, max_depth=max_depth
+        # Weighing starts with the first byte that is not joined: a spack that stays
+        # joined, the usual case, never pays for what weighing needs.
+        self._weigher: Weigher | None = None
+        self._limits = (max_size, complete, budget)
+        if not join:
+            self._start()
+
+    def _start(self) -> Weigher:
+        """Set up weighing and streaming (on the first byte not joined)."""
+        max_size, complete, budget = self._limits
+        weigher = self._weigher = Weigher(
+            max_size, complete=complete, budget=budget, cut=True, max_depth=self._max_depth
         )
         #: Values assembled from cut-out payloads, by placeholder index (dropped once used).
         self._assembled: list[object] = []
@@ -758,12 +769,14 @@ class SpackDecoder:
         self._big: tuple[int, int] | None = None
         self._parts: list[bytes | bytearray | memoryview] = []
         self._top: list[SpackValue] | None = None
+        return weigher
 
     @property
     def size(self) -> int:
         """Bytes taken so far (joined ones included, whether weighed yet or not)."""
         unweighed = self._joined if self._joined is not None else self._backlog
-        return self._weigher.size + (len(unweighed) if unweighed is not None else 0)
+        weighed = self._weigher.size if self._weigher is not None else 0
+        return weighed + (len(unweighed) if unweighed is not None else 0)
 
     @property
     def joined(self) -> int:
@@ -800,7 +813,7 @@ class SpackDecoder:
 
     def _take(self, data: bytes | bytearray | memoryview, limit: int | None) -> int:
         """Weigh and decode ``data`` (within ``limit``); return the bytes taken."""
-        weigher = self._weigher
+        weigher = self._weigher or self._start()
         taken = weigher.feed(data, limit)
         pending = self._pending
         for op in weigher.ops:
@@ -821,7 +834,8 @@ class SpackDecoder:
     @property
     def work(self) -> int:
         """Bytes weighed and decoded so far (cut-out payload bytes are only copied)."""
-        return self._weigher.size - self._weigher.cut_bytes
+        weigher = self._weigher
+        return weigher.size - weigher.cut_bytes if weigher is not None else 0
 
     def finish(self) -> Spack:
         """The encoding ended: return the spack.
@@ -835,7 +849,7 @@ class SpackDecoder:
             if spack is not None:  # within its budget: ``join`` is that small
                 return spack
             self._take(joined, None)  # at most ``join`` bytes: weighed in one go
-        self._weigher.finish()
+        (self._weigher or self._start()).finish()
         if self._unpacker is None:
             try:
                 self._top = _unpackb(self._pending, ext_hook=self._hook)
