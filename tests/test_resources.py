@@ -539,6 +539,8 @@ def test_an_over_budget_spack_is_refused_by_its_sender() -> None:
     pair = connected_pair()
     with pytest.raises(MessageTooLarge, match="would decode to more objects"):
         pair.client.queue(Spack([[] for _ in range(200_000)]))  # 64 per byte
+    with pytest.raises(MessageTooLarge, match="would decode to more objects"):
+        pair.client.queue(Spack([[] for _ in range(400_000)], bytes(64 * KiB)))  # a large tail
     floats = Spack([float(i) for i in range(200_000)])  # 3.6 per byte: within budget
     pair.client.send(floats)
     pair.pump()

@@ -30,7 +30,14 @@ from hypothesis import strategies as st
 from stalk import spack as spack_module
 from stalk import weigh as weigh_module
 from stalk.errors import MalformedSpack, MessageLimitExceeded
-from stalk.spack import Float32, Spack, SpackDecoder, decode_spack, encode_spack
+from stalk.spack import (
+    Float32,
+    Spack,
+    SpackDecoder,
+    decode_spack,
+    encode_spack,
+    encode_spack_pieces,
+)
 from stalk.weigh import MAX_WEIGHT_PER_BYTE, Weigher, weigh, within_budget
 from stalk.wire import WEIGHT_FACTOR, WEIGHT_FLOOR
 from test_spack import raw_msgpack, spack_values
@@ -291,6 +298,25 @@ def test_the_heaviest_shape_reaches_the_maximum_and_one_record_is_always_within_
     assert within_budget(65_535)
     assert MAX_WEIGHT_PER_BYTE * 65_535 <= WEIGHT_FACTOR * 65_535 + WEIGHT_FLOOR
     assert not within_budget(100_000)
+
+
+def test_a_trailing_payload_adds_less_weight_than_budget_so_only_the_rest_is_weighed() -> None:
+    """Why a sender weighs only a spack's first piece against ``within_budget``: the
+    heaviest first piece that passes, followed by a large trailing ``bytes`` (its own
+    piece), still fits the budget of the whole spack."""
+    heaviest = _chain(31)
+    values: list[Any] = []
+    while within_budget(len(encode_spack_pieces([*values, heaviest, bytes(64 * KiB)])[0])):
+        values.append(heaviest)
+    for payload in (64 * KiB, MiB):
+        pieces = encode_spack_pieces([*values, bytes(payload)])
+        assert len(pieces) == 2
+        assert within_budget(len(pieces[0]))
+        size = sum(map(len, pieces))
+        weight = weigh(b"".join(pieces))
+        assert weight <= WEIGHT_FACTOR * size + WEIGHT_FLOOR
+        if payload == 64 * KiB:  # the smallest payload given its own piece: a tight case
+            assert weight > 0.9 * (WEIGHT_FACTOR * size + WEIGHT_FLOOR)
 
 
 @pytest.mark.parametrize("lazy", [0, 16 * KiB])

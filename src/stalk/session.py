@@ -204,8 +204,15 @@ class _Sealing:
 def _check_weight(pieces: list[bytes], size: int) -> None:
     """Refuse a spack that would decode to more than its budget (SPEC "Decoded weight").
 
+    Weighs only a spack that could exceed it. One whose first piece is within budget
+    whatever its shape is not weighed: that piece is the whole spack, or all of it but a
+    large trailing ``bytes`` (see :func:`~stalk.spack.encode_spack_pieces`), whose bytes
+    weigh one each and earn ``WEIGHT_FACTOR`` each of budget.
+
     :raises ~stalk.MessageTooLarge: the receiver would refuse it.
     """
+    if within_budget(len(pieces[0])):
+        return
     weigher = Weigher(size)
     try:
         for piece in pieces:
@@ -971,8 +978,7 @@ class Session:
             raise MessageTooLarge(
                 f"spack of {size} bytes exceeds the peer's limit of {limit} bytes"
             )
-        if not within_budget(size):
-            _check_weight(pieces, size)
+        _check_weight(pieces, size)
         if len(pieces) == 1:
             self._writer.add_message(pieces[0])
         else:
