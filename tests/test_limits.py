@@ -38,6 +38,7 @@ from stalk.errors import (
     MessageLimitExceeded,
     MessageTooLarge,
     PeerRefused,
+    ProtocolError,
     StalkError,
 )
 from stalk.events import NEED_DATA, CloseReceived, HandshakeComplete
@@ -354,6 +355,59 @@ async def test_an_oversized_spack_is_cut_off_at_the_limit(
     assert peak < LIMIT + 2 * MiB
     assert sent < FLOOD_FRAGMENTS * FRAGMENT  # the flood was stopped
     assert close_code in (None, CloseCode.MESSAGE_TOO_LARGE)
+
+
+async def test_a_peer_still_sending_after_our_error_close_reads_it(anyio_backend: str) -> None:
+    """A peer breaks the protocol, then goes on sending megabytes; it reads too, from a
+    moment after the CLOSE arrives.
+
+    Closing with its bytes unread would make TCP reset the connection, and a reset can
+    destroy the CLOSE before the peer reads it (asyncio drops unread data on a failed
+    write: without lingering this fails there). The receiver lingers instead: it stops
+    writing and discards what still comes (at most 1 MiB), so the peer reads why:
+    PROTOCOL_ERROR. Then, the peer not closing, it closes after a second.
+    """
+    errors: list[float] = []
+
+    async def sink(conn: Connection) -> None:
+        try:
+            async for _ in conn:
+                pass
+        except ProtocolError:
+            errors.append(time.monotonic())
+
+    codes: list[int] = []
+    read_at: list[float] = []
+    async with serving(sink) as (listener, server_id):
+        stream, session = await raw_session(listener.address, server_id.public)
+
+        async def read_close() -> None:
+            await anyio.sleep(0.3)  # busy elsewhere when the CLOSE arrives
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                while not codes:
+                    session.receive_data(await stream.receive())
+                    while (event := session.next_event()) is not NEED_DATA:
+                        if isinstance(event, CloseReceived):
+                            codes.append(event.code)
+                            read_at.append(time.monotonic())
+                            break
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_close)
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    session._writer.add(RecordKind.MESSAGE, b"\xc1")  # never valid msgpack
+                    for _ in range(64):  # then 3.8 MiB more, as if a large send went on
+                        session.flush()
+                        await stream.send(bytes(session.data_to_send()))
+                        session._writer.add(RecordKind.FRAGMENT, bytes(60_000))
+            while not errors:
+                await anyio.sleep(0.01)
+        await stream.aclose()
+    assert codes == [CloseCode.PROTOCOL_ERROR]
+    lingered = errors[0] - read_at[0]
+    print(f"\nlinger/{anyio_backend}: the peer read CLOSE, the receiver closed {lingered:.2f} s on")
+    assert 0.3 < lingered < 3
 
 
 # -- backpressure ----------------------------------------------------------------------------------

@@ -99,6 +99,10 @@ logger = logging.getLogger("stalk")
 
 #: receive() lets other tasks run after this many spacks returned without waiting.
 _YIELD_EVERY = 512
+#: After our error CLOSE, the most we read and discard, and for how long, waiting for the
+#: peer to close too (SPEC "Resource model"): see :meth:`Connection._linger`.
+_LINGER_BYTES = 1024 * 1024
+_LINGER_SECONDS = 1.0
 
 #: ``authorize(peer) -> bool`` (or a coroutine function): may this peer connect?
 Authorize: TypeAlias = Callable[[PublicIdentity], "bool | Awaitable[bool]"]
@@ -577,8 +581,7 @@ class Connection(ObjectStream[Spack]):
                 try:
                     event = self._session.next_event()
                 except StalkError as exc:
-                    await self._write_best_effort()
-                    raise await self._fail(exc) from None
+                    raise await self._fail(exc, close=True) from None
                 if self._session.has_output:
                     await self._write_pong()
                 if type(event) is MessageReceived:
@@ -640,14 +643,48 @@ class Connection(ObjectStream[Spack]):
         exc.peer_address = self._address
         return exc
 
-    async def _fail(self, exc: StalkError) -> StalkError:
-        """Mark the connection broken by ``exc``, close the transport, return ``exc``."""
+    async def _fail(self, exc: StalkError, *, close: bool = False) -> StalkError:
+        """Mark the connection broken by ``exc``, close the transport, return ``exc``.
+
+        :param close: the session failed and queued an error CLOSE: write it first (if no
+            other task is writing), and give the peer time to read it (:meth:`_linger`).
+        """
         self._tag(exc)
         if self._broken is None and not self._closed:
-            self._broken = exc
+            self._broken = exc  # from here on no other task starts a write
             logger.debug("connection to %s failed: %s", self._address, exc)
-        await self._abort()
+        try:
+            if close and not self._send_lock.locked():
+                async with self._send_lock:
+                    with contextlib.suppress(StalkError):
+                        with anyio.move_on_after(self._config.close_timeout, shield=True):
+                            await self._write_pending()
+                        await self._linger()
+        finally:
+            await self._abort()
         return exc
+
+    async def _linger(self) -> None:
+        """After our error CLOSE: stop writing, and give the peer time to read it.
+
+        Closing a socket with unread bytes makes TCP reset the connection, and the reset can
+        destroy our CLOSE before the peer reads it: a peer in the middle of a large send
+        would see a cut connection instead of why (HTTP servers linger for the same
+        reason). So for ``_LINGER_SECONDS`` at most, or until the peer closes too, we read
+        and discard what it still sends, up to ``_LINGER_BYTES``; past that, TCP's flow
+        control holds the peer until the time is up. Callers hold ``_send_lock``.
+        """
+        with (
+            anyio.move_on_after(min(_LINGER_SECONDS, self._config.close_timeout)),
+            contextlib.suppress(
+                anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+            ),
+        ):
+            await self._transport.send_eof()
+            left = _LINGER_BYTES
+            while left > 0:
+                left -= len(await self._transport.receive(min(left, self._config.read_size)))
+            await anyio.sleep_forever()
 
     # -- handler-driven use ---------------------------------------------------------------
 
