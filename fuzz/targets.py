@@ -652,13 +652,54 @@ class Expected:
     rekeys: list[bool] = field(default_factory=list)
 
 
+class _Pieces:
+    """The pieces so far of a spack in pieces, checked as the receiver checks them.
+
+    A fragmented spack is refused at the first piece after which it can never be valid
+    (SPEC "Messages, batching and fragmentation"): stalk's own piecewise decoder, itself
+    checked against the one-shot decoder (tests/test_weigh.py), says when that is. Pieces
+    that total at most JOIN bytes are joined first and only checked at the end.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.fragments: list[bytes] = []
+        self.prefix: SpackDecoder | None = None
+
+    def failure(self, body: bytes) -> int | None:
+        """The close code if a piece of this size takes the spack over the limit."""
+        over = sum(map(len, self.fragments)) + len(body) > self.limit
+        return MESSAGE_TOO_LARGE if over else None
+
+    def fragment(self, body: bytes) -> int | None:
+        """Take a FRAGMENT; the close code if the spack can never be valid."""
+        self.fragments.append(body)
+        try:
+            if self.prefix is not None:
+                self.prefix.feed(body)
+            elif sum(map(len, self.fragments)) > JOIN:
+                self.prefix = SpackDecoder(self.limit)
+                self.prefix.feed(b"".join(self.fragments))
+        except MalformedSpack:
+            return PROTOCOL_ERROR
+        except MessageLimitExceeded:
+            return MESSAGE_TOO_LARGE
+        return None
+
+    def message(self, body: bytes) -> Spack | int:
+        """Take the final MESSAGE: the spack, or the close code."""
+        whole = b"".join([*self.fragments, body])
+        self.fragments = []
+        self.prefix = None
+        try:
+            return decode_spack(whole)
+        except MalformedSpack:
+            return PROTOCOL_ERROR
+
+
 def model(plaintexts: list[bytes], limit: int) -> Expected:
     expected = Expected()
-    fragments: list[bytes] = []
-    # A fragmented spack is refused at the first piece after which it can never be valid
-    # (SPEC "Messages, batching and fragmentation"): stalk's own piecewise decoder, itself
-    # checked against the one-shot decoder (tests/test_weigh.py), says when that is.
-    prefix = SpackDecoder(limit, join=JOIN)
+    pieces = _Pieces(limit)
     for plaintext in plaintexts:
         if expected.closed:  # bytes after the CLOSE message are never read
             return expected
@@ -671,30 +712,21 @@ def model(plaintexts: list[bytes], limit: int) -> Expected:
         for record in records:
             failure = None
             if record.kind in (MESSAGE, FRAGMENT):
-                if sum(map(len, fragments)) + len(record.body) > limit:
-                    failure = MESSAGE_TOO_LARGE
-                elif record.kind == FRAGMENT:
-                    fragments.append(record.body)
-                    try:
-                        prefix.feed(record.body)
-                    except MalformedSpack:
-                        failure = PROTOCOL_ERROR
-                    except MessageLimitExceeded:
-                        failure = MESSAGE_TOO_LARGE
-                else:
-                    whole = b"".join([*fragments, record.body])
-                    fragments = []
-                    prefix = SpackDecoder(limit, join=JOIN)
-                    try:
-                        events.append(("message", decode_spack(whole)))
-                    except MalformedSpack:
-                        failure = PROTOCOL_ERROR
+                failure = pieces.failure(record.body)
+                if failure is None and record.kind == FRAGMENT:
+                    failure = pieces.fragment(record.body)
+                elif failure is None:
+                    spack = pieces.message(record.body)
+                    if isinstance(spack, Spack):
+                        events.append(("message", spack))
+                    else:
+                        failure = spack
             elif record.kind == PING:
                 pongs.append(record.body)
             elif record.kind == PONG:
                 pass  # unsolicited (this receiver sent no PING): discarded
             elif record.kind == CLOSE:
-                if fragments:
+                if pieces.fragments:
                     failure = PROTOCOL_ERROR
                 else:
                     (code,) = struct.unpack(">H", record.body[:2])

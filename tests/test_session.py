@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import connected_pair, drain, make_pair
+from stalk import session as session_module
 from stalk.errors import (
     ConnectionClosed,
     ConnectionLost,
@@ -720,3 +721,47 @@ def test_a_lone_piece_is_received_as_the_record_loop_receives_it(
             kind = last if index == len(pieces) - 1 else RecordKind.FRAGMENT
             plaintexts.append(bytes((kind, 0)) + encode_uvarint(len(body)) + body)
     assert _outcome(plaintexts, padded=False) == _outcome(plaintexts, padded=True)
+
+
+def _joined_outcome(plaintexts: Sequence[bytes], join: int) -> tuple[list[object], bool]:
+    """What a receiver joining pieces up to ``join`` bytes makes of ``plaintexts``: the
+    events, and whether it failed (a never-valid spack may be refused with another code
+    at its end than at its first piece)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(session_module, "_JOIN", join)
+        events, error = _outcome(plaintexts, padded=False)
+    return events, error is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(
+            _spack_encodings | st.binary(max_size=40),
+            st.lists(st.integers(0, 5000), max_size=3),
+            st.booleans(),
+        ),
+        max_size=4,
+    ),
+    join=st.sampled_from([1, 100, 3000]),
+)
+def test_joined_pieces_are_received_as_pieces_weighed_as_they_arrive(
+    messages: list[tuple[bytes, list[int], bool]], join: int
+) -> None:
+    """Differential: the pieces of a small spack are joined and decoded at its end as one
+    record; weighed as they arrive instead, the receiver delivers exactly the same spacks.
+    Each message (a spack encoding or any bytes) is cut into pieces, in one Noise message
+    or one per piece."""
+    plaintexts = []
+    for data, cuts, together in messages:
+        points = sorted({min(cut, len(data)) for cut in cuts})
+        pieces = [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
+        records = [
+            bytes((RecordKind.MESSAGE if index == len(pieces) - 1 else RecordKind.FRAGMENT, 0))
+            + encode_uvarint(len(body))
+            + body
+            for index, body in enumerate(pieces)
+        ]
+        plaintexts += [b"".join(records)] if together else records
+    assert _joined_outcome(plaintexts, 0) == _joined_outcome(plaintexts, join)
+    assert _joined_outcome(plaintexts, 0) == _joined_outcome(plaintexts, session_module._JOIN)

@@ -64,10 +64,9 @@ def reference(data: bytes) -> tuple[str, Any]:
     return "ok", top
 
 
-def piecewise(data: bytes, cuts: list[int], limits: list[int], join: int = 0) -> tuple[str, Any]:
-    """Decode ``data`` cut at ``cuts``, each piece fed under work limits (cycled), pieces
-    joined up to ``join`` bytes before any weighing."""
-    decoder = SpackDecoder(len(data), budget=False, complete=True, join=join)
+def piecewise(data: bytes, cuts: list[int], limits: list[int]) -> tuple[str, Any]:
+    """Decode ``data`` cut at ``cuts``, each piece fed under work limits (cycled)."""
+    decoder = SpackDecoder(len(data), budget=False, complete=True)
     points = sorted({min(cut, len(data)) for cut in cuts})
     limit = itertools.cycle(limits or [0])
     try:
@@ -108,9 +107,9 @@ def cut_at(size: int, lazy: int = spack_module._LAZY) -> Iterator[None]:
         yield
 
 
-def check(data: bytes, cuts: list[int], limits: list[int], join: int = 0) -> None:
+def check(data: bytes, cuts: list[int], limits: list[int]) -> None:
     expected = reference(data)
-    got = piecewise(data, cuts, limits, join)
+    got = piecewise(data, cuts, limits)
     try:
         whole: tuple[str, Any] = "ok", list(decode_spack(data))
     except MalformedSpack:
@@ -124,38 +123,34 @@ def check(data: bytes, cuts: list[int], limits: list[int], join: int = 0) -> Non
 cuts = st.lists(st.integers(0, 300), max_size=4)
 limits = st.lists(st.integers(0, 40), max_size=3)
 big = st.sampled_from([1, 2, 5, 64 * KiB])
-#: The decoder's two shortcuts, each on and off: (lazy, join) of :func:`cut_at` and
-#: :func:`piecewise` (normally 16 KiB, and 20,000 bytes for the pieces of a spack).
-decoders = st.tuples(st.sampled_from([0, 16 * KiB]), st.sampled_from([0, 5, 64, 20_000]))
+lazy = st.sampled_from([0, 16 * KiB])
 
 
 @_SETTINGS
-@given(
-    values=st.lists(spack_values, max_size=5), cuts=cuts, limits=limits, big=big, decoder=decoders
-)
+@given(values=st.lists(spack_values, max_size=5), cuts=cuts, limits=limits, big=big, lazy=lazy)
 def test_valid_spacks_decode_piecewise_as_at_once(
-    values: list[Any], cuts: list[int], limits: list[int], big: int, decoder: tuple[int, int]
+    values: list[Any], cuts: list[int], limits: list[int], big: int, lazy: int
 ) -> None:
-    with cut_at(big, decoder[0]):
-        check(encode_spack(values), cuts, limits, decoder[1])
+    with cut_at(big, lazy):
+        check(encode_spack(values), cuts, limits)
 
 
 @_SETTINGS
-@given(value=raw_msgpack, cuts=cuts, limits=limits, big=big, decoder=decoders)
+@given(value=raw_msgpack, cuts=cuts, limits=limits, big=big, lazy=lazy)
 def test_raw_msgpack_decodes_piecewise_as_at_once(
-    value: Any, cuts: list[int], limits: list[int], big: int, decoder: tuple[int, int]
+    value: Any, cuts: list[int], limits: list[int], big: int, lazy: int
 ) -> None:
-    with cut_at(big, decoder[0]):
-        check(msgpack.packb(value, use_bin_type=True), cuts, limits, decoder[1])
+    with cut_at(big, lazy):
+        check(msgpack.packb(value, use_bin_type=True), cuts, limits)
 
 
 @_SETTINGS
-@given(data=st.binary(max_size=80), cuts=cuts, limits=limits, big=big, decoder=decoders)
+@given(data=st.binary(max_size=80), cuts=cuts, limits=limits, big=big, lazy=lazy)
 def test_any_bytes_decode_piecewise_as_at_once(
-    data: bytes, cuts: list[int], limits: list[int], big: int, decoder: tuple[int, int]
+    data: bytes, cuts: list[int], limits: list[int], big: int, lazy: int
 ) -> None:
-    with cut_at(big, decoder[0]):
-        check(data, cuts, limits, decoder[1])
+    with cut_at(big, lazy):
+        check(data, cuts, limits)
 
 
 @_SETTINGS
@@ -166,7 +161,7 @@ def test_any_bytes_decode_piecewise_as_at_once(
     cuts=cuts,
     limits=limits,
     big=big,
-    decoder=decoders,
+    lazy=lazy,
 )
 def test_mutated_spacks_decode_piecewise_as_at_once(
     values: list[Any],
@@ -175,12 +170,12 @@ def test_mutated_spacks_decode_piecewise_as_at_once(
     cuts: list[int],
     limits: list[int],
     big: int,
-    decoder: tuple[int, int],
+    lazy: int,
 ) -> None:
     data = bytearray(encode_spack(values))
     data[where % len(data)] = byte
-    with cut_at(big, decoder[0]):
-        check(bytes(data), cuts, limits, decoder[1])
+    with cut_at(big, lazy):
+        check(bytes(data), cuts, limits)
 
 
 @contextmanager
@@ -346,22 +341,6 @@ def test_a_decoded_spack_is_freed_when_dropped_without_the_cycle_collector(lazy:
         tracemalloc.stop()
         gc.enable()
     assert released > MiB + 100 * KiB, released
-
-
-def test_joined_bytes_count_in_the_size_until_they_are_weighed() -> None:
-    """Pieces that outgrow ``join`` are weighed a step at a time; meanwhile the bytes
-    taken (what the size limit is checked against) still count all of them."""
-    data = encode_spack([list(range(3000)), b"z" * 30_000])
-    decoder = SpackDecoder(len(data), join=20_000)
-    assert decoder.feed(data[:15_000]) == 15_000
-    assert decoder.size == decoder.joined == 15_000
-    rest = memoryview(data)[15_000:]
-    while rest:
-        taken = decoder.feed(rest, 10)  # a few values per call: the joined bytes first
-        assert decoder.size == len(data) - len(rest) + taken
-        assert not decoder.joined
-        rest = rest[taken:]
-    assert list(decoder.finish()) == [list(range(3000)), b"z" * 30_000]
 
 
 # -- claims and budget: refused before anything is built -------------------------------------

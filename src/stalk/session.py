@@ -129,11 +129,11 @@ _OUTPUT_BYTES = _OUTPUT_CHUNK * 65_537
 _STEP: Final = 120_000
 _RECORD_COST: Final = 32
 _WEIGHED_COST: Final = 6
-#: A spack in pieces is joined while its pieces total at most this, and decoded at its end
-#: in one call like a spack in one record; only a larger one is weighed as it arrives.
-#: Small spacks come in pieces when they straddle two Noise messages, and weighing costs
-#: several times decoding; at this size even the weighing a dense one needs fits one step.
-_JOIN: Final = _STEP // _WEIGHED_COST
+#: A spack in pieces is joined (copied) while its pieces total at most what one record can
+#: carry, and decoded at its end exactly as a spack in one record is; only a larger one is
+#: weighed as it arrives. Small spacks come in pieces whenever they straddle two Noise
+#: messages, and weighing as they arrive costs several times decoding them whole.
+_JOIN: Final = RECORD_CAPACITY
 #: Answers owed to the peer (PONGs not yet taken by the driver) beyond which the session
 #: reads no more input (PAUSED) until the driver takes its output: one Noise message.
 _OWED_LIMIT: Final = RECORD_CAPACITY
@@ -318,6 +318,7 @@ class Session:
         "_in",
         "_in_pos",
         "_incoming",
+        "_joined",
         "_more",
         "_out",
         "_pattern",
@@ -387,6 +388,8 @@ class Session:
         self._control = RecordWriter()
         # The spack being decoded piecewise (fragmented, or weighed first), if any.
         self._decoder: SpackDecoder | None = None
+        #: The pieces so far of a spack being joined (see :data:`_JOIN`).
+        self._joined: bytearray | None = None
         self._incoming: _Incoming | None = None
         self._work = 0  # receive work done in the current next_event() call
         self._paused = False
@@ -758,11 +761,18 @@ class Session:
         lone = lone_piece(plaintext) if self._state is _OPEN else None
         if lone is not None:
             kind, _, piece = lone
+            if self._decoder is None and (kind is _FRAGMENT or self._joined is not None):
+                joined = self._join(kind, piece)
+                if joined is None:
+                    self._work += _RECORD_COST
+                    return
+                lone = Record(kind, 0, joined)
+                piece = joined
             whole = kind is _MESSAGE and self._decoder is None
             if whole and len(piece) > self.config.max_message_size:
                 lone = None  # the record loop refuses it
             elif whole and (spack := decode_fast(piece)) is not None:
-                self._work += end + _RECORD_COST
+                self._work += len(piece) + _RECORD_COST
                 self._events.append(MessageReceived(spack))
                 return
             else:  # a piece, or a whole spack for the weigher
@@ -814,6 +824,15 @@ class Session:
                     incoming.index = index
                     return False
                 kind, _, body = records[index]
+                if self._decoder is None and (
+                    kind is _FRAGMENT or (kind is _MESSAGE and self._joined is not None)
+                ):
+                    joined = self._join(kind, body)
+                    if joined is None:
+                        index += 1
+                        continue
+                    body = joined
+                    records[index] = Record(kind, 0, body)  # where a resumed step finds it
                 if kind is _MESSAGE and self._decoder is None and len(body) <= limit:
                     # A whole spack in one record: decoded at once unless it must be weighed.
                     spack = decode_fast(body)
@@ -843,7 +862,11 @@ class Session:
             self._work += len(records) * _RECORD_COST
             incoming.records = _coalesce(records)
             incoming.index = 0
-        # Only now, with every record of the message processed, act on it.
+        self._finish_incoming(incoming)
+        return True
+
+    def _finish_incoming(self, incoming: _Incoming) -> None:
+        """Act on a transport message whose every record is processed (and only then)."""
         self._incoming = None
         if incoming.rekey and self._recv is not None:
             self._recv.rekey()
@@ -851,8 +874,7 @@ class Session:
             self._control.extend(incoming.pongs)
         if incoming.confirming:
             self._open()
-        self._events.extend(events)
-        return True
+        self._events.extend(incoming.events)
 
     def _record(self, incoming: _Incoming, kind: RecordKind, body: memoryview) -> bool:
         """Act on one record other than a whole spack decoded at once.
@@ -880,7 +902,7 @@ class Session:
         elif kind is RecordKind.REKEY:
             incoming.rekey = True
         elif kind is RecordKind.CLOSE:
-            if self._decoder is not None:
+            if self._decoder is not None or self._joined is not None:
                 raise ProtocolError("CLOSE in the middle of a fragmented message")
             code, reason = decode_close(body)
             self._close_received = CloseReceived(code, reason)
@@ -888,6 +910,30 @@ class Session:
         else:  # READY after confirmation
             raise ProtocolError(f"unexpected {kind.name} record")
         return True
+
+    def _join(self, kind: RecordKind, piece: memoryview) -> memoryview | None:
+        """Join one piece of a spack that may still fit :data:`_JOIN` bytes in all.
+
+        :returns: ``None`` while joining; else the body to decode now, with the bytes
+            joined so far in front (a spack that ended, or outgrew joining: it is then
+            weighed from its first byte).
+        :raises ~stalk.MessageLimitExceeded: the pieces total more than our limit.
+        """
+        joined = self._joined
+        total = len(piece) if joined is None else len(joined) + len(piece)
+        if total > self.config.max_message_size:
+            raise MessageLimitExceeded(self.config.max_message_size)
+        if kind is _FRAGMENT and total <= _JOIN:
+            if joined is None:
+                self._joined = bytearray(piece)
+            else:
+                joined += piece
+            return None
+        if joined is None:
+            return piece
+        self._joined = None
+        joined += piece
+        return memoryview(joined)
 
     def _piecewise(
         self, kind: RecordKind, body: memoryview, offset: int
@@ -906,7 +952,7 @@ class Session:
             if kind is _MESSAGE:  # a whole spack in this record: its size is known
                 decoder = SpackDecoder(len(body), complete=True)
             else:
-                decoder = SpackDecoder(limit, join=_JOIN)
+                decoder = SpackDecoder(limit)
             self._decoder = decoder
         if not offset and decoder.size + len(body) > limit:
             # The running total of the pieces, checked before any of this one is taken.
@@ -921,7 +967,6 @@ class Session:
         if kind is _FRAGMENT:
             return None, offset
         self._decoder = None
-        self._work += decoder.joined  # decoded in one call, as a spack in one record
         return decoder.finish(), offset
 
     def _fail(self, exc: StalkError) -> None:
@@ -930,6 +975,7 @@ class Session:
         self._events.clear()
         self._incoming = None
         self._decoder = None
+        self._joined = None
         if (
             self._send is None
             or self._close_sent

@@ -61,7 +61,7 @@ from typing import Any, Final, TypeAlias, overload
 import msgpack
 
 from stalk.errors import InvalidSpackValue, MalformedSpack
-from stalk.weigh import BIG_PART, BIG_START, KIND_BIN, KIND_STR, PASS, Weigher, within_budget
+from stalk.weigh import BIG_PART, BIG_START, KIND_BIN, KIND_STR, PASS, Weigher
 from stalk.wire import (
     EXT_ARRAY_FLOAT32,
     EXT_ARRAY_FLOAT64,
@@ -692,31 +692,18 @@ class SpackDecoder:
     the pieces into their value (one copy); a piece is kept as a view only while it fills
     most of the buffer it came in, else copied (see :data:`_VIEW_SHARE`).
 
-    With ``join``, a small spack skips all that: its pieces are joined (copied) while
-    their total stays within ``join`` bytes, and decoded in one call at the end, as a
-    spack in one record is (:func:`decode_fast`). Only a spack that outgrows ``join``
-    is weighed, from its first byte. A small spack arrives in pieces whenever it
-    straddles two Noise messages, and weighing it costs several times decoding it.
-
     :param max_size: the most bytes the encoding may have.
     :param budget: refuse a spack whose decoded weight exceeds its budget.
     :param complete: the caller feeds the whole encoding (a claim beyond ``max_size`` is
         a truncation, not an oversized message).
     :param max_depth: the deepest container allowed (at most :data:`MAX_DEPTH`).
-    :param join: join pieces up to this many bytes before weighing (0: weigh at once).
-        Checking what the joined bytes claim waits until they outgrow it or end.
     """
 
     __slots__ = (
         "_assembled",
-        "_backlog",
         "_big",
         "_buffer_size",
         "_hook",
-        "_join",
-        "_joined",
-        "_limits",
-        "_max_depth",
         "_parts",
         "_pending",
         "_top",
@@ -731,28 +718,9 @@ class SpackDecoder:
         budget: bool = True,
         complete: bool = False,
         max_depth: int = MAX_DEPTH,
-        join: int = 0,
     ) -> None:
-        if not within_budget(join):
-            raise ValueError("join beyond the size every spack's budget admits")
-        self._join = join
-        self._max_depth = max_depth
-        #: The pieces joined so far, until they outgrow ``join`` (then ``None``).
-        self._joined: bytearray | None = bytearray() if join else None
-        #: Joined bytes that outgrew ``join``, being weighed and decoded.
-        self._backlog: memoryview | None = None
-        # Weighing starts with the first byte that is not joined: a spack that stays
-        # joined, the usual case, never pays for what weighing needs.
-        self._weigher: Weigher | None = None
-        self._limits = (max_size, complete, budget)
-        if not join:
-            self._start()
-
-    def _start(self) -> Weigher:
-        """Set up weighing and streaming (on the first byte not joined)."""
-        max_size, complete, budget = self._limits
-        weigher = self._weigher = Weigher(
-            max_size, complete=complete, budget=budget, cut=True, max_depth=self._max_depth
+        self._weigher = Weigher(
+            max_size, complete=complete, budget=budget, cut=True, max_depth=max_depth
         )
         #: Values assembled from cut-out payloads, by placeholder index (dropped once used).
         self._assembled: list[object] = []
@@ -769,51 +737,30 @@ class SpackDecoder:
         self._big: tuple[int, int] | None = None
         self._parts: list[bytes | bytearray | memoryview] = []
         self._top: list[SpackValue] | None = None
-        return weigher
 
     @property
     def size(self) -> int:
-        """Bytes taken so far (joined ones included, whether weighed yet or not)."""
-        unweighed = self._joined if self._joined is not None else self._backlog
-        weighed = self._weigher.size if self._weigher is not None else 0
-        return weighed + (len(unweighed) if unweighed is not None else 0)
+        """Bytes taken so far."""
+        return self._weigher.size
 
     @property
-    def joined(self) -> int:
-        """Bytes joined and not yet decoded: :meth:`finish` decodes them in one call."""
-        joined = self._joined
-        return len(joined) if joined is not None else 0
+    def work(self) -> int:
+        """Bytes weighed and decoded so far (cut-out payload bytes are only copied)."""
+        weigher = self._weigher
+        return weigher.size - weigher.cut_bytes
 
     def feed(self, data: bytes | bytearray | memoryview, limit: int | None = None) -> int:
-        """Take the next piece of the encoding (join it, or weigh and decode it).
+        """Weigh and decode the next piece of the encoding.
 
         :returns: the bytes of ``data`` taken.
         :param limit: weigh and decode about this many bytes of values at most (cut-out
             payload bytes do not count), stopping at a value boundary; the caller feeds
-            the rest of the piece later. Bounds the work of one call. A call that works
-            through joined bytes instead takes none of ``data``.
+            the rest of the piece later. Bounds the work of one call.
         :raises MalformedSpack: the bytes can never be a valid spack.
         :raises ~stalk.MessageLimitExceeded: the spack is certain to exceed ``max_size``
             or its decoded-weight budget.
         """
-        joined = self._joined
-        if joined is not None:
-            if len(joined) + len(data) <= self._join:
-                joined += data
-                return len(data)
-            # Outgrown: what was joined is weighed first, like any piece.
-            self._joined = None
-            self._backlog = memoryview(joined) if joined else None
-        backlog = self._backlog
-        if backlog is not None:
-            taken = self._take(backlog, limit)
-            self._backlog = backlog[taken:] if taken < len(backlog) else None
-            return 0
-        return self._take(data, limit)
-
-    def _take(self, data: bytes | bytearray | memoryview, limit: int | None) -> int:
-        """Weigh and decode ``data`` (within ``limit``); return the bytes taken."""
-        weigher = self._weigher or self._start()
+        weigher = self._weigher
         taken = weigher.feed(data, limit)
         pending = self._pending
         for op in weigher.ops:
@@ -831,25 +778,12 @@ class SpackDecoder:
             self._stream()
         return taken
 
-    @property
-    def work(self) -> int:
-        """Bytes weighed and decoded so far (cut-out payload bytes are only copied)."""
-        weigher = self._weigher
-        return weigher.size - weigher.cut_bytes if weigher is not None else 0
-
     def finish(self) -> Spack:
         """The encoding ended: return the spack.
 
         :raises MalformedSpack: the encoding is truncated or otherwise invalid.
         """
-        joined = self._joined
-        if joined is not None:
-            self._joined = None
-            spack = decode_fast(joined, max_depth=self._max_depth)
-            if spack is not None:  # within its budget: ``join`` is that small
-                return spack
-            self._take(joined, None)  # at most ``join`` bytes: weighed in one go
-        (self._weigher or self._start()).finish()
+        self._weigher.finish()
         if self._unpacker is None:
             try:
                 self._top = _unpackb(self._pending, ext_hook=self._hook)

@@ -567,13 +567,15 @@ CASES: list[Case] = [
         "fragments",
         "client",
         "claim_beyond_limit_in_first_fragment",
-        f"a first FRAGMENT of 30,000 bytes whose bin header claims more than the "
-        f"{MAX_MESSAGE}-byte limit: refused at that piece, before anything more arrives",
+        f"FRAGMENTs of 60,000 and 10,000 bytes whose bin header claims more than the "
+        f"{MAX_MESSAGE}-byte limit: refused at the piece that takes the spack past what "
+        "one record holds (until then it is joined), before anything more arrives",
         broken(MessageLimitExceeded, CloseCode.MESSAGE_TOO_LARGE),
         play(
             after_handshake,
-            build=lambda t: t.seal(
-                rec(F, b"\x91\xc6" + (MAX_MESSAGE).to_bytes(4, "big") + bytes(30_000))
+            build=lambda t: (
+                t.seal(rec(F, b"\x91\xc6" + (MAX_MESSAGE).to_bytes(4, "big") + bytes(60_000)))
+                + t.seal(rec(F, bytes(10_000)))
             ),
             eof=False,
         ),
@@ -591,12 +593,16 @@ CASES: list[Case] = [
         "fragments",
         "client",
         "never_valid_first_fragment",
-        "a first FRAGMENT of 30,000 bytes that can never begin a spack (a top-level map): "
-        "refused at that piece, not at the final MESSAGE",
+        "FRAGMENTs of 60,000 and 10,000 bytes that can never begin a spack (a top-level "
+        "map): refused at the piece that takes the spack past what one record holds, not "
+        "at the final MESSAGE",
         broken(MalformedSpack),
         play(
             after_handshake,
-            build=lambda t: t.seal(rec(F, b"\x81\xa1k\xc5\x75\x30" + bytes(30_000))),
+            build=lambda t: (
+                t.seal(rec(F, b"\x81\xa1k\xc6\x00\x01\x11\x70" + bytes(60_000)))
+                + t.seal(rec(F, bytes(10_000)))
+            ),
             eof=False,
         ),
     ),
@@ -605,8 +611,8 @@ CASES: list[Case] = [
         "client",
         "never_valid_small_fragments",
         "a spack of 3 bytes in two pieces that can never be a spack (a top-level map): "
-        "joined, and refused at its final MESSAGE (pieces totalling at most 20,000 bytes are "
-        "checked as a whole)",
+        "joined, and refused at its final MESSAGE (pieces totalling at most what one record "
+        "holds are checked as a whole)",
         broken(MalformedSpack),
         play(
             after_handshake,
