@@ -3,7 +3,8 @@
 - Differential: for any bytes (valid spacks, raw msgpack, mutations, noise), cut into any
   pieces and fed with any work limits, :class:`~stalk.spack.SpackDecoder` accepts exactly
   what the one-shot decoder accepts and builds equal values; so does every fast path of
-  the weigher (runs of like values, small flat containers) against the general one.
+  the weigher (runs of like values, small flat containers, the head of a large spack)
+  against the general one.
 - The weight is an upper bound on what decoding really allocates, measured with
   tracemalloc, and no shape weighs more than ``MAX_WEIGHT_PER_BYTE``: every spack that fits
   in one record is within its budget.
@@ -180,10 +181,12 @@ def test_mutated_spacks_decode_piecewise_as_at_once(
 
 @contextmanager
 def general_path_only() -> Iterator[None]:
-    """No runs of like values, no frameless small containers: one item at a time."""
+    """No runs of like values, no frameless small containers, no weighing the head of a
+    large spack at once: one item at a time."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(weigh_module, "_RUN_MIN", 1 << 60)
         patch.setattr(weigh_module, "_flat", lambda *_: None)
+        patch.setattr(Weigher, "_head", lambda *_: False)
         yield
 
 
@@ -218,6 +221,49 @@ def test_fast_paths_weigh_as_the_general_path(value: Any, cuts: list[int]) -> No
     fast = outcome()
     with general_path_only():
         assert outcome() == fast
+
+
+def _weigh_with_ops(data: bytes, cuts: list[int]) -> list[Any]:
+    """Everything a cutting weigher says about ``data`` cut at ``cuts``, piece by piece."""
+    points = sorted({min(cut, len(data)) for cut in cuts})
+    weigher = Weigher(len(data), budget=False, cut=True)
+    said: list[Any] = []
+    try:
+        for start, end in itertools.pairwise([0, *points, len(data)]):
+            said.append(weigher.feed(memoryview(data)[start:end]))
+            said.append(
+                [
+                    tuple(bytes(x) if isinstance(x, memoryview) else x for x in op)
+                    for op in weigher.ops
+                ]
+            )
+            said.append((weigher.weight, weigher.size, weigher.cut_bytes))
+            weigher.ops.clear()
+        weigher.finish()
+    except MalformedSpack as exc:
+        said.append(str(exc))
+    return said
+
+
+@_SETTINGS
+@given(
+    values=st.lists(
+        st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.binary(max_size=8) | st.just([])
+    ),
+    payload=st.binary(min_size=1, max_size=60) | st.text(min_size=1, max_size=60),
+    cuts=st.lists(st.integers(1, 80), max_size=3),
+    big=st.sampled_from([1, 5, 20]),
+)
+def test_the_head_of_a_large_spack_weighs_as_the_general_path(
+    values: list[Any], payload: bytes | str, cuts: list[int], big: int
+) -> None:
+    """A first piece that is a small array ending in the start of a large payload is
+    weighed at once: same weight, size and ops as one item at a time."""
+    data = encode_spack([*values, payload])
+    with cut_at(big):
+        fast = _weigh_with_ops(data, cuts)
+        with general_path_only():
+            assert _weigh_with_ops(data, cuts) == fast
 
 
 # -- the weight bounds what decoding allocates -------------------------------------------------

@@ -371,6 +371,10 @@ class Weigher:
             self._offset = base + end
             self.ops.append((BIG_PART, view))
             return end
+        if not base and end and self._cut and self._head(view, end):
+            self._offset = end
+            self._check(end)
+            return end
         pos = 0
         if self._skip:
             pos = self._take_payload(view, 0, end, base)
@@ -384,6 +388,44 @@ class Weigher:
         self._offset = base + pos
         self._check(base + pos)
         return pos
+
+    def _head(self, view: memoryview, end: int) -> bool:
+        """Weigh the usual first piece of a large spack at once, if that is what it is.
+
+        That is: a top-level array of at most 15 items, simple values (as :func:`_flat`
+        takes them) but the last, a str or bin of :data:`BIG` bytes or more that goes on
+        past the piece. The state left is the general path's, which weighs anything else.
+
+        :returns: whether the piece was weighed (all of it).
+        """
+        first = view[0]
+        if not 0x91 <= first <= 0x9F:
+            return False
+        # The items before the last, weighed as a fixarray of one item fewer.
+        flat = _flat(view, 0, end, first - 1, self._max_depth >= 1)
+        if flat is None:
+            return False
+        pos, weight = flat
+        cls = _CLASS[view[pos]] if pos < end else _ONE
+        if cls not in (_BIN, _STRING) or pos + _SIZE[view[pos]] >= end:
+            return False
+        start = pos + _SIZE[view[pos]]
+        length = _length(view, pos, start - pos)
+        if length < BIG or start + length <= end:
+            return False
+        is_bin = cls == _BIN
+        self.weight = weight + _SLOT + (_BYTES if is_bin else _STR) + length
+        self._frames = [[_ROOT_FRAME, 0, -1], [_ARRAY_FRAME, 0, 0]]
+        self.ops += [
+            (PASS, view[:pos]),
+            (BIG_START, KIND_BIN if is_bin else KIND_STR, length, 0),
+            (BIG_PART, view[start:end]),
+        ]
+        self._skip = length - (end - start)
+        self._skip_big = True
+        self.cut_bytes = end - start
+        self._span = end
+        return True
 
     def finish(self) -> None:
         """The encoding ended here: it must be exactly one complete spack.
