@@ -492,15 +492,19 @@ async def test_connections_opened_and_dropped_cost_nothing_lasting(
                 rounds += 1
                 if rounds % 2:
                     stream = await anyio.connect_tcp(*address)
-                    initiator = Session(Role.INITIATOR, attacker, peer=attack.victim.key)
-                    initiator.next_event()
-                    await stream.send(bytes(initiator.data_to_send()))
-                    await anyio.aclose_forcefully(stream)
+                    try:
+                        initiator = Session(Role.INITIATOR, attacker, peer=attack.victim.key)
+                        initiator.next_event()
+                        await stream.send(bytes(initiator.data_to_send()))
+                    finally:  # also when the time is up in the middle of a round
+                        await anyio.aclose_forcefully(stream)
                 else:
                     stream, session = await raw_session(address, attack.victim.key)
-                    with contextlib.suppress(anyio.BrokenResourceError, OSError):
-                        await stream.send(seal(session, record(RecordKind.READY, b"")))
-                    await anyio.aclose_forcefully(stream)
+                    try:
+                        with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                            await stream.send(seal(session, record(RecordKind.READY, b"")))
+                    finally:
+                        await anyio.aclose_forcefully(stream)
         await anyio.sleep(0.5)
         held, peak = attack.grown()
     print(

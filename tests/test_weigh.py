@@ -346,9 +346,12 @@ def test_a_trailing_payload_adds_less_weight_than_budget_so_only_the_rest_is_wei
     heaviest first piece that passes, followed by a large trailing ``bytes`` (its own
     piece), still fits the budget of the whole spack."""
     heaviest = _chain(31)
-    values: list[Any] = []
-    while within_budget(len(encode_spack_pieces([*values, heaviest, bytes(64 * KiB)])[0])):
-        values.append(heaviest)
+    each = len(encode_spack([heaviest, heaviest])) - len(encode_spack([heaviest]))
+    passing = max(size for size in range(64 * KiB, 128 * KiB) if within_budget(size))
+    header = len(encode_spack_pieces([*[heaviest] * 1000, bytes(64 * KiB)])[0]) - 1000 * each
+    values = [heaviest] * ((passing - header) // each)  # as many as pass
+    assert not within_budget(passing + 1)
+    assert not within_budget(len(encode_spack_pieces([*values, heaviest, bytes(64 * KiB)])[0]))
     for payload in (64 * KiB, MiB):
         pieces = encode_spack_pieces([*values, bytes(payload)])
         assert len(pieces) == 2
