@@ -696,6 +696,18 @@ _spack_values: st.SearchStrategy[list[SpackValue]] = st.lists(
 _spack_encodings = _spack_values.map(lambda values: Spack(*values).encode())
 
 
+def _pieces(data: bytes, cuts: list[int], last: RecordKind) -> list[bytes]:
+    """``data`` cut at ``cuts`` into FRAGMENT records, the last one of kind ``last``."""
+    points = sorted({min(cut, len(data)) for cut in cuts})
+    pieces = [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
+    return [
+        bytes((last if index == len(pieces) - 1 else RecordKind.FRAGMENT, 0))
+        + encode_uvarint(len(body))
+        + body
+        for index, body in enumerate(pieces)
+    ]
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     messages=st.lists(
@@ -715,11 +727,7 @@ def test_a_lone_piece_is_received_as_the_record_loop_receives_it(
     message (a spack encoding or any bytes) is cut into pieces, the last one of ``last``."""
     plaintexts = []
     for data, cuts, last in messages:
-        points = sorted({min(cut, len(data)) for cut in cuts})
-        pieces = [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
-        for index, body in enumerate(pieces):
-            kind = last if index == len(pieces) - 1 else RecordKind.FRAGMENT
-            plaintexts.append(bytes((kind, 0)) + encode_uvarint(len(body)) + body)
+        plaintexts += _pieces(data, cuts, last)
     assert _outcome(plaintexts, padded=False) == _outcome(plaintexts, padded=True)
 
 
@@ -754,14 +762,7 @@ def test_joined_pieces_are_received_as_pieces_weighed_as_they_arrive(
     or one per piece."""
     plaintexts = []
     for data, cuts, together in messages:
-        points = sorted({min(cut, len(data)) for cut in cuts})
-        pieces = [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
-        records = [
-            bytes((RecordKind.MESSAGE if index == len(pieces) - 1 else RecordKind.FRAGMENT, 0))
-            + encode_uvarint(len(body))
-            + body
-            for index, body in enumerate(pieces)
-        ]
+        records = _pieces(data, cuts, RecordKind.MESSAGE)
         plaintexts += [b"".join(records)] if together else records
     assert _joined_outcome(plaintexts, 0) == _joined_outcome(plaintexts, join)
     assert _joined_outcome(plaintexts, 0) == _joined_outcome(plaintexts, session_module._JOIN)

@@ -573,9 +573,10 @@ CASES: list[Case] = [
         broken(MessageLimitExceeded, CloseCode.MESSAGE_TOO_LARGE),
         play(
             after_handshake,
-            build=lambda t: (
-                t.seal(rec(F, b"\x91\xc6" + (MAX_MESSAGE).to_bytes(4, "big") + bytes(60_000)))
-                + t.seal(rec(F, bytes(10_000)))
+            build=_fragments(
+                b"\x91\xc6" + (MAX_MESSAGE).to_bytes(4, "big") + bytes(70_000),
+                [60_000, 10_000],
+                final=False,
             ),
             eof=False,
         ),
@@ -599,9 +600,8 @@ CASES: list[Case] = [
         broken(MalformedSpack),
         play(
             after_handshake,
-            build=lambda t: (
-                t.seal(rec(F, b"\x81\xa1k\xc6\x00\x01\x11\x70" + bytes(60_000)))
-                + t.seal(rec(F, bytes(10_000)))
+            build=_fragments(
+                b"\x81\xa1k\xc6\x00\x01\x11\x70" + bytes(70_000), [60_000, 10_000], final=False
             ),
             eof=False,
         ),
