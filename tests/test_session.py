@@ -673,9 +673,11 @@ def test_only_spacks_can_be_sent(item: object) -> None:
     assert pair.client.data_to_send() == b""
 
 
-def _outcome(plaintexts: Sequence[bytes], padded: bool) -> tuple[list[object], str | None]:
+def _outcome(
+    plaintexts: Sequence[bytes], padded: bool, max_message_size: int = 4096
+) -> tuple[list[object], str | None]:
     """What a receiver makes of ``plaintexts`` (each one Noise message): events, error."""
-    pair = connected_pair(server_config=SessionConfig(max_message_size=4096))
+    pair = connected_pair(server_config=SessionConfig(max_message_size=max_message_size))
     pong = b"\x05\x00\x00"  # unsolicited: discarded, but the plaintext is no longer lone
     events: list[object] = []
     try:
@@ -694,6 +696,10 @@ _spack_values: st.SearchStrategy[list[SpackValue]] = st.lists(
     max_size=3,
 )
 _spack_encodings = _spack_values.map(lambda values: Spack(*values).encode())
+#: Spacks whose pieces can fill their plaintexts (held as views while joined).
+_large_spack_encodings = st.tuples(
+    st.integers(0, 300), st.binary(min_size=4_000, max_size=12_000) | st.text(min_size=4_000)
+).map(lambda values: Spack(*values).encode())
 
 
 def _pieces(data: bytes, cuts: list[int], last: RecordKind) -> list[bytes]:
@@ -737,21 +743,41 @@ def _joined_outcome(plaintexts: Sequence[bytes], join: int) -> tuple[list[object
     at its end than at its first piece)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(session_module, "_JOIN", join)
-        events, error = _outcome(plaintexts, padded=False)
+        events, error = _outcome(plaintexts, padded=False, max_message_size=16_384)
     return events, error is not None
+
+
+@pytest.mark.parametrize("cuts", [[6000], [6000, 6400], [6000, 12_000], [6000, 6400, 12_000]])
+@pytest.mark.parametrize("together", [False, True])
+def test_a_first_piece_that_fills_its_plaintext_is_joined_without_a_copy(
+    cuts: list[int], together: bool
+) -> None:
+    """Differential: a first piece that fills its plaintext is held as it came (a view),
+    then joined with what follows, or weighed with it when the spack outgrows joining;
+    either way the receiver delivers what it delivers when it weighs pieces as they come."""
+    spack = Spack(7, b"\xaa" * 14_000)
+    records = _pieces(spack.encode(), cuts, RecordKind.MESSAGE)
+    plaintexts = [b"".join(records)] if together else records
+    weighed = _joined_outcome(plaintexts, 0)
+    assert weighed == (
+        [MessageReceived(spack)],
+        False,
+    )
+    assert _joined_outcome(plaintexts, 9000) == weighed
+    assert _joined_outcome(plaintexts, session_module._JOIN) == weighed
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     messages=st.lists(
         st.tuples(
-            _spack_encodings | st.binary(max_size=40),
-            st.lists(st.integers(0, 5000), max_size=3),
+            _spack_encodings | st.binary(max_size=40) | _large_spack_encodings,
+            st.lists(st.integers(0, 12_000), max_size=3),
             st.booleans(),
         ),
         max_size=4,
     ),
-    join=st.sampled_from([1, 100, 3000]),
+    join=st.sampled_from([1, 100, 3000, 9000]),
 )
 def test_joined_pieces_are_received_as_pieces_weighed_as_they_arrive(
     messages: list[tuple[bytes, list[int], bool]], join: int

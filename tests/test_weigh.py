@@ -182,11 +182,12 @@ def test_mutated_spacks_decode_piecewise_as_at_once(
 @contextmanager
 def general_path_only() -> Iterator[None]:
     """No runs of like values, no frameless small containers, no weighing the head of a
-    large spack at once: one item at a time."""
+    large spack or the middle of its payload at once: one item at a time."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(weigh_module, "_RUN_MIN", 1 << 60)
         patch.setattr(weigh_module, "_flat", lambda *_: None)
         patch.setattr(Weigher, "_head", lambda *_: False)
+        patch.setattr(Weigher, "skip_cut", lambda *_: False)
         yield
 
 

@@ -92,7 +92,7 @@ from stalk.records import (
     lone_piece,
     read_records,
 )
-from stalk.spack import Spack, SpackDecoder, decode_fast, encode_spack_pieces
+from stalk.spack import Spack, SpackDecoder, decode_fast, encode_spack_pieces, pins_little
 from stalk.weigh import Weigher, within_budget
 from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -389,7 +389,7 @@ class Session:
         # The spack being decoded piecewise (fragmented, or weighed first), if any.
         self._decoder: SpackDecoder | None = None
         #: The pieces so far of a spack being joined (see :data:`_JOIN`).
-        self._joined: bytearray | None = None
+        self._joined: bytearray | memoryview | None = None
         self._incoming: _Incoming | None = None
         self._work = 0  # receive work done in the current next_event() call
         self._paused = False
@@ -762,12 +762,17 @@ class Session:
         if lone is not None:
             kind, _, piece = lone
             if self._decoder is None and (kind is _FRAGMENT or self._joined is not None):
-                joined = self._join(kind, piece)
-                if joined is None:
+                bodies = self._join(kind, piece)
+                if bodies is None:
                     self._work += _RECORD_COST
                     return
-                lone = Record(kind, 0, joined)
-                piece = joined
+                if len(bodies) > 1:  # outgrew joining: the record loop weighs both
+                    self._incoming = _Incoming(plaintext, end, confirming=False)
+                    self._incoming.records = bodies
+                    self._continue_incoming()
+                    return
+                lone = bodies[0]
+                piece = lone.body
             whole = kind is _MESSAGE and self._decoder is None
             if whole and len(piece) > self.config.max_message_size:
                 lone = None  # the record loop refuses it
@@ -827,12 +832,12 @@ class Session:
                 if self._decoder is None and (
                     kind is _FRAGMENT or (kind is _MESSAGE and self._joined is not None)
                 ):
-                    joined = self._join(kind, body)
-                    if joined is None:
+                    bodies = self._join(kind, body)
+                    if bodies is None:
                         index += 1
                         continue
-                    body = joined
-                    records[index] = Record(kind, 0, body)  # where a resumed step finds it
+                    records[index : index + 1] = bodies  # where a resumed step finds them
+                    kind, _, body = records[index]
                 if kind is _MESSAGE and self._decoder is None and len(body) <= limit:
                     # A whole spack in one record: decoded at once unless it must be weighed.
                     spack = decode_fast(body)
@@ -911,12 +916,14 @@ class Session:
             raise ProtocolError(f"unexpected {kind.name} record")
         return True
 
-    def _join(self, kind: RecordKind, piece: memoryview) -> memoryview | None:
+    def _join(self, kind: RecordKind, piece: memoryview) -> list[Record] | None:
         """Join one piece of a spack that may still fit :data:`_JOIN` bytes in all.
 
-        :returns: ``None`` while joining; else the body to decode now, with the bytes
-            joined so far in front (a spack that ended, or outgrew joining: it is then
-            weighed from its first byte).
+        :returns: ``None`` while joining; else the records to decode now, in order: the
+            piece alone (nothing was joined), or the spack that ended here, joined whole.
+            A spack that outgrows joining and goes on is weighed from its first byte:
+            the bytes joined so far, then the piece (a decoder is started for them;
+            they are not copied together).
         :raises ~stalk.MessageLimitExceeded: the pieces total more than our limit.
         """
         joined = self._joined
@@ -925,15 +932,20 @@ class Session:
             raise MessageLimitExceeded(self.config.max_message_size)
         if kind is _FRAGMENT and total <= _JOIN:
             if joined is None:
-                self._joined = bytearray(piece)
+                # The usual first piece of a large spack fills its plaintext: held as is.
+                self._joined = piece if pins_little(piece) else bytearray(piece)
             else:
+                if isinstance(joined, memoryview):
+                    joined = self._joined = bytearray(joined)
                 joined += piece
             return None
         if joined is None:
-            return piece
+            return [Record(kind, 0, piece)]
         self._joined = None
-        joined += piece
-        return memoryview(joined)
+        if kind is _FRAGMENT:
+            self._decoder = SpackDecoder(self.config.max_message_size)
+            return [Record(_FRAGMENT, 0, memoryview(joined)), Record(_FRAGMENT, 0, piece)]
+        return [Record(kind, 0, memoryview(b"".join((joined, piece))))]
 
     def _piecewise(
         self, kind: RecordKind, body: memoryview, offset: int

@@ -682,6 +682,16 @@ _LAZY: Final = 16 * 1024
 _VIEW_MIN: Final = 4096
 
 
+def pins_little(piece: memoryview) -> bool:
+    """Whether ``piece`` may be held as a view: it fills most of the buffer it views.
+
+    Else whoever holds it copies it, so a small view never pins a large plaintext
+    (see :data:`_VIEW_SHARE`).
+    """
+    size = len(piece)
+    return size >= _VIEW_MIN and size >= _VIEW_SHARE * len(piece.obj)  # type: ignore[arg-type]
+
+
 class SpackDecoder:
     """Decodes one spack whose encoding arrives in pieces, within its budget.
 
@@ -761,6 +771,9 @@ class SpackDecoder:
             or its decoded-weight budget.
         """
         weigher = self._weigher
+        if type(data) is memoryview and weigher.skip_cut(len(data)):
+            self._keep(data)  # the middle of a cut-out payload: no op to replay
+            return len(data)
         taken = weigher.feed(data, limit)
         pending = self._pending
         for op in weigher.ops:
@@ -821,8 +834,7 @@ class SpackDecoder:
     def _keep(self, piece: memoryview) -> None:
         """Hold one piece of a cut-out payload, copying it if a view would pin more."""
         parts = self._parts
-        owner = piece.obj
-        if len(piece) >= _VIEW_MIN and len(piece) >= _VIEW_SHARE * len(owner):  # type: ignore[arg-type]
+        if pins_little(piece):
             parts.append(piece)
         elif parts and type(parts[-1]) is bytearray:
             parts[-1] += piece

@@ -363,12 +363,7 @@ class Weigher:
         if self._done and end:
             raise MalformedSpack("trailing bytes after the spack")
         base = self._offset
-        if self._skip_big and self._skip > end:
-            # The middle of a cut-out payload (most pieces of a large spack): nothing to
-            # weigh, and nothing :meth:`_check` looks at changes.
-            self._skip -= end
-            self.cut_bytes += end
-            self._offset = base + end
+        if self.skip_cut(end):
             self.ops.append((BIG_PART, view))
             return end
         if not base and end and self._cut and self._head(view, end):
@@ -388,6 +383,22 @@ class Weigher:
         self._offset = base + pos
         self._check(base + pos)
         return pos
+
+    def skip_cut(self, length: int) -> bool:
+        """Take the next ``length`` bytes at once if they lie inside the payload being cut out.
+
+        That is the middle of a large str or bin, most pieces of a large spack: nothing to
+        weigh, and nothing :meth:`_check` looks at changes. The caller hands the bytes on
+        as a ``BIG_PART`` (:meth:`feed` records the op; a decoder may keep them itself).
+
+        :returns: whether they were taken (else feed them).
+        """
+        if not self._skip_big or self._skip <= length:
+            return False
+        self._skip -= length
+        self.cut_bytes += length
+        self._offset += length
+        return True
 
     def _head(self, view: memoryview, end: int) -> bool:
         """Weigh the usual first piece of a large spack at once, if that is what it is.
