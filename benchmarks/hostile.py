@@ -42,6 +42,14 @@ from stalk.wire import RECORD_CAPACITY, RecordKind
 PAUSED = getattr(events, "PAUSED", None)
 
 
+def _take_all(session: object) -> bytes:
+    """Every buffer the session has for the transport, joined."""
+    out = b""
+    while data := session.data_to_send():  # type: ignore[attr-defined]
+        out += data
+    return out
+
+
 def record(kind: RecordKind, body: bytes) -> bytes:
     return bytes((kind, 0)) + encode_uvarint(len(body)) + body
 
@@ -52,12 +60,12 @@ def pair() -> tuple[Session, Session]:
     client = Session(Role.INITIATOR, Identity.generate(), peer=server_id.public)
     server = Session(Role.RESPONDER, server_id)
     for _ in range(3):
-        if data := client.data_to_send():
+        if data := _take_all(client):
             server.receive_data(data)
         while (event := server.next_event()) is not NEED_DATA:
             if type(event).__name__ == "PeerIdentified":
                 server.accept()
-        if data := server.data_to_send():
+        if data := _take_all(server):
             client.receive_data(data)
         while client.next_event() is not NEED_DATA:
             pass
@@ -144,7 +152,7 @@ def _dense(shape: bytes) -> Mix:
 
 def measure(mix: Mix, messages: int) -> dict[str, float]:
     client, server = pair()
-    send = client._send
+    send = client._sealer.cipher
     assert send is not None
     messages *= mix.scale
     plaintexts = [mix.plaintext(index) for index in range(messages)]
@@ -180,7 +188,7 @@ def measure(mix: Mix, messages: int) -> dict[str, float]:
                 if event is NEED_DATA:
                     break
                 if event is PAUSED:
-                    server.data_to_send()
+                    _take_all(server)
     except StalkError as exc:  # a refusal ends the mix: report it
         error = type(exc).__name__
     received = time.process_time() - started

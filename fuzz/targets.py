@@ -72,7 +72,7 @@ from stalk.events import (
     PongReceived,
 )
 from stalk.identity import Identity
-from stalk.session import _JOIN as JOIN
+from stalk.reassembly import JOIN_LIMIT as JOIN
 from stalk.session import Role, Session, SessionConfig
 from stalk.spack import Float32, Spack, SpackDecoder, decode_spack
 from stalk.wire import Pattern
@@ -124,6 +124,14 @@ LOW_ORDER_U: Final = frozenset(
         ),
     }
 )
+
+
+def _take_all(session: object) -> bytes:
+    """Every buffer the session has for the transport, joined."""
+    out = b""
+    while data := session.data_to_send():  # type: ignore[attr-defined]
+        out += data
+    return out
 
 
 def bad_key(raw: bytes) -> bool:
@@ -229,7 +237,7 @@ def pull(session: Session, run: Run) -> None:
         if event is NEED_DATA:
             return
         if event is PAUSED:
-            run.output += session.data_to_send()  # what it owes, then it reads on
+            run.output += _take_all(session)  # what it owes, then it reads on
             continue
         if isinstance(event, CloseReceived):
             if event not in run.events:
@@ -253,7 +261,7 @@ def drive(session: Session, chunks: Iterable[bytes], *, eof: bool = True) -> Run
             if chunk:  # an empty chunk would mean EOF
                 session.receive_data(chunk)
                 pull(session, run)
-        run.output += session.data_to_send()
+        run.output += _take_all(session)
         if eof:
             at_eof = True
             session.receive_data(b"")
@@ -267,7 +275,7 @@ def drive(session: Session, chunks: Iterable[bytes], *, eof: bool = True) -> Run
             check(again is exc, f"the error changed from {exc!r} to {again!r}")
         else:
             raise Bug(f"next_event() returned after {exc!r}") from exc
-    run.output += session.data_to_send()
+    run.output += _take_all(session)
     return run
 
 
@@ -328,7 +336,7 @@ def transcript(pattern: Pattern) -> Transcript:
                 (client, server, Role.INITIATOR),
                 (server, client, Role.RESPONDER),
             ):
-                data = src.data_to_send()
+                data = _take_all(src)
                 if data:
                     moved = True
                     wire[role] += data
@@ -515,8 +523,9 @@ class TransportKeys:
 
 
 def _cipher_key(session: Session, direction: str) -> bytes:
-    cipher = getattr(session, f"_{direction}")  # stalk keeps no public handle on its keys
-    key = cipher._state.k
+    # stalk keeps no public handle on its keys
+    cipher = session._sealer.cipher if direction == "send" else session._receiver._cipher  # type: ignore[union-attr]
+    key = cipher._state.k  # type: ignore[union-attr]
     check(isinstance(key, bytes) and len(key) == 32, "cannot find the transport key")
     return bytes(key)
 
@@ -526,16 +535,16 @@ def transport_keys() -> TransportKeys:
     """Run the fixed XX handshake once; take both transport keys and check them."""
     client = new_session(Role.INITIATOR)
     server = new_session(Role.RESPONDER, config=SessionConfig(max_message_size=RECEIVER_LIMIT))
-    msg1 = bytes(client.data_to_send())
+    msg1 = bytes(_take_all(client))
     server.receive_data(msg1)
     pull(server, Run())
-    client.receive_data(server.data_to_send())
+    client.receive_data(_take_all(server))
     pull(client, Run())
-    msg3 = bytes(client.data_to_send())
+    msg3 = bytes(_take_all(client))
     handshake = msg1 + msg3
     server.receive_data(msg3)
     pull(server, Run())
-    ready = bytes(server.data_to_send())
+    ready = bytes(_take_all(server))
     keys = TransportKeys(handshake, _cipher_key(client, "send"), _cipher_key(server, "send"))
     # The harness's cipher must agree with the sessions' own.
     probe = bytes((PING, 0, 1, 42))
@@ -551,7 +560,7 @@ def transport_keys() -> TransportKeys:
 
 
 def _real_encrypt(session: Session, plaintext: bytes) -> bytes:
-    cipher = session._send
+    cipher = session._sealer.cipher
     check(cipher is not None, "no send cipher")
     assert cipher is not None
     return cipher.encrypt(plaintext)
@@ -568,7 +577,7 @@ def open_receiver() -> Session:
         [type(e) for e in run.events] == [PeerIdentified, HandshakeComplete],
         f"replaying the fixed handshake gave {run.events!r}",
     )
-    server.data_to_send()  # verdict, message 2, READY (nonce 0)
+    _take_all(server)  # verdict, message 2, READY (nonce 0)
     return server
 
 

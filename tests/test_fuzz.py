@@ -35,7 +35,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import stalk.session
+import stalk.receiver
 from stalk.records import encode_uvarint
 from stalk.spack import Float32, Spack, decode_spack
 
@@ -307,7 +307,7 @@ def test_transport_oracle_catches_a_corrupted_delivery(monkeypatch: pytest.Monke
     def corrupting(data: Any) -> Spack:
         return Spack(*decode_spack(data), "extra")
 
-    monkeypatch.setattr(stalk.session, "decode_fast", corrupting)
+    monkeypatch.setattr(stalk.receiver, "decode_fast", corrupting)
     with pytest.raises(T.Bug, match="events"):
         T.fuzz_transport_records(b"\x01\x00\x01\x90")
     with pytest.raises(T.Bug, match="never sent"):

@@ -53,6 +53,14 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
+def _take_all(session: object) -> bytes:
+    """Every buffer the session has for the transport, joined."""
+    out = b""
+    while data := session.data_to_send():  # type: ignore[attr-defined]
+        out += data
+    return out
+
+
 @contextmanager
 def traced(frames: int = 1) -> Iterator[Callable[[], tuple[int, int]]]:
     """Trace Python allocations; yields ``() -> (current, peak)`` relative to the start."""
@@ -94,7 +102,7 @@ async def raw_session(
     try:
         while True:
             event = session.next_event()
-            if out := session.data_to_send():
+            if out := _take_all(session):
                 await stream.send(bytes(out))
             if isinstance(event, HandshakeComplete):
                 return stream, session
@@ -247,7 +255,7 @@ def test_a_huge_advertised_limit_costs_the_receiver_nothing(advertised: int) -> 
         assert server.peer_max_message_size == advertised
     else:
         assert error is not None
-        assert server.data_to_send()[:1] == bytes([CloseCode.PROTOCOL_ERROR])
+        assert _take_all(server)[:1] == bytes([CloseCode.PROTOCOL_ERROR])
 
 
 async def test_a_peer_advertising_a_huge_limit_still_gets_ours(anyio_backend: str) -> None:
@@ -326,7 +334,7 @@ async def test_an_oversized_spack_is_cut_off_at_the_limit(
                         chunk = flood[start : start + FRAGMENT]
                         session._writer.add(RecordKind.FRAGMENT, chunk)  # bypasses the limit
                         session.flush()
-                        await stream.send(bytes(session.data_to_send()))
+                        await stream.send(bytes(_take_all(session)))
                         sent += FRAGMENT
                 except (anyio.BrokenResourceError, OSError):
                     pass
@@ -399,7 +407,7 @@ async def test_a_peer_still_sending_after_our_error_close_reads_it(anyio_backend
                     session._writer.add(RecordKind.MESSAGE, b"\xc1")  # never valid msgpack
                     for _ in range(64):  # then 3.8 MiB more, as if a large send went on
                         session.flush()
-                        await stream.send(bytes(session.data_to_send()))
+                        await stream.send(bytes(_take_all(session)))
                         session._writer.add(RecordKind.FRAGMENT, bytes(60_000))
             while not errors:
                 await anyio.sleep(0.01)

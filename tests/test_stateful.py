@@ -84,6 +84,14 @@ CHUNKS = st.one_of(st.integers(1, 8), st.integers(1, 2_000), st.integers(1, 70_0
 SMALL_LIMIT = 100_000
 
 
+def _take_all(session: object) -> bytes:
+    """Every buffer the session has for the transport, joined."""
+    out = b""
+    while data := session.data_to_send():  # type: ignore[attr-defined]
+        out += data
+    return out
+
+
 def other(side: Side) -> Side:
     return "server" if side == "client" else "client"
 

@@ -53,6 +53,7 @@ from noise.connection import Keypair, NoiseConnection
 from noise.functions.hash import hkdf
 
 from stalk.errors import DecryptionFailed, HandshakeFailed, LocalProtocolError, NonceExhausted
+from stalk.wire import MAX_NOISE_MESSAGE, MAX_PLAINTEXT, TAGLEN
 
 __all__ = [
     "DHLEN",
@@ -65,12 +66,6 @@ __all__ = [
     "TransportCipher",
 ]
 
-#: Noise §3: no Noise message (handshake or transport) may exceed 65535 bytes.
-MAX_NOISE_MESSAGE: Final = 65_535
-#: AESGCM's authentication tag length (Noise §12.3).
-TAGLEN: Final = 16
-#: The largest plaintext whose ciphertext still fits one Noise message.
-MAX_PLAINTEXT: Final = MAX_NOISE_MESSAGE - TAGLEN
 #: Curve25519 public key length (Noise §12.1).
 DHLEN: Final = 32
 #: Noise §5.1: nonce 2**64-1 is reserved; using it for a message is an error.

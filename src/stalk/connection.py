@@ -223,7 +223,7 @@ class Connection(ObjectStream[Spack]):
         A handshake interrupted in any way is abandoned whole (the transport is closed), so
         a half-written frame can never be misread, and ``handshake_timeout`` bounds it all.
         """
-        for data in self._session.take_output():
+        while data := self._session.data_to_send():
             try:
                 await self._transport.send(cast("bytes", data))
             except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
@@ -417,9 +417,8 @@ class Connection(ObjectStream[Spack]):
         Callers hold ``_send_lock`` (or are the only task, during the handshake).
         """
         # Loop: the receive path may encrypt a PONG while we write; it leaves it to us.
-        while chunks := self._session.take_output():
-            for data in chunks:
-                await self._write_chunk(data)
+        while data := self._session.data_to_send():
+            await self._write_chunk(data)
 
     async def _write_chunk(self, data: bytes | bytearray) -> None:
         """Write one buffer; shielded from cancellation, bounded by write_timeout."""

@@ -18,7 +18,11 @@ Messages never contain key material or received plaintext.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from anyio import BrokenResourceError, ClosedResourceError
+
+from stalk.wire import CloseCode
 
 __all__ = [
     "ClosedByPeer",
@@ -49,9 +53,13 @@ class StalkError(Exception):
 
     :ivar peer_address: ``(host, port)`` of the remote peer when the error happened on a
         network connection, else ``None``. Set by the connection layer.
+    :cvar close_code: the code a refusal or error CLOSE reports this error to the peer with
+        (SPEC "Close codes"), when it is the peer's error; the one place errors are mapped
+        to codes.
     """
 
     peer_address: tuple[str, int] | None = None
+    close_code: ClassVar[int] = CloseCode.PROTOCOL_ERROR
 
 
 class LocalProtocolError(StalkError):
@@ -105,6 +113,8 @@ class MessageLimitExceeded(ProtocolError):
     :ivar limit: the limit that was exceeded, in bytes.
     """
 
+    close_code = CloseCode.MESSAGE_TOO_LARGE
+
     def __init__(self, limit: int, message: str | None = None) -> None:
         super().__init__(message or f"peer sent a message larger than our {limit}-byte limit")
         self.limit = limit
@@ -150,6 +160,8 @@ class InvalidPeerKey(HandshakeFailed):
     initiator (it has no way to refuse). The message never contains the key.
     """
 
+    close_code = CloseCode.INVALID_KEY
+
 
 class PeerRefused(HandshakeFailed):
     """The peer refused the connection (not authorized, unsupported version, busy...).
@@ -191,6 +203,8 @@ class IdleTimeout(ConnectionLost):
     Raised by ``receive()`` with :attr:`Config.idle_timeout <stalk.Config.idle_timeout>`
     set; the connection has been closed with CLOSE code TIMEOUT.
     """
+
+    close_code = CloseCode.TIMEOUT
 
 
 class ConnectionClosed(StalkError, ClosedResourceError):

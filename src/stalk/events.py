@@ -47,7 +47,7 @@ class Paused(enum.Enum):
 
 #: ``next_event()`` returns this when the session stopped reading on its own: it did a
 #: bounded step of work, or the peer made it owe more answers than it holds. Write out
-#: ``take_output()``, let other tasks run, then call ``next_event()`` again, without
+#: ``data_to_send()``, let other tasks run, then call ``next_event()`` again, without
 #: feeding more bytes first.
 PAUSED: Final = Paused.PAUSED
 

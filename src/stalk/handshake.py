@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-SPEC "Handshake" in code. Both machines read from the session's input buffer and append the
-bytes they want sent to ``out``; neither does I/O or keeps time.
+SPEC "Handshake" in code. Both machines read from the session's
+:class:`~stalk.framing.FrameReader` and append the bytes they want sent to ``out``; neither
+does I/O or keeps time.
 
 Initiator (:class:`InitiatorHandshake`)::
 
@@ -58,18 +59,15 @@ from stalk._noise import (
 )
 from stalk.errors import HandshakeFailed, InvalidPeerKey, PeerIdentityMismatch, PeerRefused
 from stalk.framing import (
+    FrameReader,
     FramingError,
     Refusal,
     encode_frame,
     encode_preamble,
     encode_refusal,
-    read_frame,
-    read_preamble,
-    read_verdict,
 )
 from stalk.identity import Identity, PublicIdentity, check_public_key
 from stalk.wire import (
-    FRAME_HEADER_LEN,
     MAX_HANDSHAKE_PAYLOAD,
     MAX_MESSAGE_SIZE_LIMIT,
     MIN_MAX_MESSAGE_SIZE,
@@ -217,7 +215,7 @@ _FIXED_LEN: Final[dict[tuple[Pattern, int], int]] = {
 }
 
 
-def _read_message(buf: bytearray, eof: bool, pattern: Pattern, number: int) -> bytes | None:
+def _read_message(reader: FrameReader, pattern: Pattern, number: int) -> bytes | None:
     """The body of handshake message ``number``, ``None`` if incomplete.
 
     Its length is checked as soon as the frame header is there, before the body is
@@ -226,8 +224,8 @@ def _read_message(buf: bytearray, eof: bool, pattern: Pattern, number: int) -> b
     :raises ~stalk.HandshakeFailed: a zero-length frame, a message too short to hold its
         keys and tags or too long for a payload of at most 1024 bytes, or EOF.
     """
-    if len(buf) >= FRAME_HEADER_LEN:
-        length = int.from_bytes(buf[:FRAME_HEADER_LEN], "big")
+    length = reader.frame_length()
+    if length is not None:
         fixed = _FIXED_LEN[pattern, number]
         if 0 < length < fixed:
             raise HandshakeFailed(
@@ -240,12 +238,15 @@ def _read_message(buf: bytearray, eof: bool, pattern: Pattern, number: int) -> b
                 f"would exceed {MAX_HANDSHAKE_PAYLOAD} bytes)"
             )
     try:
-        body = read_frame(buf)
+        frame = reader.frame()
     except FramingError as exc:
         raise HandshakeFailed(str(exc)) from exc
-    if body is None and eof:
-        raise _eof_during_handshake()
-    return body
+    if frame is None:
+        if reader.eof:
+            raise _eof_during_handshake()
+        return None
+    buf, start, end = frame
+    return bytes(memoryview(buf)[start:end])
 
 
 def _check_ephemeral(body: bytes, message: str) -> None:
@@ -330,8 +331,8 @@ class InitiatorHandshake:
         self._state: Literal["verdict", "msg2", "done"] = "verdict"
         self.result: HandshakeResult | None = None
 
-    def step(self, buf: bytearray, eof: bool) -> bool:
-        """Consume what ``buf`` holds; return ``True`` once the handshake is complete.
+    def step(self, reader: FrameReader) -> bool:
+        """Consume what ``reader`` holds; return ``True`` once the handshake is complete.
 
         :raises ~stalk.InvalidPeerKey: message 2 carries a key that is not a canonical,
             usable X25519 key.
@@ -339,18 +340,18 @@ class InitiatorHandshake:
         """
         if self._state == "verdict":
             try:
-                verdict = read_verdict(buf)
+                verdict = reader.verdict()
             except FramingError as exc:
                 raise HandshakeFailed(str(exc)) from exc
             if verdict is None:
-                if eof:
+                if reader.eof:
                     raise _eof_during_handshake()
                 return False
             if isinstance(verdict, Refusal):
                 raise self._refused(verdict)
             self._state = "msg2"
         if self._state == "msg2":
-            body = _read_message(buf, eof, self.pattern, 2)
+            body = _read_message(reader, self.pattern, 2)
             if body is None:
                 return False
             message = f"{self.pattern} message 2"
@@ -402,7 +403,7 @@ class ResponderHandshake:
         #: Set when the handshake failed after XX message 3 was read: the verdict is given
         #: (nothing is left in ``out``), but the transport ciphers exist, so the session
         #: sends an authenticated CLOSE with this code instead of READY, with this cipher.
-        self.failure_close: tuple[CloseCode, TransportCipher] | None = None
+        self.failure_close: tuple[int, TransportCipher] | None = None
         self.pattern: Pattern | None = None
         #: The initiator's static key once known (IK msg1, XX msg3); unproven until done.
         self.peer: PublicIdentity | None = None
@@ -413,8 +414,8 @@ class ResponderHandshake:
         """Whether the handshake waits for :meth:`accept` or :meth:`refuse`."""
         return self._state == "authorize"
 
-    def step(self, buf: bytearray, eof: bool) -> bool:
-        """Consume what ``buf`` holds; return ``True`` once the handshake is complete.
+    def step(self, reader: FrameReader) -> bool:
+        """Consume what ``reader`` holds; return ``True`` once the handshake is complete.
 
         :raises ~stalk.InvalidPeerKey: a message carries a key that is not a canonical,
             usable X25519 key.
@@ -423,9 +424,9 @@ class ResponderHandshake:
             yet; after XX message 3 was read, :attr:`failure_close` is set instead.
         """
         try:
-            return self._step(buf, eof)
+            return self._step(reader)
         except HandshakeFailed as exc:
-            code = _refusal_code(exc)
+            code = exc.close_code
             if not self._answered:
                 self.out.append(encode_refusal(code, str(exc)))
                 self._answered = True
@@ -433,14 +434,14 @@ class ResponderHandshake:
                 self.failure_close = (code, self._noise.split()[0])
             raise
 
-    def _step(self, buf: bytearray, eof: bool) -> bool:
+    def _step(self, reader: FrameReader) -> bool:
         if self._state == "preamble":
             try:
-                parsed = read_preamble(buf)
+                parsed = reader.preamble()
             except FramingError as exc:
                 raise _Unsupported(str(exc)) from exc
             if parsed is None:
-                if eof:
+                if reader.eof:
                     raise _eof_during_handshake()
                 return False
             preamble, raw = parsed
@@ -462,7 +463,7 @@ class ResponderHandshake:
         if noise is None or self.pattern is None:  # pragma: no cover - set just above
             return False
         if self._state == "msg1":
-            body = _read_message(buf, eof, self.pattern, 1)
+            body = _read_message(reader, self.pattern, 1)
             if body is None:
                 return False
             message = f"{self.pattern} message 1"
@@ -483,7 +484,7 @@ class ResponderHandshake:
             self._answer(noise)
             self._state = "msg3"
         if self._state == "msg3":
-            body = _read_message(buf, eof, "XX", 3)
+            body = _read_message(reader, "XX", 3)
             if body is None:
                 return False
             payload = _read_checked(noise, body, "XX message 3", carries_static=True)
@@ -531,17 +532,10 @@ class ResponderHandshake:
 class _Unsupported(HandshakeFailed):
     """The preamble names something we do not speak (refused with UNSUPPORTED)."""
 
+    close_code = CloseCode.UNSUPPORTED
+
 
 class _DecryptFailed(HandshakeFailed):
     """IK message 1 was not encrypted to our static key (refused with DECRYPT_FAILED)."""
 
-
-def _refusal_code(exc: HandshakeFailed) -> CloseCode:
-    """The code a responder refuses (or closes) with for ``exc`` (SPEC 5's table)."""
-    if isinstance(exc, _Unsupported):
-        return CloseCode.UNSUPPORTED
-    if isinstance(exc, _DecryptFailed):
-        return CloseCode.DECRYPT_FAILED
-    if isinstance(exc, InvalidPeerKey):
-        return CloseCode.INVALID_KEY
-    return CloseCode.PROTOCOL_ERROR
+    close_code = CloseCode.DECRYPT_FAILED

@@ -58,7 +58,7 @@ import re
 import struct
 from typing import Final
 
-from stalk.errors import MalformedSpack, MessageLimitExceeded, StalkError
+from stalk.errors import MalformedSpack, MessageLimitExceeded, MessageTooLarge, StalkError
 from stalk.wire import (
     EXT_ARRAY_ITEMSIZE,
     EXT_FLOAT32,
@@ -68,7 +68,15 @@ from stalk.wire import (
     WEIGHT_FLOOR,
 )
 
-__all__ = ["BIG", "MAX_WEIGHT_PER_BYTE", "Weigher", "header_size", "weigh", "within_budget"]
+__all__ = [
+    "BIG",
+    "MAX_WEIGHT_PER_BYTE",
+    "Weigher",
+    "check_weight",
+    "header_size",
+    "weigh",
+    "within_budget",
+]
 
 #: A str, bin or typed-array payload this long (outside a tuple) is cut out for the decoder.
 BIG: Final = 64 * 1024
@@ -788,3 +796,26 @@ def weigh(encoding: bytes | bytearray | memoryview, max_size: int | None = None)
     weigher.feed(encoding)
     weigher.finish()
     return weigher.weight
+
+
+def check_weight(pieces: list[bytes], size: int) -> None:
+    """Refuse to send a spack the receiver would refuse (SPEC "Decoded weight").
+
+    Weighs only a spack that could exceed its budget. One whose first piece is within
+    budget whatever its shape is not weighed: that piece is the whole spack, or all of it
+    but a large trailing ``bytes`` (see :func:`~stalk.spack.encode_spack_pieces`), whose
+    bytes weigh one each and earn ``WEIGHT_FACTOR`` each of budget.
+
+    :raises ~stalk.MessageTooLarge: the receiver would refuse it.
+    """
+    if within_budget(len(pieces[0])):
+        return
+    weigher = Weigher(size)
+    try:
+        for piece in pieces:
+            weigher.feed(piece)
+    except MessageLimitExceeded as exc:
+        raise MessageTooLarge(
+            f"spack of {size} bytes would decode to more objects than the receiver accepts "
+            f"({exc}); send bulk numbers as array.array, or split the spack"
+        ) from None

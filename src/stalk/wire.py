@@ -10,8 +10,6 @@ from __future__ import annotations
 import enum
 from typing import Final, Literal
 
-from stalk._noise import MAX_PLAINTEXT
-
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_REKEY_AFTER_BYTES",
@@ -36,7 +34,9 @@ __all__ = [
     "MAX_FRAME_BODY",
     "MAX_HANDSHAKE_PAYLOAD",
     "MAX_MESSAGE_SIZE_LIMIT",
+    "MAX_NOISE_MESSAGE",
     "MAX_PING_PAYLOAD",
+    "MAX_PLAINTEXT",
     "MAX_REFUSAL_REASON",
     "MIN_MAX_MESSAGE_SIZE",
     "PATTERNS",
@@ -44,6 +44,7 @@ __all__ = [
     "PROTOCOL_NAMES",
     "PROTOCOL_VERSION",
     "RECORD_CAPACITY",
+    "TAGLEN",
     "WEIGHT_FACTOR",
     "WEIGHT_FLOOR",
     "CloseCode",
@@ -80,6 +81,13 @@ MAX_REFUSAL_REASON: Final = 255
 MAX_CLOSE_REASON: Final = 1_024
 #: Bounds a PING/PONG payload: enough for a nonce or timestamp, not a data channel.
 MAX_PING_PAYLOAD: Final = 1_024
+
+#: Noise §3: no Noise message (handshake or transport) may exceed 65535 bytes.
+MAX_NOISE_MESSAGE: Final = 65_535
+#: AESGCM's authentication tag length (Noise §12.3).
+TAGLEN: Final = 16
+#: The largest plaintext whose ciphertext still fits one Noise message.
+MAX_PLAINTEXT: Final = MAX_NOISE_MESSAGE - TAGLEN
 
 #: Plaintext bytes per Noise message available for records. Three bytes are held back in
 #: every transport message so that a REKEY record (which must come last) always fits.

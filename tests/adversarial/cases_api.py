@@ -73,6 +73,14 @@ from .peers import (
 CONFIG = Config(handshake_timeout=3, close_timeout=1)
 
 
+def _take_all(session: object) -> bytes:
+    """Every buffer the session has for the transport, joined."""
+    out = b""
+    while data := session.data_to_send():  # type: ignore[attr-defined]
+        out += data
+    return out
+
+
 # -- api: a real connection used wrongly -----------------------------------------------------
 
 
@@ -471,23 +479,24 @@ def nonce_reserved_value() -> Outcome:
     """Both sides reach nonce 2^64-1: the sender refuses to encrypt, the receiver to decrypt."""
     pair = connected_pair()
     pair.client.send(A)
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(_take_all(pair.client))
     got, _ = _deliveries(pair.server)
-    assert pair.client._send is not None
-    assert pair.server._recv is not None
-    pair.client._send.set_nonce_for_testing_only(2**64 - 2)
-    pair.server._recv.set_nonce_for_testing_only(2**64 - 2)
+    assert pair.client._sealer.cipher is not None
+    assert pair.server._receiver is not None
+    pair.client._sealer.cipher.set_nonce_for_testing_only(2**64 - 2)
+    pair.server._receiver._cipher.set_nonce_for_testing_only(2**64 - 2)
     pair.client.send(B)  # n = 2^64 - 2, the last nonce a message may use
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(_take_all(pair.client))
     more, error = _deliveries(pair.server)
     assert error is None
+    pair.client.send(Spack("no nonce left"))  # queued: it is encrypted as it is taken
     try:
-        pair.client.send(Spack("no nonce left"))
+        pair.client.data_to_send()
     except NonceExhausted as exc:
         send_error: BaseException = exc
     else:
         raise AssertionError("encrypted with the reserved nonce 2^64 - 1")
-    assert pair.client.data_to_send() == b"", "bytes queued after NonceExhausted"
+    assert _take_all(pair.client) == b"", "bytes queued after NonceExhausted"
     refused_again = False
     try:
         pair.client.send(Spack("still none"))
@@ -500,14 +509,14 @@ def receive_at_reserved_nonce() -> Outcome:
     """The receiver's nonce at 2^64-1: any message is refused, nothing delivered."""
     pair = connected_pair()
     pair.client.send(A)
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(_take_all(pair.client))
     got, _ = _deliveries(pair.server)
-    assert pair.server._recv is not None
-    pair.server._recv.set_nonce_for_testing_only(2**64 - 1)
+    assert pair.server._receiver is not None
+    pair.server._receiver._cipher.set_nonce_for_testing_only(2**64 - 1)
     pair.client.send(B)
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(_take_all(pair.client))
     more, error = _deliveries(pair.server)
-    code = _close_code(pair.client, pair.server.data_to_send())
+    code = _close_code(pair.client, _take_all(pair.server))
     return Outcome(
         error, True, got + more, [A], code=code, torn_down=pair.server.state is SessionState.FAILED
     )
@@ -520,16 +529,16 @@ def data_after_close() -> Outcome:
     pair = connected_pair()
     pair.client.send(A)
     pair.client.close()
-    wire = pair.client.data_to_send()
-    assert pair.client._send is not None
-    extra = encode_frame(pair.client._send.encrypt(b"\x01\x00\x01\x90"))
+    wire = _take_all(pair.client)
+    assert pair.client._sealer.cipher is not None
+    extra = encode_frame(pair.client._sealer.cipher.encrypt(b"\x01\x00\x01\x90"))
     pair.server.receive_data(wire + extra)
     got, error = _deliveries(pair.server)  # A, then the CLOSE
     assert error is None
     assert pair.server.next_event() == CloseReceived(CloseCode.NORMAL, "")
     pair.server.receive_data(extra)  # nor anything later
     assert pair.server.next_event() == CloseReceived(CloseCode.NORMAL, "")
-    code = _close_code(pair.client, pair.server.data_to_send())
+    code = _close_code(pair.client, _take_all(pair.server))
     # Its receiving direction is over: the session reads nothing more.
     return Outcome(anyio.EndOfStream(), True, got, [A], code=code, torn_down=True)
 
@@ -544,7 +553,7 @@ def _usage(call: Callable[[], object]) -> Outcome:
 
 def _accept_twice() -> None:
     pair = make_pair(ik=True)
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(_take_all(pair.client))
     pair.server.next_event()
     pair.server.accept()
     pair.server.accept()
@@ -552,7 +561,7 @@ def _accept_twice() -> None:
 
 def _refuse_after_accept() -> None:
     pair = make_pair(ik=True)
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(_take_all(pair.client))
     pair.server.next_event()
     pair.server.accept()
     pair.server.refuse()
@@ -568,12 +577,12 @@ def every_bit_flip_of_a_frame() -> Outcome:
     """Flip each bit of one transport frame in turn: never a delivery, always typed."""
     pair = connected_pair()
     pair.client.send(A)
-    frame = pair.client.data_to_send()
+    frame = _take_all(pair.client)
     errors: set[type[BaseException]] = set()
     for bit in range(len(frame) * 8):
         fresh = connected_pair()
         fresh.client.send(A)
-        wire = bytearray(fresh.client.data_to_send())
+        wire = bytearray(_take_all(fresh.client))
         wire[bit // 8] ^= 1 << (bit % 8)
         fresh.server.receive_data(bytes(wire))
         fresh.server.receive_data(b"")
@@ -589,13 +598,13 @@ def every_truncation_of_a_stream() -> Outcome:
     pair = connected_pair()
     pair.client.send(A)
     pair.client.send(B)
-    wire = pair.client.data_to_send()
+    wire = _take_all(pair.client)
     first_len = 2 + int.from_bytes(wire[:2], "big")
     for cut in range(len(wire)):
         fresh = connected_pair()
         fresh.client.send(A)
         fresh.client.send(B)
-        data = fresh.client.data_to_send()[:cut]
+        data = _take_all(fresh.client)[:cut]
         fresh.server.receive_data(data)
         fresh.server.receive_data(b"")
         got, error = _deliveries(fresh.server)
@@ -608,7 +617,7 @@ def every_bit_flip_of_ik_msg1() -> Outcome:
     """Flip each bit of IK message 1 (preamble included): the handshake always fails."""
     for bit in range(8 * (8 + 2 + 128)):
         pair = make_pair(ik=True)
-        opening = bytearray(pair.client.data_to_send())
+        opening = bytearray(_take_all(pair.client))
         opening[bit // 8] ^= 1 << (bit % 8)
         pair.server.receive_data(bytes(opening))
         pair.server.receive_data(b"")
@@ -623,14 +632,14 @@ def every_bit_flip_of_ik_msg1() -> Outcome:
 def every_bit_flip_of_xx_msg2() -> Outcome:
     """Flip each bit of the XX verdict and message 2: the initiator always fails."""
     pair = make_pair()
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(_take_all(pair.client))
     drain(pair.server)
-    answer = pair.server.data_to_send()
+    answer = _take_all(pair.server)
     for bit in range(8 * len(answer)):
         fresh = make_pair()
-        fresh.server.receive_data(fresh.client.data_to_send())
+        fresh.server.receive_data(_take_all(fresh.client))
         drain(fresh.server)
-        reply = bytearray(fresh.server.data_to_send())
+        reply = bytearray(_take_all(fresh.server))
         reply[bit // 8] ^= 1 << (bit % 8)
         fresh.client.receive_data(bytes(reply))
         fresh.client.receive_data(b"")

@@ -1,0 +1,217 @@
+"""The sending side's output: plaintexts in, the bytes for the transport out.
+
+Theory of operation
+-------------------
+A :class:`Sealer` owns the sending :class:`~stalk._noise.TransportCipher` and its rekey
+policy, and it is the only place where anything is encrypted. The session hands it
+cleartext (handshake messages, a refusal) and, once the cipher exists, the plaintexts a
+:class:`~stalk.records.RecordWriter` packed. Nothing is encrypted then: plaintexts wait,
+first in, first out, until the driver takes output (:meth:`Sealer.take`), and each call
+encrypts about one output buffer more (:data:`OUTPUT_FRAMES` Noise messages, about 1 MiB).
+So the bytes and nonces on the wire are exactly those of encrypting everything at once,
+only the time moves: a large spack is never held as ciphertext all at once, its first
+bytes leave while the rest waits, and receiving (which queues PONGs) never encrypts.
+
+Each frame's header is packed in place and its ciphertext encrypted straight into the
+output buffer: one copy of each plaintext byte.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterator
+from typing import Final
+
+from stalk._noise import TAGLEN, TransportCipher
+from stalk.errors import LocalProtocolError, NonceExhausted
+from stalk.wire import FRAME_HEADER_LEN, RecordKind
+
+__all__ = ["OUTPUT_FRAMES", "REKEY_RECORD", "Sealer"]
+
+#: A REKEY record on channel 0 with an empty body: kind, channel, length. Packed plaintexts
+#: stop at RECORD_CAPACITY, which keeps room for it in every Noise message.
+REKEY_RECORD: Final = bytes((RecordKind.REKEY, 0, 0))
+#: Noise messages per output buffer: about 1 MiB of full ones. Small enough that a large
+#: spack is never ciphertext all at once, large enough that one write moves a lot.
+OUTPUT_FRAMES: Final = 16
+#: Buffers smaller than this are joined into one write (a preamble and its first message,
+#: many small frames); larger ones are handed out as they are.
+_JOIN_BELOW: Final = 64 * 1024
+_FRAME: Final = struct.Struct(">H")
+#: The most a plaintext grows by when sealed: header, tag, and a REKEY record.
+_OVERHEAD: Final = FRAME_HEADER_LEN + TAGLEN + len(REKEY_RECORD)
+
+
+class _Flushed:
+    """Plaintexts flushed together, not encrypted yet, with the next one looked ahead.
+
+    :param final: the last plaintext ends with CLOSE (no REKEY may follow it).
+    """
+
+    __slots__ = ("final", "next", "plaintexts")
+
+    def __init__(self, plaintexts: Iterator[bytearray], final: bool) -> None:
+        self.plaintexts = plaintexts
+        self.final = final
+        self.next = next(plaintexts, None)
+
+
+class Sealer:
+    """Encrypts flushed plaintexts into frames, in order, as output is taken.
+
+    :param rekey_after_messages: REKEY after this many Noise messages since the last one...
+    :param rekey_after_bytes: ...or this many plaintext bytes, whichever comes first.
+    """
+
+    __slots__ = (
+        "_after_bytes",
+        "_after_messages",
+        "_bytes",
+        "_cipher",
+        "_exhausted",
+        "_flushed",
+        "_messages",
+        "_out",
+        "_requested",
+        "closed",
+    )
+
+    def __init__(self, rekey_after_messages: int, rekey_after_bytes: int) -> None:
+        self._cipher: TransportCipher | None = None
+        self._after_messages = rekey_after_messages
+        self._after_bytes = rekey_after_bytes
+        self._messages = 0  # Noise messages sealed since the last rekey
+        self._bytes = 0  # their plaintext bytes
+        self._requested = False
+        self._flushed: deque[_Flushed] = deque()
+        self._out: list[bytes | bytearray] = []  # ready for the transport, in order
+        self._exhausted: NonceExhausted | None = None
+        #: A plaintext ending with CLOSE was pushed: nothing may follow it.
+        self.closed = False
+
+    @property
+    def cipher(self) -> TransportCipher | None:
+        """The sending cipher, once the handshake produced it."""
+        return self._cipher
+
+    def start(self, cipher: TransportCipher) -> None:
+        """Begin the transport phase with the handshake's sending cipher."""
+        self._cipher = cipher
+
+    @property
+    def pending(self) -> bool:
+        """Whether :meth:`take` has anything."""
+        return bool(self._out or self._flushed)
+
+    def add_cleartext(self, data: bytes) -> None:
+        """Queue bytes that need no encryption (handshake messages, a refusal)."""
+        self._out.append(data)
+
+    def push(self, plaintexts: Iterator[bytearray], *, final: bool = False) -> None:
+        """Queue plaintexts for encryption, after everything queued before them.
+
+        :param final: the last one ends with CLOSE, which must stay the last record (and
+            nothing is sent after it, so rekeying then would be pointless).
+        :raises ~stalk.LocalProtocolError: no cipher yet, or a CLOSE was pushed already.
+        :raises ~stalk.NonceExhausted: the cipher has no nonce left (nothing more is sent).
+        """
+        if self._exhausted is not None:
+            raise self._exhausted
+        if self._cipher is None or self.closed:
+            raise LocalProtocolError("nothing can be sent now")
+        self._flushed.append(_Flushed(plaintexts, final))
+        self.closed = final
+
+    def request_rekey(self) -> None:
+        """Rekey after the next Noise message (the policy does it anyway)."""
+        self._requested = True
+
+    def take(self) -> bytes | bytearray:
+        """The next buffer for the transport, ``b""`` when there is none.
+
+        Hands out what is encrypted already or, when nothing is, encrypts the next output
+        buffer's worth; small buffers are joined into one write of up to about 1 MiB.
+
+        :raises ~stalk.NonceExhausted: the cipher ran out of nonces; what was not
+            encrypted is dropped, and nothing more is ever sent.
+        """
+        out = self._out
+        if not out:
+            if not self._flushed:
+                return b""
+            sealed = 0
+            while self._flushed and sealed < _JOIN_BELOW:  # small flushes share a write
+                sealed += self._seal_next()
+        if len(out) == 1 or len(out[0]) >= _JOIN_BELOW:
+            return out.pop(0)
+        count = size = 0
+        for piece in out:
+            if size and (size + len(piece) > OUTPUT_FRAMES * 65_537 or len(piece) >= _JOIN_BELOW):
+                break
+            count += 1
+            size += len(piece)
+        joined = b"".join(out[:count])
+        del out[:count]
+        return joined
+
+    def _rekey_due(self) -> bool:
+        """SPEC "Rekey": requested, or the policy's message or byte count is reached."""
+        return (
+            self._requested
+            or self._messages >= self._after_messages
+            or self._bytes >= self._after_bytes
+        )
+
+    def _seal_next(self) -> int:
+        """Encrypt up to :data:`OUTPUT_FRAMES` queued plaintexts into one output buffer.
+
+        :returns: the size of that buffer.
+        """
+        cipher = self._cipher
+        if cipher is None:  # pragma: no cover - push() requires it
+            raise LocalProtocolError("no transport cipher yet")
+        entry = self._flushed[0]
+        group: list[bytearray] = []
+        while entry.next is not None and len(group) < OUTPUT_FRAMES:
+            group.append(entry.next)
+            entry.next = next(entry.plaintexts, None)
+        if entry.next is None:
+            self._flushed.popleft()
+        out = bytearray(sum(map(len, group)) + len(group) * _OVERHEAD)
+        try:
+            offset = self._seal_group(cipher, entry, group, out)
+        except NonceExhausted as exc:
+            self._exhausted = exc
+            self._flushed.clear()
+            raise
+        del out[offset:]
+        self._out.append(out)
+        return offset
+
+    def _seal_group(
+        self, cipher: TransportCipher, entry: _Flushed, group: list[bytearray], out: bytearray
+    ) -> int:
+        """Encrypt ``group`` into ``out`` as frames, applying the rekey policy; their size."""
+        offset = 0
+        last = len(group) - 1
+        with memoryview(out) as view:
+            for index, plaintext in enumerate(group):
+                self._messages += 1
+                self._bytes += len(plaintext)
+                rekey = self._rekey_due() and not (
+                    entry.final and index == last and entry.next is None
+                )
+                if rekey:
+                    plaintext.extend(REKEY_RECORD)
+                size = len(plaintext) + TAGLEN
+                _FRAME.pack_into(out, offset, size)
+                start = offset + FRAME_HEADER_LEN
+                cipher.encrypt_into(plaintext, view[start : start + size])
+                offset = start + size
+                if rekey:
+                    cipher.rekey()
+                    self._requested = False
+                    self._messages = 0
+                    self._bytes = 0
+        return offset
