@@ -129,7 +129,7 @@ def _states(session: Session) -> tuple[S, S]:
 
 
 def _summary(session: Session) -> SessionState:
-    return _summary(session)
+    return session.state
 
 
 @pytest.mark.parametrize("ik", [False, True], ids=["XX", "IK"])
