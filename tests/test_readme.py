@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import stalk
 from stalk.config import Config
 
@@ -70,20 +72,51 @@ def test_public_namespace_is_all_and_documented() -> None:
 
 
 CORE = [
-    "spack",
+    "errors",
+    "events",
+    "framing",
+    "handshake",
     "identity",
     "_noise",
-    "wire",
-    "framing",
+    "reassembly",
+    "receiver",
     "records",
-    "handshake",
+    "sealer",
     "session",
-    "events",
+    "spack",
+    "states",
+    "weigh",
+    "wire",
 ]
 FORBIDDEN = {"anyio", "asyncio", "trio", "socket", "time", "selectors"}
+#: What no core module may pull in, directly or not (``time`` is loaded at startup).
+LOADED_FORBIDDEN = {"anyio", "asyncio", "trio", "sniffio", "socket", "selectors", "ssl"}
+_LOADED = """
+import importlib, sys, types
+package = types.ModuleType("stalk")
+package.__path__ = [sys.argv[1]]
+sys.modules["stalk"] = package  # the core module alone, not the package's anyio layer
+importlib.import_module("stalk." + sys.argv[2])
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_modules_load_no_io_or_event_loop(module: str) -> None:
+    """Imported alone in a fresh interpreter, a core module loads no anyio, no event loop
+    and no socket module, however indirectly (checked in ``sys.modules``)."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", _LOADED, str(ROOT / "src" / "stalk"), module],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "stalk" in loaded
+    assert not set(loaded) & LOADED_FORBIDDEN, (module, set(loaded) & LOADED_FORBIDDEN)
 
 
 def test_core_modules_import_no_io() -> None:
+    """No core module imports I/O, an event loop or a clock itself."""
     for module in CORE:
         tree = ast.parse((ROOT / "src" / "stalk" / f"{module}.py").read_text(encoding="utf-8"))
         roots = set()

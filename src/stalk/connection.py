@@ -58,7 +58,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeAlias, cast
+from typing import Any, Final, TypeAlias, cast
 
 import anyio
 from anyio.abc import ByteStream, ObjectStream, SocketAttribute, TaskGroup
@@ -93,6 +93,7 @@ __all__ = [
     "MessageHandler",
     "StalkAttribute",
     "connect",
+    "stream_error",
 ]
 
 logger = logging.getLogger("stalk")
@@ -108,6 +109,44 @@ _LINGER_SECONDS = 1.0
 Authorize: TypeAlias = Callable[[PublicIdentity], "bool | Awaitable[bool]"]
 #: ``handler(spack)`` (or a coroutine function) called for every spack received.
 MessageHandler: TypeAlias = Callable[[Spack], "Awaitable[None] | None"]
+
+
+#: The anyio stream error each of these stalk errors also is when a Connection raises it.
+_ANYIO_ERRORS: Final[tuple[tuple[type[StalkError], type[Exception]], ...]] = (
+    (ConnectionLost, anyio.BrokenResourceError),
+    (ConnectionClosed, anyio.ClosedResourceError),
+)
+_stream_classes: dict[type[StalkError], type[StalkError]] = {}
+
+
+def stream_error(exc: StalkError) -> StalkError:
+    """``exc`` as the anyio layer raises it: also anyio's stream error where it maps to one.
+
+    A :class:`~stalk.ConnectionLost` (and its subclasses) becomes also an
+    :class:`anyio.BrokenResourceError`, a :class:`~stalk.ConnectionClosed` also an
+    :class:`anyio.ClosedResourceError`; the sans-IO core, which knows nothing of anyio,
+    raises the plain classes. The instance keeps its identity, message and attributes:
+    only its class changes, to a subclass of both named like the original.
+    """
+    cls = type(exc)
+    stream_class = _stream_classes.get(cls)
+    if stream_class is None:
+        base = next(
+            (anyio_error for ours, anyio_error in _ANYIO_ERRORS if issubclass(cls, ours)), None
+        )
+        if base is None or issubclass(cls, base):
+            return exc
+        stream_class = _stream_classes[cls] = type(
+            cls.__name__,
+            (cls, base),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+            },
+        )
+    exc.__class__ = stream_class
+    return exc
 
 
 class StalkAttribute(anyio.TypedAttributeSet):
@@ -177,7 +216,7 @@ class Connection(ObjectStream[Spack]):
         server_side: bool = False,
         authorize: Authorize | None = None,
         config: Config | None = None,
-        _caller_has_deadline: bool = False,
+        handler: MessageHandler | None = None,
     ) -> Connection:
         """Run the stalk handshake over ``transport`` and return the connection.
 
@@ -186,6 +225,8 @@ class Connection(ObjectStream[Spack]):
         :param server_side: act as the responder.
         :param authorize: server side: asked whether the client's key may connect.
         :param config: timeouts and limits.
+        :param handler: called (or awaited) with every spack received, in order, while the
+            connection is used as ``async with``; ``receive()`` is then not available.
         :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
             (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
             :class:`~stalk.HandshakeTimeout`). The transport is closed.
@@ -194,12 +235,9 @@ class Connection(ObjectStream[Spack]):
         role = Role.RESPONDER if server_side else Role.INITIATOR
         session = Session(role, identity, peer=peer, config=config.session_config())
         conn = cls(transport, session, config)
+        conn._handler = handler
         try:
-            with (
-                contextlib.nullcontext()
-                if _caller_has_deadline  # connect(): one deadline covers TCP and handshake
-                else anyio.fail_after(config.handshake_timeout)
-            ):
+            with anyio.fail_after(config.handshake_timeout):
                 await conn._run_handshake(authorize)
         except TimeoutError as exc:
             raise await conn._fail(
@@ -392,9 +430,6 @@ class Connection(ObjectStream[Spack]):
             return  # the connection is broken or closed; the next call reports it
         finally:
             self._writer_running = False
-
-    def _start_writer(self, task_group: TaskGroup) -> None:
-        task_group.start_soon(self._write_behind, name=f"stalk writer {self._address}")
 
     async def send_eof(self) -> None:
         """Send CLOSE (normal) and half-close: the peer's ``receive()`` ends, ours goes on.
@@ -639,8 +674,9 @@ class Connection(ObjectStream[Spack]):
         return self._tag(ConnectionClosed("the connection is closed"))
 
     def _tag(self, exc: StalkError) -> StalkError:
+        """``exc`` with the peer's address, as anyio's stream error where it maps to one."""
         exc.peer_address = self._address
-        return exc
+        return stream_error(exc)
 
     async def _fail(self, exc: StalkError, *, close: bool = False) -> StalkError:
         """Mark the connection broken by ``exc``, close the transport, return ``exc``.
@@ -692,7 +728,7 @@ class Connection(ObjectStream[Spack]):
         if self._task_group is None:
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
-            self._start_writer(self._task_group)
+            self._task_group.start_soon(self._write_behind, name=f"stalk writer {self._address}")
             if self._handler is not None:
                 self._task_group.start_soon(self._dispatch, self._handler)
         return self
@@ -760,7 +796,8 @@ async def connect(
     if isinstance(peer, str):
         peer = PublicIdentity.from_string(peer)
     identity = identity or Identity.generate()
-    # One deadline for the TCP connect and the handshake together (Config.handshake_timeout).
+    # One deadline for the TCP connect and the handshake together (Config.handshake_timeout):
+    # wrap()'s own deadline, started later, is never the first to expire.
     try:
         with anyio.fail_after(config.handshake_timeout):
             try:
@@ -770,7 +807,7 @@ async def connect(
                 error.peer_address = (host, port)
                 raise error from exc
             conn = await Connection.wrap(
-                stream, identity=identity, peer=peer, config=config, _caller_has_deadline=True
+                stream, identity=identity, peer=peer, config=config, handler=handler
             )
     except TimeoutError as exc:
         timeout = HandshakeTimeout(
@@ -778,5 +815,4 @@ async def connect(
         )
         timeout.peer_address = (host, port)
         raise timeout from exc
-    conn._handler = handler
     return conn

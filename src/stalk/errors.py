@@ -2,16 +2,19 @@
 
 Every error stalk raises is a :class:`StalkError`; errors from the libraries underneath
 (noiseprotocol, cryptography, msgpack) are translated at the one module that calls each
-of them and chained with ``from``. Three errors are also anyio's stream errors, so code
-written against anyio's vocabulary works unchanged:
+of them and chained with ``from``. Each error is classified here once: its class says what
+happened, and its :attr:`StalkError.close_code` how the peer is told.
 
-- :class:`ConnectionLost` is an :class:`anyio.BrokenResourceError` (the stream was cut:
-  EOF or reset without an authenticated CLOSE);
-- :class:`ConnectionClosed` is an :class:`anyio.ClosedResourceError` (we closed it);
+This module belongs to the sans-IO core and imports no anyio. The anyio layer raises two
+of these errors as anyio's stream errors too, so code written against anyio's vocabulary
+works unchanged (see ``stalk.connection.stream_error``):
+
+- a :class:`ConnectionLost` from a :class:`~stalk.Connection` is also an
+  :class:`anyio.BrokenResourceError` (the stream was cut: EOF or reset without an
+  authenticated CLOSE);
+- a :class:`ConnectionClosed` from a :class:`~stalk.Connection` is also an
+  :class:`anyio.ClosedResourceError` (we closed it);
 - a clean CLOSE from the peer is not an error at all: receivers see :class:`anyio.EndOfStream`.
-
-Importing anyio here costs nothing at run time and pulls in no event loop: the sans-IO core
-only needs these exception classes, never anyio's I/O.
 
 Messages never contain key material or received plaintext.
 """
@@ -19,8 +22,6 @@ Messages never contain key material or received plaintext.
 from __future__ import annotations
 
 from typing import ClassVar
-
-from anyio import BrokenResourceError, ClosedResourceError
 
 from stalk.wire import CloseCode
 
@@ -176,11 +177,12 @@ class PeerRefused(HandshakeFailed):
         self.reason = reason
 
 
-class ConnectionLost(StalkError, BrokenResourceError):
+class ConnectionLost(StalkError):
     """The connection ended without an authenticated CLOSE: truncation, EOF or reset.
 
-    Also an :class:`anyio.BrokenResourceError`. The application can tell this apart from a
-    clean close, which surfaces as :class:`anyio.EndOfStream`.
+    Raised by a :class:`~stalk.Connection`, also an :class:`anyio.BrokenResourceError`. The
+    application can tell this apart from a clean close, which surfaces as
+    :class:`anyio.EndOfStream`.
     """
 
 
@@ -207,5 +209,8 @@ class IdleTimeout(ConnectionLost):
     close_code = CloseCode.TIMEOUT
 
 
-class ConnectionClosed(StalkError, ClosedResourceError):
-    """We already closed the connection (or it failed); it cannot be used again."""
+class ConnectionClosed(StalkError):
+    """We already closed the connection (or it failed); it cannot be used again.
+
+    Raised by a :class:`~stalk.Connection`, also an :class:`anyio.ClosedResourceError`.
+    """

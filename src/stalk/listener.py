@@ -261,17 +261,15 @@ class Listener(anyio.abc.AsyncResource):
         logger.info("peer %s connected (%s) from %s", conn.peer.fingerprint, conn.pattern, address)
         self._connections += 1
         try:
-            async with anyio.create_task_group() as writer_group:
-                conn._start_writer(writer_group)
-                await self._run_handler(handler, conn, address)
-                writer_group.cancel_scope.cancel()
+            async with conn:  # its writer task runs while the handler does
+                try:
+                    await self._run_handler(handler, conn, address)
+                finally:
+                    # Reached with the connection still open only when the listener is
+                    # being stopped (cancelled): tell the peer instead of leaving it hanging.
+                    await conn.close(CloseCode.GOING_AWAY, "listener shutting down")
         finally:
-            try:
-                # Reached with the connection still open only when the listener is being
-                # stopped (cancelled): tell the peer instead of leaving it hanging.
-                await conn.close(CloseCode.GOING_AWAY, "listener shutting down")
-            finally:
-                self._connections -= 1
+            self._connections -= 1
 
     @staticmethod
     async def _run_handler(handler: ConnectionHandler, conn: Connection, address: object) -> None:
