@@ -60,33 +60,46 @@ class Direction(enum.Enum):
     RECEIVE = "receive"
 
 
-class DirectionState(enum.Enum):
+# Integer enums: the tables are dicts keyed by (state, input), and an IntEnum hashes in C
+# where a plain Enum member runs Python code.
+class DirectionState(enum.IntEnum):
     """Where one direction is in its life."""
 
-    HANDSHAKE = "handshake"  # the Noise handshake is running: no transport keys
-    AUTHORIZING = "authorizing"  # responder: the peer's key is known, the verdict is not
-    CONFIRMING = "confirming"  # transport keys exist; READY has not gone either way yet
-    OPEN = "open"  # spacks, PINGs and PONGs flow
-    CLOSED = "closed"  # CLOSE sent (SEND) or received (RECEIVE); or refused, or abandoned
-    BROKEN = "broken"  # the session failed (terminal)
+    HANDSHAKE = 1  # the Noise handshake is running: no transport keys
+    AUTHORIZING = 2  # responder: the peer's key is known, the verdict is not
+    CONFIRMING = 3  # transport keys exist; READY has not gone either way yet
+    OPEN = 4  # spacks, PINGs and PONGs flow
+    CLOSED = 5  # CLOSE sent (SEND) or received (RECEIVE); or refused, or abandoned
+    BROKEN = 6  # the session failed (terminal)
+
+    def __str__(self) -> str:
+        return self.name.lower()
 
 
-class Input(enum.Enum):
+class Input(enum.IntEnum):
     """What moves a direction: a handshake milestone, an API call or the peer's input."""
 
-    PEER_IDENTIFIED = "peer identified"  # responder: the peer's static key was read
-    ACCEPT = "accept"  # responder: the application admits the peer
-    REFUSE = "refuse"  # responder: the application refuses the peer
-    KEYS = "keys"  # initiator: the last handshake message was read or written
-    READY_SENT = "READY sent"  # we read the last handshake message and confirm it
-    READY_RECEIVED = "READY received"  # the peer confirmed the handshake
-    ABANDON = "abandon"  # close() before there are keys to authenticate a CLOSE with
-    FAIL = "fail"  # any error: the session is dead
-    DATA_SENT = "data sent"  # queue(), send(), ping()
-    CLOSE_SENT = "CLOSE sent"
-    DATA_RECEIVED = "data received"  # MESSAGE, FRAGMENT, PING, PONG, REKEY records
-    CLOSE_RECEIVED = "CLOSE received"
-    EOF = "EOF"  # the transport's end of input
+    PEER_IDENTIFIED = 1  # responder: the peer's static key was read
+    ACCEPT = 2  # responder: the application admits the peer
+    REFUSE = 3  # responder: the application refuses the peer
+    KEYS = 4  # initiator: the last handshake message was read or written
+    READY_SENT = 5  # we read the last handshake message and confirm it
+    READY_RECEIVED = 6  # the peer confirmed the handshake
+    ABANDON = 7  # close() before there are keys to authenticate a CLOSE with
+    FAIL = 8  # any error: the session is dead
+    DATA_SENT = 9  # queue(), send(), ping()
+    CLOSE_SENT = 10
+    DATA_RECEIVED = 11  # MESSAGE, FRAGMENT, PING, PONG, REKEY records
+    CLOSE_RECEIVED = 12
+    EOF = 13  # the transport's end of input
+
+    def __str__(self) -> str:
+        return (
+            self.name.replace("_", " ")
+            .lower()
+            .replace("ready", "READY")
+            .replace("close ", "CLOSE ")
+        )
 
 
 class SessionState(enum.Enum):
@@ -179,7 +192,7 @@ SESSION_STATE: Final[dict[tuple[DirectionState, DirectionState], SessionState]] 
 
 def refusal(direction: Direction, state: DirectionState, what: Input) -> StalkError:
     """The error for ``what`` arriving while ``direction`` is in ``state`` (not allowed)."""
-    text = f"{what.value} is not allowed while {direction.value} is {state.value}"
+    text = f"{what} is not allowed while {direction.value} is {state}"
     if what in _LOCAL_INPUTS:
         if state in (_X, _B):
             return ConnectionClosed(f"the session is closed for sending ({text})")
