@@ -17,6 +17,7 @@ from stalk.records import (
     encode_close,
     encode_uvarint,
     parse_records,
+    read_records,
     read_uvarint,
 )
 from stalk.wire import MAX_CLOSE_REASON, RECORD_CAPACITY, RecordKind
@@ -178,3 +179,54 @@ def test_a_large_message_is_packed_one_plaintext_at_a_time() -> None:
         tracemalloc.stop()
     assert taken > len(payload)
     assert peak < 1024 * 1024
+
+
+def _general_read_records(data: bytes) -> list[tuple[int, bytes]] | None:
+    """Every record, each header read with the general varint reader; ``None``: invalid."""
+    view = memoryview(data)
+    try:
+        records = []
+        pos = 0
+        while pos < len(view):
+            kind = RecordKind(view[pos])
+            channel, pos = read_uvarint(view, pos + 1, 5)
+            length, pos = read_uvarint(view, pos, 3)
+            if channel != 0 or length > len(view) - pos:
+                return None
+            records.append((kind, bytes(view[pos : pos + length])))
+            pos += length
+        return records
+    except (ValueError, ProtocolError):
+        return None
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([*RecordKind, 0x0B]),
+            st.sampled_from([b"\x00", b"\x01", b"\x80\x00", b"\x00\x00"]),
+            st.binary(max_size=300),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_the_inline_channel_0_header_reads_as_the_general_reader(
+    records: list[tuple[int, bytes, bytes, bool]],
+) -> None:
+    """Differential: ``read_records`` reads a channel-0 header inline; each record it
+    accepts is what the general varint reader reads, and it never accepts bytes the general
+    reader finds malformed (its other checks may refuse more)."""
+    data = b"".join(
+        bytes((kind,)) + channel + (encode_uvarint(len(body)) if exact else b"\x85\x00") + body
+        for kind, channel, body, exact in records
+    )
+    general = _general_read_records(data)
+    try:
+        fast, _ = read_records(memoryview(data), 0, None)
+    except ProtocolError:
+        return
+    assert general is not None
+    assert [(record.kind, bytes(record.body)) for record in fast] == general

@@ -800,3 +800,35 @@ def test_joined_pieces_are_received_as_pieces_weighed_as_they_arrive(
         plaintexts += [b"".join(records)] if together else records
     assert _joined_outcome(plaintexts, 0) == _joined_outcome(plaintexts, join)
     assert _joined_outcome(plaintexts, 0) == _joined_outcome(plaintexts, reassembly.JOIN_LIMIT)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(
+            _spack_encodings | st.binary(max_size=40),
+            st.lists(st.integers(0, 3000), max_size=4),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_a_run_of_fragments_in_one_message_is_received_as_one_per_message(
+    messages: list[tuple[bytes, list[int]]],
+) -> None:
+    """Differential: a run of FRAGMENT records in one Noise message is joined before it is
+    decoded (the receiver's coalescing); sent one record per Noise message instead, the
+    pieces give the same events, and the same verdict on a never-valid spack."""
+    together: list[bytes] = []
+    apart: list[bytes] = []
+    for data, cuts in messages:
+        records = _pieces(data, cuts, RecordKind.MESSAGE)
+        together.append(b"".join(records))
+        apart += records
+    for join in (0, reassembly.JOIN_LIMIT):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(reassembly, "JOIN_LIMIT", join)
+            events_together, error_together = _outcome(together, padded=False)
+            events_apart, error_apart = _outcome(apart, padded=False)
+        assert events_together == events_apart
+        assert (error_together is None) == (error_apart is None)
