@@ -181,7 +181,7 @@ def test_a_large_message_is_packed_one_plaintext_at_a_time() -> None:
     assert peak < 1024 * 1024
 
 
-def _general_read_records(data: bytes) -> list[tuple[int, bytes]] | None:
+def _general_read_records(data: bytes) -> list[tuple[RecordKind, bytes]] | None:
     """Every record, each header read with the general varint reader; ``None``: invalid."""
     view = memoryview(data)
     try:
