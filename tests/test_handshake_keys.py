@@ -25,7 +25,7 @@ from adversarial.peers import (
     client_handshake,
     close,
 )
-from helpers import connected_pair, drain
+from helpers import connected_pair, drain, take_all
 from stalk.connection import Connection
 from stalk.errors import HandshakeFailed, InvalidPeerKey, PeerRefused
 from stalk.events import PeerIdentified
@@ -73,14 +73,14 @@ def xx_to_msg3(init: Initiator, server: Session) -> None:
     """Run XX message 1 and 2 between a hostile initiator and a stalk responder."""
     server.receive_data(init.opening())
     assert drain(server) == []
-    answer = server.data_to_send()
+    answer = take_all(server)
     assert answer[:1] == b"\x00"
     init.read_msg2(frame_body(answer[1:]))
 
 
 def hostile_answer(client: Session, resp: Responder) -> bytes:
     """A hostile responder's verdict and message 2 for ``client``'s opening."""
-    opening = client.data_to_send()
+    opening = take_all(client)
     resp.start(bytes(opening[:8]))
     assert resp.noise is not None
     resp.noise.read_message(frame_body(opening[8:]))
@@ -106,7 +106,7 @@ def test_responder_refuses_bit_255_twin_of_a_real_ephemeral(pattern: str) -> Non
     assert type(error) is InvalidPeerKey
     assert "ephemeral key" in str(error)
     assert "bit 255" in str(error)
-    assert refusal_code(server.data_to_send()) == CloseCode.INVALID_KEY
+    assert refusal_code(take_all(server)) == CloseCode.INVALID_KEY
     assert server.state is SessionState.FAILED
 
 
@@ -118,7 +118,7 @@ def test_responder_refuses_a_bad_ephemeral(pattern: str, name: str) -> None:
     init = Initiator(server=server_identity.public if ik else None, low_e=JUNK_KEYS[name])
     server, error = respond_to(init, server_identity)
     assert type(error) is InvalidPeerKey
-    assert refusal_code(server.data_to_send()) == CloseCode.INVALID_KEY
+    assert refusal_code(take_all(server)) == CloseCode.INVALID_KEY
 
 
 @pytest.mark.parametrize("name", ["twin", *JUNK_KEYS])
@@ -134,14 +134,14 @@ def test_ik_responder_refuses_a_bad_static_before_authorization(name: str) -> No
     with pytest.raises(InvalidPeerKey, match="static key in IK message 1"):
         events.extend(drain(server))
     assert not any(isinstance(e, PeerIdentified) for e in events)
-    assert refusal_code(server.data_to_send()) == CloseCode.INVALID_KEY
+    assert refusal_code(take_all(server)) == CloseCode.INVALID_KEY
 
 
 def test_ik_initiator_sees_the_refusal_as_peer_refused() -> None:
     # The stalk side of the refusal: a responder that says INVALID_KEY.
     server_identity = Identity.generate()
     client = Session(Role.INITIATOR, Identity.generate(), peer=server_identity.public)
-    client.data_to_send()
+    take_all(client)
     client.receive_data(bytes([CloseCode.INVALID_KEY, 3]) + b"bad")
     with pytest.raises(PeerRefused, match="INVALID_KEY") as info:
         drain(client)
@@ -163,12 +163,12 @@ def test_xx_responder_closes_with_invalid_key_for_a_twin_static() -> None:
     assert not any(isinstance(e, PeerIdentified) for e in events)
     assert server.peer is None
     transport = init.transport()
-    assert only_close(transport.open(frame_body(server.data_to_send()))) == CloseCode.INVALID_KEY
+    assert only_close(transport.open(frame_body(take_all(server)))) == CloseCode.INVALID_KEY
     assert server.close_sent
     # The error stays the one reported, and nothing more is sent.
     with pytest.raises(InvalidPeerKey):
         server.next_event()
-    assert server.data_to_send() == b""
+    assert take_all(server) == b""
 
 
 @pytest.mark.parametrize("name", ["zero", "zero_bit255", "order8_b"])
@@ -181,7 +181,7 @@ def test_xx_responder_just_closes_for_a_low_order_static(name: str) -> None:
     server.receive_data(encode_frame(init.msg3()))
     with pytest.raises(InvalidPeerKey, match="static key in XX message 3"):
         drain(server)
-    assert server.data_to_send() == b""
+    assert take_all(server) == b""
 
 
 def test_xx_initiator_sees_the_close_as_peer_refused() -> None:
@@ -192,7 +192,7 @@ def test_xx_initiator_sees_the_close_as_peer_refused() -> None:
     client.receive_data(hostile_answer(client, resp))
     assert drain(client) == []
     assert resp.noise is not None
-    resp.noise.read_message(frame_body(client.data_to_send()))
+    resp.noise.read_message(frame_body(take_all(client)))
     client.receive_data(resp.transport().seal(close(CloseCode.INVALID_KEY, b"bad key")))
     with pytest.raises(PeerRefused, match="INVALID_KEY") as info:
         drain(client)
@@ -224,7 +224,7 @@ def test_initiator_fails_with_invalid_peer_key(
     with pytest.raises(InvalidPeerKey, match=where):
         drain(client)
     assert client.state is SessionState.FAILED
-    assert client.data_to_send() == b""  # no message 3, no READY
+    assert take_all(client) == b""  # no message 3, no READY
     assert client.peer is None
 
 

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from helpers import connected_pair
+from helpers import connected_pair, take_all
 from stalk.errors import MessageLimitExceeded
 from stalk.events import NEED_DATA, PAUSED, MessageReceived
 from stalk.framing import encode_frame
@@ -102,6 +102,11 @@ class HostilePeer(RuleBasedStateMachine):
         self.pump()
 
     def pump(self) -> None:
+        """Let the victim work until it needs data or blocks owing output.
+
+        Not :func:`helpers.pump`: only the victim is a Session (the peer writes frames by
+        hand), and PAUSED owing output blocks the peer instead of moving the output.
+        """
         try:
             while True:
                 event = self.victim.next_event()
@@ -227,7 +232,7 @@ class HostilePeer(RuleBasedStateMachine):
     @rule()
     def peer_reads(self) -> None:
         """The peer finally reads: what the victim owes is written, and it reads on."""
-        self.victim.data_to_send()
+        take_all(self.victim)
         self.blocked = False
         self.pump()
 
