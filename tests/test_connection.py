@@ -13,7 +13,7 @@ import pytest
 from anyio.abc import TaskGroup
 from anyio.streams.stapled import StapledByteStream
 
-from helpers_streams import byte_stream_pair
+from helpers import byte_stream_pair, wait_until
 from stalk.config import Config
 from stalk.connection import Connection, StalkAttribute, connect
 from stalk.errors import (
@@ -39,6 +39,7 @@ Server = tuple[str, int, Identity]
 
 
 async def echo(conn: Connection) -> None:
+    """Not :func:`helpers.echo`: each answer is tagged, so it cannot be the request."""
     async for spack in conn:
         await conn.send(Spack("echo", *spack))
 
@@ -122,7 +123,7 @@ async def test_authorize_refuses_unknown_peers(pin: bool) -> None:
 
     async def authorize(peer: PublicIdentity) -> bool:
         asked.append(peer)
-        await anyio.sleep(0)
+        await anyio.sleep(0)  # a checkpoint, not a wait: this authorize really awaits
         return peer == friend.public
 
     async with serving(authorize=authorize) as ((host, port, server_id), _):
@@ -272,13 +273,18 @@ async def test_garbage_and_stalled_clients_do_not_block_others() -> None:
 
 async def test_busy_listener_refuses_beyond_max_handshakes() -> None:
     config = Config(max_handshakes=1, handshake_timeout=3)
-    async with serving(config=config) as ((host, port, server_id), _):
+    server_id = Identity.generate()
+    listener = await create_listener("127.0.0.1", 0, identity=server_id, config=config)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        host, port = listener.address
         stalled = await anyio.connect_tcp(host, port)
-        await anyio.sleep(0.1)
+        await wait_until(lambda: listener.handshakes_in_progress == 1)
         with pytest.raises(PeerRefused) as info:
             await connect(host, port, server_id.public)
         assert info.value.code == CloseCode.BUSY
         await stalled.aclose()
+        tg.cancel_scope.cancel()
 
 
 async def test_connect_to_closed_port() -> None:
@@ -340,7 +346,7 @@ async def test_concurrent_receives_are_refused() -> None:
         async with await connect(host, port, server_id.public) as conn:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(conn.receive)
-                await anyio.sleep(0.05)
+                await anyio.wait_all_tasks_blocked()  # the first receive is waiting
                 with pytest.raises(anyio.BusyResourceError):
                     await conn.receive()
                 tg.cancel_scope.cancel()
@@ -361,7 +367,7 @@ async def test_cancelled_send_never_corrupts_the_stream() -> None:
     async def slow(conn: Connection) -> None:
         async for spack in conn:
             received.append(spack)
-            await anyio.sleep(0.001)
+            await anyio.sleep(0.001)  # the point: a slow consumer
 
     blob = b"z" * (4 << 20)
     async with serving(slow) as ((host, port, server_id), _):
@@ -372,9 +378,7 @@ async def test_cancelled_send_never_corrupts_the_stream() -> None:
                     await conn.send(Spack(delay, blob))
                 outcomes.append(scope.cancelled_caught)
             await conn.send(Spack("tail"))
-        with anyio.fail_after(10):
-            while not received or received[-1] != Spack("tail"):
-                await anyio.sleep(0.01)
+        await wait_until(lambda: received and received[-1] == Spack("tail"), timeout=10)
     # Every spack that arrived is whole; cancelled sends either arrived whole or not at all.
     for spack in received[:-1]:
         assert spack[1] == blob
@@ -453,9 +457,7 @@ async def test_plain_function_handler() -> None:
         conn = await connect(host, port, server_id.public, handler=got.append)
         async with conn:
             await conn.send(Spack("x"))
-            with anyio.fail_after(5):
-                while not got:
-                    await anyio.sleep(0.01)
+            await wait_until(lambda: got)
     assert got == [Spack("echo", "x")]
 
 
