@@ -72,7 +72,7 @@ from faultproxy import (
 )
 from helpers import echo, holds_within, take_all, wait_until
 from stalk.config import Config
-from stalk.connection import Connection, connect
+from stalk.connection import Authorize, Connection, connect
 from stalk.errors import (
     ConnectionClosed,
     ConnectionLost,
@@ -1076,6 +1076,27 @@ def _closing(
 # -- regression tests for the bugs this suite found ---------------------------------------------
 
 
+async def _echo_listener(
+    server_id: Identity,
+    authorize: Authorize,
+    died: list[BaseException],
+    *,
+    task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """An echo listener with ``authorize``; an exception that ends it goes into ``died``."""
+    try:
+        await listen(
+            "127.0.0.1",
+            0,
+            echo,
+            identity=server_id,
+            authorize=authorize,
+            task_status=task_status,
+        )
+    except Exception as exc:
+        died.append(exc)
+
+
 async def test_reset_during_authorize_does_not_kill_the_listener(anyio_backend: str) -> None:
     """An IK client sends message 1 and resets while ``authorize`` runs.
 
@@ -1098,21 +1119,8 @@ async def test_reset_during_authorize_does_not_kill_the_listener(anyio_backend: 
 
     died: list[BaseException] = []
 
-    async def serve(task_status: anyio.abc.TaskStatus[tuple[str, int]]) -> None:
-        try:
-            await listen(
-                "127.0.0.1",
-                0,
-                echo,
-                identity=server_id,
-                authorize=slow_authorize,
-                task_status=task_status,
-            )
-        except Exception as exc:
-            died.append(exc)
-
     async with anyio.create_task_group() as tg:
-        host, port = await tg.start(serve)
+        host, port = await tg.start(partial(_echo_listener, server_id, slow_authorize, died))
         hello = Session(Role.INITIATOR, Identity.generate(), peer=server_id.public)
         raw = await anyio.connect_tcp(host, port)
         await raw.send(take_all(hello))  # preamble + IK message 1
@@ -1223,21 +1231,8 @@ async def test_a_failing_authorize_refuses_one_client_only(anyio_backend: str) -
 
     died: list[BaseException] = []
 
-    async def serve(task_status: anyio.abc.TaskStatus[tuple[str, int]]) -> None:
-        try:
-            await listen(
-                "127.0.0.1",
-                0,
-                echo,
-                identity=server_id,
-                authorize=flaky_authorize,
-                task_status=task_status,
-            )
-        except Exception as exc:
-            died.append(exc)
-
     async with anyio.create_task_group() as tg:
-        host, port = await tg.start(serve)
+        host, port = await tg.start(partial(_echo_listener, server_id, flaky_authorize, died))
         with anyio.fail_after(5), pytest.raises(HandshakeFailed):
             await connect(host, port, server_id.public)
         await anyio.sleep(0.1)  # the listener ends that handshake on its own schedule
