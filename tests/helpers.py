@@ -3,23 +3,27 @@
 Sans-IO: :func:`take_all` (the one way a test reads a session's output), :func:`drain`
 (events until NEED_DATA), :func:`pump` (bytes between two sessions until both are quiet)
 and :class:`Pair` (two sessions wired back to back). anyio: :func:`echo` (the echo
-handler), :func:`wait_until` and :func:`holds_within` (wait for a condition instead of
-sleeping) and :func:`byte_stream_pair` (in-memory byte streams for tests that need no
-sockets).
+handler), :func:`serving` (a listener serving a handler), :func:`wait_until` and
+:func:`holds_within` (wait for a condition instead of sleeping) and
+:func:`byte_stream_pair` (in-memory byte streams for tests that need no sockets).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 from anyio.abc import ByteReceiveStream, ByteSendStream
 from anyio.streams.stapled import StapledByteStream
 
+from stalk.config import Config
 from stalk.connection import Connection
 from stalk.events import NEED_DATA, PAUSED, CloseReceived, Event, PeerIdentified
-from stalk.identity import Identity
+from stalk.identity import Identity, PublicIdentity
+from stalk.listener import ConnectionHandler, listen
 from stalk.session import Role, Session, SessionConfig
 
 # -- sans-IO ------------------------------------------------------------------------------
@@ -187,6 +191,32 @@ async def echo(conn: Connection) -> None:
     """A connection handler that sends every spack back as it came."""
     async for spack in conn:
         await conn.send(spack)
+
+
+@asynccontextmanager
+async def serving(
+    handler: ConnectionHandler = echo,
+    *,
+    authorize: Callable[[PublicIdentity], bool | Awaitable[bool]] | None = None,
+    config: Config | None = None,
+) -> AsyncIterator[tuple[str, int, Identity]]:
+    """A listener on 127.0.0.1 with a fresh identity, serving ``handler`` until the block
+    ends; yields its host, port and identity."""
+    identity = Identity.generate()
+    async with anyio.create_task_group() as tg:
+        host, port = await tg.start(
+            partial(
+                listen,
+                "127.0.0.1",
+                0,
+                handler,
+                identity=identity,
+                authorize=authorize,
+                config=config,
+            )
+        )
+        yield host, port, identity
+        tg.cancel_scope.cancel()
 
 
 async def wait_until(

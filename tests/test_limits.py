@@ -76,6 +76,8 @@ async def serving(
     handler: Callable[[Connection], Awaitable[None]],
     config: Config | None = None,
 ) -> AsyncIterator[tuple[Listener, Identity]]:
+    """Not helpers.serving: it yields the Listener (its counters), over a guarded socket
+    listener whose escaped exceptions fail the test."""
     identity = Identity.generate()
     listener, guard = await guarded_listener(identity, config=config)
     async with listener, anyio.create_task_group() as tg:
