@@ -42,16 +42,19 @@ from stalk.wire import RECORD_CAPACITY, RecordKind
 PAUSED = getattr(events, "PAUSED", None)
 
 
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
-
-
 def record(kind: RecordKind, body: bytes) -> bytes:
     return bytes((kind, 0)) + encode_uvarint(len(body)) + body
+
+
+def take_all(session: Session) -> bytes:
+    """Everything the session has to send now: data_to_send() until it returns b"".
+
+    tests/helpers.take_all, which this file cannot import.
+    """
+    pieces: list[bytes | bytearray] = []
+    while data := session.data_to_send():
+        pieces.append(data)
+    return b"".join(pieces)
 
 
 def pair() -> tuple[Session, Session]:
@@ -60,12 +63,12 @@ def pair() -> tuple[Session, Session]:
     client = Session(Role.INITIATOR, Identity.generate(), peer=server_id.public)
     server = Session(Role.RESPONDER, server_id)
     for _ in range(3):
-        if data := _take_all(client):
+        if data := take_all(client):
             server.receive_data(data)
         while (event := server.next_event()) is not NEED_DATA:
             if type(event).__name__ == "PeerIdentified":
                 server.accept()
-        if data := _take_all(server):
+        if data := take_all(server):
             client.receive_data(data)
         while client.next_event() is not NEED_DATA:
             pass
@@ -188,7 +191,7 @@ def measure(mix: Mix, messages: int) -> dict[str, float]:
                 if event is NEED_DATA:
                     break
                 if event is PAUSED:
-                    _take_all(server)
+                    take_all(server)
     except StalkError as exc:  # a refusal ends the mix: report it
         error = type(exc).__name__
     received = time.process_time() - started

@@ -126,14 +126,6 @@ LOW_ORDER_U: Final = frozenset(
 )
 
 
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
-
-
 def bad_key(raw: bytes) -> bool:
     """Whether 32 bytes are no canonical, usable X25519 key (SPEC "Canonical keys")."""
     u = int.from_bytes(raw, "little")
@@ -219,6 +211,17 @@ def new_session(
     )
 
 
+def take_all(session: Session) -> bytes:
+    """Everything the session has to send now: data_to_send() until it returns b"".
+
+    tests/helpers.take_all, which this file cannot import.
+    """
+    pieces: list[bytes | bytearray] = []
+    while data := session.data_to_send():
+        pieces.append(data)
+    return b"".join(pieces)
+
+
 @dataclass
 class Run:
     """What a session did with some input."""
@@ -237,7 +240,7 @@ def pull(session: Session, run: Run) -> None:
         if event is NEED_DATA:
             return
         if event is PAUSED:
-            run.output += _take_all(session)  # what it owes, then it reads on
+            run.output += take_all(session)  # what it owes, then it reads on
             continue
         if isinstance(event, CloseReceived):
             if event not in run.events:
@@ -261,7 +264,7 @@ def drive(session: Session, chunks: Iterable[bytes], *, eof: bool = True) -> Run
             if chunk:  # an empty chunk would mean EOF
                 session.receive_data(chunk)
                 pull(session, run)
-        run.output += _take_all(session)
+        run.output += take_all(session)
         if eof:
             at_eof = True
             session.receive_data(b"")
@@ -275,7 +278,7 @@ def drive(session: Session, chunks: Iterable[bytes], *, eof: bool = True) -> Run
             check(again is exc, f"the error changed from {exc!r} to {again!r}")
         else:
             raise Bug(f"next_event() returned after {exc!r}") from exc
-    run.output += _take_all(session)
+    run.output += take_all(session)
     return run
 
 
@@ -328,7 +331,7 @@ def transcript(pattern: Pattern) -> Transcript:
     server = new_session(Role.RESPONDER, pattern)
     wire = {Role.INITIATOR: bytearray(), Role.RESPONDER: bytearray()}
 
-    def pump() -> None:
+    def pump() -> None:  # tests/helpers.pump, which fuzz/ cannot import
         moved = True
         while moved:
             moved = False
@@ -336,7 +339,7 @@ def transcript(pattern: Pattern) -> Transcript:
                 (client, server, Role.INITIATOR),
                 (server, client, Role.RESPONDER),
             ):
-                data = _take_all(src)
+                data = take_all(src)
                 if data:
                     moved = True
                     wire[role] += data
@@ -535,16 +538,16 @@ def transport_keys() -> TransportKeys:
     """Run the fixed XX handshake once; take both transport keys and check them."""
     client = new_session(Role.INITIATOR)
     server = new_session(Role.RESPONDER, config=SessionConfig(max_message_size=RECEIVER_LIMIT))
-    msg1 = bytes(_take_all(client))
+    msg1 = take_all(client)
     server.receive_data(msg1)
     pull(server, Run())
-    client.receive_data(_take_all(server))
+    client.receive_data(take_all(server))
     pull(client, Run())
-    msg3 = bytes(_take_all(client))
+    msg3 = take_all(client)
     handshake = msg1 + msg3
     server.receive_data(msg3)
     pull(server, Run())
-    ready = bytes(_take_all(server))
+    ready = take_all(server)
     keys = TransportKeys(handshake, _cipher_key(client, "send"), _cipher_key(server, "send"))
     # The harness's cipher must agree with the sessions' own.
     probe = bytes((PING, 0, 1, 42))
@@ -577,7 +580,7 @@ def open_receiver() -> Session:
         [type(e) for e in run.events] == [PeerIdentified, HandshakeComplete],
         f"replaying the fixed handshake gave {run.events!r}",
     )
-    _take_all(server)  # verdict, message 2, READY (nonce 0)
+    take_all(server)  # verdict, message 2, READY (nonce 0)
     return server
 
 

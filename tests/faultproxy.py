@@ -485,6 +485,10 @@ class FaultProxy:
         mutator: Mutator,
         route: Route,
     ) -> None:
+        """Relay one direction between two sockets through the mutator.
+
+        A socket relay, not helpers.pump (which moves bytes between two sans-IO sessions).
+        """
         while True:
             try:
                 data = await src.receive(65536)
@@ -510,9 +514,9 @@ class FaultProxy:
                     await pair.terminate(reset=True)
                     return
                 if action.then_yield:
-                    await anyio.sleep(0)
+                    await anyio.sleep(0)  # a checkpoint, not a wait
             elif isinstance(action, Pause):
-                await anyio.sleep(action.seconds)
+                await anyio.sleep(action.seconds)  # the fault itself: a stall on the link
             elif isinstance(action, HalfClose):
                 with contextlib.suppress(
                     anyio.BrokenResourceError, anyio.ClosedResourceError, OSError

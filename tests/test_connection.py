@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from functools import partial
 
 import anyio
 import pytest
-from anyio.abc import TaskGroup
 from anyio.streams.stapled import StapledByteStream
 
-from helpers_streams import byte_stream_pair
+from helpers import byte_stream_pair, serving, wait_until
 from stalk.config import Config
 from stalk.connection import Connection, StalkAttribute, connect
 from stalk.errors import (
@@ -29,47 +25,22 @@ from stalk.errors import (
     PeerRefused,
 )
 from stalk.identity import Identity, PublicIdentity
-from stalk.listener import ConnectionHandler, create_listener, listen
+from stalk.listener import create_listener
 from stalk.spack import Spack
 from stalk.wire import CloseCode
 
 pytestmark = pytest.mark.anyio
 
-Server = tuple[str, int, Identity]
-
 
 async def echo(conn: Connection) -> None:
+    """Not :func:`helpers.echo`: each answer is tagged, so it cannot be the request."""
     async for spack in conn:
         await conn.send(Spack("echo", *spack))
 
 
-@asynccontextmanager
-async def serving(
-    handler: ConnectionHandler = echo,
-    *,
-    authorize: Callable[[PublicIdentity], bool | Awaitable[bool]] | None = None,
-    config: Config | None = None,
-) -> AsyncIterator[tuple[Server, TaskGroup]]:
-    identity = Identity.generate()
-    async with anyio.create_task_group() as tg:
-        host, port = await tg.start(
-            partial(
-                listen,
-                "127.0.0.1",
-                0,
-                handler,
-                identity=identity,
-                authorize=authorize,
-                config=config,
-            )
-        )
-        yield (host, port, identity), tg
-        tg.cancel_scope.cancel()
-
-
 @pytest.mark.parametrize("pin", [False, True], ids=["XX", "IK"])
 async def test_echo_round_trip(pin: bool) -> None:
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         client_id = Identity.generate()
         peer = server_id.public if pin else None
         async with await connect(host, port, peer, identity=client_id) as conn:
@@ -92,7 +63,7 @@ async def test_both_sides_see_the_same_handshake_hash_and_keys() -> None:
         async for _ in conn:
             pass
 
-    async with serving(record) as ((host, port, server_id), _):
+    async with serving(record) as (host, port, server_id):
         client_id = Identity.generate()
         async with await connect(host, port, server_id.public, identity=client_id) as conn:
             await conn.receive()
@@ -100,13 +71,13 @@ async def test_both_sides_see_the_same_handshake_hash_and_keys() -> None:
 
 
 async def test_peer_key_as_printable_string() -> None:
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         async with await connect(host, port, str(server_id.public)) as conn:
             assert conn.pattern == "IK"
 
 
 async def test_wrong_pinned_key_is_refused_and_server_keeps_serving() -> None:
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         with pytest.raises(PeerIdentityMismatch) as info:
             await connect(host, port, Identity.generate().public)
         assert info.value.peer_address == (host, port)
@@ -122,10 +93,10 @@ async def test_authorize_refuses_unknown_peers(pin: bool) -> None:
 
     async def authorize(peer: PublicIdentity) -> bool:
         asked.append(peer)
-        await anyio.sleep(0)
+        await anyio.sleep(0)  # a checkpoint, not a wait: this authorize really awaits
         return peer == friend.public
 
-    async with serving(authorize=authorize) as ((host, port, server_id), _):
+    async with serving(echo, authorize=authorize) as (host, port, server_id):
         peer = server_id.public if pin else None
         with pytest.raises(PeerRefused) as info:
             await connect(host, port, peer)
@@ -138,7 +109,7 @@ async def test_authorize_refuses_unknown_peers(pin: bool) -> None:
 
 
 async def test_many_clients_concurrently() -> None:
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         results: dict[int, bytes] = {}
 
         async def client(n: int) -> None:
@@ -166,7 +137,7 @@ async def test_clean_close_ends_iteration_on_the_other_side() -> None:
         got.append("end")
         done.set()
 
-    async with serving(collect) as ((host, port, server_id), _):
+    async with serving(collect) as (host, port, server_id):
         conn = await connect(host, port, server_id.public)
         await conn.send(Spack(1))
         await conn.aclose()
@@ -192,7 +163,7 @@ async def test_cut_connection_is_not_a_clean_close() -> None:
             outcome.append(exc)
         done.set()
 
-    async with serving(collect) as ((host, port, server_id), _):
+    async with serving(collect) as (host, port, server_id):
         conn = await connect(host, port, server_id.public)
         await conn.send(Spack(1))
         await anyio.aclose_forcefully(conn._transport)  # TCP FIN without CLOSE
@@ -212,7 +183,7 @@ async def test_failing_handler_closes_only_its_connection(
         await echo(conn)
 
     caplog.set_level(logging.ERROR, logger="stalk")
-    async with serving(fragile) as ((host, port, server_id), _):
+    async with serving(fragile) as (host, port, server_id):
         async with await connect(host, port, server_id.public) as bad:
             await bad.send(Spack("boom"))
             with pytest.raises(ClosedByPeer) as info:
@@ -227,7 +198,7 @@ async def test_failing_handler_closes_only_its_connection(
 
 async def test_handshake_timeout_drops_silent_clients() -> None:
     config = Config(handshake_timeout=0.3)
-    async with serving(config=config) as ((host, port, server_id), _):
+    async with serving(echo, config=config) as (host, port, server_id):
         silent = await anyio.connect_tcp(host, port)
         with anyio.fail_after(5):
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
@@ -254,7 +225,7 @@ async def _hold_open(stream: anyio.abc.SocketStream) -> None:
 
 
 async def test_garbage_and_stalled_clients_do_not_block_others() -> None:
-    async with serving(config=Config(handshake_timeout=2)) as ((host, port, server_id), _):
+    async with serving(echo, config=Config(handshake_timeout=2)) as (host, port, server_id):
         stalled = await anyio.connect_tcp(host, port)
         await stalled.send(b"STALK\x01XX\x00\x21")  # half a frame, then nothing
         garbage = await anyio.connect_tcp(host, port)
@@ -272,13 +243,18 @@ async def test_garbage_and_stalled_clients_do_not_block_others() -> None:
 
 async def test_busy_listener_refuses_beyond_max_handshakes() -> None:
     config = Config(max_handshakes=1, handshake_timeout=3)
-    async with serving(config=config) as ((host, port, server_id), _):
+    server_id = Identity.generate()
+    listener = await create_listener("127.0.0.1", 0, identity=server_id, config=config)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        host, port = listener.address
         stalled = await anyio.connect_tcp(host, port)
-        await anyio.sleep(0.1)
+        await wait_until(lambda: listener.handshakes_in_progress == 1)
         with pytest.raises(PeerRefused) as info:
             await connect(host, port, server_id.public)
         assert info.value.code == CloseCode.BUSY
         await stalled.aclose()
+        tg.cancel_scope.cancel()
 
 
 async def test_connect_to_closed_port() -> None:
@@ -290,7 +266,7 @@ async def test_connect_to_closed_port() -> None:
 
 
 async def test_queue_and_flush_batch_many_spacks() -> None:
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         async with await connect(host, port, server_id.public) as conn:
             for i in range(500):
                 conn.queue(Spack(i))
@@ -301,7 +277,7 @@ async def test_queue_and_flush_batch_many_spacks() -> None:
 
 async def test_invalid_and_oversized_spacks_fail_before_writing() -> None:
     config = Config(max_message_size=4096)
-    async with serving(config=config) as ((host, port, server_id), _):
+    async with serving(echo, config=config) as (host, port, server_id):
         async with await connect(host, port, server_id.public) as conn:
             with pytest.raises(InvalidSpackValue):
                 await conn.send(Spack(object()))  # type: ignore[arg-type]
@@ -312,7 +288,7 @@ async def test_invalid_and_oversized_spacks_fail_before_writing() -> None:
 
 
 async def test_concurrent_senders_never_interleave_frames() -> None:
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         async with await connect(host, port, server_id.public) as conn:
             blob = bytes(range(256)) * 600  # spans several Noise messages
 
@@ -336,18 +312,18 @@ async def test_concurrent_senders_never_interleave_frames() -> None:
 
 
 async def test_concurrent_receives_are_refused() -> None:
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         async with await connect(host, port, server_id.public) as conn:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(conn.receive)
-                await anyio.sleep(0.05)
+                await anyio.wait_all_tasks_blocked()  # the first receive is waiting
                 with pytest.raises(anyio.BusyResourceError):
                     await conn.receive()
                 tg.cancel_scope.cancel()
 
 
 async def test_cancelled_receive_loses_nothing() -> None:
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         async with await connect(host, port, server_id.public) as conn:
             with anyio.move_on_after(0.05):
                 await conn.receive()
@@ -361,10 +337,10 @@ async def test_cancelled_send_never_corrupts_the_stream() -> None:
     async def slow(conn: Connection) -> None:
         async for spack in conn:
             received.append(spack)
-            await anyio.sleep(0.001)
+            await anyio.sleep(0.001)  # the point: a slow consumer
 
     blob = b"z" * (4 << 20)
-    async with serving(slow) as ((host, port, server_id), _):
+    async with serving(slow) as (host, port, server_id):
         async with await connect(host, port, server_id.public) as conn:
             outcomes = []
             for delay in (0.0, 0.001, 0.005, 0.02):
@@ -372,9 +348,7 @@ async def test_cancelled_send_never_corrupts_the_stream() -> None:
                     await conn.send(Spack(delay, blob))
                 outcomes.append(scope.cancelled_caught)
             await conn.send(Spack("tail"))
-        with anyio.fail_after(10):
-            while not received or received[-1] != Spack("tail"):
-                await anyio.sleep(0.01)
+        await wait_until(lambda: received and received[-1] == Spack("tail"), timeout=10)
     # Every spack that arrived is whole; cancelled sends either arrived whole or not at all.
     for spack in received[:-1]:
         assert spack[1] == blob
@@ -388,7 +362,7 @@ async def test_backpressure_stops_a_sender_and_write_timeout_breaks() -> None:
         await stop.wait()
 
     config = Config(write_timeout=0.5)
-    async with serving(never_reads) as ((host, port, server_id), _):
+    async with serving(never_reads) as (host, port, server_id):
         conn = await connect(host, port, server_id.public, config=config)
         sent = 0
 
@@ -415,7 +389,7 @@ async def test_send_eof_half_closes() -> None:
             count += 1
         await conn.send(Spack("count", count))
 
-    async with serving(reply_after_eof) as ((host, port, server_id), _):
+    async with serving(reply_after_eof) as (host, port, server_id):
         async with await connect(host, port, server_id.public) as conn:
             await conn.send(Spack(1))
             await conn.send(Spack(2))
@@ -436,7 +410,7 @@ async def test_connect_with_message_handler() -> None:
         if len(got) == 3:
             finished.set()
 
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         conn = await connect(host, port, server_id.public, handler=on_message)
         async with conn:
             for i in range(3):
@@ -449,13 +423,11 @@ async def test_connect_with_message_handler() -> None:
 async def test_plain_function_handler() -> None:
     got: list[Spack] = []
 
-    async with serving() as ((host, port, server_id), _):
+    async with serving(echo) as (host, port, server_id):
         conn = await connect(host, port, server_id.public, handler=got.append)
         async with conn:
             await conn.send(Spack("x"))
-            with anyio.fail_after(5):
-                while not got:
-                    await anyio.sleep(0.01)
+            await wait_until(lambda: got)
     assert got == [Spack("echo", "x")]
 
 
@@ -495,7 +467,7 @@ async def test_wrap_over_memory_streams() -> None:
 
 
 async def test_handshake_failure_is_typed_and_carries_address() -> None:
-    async with serving() as ((host, port, _server_id), _):
+    async with serving(echo) as (host, port, _server_id):
         raw = await anyio.connect_tcp(host, port)
         await raw.send(b"STALK\x07XX")  # unknown version
         reply = await raw.receive()
@@ -551,7 +523,7 @@ async def test_writer_backpressure_and_write_timeout() -> None:
         await stop.wait()
 
     config = Config(write_timeout=0.5, send_buffer=64 * 1024)
-    async with serving(never_reads) as ((host, port, server_id), _):
+    async with serving(never_reads) as (host, port, server_id):
         sent = 0
 
         async def flood() -> None:

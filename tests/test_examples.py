@@ -286,7 +286,7 @@ async def test_kv_client_matches_responses_by_id() -> None:
 async def test_kv_client_ignores_the_late_answer_to_a_cancelled_request() -> None:
     async def slow(conn: stalk.Connection) -> None:
         async for request in conn:
-            await anyio.sleep(0.3)
+            await anyio.sleep(0.3)  # the point: a slow server
             await conn.send(Spack(request[0], "OK", repr(request[2]).encode()))
 
     identity = Identity.generate()

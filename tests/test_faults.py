@@ -70,8 +70,9 @@ from faultproxy import (
     guarded_listener,
     reset_stream,
 )
+from helpers import echo, holds_within, take_all, wait_until
 from stalk.config import Config
-from stalk.connection import Connection, connect
+from stalk.connection import Authorize, Connection, connect
 from stalk.errors import (
     ConnectionClosed,
     ConnectionLost,
@@ -127,14 +128,6 @@ CONTROL_CID = 1 << 40
 RESEG_RATE = 0.25
 #: a spack payload this large is fragmented over several Noise messages
 FRAGMENT_PAYLOAD = 65_511
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 # -- messages with checksums ---------------------------------------------------------------------
@@ -459,16 +452,18 @@ def run_sans_io(
                 client.feed_eof()
                 server.feed_eof()
 
+    # Not helpers.pump: the bytes go through a faulty link (the mutators split, corrupt,
+    # pause and cut them) and each end may half-close, so the loop is this test's own.
     moved = True
     while moved:
         moved = False
         for src, dst, mutator in ((client, server, c2s), (server, client, s2c)):
             if src.eof_sent:
                 continue
-            data = _take_all(src.session)
+            data = take_all(src.session)
             if data:
                 moved = True
-                perform(mutator.feed(bytes(data)), dst)
+                perform(mutator.feed(data), dst)
             if src.write_eof:
                 src.eof_sent = True
                 moved = True
@@ -694,7 +689,7 @@ async def _control_round_trips(host: str, port: int, server: Identity, stop: any
                 await conn.send(message("m", CONTROL_CID, 0, 1, b"control"))
                 assert check(await conn.receive(), "r", CONTROL_CID, 0) is None
         done += 1
-        await anyio.sleep(0.25)
+        await anyio.sleep(0.25)  # the point: a control connection now and then, not a flood
     return done
 
 
@@ -755,9 +750,10 @@ async def _run_fault_proxy(anyio_backend: str, cases: int, seed: int) -> None:
             for _ in range(SOCKET_WORKERS):
                 workers.start_soon(worker)
         stop.set()
-        with anyio.fail_after(HANDSHAKE_TIMEOUT + 3):
-            while book.active or listener.handshakes_in_progress or not controls:
-                await anyio.sleep(0.05)
+        await wait_until(
+            lambda: not (book.active or listener.handshakes_in_progress) and controls,
+            timeout=HANDSHAKE_TIMEOUT + 3,
+        )
         # The listener still serves after the storm.
         assert controls[0] > 0
         await _control_round_trips(host, port, server_id, _set_event())
@@ -771,8 +767,8 @@ async def _run_fault_proxy(anyio_backend: str, cases: int, seed: int) -> None:
     assert not violations, "\n".join(violations[:20])
     assert tally.cases == cases
     assert tally.total_faults() >= cases
-    await anyio.sleep(0.2)
-    assert _open_fds() <= fds_before + 2, "leaked file descriptors"
+    leak_free = await holds_within(lambda: _open_fds() <= fds_before + 2, 0.2)
+    assert leak_free, "leaked file descriptors"
 
 
 def _set_event() -> anyio.Event:
@@ -870,9 +866,7 @@ def _recording_handler(peer: _Peer) -> Callable[[Connection], Awaitable[None]]:
 
 
 async def _settle(listener_active: Callable[[], int], timeout: float = 5.0) -> None:
-    with anyio.fail_after(timeout):
-        while listener_active():
-            await anyio.sleep(0.02)
+    await wait_until(lambda: not listener_active(), timeout)
 
 
 def _repeats(backend: str) -> int:
@@ -921,8 +915,7 @@ async def test_cancelled_connect_leaves_nothing_behind(anyio_backend: str, patte
     assert not peer.bad
     assert not guard.escaped
     assert all(not spacks for spacks in peer.received)  # echoes only, nothing stray
-    await anyio.sleep(0.1)
-    assert _open_fds() <= fds_before + 1
+    assert await holds_within(lambda: _open_fds() <= fds_before + 1, 0.1)
 
 
 SEND_SIZES = (10, 3 * FRAGMENT_PAYLOAD, 1 << 20)
@@ -1044,12 +1037,10 @@ async def test_cancelled_aclose_still_closes(anyio_backend: str) -> None:
 
             async with anyio.create_task_group() as inner:
                 inner.start_soon(blocked_receiver)
-                await anyio.sleep(0)
+                await anyio.sleep(0)  # a checkpoint, not a wait: the receiver starts
                 done, _ = await cancel_after(ticks, conn.aclose)
                 outcomes["completed" if done else "cancelled"] += 1
-                with anyio.fail_after(2):
-                    while not woke:
-                        await anyio.sleep(0.01)
+                await wait_until(partial(bool, woke), timeout=2)
             with pytest.raises(ConnectionClosed):
                 await conn.send(Spack(1))
         await _settle(lambda: peer.active)
@@ -1060,8 +1051,7 @@ async def test_cancelled_aclose_still_closes(anyio_backend: str) -> None:
     for got in peer.received:
         assert [check(s, "s", 0, i) for i, s in enumerate(got)] == [None] * 3
     assert peer.ends == ["EndOfStream"] * 40  # the CLOSE always went out
-    await anyio.sleep(0.1)
-    assert _open_fds() <= fds_before + 1
+    assert await holds_within(lambda: _open_fds() <= fds_before + 1, 0.1)
 
 
 def _closing(
@@ -1086,6 +1076,27 @@ def _closing(
 # -- regression tests for the bugs this suite found ---------------------------------------------
 
 
+async def _echo_listener(
+    server_id: Identity,
+    authorize: Authorize,
+    died: list[BaseException],
+    *,
+    task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """An echo listener with ``authorize``; an exception that ends it goes into ``died``."""
+    try:
+        await listen(
+            "127.0.0.1",
+            0,
+            echo,
+            identity=server_id,
+            authorize=authorize,
+            task_status=task_status,
+        )
+    except Exception as exc:
+        died.append(exc)
+
+
 async def test_reset_during_authorize_does_not_kill_the_listener(anyio_backend: str) -> None:
     """An IK client sends message 1 and resets while ``authorize`` runs.
 
@@ -1096,38 +1107,32 @@ async def test_reset_during_authorize_does_not_kill_the_listener(anyio_backend: 
     """
     server_id = Identity.generate()
 
-    async def slow_authorize(_peer: object) -> bool:
-        await anyio.sleep(0.2)
-        return True
+    authorizing, authorized = anyio.Event(), anyio.Event()
 
-    async def echo(conn: Connection) -> None:
-        async for spack in conn:
-            await conn.send(spack)
+    async def slow_authorize(_peer: object) -> bool:
+        authorizing.set()
+        try:
+            await anyio.sleep(0.2)  # the point: the reset comes while this runs
+        finally:
+            authorized.set()  # returned or cancelled, it is over
+        return True
 
     died: list[BaseException] = []
 
-    async def serve(task_status: anyio.abc.TaskStatus[tuple[str, int]]) -> None:
-        try:
-            await listen(
-                "127.0.0.1",
-                0,
-                echo,
-                identity=server_id,
-                authorize=slow_authorize,
-                task_status=task_status,
-            )
-        except Exception as exc:
-            died.append(exc)
-
     async with anyio.create_task_group() as tg:
-        host, port = await tg.start(serve)
+        host, port = await tg.start(partial(_echo_listener, server_id, slow_authorize, died))
         hello = Session(Role.INITIATOR, Identity.generate(), peer=server_id.public)
         raw = await anyio.connect_tcp(host, port)
-        await raw.send(bytes(_take_all(hello)))  # preamble + IK message 1
-        await anyio.sleep(0.05)
+        await raw.send(take_all(hello))  # preamble + IK message 1
+        with anyio.fail_after(5):
+            await authorizing.wait()
         reset_stream(raw)
         await raw.aclose()  # TCP RST while the listener awaits authorize()
-        await anyio.sleep(0.4)
+        with anyio.fail_after(5):
+            await authorized.wait()
+        # The listener now writes to the reset socket and fails on its own schedule (at a
+        # later read, on asyncio): nothing in this process to wait on.
+        await anyio.sleep(0.25)
         assert not died, f"the listener died: {died[0]!r}"
         with anyio.fail_after(5):
             async with await connect(host, port, server_id.public) as conn:
@@ -1183,7 +1188,7 @@ async def test_protocol_error_during_a_concurrent_send_is_typed(anyio_backend: s
     async def corrupt(conn: Connection) -> None:
         # A frame no cipher state can decrypt; then never read, so the client's write blocks.
         await conn._transport.send(b"\x00\x20" + bytes(32))
-        await anyio.sleep(5)
+        await anyio.sleep(5)  # the point: it never reads
 
     async with anyio.create_task_group() as tg:
         host, port = await tg.start(
@@ -1224,30 +1229,13 @@ async def test_a_failing_authorize_refuses_one_client_only(anyio_backend: str) -
             raise OSError("the authorization database is unreachable")
         return True
 
-    async def echo(conn: Connection) -> None:
-        async for spack in conn:
-            await conn.send(spack)
-
     died: list[BaseException] = []
 
-    async def serve(task_status: anyio.abc.TaskStatus[tuple[str, int]]) -> None:
-        try:
-            await listen(
-                "127.0.0.1",
-                0,
-                echo,
-                identity=server_id,
-                authorize=flaky_authorize,
-                task_status=task_status,
-            )
-        except Exception as exc:
-            died.append(exc)
-
     async with anyio.create_task_group() as tg:
-        host, port = await tg.start(serve)
+        host, port = await tg.start(partial(_echo_listener, server_id, flaky_authorize, died))
         with anyio.fail_after(5), pytest.raises(HandshakeFailed):
             await connect(host, port, server_id.public)
-        await anyio.sleep(0.1)
+        await anyio.sleep(0.1)  # the listener ends that handshake on its own schedule
         assert not died, f"the listener died: {died[0]!r}"
         with anyio.fail_after(5):
             async with await connect(host, port, server_id.public) as conn:
@@ -1288,9 +1276,7 @@ async def test_an_abandoned_stream_does_not_look_complete(anyio_backend: str, ho
                 async with conn:
                     await conn.send(Spack("part 1 of 2"))
                     await anyio.sleep_forever()  # the application's deadline expires here
-        with anyio.fail_after(5):
-            while not ends:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: ends)
         tg.cancel_scope.cancel()
     assert ends != ["EndOfStream"], "the peer was told the stream ended cleanly"
 

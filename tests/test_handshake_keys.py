@@ -25,7 +25,7 @@ from adversarial.peers import (
     client_handshake,
     close,
 )
-from helpers import connected_pair, drain
+from helpers import connected_pair, drain, take_all
 from stalk.connection import Connection
 from stalk.errors import HandshakeFailed, InvalidPeerKey, PeerRefused
 from stalk.events import PeerIdentified
@@ -43,14 +43,6 @@ JUNK_KEYS = {
     "low_order_p_minus_1": LOW_ORDER_POINTS["p_minus_1"],
     **NON_CANONICAL_POINTS,
 }
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 def refusal_code(data: bytes | bytearray) -> int:
@@ -81,14 +73,14 @@ def xx_to_msg3(init: Initiator, server: Session) -> None:
     """Run XX message 1 and 2 between a hostile initiator and a stalk responder."""
     server.receive_data(init.opening())
     assert drain(server) == []
-    answer = _take_all(server)
+    answer = take_all(server)
     assert answer[:1] == b"\x00"
     init.read_msg2(frame_body(answer[1:]))
 
 
 def hostile_answer(client: Session, resp: Responder) -> bytes:
     """A hostile responder's verdict and message 2 for ``client``'s opening."""
-    opening = _take_all(client)
+    opening = take_all(client)
     resp.start(bytes(opening[:8]))
     assert resp.noise is not None
     resp.noise.read_message(frame_body(opening[8:]))
@@ -114,7 +106,7 @@ def test_responder_refuses_bit_255_twin_of_a_real_ephemeral(pattern: str) -> Non
     assert type(error) is InvalidPeerKey
     assert "ephemeral key" in str(error)
     assert "bit 255" in str(error)
-    assert refusal_code(_take_all(server)) == CloseCode.INVALID_KEY
+    assert refusal_code(take_all(server)) == CloseCode.INVALID_KEY
     assert server.state is SessionState.FAILED
 
 
@@ -126,7 +118,7 @@ def test_responder_refuses_a_bad_ephemeral(pattern: str, name: str) -> None:
     init = Initiator(server=server_identity.public if ik else None, low_e=JUNK_KEYS[name])
     server, error = respond_to(init, server_identity)
     assert type(error) is InvalidPeerKey
-    assert refusal_code(_take_all(server)) == CloseCode.INVALID_KEY
+    assert refusal_code(take_all(server)) == CloseCode.INVALID_KEY
 
 
 @pytest.mark.parametrize("name", ["twin", *JUNK_KEYS])
@@ -142,14 +134,14 @@ def test_ik_responder_refuses_a_bad_static_before_authorization(name: str) -> No
     with pytest.raises(InvalidPeerKey, match="static key in IK message 1"):
         events.extend(drain(server))
     assert not any(isinstance(e, PeerIdentified) for e in events)
-    assert refusal_code(_take_all(server)) == CloseCode.INVALID_KEY
+    assert refusal_code(take_all(server)) == CloseCode.INVALID_KEY
 
 
 def test_ik_initiator_sees_the_refusal_as_peer_refused() -> None:
     # The stalk side of the refusal: a responder that says INVALID_KEY.
     server_identity = Identity.generate()
     client = Session(Role.INITIATOR, Identity.generate(), peer=server_identity.public)
-    _take_all(client)
+    take_all(client)
     client.receive_data(bytes([CloseCode.INVALID_KEY, 3]) + b"bad")
     with pytest.raises(PeerRefused, match="INVALID_KEY") as info:
         drain(client)
@@ -171,12 +163,12 @@ def test_xx_responder_closes_with_invalid_key_for_a_twin_static() -> None:
     assert not any(isinstance(e, PeerIdentified) for e in events)
     assert server.peer is None
     transport = init.transport()
-    assert only_close(transport.open(frame_body(_take_all(server)))) == CloseCode.INVALID_KEY
+    assert only_close(transport.open(frame_body(take_all(server)))) == CloseCode.INVALID_KEY
     assert server.close_sent
     # The error stays the one reported, and nothing more is sent.
     with pytest.raises(InvalidPeerKey):
         server.next_event()
-    assert _take_all(server) == b""
+    assert take_all(server) == b""
 
 
 @pytest.mark.parametrize("name", ["zero", "zero_bit255", "order8_b"])
@@ -189,7 +181,7 @@ def test_xx_responder_just_closes_for_a_low_order_static(name: str) -> None:
     server.receive_data(encode_frame(init.msg3()))
     with pytest.raises(InvalidPeerKey, match="static key in XX message 3"):
         drain(server)
-    assert _take_all(server) == b""
+    assert take_all(server) == b""
 
 
 def test_xx_initiator_sees_the_close_as_peer_refused() -> None:
@@ -200,7 +192,7 @@ def test_xx_initiator_sees_the_close_as_peer_refused() -> None:
     client.receive_data(hostile_answer(client, resp))
     assert drain(client) == []
     assert resp.noise is not None
-    resp.noise.read_message(frame_body(_take_all(client)))
+    resp.noise.read_message(frame_body(take_all(client)))
     client.receive_data(resp.transport().seal(close(CloseCode.INVALID_KEY, b"bad key")))
     with pytest.raises(PeerRefused, match="INVALID_KEY") as info:
         drain(client)
@@ -232,7 +224,7 @@ def test_initiator_fails_with_invalid_peer_key(
     with pytest.raises(InvalidPeerKey, match=where):
         drain(client)
     assert client.state is SessionState.FAILED
-    assert _take_all(client) == b""  # no message 3, no READY
+    assert take_all(client) == b""  # no message 3, no READY
     assert client.peer is None
 
 

@@ -17,7 +17,7 @@ import msgpack
 import pytest
 
 from adversarial.peers import READY, Initiator, Responder, rec
-from helpers import drain
+from helpers import drain, take_all
 from stalk.config import Config
 from stalk.connection import Connection
 from stalk.errors import HandshakeFailed, InvalidPeerKey, PeerIdentityMismatch, PeerRefused
@@ -31,14 +31,6 @@ from stalk.session import Role, Session, SessionState
 from stalk.wire import CloseCode, RecordKind
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 def frame_body(data: bytes | bytearray) -> bytes:
@@ -77,7 +69,7 @@ def after_xx_msg2(init: Initiator) -> Session:
     server, _ = responder()
     server.receive_data(init.opening())
     assert drain(server) == []
-    answer = _take_all(server)
+    answer = take_all(server)
     assert answer[:1] == b"\x00"
     init.read_msg2(frame_body(answer[1:]))
     return server
@@ -110,7 +102,7 @@ def test_bad_magic_is_unsupported_at_the_first_wrong_byte(data: bytes) -> None:
     server, _ = responder()
     server.receive_data(data)
     fails(server)
-    assert refusal(_take_all(server)) == CloseCode.UNSUPPORTED
+    assert refusal(take_all(server)) == CloseCode.UNSUPPORTED
 
 
 @pytest.mark.parametrize("preamble", [b"STALK\x02XX", b"STALK\x00IK", b"STALK\x01NN"])
@@ -118,7 +110,7 @@ def test_unknown_version_or_pattern_is_unsupported(preamble: bytes) -> None:
     server, _ = responder()
     server.receive_data(preamble)
     fails(server)
-    assert refusal(_take_all(server)) == CloseCode.UNSUPPORTED
+    assert refusal(take_all(server)) == CloseCode.UNSUPPORTED
 
 
 @pytest.mark.parametrize(
@@ -141,7 +133,7 @@ def test_bad_message_1_length_is_refused_from_the_header_alone(
     server, _ = responder()
     server.receive_data(preamble + length.to_bytes(2, "big"))
     fails(server)
-    assert refusal(_take_all(server)) == CloseCode.PROTOCOL_ERROR
+    assert refusal(take_all(server)) == CloseCode.PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize("cut", [32, 52, 80, IK_MSG1 - 1, IK_MSG1 + 31])
@@ -154,7 +146,7 @@ def test_short_ik_message_1_is_a_protocol_error_not_decrypt_failed(cut: int) -> 
     assert len(msg1) > cut
     server.receive_data(b"STALK\x01IK" + encode_frame(msg1[:cut]))
     error = fails(server)
-    assert refusal(_take_all(server)) == (
+    assert refusal(take_all(server)) == (
         CloseCode.PROTOCOL_ERROR if cut < IK_MSG1 else CloseCode.DECRYPT_FAILED
     ), error
 
@@ -164,30 +156,30 @@ def test_bad_ephemeral_is_invalid_key(ik: bool) -> None:
     server, identity = responder()
     server.receive_data(Initiator(server=identity.public if ik else None, twin_e=True).opening())
     fails(server, InvalidPeerKey)
-    assert refusal(_take_all(server)) == CloseCode.INVALID_KEY
+    assert refusal(take_all(server)) == CloseCode.INVALID_KEY
 
 
 def test_ik_static_twin_is_invalid_key() -> None:
     server, identity = responder()
     server.receive_data(Initiator(server=identity.public, twin_s=True).opening())
     fails(server, InvalidPeerKey)
-    assert refusal(_take_all(server)) == CloseCode.INVALID_KEY
+    assert refusal(take_all(server)) == CloseCode.INVALID_KEY
 
 
 def test_ik_message_1_for_another_key_is_decrypt_failed() -> None:
     server, _ = responder()
     server.receive_data(Initiator(server=Identity.generate().public).opening())
     fails(server)
-    assert refusal(_take_all(server)) == CloseCode.DECRYPT_FAILED
+    assert refusal(take_all(server)) == CloseCode.DECRYPT_FAILED
 
 
 def test_ik_initiator_reads_decrypt_failed_as_identity_mismatch() -> None:
     server, _ = responder()
     pinned = Identity.generate().public
     client = Session(Role.INITIATOR, Identity.generate(), peer=pinned)
-    server.receive_data(_take_all(client))
+    server.receive_data(take_all(client))
     fails(server)
-    client.receive_data(_take_all(server))
+    client.receive_data(take_all(server))
     error = fails(client, PeerIdentityMismatch)
     assert pinned.fingerprint in str(error)
 
@@ -199,7 +191,7 @@ def test_malformed_message_1_payload_is_a_protocol_error(ik: bool) -> None:
         Initiator(server=identity.public if ik else None, msg1_payload=b"\x91\x01").opening()
     )
     fails(server)
-    assert refusal(_take_all(server)) == CloseCode.PROTOCOL_ERROR
+    assert refusal(take_all(server)) == CloseCode.PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize("keep", [0, 3, 8, 9, 10, 40])
@@ -211,7 +203,7 @@ def test_eof_before_message_1_is_complete_is_a_protocol_error(keep: int) -> None
     server.receive_data(b"")
     error = fails(server)
     assert "closed the connection" in str(error)
-    assert refusal(_take_all(server)) == CloseCode.PROTOCOL_ERROR
+    assert refusal(take_all(server)) == CloseCode.PROTOCOL_ERROR
 
 
 def test_ik_authorization_refusal_is_not_authorized() -> None:
@@ -220,7 +212,7 @@ def test_ik_authorization_refusal_is_not_authorized() -> None:
     events = drain(server)
     assert isinstance(events[0], PeerIdentified)
     server.refuse("no")
-    assert refusal(_take_all(server)) == CloseCode.NOT_AUTHORIZED
+    assert refusal(take_all(server)) == CloseCode.NOT_AUTHORIZED
     assert server.state is SessionState.CLOSED
 
 
@@ -277,10 +269,10 @@ def test_initiator_refuses_a_bad_message_2_length_from_the_header(ik: bool, leng
     client = Session(
         Role.INITIATOR, Identity.generate(), peer=server_identity.public if ik else None
     )
-    _take_all(client)
+    take_all(client)
     client.receive_data(b"\x00" + length.to_bytes(2, "big"))
     fails(client)
-    assert _take_all(client) == b""
+    assert take_all(client) == b""
 
 
 # -- SPEC 5: after the verdict: an authenticated CLOSE once XX msg3 was read, else nothing ------
@@ -292,7 +284,7 @@ def test_xx_msg3_bad_payload_gets_an_authenticated_protocol_error() -> None:
     server.receive_data(encode_frame(init.msg3()))
     error = fails(server)
     assert "not a msgpack map" in str(error)
-    assert close_code(init, _take_all(server)) == CloseCode.PROTOCOL_ERROR
+    assert close_code(init, take_all(server)) == CloseCode.PROTOCOL_ERROR
 
 
 def test_xx_msg3_twin_static_gets_an_authenticated_invalid_key() -> None:
@@ -300,7 +292,7 @@ def test_xx_msg3_twin_static_gets_an_authenticated_invalid_key() -> None:
     server = after_xx_msg2(init)
     server.receive_data(encode_frame(init.msg3()))
     fails(server, InvalidPeerKey)
-    assert close_code(init, _take_all(server)) == CloseCode.INVALID_KEY
+    assert close_code(init, take_all(server)) == CloseCode.INVALID_KEY
 
 
 def test_xx_authorization_refusal_gets_an_authenticated_not_authorized() -> None:
@@ -309,7 +301,7 @@ def test_xx_authorization_refusal_gets_an_authenticated_not_authorized() -> None
     server.receive_data(encode_frame(init.msg3()))
     assert isinstance(drain(server)[0], PeerIdentified)
     server.refuse("no")
-    assert close_code(init, _take_all(server)) == CloseCode.NOT_AUTHORIZED
+    assert close_code(init, take_all(server)) == CloseCode.NOT_AUTHORIZED
 
 
 def _flip_last(body: bytes) -> bytes:
@@ -332,7 +324,7 @@ def test_xx_msg3_that_cannot_be_read_gets_nothing(make: Callable[[bytes], bytes]
     server.receive_data(make(init.msg3()))
     server.receive_data(b"")
     fails(server)
-    assert _take_all(server) == b""
+    assert take_all(server) == b""
 
 
 @pytest.mark.parametrize(
@@ -350,14 +342,14 @@ def test_ik_bad_confirmation_gets_nothing(first: Callable[[object], bytes]) -> N
     server.receive_data(init.opening())
     assert isinstance(drain(server)[0], PeerIdentified)
     server.accept()
-    answer = _take_all(server)
+    answer = take_all(server)
     init.read_msg2(frame_body(answer[1:]))
     data = first(init.transport())
     if data:
         server.receive_data(data)
     server.receive_data(b"")
     fails(server)
-    assert _take_all(server) == b""
+    assert take_all(server) == b""
 
 
 # -- SPEC 8: handshake payload strictness ----------------------------------------------------
@@ -447,7 +439,7 @@ def test_responder_ik_message_1_payload(name: str) -> None:
         assert isinstance(drain(server)[0], PeerIdentified)
         return
     fails(server)
-    assert refusal(_take_all(server)) == CloseCode.PROTOCOL_ERROR
+    assert refusal(take_all(server)) == CloseCode.PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize("name", PAYLOADS)
@@ -460,7 +452,7 @@ def test_responder_xx_message_3_payload(name: str) -> None:
         assert isinstance(drain(server)[0], PeerIdentified)
         return
     fails(server)
-    data = _take_all(server)
+    data = take_all(server)
     if len(payload) > 1024:
         assert data == b""  # refused from the frame header: nothing was decrypted
     else:
@@ -477,10 +469,10 @@ def test_responder_xx_message_1_payload(name: str) -> None:
     server.receive_data(Initiator(msg1_payload=payload).opening())
     if valid:
         assert drain(server) == []
-        assert _take_all(server)[:1] == b"\x00"
+        assert take_all(server)[:1] == b"\x00"
         return
     fails(server)
-    assert refusal(_take_all(server)) == CloseCode.PROTOCOL_ERROR
+    assert refusal(take_all(server)) == CloseCode.PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize("name", PAYLOADS)
@@ -492,14 +484,14 @@ def test_initiator_message_2_payload(name: str, ik: bool) -> None:
     client = Session(
         Role.INITIATOR, Identity.generate(), peer=server_identity.public if ik else None
     )
-    opening = _take_all(client)
+    opening = take_all(client)
     resp.start(bytes(opening[:8]))
     assert resp.noise is not None
     resp.noise.read_message(frame_body(opening[8:]))
     client.receive_data(b"\x00" + encode_frame(resp.msg2()))
     if not valid:
         fails(client)
-        assert _take_all(client) == b""  # no message 3, no READY
+        assert take_all(client) == b""  # no message 3, no READY
         return
     events = drain(client)
     if ik:
@@ -507,7 +499,7 @@ def test_initiator_message_2_payload(name: str, ik: bool) -> None:
         assert client.peer_max_message_size == 1 << 20
     else:
         assert events == []
-        resp.noise.read_message(frame_body(_take_all(client)))
+        resp.noise.read_message(frame_body(take_all(client)))
 
 
 def test_peer_refused_carries_every_refusal_code() -> None:
@@ -515,7 +507,7 @@ def test_peer_refused_carries_every_refusal_code() -> None:
         if not 1 <= code <= 255:
             continue
         client = Session(Role.INITIATOR, Identity.generate())
-        _take_all(client)
+        take_all(client)
         client.receive_data(bytes([code, 2]) + b"no")
         error = fails(client, PeerRefused)
         assert isinstance(error, PeerRefused)

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from helpers import connected_pair
+from helpers import connected_pair, take_all
 from stalk.errors import MessageLimitExceeded
 from stalk.events import NEED_DATA, PAUSED, MessageReceived
 from stalk.framing import encode_frame
@@ -48,14 +48,6 @@ LIMIT = 256 * KiB
 #: What the victim may hold besides the model's terms: the piecewise decoder's own state,
 #: list and dict overheads (measured: under 8 KiB).
 CONSTANT = 64 * KiB
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 def _item_weight(shape: bytes) -> int:
@@ -110,6 +102,11 @@ class HostilePeer(RuleBasedStateMachine):
         self.pump()
 
     def pump(self) -> None:
+        """Let the victim work until it needs data or blocks owing output.
+
+        Not :func:`helpers.pump`: only the victim is a Session (the peer writes frames by
+        hand), and PAUSED owing output blocks the peer instead of moving the output.
+        """
         try:
             while True:
                 event = self.victim.next_event()
@@ -235,7 +232,7 @@ class HostilePeer(RuleBasedStateMachine):
     @rule()
     def peer_reads(self) -> None:
         """The peer finally reads: what the victim owes is written, and it reads on."""
-        _take_all(self.victim)
+        take_all(self.victim)
         self.blocked = False
         self.pump()
 

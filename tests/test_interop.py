@@ -10,7 +10,6 @@ from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import anyio
@@ -18,6 +17,7 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
 import interop_peer as ip
+from helpers import serving
 from stalk import (
     ClosedByPeer,
     Config,
@@ -32,7 +32,6 @@ from stalk import (
     PublicIdentity,
     Spack,
     connect,
-    listen,
 )
 
 pytestmark = pytest.mark.anyio
@@ -81,7 +80,6 @@ async def stalk_server(
     *, authorize: Callable[[PublicIdentity], bool] | None = None, config: Config | None = None
 ) -> AsyncIterator[tuple[int, Identity, Served]]:
     """A stalk listener whose handler echoes every spack and records what it saw."""
-    identity = Identity.generate()
     served = Served()
 
     async def handler(conn: Connection) -> None:
@@ -99,20 +97,8 @@ async def stalk_server(
         finally:
             served.done.set()
 
-    async with anyio.create_task_group() as tg:
-        _, port = await tg.start(
-            partial(
-                listen,
-                "127.0.0.1",
-                0,
-                handler,
-                identity=identity,
-                authorize=authorize,
-                config=config,
-            )
-        )
+    async with serving(handler, authorize=authorize, config=config) as (_, port, identity):
         yield port, identity, served
-        tg.cancel_scope.cancel()
 
 
 @asynccontextmanager

@@ -28,7 +28,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from faultproxy import guarded_listener
-from helpers import drain
+from helpers import drain, echo, take_all, wait_until
 from stalk.config import Config
 from stalk.connection import Connection, connect
 from stalk.errors import (
@@ -51,14 +51,6 @@ from stalk.wire import CloseCode, RecordKind
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 @contextmanager
@@ -84,6 +76,8 @@ async def serving(
     handler: Callable[[Connection], Awaitable[None]],
     config: Config | None = None,
 ) -> AsyncIterator[tuple[Listener, Identity]]:
+    """Not helpers.serving: it yields the Listener (its counters), over a guarded socket
+    listener whose escaped exceptions fail the test."""
     identity = Identity.generate()
     listener, guard = await guarded_listener(identity, config=config)
     async with listener, anyio.create_task_group() as tg:
@@ -102,7 +96,7 @@ async def raw_session(
     try:
         while True:
             event = session.next_event()
-            if out := _take_all(session):
+            if out := take_all(session):
                 await stream.send(bytes(out))
             if isinstance(event, HandshakeComplete):
                 return stream, session
@@ -137,10 +131,6 @@ async def test_handshake_flood_is_bounded_and_reclaimed(
         handshake_timeout=FLOOD_TIMEOUT,
     )
 
-    async def echo(conn: Connection) -> None:
-        async for spack in conn:
-            await conn.send(spack)
-
     async with serving(echo, config) as (listener, server_id):
         started = anyio.current_time()
         stalled: list[SocketStream] = []
@@ -151,7 +141,7 @@ async def test_handshake_flood_is_bounded_and_reclaimed(
             stalled.append(sock)
             peak = max(peak, listener.handshakes_in_progress)
         tricklers = [await anyio.connect_tcp(*listener.address) for _ in range(TRICKLERS)]
-        await anyio.sleep(0.1)
+        await wait_until(lambda: listener.handshakes_in_progress >= max_handshakes)
         in_progress = listener.handshakes_in_progress
         assert in_progress == max_handshakes, in_progress
 
@@ -212,7 +202,7 @@ async def _trickle(sock: SocketStream, pause: float = 0.3) -> None:
     try:
         for byte in b"STALK\x01IK":
             await sock.send(bytes([byte]))
-            await anyio.sleep(pause)
+            await anyio.sleep(pause)  # the point: a slowloris
         await anyio.sleep_forever()
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         return
@@ -255,7 +245,7 @@ def test_a_huge_advertised_limit_costs_the_receiver_nothing(advertised: int) -> 
         assert server.peer_max_message_size == advertised
     else:
         assert error is not None
-        assert _take_all(server)[:1] == bytes([CloseCode.PROTOCOL_ERROR])
+        assert take_all(server)[:1] == bytes([CloseCode.PROTOCOL_ERROR])
 
 
 async def test_a_peer_advertising_a_huge_limit_still_gets_ours(anyio_backend: str) -> None:
@@ -276,9 +266,7 @@ async def test_a_peer_advertising_a_huge_limit_still_gets_ours(anyio_backend: st
                 await conn.send(Spack(bytes(64 * KiB)))  # over the server's limit
             await conn.send(Spack(bytes(60 * KiB)))  # the connection is still fine
             await conn.flush()
-        with anyio.fail_after(5):
-            while not got:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: got)
     assert got == [60 * KiB]
 
 
@@ -334,7 +322,7 @@ async def test_an_oversized_spack_is_cut_off_at_the_limit(
                         chunk = flood[start : start + FRAGMENT]
                         session._writer.add(RecordKind.FRAGMENT, chunk)  # bypasses the limit
                         session.flush()
-                        await stream.send(bytes(_take_all(session)))
+                        await stream.send(take_all(session))
                         sent += FRAGMENT
                 except (anyio.BrokenResourceError, OSError):
                     pass
@@ -344,15 +332,12 @@ async def test_an_oversized_spack_is_cut_off_at_the_limit(
                 ):
                     while close_code is None:
                         session.receive_data(await stream.receive())
-                        while (event := session.next_event()) is not NEED_DATA:
+                        for event in drain(session):
                             if isinstance(event, CloseReceived):
                                 close_code = event.code
-                                break
             _, peak = measure()
             await stream.aclose()
-            with anyio.fail_after(5):
-                while not watch.errors:
-                    await anyio.sleep(0.01)
+            await wait_until(lambda: watch.errors)
     print(
         f"\noversize/{anyio_backend}: peer wrote {sent / MiB:.1f} MiB before being cut off; "
         f"receiver buffered at most {watch.high_water / MiB:.2f} MiB (limit {LIMIT / MiB:.0f} "
@@ -394,11 +379,10 @@ async def test_a_peer_still_sending_after_our_error_close_reads_it(anyio_backend
             with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 while not codes:
                     session.receive_data(await stream.receive())
-                    while (event := session.next_event()) is not NEED_DATA:
+                    for event in drain(session):
                         if isinstance(event, CloseReceived):
                             codes.append(event.code)
                             read_at.append(time.monotonic())
-                            break
 
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
@@ -407,10 +391,9 @@ async def test_a_peer_still_sending_after_our_error_close_reads_it(anyio_backend
                     session._writer.add(RecordKind.MESSAGE, b"\xc1")  # never valid msgpack
                     for _ in range(64):  # then 3.8 MiB more, as if a large send went on
                         session.flush()
-                        await stream.send(bytes(_take_all(session)))
+                        await stream.send(take_all(session))
                         session._writer.add(RecordKind.FRAGMENT, bytes(60_000))
-            while not errors:
-                await anyio.sleep(0.01)
+            await wait_until(lambda: errors, timeout=10)
         await stream.aclose()
     assert codes == [CloseCode.PROTOCOL_ERROR]
     lingered = errors[0] - read_at[0]
@@ -500,10 +483,8 @@ async def test_memory_per_idle_connection_is_bounded(anyio_backend: str, burst: 
                     await conn.receive()
                     await conn.send(Spack(bytes(300 * KiB)))
                 conns.append(conn)
-            with anyio.fail_after(10):
-                while ready < count:
-                    await anyio.sleep(0.01)
-            await anyio.sleep(0.05)
+            await wait_until(lambda: ready >= count, timeout=10)
+            await anyio.sleep(0.05)  # the clients' reads settle too (no event to wait on)
             gc.collect()
             current, peak = measure()
         release.set()
@@ -576,7 +557,7 @@ async def test_the_listener_survives_running_out_of_file_descriptors(anyio_backe
         with contextlib.suppress(OSError):  # refused: the listener is already gone
             for _ in range(100):
                 flood.append(await anyio.connect_tcp("127.0.0.1", port))
-        await anyio.sleep(0.5)
+        await anyio.sleep(0.5)  # the listener (another process) meets EMFILE meanwhile
         for sock in flood:
             await sock.aclose()
         with anyio.move_on_after(0.5):
@@ -642,7 +623,7 @@ async def test_caps_refuse_cleanly_at_the_file_limit_and_idle_peers_are_dropped(
                     served_at = anyio.current_time() - opened
                 except PeerRefused as exc:
                     refused[exc.code] += 1
-                    await anyio.sleep(0.1)
+                    await anyio.sleep(0.1)  # the point: a client retrying now and then
         assert set(refused) == {CloseCode.BUSY}
     finally:
         for stream in idlers:
@@ -669,18 +650,6 @@ async def test_caps_refuse_cleanly_at_the_file_limit_and_idle_peers_are_dropped(
 
 
 # -- listener caps and the idle timeout ------------------------------------------------------------
-
-
-async def _echo(conn: Connection) -> None:
-    async for spack in conn:
-        await conn.send(spack)
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 5) -> None:
-    """Wait until ``condition()`` holds (the server side of a connection lags the client)."""
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.01)
 
 
 def test_the_address_key_groups_what_one_attacker_holds() -> None:
@@ -775,9 +744,9 @@ async def test_one_address_cannot_take_the_handshake_slots(anyio_backend: str) -
                     latencies.append(anyio.current_time() - started)
                     await conn.send(Spack("legitimate", i))
                     assert await conn.receive() == Spack("legitimate", i)
-            await anyio.sleep(0.2)
+            await anyio.sleep(0.2)  # the point: a legitimate client now and then
 
-    async with serving(_echo, config) as (listener, server_id):
+    async with serving(echo, config) as (listener, server_id):
         with anyio.fail_after(config.handshake_timeout + 10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(legitimate, listener.address, server_id.public)
@@ -785,7 +754,7 @@ async def test_one_address_cannot_take_the_handshake_slots(anyio_backend: str) -
                     sock = await anyio.connect_tcp(*listener.address, local_host="127.0.0.2")
                     tg.start_soon(attacker, sock, anyio.current_time())
                     peak = max(peak, listener.handshakes_by_address.get("127.0.0.2", 0))
-                await anyio.sleep(0.2)
+                await anyio.sleep(0.2)  # the attack goes on: its peak is what is measured
                 peak = max(peak, listener.handshakes_by_address.get("127.0.0.2", 0))
         assert listener.handshakes_in_progress == 0
         assert listener.handshakes_by_address == {}  # nothing kept per address afterwards
@@ -807,10 +776,10 @@ async def test_one_address_cannot_take_the_handshake_slots(anyio_backend: str) -
 async def test_established_connections_are_capped(anyio_backend: str) -> None:
     """Beyond ``max_connections`` a client gets BUSY at once; a freed slot is usable again."""
     cap = 20
-    async with serving(_echo, Config(max_connections=cap)) as (listener, server_id):
+    async with serving(echo, Config(max_connections=cap)) as (listener, server_id):
         conns = [await connect(*listener.address, server_id.public) for _ in range(cap)]
         try:
-            await _until(lambda: listener.connections == cap)
+            await wait_until(lambda: listener.connections == cap)
             started = anyio.current_time()
             with anyio.fail_after(1), pytest.raises(PeerRefused) as info:
                 await connect(*listener.address, server_id.public)
@@ -819,7 +788,7 @@ async def test_established_connections_are_capped(anyio_backend: str) -> None:
             assert info.value.reason == "too many connections"
             assert listener.connections == cap
             await conns.pop().aclose()
-            await _until(lambda: listener.connections == cap - 1)
+            await wait_until(lambda: listener.connections == cap - 1)
             async with await connect(*listener.address, server_id.public) as conn:
                 await conn.send(Spack("in again"))
                 assert await conn.receive() == Spack("in again")
@@ -854,7 +823,7 @@ async def test_idle_timeout_drops_a_silent_peer_and_keeps_a_live_one(
 
     async def echo_and_record(conn: Connection) -> None:
         try:
-            await _echo(conn)
+            await echo(conn)
         except StalkError as exc:
             errors.append(exc)
             raise
@@ -887,9 +856,7 @@ async def test_idle_timeout_drops_a_silent_peer_and_keeps_a_live_one(
             # The live client goes on through several idle periods.
             await anyio.sleep(4 * IDLE_TIMEOUT)
             await live.send(Spack("still here"))
-            with anyio.fail_after(2):
-                while not received:
-                    await anyio.sleep(0.01)
+            await wait_until(lambda: received, timeout=2)
             assert listener.connections == 1
             tg.cancel_scope.cancel()
         await live.aclose()
@@ -930,7 +897,7 @@ async def test_the_idle_timer_counts_only_time_spent_receiving(anyio_backend: st
                 polls += 1
                 with anyio.move_on_after(0.25):
                     await conn.receive()
-                await anyio.sleep(0.4)
+                await anyio.sleep(0.4)  # the point: a client that polls now and then
 
         started = anyio.current_time()
         with anyio.fail_after(10), pytest.raises(IdleTimeout):
@@ -1006,7 +973,10 @@ async def test_the_idle_timeout_never_waits_for_a_blocked_writer(
 async def test_stopping_the_listener_tells_its_clients(anyio_backend: str) -> None:
     server_id = Identity.generate()
 
+    serving_client = anyio.Event()
+
     async def wait_forever(conn: Connection) -> None:
+        serving_client.set()
         await anyio.sleep_forever()
 
     conn: Connection | None = None
@@ -1016,7 +986,8 @@ async def test_stopping_the_listener_tells_its_clients(anyio_backend: str) -> No
                 partial(listen, "127.0.0.1", 0, wait_forever, identity=server_id)
             )
             conn = client = await connect(host, port, server_id.public)
-            await anyio.sleep(0.1)
+            with anyio.fail_after(5):
+                await serving_client.wait()
             tg.cancel_scope.cancel()  # the server shuts down
         outcome = "still waiting"
         with anyio.move_on_after(2):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 
+from helpers import wait_until
 from stalk import _noise
 from stalk.config import Config
 from stalk.connection import Connection, connect
@@ -173,8 +174,7 @@ async def test_a_thousand_concurrent_connections(anyio_backend: str) -> None:
                     for cid in range(CONNECTIONS):
                         clients.start_soon(client, cid, host, port)
                 timings["done"] = time.perf_counter() - started
-                while server.active:
-                    await anyio.sleep(0.01)
+                await wait_until(lambda: not server.active, timeout=LOAD_DEADLINE)
                 tg.cancel_scope.cancel()
     print(
         f"\nload/{anyio_backend}: {CONNECTIONS} connections ({dict(server.patterns)}), "

@@ -44,10 +44,10 @@ import pytest
 from anyio.abc import Process, SocketStream
 from benchmarks import hostile
 
-from helpers import connected_pair
+from helpers import connected_pair, drain, take_all, wait_until
 from stalk.connection import connect
 from stalk.errors import MessageTooLarge, StalkError
-from stalk.events import NEED_DATA, PAUSED, CloseReceived, MessageReceived
+from stalk.events import CloseReceived, MessageReceived
 from stalk.framing import encode_frame
 from stalk.identity import Identity, PublicIdentity
 from stalk.records import encode_uvarint
@@ -89,14 +89,6 @@ async def main():
 
 anyio.run(main, backend=sys.argv[1])
 """
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 @dataclass
@@ -169,7 +161,7 @@ async def main():
             assert await conn.receive() == stalk.Spack("probe", n)
             print(time.perf_counter() - started, flush=True)
             n += 1
-            await anyio.sleep(0.002)
+            await anyio.sleep(0.002)  # the point: a probe every few ms
 
 anyio.run(main, backend=sys.argv[1])
 """
@@ -234,9 +226,7 @@ async def under_attack(backend: str, **config: Any) -> AsyncIterator[Attack]:
     async with victim(backend, **config) as target, anyio.create_task_group() as tg:
         tg.start_soon(probe.run, backend, target.port, target.key)
         stream, session = await raw_session(("127.0.0.1", target.port), target.key)
-        with anyio.fail_after(10):
-            while len(probe.round_trips) < 5:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: len(probe.round_trips) >= 5, timeout=10)
         probe.round_trips.clear()  # connecting is not part of the attack
         attack = Attack(stream, session, probe, target)
         attack.rss_before = target.reset_peak()
@@ -261,9 +251,7 @@ async def close_code_seen(stream: SocketStream, session: Session) -> int | None:
     ):
         while True:
             session.receive_data(await stream.receive())
-            while (event := session.next_event()) is not NEED_DATA:
-                if event is PAUSED:
-                    continue
+            for event in drain(session):
                 if isinstance(event, CloseReceived):
                     return event.code
     return None
@@ -291,7 +279,7 @@ async def test_one_byte_fragments_hold_what_they_count(anyio_backend: str, count
             chunk = encoding[start : start + per_message]
             plaintext = b"".join(record(RecordKind.FRAGMENT, bytes([b])) for b in chunk)
             await attack.stream.send(seal(attack.session, plaintext))
-        await anyio.sleep(0.5)  # let the victim take everything sent
+        await anyio.sleep(0.5)  # the victim (another process) takes everything sent
         held, peak = attack.grown()
     print(
         f"\nfinding 1/{anyio_backend}: {counted / MiB:.0f} MiB counted in 1-byte fragments "
@@ -320,7 +308,7 @@ async def test_fragments_padded_with_pongs_cannot_pin_their_plaintexts(
             byte = header[index] if index < len(header) else 0
             plaintext = record(RecordKind.FRAGMENT, bytes([byte])) + pongs
             await attack.stream.send(seal(attack.session, plaintext))
-        await anyio.sleep(0.5)
+        await anyio.sleep(0.5)  # the victim (another process) takes what was sent
         held, peak = attack.grown()
     sent = messages * (len(pongs) + 4)
     print(
@@ -425,9 +413,7 @@ async def test_a_dense_spack_within_its_budget_is_delivered_in_bounded_steps(
     async with victim(anyio_backend) as target, anyio.create_task_group() as tg:
         tg.start_soon(probe.run, anyio_backend, target.port, target.key)
         async with await connect("127.0.0.1", target.port, target.key) as conn:
-            with anyio.fail_after(5):
-                while len(probe.round_trips) < 5:
-                    await anyio.sleep(0.01)
+            await wait_until(lambda: len(probe.round_trips) >= 5)
             probe.round_trips.clear()
             await conn.send(floats)
             with anyio.fail_after(20):
@@ -503,7 +489,7 @@ async def test_connections_opened_and_dropped_cost_nothing_lasting(
                     try:
                         initiator = Session(Role.INITIATOR, attacker, peer=attack.victim.key)
                         initiator.next_event()
-                        await stream.send(bytes(_take_all(initiator)))
+                        await stream.send(take_all(initiator))
                     finally:  # also when the time is up in the middle of a round
                         await anyio.aclose_forcefully(stream)
                 else:
@@ -513,7 +499,7 @@ async def test_connections_opened_and_dropped_cost_nothing_lasting(
                             await stream.send(seal(session, record(RecordKind.READY, b"")))
                     finally:
                         await anyio.aclose_forcefully(stream)
-        await anyio.sleep(0.5)
+        await anyio.sleep(0.5)  # the victim (another process) takes what was sent
         held, peak = attack.grown()
     print(
         f"\nrapid reset/{anyio_backend}: {rounds} connections opened and dropped in {seconds:.0f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import itertools
 import tracemalloc
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import connected_pair, drain, make_pair
+from helpers import connected_pair, drain, make_pair, take_all
 from stalk import reassembly
 from stalk.errors import (
     ConnectionClosed,
@@ -30,6 +31,7 @@ from stalk.errors import (
 from stalk.events import (
     NEED_DATA,
     CloseReceived,
+    Event,
     HandshakeComplete,
     MessageReceived,
     PeerIdentified,
@@ -41,14 +43,6 @@ from stalk.records import encode_uvarint
 from stalk.session import Role, Session, SessionConfig, SessionState
 from stalk.spack import Float32, Spack, SpackValue
 from stalk.wire import CloseCode, Pattern, RecordKind
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 def messages(events: Sequence[object]) -> list[Spack]:
@@ -90,18 +84,18 @@ def test_each_handshake_has_a_fresh_hash() -> None:
 def test_ik_responder_answers_nothing_before_authorization() -> None:
     server_id = Identity.generate()
     pair = make_pair(ik=True, server_identity=server_id)
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     event = pair.server.next_event()
     assert isinstance(event, PeerIdentified)
     assert pair.server.state is SessionState.AUTHORIZING
-    assert _take_all(pair.server) == b""  # no message 2, no DH spent yet
+    assert take_all(pair.server) == b""  # no message 2, no DH spent yet
     assert pair.server.peer is None  # identified, not yet authenticated
 
 
 def test_xx_message_one_carries_no_identity() -> None:
     client_id = Identity.generate()
     pair = make_pair(client_identity=client_id)
-    opening = _take_all(pair.client)
+    opening = take_all(pair.client)
     assert opening[:8] == b"STALK\x01XX"
     assert client_id.public.raw not in opening
 
@@ -110,10 +104,10 @@ def test_ik_with_wrong_key_fails_with_identity_mismatch() -> None:
     real, pinned = Identity.generate(), Identity.generate()
     client = Session(Role.INITIATOR, Identity.generate(), peer=pinned.public)
     server = Session(Role.RESPONDER, real)
-    server.receive_data(_take_all(client))
+    server.receive_data(take_all(client))
     with pytest.raises(HandshakeFailed):
         server.next_event()
-    client.receive_data(_take_all(server))
+    client.receive_data(take_all(server))
     with pytest.raises(PeerIdentityMismatch) as info:
         client.next_event()
     assert info.value.expected == pinned.public
@@ -136,12 +130,12 @@ def test_refused_peer_gets_a_clear_error(ik: bool) -> None:
 
 def test_unknown_version_is_refused_as_unsupported() -> None:
     pair = make_pair()
-    opening = bytearray(_take_all(pair.client))
+    opening = bytearray(take_all(pair.client))
     opening[5] = 2
     pair.server.receive_data(bytes(opening))
     with pytest.raises(HandshakeFailed, match="version 2"):
         pair.server.next_event()
-    pair.client.receive_data(_take_all(pair.server))
+    pair.client.receive_data(take_all(pair.server))
     with pytest.raises(PeerRefused) as info:
         pair.client.next_event()
     assert info.value.code == CloseCode.UNSUPPORTED
@@ -161,7 +155,7 @@ def test_non_stalk_client_is_rejected_at_once(opening: bytes) -> None:
 def test_downgrade_from_ik_to_xx_fails() -> None:
     server_id = Identity.generate()
     pair = make_pair(ik=True, server_identity=server_id)
-    opening = bytearray(_take_all(pair.client))
+    opening = bytearray(take_all(pair.client))
     opening[6:8] = b"XX"
     pair.server.receive_data(bytes(opening))
     # The responder runs XX over an IK message 1: the "cleartext payload" it reads is the
@@ -173,13 +167,13 @@ def test_downgrade_from_ik_to_xx_fails() -> None:
 def test_replayed_ik_message_one_never_connects() -> None:
     server_id = Identity.generate()
     pair = make_pair(ik=True, server_identity=server_id)
-    recorded = _take_all(pair.client)
+    recorded = take_all(pair.client)
     # An attacker replays the recording to a fresh responder with the same key.
     replay = Session(Role.RESPONDER, server_id)
     replay.receive_data(recorded)
     assert isinstance(replay.next_event(), PeerIdentified)
     replay.accept()
-    assert _take_all(replay)  # message 2 goes out...
+    assert take_all(replay)  # message 2 goes out...
     assert replay.peer is None  # ...but the initiator is not reported as connected
     assert replay.state is SessionState.CONFIRMING
     with pytest.raises(LocalProtocolError):
@@ -193,7 +187,7 @@ def test_replayed_ik_message_one_then_eof_is_a_failed_handshake() -> None:
     server_id = Identity.generate()
     client = Session(Role.INITIATOR, Identity.generate(), peer=server_id.public)
     replay = Session(Role.RESPONDER, server_id)
-    replay.receive_data(_take_all(client))
+    replay.receive_data(take_all(client))
     replay.next_event()
     replay.accept()
     replay.receive_data(b"")
@@ -203,7 +197,7 @@ def test_replayed_ik_message_one_then_eof_is_a_failed_handshake() -> None:
 
 def test_eof_during_handshake_is_a_failed_handshake() -> None:
     pair = make_pair()
-    pair.server.receive_data(_take_all(pair.client)[:20])
+    pair.server.receive_data(take_all(pair.client)[:20])
     pair.server.receive_data(b"")
     with pytest.raises(HandshakeFailed, match="during the handshake"):
         pair.server.next_event()
@@ -269,7 +263,7 @@ def test_queued_spacks_are_batched_into_one_noise_message() -> None:
     for i in range(100):
         pair.client.queue(Spack(i, "x" * 10))
     pair.client.flush()
-    wire = _take_all(pair.client)
+    wire = take_all(pair.client)
     frame_len = int.from_bytes(wire[:2], "big")
     assert len(wire) == 2 + frame_len  # one frame carries all hundred
     pair.server.receive_data(wire)
@@ -280,7 +274,7 @@ def test_large_spack_is_fragmented_and_reassembled() -> None:
     payload = bytes(range(256)) * 20_000  # 5 MB
     pair = connected_pair()
     pair.client.send(Spack("big", payload))
-    wire = _take_all(pair.client)
+    wire = take_all(pair.client)
     assert len(wire) > len(payload)
     pair.server.receive_data(wire)
     (spack,) = messages(drain(pair.server))
@@ -306,7 +300,7 @@ def test_spack_over_peer_limit_is_refused_before_queueing() -> None:
     assert pair.client.peer_max_message_size == 4096
     with pytest.raises(MessageTooLarge):
         pair.client.send(Spack(b"x" * 5000))
-    assert _take_all(pair.client) == b""
+    assert take_all(pair.client) == b""
     pair.client.send(Spack(b"x" * 4000))  # still usable
     pair.pump()
     assert len(messages(pair.server_events)) == 1
@@ -318,10 +312,10 @@ def test_peer_exceeding_our_limit_is_a_protocol_error() -> None:
     # A misbehaving client ignores the advertised limit.
     pair.client._writer.add_message(Spack(b"x" * 200_000).encode())
     pair.client._push(pair.client._writer)
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     with pytest.raises(MessageLimitExceeded):
         drain(pair.server)
-    pair.client.receive_data(_take_all(pair.server))
+    pair.client.receive_data(take_all(pair.server))
     (close,) = drain(pair.client)
     assert isinstance(close, CloseReceived)
     assert close.code == CloseCode.MESSAGE_TOO_LARGE
@@ -331,7 +325,7 @@ def test_invalid_value_raises_before_anything_is_queued() -> None:
     pair = connected_pair()
     with pytest.raises(TypeError):
         pair.client.send(Spack({1, 2}))  # type: ignore[arg-type]
-    assert _take_all(pair.client) == b""
+    assert take_all(pair.client) == b""
     pair.client.send(Spack("ok"))
     pair.pump()
     assert messages(pair.server_events) == [Spack("ok")]
@@ -354,7 +348,7 @@ def test_trickled_frame_is_joined_in_place_not_recopied() -> None:
     """
     pair = connected_pair()
     pair.client.send(Spack(b"t" * 60_000))
-    wire = bytes(_take_all(pair.client))
+    wire = take_all(pair.client)
     pair.server.receive_data(wire[:10])
     assert drain(pair.server) == []
     joined = None
@@ -377,6 +371,8 @@ def test_a_large_spack_is_encrypted_as_the_transport_takes_it() -> None:
         pair.client.send(Spack(payload))
         written = 0
         largest = 0
+        # data_to_send() directly: its own behaviour (about 1 MiB encrypted per call) is
+        # the point of this test.
         while chunk := pair.client.data_to_send():
             written += len(chunk)
             largest = max(largest, len(chunk))
@@ -399,15 +395,16 @@ def test_records_queued_behind_a_large_spack_keep_their_order() -> None:
     pair = connected_pair(client_config=config, server_config=config)
     big = bytes(range(256)) * (12 << 10)  # 3 MiB
     pair.client.send(Spack("big", big))
+    # data_to_send() directly: what it leaves unencrypted is the point of this test.
     first = pair.client.data_to_send()  # about 1 MiB leaves; the rest is not encrypted yet
     assert len(first) <= (1 << 20) + (64 << 10)
     assert pair.client.has_output
     pair.server.ping(b"mid")
-    pair.client.receive_data(bytes(_take_all(pair.server)))
+    pair.client.receive_data(take_all(pair.server))
     assert drain(pair.client) == []  # the PONG is queued behind the rest of the spack
     pair.client.send(Spack("after"))
     pair.server.receive_data(first)
-    wire = bytes(_take_all(pair.client))
+    wire = take_all(pair.client)
     for offset in range(0, len(wire), 100_000):
         pair.server.receive_data(wire[offset : offset + 100_000])
     events = drain(pair.server)
@@ -422,7 +419,7 @@ def test_delivered_data_is_not_kept() -> None:
     pair = connected_pair()
     for size in (10, 70_000, 300_000):
         pair.client.send(Spack(b"d" * size))
-        pair.server.receive_data(bytes(_take_all(pair.client)))
+        pair.server.receive_data(take_all(pair.client))
         assert messages(drain(pair.server)) == [Spack(b"d" * size)]
         assert len(pair.server._reader._in) == 0
         assert not pair.server._reader._more
@@ -487,9 +484,9 @@ def test_answering_a_ping_does_not_flush_queued_spacks() -> None:
     pair = connected_pair()
     pair.server.queue(Spack("queued, not flushed"))
     pair.client.ping(b"p")
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     assert drain(pair.server) == []
-    pong_only = _take_all(pair.server)
+    pong_only = take_all(pair.server)
     pair.client.receive_data(pong_only)
     assert drain(pair.client) == [PongReceived(b"p")]
     pair.server.flush()
@@ -515,29 +512,25 @@ def test_close_is_authenticated_and_half_closes() -> None:
 def test_eof_without_close_is_truncation() -> None:
     pair = connected_pair()
     pair.client.send(Spack(1))
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     pair.server.receive_data(b"")
     assert messages(drain_until_error(pair.server)) == [Spack(1)]
     with pytest.raises(ConnectionLost):
         pair.server.next_event()
 
 
-def drain_until_error(session: Session) -> list[object]:
-    events: list[object] = []
-    while True:
-        try:
-            event = session.next_event()
-        except Exception:  # the caller checks the error next
-            return events
-        if event is NEED_DATA:
-            return events
-        events.append(event)
+def drain_until_error(session: Session) -> list[Event]:
+    """:func:`helpers.drain`, keeping the events that came before an error."""
+    events: list[Event] = []
+    with contextlib.suppress(Exception):  # the caller checks the error next
+        drain(session, events)
+    return events
 
 
 def test_eof_mid_frame_is_truncation_and_delivers_nothing_partial() -> None:
     pair = connected_pair()
     pair.client.send(Spack(b"q" * 100_000))
-    wire = _take_all(pair.client)
+    wire = take_all(pair.client)
     pair.server.receive_data(wire[:-1])
     pair.server.receive_data(b"")
     with pytest.raises(ConnectionLost, match="middle of a frame"):
@@ -547,7 +540,7 @@ def test_eof_mid_frame_is_truncation_and_delivers_nothing_partial() -> None:
 def test_eof_after_close_is_clean() -> None:
     pair = connected_pair()
     pair.client.close()
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     pair.server.receive_data(b"")
     assert drain(pair.server) == [CloseReceived(0, "")]
     assert pair.server.next_event() == CloseReceived(0, "")
@@ -558,7 +551,7 @@ def test_bytes_after_close_are_never_read(split: bool) -> None:
     """SPEC "Close": whatever follows CLOSE is discarded, however TCP segments it."""
     pair = connected_pair()
     pair.client.close()
-    wire = _take_all(pair.client)
+    wire = take_all(pair.client)
     if split:
         pair.server.receive_data(wire)
         assert drain(pair.server) == [CloseReceived(0, "")]
@@ -577,13 +570,13 @@ def test_bytes_after_close_are_never_read(split: bool) -> None:
 def test_flipped_bit_fails_authentication_and_notifies_peer() -> None:
     pair = connected_pair()
     pair.client.send(Spack("secret"))
-    wire = bytearray(_take_all(pair.client))
+    wire = bytearray(take_all(pair.client))
     wire[5] ^= 0x01
     pair.server.receive_data(bytes(wire))
     with pytest.raises(DecryptionFailed):
         pair.server.next_event()
     assert pair.server.state is SessionState.FAILED
-    pair.client.receive_data(_take_all(pair.server))
+    pair.client.receive_data(take_all(pair.server))
     (close,) = drain(pair.client)
     assert isinstance(close, CloseReceived)
     assert close.code == CloseCode.PROTOCOL_ERROR
@@ -624,7 +617,7 @@ def test_malformed_records_are_fatal_and_deliver_nothing(
     pair = connected_pair()
     good = Spack("before")
     pair.client.send(good)
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     # A well-formed message in the same Noise message as the bad record must not leak out.
     forged = _forge(pair.client, b"\x01\x00\x02\x91\x07" + plaintext if plaintext else b"")
     pair.server.receive_data(forged)
@@ -652,7 +645,7 @@ def test_ping_in_a_rejected_message_is_not_answered() -> None:
     pair.server.receive_data(_forge(pair.client, b"\x04\x00\x02hi" + b"\x01\x00\x01\xc1"))
     with pytest.raises(ProtocolError):
         drain(pair.server)
-    pair.client.receive_data(_take_all(pair.server))
+    pair.client.receive_data(take_all(pair.server))
     events = drain(pair.client)
     assert not any(isinstance(e, PongReceived) for e in events)
     assert isinstance(events[-1], CloseReceived)
@@ -662,12 +655,12 @@ def test_eof_inside_the_ready_frame_is_a_failed_handshake() -> None:
     server_id = Identity.generate()
     client = Session(Role.INITIATOR, Identity.generate(), peer=server_id.public)
     server = Session(Role.RESPONDER, server_id)
-    server.receive_data(_take_all(client))
+    server.receive_data(take_all(client))
     server.next_event()
     server.accept()
-    client.receive_data(_take_all(server))
+    client.receive_data(take_all(server))
     drain(client)
-    server.receive_data(_take_all(client)[:5])
+    server.receive_data(take_all(client)[:5])
     server.receive_data(b"")
     with pytest.raises(HandshakeFailed):
         server.next_event()
@@ -678,7 +671,7 @@ def test_only_spacks_can_be_sent(item: object) -> None:
     pair = connected_pair()
     with pytest.raises(InvalidSpackValue, match="take a Spack"):
         pair.client.send(item)  # type: ignore[arg-type]
-    assert _take_all(pair.client) == b""
+    assert take_all(pair.client) == b""
 
 
 def _outcome(

@@ -28,10 +28,9 @@ from typing import Any
 
 import pytest
 
+from helpers import drain, take_all
 from stalk.errors import DecryptionFailed, HandshakeFailed
 from stalk.events import (
-    NEED_DATA,
-    PAUSED,
     CloseReceived,
     Event,
     HandshakeComplete,
@@ -65,14 +64,6 @@ ELEMENTS = {
 }
 
 Transcript = dict[str, Any]
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 @cache
@@ -246,18 +237,6 @@ def test_generator_check_mode_fails_on_any_difference(
 # --------------------------------------------------------------------------- (b) replay
 
 
-def drain(session: Session) -> list[Event]:
-    events: list[Event] = []
-    while (event := session.next_event()) is not NEED_DATA:
-        if event is PAUSED:  # a step of work: the transcripts never make it owe output
-            assert not session.has_output
-            continue
-        events.append(event)
-        if isinstance(event, CloseReceived):  # returned again and again from then on
-            break
-    return events
-
-
 def build_sessions(transcript: Transcript) -> dict[str, Session]:
     """Both Sessions, from the keys and configurations the transcript records."""
     identities: dict[str, Identity] = {}
@@ -366,11 +345,13 @@ def replay(transcript: Transcript, *, stop_before: int | None = None) -> dict[st
         side = step["from"]
         actor, receiver = sessions[side], sessions[other(side)]
         perform(transcript, actor, step["cause"], index)
-        data = _take_all(actor)
+        data = take_all(actor)
         assert data.hex() == step["bytes"], f"{where}: the {side} wrote different bytes"
-        events = [(side, e) for e in drain(actor)] if step["cause"].get("call") == "accept" else []
+        # The transcripts never make a session pause owing output (may_owe=False).
+        accepted = step["cause"].get("call") == "accept"
+        events = [(side, e) for e in drain(actor, may_owe=False)] if accepted else []
         receiver.receive_data(data)
-        events += [(other(side), e) for e in drain(receiver)]
+        events += [(other(side), e) for e in drain(receiver, may_owe=False)]
         assert len(events) == len(step["events"]), f"{where}: events {events}"
         for (event_side, event), want in zip(events, step["events"], strict=True):
             check_event(transcript, event_side, event, want, where)
@@ -378,10 +359,10 @@ def replay(transcript: Transcript, *, stop_before: int | None = None) -> dict[st
                 delivered[event_side].append(want["spack"])
         following = steps[index + 1] if index + 1 < len(steps) else None
         if following is None or following["cause"] != {"received": index}:
-            assert _take_all(receiver) == b"", f"{where}: an unrecorded write"
+            assert take_all(receiver) == b"", f"{where}: an unrecorded write"
     if stop_before is None:
         for side, session in sessions.items():
-            assert _take_all(session) == b""
+            assert take_all(session) == b""
             assert session.close_sent
             assert session.close_received is not None
             assert session.handshake_hash is not None
@@ -538,15 +519,6 @@ def find_step(transcript: Transcript, target: str) -> tuple[int, int]:
     raise AssertionError(f"no {target} in the transcript")
 
 
-def drain_into(session: Session, events: list[Event]) -> None:
-    """Collect events until NEED_DATA; keeps what came before an exception."""
-    while (event := session.next_event()) is not NEED_DATA:
-        if event is PAUSED:
-            assert not session.has_output
-            continue
-        events.append(event)
-
-
 def deliver_tampered(transcript: Transcript, target: str) -> tuple[Session, Session, list[Event]]:
     """Replay up to the target step, then deliver its bytes with one bit flipped.
 
@@ -557,14 +529,14 @@ def deliver_tampered(transcript: Transcript, target: str) -> tuple[Session, Sess
     sessions = replay(transcript, stop_before=index)
     actor, receiver = sessions[step["from"]], sessions[other(step["from"])]
     perform(transcript, actor, step["cause"], index)
-    data = bytearray(_take_all(actor))
+    data = bytearray(take_all(actor))
     assert data.hex() == step["bytes"]
     data[offset] ^= 0x01
     receiver.receive_data(bytes(data))
     events: list[Event] = []
     expected = HandshakeFailed if target == "msg2" else DecryptionFailed
     with pytest.raises(expected):
-        drain_into(receiver, events)
+        drain(receiver, events, may_owe=False)  # keeps what came before the error
     assert receiver.state is SessionState.FAILED
     with pytest.raises(expected):  # terminal: the same error again
         receiver.next_event()
@@ -586,8 +558,8 @@ def test_flipped_byte_in_a_transport_message_delivers_nothing(pattern: str, targ
 def test_receiver_of_a_flipped_byte_closes_with_protocol_error(pattern: str, target: str) -> None:
     # SPEC "Error handling": an authenticated CLOSE(PROTOCOL_ERROR) tells the sender why.
     actor, receiver, _ = deliver_tampered(load(pattern), target)
-    actor.receive_data(_take_all(receiver))
-    closing = drain(actor)
+    actor.receive_data(take_all(receiver))
+    closing = drain(actor, may_owe=False)
     assert len(closing) == 1
     assert isinstance(closing[0], CloseReceived)
     assert closing[0].code == CloseCode.PROTOCOL_ERROR

@@ -42,6 +42,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from helpers import take_all
 from stalk.errors import (
     ConnectionClosed,
     ConnectionLost,
@@ -82,14 +83,6 @@ SIZES = st.one_of(
 #: Delivery chunk sizes: byte-sized (frame headers split), medium, whole frames.
 CHUNKS = st.one_of(st.integers(1, 8), st.integers(1, 2_000), st.integers(1, 70_000))
 SMALL_LIMIT = 100_000
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 def other(side: Side) -> Side:
@@ -217,13 +210,17 @@ class SessionPair(RuleBasedStateMachine):
     # -- bytes between the two sides ---------------------------------------------------------
 
     def collect(self, sender: Side) -> None:
-        data = self.sessions[sender].data_to_send()
+        data = take_all(self.sessions[sender])
         wire = self.wires[sender]
         wire.honest += data
         wire.inflight += data
 
     def pull(self, receiver: Side) -> None:
-        """Take the events ``receiver`` can produce and check each against the model."""
+        """Take the events ``receiver`` can produce and check each against the model.
+
+        Not :func:`helpers.drain`: every event is checked as it comes, and PAUSED moves the
+        owed output into the wire model (bytes in flight, delivered by the rules).
+        """
         session = self.sessions[receiver]
         sender = other(receiver)
         if receiver in self.errors:

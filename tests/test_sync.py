@@ -9,15 +9,12 @@ from anyio.from_thread import start_blocking_portal
 
 import stalk
 import stalk.sync
+from helpers import echo
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int, stalk.Identity, str]]:
     identity = stalk.Identity.generate()
-
-    async def echo(conn: stalk.Connection) -> None:
-        async for spack in conn:
-            await conn.send(spack)
 
     with start_blocking_portal(request.param) as portal:
         listener = portal.call(lambda: stalk.create_listener("127.0.0.1", 0, identity=identity))

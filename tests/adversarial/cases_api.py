@@ -22,8 +22,7 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream
 
-from helpers import connected_pair, drain, make_pair
-from helpers_streams import byte_stream_pair
+from helpers import byte_stream_pair, connected_pair, drain, make_pair, take_all, wait_until
 from stalk.config import Config
 from stalk.connection import Connection, connect
 from stalk.errors import (
@@ -37,7 +36,7 @@ from stalk.errors import (
     NonceExhausted,
     StalkError,
 )
-from stalk.events import NEED_DATA, CloseReceived, MessageReceived
+from stalk.events import CloseReceived, Event, MessageReceived
 from stalk.framing import encode_frame
 from stalk.identity import Identity, PublicIdentity
 from stalk.session import Session, SessionState
@@ -71,14 +70,6 @@ from .peers import (
 )
 
 CONFIG = Config(handshake_timeout=3, close_timeout=1)
-
-
-def _take_all(session: object) -> bytes:
-    """Every buffer the session has for the transport, joined."""
-    out = b""
-    while data := session.data_to_send():  # type: ignore[attr-defined]
-        out += data
-    return out
 
 
 # -- api: a real connection used wrongly -----------------------------------------------------
@@ -168,7 +159,7 @@ async def concurrent_receives(conn: Connection) -> BaseException | None:
             errors.append(await _raises(conn.receive()))
 
         tg.start_soon(first)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # the first receiver is waiting
         second = await _raises(conn.receive())
         await conn.aclose()  # wakes the first receiver
     assert isinstance(errors[0], ConnectionClosed), errors
@@ -183,7 +174,7 @@ async def aclose_while_receiving(conn: Connection) -> BaseException | None:
             errors.append(await _raises(conn.receive()))
 
         tg.start_soon(receiver)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # the receiver is waiting
         await conn.aclose()
     return errors[0]
 
@@ -319,9 +310,14 @@ async def send_again(conn: Connection) -> BaseException | None:
 # -- a fault that kills the listener --------------------------------------------------------
 
 
+#: The keys :func:`slow_authorize` was asked about: an attack knows when it is inside.
+AUTHORIZING: set[bytes] = set()
+
+
 async def slow_authorize(peer: PublicIdentity) -> bool:
     """An authorization that takes a while (a database, a prompt...)."""
-    await anyio.sleep(0.2)
+    AUTHORIZING.add(peer.raw)
+    await anyio.sleep(0.2)  # the point: the listener is inside authorize() for a while
     return bool(peer)
 
 
@@ -338,7 +334,7 @@ async def rst_while_authorizing(target: Target, *, ik: bool) -> Attack:
         assert body is not None
         init.read_msg2(body)
         await wire.send(encode_frame(init.msg3()))
-    await anyio.sleep(0.05)  # the listener now awaits authorize()
+    await wait_until(lambda: init.identity.public.raw in AUTHORIZING)  # it awaits authorize()
     port = wire.local_port
     await wire.reset()
     return Attack([port], reset=True)
@@ -453,16 +449,14 @@ async def refused_then_pipelines(target: Target, *, ik: bool) -> Attack:
 
 
 def _deliveries(session: Session) -> tuple[list[Spack], BaseException | None]:
-    spacks: list[Spack] = []
-    while True:
-        try:
-            event = session.next_event()
-        except StalkError as exc:
-            return spacks, exc
-        if event is NEED_DATA or isinstance(event, CloseReceived):
-            return spacks, None
-        if isinstance(event, MessageReceived):
-            spacks.append(event.spack)
+    """The spacks delivered now, and the error that ended the session, if one did."""
+    events: list[Event] = []
+    error: BaseException | None = None
+    try:
+        drain(session, events)
+    except StalkError as exc:
+        error = exc
+    return [e.spack for e in events if isinstance(e, MessageReceived)], error
 
 
 def _close_code(session: Session, data: bytes | bytearray) -> int | None:
@@ -479,14 +473,14 @@ def nonce_reserved_value() -> Outcome:
     """Both sides reach nonce 2^64-1: the sender refuses to encrypt, the receiver to decrypt."""
     pair = connected_pair()
     pair.client.send(A)
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     got, _ = _deliveries(pair.server)
     assert pair.client._sealer.cipher is not None
     assert pair.server._receiver is not None
     pair.client._sealer.cipher.set_nonce_for_testing_only(2**64 - 2)
     pair.server._receiver._cipher.set_nonce_for_testing_only(2**64 - 2)
     pair.client.send(B)  # n = 2^64 - 2, the last nonce a message may use
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     more, error = _deliveries(pair.server)
     assert error is None
     pair.client.send(Spack("no nonce left"))  # queued: it is encrypted as it is taken
@@ -496,7 +490,7 @@ def nonce_reserved_value() -> Outcome:
         send_error: BaseException = exc
     else:
         raise AssertionError("encrypted with the reserved nonce 2^64 - 1")
-    assert _take_all(pair.client) == b"", "bytes queued after NonceExhausted"
+    assert take_all(pair.client) == b"", "bytes queued after NonceExhausted"
     refused_again = False
     try:
         pair.client.send(Spack("still none"))
@@ -509,14 +503,14 @@ def receive_at_reserved_nonce() -> Outcome:
     """The receiver's nonce at 2^64-1: any message is refused, nothing delivered."""
     pair = connected_pair()
     pair.client.send(A)
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     got, _ = _deliveries(pair.server)
     assert pair.server._receiver is not None
     pair.server._receiver._cipher.set_nonce_for_testing_only(2**64 - 1)
     pair.client.send(B)
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     more, error = _deliveries(pair.server)
-    code = _close_code(pair.client, _take_all(pair.server))
+    code = _close_code(pair.client, take_all(pair.server))
     return Outcome(
         error, True, got + more, [A], code=code, torn_down=pair.server.state is SessionState.FAILED
     )
@@ -529,7 +523,7 @@ def data_after_close() -> Outcome:
     pair = connected_pair()
     pair.client.send(A)
     pair.client.close()
-    wire = _take_all(pair.client)
+    wire = take_all(pair.client)
     assert pair.client._sealer.cipher is not None
     extra = encode_frame(pair.client._sealer.cipher.encrypt(b"\x01\x00\x01\x90"))
     pair.server.receive_data(wire + extra)
@@ -538,7 +532,7 @@ def data_after_close() -> Outcome:
     assert pair.server.next_event() == CloseReceived(CloseCode.NORMAL, "")
     pair.server.receive_data(extra)  # nor anything later
     assert pair.server.next_event() == CloseReceived(CloseCode.NORMAL, "")
-    code = _close_code(pair.client, _take_all(pair.server))
+    code = _close_code(pair.client, take_all(pair.server))
     # Its receiving direction is over: the session reads nothing more.
     return Outcome(anyio.EndOfStream(), True, got, [A], code=code, torn_down=True)
 
@@ -553,7 +547,7 @@ def _usage(call: Callable[[], object]) -> Outcome:
 
 def _accept_twice() -> None:
     pair = make_pair(ik=True)
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     pair.server.next_event()
     pair.server.accept()
     pair.server.accept()
@@ -561,7 +555,7 @@ def _accept_twice() -> None:
 
 def _refuse_after_accept() -> None:
     pair = make_pair(ik=True)
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     pair.server.next_event()
     pair.server.accept()
     pair.server.refuse()
@@ -577,12 +571,12 @@ def every_bit_flip_of_a_frame() -> Outcome:
     """Flip each bit of one transport frame in turn: never a delivery, always typed."""
     pair = connected_pair()
     pair.client.send(A)
-    frame = _take_all(pair.client)
+    frame = take_all(pair.client)
     errors: set[type[BaseException]] = set()
     for bit in range(len(frame) * 8):
         fresh = connected_pair()
         fresh.client.send(A)
-        wire = bytearray(_take_all(fresh.client))
+        wire = bytearray(take_all(fresh.client))
         wire[bit // 8] ^= 1 << (bit % 8)
         fresh.server.receive_data(bytes(wire))
         fresh.server.receive_data(b"")
@@ -598,13 +592,13 @@ def every_truncation_of_a_stream() -> Outcome:
     pair = connected_pair()
     pair.client.send(A)
     pair.client.send(B)
-    wire = _take_all(pair.client)
+    wire = take_all(pair.client)
     first_len = 2 + int.from_bytes(wire[:2], "big")
     for cut in range(len(wire)):
         fresh = connected_pair()
         fresh.client.send(A)
         fresh.client.send(B)
-        data = _take_all(fresh.client)[:cut]
+        data = take_all(fresh.client)[:cut]
         fresh.server.receive_data(data)
         fresh.server.receive_data(b"")
         got, error = _deliveries(fresh.server)
@@ -617,7 +611,7 @@ def every_bit_flip_of_ik_msg1() -> Outcome:
     """Flip each bit of IK message 1 (preamble included): the handshake always fails."""
     for bit in range(8 * (8 + 2 + 128)):
         pair = make_pair(ik=True)
-        opening = bytearray(_take_all(pair.client))
+        opening = bytearray(take_all(pair.client))
         opening[bit // 8] ^= 1 << (bit % 8)
         pair.server.receive_data(bytes(opening))
         pair.server.receive_data(b"")
@@ -632,14 +626,14 @@ def every_bit_flip_of_ik_msg1() -> Outcome:
 def every_bit_flip_of_xx_msg2() -> Outcome:
     """Flip each bit of the XX verdict and message 2: the initiator always fails."""
     pair = make_pair()
-    pair.server.receive_data(_take_all(pair.client))
+    pair.server.receive_data(take_all(pair.client))
     drain(pair.server)
-    answer = _take_all(pair.server)
+    answer = take_all(pair.server)
     for bit in range(8 * len(answer)):
         fresh = make_pair()
-        fresh.server.receive_data(_take_all(fresh.client))
+        fresh.server.receive_data(take_all(fresh.client))
         drain(fresh.server)
-        reply = bytearray(_take_all(fresh.server))
+        reply = bytearray(take_all(fresh.server))
         reply[bit // 8] ^= 1 << (bit % 8)
         fresh.client.receive_data(bytes(reply))
         fresh.client.receive_data(b"")

@@ -51,6 +51,7 @@ import anyio
 import sniffio
 from anyio.abc import SocketAttribute, TaskGroup
 
+from helpers import wait_until
 from stalk.config import Config
 from stalk.connection import Authorize, Connection, connect
 from stalk.errors import ClosedByPeer, ConnectionClosed, ConnectionLost, StalkError
@@ -278,11 +279,10 @@ def snapshot() -> Snapshot:
 
 async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
     """Poll until ``predicate()`` holds; fail with ``what`` after ``timeout`` seconds."""
-    with anyio.move_on_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.002)
-        return
-    raise AssertionError(f"not within {timeout} s: {what}")
+    try:
+        await wait_until(predicate, timeout, interval=0.002)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None
 
 
 @dataclass

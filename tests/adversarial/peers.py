@@ -193,7 +193,7 @@ class Wire:
         pieces = self.splitter(data) if self.splitter else [data]
         for i, piece in enumerate(pieces):
             if i:
-                await anyio.sleep(self.pause)
+                await anyio.sleep(self.pause)  # the point: pieces apart in time
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 await self.stream.send(piece)
 
@@ -201,7 +201,7 @@ class Wire:
         """Write ``data`` in ``chunk``-byte writes (TCP_NODELAY is on: separate segments)."""
         for i in range(0, len(data), chunk):
             await self.send(data[i : i + chunk])
-            await anyio.sleep(pause)
+            await anyio.sleep(pause)  # the point: a trickle
 
     async def send_eof(self) -> None:
         """Half-close: the peer reads EOF, we can still read its answer."""
@@ -607,6 +607,7 @@ class Proxy:
         transform: Callable[[bytes], bytes],
         log: bytearray,
     ) -> None:
+        """Relay one direction, patched and logged (a socket relay, not helpers.pump)."""
         with contextlib.suppress(
             anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
         ):
