@@ -61,7 +61,7 @@ from typing import Any, Final, TypeAlias, overload
 import msgpack
 
 from stalk.errors import InvalidSpackValue, MalformedSpack
-from stalk.weigh import BIG_PART, BIG_START, KIND_BIN, KIND_STR, PASS, Weigher
+from stalk.weigh import BIG, BIG_PART, BIG_START, KIND_BIN, KIND_STR, PASS, Weigher
 from stalk.wire import (
     EXT_ARRAY_FLOAT32,
     EXT_ARRAY_FLOAT64,
@@ -414,8 +414,9 @@ def encode_spack(values: Iterable[SpackValue]) -> bytes:
         raise InvalidSpackValue(_diagnose(items) or f"spack cannot be encoded: {exc}") from exc
 
 
-#: A last ``bytes`` value at least this long is kept out of the msgpack buffer.
-_PIECE_THRESHOLD: Final = 64 * 1024
+#: A last ``bytes`` value at least this long is kept out of the msgpack buffer: the size at
+#: which the receiving decoder cuts a payload out of its encoding too (one rule, both ways).
+_PIECE_THRESHOLD: Final = BIG
 
 
 def encode_spack_pieces(values: Iterable[SpackValue]) -> list[bytes]:
