@@ -825,3 +825,25 @@ def test_a_run_of_fragments_in_one_message_is_received_as_one_per_message(
             events_apart, error_apart = _outcome(apart, padded=False)
         assert events_together == events_apart
         assert (error_together is None) == (error_apart is None)
+
+
+def test_receiving_never_encrypts() -> None:
+    """A PING received while a large spack waits to be encrypted queues its PONG and
+    encrypts nothing: encryption happens only as data_to_send() hands output out."""
+    config = SessionConfig(max_message_size=16 << 20)
+    pair = connected_pair(client_config=config, server_config=config)
+    pair.server.send(Spack(bytes(8 << 20)))
+    first = pair.server.data_to_send()
+    cipher = pair.server._sealer.cipher
+    assert cipher is not None
+    nonce = cipher._n  # one nonce per Noise message encrypted
+    pair.client.ping(b"now")
+    pair.server.receive_data(take_all(pair.client))
+    assert drain(pair.server) == []
+    assert cipher._n == nonce
+    assert pair.server.has_output
+    wire = first + take_all(pair.server)
+    assert cipher._n > nonce + 100  # the rest of the spack, then the PONG, as output is taken
+    pair.client.receive_data(wire)
+    events = drain(pair.client)
+    assert [type(event) for event in events] == [MessageReceived, PongReceived]

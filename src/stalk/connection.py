@@ -85,7 +85,7 @@ from stalk.events import (
 from stalk.identity import Identity, PublicIdentity
 from stalk.session import Role, Session
 from stalk.spack import Spack
-from stalk.wire import CloseCode, Pattern, close_code_name
+from stalk.wire import CloseCode, Pattern
 
 __all__ = [
     "Authorize",
@@ -632,8 +632,7 @@ class Connection(ObjectStream[Spack]):
                         raise anyio.EndOfStream
                     raise self._tag(
                         ClosedByPeer(
-                            f"the peer closed the connection ({close_code_name(event.code)}): "
-                            f"{event.reason}",
+                            "the peer closed the connection",
                             code=event.code,
                             reason=event.reason,
                         )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from stalk.wire import CloseCode
+from stalk.wire import CloseCode, close_code_name
 
 __all__ = [
     "ClosedByPeer",
@@ -164,15 +164,21 @@ class InvalidPeerKey(HandshakeFailed):
     close_code = CloseCode.INVALID_KEY
 
 
+def _coded(what: str, code: int, reason: str) -> str:
+    """The one wording of a peer's refusal or CLOSE: ``what (NAME): reason``."""
+    return f"{what} ({close_code_name(code)}): {reason}"
+
+
 class PeerRefused(HandshakeFailed):
     """The peer refused the connection (not authorized, unsupported version, busy...).
 
+    :param what: what happened; the message adds the code's name and the reason.
     :ivar code: the numeric refusal or CLOSE code from SPEC.md.
     :ivar reason: the peer's human-readable reason (untrusted text).
     """
 
-    def __init__(self, message: str, *, code: int, reason: str) -> None:
-        super().__init__(message)
+    def __init__(self, what: str, *, code: int, reason: str) -> None:
+        super().__init__(_coded(what, code, reason))
         self.code = code
         self.reason = reason
 
@@ -189,12 +195,13 @@ class ConnectionLost(StalkError):
 class ClosedByPeer(ConnectionLost):
     """The peer sent an authenticated CLOSE with an error code.
 
+    :param what: what happened; the message adds the code's name and the reason.
     :ivar code: the CLOSE code (SPEC.md, "Close codes").
     :ivar reason: the peer's reason text (untrusted).
     """
 
-    def __init__(self, message: str, *, code: int, reason: str) -> None:
-        super().__init__(message)
+    def __init__(self, what: str, *, code: int, reason: str) -> None:
+        super().__init__(_coded(what, code, reason))
         self.code = code
         self.reason = reason
 

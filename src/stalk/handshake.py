@@ -75,7 +75,6 @@ from stalk.wire import (
     PROTOCOL_VERSION,
     CloseCode,
     Pattern,
-    close_code_name,
 )
 
 __all__ = [
@@ -372,7 +371,7 @@ class InitiatorHandshake:
                 expected=self._expected,
             )
         return PeerRefused(
-            f"the peer refused the handshake ({close_code_name(refusal.code)}): {refusal.reason}",
+            "the peer refused the handshake",
             code=refusal.code,
             reason=refusal.reason,
         )

@@ -45,7 +45,7 @@ from stalk.reassembly import Reassembler
 from stalk.records import Record, RecordWriter, decode_close, lone_piece, read_records
 from stalk.spack import decode_fast
 from stalk.states import Directions, Input
-from stalk.wire import RECORD_CAPACITY, RecordKind, close_code_name
+from stalk.wire import RECORD_CAPACITY, RecordKind
 
 __all__ = ["OWED_LIMIT", "RECORD_COST", "STEP", "Receiver"]
 
@@ -274,8 +274,7 @@ class Receiver:
             if first.kind is RecordKind.CLOSE:
                 code, reason = decode_close(first.body)
                 raise PeerRefused(
-                    f"the peer closed the connection during the handshake "
-                    f"({close_code_name(code)}): {reason}",
+                    "the peer closed the connection during the handshake",
                     code=code,
                     reason=reason,
                 )
