@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,40 @@ def test_sending_before_the_handshake_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         pair.client.send(Spack(1))
     assert _summary(pair.client) is SessionState.HANDSHAKING
+
+
+def _spec_tables() -> tuple[dict[tuple[S, Input], S], dict[tuple[S, Input], S]]:
+    """SEND and RECEIVE as SPEC.md's "Connection states" writes them."""
+    spec = (Path(__file__).parents[1] / "SPEC.md").read_text(encoding="utf-8")
+    section = spec[spec.index("### Connection states") :]
+    section = section[: section.index("\n## ")]
+    by_name = {str(what): what for what in Input}
+    states = {str(state): state for state in S}
+
+    def parse_states(cell: str) -> list[S]:
+        return list(S) if cell == "any" else [states[name.strip()] for name in cell.split(",")]
+
+    send: dict[tuple[S, Input], S] = {}
+    receive: dict[tuple[S, Input], S] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] in ("input", "direction") or cells[0].startswith("---"):
+            continue
+        if cells[0] in ("send", "receive"):
+            tables = [send if cells[0] == "send" else receive]
+            name, sources, target = cells[1], cells[2], cells[3]
+        else:
+            tables = [send, receive]
+            name, sources, target = cells[0], cells[2], cells[3]
+        what = by_name[name.split(" (")[0]]
+        for table in tables:
+            for source in parse_states(sources):
+                table[source, what] = states[target]
+    return send, receive
+
+
+def test_spec_writes_the_same_tables() -> None:
+    """SPEC.md's connection-state tables are exactly the code's."""
+    send, receive = _spec_tables()
+    assert send == SEND
+    assert receive == RECEIVE

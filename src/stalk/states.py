@@ -94,11 +94,10 @@ class Input(enum.IntEnum):
     EOF = 13  # the transport's end of input
 
     def __str__(self) -> str:
-        return (
-            self.name.replace("_", " ")
-            .lower()
-            .replace("ready", "READY")
-            .replace("close ", "CLOSE ")
+        """Its name as SPEC writes it: ``READY received``, ``data sent``, ``EOF``."""
+        return " ".join(
+            word if word in ("READY", "CLOSE", "EOF") else word.lower()
+            for word in self.name.split("_")
         )
 
 
