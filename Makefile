@@ -15,8 +15,8 @@ demo: $(VENV)/.installed
 	$(PY) -m stalk demo
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests vectors examples benchmarks fuzz
-	$(PY) -m ruff format --check src tests vectors examples benchmarks fuzz
+	$(PY) -m ruff check src tests vectors examples fuzz
+	$(PY) -m ruff format --check src tests vectors examples fuzz
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# The tests' helpers, and the repository root (for ``benchmarks``) are importable.
+# The tests' helpers, and the repository root (for ``fuzz`` and ``examples``) are importable.
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parent.parent))
 

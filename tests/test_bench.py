@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -129,11 +130,10 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "command",
     [
-        [sys.executable, "-m", "benchmarks", "--help"],
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"],
+        [sys.executable, "-m", "stalk.bench", "--help"],
         [sys.executable, "-m", "stalk", "bench", "--help"],
     ],
-    ids=["python -m benchmarks", "benchmarks/run.py", "stalk bench"],
+    ids=["python -m stalk.bench", "stalk bench"],
 )
 def test_entry_points(command: list[str]) -> None:
     proc = subprocess.run(
@@ -161,3 +161,56 @@ def test_batch_size_is_about_one_mib() -> None:
     assert bench.batch_size(64) == 1000
     assert bench.batch_size(16 * 1024) == 64
     assert bench.batch_size(8 * 1024 * 1024) == 2
+
+
+#: Runs the ``stalk`` command line with ``import resource`` failing, as on Windows.
+_WITHOUT_RESOURCE = """
+import importlib.abc
+import sys
+
+
+class NoResource(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "resource":
+            raise ImportError("no module named 'resource' on this platform")
+
+
+sys.modules.pop("resource", None)
+sys.meta_path.insert(0, NoResource())
+from stalk.cli import main
+
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", [["--help"], ["keygen"], ["id"], ["bench", "--help"]])
+def test_the_command_line_starts_without_resource(command: list[str], tmp_path: Path) -> None:
+    """The CLI imports the benchmark only for ``stalk bench``, and nothing it imports needs
+    the Unix-only ``resource`` module (``keygen`` then ``id`` share one STALK_HOME)."""
+    env = {**os.environ, "STALK_HOME": str(tmp_path / "home")}
+    if command == ["id"]:
+        setup = [sys.executable, "-c", _WITHOUT_RESOURCE, "keygen"]
+        subprocess.run(setup, env=env, capture_output=True, timeout=60, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_RESOURCE, *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_importing_the_command_line_loads_no_benchmark_module() -> None:
+    """Every ``stalk`` command imports the CLI; only ``stalk bench`` loads the benchmark."""
+    code = (
+        "import sys, stalk.cli; "
+        "print(' '.join(m for m in sys.modules if m.startswith('stalk.bench.') "
+        "or m in ('resource', 'ssl', 'subprocess', 'cProfile')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.split() == []

@@ -43,9 +43,9 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import Process, SocketStream
-from benchmarks import hostile
 
 from helpers import connected_pair, drain, take_all, wait_until
+from stalk.bench import hostile
 from stalk.connection import connect
 from stalk.errors import MessageTooLarge, StalkError
 from stalk.events import CloseReceived, MessageReceived
@@ -445,7 +445,7 @@ async def test_tiny_records_do_not_hold_the_loop(anyio_backend: str, mix: str) -
 
     Before: a 45-56 ms loop stall per 64 KiB message (1,000-1,400x the sender's CPU). The
     CPU per wire byte is measured in ``test_tiny_records_cost_the_receiver_about_what_they_
-    cost_a_sender`` and in ``benchmarks/hostile.py``; here, that the listener keeps serving
+    cost_a_sender`` and in ``stalk.bench.hostile``; here, that the listener keeps serving
     an innocent client promptly, and its memory stays flat, throughout.
     """
     plaintext = TINY[mix] * (RECORD_CAPACITY // len(TINY[mix]))

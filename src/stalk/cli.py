@@ -38,7 +38,7 @@ from typing import Any, Final
 import anyio
 
 import stalk
-from stalk import bench
+from stalk import bench  # light: the benchmark itself is imported when it runs
 from stalk.connection import Connection
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
@@ -595,7 +595,7 @@ def cmd_vectors(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmark stalk against TLS 1.3 and plain TCP (see benchmarks/README.md)."""
+    """Benchmark stalk against TLS 1.3 and plain TCP (see src/stalk/bench/README.md)."""
     return bench.run_from_args(args)
 
 

@@ -1,11 +1,11 @@
 """Profile one benchmark cell with cProfile, in the client and in the server process.
 
-    python benchmarks/profile_cell.py send 64               # stalk, one send per 64 B spack
-    python benchmarks/profile_cell.py batch 64 --transport tcp
-    python benchmarks/profile_cell.py send 1048576 --n 200
-    python benchmarks/profile_cell.py rtt
-    python benchmarks/profile_cell.py handshake xx --concurrency 16
-    python benchmarks/profile_cell.py linearity
+    python -m stalk.bench.profile_cell send 64               # stalk, one send per 64 B spack
+    python -m stalk.bench.profile_cell batch 64 --transport tcp
+    python -m stalk.bench.profile_cell send 1048576 --n 200
+    python -m stalk.bench.profile_cell rtt
+    python -m stalk.bench.profile_cell handshake xx --concurrency 16
+    python -m stalk.bench.profile_cell linearity
 
 The cell runs twice unprofiled (warm-up, then the unprofiled time), then once with both
 workers under cProfile. For each side the report gives the time blocked in the event loop's
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import pstats
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
 from stalk import bench
+from stalk.bench.common import make_certificate
+from stalk.bench.orchestrator import start_pair, worker_env
 
 #: cProfile entries that are the event loop waiting for I/O, not work.
 _BLOCKING = ("poll' of 'select.epoll", "'select.select'", "control' of 'select.kqueue")
@@ -63,7 +62,7 @@ def _label(key: tuple[str, int, str]) -> str:
     return f"{short}:{line}({name})"
 
 
-def _report(path: Path, side: str, units: int, unit: str, top: int, sort: str) -> None:
+def _report(path: Path, side: str, units: int, unit: str, *, top: int, sort: str) -> None:
     stats = pstats.Stats(str(path))
     entries: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     total = sum(value[2] for value in entries.values())
@@ -106,11 +105,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="stalk-profile-") as tmp:
         out = Path(args.out) if args.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        cert, key = bench.make_certificate(Path(tmp))
+        cert, key = make_certificate(Path(tmp))
         connect = sorted({via, job.get("conn", via)})
-        pair = bench.start_pair(
-            args.backend, cert, key, connect, bench.worker_env(args.malloc_tuned)
-        )
+        pair = start_pair(args.backend, cert, key, connect, worker_env(args.malloc_tuned))
         try:
             pair.job(**job)  # warm-up
             plain = pair.job(**job)
@@ -127,7 +124,7 @@ def main() -> int:
             f"profiled {seconds_profiled * 1e6 / units:.1f} us/{unit}"
         )
         for side, path in (("client", client), ("server", server)):
-            _report(path, side, units, unit, args.top, args.sort)
+            _report(path, side, units, unit, top=args.top, sort=args.sort)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.hostile``: what hostile traffic costs a stalk receiver.
+"""``python -m stalk.bench.hostile``: what hostile traffic costs a stalk receiver.
 
 For each record mix and each dense spack shape a peer can send, one sans-IO receiving
 session processes Noise messages full of it, and this prints, per wire byte:
@@ -20,13 +20,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from stalk import events
 from stalk.errors import StalkError

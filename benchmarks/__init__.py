@@ -1,1 +1,0 @@
-"""stalk's benchmarks: ``python -m benchmarks`` runs ``stalk bench`` (see README.md)."""

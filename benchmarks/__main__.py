@@ -1,7 +1,0 @@
-"""``python -m benchmarks``: the same run as ``stalk bench`` (same options)."""
-
-from __future__ import annotations
-
-from stalk.bench import main
-
-raise SystemExit(main())

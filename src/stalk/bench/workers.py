@@ -1,0 +1,448 @@
+"""The worker processes: ``python -m stalk.bench --worker server|client``.
+
+The server serves stalk, TLS 1.3 and plain TCP listeners; the client runs the timed jobs
+the orchestrator sends it on stdin and answers on stdout. Only workers do network I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import json
+import os
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import anyio
+from anyio.abc import AsyncResource, SocketAttribute, SocketStream
+from anyio.streams.tls import TLSStream
+
+import stalk
+from stalk.bench import BIG_LIMIT, HOST, LINEARITY_BIG, LINEARITY_SMALL
+from stalk.bench.common import (
+    _ENDED,
+    BenchError,
+    _client_ssl_context,
+    _emit,
+    _Framed,
+    _median,
+    _p99,
+    _payload,
+    _raise_fd_limit,
+    _read_stdin_line,
+    _run_loop,
+    _server_ssl_context,
+    rss_bytes,
+)
+
+# -- the server worker -------------------------------------------------------------------
+
+
+@dataclass
+class _Endpoint:
+    """One connection as the command loop sees it, whatever the transport."""
+
+    receive: Callable[[], Awaitable[Any]]
+    #: sends back an object exactly as ``receive`` returned it
+    echo: Callable[[Any], Awaitable[None]]
+    #: sends a command or answer given as a list
+    reply: Callable[[list[Any]], Awaitable[None]]
+
+
+def _stalk_endpoint(conn: stalk.Connection) -> _Endpoint:
+    async def reply(message: list[Any]) -> None:
+        await conn.send(stalk.Spack(*message))
+
+    return _Endpoint(conn.receive, conn.send, reply)
+
+
+def _framed_endpoint(framed: _Framed) -> _Endpoint:
+    return _Endpoint(framed.receive, framed.send, framed.send)
+
+
+class _Server:
+    def __init__(self, ssl_context: ssl.SSLContext) -> None:
+        self.ssl_context = ssl_context
+        self.open: dict[str, int] = defaultdict(int)
+        self.profiler: cProfile.Profile | None = None
+
+    async def serve_commands(self, kind: str, endpoint: _Endpoint) -> None:
+        self.open[kind] += 1
+        try:
+            with contextlib.suppress(*_ENDED):
+                while await self._command(kind, endpoint, list(await endpoint.receive())):
+                    pass
+        finally:
+            self.open[kind] -= 1
+
+    async def _command(self, kind: str, endpoint: _Endpoint, command: list[Any]) -> bool:
+        op = command[0]
+        receive = endpoint.receive
+        if op == "sink":
+            for _ in range(int(command[1])):
+                await receive()
+            await endpoint.reply(["ok"])
+        elif op == "echo":
+            echo = endpoint.echo
+            for _ in range(int(command[1])):
+                await echo(await receive())
+        elif op == "rss":
+            with anyio.move_on_after(60):
+                while self.open[kind] != int(command[1]):
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.05)
+            gc.collect()
+            await endpoint.reply(["rss", rss_bytes(), self.open[kind]])
+        elif op == "profile":
+            self._profile(command)
+            await endpoint.reply(["ok"])
+        else:
+            return False
+        return True
+
+    def _profile(self, command: list[Any]) -> None:
+        if command[1] == "start":
+            self.profiler = cProfile.Profile()
+            self.profiler.enable()
+        elif self.profiler is not None:
+            self.profiler.disable()
+            self.profiler.dump_stats(str(command[2]))
+            self.profiler = None
+
+    async def stalk_handler(self, kind: str, conn: stalk.Connection) -> None:
+        await self.serve_commands(kind, _stalk_endpoint(conn))
+
+    async def tcp_handler(self, stream: SocketStream) -> None:
+        framed = _Framed(stream)
+        try:
+            await self.serve_commands("tcp", _framed_endpoint(framed))
+        finally:
+            await anyio.aclose_forcefully(stream)
+
+    async def tls_handler(self, stream: SocketStream) -> None:
+        try:
+            tls = await TLSStream.wrap(
+                stream, server_side=True, ssl_context=self.ssl_context, standard_compatible=False
+            )
+        except _ENDED:
+            await anyio.aclose_forcefully(stream)
+            return
+        try:
+            await self.serve_commands("tls", _framed_endpoint(_Framed(tls)))
+        finally:
+            await anyio.aclose_forcefully(tls)
+
+
+async def _server_main(options: argparse.Namespace) -> None:
+    server = _Server(_server_ssl_context(options.cert, options.key))
+    identity = stalk.Identity.generate()
+    # Every client is on HOST, and the memory figure holds a thousand connections open: the
+    # listener caps are raised to what _raise_fd_limit() makes room for.
+    plain = stalk.Config(max_connections=4096, max_handshakes_per_address=256)
+    big = stalk.Config(
+        max_connections=4096, max_handshakes_per_address=256, max_message_size=BIG_LIMIT
+    )
+    async with anyio.create_task_group() as tg:
+        listeners = {
+            "stalk": await stalk.create_listener(HOST, 0, identity=identity, config=plain),
+            "stalk_big": await stalk.create_listener(HOST, 0, identity=identity, config=big),
+        }
+        tls = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
+        tcp = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
+        for kind, listener in listeners.items():
+            tg.start_soon(listener.serve, partial(server.stalk_handler, kind))
+        tg.start_soon(tls.serve, server.tls_handler)
+        tg.start_soon(tcp.serve, server.tcp_handler)
+        ports = {kind: listener.address[1] for kind, listener in listeners.items()}
+        ports["tls"] = tls.extra(SocketAttribute.local_port)
+        ports["tcp"] = tcp.extra(SocketAttribute.local_port)
+        _emit({"ready": True, "ports": ports, "key": str(identity.public), "pid": os.getpid()})
+        await _read_stdin_line()  # the orchestrator closes our stdin to stop us
+        tg.cancel_scope.cancel()
+
+
+# -- the client worker -------------------------------------------------------------------
+
+
+class _Client:
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.ports: dict[str, int] = json.loads(options.ports)
+        self.server_key = stalk.PublicIdentity.from_string(options.server_key)
+        self.identity = stalk.Identity.generate()
+        self.ssl_context = _client_ssl_context(options.cafile)
+        self.big_config = stalk.Config(max_message_size=BIG_LIMIT)
+        self.conns: dict[str, stalk.Connection | _Framed] = {}
+        self._spacks: dict[int, stalk.Spack] = {}
+        self._messages: dict[int, list[bytes]] = {}
+
+    # connections
+
+    async def dial(self, kind: str) -> AsyncResource:
+        """Open one connection of ``kind`` (full handshake) and return it."""
+        if kind == "stalk_xx":
+            return await stalk.connect(HOST, self.ports["stalk"], identity=self.identity)
+        if kind in ("stalk", "stalk_ik"):
+            return await stalk.connect(
+                HOST, self.ports["stalk"], self.server_key, identity=self.identity
+            )
+        if kind == "stalk_big":
+            return await stalk.connect(
+                HOST,
+                self.ports["stalk_big"],
+                self.server_key,
+                identity=self.identity,
+                config=self.big_config,
+            )
+        if kind == "tls":
+            return await anyio.connect_tcp(
+                HOST,
+                self.ports["tls"],
+                ssl_context=self.ssl_context,
+                tls=True,
+                tls_standard_compatible=False,
+            )
+        if kind == "tcp":
+            return await anyio.connect_tcp(HOST, self.ports["tcp"])
+        raise BenchError(f"unknown connection kind {kind!r}")
+
+    async def connect_data(self, kind: str) -> None:
+        conn = await self.dial(kind)
+        if isinstance(conn, stalk.Connection):
+            self.conns[kind] = conn
+        elif isinstance(conn, (TLSStream, SocketStream)):
+            self.conns[kind] = _Framed(conn)
+
+    def endpoint(self, kind: str) -> _Endpoint:
+        conn = self.conns[kind]
+        return (
+            _stalk_endpoint(conn) if isinstance(conn, stalk.Connection) else _framed_endpoint(conn)
+        )
+
+    def spack(self, size: int) -> stalk.Spack:
+        if size not in self._spacks:
+            self._spacks[size] = stalk.Spack(_payload(size))
+        return self._spacks[size]
+
+    def message(self, size: int) -> list[bytes]:
+        if size not in self._messages:
+            self._messages[size] = [_payload(size)]
+        return self._messages[size]
+
+    # jobs
+
+    async def run_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        profile: dict[str, str] | None = job.get("profile")
+        profiler: cProfile.Profile | None = None
+        if profile is not None:
+            await self._remote(profile["via"], ["profile", "start"])
+            profiler = cProfile.Profile()
+            profiler.enable()
+        try:
+            return await self._dispatch(job)
+        finally:
+            if profile is not None and profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(profile["client"])
+                await self._remote(profile["via"], ["profile", "stop", profile["server"]])
+
+    async def _remote(self, kind: str, command: list[Any]) -> list[Any]:
+        endpoint = self.endpoint(kind)
+        await endpoint.reply(command)
+        return list(await endpoint.receive())
+
+    async def _dispatch(self, job: dict[str, Any]) -> dict[str, Any]:
+        op = job["op"]
+        if op == "sink":
+            seconds = await self.sink(job["conn"], job["size"], job["n"], job["batch"])
+            return {"seconds": seconds}
+        if op == "rtt":
+            return await self.rtt(job["conn"], job["size"], job["n"])
+        if op == "handshake":
+            return await self.handshakes(job["kind"], job["concurrency"], job["n"])
+        if op == "linearity":
+            small = await self.sink(job["conn"], LINEARITY_SMALL, job["small_n"], 1)
+            big = await self.sink(job["conn"], LINEARITY_BIG, job["big_n"], 1)
+            return {"small_seconds": small, "big_seconds": big}
+        if op == "memory":
+            return await self.memory(job["conn"], job["n"], job["concurrency"])
+        raise BenchError(f"unknown job {op!r}")
+
+    async def sink(self, kind: str, size: int, n: int, batch: int) -> float:
+        """Send ``n`` spacks of ``size`` bytes one way; seconds until the server has them all."""
+        conn = self.conns[kind]
+        if isinstance(conn, stalk.Connection):
+            return await self._sink_stalk(conn, self.spack(size), n, batch)
+        message = self.message(size)
+        await conn.send(["sink", n])
+        start = time.perf_counter()
+        if batch <= 1:
+            send = conn.send
+            for _ in range(n):
+                await send(message)
+        else:
+            send_many = conn.send_many
+            full, rest = divmod(n, batch)
+            for _ in range(full):
+                await send_many(message, batch)
+            if rest:
+                await send_many(message, rest)
+        await conn.receive()
+        return time.perf_counter() - start
+
+    @staticmethod
+    async def _sink_stalk(conn: stalk.Connection, spack: stalk.Spack, n: int, batch: int) -> float:
+        await conn.send(stalk.Spack("sink", n))
+        start = time.perf_counter()
+        if batch <= 1:
+            send = conn.send
+            for _ in range(n):
+                await send(spack)
+        else:
+            queue, flush = conn.queue, conn.flush
+            full, rest = divmod(n, batch)
+            for _ in range(full):
+                for _ in range(batch):
+                    queue(spack)
+                await flush()
+            if rest:
+                for _ in range(rest):
+                    queue(spack)
+                await flush()
+        await conn.receive()
+        return time.perf_counter() - start
+
+    async def rtt(self, kind: str, size: int, n: int) -> dict[str, Any]:
+        """``n`` request/response round trips of ``size`` bytes, timed one by one."""
+        conn = self.conns[kind]
+        samples: list[float] = []
+        clock = time.perf_counter
+        if isinstance(conn, stalk.Connection):
+            spack = self.spack(size)
+            await conn.send(stalk.Spack("echo", n))
+            start = clock()
+            for _ in range(n):
+                t0 = clock()
+                await conn.send(spack)
+                await conn.receive()
+                samples.append(clock() - t0)
+        else:
+            message = self.message(size)
+            await conn.send(["echo", n])
+            start = clock()
+            for _ in range(n):
+                t0 = clock()
+                await conn.send(message)
+                await conn.receive()
+                samples.append(clock() - t0)
+        return {"seconds": clock() - start, "median": _median(samples), "p99": _p99(samples)}
+
+    async def handshakes(self, kind: str, concurrency: int, n: int) -> dict[str, Any]:
+        """Open and close ``n`` connections, ``concurrency`` at a time; time each opening."""
+        latencies: list[float] = []
+        remaining = n
+        clock = time.perf_counter
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                t0 = clock()
+                conn = await self.dial(kind)
+                latencies.append(clock() - t0)
+                await conn.aclose()
+
+        start = clock()
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(worker)
+        seconds = clock() - start
+        return {"seconds": seconds, "median": _median(latencies), "p99": _p99(latencies)}
+
+    async def _server_rss(self, kind: str, expected: int) -> int:
+        answer = await self._remote(kind, ["rss", expected])
+        if int(answer[2]) != expected:
+            raise BenchError(f"server has {answer[2]} {kind} connections, expected {expected}")
+        return int(answer[1])
+
+    async def memory(self, kind: str, n: int, concurrency: int) -> dict[str, Any]:
+        """RSS growth of both processes over ``n`` idle established connections."""
+        dial_kind = "stalk_ik" if kind == "stalk" else kind
+        for conn in [await self.dial(dial_kind) for _ in range(16)]:  # warm-up
+            await conn.aclose()
+        server_before = await self._server_rss(kind, 1)
+        gc.collect()
+        client_before = rss_bytes()
+        held: list[AsyncResource] = []
+        remaining = n
+
+        async def opener() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                held.append(await self.dial(dial_kind))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(opener)
+        server_after = await self._server_rss(kind, 1 + n)
+        gc.collect()
+        client_after = rss_bytes()
+        for conn in held:
+            await conn.aclose()
+        return {
+            "server_before": server_before,
+            "server_after": server_after,
+            "client_before": client_before,
+            "client_after": client_after,
+        }
+
+
+async def _client_main(options: argparse.Namespace) -> None:
+    client = _Client(options)
+    async with contextlib.AsyncExitStack() as stack:
+        for kind in filter(None, options.connect.split(",")):
+            await client.connect_data(kind)
+            conn = client.conns[kind]
+            if isinstance(conn, stalk.Connection):
+                # As the README shows it: ``async with`` gives the connection its writer
+                # task, which batches what the application sends.
+                await stack.enter_async_context(conn)
+            else:
+                stack.push_async_callback(_close_quietly, conn)
+        _emit({"ready": True, "pid": os.getpid()})
+        while line := await _read_stdin_line():
+            try:
+                result = await client.run_job(json.loads(line))
+            except Exception as exc:  # noqa: BLE001 - reported to the orchestrator, which stops
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            _emit(result)
+
+
+async def _close_quietly(conn: AsyncResource | _Framed) -> None:
+    with contextlib.suppress(*_ENDED):
+        await conn.aclose()
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    """Run one worker process until its orchestrator closes its stdin."""
+    parser = argparse.ArgumentParser(prog="stalk.bench --worker")
+    parser.add_argument("role", choices=["server", "client"])
+    parser.add_argument("--backend", default="asyncio")
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    parser.add_argument("--cafile")
+    parser.add_argument("--ports")
+    parser.add_argument("--server-key")
+    parser.add_argument("--connect", default="")
+    options = parser.parse_args(argv)
+    _raise_fd_limit()
+    main_fn = _server_main if options.role == "server" else _client_main
+    _run_loop(partial(main_fn, options), options.backend)
+    return 0
