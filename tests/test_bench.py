@@ -42,6 +42,11 @@ def expected_figures(backend: str) -> Iterator[tuple[str, ...]]:
             yield ("throughput", mode, str(size), "batch")
             yield ("throughput", mode, str(size), "stalk_vs_tls")
             yield ("throughput", mode, str(size), "stalk_vs_tcp")
+    plain = ("throughput", "plain", str(bench.PLAIN_SIZE))  # no writer task
+    for transport in bench.TRANSPORTS:
+        for metric in ("msgs_per_s", "mb_per_s"):
+            yield (*plain, transport, metric)
+    yield (*plain, "stalk_vs_tls")
     for transport in bench.TRANSPORTS:
         for metric in ("median_us", "p99_us"):
             yield ("rtt", transport, metric)
@@ -74,6 +79,7 @@ TARGET_NAMES = {
     "64 B queue+flush vs TCP batched",
     "64 B queue+flush vs TLS one-per-send",
     "64 B send loop vs TLS one-per-send",
+    "64 B send loop without a writer task vs TLS",
     "RTT 64 B median vs TLS",
     "handshakes/s XX sequential vs TLS",
     "handshakes/s IK sequential vs TLS",

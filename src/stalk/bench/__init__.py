@@ -53,6 +53,7 @@ __all__ = [
     "HOST",
     "LINEARITY_BIG",
     "LINEARITY_SMALL",
+    "PLAIN_SIZE",
     "READ_SIZE",
     "RTT_SIZE",
     "SIZES",
@@ -78,6 +79,8 @@ LINEARITY_SMALL: Final = 1024 * 1024
 LINEARITY_BIG: Final = 64 * 1024 * 1024
 #: Payload of the round-trip figure.
 RTT_SIZE: Final = 64
+#: Payload of the figure of a connection used without ``async with`` (no writer task).
+PLAIN_SIZE: Final = 64
 
 HOST: Final = "127.0.0.1"
 #: Bytes asked of the transport per read by the TLS/TCP framing (stalk's default too).

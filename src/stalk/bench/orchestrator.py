@@ -35,6 +35,7 @@ from stalk.bench import (
     HANDSHAKE_KINDS,
     LINEARITY_BIG,
     LINEARITY_SMALL,
+    PLAIN_SIZE,
     RTT_SIZE,
     SIZES,
     TRANSPORTS,
@@ -203,10 +204,17 @@ class _Cell:
 
 
 def _throughput_cell(mode: str, size: int) -> _Cell:
+    """One-way throughput of one ``mode``.
+
+    ``send``: one per message; ``batch``: ``queue`` x k + ``flush``; ``plain``: one ``send``
+    per message on a stalk connection used without ``async with``, so without a writer
+    task (every send writes before it returns).
+    """
     batch = batch_size(size) if mode == "batch" else 1
 
     def job(transport: str, n: int) -> dict[str, Any]:
-        return {"op": "sink", "conn": transport, "size": size, "n": n, "batch": batch}
+        conn = "stalk_plain" if mode == "plain" and transport == "stalk" else transport
+        return {"op": "sink", "conn": conn, "size": size, "n": n, "batch": batch}
 
     def metrics(answer: dict[str, Any], n: int) -> dict[str, float]:
         rate = n / answer["seconds"]
@@ -268,6 +276,7 @@ def _cells(budget: Budget, families: Sequence[str]) -> list[_Cell]:
     cells: list[_Cell] = []
     if "throughput" in families:
         cells += [_throughput_cell(mode, size) for mode in ("send", "batch") for size in SIZES]
+        cells.append(_throughput_cell("plain", PLAIN_SIZE))
     if "rtt" in families:
         cells.append(_rtt_cell())
     if "handshake" in families:
@@ -431,7 +440,8 @@ def run(
             samples: Samples = {}
             cells = _cells(budget, families)
             if cells:
-                pair = start_pair(backend, *tls_files, ["stalk", "stalk_big", "tls", "tcp"], env)
+                kinds = ["stalk", "stalk_plain", "stalk_big", "tls", "tcp"]
+                pair = start_pair(backend, *tls_files, kinds, env)
                 try:
                     samples = _measure_rounds(pair, cells, budget, tell)
                 finally:

@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stalk.bench import CONCURRENCY, HANDSHAKE_KINDS, RTT_SIZE, SIZES, TRANSPORTS, batch_size
+from stalk.bench import (
+    CONCURRENCY,
+    HANDSHAKE_KINDS,
+    PLAIN_SIZE,
+    RTT_SIZE,
+    SIZES,
+    TRANSPORTS,
+    batch_size,
+)
 from stalk.bench.common import _MIB, _NOISY_OTHER_CPUS, _SAMPLE_KEY_SEP, Samples, _median
 
 # -- the orchestrator: summary, targets, table -------------------------------------------
@@ -33,7 +41,7 @@ def _k(cell: str, subject: str) -> str:
 def _summarise(samples: Samples, memory: dict[str, dict[str, float]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     throughput: dict[str, Any] = {}
-    for mode in ("send", "batch"):
+    for mode in ("send", "batch", "plain"):
         for size in SIZES:
             cell = f"throughput/{mode}/{size}"
             if _k(cell, "stalk") not in samples:
@@ -167,6 +175,17 @@ def _targets(samples: Samples, summary: dict[str, Any]) -> list[_Target]:
                 ref="TLS send",
             ),
         ]
+        plain = f"throughput/plain/{PLAIN_SIZE}"
+        if _k(plain, "stalk") in samples:
+            targets.append(
+                _Target(
+                    "64 B send loop without a writer task vs TLS",
+                    _ratio_median(samples, _k(plain, "stalk"), _k(plain, "tls"), "msgs_per_s"),
+                    ">=",
+                    1,
+                    ref="TLS send",
+                )
+            )
     if "rtt" in summary:
         targets.append(
             _Target(
@@ -256,6 +275,7 @@ def _throughput_lines(
     lines: list[str] = []
     marks: dict[tuple[str, int], tuple[str, ...]] = {
         ("send", 64): ("64 B send loop vs TLS one-per-send",),
+        ("plain", 64): ("64 B send loop without a writer task vs TLS",),
         ("batch", 64): ("64 B queue+flush vs TCP batched", "64 B queue+flush vs TLS one-per-send"),
     }
     for size in (1024 * 1024, 8 * 1024 * 1024):
@@ -264,6 +284,8 @@ def _throughput_lines(
     titles = {
         "send": "One-way throughput, one `send` per message (TLS/TCP: one write per message)",
         "batch": "One-way throughput, `queue` x k + `flush` (TLS/TCP: one write of k messages)",
+        "plain": "One-way throughput, `await send()` in a loop without `async with` (no writer "
+        "task; TLS/TCP: one write per message)",
     }
     for mode, by_size in summary.get("throughput", {}).items():
         rows = []

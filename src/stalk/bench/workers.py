@@ -188,7 +188,7 @@ class _Client:
         """Open one connection of ``kind`` (full handshake) and return it."""
         if kind == "stalk_xx":
             return await stalk.connect(HOST, self.ports["stalk"], identity=self.identity)
-        if kind in ("stalk", "stalk_ik"):
+        if kind in ("stalk", "stalk_ik", "stalk_plain"):
             return await stalk.connect(
                 HOST, self.ports["stalk"], self.server_key, identity=self.identity
             )
@@ -410,7 +410,7 @@ async def _client_main(options: argparse.Namespace) -> None:
         for kind in filter(None, options.connect.split(",")):
             await client.connect_data(kind)
             conn = client.conns[kind]
-            if isinstance(conn, stalk.Connection):
+            if isinstance(conn, stalk.Connection) and kind != "stalk_plain":
                 # As the README shows it: ``async with`` gives the connection its writer
                 # task, which batches what the application sends.
                 await stack.enter_async_context(conn)
