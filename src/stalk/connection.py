@@ -19,7 +19,7 @@ Coalescing. While a connection has a *writer task* (inside ``async with conn:``,
 for connections handed to a listener's handler), ``send()`` only encodes and queues its spack,
 wakes the writer and returns without waiting for the socket; the writer encrypts everything
 queued since its last write into as few Noise messages as possible and writes them in one
-call (about 1 MiB at a time for large spacks, each megabyte encrypted just before it is
+call (about 2 MiB at a time for large spacks, each buffer encrypted just before it is
 written). A lone spack therefore goes out at the next scheduling point (no timer, so latency does
 not grow), while a burst of sends shares Noise messages and socket writes. Once more than
 ``Config.send_buffer`` bytes are queued, ``send()`` waits for the writer (backpressure).

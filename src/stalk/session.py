@@ -311,7 +311,7 @@ class Session:
         """The next buffer for the transport, ``b""`` when there is nothing to send.
 
         Call it until it returns ``b""`` and write every buffer, in order. Each call hands
-        out what is encrypted already or encrypts about 1 MiB more of what was flushed (see
+        out what is encrypted already or encrypts about 2 MiB more of what was flushed (see
         :mod:`stalk.sealer`), so a large spack is never held as ciphertext all at once.
         """
         if self._control.pending() and self._sealer.cipher is not None and not self.close_sent:
