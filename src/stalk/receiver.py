@@ -136,7 +136,6 @@ class Receiver:
 
     __slots__ = (
         "_cipher",
-        "_confirmed",
         "_control",
         "_events",
         "_incoming",
@@ -145,6 +144,7 @@ class Receiver:
         "_states",
         "_work",
         "close_received",
+        "confirmed",
         "paused",
         "pings_sent",
         "pongs_received",
@@ -168,7 +168,8 @@ class Receiver:
         self._events = events
         self._control = control
         self._limit = limit
-        self._confirmed = confirmed
+        #: The event READY completes the handshake with; dropped once it is sent.
+        self.confirmed: HandshakeComplete | None = confirmed
         self.reassembler = Reassembler(limit)
         self._incoming: _Incoming | None = None
         self._work = 0  # work done in the current progress() call
@@ -353,7 +354,9 @@ class Receiver:
             self._cipher.rekey()
         if incoming.confirming:
             self._states.process(Input.READY_RECEIVED)
-            self._events.append(self._confirmed)
+            if self.confirmed is not None:
+                self._events.append(self.confirmed)
+                self.confirmed = None
         if incoming.pongs is not None and self._states.can_send_data:
             self._control.extend(incoming.pongs)
         if self.close_received is not None:

@@ -86,7 +86,8 @@ class Sealer:
         self._messages = 0  # Noise messages sealed since the last rekey
         self._bytes = 0  # their plaintext bytes
         self._requested = False
-        self._flushed: deque[_Flushed] = deque()
+        # Created when something is flushed: an empty deque costs 0.7 KiB per connection.
+        self._flushed: deque[_Flushed] | None = None
         self._out: list[bytes | bytearray] = []  # ready for the transport, in order
         self._exhausted: NonceExhausted | None = None
         #: A plaintext ending with CLOSE was pushed: nothing may follow it.
@@ -122,6 +123,8 @@ class Sealer:
             raise self._exhausted
         if self._cipher is None or self.closed:
             raise LocalProtocolError("nothing can be sent now")
+        if self._flushed is None:
+            self._flushed = deque()
         self._flushed.append(_Flushed(plaintexts, final))
         self.closed = final
 
@@ -173,19 +176,24 @@ class Sealer:
         cipher = self._cipher
         if cipher is None:  # pragma: no cover - push() requires it
             raise LocalProtocolError("no transport cipher yet")
-        entry = self._flushed[0]
+        flushed = self._flushed
+        if not flushed:  # pragma: no cover - take() seals only what was flushed
+            return 0
+        entry = flushed[0]
         group: list[bytearray] = []
         while entry.next is not None and len(group) < OUTPUT_FRAMES:
             group.append(entry.next)
             entry.next = next(entry.plaintexts, None)
         if entry.next is None:
-            self._flushed.popleft()
+            flushed.popleft()
+            if not flushed:
+                self._flushed = None  # an idle connection holds no empty deque
         out = bytearray(sum(map(len, group)) + len(group) * _OVERHEAD)
         try:
             offset = self._seal_group(cipher, entry, group, out)
         except NonceExhausted as exc:
             self._exhausted = exc
-            self._flushed.clear()
+            self._flushed = None
             raise
         del out[offset:]
         self._out.append(out)

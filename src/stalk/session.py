@@ -133,6 +133,16 @@ class SessionConfig:
             raise ValueError("rekey intervals must be positive")
 
 
+def _complete(result: HandshakeResult) -> HandshakeComplete:
+    """The event that reports a confirmed handshake."""
+    return HandshakeComplete(
+        peer=result.peer,
+        pattern=result.pattern,
+        handshake_hash=result.handshake_hash,
+        peer_max_message_size=result.peer_params.max_message_size,
+    )
+
+
 class Session:
     """One side of a stalk connection, without I/O.
 
@@ -148,7 +158,6 @@ class Session:
 
     # Slots: a session is held per connection, and an instance dict costs more.
     __slots__ = (
-        "_complete",
         "_control",
         "_error",
         "_events",
@@ -195,7 +204,6 @@ class Session:
             )
         self._pattern: Pattern | None = self._hs.pattern
         self._result: HandshakeResult | None = None
-        self._complete: HandshakeComplete | None = None
         self._receiver: Receiver | None = None
         # Application records (spacks, and CLOSE/PING, which must follow what was queued
         # before them) and control records the session emits by itself (READY, PONG, error
@@ -387,12 +395,6 @@ class Session:
         self._result = result
         self._hs = None
         self._sealer.start(result.send_cipher)
-        self._complete = HandshakeComplete(
-            peer=result.peer,
-            pattern=result.pattern,
-            handshake_hash=result.handshake_hash,
-            peer_max_message_size=result.peer_params.max_message_size,
-        )
         self._receiver = Receiver(
             self._reader,
             result.recv_cipher,
@@ -400,7 +402,7 @@ class Session:
             events=self._events,
             control=self._control,
             limit=self.config.max_message_size,
-            confirmed=self._complete,
+            confirmed=_complete(result),
         )
 
     def _send_ready(self) -> None:
@@ -408,8 +410,10 @@ class Session:
         self._control.add(RecordKind.READY)
         self._sealer.push(self._control.pack())
         self._states.process(Input.READY_SENT)
-        if self._complete is not None:
-            self._events.append(self._complete)
+        if self._result is not None:
+            self._events.append(_complete(self._result))
+        if self._receiver is not None:
+            self._receiver.confirmed = None  # the event it would have sent went out here
 
     def accept(self) -> None:
         """Responder: admit the peer named by :class:`~stalk.events.PeerIdentified`.
