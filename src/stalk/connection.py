@@ -246,10 +246,6 @@ class Connection(ObjectStream[Spack]):
         except HandshakeFailed as exc:
             await conn._write_best_effort()
             raise await conn._fail(exc) from None
-        except StalkError as exc:
-            # Before the handshake completes every failure is a failed handshake, whatever
-            # layer saw it (a write that broke, a cut connection...).
-            raise await conn._fail(HandshakeFailed(f"handshake failed: {exc}")) from exc
         except BaseException:
             await conn._abort()
             raise
@@ -532,11 +528,11 @@ class Connection(ObjectStream[Spack]):
                 data = await self._receive_or_keepalive(idle)
         except anyio.EndOfStream:
             self._session.receive_data(b"")
-        except anyio.ClosedResourceError as exc:
-            raise self._closed_error() from exc
-        except (OSError, anyio.BrokenResourceError) as exc:
-            if handshake:
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            if handshake:  # whatever cut it, the handshake failed
                 raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
+            if isinstance(exc, anyio.ClosedResourceError):
+                raise self._closed_error() from exc
             raise await self._fail(ConnectionLost(f"connection lost: {exc!r}")) from exc
         else:
             if data is None:
