@@ -82,6 +82,7 @@ __all__ = [
     "InitiatorHandshake",
     "Params",
     "ResponderHandshake",
+    "busy_refusal",
     "decode_params",
     "encode_params",
 ]
@@ -526,6 +527,14 @@ class ResponderHandshake:
         if self._state != "authorize":
             raise HandshakeFailed("refuse() is only valid while awaiting authorization")
         self._state = "refused"
+
+
+def busy_refusal(reason: str) -> bytes:
+    """A responder's whole answer to an initiator it cannot take now (SPEC 5).
+
+    A BUSY refusal, sent before reading anything: no handshake state exists for it.
+    """
+    return encode_refusal(CloseCode.BUSY, reason)
 
 
 class _Unsupported(HandshakeFailed):

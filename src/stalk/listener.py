@@ -39,7 +39,7 @@ from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 from stalk.config import Config
 from stalk.connection import Authorize, Connection
 from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
-from stalk.framing import encode_refusal
+from stalk.handshake import busy_refusal
 from stalk.identity import Identity
 from stalk.wire import CloseCode
 
@@ -231,7 +231,7 @@ class Listener(anyio.abc.AsyncResource):
                 anyio.move_on_after(_REFUSAL_TIMEOUT, shield=True),
                 contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError),
             ):
-                await stream.send(encode_refusal(CloseCode.BUSY, reason))
+                await stream.send(busy_refusal(reason))
             await anyio.aclose_forcefully(stream)
             return
         self._handshakes += 1
