@@ -2,13 +2,15 @@
 
 The module docstring of :mod:`stalk._noise` lists the traits; every test here is named for
 the trait it pins, so that a change of noiseprotocol (or of the wrapper) that breaks an
-assumption fails a test that says which one.
+assumption fails a test that says which one. Every test runs twice: with stalk's lean
+engine (what XX and IK use) and with noiseprotocol (``reference=True``), which must
+behave alike (``tests/test_noise_lean.py`` compares their output byte for byte).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -39,6 +41,21 @@ IK = "Noise_IK_25519_AESGCM_SHA256"
 N_ONE_WAY = "Noise_N_25519_AESGCM_SHA256"
 
 
+#: Whether the pairs below run noiseprotocol (``reference=True``); set by :func:`engine`.
+REFERENCE = False
+
+
+@pytest.fixture(autouse=True, params=["lean", "noiseprotocol"])
+def engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with each engine behind NoiseHandshake."""
+    global REFERENCE  # noqa: PLW0603 - the pair helpers read it
+    REFERENCE = request.param == "noiseprotocol"
+    try:
+        yield request.param
+    finally:
+        REFERENCE = False
+
+
 def new_private() -> bytes:
     return X25519PrivateKey.generate().private_bytes_raw()
 
@@ -60,8 +77,20 @@ class Pair:
 def xx_pair(*, init_prologue: bytes = b"", resp_prologue: bytes = b"") -> Pair:
     init_static, resp_static = new_private(), new_private()
     return Pair(
-        NoiseHandshake(XX, initiator=True, prologue=init_prologue, static_private=init_static),
-        NoiseHandshake(XX, initiator=False, prologue=resp_prologue, static_private=resp_static),
+        NoiseHandshake(
+            XX,
+            initiator=True,
+            prologue=init_prologue,
+            static_private=init_static,
+            reference=REFERENCE,
+        ),
+        NoiseHandshake(
+            XX,
+            initiator=False,
+            prologue=resp_prologue,
+            static_private=resp_static,
+            reference=REFERENCE,
+        ),
         init_static,
         resp_static,
     )
@@ -79,8 +108,15 @@ def ik_pair(
             prologue=init_prologue,
             static_private=init_static,
             remote_static_public=pinned if pinned is not None else public_of(resp_static),
+            reference=REFERENCE,
         ),
-        NoiseHandshake(IK, initiator=False, prologue=resp_prologue, static_private=resp_static),
+        NoiseHandshake(
+            IK,
+            initiator=False,
+            prologue=resp_prologue,
+            static_private=resp_static,
+            reference=REFERENCE,
+        ),
         init_static,
         resp_static,
     )
@@ -305,12 +341,12 @@ def test_failed_handshake_is_fatal_even_though_noiseprotocol_would_continue() ->
 def test_unsupported_protocol_is_handshake_failed() -> None:
     for name in ("Noise_XX1_25519_AESGCM_SHA256", "Noise_XX_25519_AESGCM_MD5", "Noise_YY"):
         with pytest.raises(HandshakeFailed, match="cannot set up"):
-            NoiseHandshake(name, initiator=True, static_private=new_private())
+            NoiseHandshake(name, initiator=True, static_private=new_private(), reference=REFERENCE)
 
 
 def test_missing_static_key_is_handshake_failed() -> None:
     with pytest.raises(HandshakeFailed, match="cannot set up"):
-        NoiseHandshake(XX, initiator=True)
+        NoiseHandshake(XX, initiator=True, reference=REFERENCE)
 
 
 # --- fixed ephemeral ----------------------------------------------------------------------
@@ -321,7 +357,11 @@ def test_fixed_ephemeral_emits_no_user_warning() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         init = NoiseHandshake.fixed_ephemeral_for_testing_only(
-            XX, ephemeral_private=ephemeral, initiator=True, static_private=new_private()
+            XX,
+            ephemeral_private=ephemeral,
+            initiator=True,
+            static_private=new_private(),
+            reference=REFERENCE,
         )
         msg1 = init.write_message(b"")
     assert caught == []
@@ -330,7 +370,11 @@ def test_fixed_ephemeral_emits_no_user_warning() -> None:
 
 def test_fixed_ephemeral_warning_filter_does_not_leak() -> None:
     NoiseHandshake.fixed_ephemeral_for_testing_only(
-        XX, ephemeral_private=new_private(), initiator=True, static_private=new_private()
+        XX,
+        ephemeral_private=new_private(),
+        initiator=True,
+        static_private=new_private(),
+        reference=REFERENCE,
     )
     with pytest.warns(UserWarning, match="still active"):
         warnings.warn("still active", UserWarning, stacklevel=1)
@@ -433,21 +477,29 @@ def test_wrong_prologue_on_one_side_fails_the_handshake_ik() -> None:
 
 
 def test_transport_rekey_matches_the_noise_spec_independently() -> None:
-    """REKEY per Noise §4.2, computed here with cryptography alone (no noiseprotocol)."""
+    """REKEY per Noise §4.2, computed here with cryptography alone (no stalk code).
+
+    The key comes from noiseprotocol's own CipherState; the lean engine's keys are the same
+    (``tests/test_noise_lean.py``).
+    """
     alice, bob = Identity.generate(), Identity.generate()
     init = NoiseHandshake(
         "Noise_IK_25519_AESGCM_SHA256",
         initiator=True,
         static_private=alice.private_bytes(),
         remote_static_public=bob.public.raw,
+        reference=True,
     )
     resp = NoiseHandshake(
-        "Noise_IK_25519_AESGCM_SHA256", initiator=False, static_private=bob.private_bytes()
+        "Noise_IK_25519_AESGCM_SHA256",
+        initiator=False,
+        static_private=bob.private_bytes(),
+        reference=True,
     )
     resp.read_message(init.write_message(b""))
     init.read_message(resp.write_message(b""))
     send, _ = init.split()
-    key = init._conn.noise_protocol.cipher_state_encrypt.k
+    key = init._engine._conn.noise_protocol.cipher_state_encrypt.k  # type: ignore[union-attr]
     first = send.encrypt(b"one")
     send.rekey()
     second = send.encrypt(b"two")

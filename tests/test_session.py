@@ -435,7 +435,7 @@ def test_rekey_by_message_count_keeps_both_sides_in_step() -> None:
     keys = []
     for spack in sent:
         pair.client.send(spack)
-        keys.append(pair.client._sealer.cipher._state.k)  # type: ignore[union-attr]
+        keys.append(pair.client._sealer.cipher._key)  # type: ignore[union-attr]
         pair.pump()
     assert messages(pair.server_events) == sent
     assert len(set(keys)) >= 6  # the sending key really changed, several times

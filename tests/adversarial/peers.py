@@ -262,14 +262,14 @@ def _patch_ephemeral(noise: NoiseHandshake, public: bytes) -> None:
     """Make the next ``e`` token send ``public`` (we keep a real private key for our DH)."""
     pair = KeyPair25519.from_private_bytes(os.urandom(32))
     pair.public_bytes = public
-    noise._hs.e = pair
+    noise._engine._hs.e = pair  # type: ignore[union-attr]
 
 
 def _patch_ephemeral_twin(noise: NoiseHandshake) -> None:
     """Make the next ``e`` token send the bit-255 twin of a real ephemeral key."""
     pair = KeyPair25519.from_private_bytes(os.urandom(32))
     pair.public_bytes = bit_255_twin(pair.public_bytes)
-    noise._hs.e = pair
+    noise._engine._hs.e = pair  # type: ignore[union-attr]
 
 
 def _patch_static(noise: NoiseHandshake, public: bytes) -> None:
@@ -279,8 +279,10 @@ def _patch_static(noise: NoiseHandshake, public: bytes) -> None:
     private key, and editing it would make every later handshake with that key send
     ``public`` too. Our own DH keeps using the real private key.
     """
-    real = noise._hs.s
-    noise._hs.s = KeyPair25519(private=real.private, public=real.public, public_bytes=public)
+    real = noise._engine._hs.s  # type: ignore[union-attr]
+    noise._engine._hs.s = KeyPair25519(  # type: ignore[union-attr]
+        private=real.private, public=real.public, public_bytes=public
+    )
 
 
 def _patch_keys(
@@ -294,7 +296,7 @@ def _patch_keys(
     if s is not None:
         _patch_static(noise, s)
     if twin_s:
-        _patch_static(noise, bit_255_twin(noise._hs.s.public_bytes))
+        _patch_static(noise, bit_255_twin(noise._engine._hs.s.public_bytes))  # type: ignore[union-attr]
 
 
 @dataclass
@@ -389,6 +391,7 @@ class Initiator:
             prologue=self.prologue if self.prologue is not None else true_preamble,
             static_private=self.identity.private_bytes(),
             remote_static_public=self.server.raw if pattern == "IK" and self.server else None,
+            reference=True,  # noiseprotocol: _patch_keys alters its state
         )
         _patch_keys(self.noise, self.low_e, self.low_s, twin_e=self.twin_e, twin_s=self.twin_s)
         if self.msg1_payload is None:
@@ -509,6 +512,7 @@ class Responder:
             initiator=False,
             prologue=self.prologue if self.prologue is not None else preamble,
             static_private=self.identity.private_bytes(),
+            reference=True,  # noiseprotocol: _patch_keys alters its state
         )
         _patch_keys(self.noise, self.low_e, self.low_s, twin_e=self.twin_e, twin_s=self.twin_s)
 
