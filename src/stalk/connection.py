@@ -30,12 +30,14 @@ network. That is a reply in a request/response exchange, where latency matters a
 is nothing to batch with; a handler answering a burst of buffered requests still batches.
 
 Cancellation. ``receive()`` can be cancelled at any point: anyio's ``receive`` either returns
-bytes or consumes none, and the session buffers partial frames. A write, once it starts, is
-*shielded* from cancellation so that no frame is ever half-written (the peer would misread
-every later byte); the caller's cancellation takes effect right after. A write that cannot
-finish within ``Config.write_timeout`` (the peer stopped reading) marks the connection
-broken and closes the transport. Cancelling ``send()`` while it waits for the lock leaves its
-spack queued: the next ``send``/``flush`` writes it.
+bytes or consumes none, and the session buffers partial frames. A write, once it starts,
+completes whatever the caller's cancellation says, so that no frame is ever half-written
+(the peer would misread every later byte); the cancellation takes effect right after. A
+write that cannot finish within ``Config.write_timeout`` (the peer stopped reading) marks
+the connection broken and closes the transport. Both are :mod:`stalk.writing`'s job, which
+pays for a shield and a deadline only when a write has to wait for the socket. Cancelling
+``send()`` while it waits for the lock leaves its spack queued: the next ``send``/``flush``
+writes it.
 
 Idle timeout. With ``Config.idle_timeout`` set, ``receive()`` keeps a timer of the time it
 has spent waiting for the network since the peer's last byte (cancelled calls included;
@@ -86,6 +88,7 @@ from stalk.identity import Identity, PublicIdentity
 from stalk.session import Role, Session
 from stalk.spack import Spack
 from stalk.wire import CloseCode, Pattern
+from stalk.writing import writer_for
 
 __all__ = [
     "Authorize",
@@ -187,6 +190,7 @@ class Connection(ObjectStream[Spack]):
         self._address = _address(transport)
         # fast_acquire: taking a free lock costs no event-loop pass (one per send otherwise).
         self._send_lock = anyio.Lock(fast_acquire=True)
+        self._writer = writer_for(transport, config.write_timeout)
         self._receive_guard = anyio.ResourceGuard("receiving from")
         self._closed = False
         self._broken: StalkError | None = None
@@ -443,7 +447,7 @@ class Connection(ObjectStream[Spack]):
                 await self._transport.send_eof()
 
     async def _write_pending(self) -> None:
-        """Write what the session has for the transport; shielded, bounded by write_timeout.
+        """Write what the session has for the transport (each buffer whole, in time).
 
         Callers hold ``_send_lock`` (or are the only task, during the handshake).
         """
@@ -452,21 +456,19 @@ class Connection(ObjectStream[Spack]):
             await self._write_chunk(data)
 
     async def _write_chunk(self, data: bytes | bytearray) -> None:
-        """Write one buffer; shielded from cancellation, bounded by write_timeout."""
-        deadline = anyio.current_time() + self._config.write_timeout
-        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
-            try:
-                # anyio types ``send`` as taking bytes; every byte stream accepts any
-                # bytes-like object, and the session never touches ``data`` again.
-                await self._transport.send(cast("bytes", data))
-            except (OSError, anyio.BrokenResourceError) as exc:
-                raise await self._fail(ConnectionLost(f"write failed: {exc!r}")) from exc
-            except anyio.ClosedResourceError as exc:
-                raise self._closed_error() from exc
-        if scope.cancelled_caught:
+        """Write one buffer: whole even if cancelled, bounded by write_timeout (writing.py)."""
+        try:
+            await self._writer.write(data)
+        except TimeoutError:
             raise await self._fail(
                 ConnectionLost(f"a write did not complete within {self._config.write_timeout} s")
-            )
+            ) from None
+        except (OSError, anyio.BrokenResourceError) as exc:
+            if self._closed:
+                raise self._closed_error() from exc
+            raise await self._fail(ConnectionLost(f"write failed: {exc!r}")) from exc
+        except anyio.ClosedResourceError as exc:
+            raise self._closed_error() from exc
 
     async def _write_best_effort(self) -> None:
         """Write an error CLOSE or refusal if no other task is writing (bounded, shielded).
