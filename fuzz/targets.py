@@ -528,9 +528,10 @@ class TransportKeys:
 def _cipher_key(session: Session, direction: str) -> bytes:
     # stalk keeps no public handle on its keys
     cipher = session._sealer.cipher if direction == "send" else session._receiver._cipher  # type: ignore[union-attr]
-    key = cipher._state.k  # type: ignore[union-attr]
+    key = cipher._key  # type: ignore[union-attr]
     check(isinstance(key, bytes) and len(key) == 32, "cannot find the transport key")
-    return bytes(key)
+    assert isinstance(key, bytes)
+    return key
 
 
 @functools.cache

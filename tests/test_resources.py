@@ -34,6 +34,7 @@ import gc
 import json
 import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -121,20 +122,22 @@ async def victim(backend: str, **config: Any) -> AsyncIterator[Victim]:
         # Measure another stalk under the same attacks (the "before" figures).
         env["PYTHONPATH"] = os.environ["STALK_VICTIM_SRC"]
     command = [sys.executable, "-c", _VICTIM, backend, json.dumps(config)]
-    process = await anyio.open_process(command, env=env)
-    try:
-        assert process.stdout is not None
-        line = b""
-        with anyio.fail_after(20):
-            while not line.endswith(b"\n"):
-                line += await process.stdout.receive()
-        port, key = line.decode().split()
-        yield Victim(process, int(port), PublicIdentity.from_string(key))
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        with anyio.CancelScope(shield=True):
-            await process.aclose()
+    # Its log goes to a file: a pipe nobody reads would fill up and stop the victim.
+    with tempfile.TemporaryFile() as log:
+        process = await anyio.open_process(command, env=env, stderr=log)
+        try:
+            assert process.stdout is not None
+            line = b""
+            with anyio.fail_after(20):
+                while not line.endswith(b"\n"):
+                    line += await process.stdout.receive()
+            port, key = line.decode().split()
+            yield Victim(process, int(port), PublicIdentity.from_string(key))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
 
 
 def record(kind: RecordKind, body: bytes) -> bytes:
