@@ -16,12 +16,13 @@ safe for the same reason. Two concurrent ``receive()`` calls are a usage error
 (:class:`anyio.BusyResourceError`).
 
 Coalescing. While a connection has a *writer task* (inside ``async with conn:``, and always
-for connections handed to a listener's handler), ``send()`` only encodes and queues its spack,
+for connections handed to a listener's handler; the task starts with the first ``send()``
+that is not a reply, see below), ``send()`` only encodes and queues its spack,
 wakes the writer and returns without waiting for the socket; the writer encrypts everything
 queued since its last write into as few Noise messages as possible and writes them in one
 call (about 2 MiB at a time for large spacks, each buffer encrypted just before it is
-written). A lone spack therefore goes out at the next scheduling point (no timer, so latency does
-not grow), while a burst of sends shares Noise messages and socket writes. Once more than
+written). A lone spack therefore goes out at the next scheduling point (no timer, so latency
+does not grow), while a burst of sends shares Noise messages and socket writes. Once more than
 ``Config.send_buffer`` bytes are queued, ``send()`` waits for the writer (backpressure).
 ``flush()`` always waits until everything queued has been written. Without a writer task
 (a connection used without ``async with``), ``send()`` writes before it returns. One more
@@ -88,7 +89,7 @@ from stalk.identity import Identity, PublicIdentity
 from stalk.session import Role, Session
 from stalk.spack import Spack
 from stalk.wire import CloseCode, Pattern
-from stalk.writing import writer_for
+from stalk.writing import closes_at_once, writer_for
 
 __all__ = [
     "Authorize",
@@ -187,7 +188,7 @@ class Connection(ObjectStream[Spack]):
         self._transport = transport
         self._session = session
         self._config = config
-        self._address = _address(transport)
+        self._peer_address: tuple[str, int] | bool | None = False  # False: not looked up yet
         # fast_acquire: taking a free lock costs no event-loop pass (one per send otherwise).
         self._send_lock = anyio.Lock(fast_acquire=True)
         self._writer = writer_for(transport, config.write_timeout)
@@ -236,24 +237,54 @@ class Connection(ObjectStream[Spack]):
             :class:`~stalk.HandshakeTimeout`). The transport is closed.
         """
         config = config or Config()
-        role = Role.RESPONDER if server_side else Role.INITIATOR
-        session = Session(role, identity, peer=peer, config=config.session_config())
-        conn = cls(transport, session, config)
-        conn._handler = handler
+        conn = cls._start(
+            transport,
+            identity=identity,
+            peer=peer,
+            server_side=server_side,
+            config=config,
+            handler=handler,
+        )
         try:
             with anyio.fail_after(config.handshake_timeout):
-                await conn._run_handshake(authorize)
+                await conn._establish(authorize)
         except TimeoutError as exc:
             raise await conn._fail(
                 HandshakeTimeout(f"no complete handshake within {config.handshake_timeout} s")
             ) from exc
-        except HandshakeFailed as exc:
-            await conn._write_best_effort()
-            raise await conn._fail(exc) from None
-        except BaseException:
-            await conn._abort()
-            raise
         return conn
+
+    @classmethod
+    def _start(
+        cls,
+        transport: ByteStream,
+        *,
+        identity: Identity,
+        peer: PublicIdentity | None,
+        server_side: bool,
+        config: Config,
+        handler: MessageHandler | None,
+    ) -> Connection:
+        """A connection whose handshake has not run yet (see :meth:`_establish`)."""
+        role = Role.RESPONDER if server_side else Role.INITIATOR
+        session = Session(role, identity, peer=peer, config=config.session_config())
+        conn = cls(transport, session, config)
+        conn._handler = handler
+        return conn
+
+    async def _establish(self, authorize: Authorize | None) -> None:
+        """Run the handshake; on any failure the transport is closed.
+
+        The caller sets the deadline: :func:`connect` one for TCP connect and handshake.
+        """
+        try:
+            await self._run_handshake(authorize)
+        except HandshakeFailed as exc:
+            await self._write_best_effort()
+            raise await self._fail(exc) from None
+        except BaseException:
+            await self._abort()
+            raise
 
     async def _write_handshake(self) -> None:
         """Write handshake output directly: no shield or per-write deadline is needed here.
@@ -263,7 +294,9 @@ class Connection(ObjectStream[Spack]):
         """
         while data := self._session.data_to_send():
             try:
-                await self._transport.send(cast("bytes", data))
+                sent = self._writer.write_nowait(data)
+                if sent < len(data):
+                    await self._transport.send(cast("bytes", memoryview(data)[sent:]))
             except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
 
@@ -286,12 +319,13 @@ class Connection(ObjectStream[Spack]):
                 raise HandshakeFailed(f"refused peer {event.peer.fingerprint} (not authorized)")
             elif isinstance(event, HandshakeComplete):
                 await self._write_handshake()
-                logger.debug(
-                    "handshake complete with %s (%s) at %s",
-                    event.peer.fingerprint,
-                    event.pattern,
-                    self._address,
-                )
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug(
+                        "handshake complete with %s (%s) at %s",
+                        event.peer.fingerprint,
+                        event.pattern,
+                        self._address,
+                    )
                 return
 
     @staticmethod
@@ -306,6 +340,14 @@ class Connection(ObjectStream[Spack]):
             return False
 
     # -- attributes -----------------------------------------------------------------------
+
+    @property
+    def _address(self) -> tuple[str, int] | None:
+        """The peer's address, looked up on first use (most connections never need it)."""
+        address = self._peer_address
+        if address is False:
+            address = self._peer_address = _address(self._transport)
+        return cast("tuple[str, int] | None", address)
 
     @property
     def peer(self) -> PublicIdentity:
@@ -405,6 +447,11 @@ class Connection(ObjectStream[Spack]):
         """
         self.queue(item)
         answering, self._answering = self._answering, False
+        if not self._writer_running and self._task_group is not None and not answering:
+            # The first send that is not a reply starts the writer: a connection that only
+            # answers (most of a server's) never pays for the task.
+            self._writer_running = True
+            self._task_group.start_soon(self._write_behind, name=f"stalk writer {self._address}")
         if (
             self._writer_running
             and not (answering and not self._send_lock.locked())
@@ -661,7 +708,10 @@ class Connection(ObjectStream[Spack]):
         await self.close()
 
     async def _abort(self) -> None:
-        with anyio.CancelScope(shield=True):
+        """Close the transport without waiting on anything (even if we are cancelled)."""
+        if closes_at_once(self._transport):
+            await self._transport.aclose()
+        else:
             await anyio.aclose_forcefully(self._transport)
 
     def _closed_error(self) -> StalkError:
@@ -721,11 +771,10 @@ class Connection(ObjectStream[Spack]):
     # -- handler-driven use ---------------------------------------------------------------
 
     async def __aenter__(self) -> Connection:
-        """Enter: start the writer task (and, with ``connect(handler=...)``, dispatching)."""
+        """Enter: a writer task may run from here on; ``connect(handler=...)`` dispatches."""
         if self._task_group is None:
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
-            self._task_group.start_soon(self._write_behind, name=f"stalk writer {self._address}")
             if self._handler is not None:
                 self._task_group.start_soon(self._dispatch, self._handler)
         return self
@@ -756,6 +805,7 @@ class Connection(ObjectStream[Spack]):
                 # Not the body's exception: it propagates by itself once we return, and
                 # handing it to the group would wrap it in an ExceptionGroup.
                 await group.__aexit__(None, None, None)
+                self._writer_running = False  # also if it was cancelled before it ran
 
     async def _dispatch(self, handler: MessageHandler) -> None:
         # A connection that ends badly must not tear down the caller's ``async with`` body
@@ -793,8 +843,7 @@ async def connect(
     if isinstance(peer, str):
         peer = PublicIdentity.from_string(peer)
     identity = identity or Identity.generate()
-    # One deadline for the TCP connect and the handshake together (Config.handshake_timeout):
-    # wrap()'s own deadline, started later, is never the first to expire.
+    # One deadline for the TCP connect and the handshake together (Config.handshake_timeout).
     try:
         with anyio.fail_after(config.handshake_timeout):
             try:
@@ -803,9 +852,15 @@ async def connect(
                 error = ConnectFailed(f"cannot connect to {host}:{port}: {exc}")
                 error.peer_address = (host, port)
                 raise error from exc
-            conn = await Connection.wrap(
-                stream, identity=identity, peer=peer, config=config, handler=handler
+            conn = Connection._start(
+                stream,
+                identity=identity,
+                peer=peer,
+                server_side=False,
+                config=config,
+                handler=handler,
             )
+            await conn._establish(None)
     except TimeoutError as exc:
         timeout = HandshakeTimeout(
             f"no connection and handshake with {host}:{port} within {config.handshake_timeout} s"

@@ -258,7 +258,10 @@ class Listener(anyio.abc.AsyncResource):
                 left = self._handshakes_by_address.pop(key) - 1
                 if left:
                     self._handshakes_by_address[key] = left
-        logger.info("peer %s connected (%s) from %s", conn.peer.fingerprint, conn.pattern, address)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "peer %s connected (%s) from %s", conn.peer.fingerprint, conn.pattern, address
+            )
         self._connections += 1
         try:
             async with conn:  # its writer task runs while the handler does

@@ -30,13 +30,13 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import ByteStream, SocketAttribute
+from anyio.abc import ByteStream, SocketAttribute, SocketStream
 
-__all__ = ["Writer", "writer_for"]
+__all__ = ["Writer", "closes_at_once", "writer_for"]
 
 
 class Writer:
@@ -52,6 +52,13 @@ class Writer:
     def __init__(self, stream: ByteStream, timeout: float) -> None:
         self._stream = stream
         self._timeout = timeout
+
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the stream takes without waiting; how many bytes that was.
+
+        The general writer cannot tell, so it writes nothing (0).
+        """
+        return 0
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``, even if the caller is cancelled meanwhile.
@@ -86,16 +93,20 @@ class _SocketWriter(Writer):
         super().__init__(stream, timeout)
         self._try_send = try_send
 
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Offer ``data`` to the kernel; how many bytes it took (0 if none)."""
+        try:
+            return self._try_send(data)
+        except BlockingIOError:
+            return 0
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Write ``data``: at once if the kernel takes it all, else as :class:`Writer` does.
 
         Nothing can interrupt the attempt (there is no checkpoint before it), so ``data``
         is never dropped: once the session has handed bytes out, they must go.
         """
-        try:
-            sent = self._try_send(data)
-        except BlockingIOError:
-            sent = 0
+        sent = self.write_nowait(data)
         if sent == len(data):
             await anyio.lowlevel.checkpoint()  # a cancellation takes effect after the write
             return
@@ -109,6 +120,18 @@ def _fd_writer(sock: Any) -> Callable[[bytes | bytearray | memoryview], int]:
         return os.write(sock.fileno(), data)
 
     return try_send
+
+
+_ANYIO_SOCKET_STREAMS: Final = ("anyio._backends._trio", "anyio._backends._asyncio")
+
+
+def closes_at_once(stream: ByteStream) -> bool:
+    """Whether ``stream.aclose()`` closes before it first waits: anyio's socket streams.
+
+    Those need no cancelled scope around ``aclose()`` to close without waiting (anyio's
+    ``aclose_forcefully``, whose cancellation costs more than the close itself).
+    """
+    return type(stream).__module__ in _ANYIO_SOCKET_STREAMS and isinstance(stream, SocketStream)
 
 
 def writer_for(stream: ByteStream, timeout: float) -> Writer:
