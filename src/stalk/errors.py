@@ -7,7 +7,7 @@ happened, and its :attr:`StalkError.close_code` how the peer is told.
 
 This module belongs to the sans-IO core and imports no anyio. The anyio layer raises two
 of these errors as anyio's stream errors too, so code written against anyio's vocabulary
-works unchanged (see ``stalk.connection.stream_error``):
+works unchanged (see ``stalk.link.stream_error``):
 
 - a :class:`ConnectionLost` from a :class:`~stalk.Connection` is also an
   :class:`anyio.BrokenResourceError` (the stream was cut: EOF or reset without an

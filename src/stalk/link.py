@@ -1,0 +1,372 @@
+"""A connection's side of the byte stream: every read and write of the transport.
+
+Theory of operation
+-------------------
+A :class:`Link` is the anyio half of a :class:`~stalk.Connection`, the way anyio's
+``TLSStream`` pairs an SSL object with a transport stream: the Connection decides what to
+send and receive (its public API, the handshake's flow); the link moves the session's
+bytes to and from the transport and owns everything that touches it:
+
+- **Writing**: one lock (``send_lock``) orders every write, so the bytes on the wire are
+  in the order the session encrypted them (nonce order); each buffer goes through the one
+  :class:`~stalk.writing.Writer` (whole despite cancellation, within ``write_timeout``).
+  The writer task (``write_behind``) batches what senders queued; PONGs and keepalive
+  PINGs the receive path produced are written without ever waiting for the lock
+  (``write_pong``).
+- **Reading**: ``receive_into_session`` feeds the session, under the idle timer when
+  ``Config.idle_timeout`` is set (keepalive PING, then TIMEOUT).
+- **Failure and teardown**: any protocol or transport error is terminal. ``fail`` marks
+  the link broken, writes the session's error CLOSE when asked (and lingers so that the
+  peer can read it), and closes the transport; errors are tagged with the peer's address
+  and raised as anyio's stream errors where they map to one.
+
+The link makes no protocol decision: the session (sans-IO) makes them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Final, cast
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import ByteStream, SocketAttribute
+
+from stalk.config import Config
+from stalk.errors import (
+    ConnectionClosed,
+    ConnectionLost,
+    HandshakeFailed,
+    IdleTimeout,
+    StalkError,
+)
+from stalk.session import Session
+from stalk.wire import CloseCode
+from stalk.writing import closes_at_once, writer_for
+
+__all__ = ["Link", "stream_error"]
+
+logger = logging.getLogger("stalk")
+
+#: After our error CLOSE, the most we read and discard, and for how long, waiting for the
+#: peer to close too (SPEC "Resource model"): see :meth:`Link.linger`.
+_LINGER_BYTES = 1024 * 1024
+_LINGER_SECONDS = 1.0
+
+
+#: The anyio stream error each of these stalk errors also is when a Connection raises it.
+_ANYIO_ERRORS: Final[tuple[tuple[type[StalkError], type[Exception]], ...]] = (
+    (ConnectionLost, anyio.BrokenResourceError),
+    (ConnectionClosed, anyio.ClosedResourceError),
+)
+_stream_classes: dict[type[StalkError], type[StalkError]] = {}
+
+
+def stream_error(exc: StalkError) -> StalkError:
+    """``exc`` as the anyio layer raises it: also anyio's stream error where it maps to one.
+
+    A :class:`~stalk.ConnectionLost` (and its subclasses) becomes also an
+    :class:`anyio.BrokenResourceError`, a :class:`~stalk.ConnectionClosed` also an
+    :class:`anyio.ClosedResourceError`; the sans-IO core, which knows nothing of anyio,
+    raises the plain classes. The instance keeps its identity, message and attributes:
+    only its class changes, to a subclass of both named like the original.
+    """
+    cls = type(exc)
+    stream_class = _stream_classes.get(cls)
+    if stream_class is None:
+        base = next(
+            (anyio_error for ours, anyio_error in _ANYIO_ERRORS if issubclass(cls, ours)), None
+        )
+        if base is None or issubclass(cls, base):
+            return exc
+        stream_class = _stream_classes[cls] = type(
+            cls.__name__,
+            (cls, base),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+            },
+        )
+    exc.__class__ = stream_class
+    return exc
+
+
+def _address(transport: ByteStream) -> tuple[str, int] | None:
+    remote = transport.extra(SocketAttribute.remote_address, None)
+    if isinstance(remote, tuple) and len(remote) >= 2:
+        return str(remote[0]), int(remote[1])
+    return None
+
+
+class Link:
+    """The transport side of one connection: reads, writes, failure and teardown.
+
+    :param transport: the byte stream (TCP in practice, memory streams in tests).
+    :param session: the connection's sans-IO session.
+    :param config: timeouts and limits.
+    """
+
+    def __init__(self, transport: ByteStream, session: Session, config: Config) -> None:
+        self.transport = transport
+        self.session = session
+        self.config = config
+        self._peer_address: tuple[str, int] | bool | None = False  # False: not looked up yet
+        # fast_acquire: taking a free lock costs no event-loop pass (one per send otherwise).
+        self.send_lock = anyio.Lock(fast_acquire=True)
+        self.writer = writer_for(transport, config.write_timeout)
+        self.closed = False
+        self.broken: StalkError | None = None
+        #: Whether the writer task runs (or was started), and its wake-up call.
+        self.writer_running = False
+        self.wakeup = anyio.Event()
+        #: Idle timer (Config.idle_timeout): seconds receive() has waited for the network
+        #: since the peer's last byte, and whether a keepalive PING went out since then.
+        self._idle_waited = 0.0
+        self._keepalive_sent = False
+
+    async def write_handshake(self) -> None:
+        """Write handshake output directly: no shield or per-write deadline is needed here.
+
+        A handshake interrupted in any way is abandoned whole (the transport is closed), so
+        a half-written frame can never be misread, and ``handshake_timeout`` bounds it all.
+        """
+        while data := self.session.data_to_send():
+            try:
+                sent = self.writer.write_nowait(data)
+                if sent < len(data):
+                    await self.transport.send(cast("bytes", memoryview(data)[sent:]))
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The peer's address, looked up on first use (most connections never need it)."""
+        address = self._peer_address
+        if address is False:
+            address = self._peer_address = _address(self.transport)
+        return cast("tuple[str, int] | None", address)
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise self.tag(ConnectionClosed("the connection is closed"))
+        if self.broken is not None:
+            raise self.tag(ConnectionLost(f"the connection is broken: {self.broken}"))
+
+    async def write_behind(self) -> None:
+        """The writer task: write whatever senders queued, batched, until cancelled."""
+        self.writer_running = True
+        try:
+            while True:
+                await self.wakeup.wait()
+                self.wakeup = anyio.Event()
+                async with self.send_lock:
+                    if self.closed or self.broken is not None:
+                        return
+                    self.session.flush()
+                    await self.write_pending()
+        except StalkError:
+            return  # the connection is broken or closed; the next call reports it
+        finally:
+            self.writer_running = False
+
+    async def write_pending(self) -> None:
+        """Write what the session has for the transport (each buffer whole, in time).
+
+        Callers hold ``send_lock`` (or are the only task, during the handshake).
+        """
+        # Loop: the receive path may encrypt a PONG while we write; it leaves it to us.
+        while data := self.session.data_to_send():
+            await self.write_chunk(data)
+
+    async def write_chunk(self, data: bytes | bytearray) -> None:
+        """Write one buffer: whole even if cancelled, bounded by write_timeout (writing.py)."""
+        try:
+            await self.writer.write(data)
+        except TimeoutError:
+            raise await self.fail(
+                ConnectionLost(f"a write did not complete within {self.config.write_timeout} s")
+            ) from None
+        except (OSError, anyio.BrokenResourceError) as exc:
+            if self.closed:
+                raise self.closed_error() from exc
+            raise await self.fail(ConnectionLost(f"write failed: {exc!r}")) from exc
+        except anyio.ClosedResourceError as exc:
+            raise self.closed_error() from exc
+
+    async def write_best_effort(self) -> None:
+        """Write an error CLOSE or refusal if no other task is writing (bounded, shielded).
+
+        While a sender holds the lock it is blocked writing; the caller is about to tear
+        the connection down, which ends that write, so the CLOSE is simply not sent.
+        """
+        if self.send_lock.locked():
+            return
+        with (
+            anyio.move_on_after(self.config.close_timeout, shield=True),
+            contextlib.suppress(StalkError),
+        ):
+            async with self.send_lock:
+                await self.write_pending()
+
+    async def write_pong(self) -> None:
+        """Get what the receive path encrypted (a PONG, a keepalive PING) written.
+
+        ``receive()`` may hold a spack it is about to return, so nothing here may be
+        interrupted by cancellation (no event is ever lost): the writer task is only woken,
+        and a direct write happens only when the lock is free, shielded (and bounded by
+        write_timeout). If a sender holds the lock, it writes this before releasing it (see
+        write_pending); waiting for the lock here could deadlock with a peer blocked
+        writing to us.
+        """
+        if self.writer_running:
+            self.wakeup.set()
+        elif not self.send_lock.locked():
+            with anyio.CancelScope(shield=True), contextlib.suppress(StalkError):
+                async with self.send_lock:
+                    await self.write_pending()
+
+    async def resume_reading(self) -> None:
+        """The session paused reading (PAUSED): let it read again.
+
+        When it paused because the peer made us owe answers beyond the bound, those answers
+        must reach the socket first: wait for the send lock and write them. A peer that
+        does not read its PONGs thus stops being read (TCP carries the backpressure back to
+        it) until write_timeout breaks the connection. Otherwise it paused after a bounded
+        step of work: just let other tasks run. No event is held here, so cancellation is
+        harmless.
+        """
+        if not self.session.has_output:
+            await anyio.lowlevel.checkpoint()
+            return
+        async with self.send_lock:
+            self.check_open()
+            await self.write_pending()
+
+    async def receive_into_session(self, *, handshake: bool = False) -> None:
+        idle = None if handshake else self.config.idle_timeout
+        try:
+            if idle is None:
+                data: bytes | None = await self.transport.receive(self.config.read_size)
+            else:
+                data = await self._receive_or_keepalive(idle)
+        except anyio.EndOfStream:
+            self.session.receive_data(b"")
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            if handshake:  # whatever cut it, the handshake failed
+                raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
+            if isinstance(exc, anyio.ClosedResourceError):
+                raise self.closed_error() from exc
+            raise await self.fail(ConnectionLost(f"connection lost: {exc!r}")) from exc
+        else:
+            if data is None:
+                raise await self._idle_timeout()
+            self.session.receive_data(data)
+
+    async def _receive_or_keepalive(self, idle: float) -> bytes | None:
+        """Read from the transport under the idle timer; ``None``: the peer is gone.
+
+        The timer counts only time spent here (so an application busy between two
+        ``receive()`` calls is never mistaken for an idle peer), across calls, cancelled
+        ones included (so receiving under short application timeouts still counts). After
+        ``idle`` seconds of waiting since the peer's last byte a PING goes out; after
+        ``2 * idle`` the peer has not answered it. Any byte resets the timer: a PONG, or
+        anything else the peer had to say. A read either returns bytes or consumes none
+        when cancelled, so the timer's deadlines never lose data.
+        """
+        while True:
+            phase_end = 2 * idle if self._keepalive_sent else idle
+            started = anyio.current_time()
+            with anyio.move_on_after(phase_end - self._idle_waited):
+                try:
+                    data = await self.transport.receive(self.config.read_size)
+                except BaseException:  # cancelled (by this timer or the caller), or failed
+                    self._idle_waited += anyio.current_time() - started
+                    raise
+                self._idle_waited = 0.0
+                self._keepalive_sent = False
+                return data
+            self._idle_waited = phase_end
+            if self._keepalive_sent:
+                return None
+            self._keepalive_sent = True
+            try:
+                # PING is an application record: it also sends what queue() left unflushed.
+                self.session.ping()
+            except StalkError:
+                continue  # we already sent CLOSE: nothing can go out; the peer may still talk
+            await self.write_pong()
+
+    async def _idle_timeout(self) -> StalkError:
+        """Close with TIMEOUT (best effort, never waiting for a blocked sender); the error."""
+        if self.broken is None and not self.closed:
+            self.session.close(CloseCode.TIMEOUT, "idle timeout")
+            await self.write_best_effort()
+        return await self.fail(
+            IdleTimeout(
+                f"the peer sent nothing during {self._idle_waited:g} s of waiting and did not "
+                "answer a keepalive PING"
+            )
+        )
+
+    async def abort(self) -> None:
+        """Close the transport without waiting on anything (even if we are cancelled)."""
+        if closes_at_once(self.transport):
+            await self.transport.aclose()
+        else:
+            await anyio.aclose_forcefully(self.transport)
+
+    def closed_error(self) -> StalkError:
+        """The error for a transport found closed: by our aclose(), or by a failure."""
+        if self.broken is not None:
+            return self.tag(ConnectionLost(f"the connection is broken: {self.broken}"))
+        return self.tag(ConnectionClosed("the connection is closed"))
+
+    def tag(self, exc: StalkError) -> StalkError:
+        """``exc`` with the peer's address, as anyio's stream error where it maps to one."""
+        exc.peer_address = self.address
+        return stream_error(exc)
+
+    async def fail(self, exc: StalkError, *, close: bool = False) -> StalkError:
+        """Mark the connection broken by ``exc``, close the transport, return ``exc``.
+
+        :param close: the session failed and queued an error CLOSE: write it first (if no
+            other task is writing), and give the peer time to read it (:meth:`linger`).
+        """
+        self.tag(exc)
+        if self.broken is None and not self.closed:
+            self.broken = exc  # from here on no other task starts a write
+            logger.debug("connection to %s failed: %s", self.address, exc)
+        try:
+            if close and not self.send_lock.locked():
+                async with self.send_lock:
+                    with contextlib.suppress(StalkError):
+                        with anyio.move_on_after(self.config.close_timeout, shield=True):
+                            await self.write_pending()
+                        await self.linger()
+        finally:
+            await self.abort()
+        return exc
+
+    async def linger(self) -> None:
+        """After our error CLOSE: stop writing, and give the peer time to read it.
+
+        Closing a socket with unread bytes makes TCP reset the connection, and the reset can
+        destroy our CLOSE before the peer reads it: a peer in the middle of a large send
+        would see a cut connection instead of why (HTTP servers linger for the same
+        reason). So for ``_LINGER_SECONDS`` at most, or until the peer closes too, we read
+        and discard what it still sends, up to ``_LINGER_BYTES``; past that, TCP's flow
+        control holds the peer until the time is up. Callers hold ``send_lock``.
+        """
+        with (
+            anyio.move_on_after(min(_LINGER_SECONDS, self.config.close_timeout)),
+            contextlib.suppress(
+                anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+            ),
+        ):
+            await self.transport.send_eof()
+            left = _LINGER_BYTES
+            while left > 0:
+                left -= len(await self.transport.receive(min(left, self.config.read_size)))
+            await anyio.sleep_forever()
