@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 
@@ -287,22 +288,34 @@ async def test_invalid_and_oversized_spacks_fail_before_writing() -> None:
             assert await conn.receive() == Spack("echo", "fine")
 
 
-async def test_concurrent_senders_never_interleave_frames() -> None:
+@pytest.mark.parametrize("writer", [True, False], ids=["writer-task", "direct"])
+async def test_concurrent_senders_never_interleave_frames(writer: bool) -> None:
+    """Eight tasks send at once, small spacks among large ones: every spack arrives whole.
+
+    ``direct`` (no writer task): small spacks take the lock-free path (the kernel takes
+    them at once) while large ones wait for the socket under the lock.
+    """
     async with serving(echo) as (host, port, server_id):
-        async with await connect(host, port, server_id.public) as conn:
-            blob = bytes(range(256)) * 600  # spans several Noise messages
+        conn = await connect(host, port, server_id.public)
+        async with contextlib.AsyncExitStack() as stack:
+            if writer:
+                await stack.enter_async_context(conn)
+            else:
+                stack.push_async_callback(conn.aclose)
+            blobs = [bytes(range(256)) * 600, b"s" * 40]  # several Noise messages; one
 
             async def sender(n: int) -> None:
                 for i in range(10):
-                    await conn.send(Spack(n, i, blob))
+                    await conn.send(Spack(n, i, blobs[(n + i) % 2]))
 
             seen = set()
 
             async def receiver() -> None:
                 for _ in range(80):
                     reply = await conn.receive()
-                    assert reply[3] == blob
-                    seen.add((reply[1], reply[2]))
+                    n, i = int(reply[1]), int(reply[2])  # type: ignore[arg-type]
+                    assert reply[3] == blobs[(n + i) % 2]
+                    seen.add((n, i))
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(receiver)  # the echo server blocks if we stop reading

@@ -277,10 +277,9 @@ class Connection(ObjectStream[Spack]):
         :raises ~stalk.ConnectionClosed: the connection was closed.
         :raises ~stalk.ConnectionLost: the connection broke (or the write timed out).
         """
-        async with self._link.send_lock:
-            self._link.check_open()
-            self._session.flush()
-            await self._link.write_pending()
+        self._link.check_open()
+        self._session.flush()
+        await self._link.write_all()
 
     async def send(self, item: Spack) -> None:
         """Send one spack.

@@ -180,7 +180,36 @@ class Link:
         while data := self.session.data_to_send():
             await self.write_chunk(data)
 
-    async def write_chunk(self, data: bytes | bytearray) -> None:
+    async def write_all(self) -> None:
+        """Write everything the session has for the transport; the caller holds no lock.
+
+        When no other task is writing, each buffer is first offered to the kernel without
+        taking the lock: nothing here waits before the kernel has taken it all, so no
+        other write can come between (the lock orders writes that wait). Only a buffer the
+        kernel does not take whole makes this take the lock, for the rest of it.
+        """
+        lock = self.send_lock
+        if lock.locked():
+            async with lock:
+                self.check_open()
+                await self.write_pending()
+            return
+        while data := self.session.data_to_send():
+            try:
+                sent = self.writer.write_nowait(data)
+            except OSError as exc:
+                raise await self._write_failed(exc) from exc
+            if sent < len(data):
+                lock.acquire_nowait()  # free: nothing waited since locked() said so
+                try:
+                    await self.write_chunk(memoryview(data)[sent:])
+                    await self.write_pending()
+                finally:
+                    lock.release()
+                return
+        await anyio.lowlevel.checkpoint()  # a cancellation takes effect after the writes
+
+    async def write_chunk(self, data: bytes | bytearray | memoryview) -> None:
         """Write one buffer: whole even if cancelled, bounded by write_timeout (writing.py)."""
         try:
             await self.writer.write(data)
@@ -188,12 +217,14 @@ class Link:
             raise await self.fail(
                 ConnectionLost(f"a write did not complete within {self.config.write_timeout} s")
             ) from None
-        except (OSError, anyio.BrokenResourceError) as exc:
-            if self.closed:
-                raise self.closed_error() from exc
-            raise await self.fail(ConnectionLost(f"write failed: {exc!r}")) from exc
-        except anyio.ClosedResourceError as exc:
-            raise self.closed_error() from exc
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise await self._write_failed(exc) from exc
+
+    async def _write_failed(self, exc: Exception) -> StalkError:
+        """The error for a write the transport refused (closed by us, or broken)."""
+        if self.closed or isinstance(exc, anyio.ClosedResourceError):
+            return self.closed_error()
+        return await self.fail(ConnectionLost(f"write failed: {exc!r}"))
 
     async def write_best_effort(self) -> None:
         """Write an error CLOSE or refusal if no other task is writing (bounded, shielded).
