@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import socket
 
 import anyio
 import pytest
@@ -264,6 +265,46 @@ async def test_connect_to_closed_port() -> None:
     with pytest.raises(ConnectFailed) as info:
         await connect("127.0.0.1", port)
     assert isinstance(info.value, OSError)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("bind", "dial"),
+    [
+        ("127.0.0.1", "127.0.0.1"),  # an address: dialled directly
+        ("127.0.0.1", "localhost"),  # a name: anyio's connect_tcp
+        pytest.param(
+            "::1",
+            "::1",
+            marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback"),
+        ),
+    ],
+)
+async def test_connect_by_address_or_name(bind: str, dial: str) -> None:
+    server_id = Identity.generate()
+    async with await create_listener(bind, 0, identity=server_id) as listener:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, echo)
+            async with await connect(dial, listener.address[1], server_id.public) as conn:
+                await conn.send(Spack("hi"))
+                assert await conn.receive() == Spack("echo", "hi")
+                assert conn.host == bind
+            tg.cancel_scope.cancel()
+
+
+async def test_connect_to_closed_port_by_name() -> None:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as probe:
+        port = probe.extra(anyio.abc.SocketAttribute.local_port)
+    with pytest.raises(ConnectFailed):
+        await connect("localhost", port)
 
 
 async def test_queue_and_flush_batch_many_spacks() -> None:

