@@ -126,6 +126,21 @@ class Link:
         self._idle_waited = 0.0
         self._keepalive_sent = False
 
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The peer's address, looked up on first use (most connections never need it)."""
+        address = self._peer_address
+        if address is False:
+            address = self._peer_address = _address(self.transport)
+        return cast("tuple[str, int] | None", address)
+
+    def check_open(self) -> None:
+        """Raise the typed error if the connection was closed or is broken."""
+        if self.closed:
+            raise self.tag(ConnectionClosed("the connection is closed"))
+        if self.broken is not None:
+            raise self.tag(ConnectionLost(f"the connection is broken: {self.broken}"))
+
     async def write_handshake(self) -> None:
         """Write handshake output directly: no shield or per-write deadline is needed here.
 
@@ -139,20 +154,6 @@ class Link:
                     await self.transport.send(cast("bytes", memoryview(data)[sent:]))
             except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        """The peer's address, looked up on first use (most connections never need it)."""
-        address = self._peer_address
-        if address is False:
-            address = self._peer_address = _address(self.transport)
-        return cast("tuple[str, int] | None", address)
-
-    def check_open(self) -> None:
-        if self.closed:
-            raise self.tag(ConnectionClosed("the connection is closed"))
-        if self.broken is not None:
-            raise self.tag(ConnectionLost(f"the connection is broken: {self.broken}"))
 
     async def write_behind(self) -> None:
         """The writer task: write whatever senders queued, batched, until cancelled."""
@@ -276,6 +277,11 @@ class Link:
             await self.write_pending()
 
     async def receive_into_session(self, *, handshake: bool = False) -> None:
+        """Read once from the transport into the session (EOF included).
+
+        :param handshake: any transport failure is then a failed handshake, and the idle
+            timer does not run (``handshake_timeout`` bounds the handshake).
+        """
         idle = None if handshake else self.config.idle_timeout
         try:
             if idle is None:
