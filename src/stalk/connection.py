@@ -312,7 +312,8 @@ class Connection(ObjectStream[Spack]):
         ):
             self._link.wakeup.set()
             return
-        await self.flush()
+        self._session.flush()  # queue() checked that the connection is open
+        await self._link.write_all()
 
     async def send_eof(self) -> None:
         """Send CLOSE (normal) and half-close: the peer's ``receive()`` ends, ours goes on.

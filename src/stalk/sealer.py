@@ -174,28 +174,34 @@ class Sealer:
         :returns: the size of that buffer.
         """
         cipher = self._cipher
-        if cipher is None:  # pragma: no cover - push() requires it
-            raise LocalProtocolError("no transport cipher yet")
         flushed = self._flushed
-        if not flushed:  # pragma: no cover - take() seals only what was flushed
-            return 0
+        if cipher is None or not flushed:  # pragma: no cover - take() seals only what was flushed
+            raise LocalProtocolError("nothing to seal")
         entry = flushed[0]
-        group: list[bytearray] = []
-        while entry.next is not None and len(group) < OUTPUT_FRAMES:
-            group.append(entry.next)
-            entry.next = next(entry.plaintexts, None)
-        if entry.next is None:
+        plaintext = entry.next
+        if plaintext is None:  # pragma: no cover - a flushed entry always has one left
+            raise LocalProtocolError("nothing to seal")
+        group = [plaintext]
+        size = len(plaintext) + _OVERHEAD
+        following = next(entry.plaintexts, None)
+        while following is not None and len(group) < OUTPUT_FRAMES:
+            group.append(following)
+            size += len(following) + _OVERHEAD
+            following = next(entry.plaintexts, None)
+        entry.next = following
+        if following is None:
             flushed.popleft()
             if not flushed:
                 self._flushed = None  # an idle connection holds no empty deque
-        out = bytearray(sum(map(len, group)) + len(group) * _OVERHEAD)
+        out = bytearray(size)
         try:
             offset = self._seal_group(cipher, entry, group, out)
         except NonceExhausted as exc:
             self._exhausted = exc
             self._flushed = None
             raise
-        del out[offset:]
+        if offset < size:
+            del out[offset:]
         self._out.append(out)
         return offset
 
@@ -205,7 +211,8 @@ class Sealer:
         """Encrypt ``group`` into ``out`` as frames, applying the rekey policy; their size."""
         offset = 0
         last = len(group) - 1
-        with memoryview(out) as view:
+        view = memoryview(out)
+        try:
             for index, plaintext in enumerate(group):
                 self._messages += 1
                 self._bytes += len(plaintext)
@@ -217,11 +224,13 @@ class Sealer:
                 size = len(plaintext) + TAGLEN
                 _FRAME.pack_into(out, offset, size)
                 start = offset + FRAME_HEADER_LEN
-                cipher.encrypt_into(plaintext, view[start : start + size])
                 offset = start + size
+                cipher.encrypt_into(plaintext, view[start:offset])
                 if rekey:
                     cipher.rekey()
                     self._requested = False
                     self._messages = 0
                     self._bytes = 0
+        finally:
+            view.release()  # ``out`` may be resized once no view of it is left
         return offset
