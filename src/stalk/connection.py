@@ -438,7 +438,8 @@ class Connection(ObjectStream[Spack]):
         finally:
             group, self._task_group = self._task_group, None
             if group is not None:
-                group.cancel_scope.cancel()
+                if self._link.writer_running or self._handler is not None:
+                    group.cancel_scope.cancel()  # else no task ever ran: nothing to cancel
                 # Not the body's exception: it propagates by itself once we return, and
                 # handing it to the group would wrap it in an ExceptionGroup.
                 await group.__aexit__(None, None, None)
