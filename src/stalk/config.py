@@ -21,9 +21,9 @@ class Config:
 
     :param handshake_timeout: seconds for TCP connect plus the whole handshake
         (authorization included); a peer that stalls longer is dropped.
-    :param write_timeout: seconds a single write may take. Writes are shielded from
-        cancellation so that a frame is never left half-written; one that cannot finish in
-        this time (a peer that stopped reading) breaks the connection instead.
+    :param write_timeout: seconds a single write may take. A write completes even if its
+        caller is cancelled, so that a frame is never left half-written; one that cannot
+        finish in this time (a peer that stopped reading) breaks the connection instead.
     :param close_timeout: seconds ``aclose()`` waits to deliver our CLOSE.
     :param max_message_size: the largest encoded spack we accept (advertised to the peer).
     :param max_handshakes: listener only: handshakes in progress at once; further clients
