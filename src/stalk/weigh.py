@@ -49,6 +49,11 @@ cuts out every str, bin or typed-array payload of :data:`BIG` bytes or more outs
 tuple: the decoder assembles those itself, straight from the pieces, so msgpack never
 buffers them.
 
+The code: :class:`Weigher` takes the pieces (a whole piece at once where a shortcut fits);
+its base ``_Scanner`` walks the items of a piece and weighs the values that hold no others;
+``_Structure`` keeps the open containers, checks and weighs container, tuple and ext
+headers, and checks what the bytes so far promise against the size limit and the budget.
+
 This module is part of the sans-IO core: it does no I/O.
 """
 
@@ -286,33 +291,143 @@ def header_size(first: int) -> int:
     return _HEADER.get(first, 1)
 
 
-class Weigher:
-    """Walks one spack encoding fed in pieces; see the module docstring.
+class _Structure:
+    """The open containers of a spack being weighed, and the rules and limits they keep.
 
-    :param max_size: the most bytes the encoding may have (the receiver's limit). A claim
-        that cannot fit is an error as soon as it is read.
-    :param complete: the encoding is all there: a claim beyond ``max_size`` is a truncation
-        (:class:`~stalk.MalformedSpack`) rather than an oversized message
-        (:class:`~stalk.MessageLimitExceeded`).
-    :param budget: refuse spacks whose decoded weight exceeds their budget.
-    :param cut: record :attr:`ops` for :class:`~stalk.spack.SpackDecoder`.
-    :param max_depth: the deepest container allowed (at most :data:`~stalk.wire.MAX_DEPTH`).
+    :class:`Weigher` reads the bytes and reports each container, tuple and ext header; this
+    class checks them (nesting depth, map keys, tuple bounds, ext codes and sizes), says what
+    they weigh, and checks what the headers read so far promise against the size limit and
+    the weight budget. The weigher's scanning loop reads the frames itself, counts down the
+    innermost one's items, and outside any tuple checks map keys and that the top level is
+    an array: a call per value would cost more than the value.
+    """
+
+    __slots__ = ("_budget", "_complete", "_max_size", "done", "frames", "max_depth", "tuple_ends")
+
+    def __init__(self, max_size: int, complete: bool, budget: bool, max_depth: int) -> None:
+        self._max_size = max_size
+        self._complete = complete
+        self._budget = budget
+        #: The deepest container allowed.
+        self.max_depth = max_depth
+        #: Open containers, innermost last: [kind, items left, depth]. The root frame holds
+        #: the one top-level array.
+        self.frames: list[list[int]] = [[_ROOT_FRAME, 1, -1]]
+        #: Absolute end of each open tuple's payload, innermost last.
+        self.tuple_ends: list[int] = []
+        #: The top-level array is complete.
+        self.done = False
+
+    def check_item(self, first: int, cls: int, frame: list[int], left: int, at: int) -> None:
+        """Rules for an item that starts at absolute ``at`` inside a tuple."""
+        kind = frame[0]
+        if at + _HEADER.get(first, 1) > self.tuple_ends[-1]:
+            raise MalformedSpack("a value runs past the end of its tuple")
+        if kind == _TUPLE_FRAME and cls not in (_FIXARRAY, _ARRAY16) and first != 0x90:
+            raise MalformedSpack("tuple ext payload is not an array")
+        if kind == _MAP_FRAME and not left & 1 and cls not in _KEY_CLASSES:
+            raise MalformedSpack("map key is not str or bin")
+
+    def open_container(self, is_map: bool, count: int, parent: list[int]) -> int:
+        """A header claiming ``count`` items (entries for a map) was read; its weight."""
+        in_tuple = parent[0] == _TUPLE_FRAME  # this array *is* that tuple: same level
+        depth = parent[2] if in_tuple else parent[2] + 1
+        if depth > self.max_depth:
+            raise _too_deep(self.max_depth)
+        if is_map:
+            weight = _DICT_ENTRY * (count - 1) + _DICT_ONE if count else _DICT_EMPTY
+        else:
+            weight = _LIST + (2 * _SLOT if in_tuple else _SLOT) * count
+            if count > _PREALLOC:
+                weight += count  # msgpack appends past its prealloc: lists overallocate
+        self.frames.append(
+            [_MAP_FRAME if is_map else _ARRAY_FRAME, 2 * count if is_map else count, depth]
+        )
+        return weight
+
+    def open_tuple(self, payload: int, after: int, parent: list[int]) -> int:
+        """An ext 2 header, whose payload ends ``payload`` bytes after ``after``; its weight.
+
+        The payload must be one array, weighed as the tuple's items.
+        """
+        if parent[2] + 1 > self.max_depth:
+            raise _too_deep(self.max_depth)
+        if self.tuple_ends and after + payload > self.tuple_ends[-1]:
+            raise MalformedSpack("a tuple claims more bytes than the tuple around it holds")
+        self.tuple_ends.append(after + payload)
+        self.frames.append([_TUPLE_FRAME, 1, parent[2] + 1])
+        return _TUPLE + 3 * payload
+
+    def ext(self, code: int, payload: int) -> int:
+        """Check an ext other than a tuple; its weight."""
+        if code == EXT_FLOAT32:
+            if payload != 4:
+                raise MalformedSpack(f"float32 ext has {payload} bytes, not 4")
+            return _FLOAT32
+        itemsize = EXT_ARRAY_ITEMSIZE.get(code)
+        if itemsize is None:
+            raise MalformedSpack(f"unknown ext code {code}")
+        if payload % itemsize:
+            raise MalformedSpack(
+                f"array ext {code} has {payload} bytes, not a multiple of {itemsize}"
+            )
+        return _ARRAY + 2 * payload
+
+    def promise(self, after: int, payload: int) -> None:
+        """An item's header promised ``payload`` more bytes right after ``after``."""
+        if self.tuple_ends and after + payload > self.tuple_ends[-1]:
+            raise MalformedSpack("a value claims more bytes than its tuple holds")
+
+    def check(self, reach: int, weight: int) -> None:
+        """What the headers read so far promise must fit the size limit and weight budget.
+
+        ``reach`` is the absolute position the bytes read so far reach, with the rest of
+        the current item's payload; each item still owed by an open container needs at
+        least one more byte, and an open tuple reaches at least to the end of its payload.
+        ``weight`` is the decoded weight so far.
+        """
+        owed = 0
+        for kind, left, _ in self.frames:
+            if kind == _TUPLE_FRAME:
+                reach = max(reach, self.tuple_ends[0])
+                break
+            owed += left
+        promised = reach + owed
+        if promised > self._max_size:
+            if self._complete:
+                raise MalformedSpack("spack encoding is truncated: a length claims more bytes")
+            raise MessageLimitExceeded(self._max_size)
+        if self._budget and weight > WEIGHT_FACTOR * promised + WEIGHT_FLOOR:
+            raise _over_budget(weight, promised)
+
+    def close_frames(self, at: int) -> None:
+        """Pop every container whose last item has just ended at absolute offset ``at``."""
+        frames = self.frames
+        while frames and frames[-1][1] == 0:
+            kind = frames.pop()[0]
+            if kind == _TUPLE_FRAME and at != self.tuple_ends.pop():
+                raise MalformedSpack("tuple ext payload has bytes after its array")
+        if not frames:
+            self.done = True
+
+
+class _Scanner:
+    """The general path of :class:`Weigher`: walks the items of each piece.
+
+    It weighs the values that hold no others itself (runs of like values in C), hands each
+    container, tuple and ext header to its :class:`_Structure`, keeps an item header split
+    across pieces until the rest arrives, follows a payload across pieces, and with ``cut``
+    records :attr:`ops`. The parameters are :class:`Weigher`'s.
     """
 
     __slots__ = (
-        "_budget",
         "_carry",
-        "_complete",
         "_cut",
-        "_done",
-        "_frames",
-        "_max_depth",
-        "_max_size",
         "_offset",
         "_skip",
         "_skip_big",
         "_span",
-        "_tuple_ends",
+        "_structure",
         "cut_bytes",
         "ops",
         "weight",
@@ -327,10 +442,7 @@ class Weigher:
         cut: bool = False,
         max_depth: int = MAX_DEPTH,
     ) -> None:
-        self._max_size = max_size
-        self._max_depth = max_depth
-        self._complete = complete
-        self._budget = budget
+        self._structure = _Structure(max_size, complete, budget, max_depth)
         self._cut = cut
         #: Decoded weight of everything seen so far.
         self.weight = 0
@@ -339,122 +451,11 @@ class Weigher:
         #: With ``cut``: ``(PASS, view)``, ``(BIG_START, kind, length, ext_code)``,
         #: ``(BIG_PART, view)``, ``(BIG_END,)``, in stream order; the caller empties it.
         self.ops: list[tuple[object, ...]] = []
-        # Open containers, innermost last: [kind, items left, depth]. The root frame holds
-        # the one top-level array.
-        self._frames: list[list[int]] = [[_ROOT_FRAME, 1, -1]]
-        # Absolute end of each open tuple's payload, innermost last.
-        self._tuple_ends: list[int] = []
         self._offset = 0  # absolute position of the next piece's first byte
         self._skip = 0  # payload bytes of the current item still to come
         self._skip_big = False  # ...and whether they are cut out
         self._carry = b""  # the start of an item header split across pieces
-        self._done = False  # the top-level array is complete
         self._span = 0  # start of the bytes of the current piece not yet handed on as PASS
-
-    @property
-    def size(self) -> int:
-        """Bytes fed so far."""
-        return self._offset
-
-    def feed(self, data: bytes | bytearray | memoryview, limit: int | None = None) -> int:
-        """Weigh the next piece of the encoding; return how many of its bytes were taken.
-
-        :param limit: stop weighing values once about this many bytes of them were
-            weighed (payload bytes that are cut out do not count), at a value boundary:
-            the caller feeds the rest later. ``None``: take the whole piece.
-        :raises ~stalk.MalformedSpack: the bytes can never be a valid spack.
-        :raises ~stalk.MessageLimitExceeded: the spack is certain to exceed the size limit
-            or its weight budget (checked before the caller decodes anything of the piece).
-        """
-        view = data if type(data) is memoryview else memoryview(data)
-        end = len(view)
-        if self._done and end:
-            raise MalformedSpack("trailing bytes after the spack")
-        base = self._offset
-        if self.skip_cut(end):
-            self.ops.append((BIG_PART, view))
-            return end
-        if not base and end and self._cut and self._head(view, end):
-            self._offset = end
-            self._check(end)
-            return end
-        pos = 0
-        if self._skip:
-            pos = self._take_payload(view, 0, end, base)
-        if self._carry and pos < end:
-            pos = self._finish_carry(view, pos, end, base)
-        if pos < end:
-            stop = end if limit is None else min(end, pos + max(limit, 1))
-            pos = self._scan(view, pos, end, base, stop)
-            if self._carry:
-                pos = end  # the split header is kept, so the whole piece was taken
-        self._offset = base + pos
-        self._check(base + pos)
-        return pos
-
-    def skip_cut(self, length: int) -> bool:
-        """Take the next ``length`` bytes at once if they lie inside the payload being cut out.
-
-        That is the middle of a large str or bin, most pieces of a large spack: nothing to
-        weigh, and nothing :meth:`_check` looks at changes. The caller hands the bytes on
-        as a ``BIG_PART`` (:meth:`feed` records the op; a decoder may keep them itself).
-
-        :returns: whether they were taken (else feed them).
-        """
-        if not self._skip_big or self._skip <= length:
-            return False
-        self._skip -= length
-        self.cut_bytes += length
-        self._offset += length
-        return True
-
-    def _head(self, view: memoryview, end: int) -> bool:
-        """Weigh the usual first piece of a large spack at once, if that is what it is.
-
-        That is: a top-level array of at most 15 items, simple values (as :func:`_flat`
-        takes them) but the last, a str or bin of :data:`BIG` bytes or more that goes on
-        past the piece. The state left is the general path's, which weighs anything else.
-
-        :returns: whether the piece was weighed (all of it).
-        """
-        first = view[0]
-        if not 0x91 <= first <= 0x9F:
-            return False
-        # The items before the last, weighed as a fixarray of one item fewer.
-        flat = _flat(view, 0, end, first - 1, self._max_depth >= 1)
-        if flat is None:
-            return False
-        pos, weight = flat
-        cls = _CLASS[view[pos]] if pos < end else _ONE
-        if cls not in (_BIN, _STRING) or pos + _SIZE[view[pos]] >= end:
-            return False
-        start = pos + _SIZE[view[pos]]
-        length = _length(view, pos, start - pos)
-        if length < BIG or start + length <= end:
-            return False
-        is_bin = cls == _BIN
-        self.weight = weight + _SLOT + (_BYTES if is_bin else _STR) + length
-        self._frames = [[_ROOT_FRAME, 0, -1], [_ARRAY_FRAME, 0, 0]]
-        self.ops += [
-            (PASS, view[:pos]),
-            (BIG_START, KIND_BIN if is_bin else KIND_STR, length, 0),
-            (BIG_PART, view[start:end]),
-        ]
-        self._skip = length - (end - start)
-        self._skip_big = True
-        self.cut_bytes = end - start
-        self._span = end
-        return True
-
-    def finish(self) -> None:
-        """The encoding ended here: it must be exactly one complete spack.
-
-        :raises ~stalk.MalformedSpack: it is truncated (or empty).
-        """
-        if not self._done or self._skip or self._carry:
-            raise MalformedSpack("spack encoding is truncated")
-
-    # -- scanning ---------------------------------------------------------------------------
 
     def _take_payload(
         self, view: memoryview, pos: int, end: int, base: int, *, in_span: bool = False
@@ -474,7 +475,7 @@ class Weigher:
             if self._skip_big:
                 self.ops.append((BIG_END,))
                 self._skip_big = False
-            self._close_frames(base + pos)
+            self._structure.close_frames(base + pos)
         return pos
 
     def _finish_carry(self, view: memoryview, pos: int, end: int, base: int) -> int:
@@ -503,10 +504,12 @@ class Weigher:
         like values in C); containers, long strings, bins and exts go to :meth:`_item`. It
         is one function on purpose: a call per value would cost more than the value.
         """
-        if self._done:
+        structure = self._structure
+        if structure.done:
             raise MalformedSpack("trailing bytes after the spack")
-        frames = self._frames
-        tuple_ends = self._tuple_ends
+        frames = structure.frames
+        tuple_ends = structure.tuple_ends
+        max_depth = structure.max_depth
         classes = _CLASS
         weights = _WEIGHT
         sizes = _SIZE
@@ -516,7 +519,7 @@ class Weigher:
         left = frame[1]
         kind = frame[0]
         plain = kind == _ARRAY_FRAME and not tuple_ends  # an array outside any tuple
-        deep = frame[2] + 1 > self._max_depth  # a container here would be too deep
+        deep = frame[2] + 1 > max_depth  # a container here would be too deep
         while pos < end:
             if pos >= stop and not self._skip:
                 break
@@ -524,14 +527,14 @@ class Weigher:
                 # The innermost container is complete: close it (and any it completes).
                 frame[1] = 0
                 self.weight = weight
-                self._close_frames(base + pos)
+                structure.close_frames(base + pos)
                 if not frames:
                     break
                 frame = frames[-1]
                 left = frame[1]
                 kind = frame[0]
                 plain = kind == _ARRAY_FRAME and not tuple_ends
-                deep = frame[2] + 1 > self._max_depth
+                deep = frame[2] + 1 > max_depth
                 continue
             first = view[pos]
             cls = classes[first]
@@ -540,8 +543,11 @@ class Weigher:
             elif kind == _MAP_FRAME and not tuple_ends:
                 if not left & 1 and cls not in _KEY_CLASSES:
                     raise MalformedSpack("map key is not str or bin")
+            elif kind == _ROOT_FRAME:
+                if cls not in (_FIXARRAY, _ARRAY16) and first != 0x90:
+                    raise MalformedSpack("spack top level is not an array")
             else:
-                self._check_item(first, cls, frame, left, base + pos)
+                structure.check_item(first, cls, frame, left, base + pos)
             if cls == _ONE:
                 if plain and left >= _RUN_MIN:
                     run = _one_run(view, pos, min(end, pos + left))
@@ -550,7 +556,7 @@ class Weigher:
                     left -= run
                     continue
                 if deep and first in (0x90, 0x80):
-                    raise _too_deep(self._max_depth)
+                    raise _too_deep(max_depth)
                 weight += weights[first]
                 pos += 1
                 left -= 1
@@ -575,7 +581,7 @@ class Weigher:
                 continue
             if cls in (_FIXARRAY, _FIXMAP) and not tuple_ends and not deep:
                 # A small container of simple values, weighed without a frame.
-                flat = _flat(view, pos, end, first, frame[2] + 2 <= self._max_depth)
+                flat = _flat(view, pos, end, first, frame[2] + 2 <= max_depth)
                 if flat:
                     pos, added = flat
                     weight += added
@@ -600,44 +606,32 @@ class Weigher:
             left = frame[1]
             kind = frame[0]
             plain = kind == _ARRAY_FRAME and not tuple_ends
-            deep = frame[2] + 1 > self._max_depth
+            deep = frame[2] + 1 > max_depth
         frame[1] = left
         self.weight = weight
-        if not left and not self._skip and not self._carry:
-            self._close_frames(base + pos)
-        if self._done and pos < end:
+        if frames and not left and not self._skip and not self._carry:
+            structure.close_frames(base + pos)
+        if structure.done and pos < end:
             raise MalformedSpack("trailing bytes after the spack")
         if self._cut and self._span < pos:
             self.ops.append((PASS, view[self._span : pos]))
         return pos
 
-    def _check_item(self, first: int, cls: int, frame: list[int], left: int, at: int) -> None:
-        """Rules for an item that starts at absolute ``at`` in a map, a tuple or the root."""
-        kind = frame[0]
-        if self._tuple_ends:
-            if at + _HEADER.get(first, 1) > self._tuple_ends[-1]:
-                raise MalformedSpack("a value runs past the end of its tuple")
-            if kind == _TUPLE_FRAME and cls not in (_FIXARRAY, _ARRAY16) and first != 0x90:
-                raise MalformedSpack("tuple ext payload is not an array")
-        if kind == _MAP_FRAME:
-            if not left & 1 and cls not in _KEY_CLASSES:
-                raise MalformedSpack("map key is not str or bin")
-        elif kind == _ROOT_FRAME and cls not in (_FIXARRAY, _ARRAY16) and first != 0x90:
-            raise MalformedSpack("spack top level is not an array")
-
     def _item(self, view: memoryview, pos: int, end: int, base: int, frame: list[int]) -> int:
         """Weigh one container header, string, bin or ext whose header starts at ``pos``."""
+        structure = self._structure
         first = view[pos]
         cls = _CLASS[first]
         size = _HEADER.get(first, 1)
-        in_tuple = bool(self._tuple_ends)
+        in_tuple = bool(structure.tuple_ends)
         big = -1
         code = 0
         payload = 0
         if cls in (_FIXARRAY, _FIXMAP):
-            self._open(cls == _FIXMAP, first & 0x0F, frame)
+            self.weight += structure.open_container(cls == _FIXMAP, first & 0x0F, frame)
         elif cls in (_ARRAY16, _MAP16):
-            self._open(cls == _MAP16, _length(view, pos, size), frame)
+            count = _length(view, pos, size)
+            self.weight += structure.open_container(cls == _MAP16, count, frame)
         elif cls in (_BIN, _STRING, _FIXSTR):
             payload = first & 0x1F if cls == _FIXSTR else _length(view, pos, size)
             if payload > 1:
@@ -650,10 +644,10 @@ class Weigher:
                 code -= 0x100
             payload = _FIXEXT_SIZE[first] if first >= 0xD4 else _length(view, pos, size - 1)
             if code == EXT_TUPLE:
-                self._open_tuple(payload, base + pos + size, frame)
+                self.weight += structure.open_tuple(payload, base + pos + size, frame)
                 payload = 0  # the payload is weighed as the tuple's items
             else:
-                self._ext(code, payload)
+                self.weight += structure.ext(code, payload)
                 if payload >= BIG and self._cut and not in_tuple and code != EXT_FLOAT32:
                     big = KIND_ARRAY
         elif cls == _NUMBER:
@@ -665,7 +659,7 @@ class Weigher:
         pos += size
         if not payload:
             return pos
-        self._promise(base + pos, payload)
+        structure.promise(base + pos, payload)
         if big >= 0:
             if self._span < pos - size:
                 self.ops.append((PASS, view[self._span : pos - size]))
@@ -677,84 +671,130 @@ class Weigher:
             self._span = pos
         return pos
 
-    def _open(self, is_map: bool, count: int, parent: list[int]) -> None:
-        """A container header claiming ``count`` items (entries for a map) was read."""
-        in_tuple = parent[0] == _TUPLE_FRAME  # this array *is* that tuple: same level
-        depth = parent[2] if in_tuple else parent[2] + 1
-        if depth > self._max_depth:
-            raise _too_deep(self._max_depth)
-        if is_map:
-            self.weight += _DICT_ENTRY * (count - 1) + _DICT_ONE if count else _DICT_EMPTY
-        else:
-            self.weight += _LIST + (2 * _SLOT if in_tuple else _SLOT) * count
-            if count > _PREALLOC:
-                self.weight += count  # msgpack appends past its prealloc: lists overallocate
-        self._frames.append(
-            [_MAP_FRAME if is_map else _ARRAY_FRAME, 2 * count if is_map else count, depth]
-        )
 
-    def _open_tuple(self, payload: int, after: int, parent: list[int]) -> None:
-        """An ext 2 header: its payload, ending ``payload`` bytes after ``after``, is one array."""
-        if parent[2] + 1 > self._max_depth:
-            raise _too_deep(self._max_depth)
-        if self._tuple_ends and after + payload > self._tuple_ends[-1]:
-            raise MalformedSpack("a tuple claims more bytes than the tuple around it holds")
-        self.weight += _TUPLE + 3 * payload
-        self._tuple_ends.append(after + payload)
-        self._frames.append([_TUPLE_FRAME, 1, parent[2] + 1])
+class Weigher(_Scanner):
+    """Walks one spack encoding fed in pieces; see the module docstring.
 
-    def _ext(self, code: int, payload: int) -> None:
-        """Check and weigh an ext other than a tuple."""
-        if code == EXT_FLOAT32:
-            if payload != 4:
-                raise MalformedSpack(f"float32 ext has {payload} bytes, not 4")
-            self.weight += _FLOAT32
-            return
-        itemsize = EXT_ARRAY_ITEMSIZE.get(code)
-        if itemsize is None:
-            raise MalformedSpack(f"unknown ext code {code}")
-        if payload % itemsize:
-            raise MalformedSpack(
-                f"array ext {code} has {payload} bytes, not a multiple of {itemsize}"
-            )
-        self.weight += _ARRAY + 2 * payload
+    A piece is taken whole by a shortcut when one fits (the middle of a cut-out payload,
+    the usual first piece of a large spack), else item by item (:class:`_Scanner`); then
+    what the bytes so far promise is checked against the limits.
 
-    def _promise(self, after: int, payload: int) -> None:
-        """An item's header promised ``payload`` more bytes right after ``after``."""
-        if self._tuple_ends and after + payload > self._tuple_ends[-1]:
-            raise MalformedSpack("a value claims more bytes than its tuple holds")
+    :param max_size: the most bytes the encoding may have (the receiver's limit). A claim
+        that cannot fit is an error as soon as it is read.
+    :param complete: the encoding is all there: a claim beyond ``max_size`` is a truncation
+        (:class:`~stalk.MalformedSpack`) rather than an oversized message
+        (:class:`~stalk.MessageLimitExceeded`).
+    :param budget: refuse spacks whose decoded weight exceeds their budget.
+    :param cut: record :attr:`ops` for :class:`~stalk.spack.SpackDecoder`.
+    :param max_depth: the deepest container allowed (at most :data:`~stalk.wire.MAX_DEPTH`).
+    """
 
-    def _check(self, at: int) -> None:
-        """What the headers read so far promise must fit the size limit and weight budget.
+    __slots__ = ()
 
-        ``at`` is the absolute position reached (or promised by the current item); each
-        item still owed by an open container needs at least one more byte, and an open
-        tuple reaches at least to the end of its payload.
+    @property
+    def size(self) -> int:
+        """Bytes fed so far."""
+        return self._offset
+
+    def feed(self, data: bytes | bytearray | memoryview, limit: int | None = None) -> int:
+        """Weigh the next piece of the encoding; return how many of its bytes were taken.
+
+        :param limit: stop weighing values once about this many bytes of them were
+            weighed (payload bytes that are cut out do not count), at a value boundary:
+            the caller feeds the rest later. ``None``: take the whole piece.
+        :raises ~stalk.MalformedSpack: the bytes can never be a valid spack.
+        :raises ~stalk.MessageLimitExceeded: the spack is certain to exceed the size limit
+            or its weight budget (checked before the caller decodes anything of the piece).
         """
-        reach = max(at + self._skip, self._offset)
-        owed = 0
-        for kind, left, _ in self._frames:
-            if kind == _TUPLE_FRAME:
-                reach = max(reach, self._tuple_ends[0])
-                break
-            owed += left
-        promised = reach + owed
-        if promised > self._max_size:
-            if self._complete:
-                raise MalformedSpack("spack encoding is truncated: a length claims more bytes")
-            raise MessageLimitExceeded(self._max_size)
-        if self._budget and self.weight > WEIGHT_FACTOR * promised + WEIGHT_FLOOR:
-            raise _over_budget(self.weight, promised)
+        view = data if type(data) is memoryview else memoryview(data)
+        end = len(view)
+        structure = self._structure
+        if structure.done and end:
+            raise MalformedSpack("trailing bytes after the spack")
+        base = self._offset
+        if self._skip_big and self.skip_cut(end):
+            self.ops.append((BIG_PART, view))
+            return end
+        if not base and end and self._cut and self._head(view, end):
+            self._offset = end
+            structure.check(end + self._skip, self.weight)
+            return end
+        pos = 0
+        if self._skip:
+            pos = self._take_payload(view, 0, end, base)
+        if self._carry and pos < end:
+            pos = self._finish_carry(view, pos, end, base)
+        if pos < end:
+            stop = end if limit is None else min(end, pos + max(limit, 1))
+            pos = self._scan(view, pos, end, base, stop)
+            if self._carry:
+                pos = end  # the split header is kept, so the whole piece was taken
+        self._offset = base + pos
+        structure.check(base + pos + self._skip, self.weight)
+        return pos
 
-    def _close_frames(self, at: int) -> None:
-        """Pop every container whose last item has just ended at absolute offset ``at``."""
-        frames = self._frames
-        while frames and frames[-1][1] == 0:
-            kind = frames.pop()[0]
-            if kind == _TUPLE_FRAME and at != self._tuple_ends.pop():
-                raise MalformedSpack("tuple ext payload has bytes after its array")
-        if not frames:
-            self._done = True
+    def skip_cut(self, length: int) -> bool:
+        """Take the next ``length`` bytes at once if they lie inside the payload being cut out.
+
+        That is the middle of a large str or bin, most pieces of a large spack: nothing to
+        weigh, and what the bytes so far promise does not change. The caller hands the bytes
+        on as a ``BIG_PART`` (:meth:`feed` records the op; a decoder may keep them itself).
+
+        :returns: whether they were taken (else feed them).
+        """
+        if not self._skip_big or self._skip <= length:
+            return False
+        self._skip -= length
+        self.cut_bytes += length
+        self._offset += length
+        return True
+
+    def _head(self, view: memoryview, end: int) -> bool:
+        """Weigh the usual first piece of a large spack at once, if that is what it is.
+
+        That is: a top-level array of at most 15 items, simple values (as :func:`_flat`
+        takes them) but the last, a str or bin of :data:`BIG` bytes or more that goes on
+        past the piece. The state left is the general path's, which weighs anything else.
+
+        :returns: whether the piece was weighed (all of it).
+        """
+        first = view[0]
+        if not 0x91 <= first <= 0x9F:
+            return False
+        # The items before the last, weighed as a fixarray of one item fewer.
+        flat = _flat(view, 0, end, first - 1, self._structure.max_depth >= 1)
+        if flat is None:
+            return False
+        pos, weight = flat
+        cls = _CLASS[view[pos]] if pos < end else _ONE
+        if cls not in (_BIN, _STRING) or pos + _SIZE[view[pos]] >= end:
+            return False
+        start = pos + _SIZE[view[pos]]
+        length = _length(view, pos, start - pos)
+        if length < BIG or start + length <= end:
+            return False
+        is_bin = cls == _BIN
+        self.weight = weight + _SLOT + (_BYTES if is_bin else _STR) + length
+        # The top-level array is open, and every one of its items has begun.
+        self._structure.frames = [[_ROOT_FRAME, 0, -1], [_ARRAY_FRAME, 0, 0]]
+        self.ops += [
+            (PASS, view[:pos]),
+            (BIG_START, KIND_BIN if is_bin else KIND_STR, length, 0),
+            (BIG_PART, view[start:end]),
+        ]
+        self._skip = length - (end - start)
+        self._skip_big = True
+        self.cut_bytes = end - start
+        self._span = end
+        return True
+
+    def finish(self) -> None:
+        """The encoding ended here: it must be exactly one complete spack.
+
+        :raises ~stalk.MalformedSpack: it is truncated (or empty).
+        """
+        if not self._structure.done or self._skip or self._carry:
+            raise MalformedSpack("spack encoding is truncated")
 
 
 def _too_deep(limit: int) -> MalformedSpack:
