@@ -122,7 +122,21 @@ def _fd_writer(sock: Any) -> Callable[[bytes | bytearray | memoryview], int]:
     return try_send
 
 
-_ANYIO_SOCKET_STREAMS: Final = ("anyio._backends._trio", "anyio._backends._asyncio")
+#: The modules of anyio's own socket stream classes, by backend.
+_ANYIO_SOCKET_MODULES: Final = {
+    "anyio._backends._trio": "trio",
+    "anyio._backends._asyncio": "asyncio",
+}
+
+
+def _anyio_socket_backend(stream: ByteStream) -> str | None:
+    """``"trio"`` or ``"asyncio"`` for anyio's own socket streams, else ``None``.
+
+    By class, never by duck typing: the traits relied on here are those of these classes.
+    """
+    if not isinstance(stream, SocketStream):
+        return None
+    return _ANYIO_SOCKET_MODULES.get(type(stream).__module__)
 
 
 def closes_at_once(stream: ByteStream) -> bool:
@@ -131,15 +145,15 @@ def closes_at_once(stream: ByteStream) -> bool:
     Those need no cancelled scope around ``aclose()`` to close without waiting (anyio's
     ``aclose_forcefully``, whose cancellation costs more than the close itself).
     """
-    return type(stream).__module__ in _ANYIO_SOCKET_STREAMS and isinstance(stream, SocketStream)
+    return _anyio_socket_backend(stream) is not None
 
 
 def writer_for(stream: ByteStream, timeout: float) -> Writer:
     """The cheapest :class:`Writer` that keeps both guarantees for ``stream``.
 
     The fast writer is chosen only for anyio's own socket stream classes, whose behaviour
-    it relies on (``tests/test_writing.py`` pins it), never by duck typing: a stream that
-    buffered writes itself would have its bytes overtaken.
+    it relies on (``tests/test_writing.py`` pins it): a stream that buffered writes itself
+    would have its bytes overtaken.
 
     - trio: the stream is a non-blocking socket with no buffer of its own.
     - asyncio (a selector loop, not Windows): the transport buffers what the kernel does not
@@ -147,13 +161,10 @@ def writer_for(stream: ByteStream, timeout: float) -> Writer:
       that can leave a remainder in it is shielded here; so the buffer is always empty
       when a write starts, and writing to the descriptor directly keeps the byte order.
     """
-    backend = type(stream).__module__
-    sock = stream.extra(SocketAttribute.raw_socket, None)
-    if sock is None:
-        return Writer(stream, timeout)
-    if backend == "anyio._backends._trio" and isinstance(sock, socket.socket):
-        if sock.gettimeout() == 0.0:
-            return _SocketWriter(stream, timeout, sock.send)
-    elif backend == "anyio._backends._asyncio" and sys.platform != "win32":
+    backend = _anyio_socket_backend(stream)
+    sock = stream.extra(SocketAttribute.raw_socket, None) if backend else None
+    if backend == "trio" and isinstance(sock, socket.socket) and sock.gettimeout() == 0.0:
+        return _SocketWriter(stream, timeout, sock.send)
+    if backend == "asyncio" and sock is not None and sys.platform != "win32":
         return _SocketWriter(stream, timeout, _fd_writer(sock))
     return Writer(stream, timeout)
