@@ -356,6 +356,16 @@ class RecordWriter:
         """Plaintext bytes queued and not yet taken by :meth:`pack`."""
         return self._done_bytes + len(self._current)
 
+    def take_only(self) -> bytearray | None:
+        """Take the queue if it is exactly one plaintext; else ``None`` and nothing changes.
+
+        The same plaintext :meth:`pack` would give, without the iterator.
+        """
+        if self._done or not self._current:
+            return None
+        current, self._current = self._current, bytearray()
+        return current
+
     def pack(self) -> Iterator[bytearray]:
         """Empty the queue now; return an iterator of its plaintexts, in order.
 

@@ -14,6 +14,12 @@ bytes leave while the rest waits, and receiving (which queues PONGs) never encry
 
 Each frame's header is packed in place and its ciphertext encrypted straight into the
 output buffer: one copy of each plaintext byte.
+
+One shortcut: a lone plaintext flushed when nothing waits to be encrypted (the common
+small ``send()``) is held as it is rather than queued as an iterator of one, and
+:meth:`Sealer.take` encrypts it by the same code (:meth:`Sealer.push_one`).
+``tests/test_sealer.py`` runs it against the general path: the same bytes, in the same
+buffers.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ class Sealer:
         "_cipher",
         "_exhausted",
         "_flushed",
+        "_lone",
         "_messages",
         "_out",
         "_requested",
@@ -88,6 +95,8 @@ class Sealer:
         self._requested = False
         # Created when something is flushed: an empty deque costs 0.7 KiB per connection.
         self._flushed: deque[_Flushed] | None = None
+        # A lone plaintext flushed when nothing else waited (then _flushed is None).
+        self._lone: bytearray | None = None
         self._out: list[bytes | bytearray] = []  # ready for the transport, in order
         self._exhausted: NonceExhausted | None = None
         #: A plaintext ending with CLOSE was pushed: nothing may follow it.
@@ -105,7 +114,7 @@ class Sealer:
     @property
     def pending(self) -> bool:
         """Whether :meth:`take` has anything."""
-        return bool(self._out or self._flushed)
+        return bool(self._out or self._flushed or self._lone is not None)
 
     def add_cleartext(self, data: bytes) -> None:
         """Queue bytes that need no encryption (handshake messages, a refusal)."""
@@ -125,8 +134,19 @@ class Sealer:
             raise LocalProtocolError("nothing can be sent now")
         if self._flushed is None:
             self._flushed = deque()
+        if self._lone is not None:  # it was flushed first
+            self._flushed.append(_Flushed(iter((self._lone,)), final=False))
+            self._lone = None
         self._flushed.append(_Flushed(plaintexts, final))
         self.closed = final
+
+    def push_one(self, plaintext: bytearray) -> None:
+        """:meth:`push` for one plaintext (not ending with CLOSE), without an iterator."""
+        idle = self._lone is None and self._flushed is None
+        if idle and self._cipher is not None and self._exhausted is None and not self.closed:
+            self._lone = plaintext
+            return
+        self.push(iter((plaintext,)))
 
     def request_rekey(self) -> None:
         """Rekey after the next Noise message (the policy does it anyway)."""
@@ -143,6 +163,8 @@ class Sealer:
         """
         out = self._out
         if not out:
+            if self._lone is not None:
+                return self._seal_lone()
             if not self._flushed:
                 return b""
             sealed = 0
@@ -167,6 +189,24 @@ class Sealer:
             or self._messages >= self._after_messages
             or self._bytes >= self._after_bytes
         )
+
+    def _seal_lone(self) -> bytearray:
+        """Encrypt the lone plaintext into a buffer of its own and return it."""
+        plaintext, self._lone = self._lone, None
+        cipher = self._cipher
+        if plaintext is None or cipher is None:  # pragma: no cover - take() checked
+            raise LocalProtocolError("nothing to seal")
+        out = bytearray(len(plaintext) + _OVERHEAD)
+        view = memoryview(out)
+        try:
+            size = self._seal_frame(cipher, plaintext, view, 0, may_rekey=True)
+        except NonceExhausted as exc:
+            self._exhausted = exc
+            raise
+        finally:
+            view.release()  # ``out`` may be resized once no view of it is left
+        del out[size:]
+        return out
 
     def _seal_next(self) -> int:
         """Encrypt up to :data:`OUTPUT_FRAMES` queued plaintexts into one output buffer.
@@ -214,23 +254,39 @@ class Sealer:
         view = memoryview(out)
         try:
             for index, plaintext in enumerate(group):
-                self._messages += 1
-                self._bytes += len(plaintext)
-                rekey = self._rekey_due() and not (
-                    entry.final and index == last and entry.next is None
-                )
-                if rekey:
-                    plaintext.extend(REKEY_RECORD)
-                size = len(plaintext) + TAGLEN
-                _FRAME.pack_into(out, offset, size)
-                start = offset + FRAME_HEADER_LEN
-                offset = start + size
-                cipher.encrypt_into(plaintext, view[start:offset])
-                if rekey:
-                    cipher.rekey()
-                    self._requested = False
-                    self._messages = 0
-                    self._bytes = 0
+                may_rekey = not (entry.final and index == last and entry.next is None)
+                offset = self._seal_frame(cipher, plaintext, view, offset, may_rekey=may_rekey)
         finally:
             view.release()  # ``out`` may be resized once no view of it is left
         return offset
+
+    def _seal_frame(
+        self,
+        cipher: TransportCipher,
+        plaintext: bytearray,
+        out: memoryview,
+        offset: int,
+        *,
+        may_rekey: bool,
+    ) -> int:
+        """Encrypt one plaintext into ``out`` at ``offset`` as a frame; where it ends.
+
+        Applies the rekey policy: a REKEY record ends the plaintext when one is due, unless
+        ``may_rekey`` is false (the plaintext ends with CLOSE, which must stay last).
+        """
+        self._messages += 1
+        self._bytes += len(plaintext)
+        rekey = may_rekey and self._rekey_due()
+        if rekey:
+            plaintext.extend(REKEY_RECORD)
+        size = len(plaintext) + TAGLEN
+        _FRAME.pack_into(out, offset, size)
+        start = offset + FRAME_HEADER_LEN
+        end = start + size
+        cipher.encrypt_into(plaintext, out[start:end])
+        if rekey:
+            cipher.rekey()
+            self._requested = False
+            self._messages = 0
+            self._bytes = 0
+        return end

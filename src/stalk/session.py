@@ -519,9 +519,13 @@ class Session:
 
         :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
         """
-        if self._writer.pending():
+        writer = self._writer
+        if writer.pending():
             self._check_sendable()
-            self._push(self._writer)
+            if not self._control.pending() and (plaintext := writer.take_only()) is not None:
+                self._sealer.push_one(plaintext)  # the common small send
+            else:
+                self._push(writer)
 
     def send(self, spack: Spack) -> None:
         """:meth:`queue` then :meth:`flush`."""

@@ -1,0 +1,162 @@
+"""The sealer: encryption in order, the rekey policy, and the lone-plaintext shortcut.
+
+:meth:`Sealer.push_one` encrypts a lone plaintext at once when nothing waits; these
+tests run it against the general path (:meth:`Sealer.push` of a one-plaintext iterator)
+on the same operations and require the same bytes out, in the same order. (Where the
+bytes are cut into buffers may differ: a frame sealed at once is handed out on its own.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stalk._noise import MAX_NONCE, TAGLEN, TransportCipher
+from stalk.errors import NonceExhausted
+from stalk.records import RecordWriter
+from stalk.sealer import REKEY_RECORD, Sealer
+from stalk.wire import FRAME_HEADER_LEN, RECORD_CAPACITY, RecordKind
+
+_KEY = bytes(range(32))
+
+# One operation: ("one", size) push_one, ("many", sizes) push of several, ("rekey",)
+# request_rekey, ("take",) take one buffer, ("final", size) a last plaintext.
+_op = st.one_of(
+    st.tuples(st.just("one"), st.integers(1, 300)),
+    st.tuples(st.just("many"), st.lists(st.integers(1, 2000), min_size=1, max_size=40)),
+    st.tuples(st.just("rekey")),
+    st.tuples(st.just("take")),
+)
+
+
+def _sealers(messages: int, size: int) -> tuple[Sealer, Sealer]:
+    pair = []
+    for _ in range(2):
+        sealer = Sealer(rekey_after_messages=messages, rekey_after_bytes=size)
+        sealer.start(TransportCipher(_KEY))
+        pair.append(sealer)
+    return pair[0], pair[1]
+
+
+def _plaintext(seed: int, size: int) -> bytearray:
+    return bytearray((seed + i) % 251 for i in range(size))
+
+
+def _drain(sealer: Sealer) -> list[bytes]:
+    out = []
+    while data := sealer.take():
+        out.append(bytes(data))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(_op, max_size=60),
+    messages=st.integers(1, 8),
+    size=st.integers(100, 20_000),
+    final=st.booleans(),
+)
+def test_push_one_gives_the_bytes_of_the_general_path(
+    ops: list[tuple[object, ...]], messages: int, size: int, final: bool
+) -> None:
+    """Same buffers, whatever was queued, requested or taken before."""
+    fast, general = _sealers(messages, size)
+    for index, op in enumerate(ops):
+        if op[0] == "one":
+            length = op[1]
+            assert isinstance(length, int)
+            fast.push_one(_plaintext(index, length))
+            general.push(iter([_plaintext(index, length)]))
+        elif op[0] == "many":
+            sizes = op[1]
+            assert isinstance(sizes, list)
+            for sealer in (fast, general):
+                sealer.push(iter([_plaintext(index + k, n) for k, n in enumerate(sizes)]))
+        elif op[0] == "rekey":
+            fast.request_rekey()
+            general.request_rekey()
+        else:
+            assert fast.take() == general.take()
+        assert fast.pending is general.pending
+    if final:
+        for sealer in (fast, general):
+            sealer.push(iter([_plaintext(7, 50)]), final=True)
+    assert _drain(fast) == _drain(general)
+    assert not fast.pending
+
+
+def test_push_one_holds_a_plaintext_only_when_nothing_waits() -> None:
+    """Idle: held alone. Behind queued plaintexts, or followed by some: queued in order."""
+    sealer, _ = _sealers(1000, 1 << 30)
+    sealer.push_one(_plaintext(0, 10))
+    assert sealer._lone is not None
+    assert sealer._flushed is None
+    sealer.push(iter([_plaintext(1, 10), _plaintext(2, 10)]))
+    assert sealer._lone is None
+    sealer.push_one(_plaintext(3, 10))
+    assert sealer._flushed is not None
+    assert len(sealer._flushed) == 3
+    frame = FRAME_HEADER_LEN + 10 + TAGLEN
+    assert [len(data) for data in _drain(sealer)] == [4 * frame]
+
+
+def test_push_one_applies_the_rekey_policy() -> None:
+    """A REKEY record ends the plaintext that reaches the count, and the key changes."""
+    sealer, _ = _sealers(2, 1 << 30)
+    cipher = TransportCipher(_KEY)
+    frames = []
+    for seed in range(4):
+        sealer.push_one(_plaintext(seed, 20))
+        frames.append(bytes(sealer.take()))
+    for seed, frame in enumerate(frames):
+        plaintext = cipher.decrypt(frame[FRAME_HEADER_LEN:])
+        if seed % 2:
+            assert plaintext == _plaintext(seed, 20) + REKEY_RECORD
+            cipher.rekey()
+        else:
+            assert plaintext == _plaintext(seed, 20)
+
+
+def test_push_one_reports_an_exhausted_nonce_from_take() -> None:
+    """Out of nonces: take() raises, as for a queued plaintext, and nothing more is sent."""
+    sealer, _ = _sealers(1000, 1 << 30)
+    cipher = sealer.cipher
+    assert cipher is not None
+    cipher.set_nonce_for_testing_only(MAX_NONCE)
+    sealer.push_one(_plaintext(0, 10))
+    with pytest.raises(NonceExhausted):
+        sealer.take()
+    assert not sealer.pending
+    with pytest.raises(NonceExhausted):
+        sealer.push_one(_plaintext(1, 10))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=30))
+def test_take_only_is_pack_when_the_queue_is_one_plaintext(sizes: list[int]) -> None:
+    """``take_only`` gives exactly ``pack()``'s single plaintext, or declines and keeps all."""
+    taken, packed = RecordWriter(), RecordWriter()
+    for size in sizes:
+        body = os.urandom(size)
+        taken.add_message(body)
+        packed.add_message(body)
+    expected = list(packed.pack())
+    only = taken.take_only()
+    if len(expected) == 1:
+        assert only == expected[0]
+        assert not taken.pending()
+    else:
+        assert only is None
+        assert list(taken.pack()) == expected
+
+
+def test_take_only_declines_an_empty_queue() -> None:
+    writer = RecordWriter()
+    assert writer.take_only() is None
+    writer.add(RecordKind.PING, b"x")
+    assert writer.take_only() == bytearray((RecordKind.PING, 0, 1)) + b"x"
+    assert writer.take_only() is None
+    assert RECORD_CAPACITY > 300 * 30  # the sizes above fit one plaintext or spill over
