@@ -391,15 +391,11 @@ class Connection(ObjectStream[Spack]):
         if self._link.closed:
             return
         self._link.closed = True
-        if self._link.broken is None:
-            with anyio.move_on_after(self._config.close_timeout, shield=True):
-                async with self._link.send_lock:
-                    try:
-                        self._session.close(code, reason)
-                        await self._link.write_pending()
-                    except StalkError:
-                        pass
-        await self._link.abort()
+        try:
+            if self._link.broken is None:
+                await self._link.write_closing(lambda: self._session.close(code, reason))
+        finally:
+            await self._link.abort()
 
     async def aclose(self) -> None:
         """Close cleanly: send CLOSE (normal), then close the transport. Idempotent."""

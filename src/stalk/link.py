@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Final, cast
 
 import anyio
@@ -195,20 +196,68 @@ class Link:
                 self.check_open()
                 await self.write_pending()
             return
-        while data := self.session.data_to_send():
+        try:
+            rest = self.offer_pending()
+        except OSError as exc:
+            raise await self._write_failed(exc) from exc
+        if rest is not None:
+            lock.acquire_nowait()  # free: nothing waited since locked() said so
             try:
-                sent = self.writer.write_nowait(data)
-            except OSError as exc:
-                raise await self._write_failed(exc) from exc
-            if sent < len(data):
-                lock.acquire_nowait()  # free: nothing waited since locked() said so
-                try:
-                    await self.write_chunk(memoryview(data)[sent:])
-                    await self.write_pending()
-                finally:
-                    lock.release()
-                return
+                await self.write_chunk(rest)
+                await self.write_pending()
+            finally:
+                lock.release()
+            return
         await anyio.lowlevel.checkpoint()  # a cancellation takes effect after the writes
+
+    def offer_pending(self) -> memoryview | None:
+        """Offer what the session has to the kernel, without waiting; what it did not take.
+
+        ``None`` when the kernel took everything; else the rest of the buffer it stopped
+        in, which the caller must write (with the lock) before anything else.
+
+        :raises OSError: the write failed.
+        """
+        while data := self.session.data_to_send():
+            sent = self.writer.write_nowait(data)
+            if sent < len(data):
+                return memoryview(data)[sent:]
+        return None
+
+    async def write_closing(self, close: Callable[[], None]) -> None:
+        """Queue the session's CLOSE (``close()``) and write it; errors are dropped.
+
+        Within ``close_timeout`` and shielded, like every write that must wait: with the
+        lock free and the kernel taking it all at once, nothing waits and no cancel scope
+        is entered (most connections end this way).
+        """
+        lock = self.send_lock
+        if lock.locked():
+            with (
+                anyio.move_on_after(self.config.close_timeout, shield=True),
+                contextlib.suppress(StalkError),
+            ):
+                async with lock:
+                    close()
+                    await self.write_pending()
+            return
+        try:
+            close()
+            rest = self.offer_pending()
+        except (StalkError, OSError):
+            return
+        if rest is None:
+            return
+        lock.acquire_nowait()  # free: nothing waited since locked() said so
+        try:
+            with (
+                anyio.move_on_after(self.config.close_timeout, shield=True),
+                contextlib.suppress(StalkError),
+            ):
+                await self.write_chunk(rest)
+                await self.write_pending()
+        finally:
+            lock.release()
 
     async def write_chunk(self, data: bytes | bytearray | memoryview) -> None:
         """Write one buffer: whole even if cancelled, bounded by write_timeout (writing.py)."""
