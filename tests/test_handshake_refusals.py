@@ -513,3 +513,50 @@ def test_peer_refused_carries_every_refusal_code() -> None:
         assert isinstance(error, PeerRefused)
         assert error.code == code
         assert code.name in str(error)
+
+
+HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\n400 Bad Request"
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "verdict"),
+    [
+        # A refusal: the bytes it was read from, and what followed it.
+        (bytes([CloseCode.BUSY, 2]) + b"no", PeerRefused, bytes([CloseCode.BUSY, 2]) + b"no"),
+        # An HTTP server: 'H' reads as refusal code 72 with an 84-byte reason ('T').
+        (HTTP_ANSWER, PeerRefused, HTTP_ANSWER),
+        # A reason that is not UTF-8, and a verdict the stream ends inside (EOF follows).
+        (b"\x05\x02\xff\xfe", HandshakeFailed, b"\x05\x02\xff\xfe"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", HandshakeFailed, b"SSH-2.0-OpenSSH_9.6\r\n"),
+        (b"", HandshakeFailed, None),
+    ],
+)
+def test_a_failed_verdict_carries_the_bytes_it_was_read_from(
+    answer: bytes, error: type[HandshakeFailed], verdict: bytes | None
+) -> None:
+    client = Session(Role.INITIATOR, Identity.generate())
+    take_all(client)
+    client.receive_data(answer)
+    client.receive_data(b"")
+    failure = fails(client, error)
+    assert failure.verdict == verdict
+    if isinstance(failure, PeerRefused) and answer == HTTP_ANSWER:
+        assert failure.code == ord("H")
+
+
+def test_a_long_answer_keeps_only_the_verdict_s_bytes() -> None:
+    client = Session(Role.INITIATOR, Identity.generate())
+    take_all(client)
+    answer = b"HTTP/1.1 200 OK\r\n" + b"x" * 1000
+    client.receive_data(answer)
+    assert fails(client, PeerRefused).verdict == answer[:257]
+
+
+def test_a_failure_after_the_verdict_carries_no_verdict() -> None:
+    client = Session(Role.INITIATOR, Identity.generate())
+    take_all(client)
+    client.receive_data(b"\x00" + encode_frame(bytes(40)))  # accepted, then a bad message 2
+    assert fails(client).verdict is None

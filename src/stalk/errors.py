@@ -134,7 +134,17 @@ class MalformedSpack(ProtocolError, ValueError):
 
 
 class HandshakeFailed(StalkError):
-    """The Noise handshake did not complete; no application data was exchanged."""
+    """The Noise handshake did not complete; no application data was exchanged.
+
+    :ivar verdict: on the initiator, when the handshake failed on the responder's verdict
+        (SPEC "Verdict and refusals": a refusal, a reason that is not UTF-8, or the stream
+        ending inside the verdict), the first bytes the responder sent, at most 257 of
+        them; else ``None``. Unauthenticated and untrusted: it lets a caller show what a
+        service that is not a stalk listener answered (an HTTP server's
+        ``HTTP/1.1 400 Bad Request`` reads as refusal code 72).
+    """
+
+    verdict: bytes | None = None
 
 
 class HandshakeTimeout(HandshakeFailed):

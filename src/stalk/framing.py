@@ -34,6 +34,7 @@ from stalk.wire import (
 )
 
 __all__ = [
+    "VERDICT_MAX",
     "FrameReader",
     "FramingError",
     "Preamble",
@@ -47,6 +48,8 @@ __all__ = [
 _U16: Final = struct.Struct(">H")
 #: The verdict byte that accepts the preamble and message 1 (frames follow).
 VERDICT_ACCEPT: Final = 0x00
+#: The most bytes a verdict takes: the code, the reason's length and the longest reason.
+VERDICT_MAX: Final = 2 + MAX_REFUSAL_REASON
 
 
 class FramingError(ValueError):
@@ -67,10 +70,16 @@ class Preamble:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A responder's refusal sent instead of handshake message 2 (unauthenticated)."""
+    """A responder's refusal sent instead of handshake message 2 (unauthenticated).
+
+    ``received`` is the start of the stream the refusal was read from (at most
+    :data:`VERDICT_MAX` bytes, the refusal first): what a non-stalk service answered when
+    its first byte merely looks like a refusal code.
+    """
 
     code: int
     reason: str
+    received: bytes
 
 
 def encode_preamble(version: int, pattern: Pattern) -> bytes:
@@ -142,7 +151,7 @@ class FrameReader:
         self._in, self._pos = b"", 0
         self._more = None
 
-    def _head(self, size: int) -> bytes:
+    def peek(self, size: int) -> bytes:
         """Up to ``size`` unconsumed bytes, copied, without consuming them."""
         head = bytes(memoryview(self._in)[self._pos : self._pos + size])
         for chunk in self._more or ():
@@ -172,7 +181,7 @@ class FrameReader:
             ``XX``/``IK``. An unknown *version* is not an error here: the caller refuses it
             with a reason.
         """
-        raw = self._head(PREAMBLE_LEN)
+        raw = self.peek(PREAMBLE_LEN)
         if raw[: len(MAGIC)] != MAGIC[: len(raw)]:
             raise FramingError("not a stalk peer (bad preamble magic)")
         if len(raw) < PREAMBLE_LEN:
@@ -191,7 +200,7 @@ class FrameReader:
             the verdict is not complete yet.
         :raises FramingError: the refusal reason is not valid UTF-8.
         """
-        head = self._head(2 + MAX_REFUSAL_REASON)
+        head = self.peek(VERDICT_MAX)
         if not head:
             return None
         if head[0] == VERDICT_ACCEPT:
@@ -205,11 +214,11 @@ class FrameReader:
         except UnicodeDecodeError as exc:
             raise FramingError("refusal reason is not valid UTF-8") from exc
         self._consume(2 + length)
-        return Refusal(code=head[0], reason=reason)
+        return Refusal(code=head[0], reason=reason, received=head)
 
     def frame_length(self) -> int | None:
         """The next frame's body length, once its header has arrived (nothing consumed)."""
-        head = self._head(FRAME_HEADER_LEN)
+        head = self.peek(FRAME_HEADER_LEN)
         return _U16.unpack(head)[0] if len(head) == FRAME_HEADER_LEN else None
 
     def frame(self) -> tuple[bytes | bytearray | memoryview, int, int] | None:

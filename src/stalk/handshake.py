@@ -59,6 +59,7 @@ from stalk._noise import (
 )
 from stalk.errors import HandshakeFailed, InvalidPeerKey, PeerIdentityMismatch, PeerRefused
 from stalk.framing import (
+    VERDICT_MAX,
     FrameReader,
     FramingError,
     Refusal,
@@ -197,6 +198,12 @@ def _result(noise: NoiseHandshake, pattern: Pattern, params: Params) -> Handshak
         send_cipher=send,
         recv_cipher=recv,
     )
+
+
+def _on_verdict(error: HandshakeFailed, received: bytes) -> HandshakeFailed:
+    """``error``, which the responder's verdict caused, with the bytes it was read from."""
+    error.verdict = received or None
+    return error
 
 
 def _eof_during_handshake() -> HandshakeFailed:
@@ -342,13 +349,13 @@ class InitiatorHandshake:
             try:
                 verdict = reader.verdict()
             except FramingError as exc:
-                raise HandshakeFailed(str(exc)) from exc
+                raise _on_verdict(HandshakeFailed(str(exc)), reader.peek(VERDICT_MAX)) from exc
             if verdict is None:
                 if reader.eof:
-                    raise _eof_during_handshake()
+                    raise _on_verdict(_eof_during_handshake(), reader.peek(VERDICT_MAX))
                 return False
             if isinstance(verdict, Refusal):
-                raise self._refused(verdict)
+                raise _on_verdict(self._refused(verdict), verdict.received)
             self._state = "msg2"
         if self._state == "msg2":
             body = _read_message(reader, self.pattern, 2)
