@@ -265,6 +265,7 @@ async def test_connect_to_closed_port() -> None:
     with pytest.raises(ConnectFailed) as info:
         await connect("127.0.0.1", port)
     assert isinstance(info.value, OSError)
+    assert str(info.value).startswith(f"cannot connect to 127.0.0.1:{port}: ")
 
 
 def _ipv6_loopback() -> bool:
@@ -274,6 +275,15 @@ def _ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+async def test_an_ipv6_address_is_bracketed_in_messages() -> None:
+    async with await anyio.create_tcp_listener(local_host="::1") as probe:
+        port = probe.extra(anyio.abc.SocketAttribute.local_port)
+    with pytest.raises(ConnectFailed) as info:
+        await connect("::1", port)
+    assert str(info.value).startswith(f"cannot connect to [::1]:{port}: ")
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ from stalk.errors import (
 from stalk.events import NEED_DATA, CloseReceived, HandshakeComplete
 from stalk.handshake import InitiatorHandshake
 from stalk.identity import Identity, PublicIdentity
-from stalk.listener import Listener, _address_key, _check_file_limit, listen
+from stalk.listener import Listener, _address_key, _check_file_limit, _shown, listen
 from stalk.session import Role, Session, SessionConfig
 from stalk.spack import Spack, SpackDecoder
 from stalk.wire import CloseCode, RecordKind
@@ -665,6 +665,13 @@ def test_the_address_key_groups_what_one_attacker_holds() -> None:
     assert _address_key("/run/stalk.sock") is None
     assert _address_key(None) is None
     assert _address_key(("not an address", 1)) is None
+
+
+def test_log_messages_write_addresses_as_host_port() -> None:
+    assert _shown(("192.0.2.7", 4000)) == "192.0.2.7:4000"
+    assert _shown(("::1", 4000, 0, 0)) == "[::1]:4000"
+    assert _shown("/run/stalk.sock") == "/run/stalk.sock"
+    assert _shown(None) == "None"
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,7 @@ from stalk.events import (
     MessageReceived,
 )
 from stalk.identity import Identity, PublicIdentity
+from stalk.known_peers import host_port
 from stalk.link import Link, stream_error
 from stalk.session import Role, Session
 from stalk.spack import Spack
@@ -515,7 +516,7 @@ async def connect(
             try:
                 stream = await _dial(host, port)
             except OSError as exc:
-                error = ConnectFailed(f"cannot connect to {host}:{port}: {exc}")
+                error = ConnectFailed(f"cannot connect to {host_port(host, port)}: {exc}")
                 error.peer_address = (host, port)
                 raise error from exc
             conn = Connection._start(
@@ -529,7 +530,8 @@ async def connect(
             await establish(conn._link, None)
     except TimeoutError as exc:
         timeout = HandshakeTimeout(
-            f"no connection and handshake with {host}:{port} within {config.handshake_timeout} s"
+            f"no connection and handshake with {host_port(host, port)} "
+            f"within {config.handshake_timeout} s"
         )
         timeout.peer_address = (host, port)
         raise timeout from exc

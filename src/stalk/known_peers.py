@@ -30,7 +30,7 @@ from stalk import _files
 from stalk.errors import IdentityFileError
 from stalk.identity import PublicIdentity
 
-__all__ = ["AuthorizedPeers", "KnownPeers", "stalk_home"]
+__all__ = ["AuthorizedPeers", "KnownPeers", "host_port", "stalk_home"]
 
 _KNOWN_KIND = "known peers file"
 _AUTHORIZED_KIND = "authorized peers file"
@@ -47,7 +47,11 @@ def stalk_home() -> Path:
     return Path(os.environ.get("STALK_HOME") or Path.home() / ".stalk").expanduser()
 
 
-def _address(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as stalk writes an address, in known_peers and in messages alike.
+
+    An IPv6 host is bracketed (``[::1]:7417``), so the port cannot be read as part of it.
+    """
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -104,7 +108,7 @@ class KnownPeers:
         :raises ~stalk.IdentityFileError: the file is malformed, or it (or a directory
             above it) is owned by another user or writable by group or others.
         """
-        return self._load(self.path)[0].get(_address(host, port))
+        return self._load(self.path)[0].get(host_port(host, port))
 
     def remember(self, host: str, port: int, key: PublicIdentity) -> None:
         """Record (or replace) the key for ``host:port``.
@@ -114,7 +118,7 @@ class KnownPeers:
 
         :raises ~stalk.IdentityFileError: as :meth:`lookup`, or the file cannot be written.
         """
-        address = _address(host, port)
+        address = host_port(host, port)
 
         def update(peers: dict[str, PublicIdentity]) -> bool:
             peers[address] = key
@@ -127,7 +131,7 @@ class KnownPeers:
 
         :raises ~stalk.IdentityFileError: as :meth:`remember`.
         """
-        address = _address(host, port)
+        address = host_port(host, port)
 
         def update(peers: dict[str, PublicIdentity]) -> bool:
             return peers.pop(address, None) is not None

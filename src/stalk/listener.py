@@ -41,6 +41,7 @@ from stalk.connection import Authorize, Connection
 from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
 from stalk.handshake import busy_refusal
 from stalk.identity import Identity
+from stalk.known_peers import host_port
 from stalk.wire import CloseCode
 
 __all__ = ["ConnectionHandler", "Listener", "create_listener", "listen"]
@@ -60,6 +61,13 @@ _FD_MARGIN: Final = 64
 
 #: ``async def handler(conn)``: serves one connection; it is closed when the handler ends.
 ConnectionHandler: TypeAlias = Callable[[Connection], Awaitable[None]]
+
+
+def _shown(address: object) -> str:
+    """A socket's remote address for log messages: ``host:port`` (``[::1]:7417``)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return host_port(str(address[0]), int(address[1]))
+    return str(address)
 
 
 def _address_key(address: object) -> str | None:
@@ -221,8 +229,9 @@ class Listener(anyio.abc.AsyncResource):
         return None
 
     async def _handle(self, stream: ByteStream, handler: ConnectionHandler) -> None:
-        address = stream.extra(SocketAttribute.remote_address, None)
-        key = _address_key(address)
+        raw_address = stream.extra(SocketAttribute.remote_address, None)
+        key = _address_key(raw_address)
+        address = _shown(raw_address)
         refusal = self._refusal(key)
         if refusal is not None:
             level, reason, detail = refusal
@@ -275,7 +284,7 @@ class Listener(anyio.abc.AsyncResource):
             self._connections -= 1
 
     @staticmethod
-    async def _run_handler(handler: ConnectionHandler, conn: Connection, address: object) -> None:
+    async def _run_handler(handler: ConnectionHandler, conn: Connection, address: str) -> None:
         try:
             await handler(conn)
         except ConnectionLost as exc:

@@ -231,7 +231,9 @@ class Registry:
             record.args, tuple
         ):
             address, exc = record.args
-            port = address[1] if isinstance(address, tuple) else None
+            # The listener writes the address as host:port ("None" when it had none).
+            _, _, port_text = str(address).rpartition(":")
+            port = int(port_text) if port_text.isdigit() else None
             if isinstance(exc, BaseException):
                 self.failed.setdefault(port, []).append(exc)
 
