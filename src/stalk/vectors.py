@@ -660,10 +660,13 @@ def _print_report(report: FileReport, *, verbose: bool) -> None:
             print(f"  {result.status:<7} {result.vector.label}{detail}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run vector files given on the command line; return the exit status."""
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m stalk.vectors") -> int:
+    """Run vector files given on the command line; return the exit status.
+
+    :param prog: the command's name in usage and error lines (``stalk`` for ``stalk vectors``).
+    """
     parser = argparse.ArgumentParser(
-        prog="python -m stalk.vectors",
+        prog=prog,
         description="Run published Noise test vectors through stalk's Noise layer.",
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="vector file")
@@ -675,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             report = run_file(path)
         except VectorFileError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{prog}: error: {exc}", file=sys.stderr)
             unreadable = True
             continue
         _print_report(report, verbose=args.verbose)
