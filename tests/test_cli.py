@@ -1,16 +1,21 @@
-"""The ``stalk`` command line, run as a user would: in subprocesses, with a private STALK_HOME."""
+"""The ``stalk`` command line, run as a user would: in subprocesses, with a private STALK_HOME.
+
+Ctrl-C, Ctrl-D and the interactive ``stalk connect`` are tested in a pseudo-terminal that
+is the command's controlling terminal, on both backends, every step with a deadline.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import tracemalloc
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -23,12 +28,22 @@ from hypothesis import given
 import stalk
 from adversarial.peers import Responder, Wire, raw_msg, raw_server, server_handshake
 from stalk.cli import (
+    ANSWER_CHARS,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT_CLOSED,
+    EXIT_USAGE,
     SIZE_VALUES,
     SUMMARY_CHARS,
     VALUE_CHARS,
+    VALUES,
+    _resolve_globals,
+    build_parser,
     encoded_size,
     escape,
     main,
+    parse_value,
     summarize,
 )
 from stalk.known_peers import KnownPeers
@@ -85,11 +100,88 @@ def server(tmp_path: Path) -> Iterator[tuple[str, str]]:
             proc.stdout.close()
 
 
-def test_version_and_help(home: Path) -> None:
+def test_version(home: Path) -> None:
     result = run(home, "--version")
     assert result.stdout.strip() == f"stalk {stalk.__version__}"
-    for command in ("keygen", "id", "listen", "connect", "send", "forget", "demo", "vectors"):
-        assert run(home, command, "--help").returncode == 0
+
+
+def help_text(capsys: pytest.CaptureFixture[str], *args: str, raw: bool = False) -> str:
+    """What ``stalk ARGS --help`` prints (in this process: argparse exits with status 0).
+
+    Unless ``raw``, its whitespace is collapsed (argparse's line breaks undone).
+    """
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    return text if raw else " ".join(text.split())
+
+
+COMMANDS = ("keygen", "id", "listen", "connect", "send", "forget", "demo", "vectors", "bench")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_a_description_an_example_and_the_exit_statuses(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    usage, description = help_text(capsys, command, raw=True).split("\n\n")[:2]
+    assert usage.startswith(f"usage: stalk {command} ")
+    assert len(description) > 100, description  # a paragraph, not an argument list
+    assert not description.startswith(("positional arguments:", "options:")), description
+    text = help_text(capsys, command)
+    assert f"examples: stalk {command}" in text
+    assert "global options (before or after the command): --backend {asyncio,trio}" in text
+    assert "exit status: 0 success" in text
+    assert f"{EXIT_INTERRUPTED} interrupted (Ctrl-C), silently" in text
+    assert f"{EXIT_OUTPUT_CLOSED} standard output closed early" in text
+
+
+def test_help_states_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    listen = help_text(capsys, "listen")
+    assert "HOST defaults to 127.0.0.1 (this machine only)" in listen
+    assert "default: admit any key" in listen
+    send = help_text(capsys, "send")
+    assert "waiting at most SECONDS for it (default: do not wait)" in send
+    assert f"default {stalk.Config().max_message_size})" in send
+    assert "default: $STALK_HOME/identity; $STALK_HOME defaults to ~/.stalk" in send
+    # connect and send read values with the one function, and both say how.
+    assert VALUES in send
+    assert VALUES in help_text(capsys, "connect")
+    assert "(default: asyncio;" in help_text(capsys)
+
+
+def test_global_options_count_before_and_after_the_command() -> None:
+    parser = build_parser()
+    after = parser.parse_args(["send", "h:1", "x", "--backend", "trio", "-vv"])
+    before = parser.parse_args(["--backend", "trio", "-v", "send", "h:1", "x", "-v"])
+    neither = parser.parse_args(["send", "h:1", "x"])
+    for args in (after, before, neither):
+        _resolve_globals(args)
+    assert (after.backend, after.verbose) == ("trio", 2)
+    assert (before.backend, before.verbose) == ("trio", 2)
+    assert (neither.backend, neither.verbose, neither.backend_given) == ("asyncio", 0, False)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("42", 42),
+        ("-1.5", -1.5),
+        ("True", True),
+        ("None", None),
+        ("b'raw'", b"raw"),
+        ("'42'", "42"),
+        ("[1, (2, 3), {'k': b''}]", [1, (2, 3), {"k": b""}]),
+        ("hello world", "hello world"),
+        ("", ""),
+        ("2 +", "2 +"),
+        ("x" * 100 + "(", "x" * 100 + "("),
+    ],
+)
+def test_parse_value_reads_literals_and_else_text(text: str, value: object) -> None:
+    parsed = parse_value(text)
+    assert parsed == value
+    assert type(parsed) is type(value)
 
 
 def test_keygen_and_id(home: Path) -> None:
@@ -111,10 +203,29 @@ def test_keygen_and_id(home: Path) -> None:
     assert run(home, "id").stdout.split()[0] != public
 
 
-def test_id_without_identity_is_one_readable_line(home: Path) -> None:
+def test_id_without_identity_suggests_keygen(home: Path, tmp_path: Path) -> None:
     result = run(home, "id")
     assert result.returncode == 1
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.splitlines() == [
+        f"stalk: error: identity file '{home / 'identity'}' does not exist; "
+        "create one with 'stalk keygen'"
+    ]
+    elsewhere = tmp_path / "my key"
+    result = run(home, "id", "-f", str(elsewhere))
+    assert result.stderr.endswith(f"create one with 'stalk keygen -f '{elsewhere}''\n")
+
+
+def test_a_fingerprint_is_not_a_key(capsys: pytest.CaptureFixture[str]) -> None:
+    fingerprint = stalk.Identity.generate().public.fingerprint
+    with pytest.raises(SystemExit) as exit_info:
+        main(["send", "127.0.0.1:1", "x", "--peer", fingerprint])
+    assert exit_info.value.code == EXIT_USAGE
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == (
+        f"stalk send: error: argument --peer: {fingerprint} is a fingerprint, not a key: "
+        "--peer takes the server's public key, stalk:..., which 'stalk id' prints on the "
+        "server (as does the first line of 'stalk listen')"
+    )
 
 
 def test_send_records_the_key_then_pins_it(home: Path, server: tuple[str, str]) -> None:
@@ -209,9 +320,24 @@ def test_unreachable_address_is_one_readable_line(home: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_bad_address_is_a_usage_error(home: Path) -> None:
-    assert main(["send", "nohost", "x"]) == 1
-    assert main(["send", "host:notaport", "x"]) == 1
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["send", "nohost", "x"], "argument HOST:PORT: expected HOST:PORT, got 'nohost'"),
+        (["send", "host:notaport", "x"], "argument HOST:PORT: invalid port 'notaport'"),
+        (["listen", "70000"], "argument [HOST:]PORT: port 70000 out of range (0-65535)"),
+        (["send", "h:1", "{1, 2}"], "argument VALUE: {1, 2}: cannot encode set"),
+        (["send", "h:1", "x", "--wait", "0"], "expected a positive number of seconds, not 0"),
+        (["send", "h:1", "x", "--max-message-size", "10"], "max_message_size must be"),
+    ],
+)
+def test_a_bad_argument_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == EXIT_USAGE
+    assert message in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_demo_passes_and_reports(home: Path) -> None:
@@ -651,5 +777,457 @@ async def test_max_message_size_option(anyio_backend: str, home: Path) -> None:
     assert_one_error_line(*connect, "larger than our 2048-byte limit")
     assert large[0] == 0, large[2]
     assert large[1].decode() == summarize(reply) + "\n"
-    invalid = await cli(home, anyio_backend, "send", "127.0.0.1:1", "x", "--max-message-size", "10")
-    assert_one_error_line(*invalid, "max_message_size must be")
+
+
+# -- as a person runs it: in a terminal, Ctrl-C, Ctrl-D, a pipe closed early ---------------------
+
+#: Run in the command's new session before the command: opening the terminal by name
+#: makes it the session's controlling terminal, so that Ctrl-C typed on it signals the
+#: command (as a shell's job control does), then the command replaces this process.
+CONTROLLING_TERMINAL = (
+    "import os, sys; os.close(os.open(os.ttyname(0), os.O_RDWR)); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+#: How long one step of a terminal test may take before it fails instead of hanging.
+STEP_TIMEOUT = 20
+
+
+def stalk_command() -> list[str]:
+    """The installed ``stalk`` console script (``python -m stalk`` if there is none)."""
+    script = Path(sys.executable).with_name("stalk")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "stalk"]
+
+
+class Terminal:
+    """The output of a command running in a pseudo-terminal, and the keys typed into it."""
+
+    def __init__(self, master: int) -> None:
+        self.master = master
+        self.output = bytearray()
+        self.seen = 0  # output before this offset was matched by expect()
+
+    async def _read(self) -> bool:
+        """Read what the command wrote; ``False`` once it closed the terminal."""
+        await anyio.wait_readable(self.master)
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the command exited and nothing holds the terminal open
+            return False
+        self.output += data
+        return bool(data)
+
+    async def expect(self, text: str) -> None:
+        """Wait until ``text`` appears in the output after what was matched before."""
+        wanted = text.encode()
+        try:
+            with anyio.fail_after(STEP_TIMEOUT):
+                while (found := self.output.find(wanted, self.seen)) < 0:
+                    if not await self._read():
+                        break
+        except TimeoutError:
+            found = -1
+        assert found >= 0, f"{text!r} never came; the terminal shows {bytes(self.output)!r}"
+        self.seen = found + len(wanted)
+
+    def type(self, keys: bytes) -> None:
+        """Type ``keys`` (``b"\\x03"`` is Ctrl-C, ``b"\\x04"`` Ctrl-D at the start of a line)."""
+        os.write(self.master, keys)
+
+    async def drain(self) -> str:
+        """Everything the command writes until it exits, as text (CR LF read as LF)."""
+        with anyio.fail_after(STEP_TIMEOUT):
+            while await self._read():
+                pass
+        return self.output.decode(errors="replace").replace("\r\n", "\n")
+
+
+@asynccontextmanager
+async def terminal(
+    home: Path, backend: str, *args: str
+) -> AsyncIterator[tuple[Terminal, anyio.abc.Process]]:
+    """``stalk --backend BACKEND ARGS`` in a new pseudo-terminal, as its controlling one."""
+    master, slave = os.openpty()
+    command = [sys.executable, "-c", CONTROLLING_TERMINAL, *stalk_command()]
+    try:
+        process = await anyio.open_process(
+            [*command, "--backend", backend, *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            env={**os.environ, "STALK_HOME": str(home)},
+        )
+    finally:
+        os.close(slave)
+    try:
+        yield Terminal(master), process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+        os.close(master)
+
+
+async def ended(term: Terminal, process: anyio.abc.Process) -> tuple[int, str]:
+    """The command's exit status and everything it wrote, once it ends (with a deadline)."""
+    text = await term.drain()
+    with anyio.fail_after(STEP_TIMEOUT):
+        status = await process.wait()
+    return status, text
+
+
+def assert_silent_interrupt(status: int, text: str) -> None:
+    """Ctrl-C ended the command: status 130, and nothing after the ``^C`` the terminal echoed."""
+    assert status == EXIT_INTERRUPTED, text
+    assert "Traceback" not in text
+    assert "error" not in text
+    assert text.endswith("^C"), text
+
+
+async def hold(conn: stalk.Connection) -> None:
+    """A handler that receives until the client leaves."""
+    with contextlib.suppress(anyio.EndOfStream, stalk.ConnectionLost):
+        while True:
+            await conn.receive()
+
+
+async def test_ctrl_c_ends_listen_with_a_client_silently(anyio_backend: str, home: Path) -> None:
+    async with terminal(home, anyio_backend, "listen", "0") as (term, process):
+        await term.expect("listening on 127.0.0.1:")
+        await term.expect(" as ")
+        port = int(term.output.split(b"listening on 127.0.0.1:")[1].split(b" ")[0])
+        async with await stalk.connect("127.0.0.1", port) as conn:
+            await conn.send(stalk.Spack("hi"))
+            await term.expect(": Spack('hi')")
+            term.type(b"\x03")
+            with pytest.raises(stalk.ClosedByPeer, match="GOING_AWAY"):
+                await conn.receive()
+        status, text = await ended(term, process)
+    # The listener says goodbye to its client on the way out.
+    assert status == EXIT_INTERRUPTED, text
+    assert "Traceback" not in text
+    assert "error" not in text
+    assert text.endswith(" disconnected\n"), text
+
+
+async def test_ctrl_c_ends_connect_waiting_for_a_line(anyio_backend: str, home: Path) -> None:
+    async with (
+        stalk_server(hold) as address,
+        terminal(home, anyio_backend, "connect", address) as (term, process),
+    ):
+        await term.expect("connected to SHA256:")
+        await term.expect("each line is sent as a spack, Ctrl-D ends")
+        term.type(b"half a line\x03")
+        assert_silent_interrupt(*await ended(term, process))
+
+
+async def test_ctrl_c_ends_send_waiting_for_a_reply(anyio_backend: str, home: Path) -> None:
+    arrived = anyio.Event()
+
+    async def silent(conn: stalk.Connection) -> None:
+        await conn.receive()
+        arrived.set()
+        await hold(conn)
+
+    async with (
+        stalk_server(silent) as address,
+        terminal(home, anyio_backend, "send", address, "x", "--wait", "60") as (term, process),
+    ):
+        with anyio.fail_after(STEP_TIMEOUT):
+            await arrived.wait()
+        term.type(b"\x03")
+        status, text = await ended(term, process)
+    assert_silent_interrupt(status, text)
+
+
+async def test_ctrl_c_ends_a_handshake_nobody_answers(anyio_backend: str, home: Path) -> None:
+    reached = anyio.Event()
+
+    async def mute(wire: Wire) -> None:
+        await wire.read_exact(8)
+        reached.set()
+        await wire.read_to_eof()
+
+    async with (
+        hostile_server(mute) as address,
+        terminal(home, anyio_backend, "send", address, "x") as (term, process),
+    ):
+        with anyio.fail_after(STEP_TIMEOUT):
+            await reached.wait()
+        term.type(b"\x03")
+        status, text = await ended(term, process)
+    assert_silent_interrupt(status, text)
+
+
+async def echo(conn: stalk.Connection) -> None:
+    async for spack in conn:
+        await conn.send(spack)
+
+
+async def test_connect_in_a_terminal(anyio_backend: str, home: Path) -> None:
+    async with (
+        stalk_server(echo) as address,
+        terminal(home, anyio_backend, "connect", address) as (term, process),
+    ):
+        await term.expect("Ctrl-D ends")
+        term.type(b"42\n")
+        await term.expect("Spack(42)")  # a literal, read as send reads its VALUEs
+        term.type(b"hello world\n")
+        await term.expect("Spack('hello world')")
+        term.type(b"{1, 2}\n")
+        await term.expect("stalk: not sent: spack element 0: cannot encode set")
+        term.type(b"b'\\x1b'\n")  # the session goes on; what comes back is escaped
+        await term.expect("Spack(b'\\x1b')")
+        term.type(b"\x04")  # Ctrl-D: the end of input closes the connection cleanly
+        status, text = await ended(term, process)
+    assert status == EXIT_OK, text
+    assert "error" not in text
+    assert "the peer closed" not in text  # we closed it
+
+
+async def close_normally(conn: stalk.Connection) -> None:
+    """A handler that returns at once: the listener closes the connection cleanly."""
+
+
+async def close_with_an_error(conn: stalk.Connection) -> None:
+    await conn.close(CloseCode.INTERNAL_ERROR, "out of \x1b[2Jcheese")
+
+
+async def cut_after_the_handshake(wire: Wire) -> None:
+    await server_handshake(wire, Responder())  # then the socket closes, without a CLOSE
+
+
+@pytest.mark.parametrize(
+    ("server", "status", "last_line"),
+    [
+        (partial(stalk_server, close_normally), EXIT_OK, "stalk: the peer closed the connection"),
+        (
+            partial(stalk_server, close_with_an_error),
+            EXIT_ERROR,
+            "stalk: error: the peer closed the connection (INTERNAL_ERROR): out of \\x1b[2Jcheese",
+        ),
+        (
+            partial(hostile_server, cut_after_the_handshake),
+            EXIT_ERROR,
+            "stalk: error: the peer closed the connection without a CLOSE",
+        ),
+    ],
+    ids=["clean", "error", "cut"],
+)
+async def test_connect_notices_the_peer_leaving_while_waiting_for_a_line(
+    anyio_backend: str,
+    home: Path,
+    server: Callable[[], AbstractAsyncContextManager[str]],
+    status: int,
+    last_line: str,
+) -> None:
+    async with (
+        server() as address,
+        terminal(home, anyio_backend, "connect", address) as (term, process),
+    ):
+        # Nothing is typed: connect must not wait for a line to notice.
+        ending = await ended(term, process)
+    assert ending[0] == status, ending[1]
+    assert ending[1].splitlines()[-1] == last_line
+    assert "Traceback" not in ending[1]
+
+
+async def run_with_closed_output(home: Path, *command: str) -> tuple[int, bytes]:
+    """Run ``stalk COMMAND`` writing to a pipe whose reader has gone: status and stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with anyio.fail_after(TIMEOUT):
+            process = await anyio.open_process(
+                [*stalk_command(), *command],
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                env={**os.environ, "STALK_HOME": str(home)},
+            )
+            async with process:
+                assert process.stderr is not None
+                err = b"".join([chunk async for chunk in process.stderr])
+                return await process.wait(), err
+    finally:
+        os.close(write_end)
+
+
+async def test_a_closed_output_ends_every_command_quietly(anyio_backend: str, home: Path) -> None:
+    assert run(home, "keygen").returncode == 0
+    # id and the demo print and end; listen would serve forever; send prints a reply.
+    async with stalk_server(echo) as address:
+        for command in (
+            ["id"],
+            ["--backend", anyio_backend, "demo"],
+            ["listen", "0", "--backend", anyio_backend],
+            ["send", address, "x", "--wait", "10", "--backend", anyio_backend],
+        ):
+            status, err = await run_with_closed_output(home, *command)
+            assert status == EXIT_OUTPUT_CLOSED, (command, err)
+            assert all(line.startswith(b"stalk: recorded key ") for line in err.splitlines()), err
+
+
+# -- what a command says: failures, addresses, the log ---------------------------------------
+
+
+async def test_send_waiting_for_a_silent_server_says_so(anyio_backend: str, home: Path) -> None:
+    async with stalk_server(hold) as address:
+        result = await cli(home, anyio_backend, "send", address, "x", "--wait", "0.25")
+    assert_one_error_line(*result, "stalk: error: no reply within 0.25 s")
+
+
+def answer(data: bytes) -> Callable[[Wire], Awaitable[None]]:
+    """A TCP service that is not stalk: it reads the client's first bytes and answers."""
+
+    async def behave(wire: Wire) -> None:
+        await wire.read_exact(8)
+        await wire.send(data)
+
+    return behave
+
+
+HTTP_ANSWER = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "shown"),
+    [
+        (HTTP_ANSWER + b"400 Bad Request", "HTTP/1.1 400 Bad Request"),  # refusal code 72
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "SSH-2.0-OpenSSH_9.6"),  # the stream ends inside it
+        (b"\x15\x03\x03\x00\x02\x02\x32", "\\x15\\x03\\x03\\x00\\x02\\x022"),  # a TLS alert
+        # Escaped, bytes that are not UTF-8 as \xNN, and cut after ANSWER_CHARS characters
+        # (16 before the x's: the escapes count as one character, \xff as four).
+        (
+            b"<\x1b]0;pwned\x07 \xff" + b"x" * 300,
+            "<\\x1b]0;pwned\\x07 \\xff" + "x" * (ANSWER_CHARS - 16) + "...",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["send", "connect"])
+async def test_a_service_that_is_not_stalk_is_named(
+    anyio_backend: str, home: Path, command: str, data: bytes, shown: str
+) -> None:
+    async with hostile_server(answer(data)) as address:
+        args = [command, address] + (["x"] if command == "send" else [])
+        result = await cli(home, anyio_backend, *args)
+    assert_one_error_line(
+        *result, f"stalk: error: this does not look like a stalk listener: it answered '{shown}'"
+    )
+    assert result[2].decode().endswith(f"'{shown}'\n")
+
+
+async def test_listen_names_an_address_in_use(anyio_backend: str, home: Path) -> None:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as taken:
+        port = taken.extra(anyio.abc.SocketAttribute.local_port)
+        result = await cli(home, anyio_backend, "listen", f"127.0.0.1:{port}")
+    assert_one_error_line(*result, f"stalk: error: cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in result[2].decode()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+async def first_line(stream: ByteReceiveStream | None, prefix: bytes) -> str:
+    """The first line of ``stream`` that starts with ``prefix`` (with a deadline)."""
+    assert stream is not None
+    lines = BufferedByteReceiveStream(stream)
+    with anyio.fail_after(TIMEOUT):
+        while not (line := await lines.receive_until(b"\n", 16 * 1024)).startswith(prefix):
+            pass
+    return line.decode()
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+async def test_ipv6_addresses_print_in_brackets(anyio_backend: str, home: Path) -> None:
+    command = [*stalk_command(), "--backend", anyio_backend, "listen", "[::1]:0", "--echo"]
+    env = {**os.environ, "STALK_HOME": str(home / "server")}
+    async with await anyio.open_process(command, env=env, stderr=subprocess.STDOUT) as server:
+        try:
+            line = await first_line(server.stdout, b"listening on ")
+            address = line.split()[2]
+            assert re.fullmatch(r"\[::1\]:\d+", address), line
+            sent = await cli(home, anyio_backend, "send", address, "x", "--wait", "10")
+            assert sent[0] == EXIT_OK, sent
+            assert f" for {address} in " in sent[2].decode()
+            line = await first_line(server.stdout, b"peer ")
+            assert re.search(r" connected \(XX\) from \[::1\]:\d+$", line), line
+        finally:
+            server.terminate()
+    forgot = await cli(home, anyio_backend, "forget", address)
+    assert forgot[1].decode() == f"forgot the key of {address}\n"
+    unreachable = await cli(home, anyio_backend, "send", "[::1]:1", "x")
+    assert_one_error_line(*unreachable, "stalk: error: cannot connect to [::1]:1: ")
+
+
+@pytest.mark.parametrize("place", ["before", "after"])
+async def test_verbose_shows_refused_clients_on_listen(
+    anyio_backend: str, home: Path, place: str
+) -> None:
+    options = ["--backend", anyio_backend, "-v"]
+    args = [*options, "listen", "0"] if place == "before" else ["listen", "0", *options]
+    env = {**os.environ, "STALK_HOME": str(home)}
+    async with await anyio.open_process([*stalk_command(), *args], env=env) as server:
+        try:
+            line = await first_line(server.stdout, b"listening on ")
+            port = int(line.split()[2].rsplit(":", 1)[1])
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(b"GET / HTTP/1.1\r\n\r\n")
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    await stream.receive()
+            logged = await first_line(server.stderr, b"stalk: ")
+        finally:
+            server.terminate()
+    assert re.fullmatch(
+        r"stalk: info: handshake with 127\.0\.0\.1:\d+ failed: .*not a stalk peer.*", logged
+    ), logged
+
+
+async def test_listen_without_verbose_shows_no_info(anyio_backend: str, home: Path) -> None:
+    env = {**os.environ, "STALK_HOME": str(home)}
+    command = [*stalk_command(), "--backend", anyio_backend, "listen", "0"]
+    async with await anyio.open_process(command, env=env) as server:
+        try:
+            line = await first_line(server.stdout, b"listening on ")
+            port = int(line.split()[2].rsplit(":", 1)[1])
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(b"GET / HTTP/1.1\r\n\r\n")
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    await stream.receive()
+            # The refused client is handled: a stalk client is served after it.
+            async with await stalk.connect("127.0.0.1", port) as conn:
+                await conn.send(stalk.Spack("after"))
+            await first_line(server.stdout, b"peer ")
+        finally:
+            server.terminate()
+        assert server.stderr is not None
+        err = b"".join([chunk async for chunk in server.stderr])
+    assert err == b""
+
+
+def test_trio_missing_says_how_to_install_it(home: Path, tmp_path: Path) -> None:
+    hidden = tmp_path / "no-trio" / "trio"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'trio'\", name='trio')\n"
+    )
+    env = {**os.environ, "STALK_HOME": str(home), "PYTHONPATH": str(hidden.parent)}
+    for args in (["--backend", "trio", "demo"], ["send", "127.0.0.1:1", "x", "--backend", "trio"]):
+        result = subprocess.run(
+            [*stalk_command(), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert (result.returncode, result.stdout) == (EXIT_ERROR, "")
+        assert result.stderr == (
+            "stalk: error: the trio backend is not installed: pip install 'stalk[trio]'\n"
+        )

@@ -1,9 +1,13 @@
 """The ``stalk`` command line: keys, a listener, a client, the demo and the vector runner.
 
-Every command uses only the public API. Errors are one readable line on stderr
-(``stalk: error: ...``) and a non-zero exit status, never a traceback: an exception group
-from an anyio task group is reduced to the errors inside it, and ``stalk listen`` writes
-the ``stalk`` logger's warnings as single lines too.
+Every command uses only the public API and runs on asyncio or trio (``--backend``; the
+global options ``--backend`` and ``-v`` are accepted before or after the command). An
+expected failure is one readable line on stderr (``stalk: error: ...``) and exit status
+1, never a traceback: an exception group from an anyio task group is reduced to the
+errors inside it, and log records (the ``stalk`` logger's warnings, or with ``-v``/``-vv``
+its INFO/DEBUG records too) are single lines as well. Ctrl-C ends any command with status
+130 and standard output closed early (``stalk id | true``) with 141, both silently; a
+usage error is argparse's status 2. :data:`EXIT_STATUSES` lists them for ``--help``.
 
 Everything a peer chooses is untrusted text: a refusal reason (not even authenticated),
 a CLOSE reason, the error messages that quote them, and the contents of spacks. The
@@ -25,15 +29,20 @@ from __future__ import annotations
 import argparse
 import ast
 import codecs
+import contextlib
+import importlib
 import io
 import logging
+import math
 import os
+import shlex
 import stat
 import sys
+import textwrap
 from array import array
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias, TypeVar
 
 import anyio
 
@@ -42,9 +51,10 @@ from stalk import bench  # light: the benchmark itself is imported when it runs
 from stalk.connection import Connection
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
-from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
+from stalk.known_peers import AuthorizedPeers, KnownPeers, host_port, stalk_home
 from stalk.spack import Float32, Spack, SpackValue
 from stalk.vectors import main as vectors_main
+from stalk.wire import CloseCode
 
 __all__ = ["main"]
 
@@ -58,9 +68,117 @@ SUMMARY_CHARS: Final = 1000
 #: containers included): counting those would take longer than the summary is worth.
 SIZE_VALUES: Final = 100_000
 
+#: The most characters of a non-stalk service's answer an error message quotes.
+ANSWER_CHARS: Final = 100
+#: The codes a stalk listener refuses with (SPEC "Close codes"): any other first byte of
+#: its answer means the service is something else.
+_REFUSAL_CODES: Final = frozenset(code for code in CloseCode if code != CloseCode.NORMAL)
+
+#: The event loops ``--backend`` offers.
+BACKENDS: Final = ("asyncio", "trio")
+#: Where ``stalk listen PORT`` listens: this machine only.
+DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
+
+#: Success.
+EXIT_OK: Final = 0
+#: An error, reported as one ``stalk: error: ...`` line.
+EXIT_ERROR: Final = 1
+#: A usage error (argparse's status): a bad option or argument.
+EXIT_USAGE: Final = 2
+#: Ctrl-C: 128 + SIGINT, the status a shell reports for a command a Ctrl-C ended.
+EXIT_INTERRUPTED: Final = 130
+#: Standard output closed early (``stalk id | true``): 128 + SIGPIPE, as for ``yes | true``.
+EXIT_OUTPUT_CLOSED: Final = 141
+
+#: The exit statuses, as ``--help`` lists them.
+EXIT_STATUSES: Final = f"""exit status:
+  {EXIT_OK}    success (connect: also when the peer closes the connection cleanly)
+  {EXIT_ERROR}    an error, reported as one line: stalk: error: ...
+  {EXIT_USAGE}    a usage error: a bad option or argument
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C), silently
+  {EXIT_OUTPUT_CLOSED}  standard output closed early (as by | head), silently"""
+
+#: How ``connect`` and ``send`` read a value (one function: :func:`parse_value`).
+VALUES: Final = (
+    "VALUE: a Python literal when it reads as one (42, -1.5, True, None, b'raw', 'text', "
+    "[1, 2], (1, 2) for a tuple, {'k': 1}), else the text itself (hello world). Quote a "
+    "number to send it as text: \"'42'\"."
+)
+#: How ``connect`` and ``send`` decide whom to trust, and which identity they use.
+TRUST: Final = (
+    "Trust works as in ssh: --peer KEY pins the server's key; without it the key "
+    "remembered for HOST:PORT in $STALK_HOME/known_peers is pinned, and the first "
+    "connection to an address records the key the server presents. Your identity is "
+    "FILE, or $STALK_HOME/identity if it exists, else a new key for this connection."
+)
+
+_T = TypeVar("_T")
+#: What ``add_subparsers`` returns.
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
+
+
+class _Output:
+    """Standard output, which its reader may close before we are done (``stalk id | head``).
+
+    Once a write finds the pipe closed, the rest of the output goes to ``/dev/null`` (so
+    that the flush at exit fails no more), :attr:`stop` is cancelled, and the command ends
+    with status :data:`EXIT_OUTPUT_CLOSED`, without a word.
+    """
+
+    def __init__(self) -> None:
+        self.closed = False
+        #: What to cancel when the output closes: the scope a long-running command serves in.
+        self.stop: anyio.CancelScope | None = None
+
+    def reset(self) -> None:
+        """Forget a previous command (:func:`main` may run several times in a process)."""
+        self.closed = False
+        self.stop = None
+
+    def stop_with(self, scope: anyio.CancelScope) -> None:
+        """Cancel ``scope`` when the output closes (at once if it already has)."""
+        self.stop = scope
+        if self.closed:
+            scope.cancel()
+
+    def say(self, text: str) -> None:
+        """Print ``text`` as a line; a closed pipe ends the command, as :meth:`close` says."""
+        if self.closed:
+            return
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            self.close()
+
+    def close(self) -> None:
+        """The reader has gone: send the rest to ``/dev/null`` and stop the command."""
+        self.closed = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
+        if self.stop is not None:
+            self.stop.cancel()
+
+
+_OUTPUT: Final = _Output()
+
+
+def _say(text: str) -> None:
+    """A line on standard output."""
+    _OUTPUT.say(text)
+
+
+def _note(text: str) -> None:
+    """A line on standard error (errors, status such as ``recorded key``), if it is open."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
 
 
 # -- printing what a peer sent --------------------------------------------------------------
@@ -278,8 +396,34 @@ def _show(spack: Spack, args: argparse.Namespace) -> str:
     return escape(repr(spack)) if args.full else summarize(spack)
 
 
+def _foreign_answer(exc: BaseException) -> str | None:
+    """What a service that is not a stalk listener answered, when ``exc`` shows one.
+
+    A stalk listener's verdict is ``00`` or a refusal with a registered code and a UTF-8
+    reason; anything else in :attr:`stalk.HandshakeFailed.verdict` came from another
+    service (an HTTP server's ``HTTP/1.1 400`` reads as refusal code 72). Its first line is
+    shown, decoded with ``\\xNN`` for bytes that are not UTF-8, cut to
+    :data:`ANSWER_CHARS` characters and escaped: it is untrusted text.
+    """
+    if not isinstance(exc, stalk.HandshakeFailed) or not exc.verdict:
+        return None
+    verdict = exc.verdict
+    if verdict[0] in _REFUSAL_CODES and isinstance(
+        exc, (stalk.PeerRefused, stalk.PeerIdentityMismatch)
+    ):
+        return None
+    first = verdict.split(b"\n", 1)[0].removesuffix(b"\r") or verdict
+    text = first.decode("utf-8", "backslashreplace")
+    if len(text) > ANSWER_CHARS:
+        text = text[:ANSWER_CHARS] + "..."
+    return f"this does not look like a stalk listener: it answered '{escape(text)}'"
+
+
 def _error_text(exc: BaseException) -> str:
     """One exception as text: its message, or its type when the message is empty."""
+    foreign = _foreign_answer(exc)
+    if foreign is not None:
+        return foreign
     if isinstance(exc, TimeoutError) and not str(exc):
         return "timed out"
     known = (CommandError, stalk.StalkError, OSError, ValueError)
@@ -301,35 +445,84 @@ def _leaf_errors(exc: BaseException) -> list[BaseException]:
 
 
 def _report(exc: BaseException) -> int:
-    """Print ``exc`` as one ``stalk: error:`` line (escaped); return the exit status.
+    """Report what ended a command; return its exit status.
 
-    An exception group (a task group failed) is reduced to the errors that explain it:
-    cancellations are dropped, and so is "we closed the connection" when another error
-    caused the close. Each distinct message appears once.
+    Ctrl-C anywhere in it (trio wraps KeyboardInterrupt in an exception group) is status
+    130 and a closed standard output (``BrokenPipeError``: stalk reports its sockets'
+    errors as its own) is 141, both silently. Anything else is one escaped
+    ``stalk: error:`` line and status 1: an exception group (a task group failed) is
+    reduced to the errors that explain it, dropping cancellations and "we closed the
+    connection" when another error caused the close, each distinct message once.
     """
     leaves = _leaf_errors(exc)
     if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
-        return 130
+        return EXIT_INTERRUPTED
+    if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+        _OUTPUT.close()
+        return EXIT_OUTPUT_CLOSED
     # Cancellations (asyncio.CancelledError, trio.Cancelled) are BaseExceptions only.
     leaves = [leaf for leaf in leaves if isinstance(leaf, Exception)] or leaves
     causes = [leaf for leaf in leaves if not isinstance(leaf, anyio.ClosedResourceError)]
     messages = dict.fromkeys(_error_text(leaf) for leaf in causes or leaves)
-    print(f"stalk: error: {escape('; '.join(messages))}", file=sys.stderr, flush=True)
-    return 1
+    _note(f"stalk: error: {escape('; '.join(messages))}")
+    return EXIT_ERROR
 
 
 class _LogLine(logging.Handler):
-    """Writes the ``stalk`` logger's records as single escaped lines, tracebacks omitted.
+    """Writes log records as single escaped lines on stderr, tracebacks omitted.
 
     The listener logs errors of single connections (their text may quote a peer); the
-    command line shows them as one line each instead of Python's default output.
+    command line shows them, and anything another library logs, as one line each
+    (``stalk: warning: ...``) instead of Python's default output.
     """
 
     def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += f": {_error_text(record.exc_info[1])}"
-        print(f"stalk: {record.levelname.lower()}: {escape(text)}", file=sys.stderr, flush=True)
+        try:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text += f": {_error_text(record.exc_info[1])}"
+            if record.name != "stalk" and not record.name.startswith("stalk."):
+                text = f"{record.name}: {text}"
+            _note(f"stalk: {record.levelname.lower()}: {escape(text)}")
+        except Exception:  # noqa: BLE001 -- as logging.StreamHandler does
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _logging(verbose: int) -> Iterator[None]:
+    """While a command runs: log records as :class:`_LogLine` s, the library's at ``verbose``.
+
+    Warnings and errors only by default; ``-v`` adds the ``stalk`` logger's INFO records
+    (refused and failed clients of ``stalk listen``), ``-vv`` its DEBUG records. Other
+    libraries' warnings are shown as well (never a traceback). The previous set-up is
+    restored afterwards, so calling :func:`main` in a process changes nothing else.
+    """
+    root, library = logging.getLogger(), logging.getLogger("stalk")
+    levels = root.level, library.level
+    handler = _LogLine()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    library.setLevel(
+        logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    )
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(levels[0])
+        library.setLevel(levels[1])
+
+
+def _run(args: argparse.Namespace, func: Callable[[], Awaitable[_T]]) -> _T:
+    """Run ``func`` on the event loop ``--backend`` names; say how to get trio if missing."""
+    if args.backend == "trio":
+        try:
+            importlib.import_module("trio")
+        except ImportError:
+            raise CommandError(
+                "the trio backend is not installed: pip install 'stalk[trio]'"
+            ) from None
+    return anyio.run(func, backend=args.backend)
 
 
 def _config(args: argparse.Namespace) -> stalk.Config:
@@ -338,46 +531,106 @@ def _config(args: argparse.Namespace) -> stalk.Config:
     return stalk.Config(max_message_size=args.max_message_size)
 
 
-def _say(text: str) -> None:
-    print(text, flush=True)
+# -- reading the command line ---------------------------------------------------------------
+
+
+def _address(text: str, *, default_host: str | None = None) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:7417`` for IPv6), or ``PORT`` alone given a default host."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_host is None:
+            raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {escape(repr(text))}")
+        host, port = default_host, text
+    host = host.strip("[]") or (default_host or "")
+    if not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {escape(repr(text))}")
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {escape(repr(port))}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} out of range (0-65535)")
+    return host, number
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` for ``stalk listen``: the host defaults to 127.0.0.1."""
+    return _address(text, default_host=DEFAULT_LISTEN_HOST)
+
+
+def _peer_key(text: str) -> PublicIdentity:
+    """The server key given to ``--peer``; a fingerprint is refused with how to get the key."""
+    if text.startswith("SHA256:"):
+        raise argparse.ArgumentTypeError(
+            f"{escape(text)} is a fingerprint, not a key: --peer takes the server's public "
+            "key, stalk:..., which 'stalk id' prints on the server (as does the first line "
+            "of 'stalk listen')"
+        )
+    try:
+        return PublicIdentity.from_string(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _message_size(text: str) -> int:
+    """A ``--max-message-size`` that :class:`stalk.Config` accepts."""
+    try:
+        size = int(text)
+        stalk.Config(max_message_size=size)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return size
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {escape(repr(text))}") from None
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text}")
+    return seconds
+
+
+def parse_value(text: str) -> SpackValue:
+    """One spack value as ``send`` reads each VALUE and ``connect`` each line (:data:`VALUES`).
+
+    A Python literal (``42``, ``-1.5``, ``b'raw'``, ``[1, 2]``, ``'42'``) is that value;
+    any other text is the text itself.
+    """
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return value  # type: ignore[no-any-return]
+
+
+def _send_value(text: str) -> SpackValue:
+    """A ``send`` VALUE: :func:`parse_value`, refused at once if a spack cannot carry it."""
+    value = parse_value(text)
+    try:
+        Spack(value).encode()
+    except stalk.InvalidSpackValue as exc:
+        reason = str(exc).removeprefix("spack element 0: ")
+        raise argparse.ArgumentTypeError(f"{escape(text)}: {reason}") from None
+    return value
 
 
 def _identity_path(value: str | None) -> Path:
     return Path(value).expanduser() if value else stalk_home() / "identity"
 
 
-def _load_identity(path: Path) -> Identity:
+def _load_identity(path: Path, given: str | None) -> Identity:
+    """Our identity from ``path``; a missing one says how to create it."""
     try:
         return Identity.load(path)
     except stalk.IdentityFileError as exc:
-        raise CommandError(str(exc)) from exc
-
-
-def _parse_address(text: str, *, default_host: str | None = None) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        if default_host is None:
-            raise CommandError(f"expected HOST:PORT, got {text!r}")
-        host, port = default_host, text
-    host = host.strip("[]") or (default_host or "")
-    if not host:
-        raise CommandError(f"expected HOST:PORT, got {text!r}")
-    try:
-        number = int(port)
-    except ValueError:
-        raise CommandError(f"invalid port {port!r}") from None
-    if not 0 <= number <= 65535:
-        raise CommandError(f"port {number} out of range")
-    return host, number
-
-
-def _parse_value(text: str) -> SpackValue:
-    """A Python literal (``42``, ``b'x'``, ``[1, 2]``) if it is one, else the text itself."""
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
-    return value  # type: ignore[no-any-return]
+        hint = ""
+        if not path.exists() and not path.is_symlink():
+            command = "stalk keygen" + (f" -f {shlex.quote(given)}" if given else "")
+            hint = f"; create one with '{command}'"
+        raise CommandError(f"{exc}{hint}") from exc
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -392,24 +645,24 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     identity.save(path, overwrite=args.force)
     _say(f"wrote {path} (private, mode 0600) and {path}.pub")
     _say(f"{identity.public}  {identity.public.fingerprint}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_id(args: argparse.Namespace) -> int:
     """Print our public key and fingerprint."""
-    identity = _load_identity(_identity_path(args.file))
+    identity = _load_identity(_identity_path(args.file), args.file)
     _say(str(identity.public))
     _say(identity.public.fingerprint)
-    return 0
+    return EXIT_OK
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
     """Remove a host's key from known_peers."""
-    host, port = _parse_address(args.address)
+    host, port = args.address
     if KnownPeers().forget(host, port):
-        _say(f"forgot the key of {host}:{port}")
-        return 0
-    raise CommandError(f"no known key for {host}:{port}")
+        _say(f"forgot the key of {host_port(host, port)}")
+        return EXIT_OK
+    raise CommandError(f"no known key for {host_port(host, port)}")
 
 
 # -- serving ------------------------------------------------------------------------------
@@ -417,19 +670,19 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 def cmd_listen(args: argparse.Namespace) -> int:
     """Serve: print peers and a summary of their spacks (or echo them)."""
-    host, port = _parse_address(args.address, default_host="127.0.0.1")
+    host, port = args.address
     path = _identity_path(args.file)
-    if not path.exists() and args.file is None:
+    if args.file is None and not path.exists():
         Identity.generate().save(path)
         _say(f"created a new identity in {path}")
-    identity = _load_identity(path)
+    identity = _load_identity(path, args.file)
     authorize = AuthorizedPeers(args.authorized_peers) if args.authorized_peers else None
     config = _config(args)
-    logging.getLogger("stalk").addHandler(_LogLine(logging.WARNING))
 
     async def handler(conn: Connection) -> None:
         who = conn.peer.fingerprint
-        _say(f"peer {who} connected ({conn.pattern}) from {conn.host}:{conn.port}")
+        where = "?" if conn.host is None or conn.port is None else host_port(conn.host, conn.port)
+        _say(f"peer {who} connected ({conn.pattern}) from {where}")
         ending = ""
         try:
             async for spack in conn:
@@ -442,16 +695,24 @@ def cmd_listen(args: argparse.Namespace) -> int:
             _say(f"peer {who} disconnected{ending}")
 
     async def serve() -> None:
-        async with await stalk.create_listener(
-            host, port, identity=identity, authorize=authorize, config=config
-        ) as listener:
+        try:
+            listener = await stalk.create_listener(
+                host, port, identity=identity, authorize=authorize, config=config
+            )
+        except OSError as exc:
+            raise CommandError(
+                f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}"
+            ) from exc
+        async with listener:
             bound_host, bound_port = listener.address
-            _say(f"listening on {bound_host}:{bound_port} as {identity.public}")
+            _say(f"listening on {host_port(bound_host, bound_port)} as {identity.public}")
             _say(f"fingerprint {identity.public.fingerprint}")
-            await listener.serve(handler)
+            with anyio.CancelScope() as serving:
+                _OUTPUT.stop_with(serving)
+                await listener.serve(handler)
 
-    anyio.run(serve, backend=args.backend)
-    return 0
+    _run(args, serve)
+    return EXIT_OK
 
 
 # -- dialling ------------------------------------------------------------------------------
@@ -459,17 +720,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 async def _dial(args: argparse.Namespace) -> Connection:
     """Connect with ssh-like trust: --peer, else known_peers (IK), else XX and remember."""
-    host, port = _parse_address(args.address)
+    host, port = args.address
+    address = host_port(host, port)
     path = _identity_path(args.file)
-    identity = _load_identity(path) if path.exists() else None
+    identity = _load_identity(path, args.file) if args.file or path.exists() else None
     known = KnownPeers()
-    if args.peer:
-        try:
-            peer: PublicIdentity | None = PublicIdentity.from_string(args.peer)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
-    else:
-        peer = known.lookup(host, port)
+    peer: PublicIdentity | None = args.peer or known.lookup(host, port)
     try:
         conn = await stalk.connect(host, port, peer, identity=identity, config=_config(args))
     except stalk.PeerIdentityMismatch:
@@ -477,17 +733,14 @@ async def _dial(args: argparse.Namespace) -> Connection:
             raise
         presented = await _presented_key(host, port)
         raise CommandError(
-            f"THE KEY OF {host}:{port} HAS CHANGED. Expected {peer.fingerprint} (from "
+            f"THE KEY OF {address} HAS CHANGED. Expected {peer.fingerprint} (from "
             f"{known.path}), the peer now presents {presented}. Someone may be "
             f"intercepting the connection. If the change is legitimate, run "
-            f"'stalk forget {host}:{port}' and connect again."
+            f"'stalk forget {shlex.quote(address)}' and connect again."
         ) from None
     if peer is None:
         known.remember(host, port, conn.peer)
-        print(
-            f"stalk: recorded key {conn.peer.fingerprint} for {host}:{port} in {known.path}",
-            file=sys.stderr,
-        )
+        _note(f"stalk: recorded key {conn.peer.fingerprint} for {address} in {known.path}")
     return conn
 
 
@@ -501,32 +754,32 @@ async def _presented_key(host: str, port: int) -> str:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send one spack; with --wait print one reply."""
-    spack = Spack(*(_parse_value(v) for v in args.values))
+    spack = Spack(*args.values)
 
     async def run() -> None:
         async with await _dial(args) as conn:
             await conn.send(spack)
-            if args.wait:
+            if args.wait is not None:
                 try:
                     with anyio.fail_after(args.wait):
                         reply = await conn.receive()
                 except TimeoutError:
-                    raise CommandError(f"no reply within {args.wait} s") from None
+                    raise CommandError(f"no reply within {args.wait:g} s") from None
                 except anyio.EndOfStream:
                     raise CommandError("the peer closed the connection without replying") from None
                 _say(_show(reply, args))
 
-    anyio.run(run, backend=args.backend)
-    return 0
+    _run(args, run)
+    return EXIT_OK
 
 
 async def _stdin_lines() -> AsyncIterator[str]:
     """The lines of standard input, without their line endings.
 
     A terminal, pipe or socket is read from its file descriptor once it is readable, so
-    that waiting for input is cancellable: when the server ends the session, ``stalk
-    connect`` reports it at once instead of after the next line. Anything else (a regular
-    file, ``/dev/null``) never blocks for long and is read in a worker thread.
+    that waiting for input is cancellable: when the server ends the session, or on
+    Ctrl-C, ``stalk connect`` ends at once instead of after the next line. Anything else
+    (a regular file, ``/dev/null``) never blocks for long and is read in a worker thread.
     """
     fd = -1
     if sys.platform != "win32" and sys.stdin is not None:
@@ -561,24 +814,41 @@ async def _stdin_lines() -> AsyncIterator[str]:
         yield last
 
 
-def cmd_connect(args: argparse.Namespace) -> int:
-    """Send each stdin line as a spack; print what comes back."""
+async def _send_lines(conn: Connection, ended: anyio.Event) -> None:
+    """Send each line of standard input as a spack of one value, then EOF (CLOSE normal).
 
-    async def printer(conn: Connection) -> None:
-        async for spack in conn:
-            _say(_show(spack, args))
+    A line whose value a spack cannot carry (``{1, 2}`` is a set) is reported and skipped.
+    """
+    async for line in _stdin_lines():
+        try:
+            await conn.send(Spack(parse_value(line)))
+        except (stalk.InvalidSpackValue, stalk.MessageTooLarge) as exc:
+            _note(f"stalk: not sent: {escape(str(exc))}")
+    ended.set()
+    await conn.send_eof()
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    """Send each stdin line as a spack; print what comes back until the peer closes."""
 
     async def run() -> None:
         async with await _dial(args) as conn:
-            print(f"connected to {conn.peer.fingerprint} ({conn.pattern})", file=sys.stderr)
+            typing = sys.stdin is not None and sys.stdin.isatty()
+            hint = "; each line is sent as a spack, Ctrl-D ends" if typing else ""
+            _note(f"connected to {conn.peer.fingerprint} ({conn.pattern}){hint}")
+            input_ended = anyio.Event()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(printer, conn)
-                async for line in _stdin_lines():
-                    await conn.send(Spack(line))
-                await conn.send_eof()
+                _OUTPUT.stop_with(tg.cancel_scope)
+                tg.start_soon(_send_lines, conn, input_ended)
+                async for spack in conn:
+                    _say(_show(spack, args))
+                # The peer closed cleanly: stop waiting for input.
+                tg.cancel_scope.cancel()
+            if not input_ended.is_set() and not _OUTPUT.closed:
+                _note("stalk: the peer closed the connection")
 
-    anyio.run(run, backend=args.backend)
-    return 0
+    _run(args, run)
+    return EXIT_OK
 
 
 # -- tools --------------------------------------------------------------------------------
@@ -586,117 +856,331 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the self-checking loopback demo."""
-    return 0 if anyio.run(run_demo, backend=args.backend) else 1
+    return EXIT_OK if _run(args, run_demo) else EXIT_ERROR
 
 
 def cmd_vectors(args: argparse.Namespace) -> int:
     """Run published Noise test vectors through stalk's Noise layer."""
-    return vectors_main([*(["-v"] if args.verbose else []), *args.files])
+    return vectors_main([*(["-v"] if args.verbose else []), *args.files], prog="stalk")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark stalk against TLS 1.3 and plain TCP (see src/stalk/bench/README.md)."""
+    if args.backends is None and args.backend_given:
+        args.backends = args.backend
     return bench.run_from_args(args)
+
+
+# -- the parser -----------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills each paragraph of a description or epilog on its own; indented lines stay."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks = []
+        for block in text.split("\n\n"):
+            if any(line.startswith(" ") for line in block.splitlines()):
+                blocks.append("\n".join(indent + line for line in block.splitlines()))
+            else:
+                blocks.append(
+                    textwrap.fill(
+                        " ".join(block.split()),
+                        width,
+                        initial_indent=indent,
+                        subsequent_indent=indent,
+                    )
+                )
+        return "\n\n".join(blocks)
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _global_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """``--backend`` and ``-v``, on the main parser and on each command's alike.
+
+    Each parser stores them under its own names (``prefix``), so that an option given
+    before the command and one given after it both count (see :func:`_resolve_globals`).
+    """
+    group = parser.add_argument_group("global options (before or after the command)")
+    group.add_argument(
+        "--backend",
+        dest=f"{prefix}backend",
+        choices=BACKENDS,
+        help="the event loop (default: asyncio; trio needs pip install 'stalk[trio]')",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        dest=f"{prefix}verbose",
+        action="count",
+        default=0,
+        help="show the library's log: -v adds info (refused and failed clients of listen), "
+        "-vv debug (default: warnings only)",
+    )
+
+
+def _resolve_globals(args: argparse.Namespace) -> None:
+    """One ``backend`` and ``verbose`` from the options before and after the command."""
+    backend = args.backend or args.global_backend
+    args.backend_given = backend is not None
+    args.backend = backend or "asyncio"
+    args.verbose += args.global_verbose
+
+
+def _command(
+    commands: _Commands, name: str, summary: str, description: str, *examples: str
+) -> argparse.ArgumentParser:
+    """A command's parser: its help line, description, examples and the global options."""
+    sub = commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=f"{_examples(*examples)}\n\n{EXIT_STATUSES}",
+        formatter_class=_HelpFormatter,
+    )
+    _global_options(sub, "")
+    return sub
+
+
+def _identity_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "-f",
+        "--file",
+        metavar="FILE",
+        help="your identity file (default: $STALK_HOME/identity; $STALK_HOME defaults to ~/.stalk)",
+    )
+
+
+def _peer_data_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--full",
+        action="store_true",
+        help="print received spacks whole (default: a summary of about "
+        f"{SUMMARY_CHARS} characters, each text or bytes value cut to about {VALUE_CHARS}); "
+        "control and bidi characters are escaped either way",
+    )
+    sub.add_argument(
+        "--max-message-size",
+        type=_message_size,
+        metavar="BYTES",
+        help="the largest encoded spack accepted from the peer, advertised to it "
+        f"(stalk.Config.max_message_size, default {stalk.Config().max_message_size})",
+    )
+
+
+def _dial_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("address", type=_address, metavar="HOST:PORT", help="the listener")
+    sub.add_argument(
+        "--peer",
+        type=_peer_key,
+        metavar="KEY",
+        help="pin the server's public key, stalk:... (what 'stalk id' prints on the server, "
+        "not its SHA256: fingerprint); default: the key remembered in "
+        "$STALK_HOME/known_peers, or trust on first use",
+    )
+    _identity_option(sub)
+    _peer_data_options(sub)
+
+
+def _key_commands(commands: _Commands) -> None:
+    """``keygen``, ``id`` and ``forget``."""
+    sub = _command(
+        commands,
+        "keygen",
+        "create your identity (a static key pair)",
+        "Create an identity: the static X25519 key pair that names you to your peers. The "
+        "private key is written to FILE with mode 0600, the public key to FILE.pub. An "
+        "existing identity is kept unless --force is given.",
+        "stalk keygen",
+        "stalk keygen -f ./server.key",
+    )
+    _identity_option(sub)
+    sub.add_argument("--force", action="store_true", help="replace an existing identity")
+    sub.set_defaults(run=cmd_keygen)
+
+    sub = _command(
+        commands,
+        "id",
+        "print your public key and fingerprint",
+        "Print your public key (stalk:..., what peers pin with --peer or list in an "
+        "authorized-peers file) and, on a second line, its fingerprint (SHA256:..., to "
+        "compare by eye). Create the identity first with 'stalk keygen'.",
+        "stalk id",
+        "stalk id -f ./server.key | head -1",
+    )
+    _identity_option(sub)
+    sub.set_defaults(run=cmd_id)
+
+    sub = _command(
+        commands,
+        "forget",
+        "remove a remembered key from known_peers",
+        "Remove the key remembered for HOST:PORT from $STALK_HOME/known_peers, after a "
+        "legitimate key change (the server has a new identity); the next connection "
+        "records the key the server presents then.",
+        "stalk forget 127.0.0.1:7417",
+        "stalk forget '[::1]:7417'",
+    )
+    sub.add_argument("address", type=_address, metavar="HOST:PORT")
+    sub.set_defaults(run=cmd_forget)
+
+
+def _network_commands(commands: _Commands) -> None:
+    """``listen``, ``connect`` and ``send``."""
+    sub = _command(
+        commands,
+        "listen",
+        "accept connections; print (or echo) what peers send",
+        "Accept stalk connections on [HOST:]PORT; print each peer that connects, a summary "
+        "of each spack it sends, and how it left. With --echo, send every spack back. "
+        f"HOST defaults to {DEFAULT_LISTEN_HOST} (this machine only); 0.0.0.0 or '[::]' "
+        "accepts other machines. PORT 0 picks a free port (the first line shows it). The "
+        "identity is FILE, or $STALK_HOME/identity, created on first use. Refused and "
+        "failed clients are shown with -v. Ctrl-C stops.",
+        "stalk listen 7417 --echo",
+        "stalk listen 0.0.0.0:7417 --authorized-peers ~/.stalk/authorized_peers -v",
+        "stalk listen '[::1]:0'",
+    )
+    sub.add_argument("address", type=_listen_address, metavar="[HOST:]PORT")
+    sub.add_argument("--echo", action="store_true", help="send every spack back to its peer")
+    sub.add_argument(
+        "--authorized-peers",
+        metavar="FILE",
+        help="admit only the keys in FILE (one stalk:... key per line, # comments); "
+        "default: admit any key",
+    )
+    _identity_option(sub)
+    _peer_data_options(sub)
+    sub.set_defaults(run=cmd_listen)
+
+    sub = _command(
+        commands,
+        "connect",
+        "send each line of input as a spack; print the replies",
+        "Connect to HOST:PORT, send each line of standard input as a spack of one value "
+        "(read as a VALUE, below), and print every spack that comes back. Ctrl-D (the end "
+        "of input) closes the connection cleanly once the peer has finished; Ctrl-C leaves "
+        "at once. When the peer closes first, connect says so and exits at once, with "
+        f"status 0 for a clean close and 1 for an error.\n\n{TRUST}\n\n{VALUES}",
+        "stalk connect 127.0.0.1:7417",
+        "printf '42\\nhello\\n' | stalk connect 127.0.0.1:7417 --peer stalk:...",
+    )
+    _dial_options(sub)
+    sub.set_defaults(run=cmd_connect)
+
+    sub = _command(
+        commands,
+        "send",
+        "send one spack and exit; --wait prints the reply",
+        "Send one spack made of the VALUEs to HOST:PORT and exit. With --wait, print the "
+        f"first spack that comes back.\n\n{TRUST}\n\n{VALUES}",
+        "stalk send 127.0.0.1:7417 42 hello \"b'raw'\" --wait 5",
+        "stalk send 127.0.0.1:7417 \"'42'\"    # the text 42, not the number",
+    )
+    _dial_options(sub)
+    sub.add_argument(
+        "values",
+        nargs="+",
+        type=_send_value,
+        metavar="VALUE",
+        help="a Python literal, or text (see VALUE above)",
+    )
+    sub.add_argument(
+        "--wait",
+        type=_seconds,
+        metavar="SECONDS",
+        help="print the first reply, waiting at most SECONDS for it (default: do not wait)",
+    )
+    sub.set_defaults(run=cmd_send)
+
+
+def _tool_commands(commands: _Commands) -> None:
+    """``demo``, ``vectors`` and ``bench``."""
+    sub = _command(
+        commands,
+        "demo",
+        "self-checking demo on loopback (no setup needed)",
+        "Run a self-checking demo on loopback: a listener, a first connection (XX) and a "
+        "pinned one (IK), a spack of every value type and a 20 MiB spack checked byte for "
+        "byte, and a wrong pinned key refused. Nothing outside a temporary directory is "
+        "touched; the status is 0 only if every check passed.",
+        "stalk demo",
+        "stalk demo --backend trio",
+    )
+    sub.set_defaults(run=cmd_demo)
+
+    sub = _command(
+        commands,
+        "vectors",
+        "run published Noise test vectors",
+        "Run published Noise test vector files (the cacophony and snow formats) through "
+        "stalk's Noise layer and print how many passed, failed and were skipped (patterns "
+        "and primitives stalk does not use); -v lists every vector.",
+        "stalk vectors snow.txt cacophony.txt",
+    )
+    sub.add_argument("files", nargs="+", metavar="FILE", help="a vector file")
+    sub.set_defaults(run=cmd_vectors)
+
+    sub = _command(
+        commands,
+        "bench",
+        "benchmark stalk against TLS 1.3 and plain TCP",
+        "Benchmark stalk against TLS 1.3 and plain TCP, each side in its own process "
+        "(src/stalk/bench/README.md explains every figure). --backend X is short for "
+        "--backends X.",
+        "stalk bench --quick",
+        "stalk bench --smoke --backends asyncio",
+    )
+    bench.add_arguments(sub)
+    sub.set_defaults(run=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    examples = _examples("stalk keygen", "stalk listen 7417 --echo", "stalk demo --backend trio")
     parser = argparse.ArgumentParser(
-        prog="stalk", description="End-to-end encrypted, message-based connections over TCP."
+        prog="stalk",
+        description="End-to-end encrypted, message-based connections over TCP: keys, a "
+        "listener, a client, the demo and tools. 'stalk COMMAND --help' describes each "
+        "command.",
+        epilog=f"{examples}\n\n{EXIT_STATUSES}",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"stalk {stalk.__version__}")
-    parser.add_argument(
-        "--backend", choices=["asyncio", "trio"], default="asyncio", help="event loop to use"
+    _global_options(parser, "global_")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", title="commands"
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def identity_option(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "-f", "--file", help="identity file (default: $STALK_HOME/identity, ~/.stalk/identity)"
-        )
-
-    def peer_data_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--full",
-            action="store_true",
-            help="print received spacks whole (default: a summary of about "
-            f"{SUMMARY_CHARS} characters, each text or bytes value cut to about {VALUE_CHARS}); "
-            "control and bidi characters are escaped either way",
-        )
-        sub.add_argument(
-            "--max-message-size",
-            type=int,
-            metavar="BYTES",
-            help="the largest encoded spack accepted from the peer, advertised to it "
-            f"(stalk.Config.max_message_size, default {stalk.Config().max_message_size})",
-        )
-
-    def dial_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("address", metavar="HOST:PORT")
-        sub.add_argument(
-            "--peer", metavar="KEY", help="pin this server key (overrides known_peers)"
-        )
-        identity_option(sub)
-        peer_data_options(sub)
-
-    sub = commands.add_parser("keygen", help="create an identity (static key pair)")
-    identity_option(sub)
-    sub.add_argument("--force", action="store_true", help="replace an existing identity")
-    sub.set_defaults(run=cmd_keygen)
-
-    sub = commands.add_parser("id", help="print your public key and fingerprint")
-    identity_option(sub)
-    sub.set_defaults(run=cmd_id)
-
-    sub = commands.add_parser("listen", help="accept connections and print (or echo) spacks")
-    sub.add_argument("address", metavar="[HOST:]PORT")
-    sub.add_argument("--echo", action="store_true", help="send every spack back")
-    sub.add_argument("--authorized-peers", metavar="FILE", help="admit only the keys listed")
-    identity_option(sub)
-    peer_data_options(sub)
-    sub.set_defaults(run=cmd_listen)
-
-    sub = commands.add_parser("connect", help="send each stdin line as a spack, print replies")
-    dial_options(sub)
-    sub.set_defaults(run=cmd_connect)
-
-    sub = commands.add_parser("send", help="send one spack and exit")
-    dial_options(sub)
-    sub.add_argument("values", nargs="+", metavar="VALUE", help="Python literals or text")
-    sub.add_argument("--wait", type=float, metavar="SECONDS", help="print one reply")
-    sub.set_defaults(run=cmd_send)
-
-    sub = commands.add_parser("forget", help="remove a host's key from known_peers")
-    sub.add_argument("address", metavar="HOST:PORT")
-    sub.set_defaults(run=cmd_forget)
-
-    sub = commands.add_parser("demo", help="self-checking demo on loopback (no setup needed)")
-    sub.set_defaults(run=cmd_demo)
-
-    sub = commands.add_parser("vectors", help="run published Noise test vectors")
-    sub.add_argument("files", nargs="+", metavar="FILE")
-    sub.add_argument("-v", "--verbose", action="store_true")
-    sub.set_defaults(run=cmd_vectors)
-
-    sub = commands.add_parser("bench", help="benchmark stalk against TLS 1.3 and plain TCP")
-    bench.add_arguments(sub)
-    sub.set_defaults(run=cmd_bench)
+    _key_commands(commands)
+    _network_commands(commands)
+    _tool_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``stalk`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``stalk`` console script; returns the exit status.
+
+    Usage errors exit through ``SystemExit`` (status 2) as argparse does; every other
+    ending is a status from :data:`EXIT_STATUSES`.
+    """
+    _OUTPUT.reset()
     for stream in (sys.stdout, sys.stderr):
         # Printable text a terminal's encoding cannot represent is escaped, not an error.
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     try:
-        return int(args.run(args))
+        args = build_parser().parse_args(argv)
+        _resolve_globals(args)
+        with _logging(args.verbose):
+            status = int(args.run(args))
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 -- every failure is one line, never a traceback
         return _report(exc)
+    return EXIT_OUTPUT_CLOSED if _OUTPUT.closed else status
 
 
 if __name__ == "__main__":
