@@ -960,6 +960,16 @@ async def test_ctrl_c_ends_a_handshake_nobody_answers(anyio_backend: str, home: 
     assert_silent_interrupt(status, text)
 
 
+async def test_ctrl_c_ends_bench_and_its_workers_silently(anyio_backend: str, home: Path) -> None:
+    # --backend X is short for --backends X; the workers run in sessions of their own, so
+    # the Ctrl-C reaches the orchestrator only, which kills them mid-job.
+    async with terminal(home, anyio_backend, "bench", "--smoke") as (term, process):
+        await term.expect(f"[{anyio_backend} ")
+        await term.expect("calibrated")
+        term.type(b"\x03")
+        assert_silent_interrupt(*await ended(term, process))
+
+
 async def echo(conn: stalk.Connection) -> None:
     async for spack in conn:
         await conn.send(spack)

@@ -73,14 +73,23 @@ def worker_env(malloc_tuned: bool = False) -> dict[str, str]:
 
 
 class _Process:
-    """A worker process spoken to in JSON lines."""
+    """A worker process spoken to in JSON lines.
+
+    It runs in a session of its own, so that a Ctrl-C typed in the terminal interrupts
+    the orchestrator alone (its workers would print tracebacks): the orchestrator then
+    stops them (:meth:`Pair.__exit__`).
+    """
 
     def __init__(self, args: Sequence[str], env: dict[str, str]) -> None:
         command = [sys.executable, "-m", "stalk.bench", "--worker", *args]
         self.name = " ".join(args[:3])
         # Our own interpreter and module, arguments built here: nothing untrusted.
         self.proc = subprocess.Popen(  # noqa: S603
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
         )
         self._buffer = b""
 
@@ -116,11 +125,14 @@ class _Process:
         stdin.flush()
         return self.read(timeout)
 
-    def close(self) -> None:
+    def close(self, *, at_once: bool = False) -> None:
+        """End the worker: its input ends and it exits after its current job, or at once."""
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
         try:
+            if at_once:
+                self.proc.kill()
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.terminate()
@@ -144,10 +156,17 @@ class Pair:
         """Run one client job; return its answer."""
         return self.client.request(job, timeout)
 
-    def close(self) -> None:
-        """Stop both workers (client first)."""
-        self.client.close()
-        self.server.close()
+    def close(self, *, at_once: bool = False) -> None:
+        """Stop both workers (client first); ``at_once`` kills them mid-job."""
+        self.client.close(at_once=at_once)
+        self.server.close(at_once=at_once)
+
+    def __enter__(self) -> Pair:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """Stop the workers; at once when an error or a Ctrl-C ends the measurement."""
+        self.close(at_once=exc_type is not None)
 
 
 def start_pair(
@@ -174,13 +193,13 @@ def start_pair(
             env,
         )
     except BaseException:
-        server.close()
+        server.close(at_once=True)
         raise
     try:
         client.read(60)
     except BaseException:
-        client.close()
-        server.close()
+        client.close(at_once=True)
+        server.close(at_once=True)
         raise
     return Pair(server, client)
 
@@ -336,12 +355,9 @@ def _measure_rounds(pair: Pair, cells: list[_Cell], budget: Budget, say: Progres
 def _measure_memory(
     backend: str, transport: str, budget: Budget, tls_files: tuple[Path, Path], env: dict[str, str]
 ) -> dict[str, float]:
-    pair = start_pair(backend, *tls_files, [transport], env)
-    try:
+    with start_pair(backend, *tls_files, [transport], env) as pair:
         n = budget.memory_connections
         answer = pair.job(op="memory", conn=transport, n=n, concurrency=8)
-    finally:
-        pair.close()
     return {
         "connections": n,
         "server_bytes_per_conn": (answer["server_after"] - answer["server_before"]) / n,
@@ -441,11 +457,8 @@ def run(
             cells = _cells(budget, families)
             if cells:
                 kinds = ["stalk", "stalk_plain", "stalk_big", "tls", "tcp"]
-                pair = start_pair(backend, *tls_files, kinds, env)
-                try:
+                with start_pair(backend, *tls_files, kinds, env) as pair:
                     samples = _measure_rounds(pair, cells, budget, tell)
-                finally:
-                    pair.close()
             memory: dict[str, dict[str, float]] = {}
             if "memory" in families:
                 for transport in TRANSPORTS:

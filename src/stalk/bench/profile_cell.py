@@ -107,15 +107,12 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         cert, key = make_certificate(Path(tmp))
         connect = sorted({via, job.get("conn", via)})
-        pair = start_pair(args.backend, cert, key, connect, worker_env(args.malloc_tuned))
-        try:
+        with start_pair(args.backend, cert, key, connect, worker_env(args.malloc_tuned)) as pair:
             pair.job(**job)  # warm-up
             plain = pair.job(**job)
             client, server = out / "client.prof", out / "server.prof"
             profile = {"via": via, "client": str(client), "server": str(server)}
             profiled = pair.job(**job, profile=profile)
-        finally:
-            pair.close()
         seconds = plain.get("seconds", plain.get("big_seconds", 0.0))
         seconds_profiled = profiled.get("seconds", profiled.get("big_seconds", 0.0))
         print(f"cell {args.cell} {args.arg or ''} {args.transport} on {args.backend}: {job}")
