@@ -7,6 +7,7 @@ is the command's controlling terminal, on both backends, every step with a deadl
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -38,6 +39,7 @@ from stalk.cli import (
     SUMMARY_CHARS,
     VALUE_CHARS,
     VALUES,
+    _logging,
     _resolve_globals,
     build_parser,
     encoded_size,
@@ -1241,3 +1243,27 @@ def test_trio_missing_says_how_to_install_it(home: Path, tmp_path: Path) -> None
         assert result.stderr == (
             "stalk: error: the trio backend is not installed: pip install 'stalk[trio]'\n"
         )
+
+
+def test_log_records_are_single_escaped_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    library, other = logging.getLogger("stalk.listener"), logging.getLogger("asyncio")
+    before = logging.getLogger().level, logging.getLogger("stalk").level
+    for verbose in (0, 1, 2):
+        with _logging(verbose):
+            library.debug("debug")
+            library.info("info from %s", "127.0.0.1:1")
+            library.warning("warning\x1b[2J")
+            other.info("not ours")
+            try:
+                raise stalk.ConnectionLost("cut\nshort")
+            except stalk.ConnectionLost:
+                other.exception("a task failed")
+        lines = capsys.readouterr().err.splitlines()
+        expected = [
+            *(["stalk: debug: debug"] if verbose >= 2 else []),
+            *(["stalk: info: info from 127.0.0.1:1"] if verbose >= 1 else []),
+            "stalk: warning: warning\\x1b[2J",
+            "stalk: error: asyncio: a task failed: cut\\nshort",
+        ]
+        assert lines == expected
+    assert (logging.getLogger().level, logging.getLogger("stalk").level) == before
