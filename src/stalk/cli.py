@@ -51,10 +51,10 @@ from stalk import bench  # light: the benchmark itself is imported when it runs
 from stalk.connection import Connection
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
-from stalk.known_peers import AuthorizedPeers, KnownPeers, host_port, stalk_home
+from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
 from stalk.spack import Float32, Spack, SpackValue
 from stalk.vectors import main as vectors_main
-from stalk.wire import CloseCode
+from stalk.wire import CloseCode, host_port
 
 __all__ = ["main"]
 

@@ -85,11 +85,10 @@ from stalk.events import (
     MessageReceived,
 )
 from stalk.identity import Identity, PublicIdentity
-from stalk.known_peers import host_port
 from stalk.link import Link, stream_error
 from stalk.session import Role, Session
 from stalk.spack import Spack
-from stalk.wire import CloseCode, Pattern
+from stalk.wire import CloseCode, Pattern, host_port
 
 __all__ = [
     "Authorize",

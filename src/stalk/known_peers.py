@@ -29,8 +29,9 @@ from pathlib import Path
 from stalk import _files
 from stalk.errors import IdentityFileError
 from stalk.identity import PublicIdentity
+from stalk.wire import host_port
 
-__all__ = ["AuthorizedPeers", "KnownPeers", "host_port", "stalk_home"]
+__all__ = ["AuthorizedPeers", "KnownPeers", "stalk_home"]
 
 _KNOWN_KIND = "known peers file"
 _AUTHORIZED_KIND = "authorized peers file"
@@ -45,14 +46,6 @@ _NEW_FILE_MODE = 0o600
 def stalk_home() -> Path:
     """``$STALK_HOME``, or ``~/.stalk``: where identities and trust stores live."""
     return Path(os.environ.get("STALK_HOME") or Path.home() / ".stalk").expanduser()
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port`` as stalk writes an address, in known_peers and in messages alike.
-
-    An IPv6 host is bracketed (``[::1]:7417``), so the port cannot be read as part of it.
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _read(path: Path, kind: str) -> tuple[list[tuple[int, str]], os.stat_result | None]:

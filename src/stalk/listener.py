@@ -41,8 +41,7 @@ from stalk.connection import Authorize, Connection
 from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
 from stalk.handshake import busy_refusal
 from stalk.identity import Identity
-from stalk.known_peers import host_port
-from stalk.wire import CloseCode
+from stalk.wire import CloseCode, host_port
 
 __all__ = ["ConnectionHandler", "Listener", "create_listener", "listen"]
 

@@ -1,8 +1,9 @@
 """Every constant of the stalk wire protocol, version 1 (SPEC.md gives the meaning of each).
 
-Nothing here does anything; the sans-IO modules (:mod:`stalk.framing`,
-:mod:`stalk.handshake`, :mod:`stalk.records`, :mod:`stalk.session`) import their numbers
-from this one place so that SPEC.md and the code can be checked against each other.
+Nothing here does anything but name a close code or write an address for messages; the
+sans-IO modules (:mod:`stalk.framing`, :mod:`stalk.handshake`, :mod:`stalk.records`,
+:mod:`stalk.session`) import their numbers from this one place so that SPEC.md and the
+code can be checked against each other.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "Pattern",
     "RecordKind",
     "close_code_name",
+    "host_port",
 ]
 
 #: The first five bytes an initiator sends: ASCII ``STALK``.
@@ -205,3 +207,11 @@ def close_code_name(code: int) -> str:
         return CloseCode(code).name
     except ValueError:
         return f"code {code}"
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as stalk writes an address, in messages and in known_peers alike.
+
+    An IPv6 host is bracketed (``[::1]:7417``), so that the port cannot be read as part of it.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
