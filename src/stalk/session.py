@@ -73,7 +73,12 @@ from stalk.events import (
     PeerIdentified,
 )
 from stalk.framing import FrameReader, encode_refusal
-from stalk.handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
+from stalk.handshake import (
+    ChannelParams,
+    HandshakeResult,
+    InitiatorHandshake,
+    ResponderHandshake,
+)
 from stalk.identity import Identity, PublicIdentity
 from stalk.receiver import Receiver
 from stalk.records import RecordWriter, encode_close
@@ -118,11 +123,14 @@ class SessionConfig:
     :param max_message_size: the largest encoded spack we accept (advertised to the peer).
     :param rekey_after_messages: send REKEY after this many Noise transport messages...
     :param rekey_after_bytes: ...or this many plaintext bytes, whichever comes first.
+    :param channels: what we offer for channels (SPEC "Channels"); ``None`` offers none,
+        and the session speaks version 1 only.
     """
 
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     rekey_after_messages: int = DEFAULT_REKEY_AFTER_MESSAGES
     rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES
+    channels: ChannelParams | None = None
 
     def __post_init__(self) -> None:
         if not MIN_MAX_MESSAGE_SIZE <= self.max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
@@ -196,11 +204,18 @@ class Session:
         self._hs: InitiatorHandshake | ResponderHandshake | None
         if role is Role.INITIATOR:
             self._hs = InitiatorHandshake(
-                identity, peer, config.max_message_size, ephemeral=ephemeral_for_testing_only
+                identity,
+                peer,
+                config.max_message_size,
+                channels=config.channels,
+                ephemeral=ephemeral_for_testing_only,
             )
         else:
             self._hs = ResponderHandshake(
-                identity, config.max_message_size, ephemeral=ephemeral_for_testing_only
+                identity,
+                config.max_message_size,
+                channels=config.channels,
+                ephemeral=ephemeral_for_testing_only,
             )
         self._pattern: Pattern | None = self._hs.pattern
         self._result: HandshakeResult | None = None
@@ -246,6 +261,16 @@ class Session:
     def peer_max_message_size(self) -> int | None:
         """The largest encoded spack the peer accepts, once the handshake finished."""
         return self._result.peer_params.max_message_size if self._result else None
+
+    @property
+    def peer_channels(self) -> ChannelParams | None:
+        """What the peer offered for channels, once the handshake finished (else ``None``)."""
+        return self._result.peer_params.channels if self._result else None
+
+    @property
+    def channels(self) -> bool:
+        """Whether this connection has channels: both parties offered them (SPEC "Channels")."""
+        return self.config.channels is not None and self.peer_channels is not None
 
     @property
     def close_sent(self) -> bool:
