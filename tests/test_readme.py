@@ -72,6 +72,7 @@ def test_public_namespace_is_all_and_documented() -> None:
 
 
 CORE = [
+    "channels",
     "errors",
     "events",
     "framing",
