@@ -249,6 +249,11 @@ class ChannelTable:
             self.opened_by_us += 1
         return channel
 
+    def opened_before(self, channel_id: int) -> bool:
+        """Whether ``channel_id`` (not open now) was opened once, or skipped by its opener."""
+        highest = self._highest_ours if self._ours_parity(channel_id) else self._highest_theirs
+        return channel_id <= highest
+
     def for_peer_record(self, channel_id: int) -> tuple[Channel, bool] | None:
         """The channel a peer's record on ``channel_id`` (not 0) is for.
 

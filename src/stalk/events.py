@@ -18,6 +18,9 @@ from stalk.wire import Pattern
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "ChannelCloseReceived",
+    "ChannelOpened",
+    "ChannelResetReceived",
     "CloseReceived",
     "Event",
     "HandshakeComplete",
@@ -80,9 +83,44 @@ class HandshakeComplete:
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    """One whole spack, authenticated and decoded."""
+    """One whole spack, authenticated and decoded.
+
+    :ivar channel: the channel it came on (0 without channels).
+    :ivar size: with channels, its data bytes, which the driver hands back to
+        :meth:`~stalk.session.Session.release` once the application has it (0 without).
+    """
 
     spack: Spack
+    channel: int = 0
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOpened:
+    """The peer opened a channel (its spacks, if any, follow as :class:`MessageReceived`)."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelCloseReceived:
+    """The peer ended its direction of a channel: it sends nothing more on it."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelResetReceived:
+    """The peer reset a channel: both directions ended, with a code and reason.
+
+    Spacks of that channel not yet handed to the application are to be dropped, and the
+    driver calls :meth:`~stalk.session.Session.release_channel` once the application let
+    go of it (its answering RESET goes then).
+    """
+
+    channel: int
+    code: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,5 +142,12 @@ class CloseReceived:
 
 
 Event: TypeAlias = (
-    PeerIdentified | HandshakeComplete | MessageReceived | PongReceived | CloseReceived
+    PeerIdentified
+    | HandshakeComplete
+    | MessageReceived
+    | PongReceived
+    | CloseReceived
+    | ChannelOpened
+    | ChannelCloseReceived
+    | ChannelResetReceived
 )

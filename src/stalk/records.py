@@ -334,6 +334,10 @@ def _header(kind: RecordKind, length: int) -> bytes:
     return bytes((kind, 0)) + encode_uvarint(length)
 
 
+def _channel_header(kind: RecordKind, channel: int, body: bytes | memoryview) -> bytes:
+    return bytes((kind,)) + encode_uvarint(channel) + encode_uvarint(len(body))
+
+
 def _largest_fitting(avail: int) -> int:
     """The largest body length ``n`` with ``n + len(uvarint(n)) <= avail``."""
     n = avail - _uvarint_len(avail)
@@ -356,14 +360,15 @@ class RecordWriter:
         self._done: list[bytearray | _Fragments] = []
         self._done_bytes = 0
 
-    def add(self, kind: RecordKind, body: bytes | memoryview = b"") -> None:
-        """Queue a control record (CLOSE, PING, PONG, READY); it is never split."""
-        size = 2 + _uvarint_len(len(body)) + len(body)
+    def add(self, kind: RecordKind, body: bytes | memoryview = b"", channel: int = 0) -> None:
+        """Queue a control record (CLOSE, PING, PONG, READY, RESET, WINDOW...); never split."""
+        header = _header(kind, len(body)) if not channel else _channel_header(kind, channel, body)
+        size = len(header) + len(body)
         if size > self._capacity:
             raise ValueError(f"{kind.name} record of {size} bytes exceeds a Noise message")
         if len(self._current) + size > self._capacity:
             self._finish_current()
-        self._current += _header(kind, len(body))
+        self._current += header
         self._current += body
 
     def add_message(self, encoded: bytes | memoryview) -> None:

@@ -53,6 +53,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
+from stalk.channels import ChannelInput, ChannelTable
 from stalk.errors import (
     ConnectionLost,
     HandshakeFailed,
@@ -166,6 +167,7 @@ class Session:
 
     # Slots: a session is held per connection, and an instance dict costs more.
     __slots__ = (
+        "_channels",
         "_control",
         "_error",
         "_events",
@@ -220,6 +222,7 @@ class Session:
         self._pattern: Pattern | None = self._hs.pattern
         self._result: HandshakeResult | None = None
         self._receiver: Receiver | None = None
+        self._channels: ChannelTable | None = None  # once both offered channels
         # Application records (spacks, and CLOSE/PING, which must follow what was queued
         # before them) and control records the session emits by itself (READY, PONG, error
         # CLOSE). Keeping them apart lets the receive path owe a PONG without flushing
@@ -270,7 +273,7 @@ class Session:
     @property
     def channels(self) -> bool:
         """Whether this connection has channels: both parties offered them (SPEC "Channels")."""
-        return self.config.channels is not None and self.peer_channels is not None
+        return self._channels is not None
 
     @property
     def close_sent(self) -> bool:
@@ -420,6 +423,11 @@ class Session:
         self._result = result
         self._hs = None
         self._sealer.start(result.send_cipher)
+        ours, theirs = self.config.channels, result.peer_params.channels
+        if ours is not None and theirs is not None:
+            self._channels = ChannelTable(
+                initiator=self.role is Role.INITIATOR, ours=ours, theirs=theirs
+            )
         self._receiver = Receiver(
             self._reader,
             result.recv_cipher,
@@ -428,6 +436,7 @@ class Session:
             control=self._control,
             limit=self.config.max_message_size,
             confirmed=_complete(result),
+            channels=self._channels,
         )
 
     def _send_ready(self) -> None:
@@ -569,6 +578,33 @@ class Session:
         if self._receiver is not None:
             self._receiver.pings_sent += 1
         self._push(self._writer)
+
+    # -- channels ---------------------------------------------------------------------------
+
+    def release(self, channel: int, size: int) -> None:
+        """The application has the spack of a :class:`~stalk.events.MessageReceived`.
+
+        With channels, hands its ``size`` back as credit (WINDOW records go out a quarter
+        window at a time); call it for every such event, also for a spack dropped because
+        its channel was reset. Without channels it does nothing.
+        """
+        receiver = self._receiver
+        if receiver is None or receiver.demux is None:
+            return
+        receiver.demux.release(channel, size, self._control)
+
+    def release_channel(self, channel: int) -> None:
+        """The application let go of a channel the peer reset: our answering RESET goes.
+
+        :raises ~stalk.LocalProtocolError: the channel is not one the peer reset.
+        """
+        table = self._channels
+        found = table.channels.get(channel) if table is not None else None
+        if table is None or found is None:
+            raise LocalProtocolError(f"channel {channel} is not open")
+        table.process(found, ChannelInput.RELEASED)
+        if self._states.can_send_data:
+            self._control.add(RecordKind.RESET, encode_close(CloseCode.NORMAL, ""), channel)
 
     def request_rekey(self) -> None:
         """Rekey our sending cipher with the next Noise message (policy does it anyway)."""
