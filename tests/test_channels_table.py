@@ -93,29 +93,27 @@ def test_ids_by_parity_and_in_order(initiator: bool) -> None:
     with pytest.raises(LocalProtocolError, match="at most 3"):
         table.open()  # the peer's limit
     peer_first = 2 if initiator else 1
-    channel, opened = table.for_peer_record(peer_first + 4) or (None, False)
-    assert channel is not None
-    assert opened
-    assert table.for_peer_record(peer_first + 4) == (channel, False)
-    with pytest.raises(ProtocolError, match="ended"):
-        table.for_peer_record(peer_first)  # skipped: never opened, so never usable
+    channel, opened = table.for_peer_record(peer_first + 2)
+    assert opened == [peer_first, peer_first + 2]  # the lower id opens with it
+    assert table.for_peer_record(peer_first + 2) == (channel, [])
+    assert table.for_peer_record(peer_first)[1] == []
     with pytest.raises(ProtocolError, match="never opened"):
         table.for_peer_record(first + 6)  # ours, not opened yet
+    with pytest.raises(ChannelLimitExceeded):
+        table.for_peer_record(peer_first + 4)  # a third: over our limit of 2
 
 
 def test_the_peer_is_held_to_our_limit_until_a_channel_ends() -> None:
     table = _table(initiator=True)
-    one = table.for_peer_record(2)
-    two = table.for_peer_record(4)
-    assert one is not None
-    assert two is not None
+    one, _ = table.for_peer_record(2)
+    table.for_peer_record(4)
     with pytest.raises(ChannelLimitExceeded, match="limit of 2"):
         table.for_peer_record(6)
-    table.process(one[0], ChannelInput.RESET_RECEIVED)
+    table.process(one, ChannelInput.RESET_RECEIVED)
     with pytest.raises(ChannelLimitExceeded):
         table.for_peer_record(6)  # a reset channel keeps its slot until released
-    table.process(one[0], ChannelInput.RELEASED)
-    assert table.for_peer_record(6) is not None
+    table.process(one, ChannelInput.RELEASED)
+    assert table.for_peer_record(6)[1] == [6]
     with pytest.raises(ProtocolError, match="ended"):
         table.for_peer_record(2)
 

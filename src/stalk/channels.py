@@ -14,9 +14,10 @@ a new id of its parity: odd for the initiator, even for the responder. A
   application let go of the channel (:meth:`ChannelTable.release`): until then the channel
   keeps its slot, so a peer that opens and resets channels in a loop has at most the
   advertised number in hand at once, whatever the application does with them.
-- **Ids and the limit.** Each party opens ids in increasing order; a record on an id of
-  the peer's parity above the highest it opened opens that channel, within the number we
-  advertised (else :class:`~stalk.errors.ChannelLimitExceeded`, code CHANNEL_LIMIT).
+- **Ids and the limit.** A record on an id of the peer's parity above the highest it
+  opened opens that channel and every lower one of the peer's not open yet (as QUIC
+  streams open), within the number we advertised (else
+  :class:`~stalk.errors.ChannelLimitExceeded`, code CHANNEL_LIMIT).
   :meth:`ChannelTable.open` opens ours, within the number the peer advertised.
 - **Credit** counts data bytes (MESSAGE and FRAGMENT bodies), per channel and for the
   connection. Sending spends what the peer granted; receiving checks what we granted
@@ -254,32 +255,36 @@ class ChannelTable:
         highest = self._highest_ours if self._ours_parity(channel_id) else self._highest_theirs
         return channel_id <= highest
 
-    def for_peer_record(self, channel_id: int) -> tuple[Channel, bool] | None:
+    def for_peer_record(self, channel_id: int) -> tuple[Channel, list[int]]:
         """The channel a peer's record on ``channel_id`` (not 0) is for.
 
-        :returns: the channel and whether this record opened it; ``None`` for a record
-            to drop: a channel we reset whose answering RESET has not arrived yet is still
-            in the table, so ``None`` never happens for it.
+        A record on an id of the peer's above the highest it opened opens that channel and,
+        as in QUIC, every lower id of the peer's not opened yet (a party may use the ids
+        it took in any order; the wire sees them open in order).
+
+        :returns: the channel, and the ids this record opened, in order (often none).
         :raises ~stalk.errors.ProtocolError: an id of ours we never opened, or one of the
             peer's that already ended.
-        :raises ~stalk.errors.ChannelLimitExceeded: opening it passes our limit.
+        :raises ~stalk.errors.ChannelLimitExceeded: opening them passes our limit.
         """
         channel = self.channels.get(channel_id)
         if channel is not None:
-            return channel, False
+            return channel, []
         if self._ours_parity(channel_id):
             if channel_id > self._highest_ours:
                 raise ProtocolError(f"record on channel {channel_id}, which we never opened")
             raise ProtocolError(f"record on channel {channel_id}, which ended")
         if channel_id <= self._highest_theirs:
             raise ProtocolError(f"record on channel {channel_id}, which ended")
-        if self.opened_by_peer >= self._ours.max_channels:
+        opened = list(range(self._highest_theirs + 2, channel_id + 1, 2))
+        if self.opened_by_peer + len(opened) > self._ours.max_channels:
             raise ChannelLimitExceeded(
                 f"the peer opened channel {channel_id} beyond the limit of "
                 f"{self._ours.max_channels} open channels"
             )
         self._highest_theirs = channel_id
-        return self._add(channel_id, by_peer=True), True
+        added = [self._add(each, by_peer=True) for each in opened]
+        return added[-1], opened
 
     # -- states ------------------------------------------------------------------------
 

@@ -139,12 +139,8 @@ class Demux:
 
     def _lookup(self, channel_id: int, events: list[Event]) -> Channel:
         """The channel a data or CLOSE record is for, opening it if the peer opens it."""
-        found = self.table.for_peer_record(channel_id)
-        if found is None:  # pragma: no cover - for_peer_record raises instead
-            raise ProtocolError(f"record on channel {channel_id}, which ended")
-        channel, opened = found
-        if opened:
-            events.append(ChannelOpened(channel_id))
+        channel, opened = self.table.for_peer_record(channel_id)
+        events.extend(ChannelOpened(each) for each in opened)
         return channel
 
     def _existing(self, channel_id: int) -> Channel | None:
@@ -203,7 +199,8 @@ class Demux:
 
     def release(self, channel_id: int, size: int, grants: RecordWriter) -> None:
         """The application has a spack of ``size`` data bytes from ``channel_id``."""
-        if self.slot == channel_id:
+        handover = self.slot == channel_id
+        if handover:
             size -= self._slot_granted  # the rest went back as it arrived
             self.slot = None
             self._slot_granted = 0
@@ -214,6 +211,19 @@ class Demux:
         if increment:
             grants.add(_WINDOW, encode_uvarint(increment), channel_id)
         self._release_connection(size, grants)
+        if handover:
+            self._offer_slot(grants)
+
+    def _offer_slot(self, grants: RecordWriter) -> None:
+        """The slot is free: the first channel stuck inside a spack without credit takes it."""
+        table = self.table
+        for channel_id, partial in self._partial.items():
+            credit = table.channel0 if not channel_id else table.channels[channel_id].credit
+            if not credit.receive or not table.connection.receive:
+                self.slot = channel_id
+                self._grant(channel_id, partial, grants)
+                self._slot_granted = partial
+                return
 
     def _release_connection(self, size: int, grants: RecordWriter) -> None:
         increment = self.table.connection.release(size)
@@ -237,11 +247,14 @@ class Demux:
         """
         partial = self._partial.pop(channel_id, 0)
         self._reassemblers.pop(channel_id, None)
-        if self.slot == channel_id:
+        handover = self.slot == channel_id
+        if handover:
             partial -= self._slot_granted
             self.slot = None
             self._slot_granted = 0
         self._release_connection(partial, grants)
+        if handover:
+            self._offer_slot(grants)
 
     @property
     def busy(self) -> bool:

@@ -53,7 +53,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-from stalk.channels import ChannelInput, ChannelTable
+from stalk.channels import ChannelInput, ChannelState, ChannelTable
 from stalk.errors import (
     ConnectionLost,
     HandshakeFailed,
@@ -81,6 +81,7 @@ from stalk.handshake import (
     ResponderHandshake,
 )
 from stalk.identity import Identity, PublicIdentity
+from stalk.mux import Mux
 from stalk.receiver import Receiver
 from stalk.records import RecordWriter, encode_close
 from stalk.sealer import Sealer
@@ -168,10 +169,12 @@ class Session:
     # Slots: a session is held per connection, and an instance dict costs more.
     __slots__ = (
         "_channels",
+        "_closing",
         "_control",
         "_error",
         "_events",
         "_hs",
+        "_mux",
         "_pattern",
         "_reader",
         "_receiver",
@@ -223,6 +226,8 @@ class Session:
         self._result: HandshakeResult | None = None
         self._receiver: Receiver | None = None
         self._channels: ChannelTable | None = None  # once both offered channels
+        self._mux: Mux | None = None  # with channels: the application's spacks go here
+        self._closing: tuple[int, str] | None = None  # a CLOSE waiting for queued spacks
         # Application records (spacks, and CLOSE/PING, which must follow what was queued
         # before them) and control records the session emits by itself (READY, PONG, error
         # CLOSE). Keeping them apart lets the receive path owe a PONG without flushing
@@ -287,7 +292,13 @@ class Session:
 
     @property
     def queued_bytes(self) -> int:
-        """Bytes of records queued by :meth:`queue` and not yet flushed by :meth:`flush`."""
+        """Bytes of records queued by :meth:`queue` and not yet flushed by :meth:`flush`.
+
+        With channels: data bytes queued and not yet sent (flushed or not, waiting for
+        their turn or for credit).
+        """
+        if self._mux is not None:
+            return self._mux.queued_bytes
         return self._writer.queued_bytes
 
     @property
@@ -350,9 +361,15 @@ class Session:
         out what is encrypted already or encrypts about 2 MiB more of what was flushed (see
         :mod:`stalk.sealer`), so a large spack is never held as ciphertext all at once.
         """
-        if self._control.pending() and self._sealer.cipher is not None and not self.close_sent:
-            self._sealer.push(self._control.pack())  # answers owed (PONGs)
-        return self._sealer.take()
+        sealer = self._sealer
+        if self._control.pending() and sealer.cipher is not None and not sealer.closed:
+            sealer.push(self._control.pack())  # answers owed (PONGs; WINDOW with channels)
+        if self._closing is not None and not (self._mux is not None and self._mux.unsent()):
+            code, reason = self._closing  # everything queued before close() has gone
+            self._closing = None
+            self._writer.add(RecordKind.CLOSE, encode_close(code, reason))
+            self._push(self._writer, final=True)
+        return sealer.take()
 
     # -- the handshake --------------------------------------------------------------------
 
@@ -428,6 +445,8 @@ class Session:
             self._channels = ChannelTable(
                 initiator=self.role is Role.INITIATOR, ours=ours, theirs=theirs
             )
+            self._mux = Mux(self._channels)
+            self._sealer.attach(self._mux)
         self._receiver = Receiver(
             self._reader,
             result.recv_cipher,
@@ -517,16 +536,29 @@ class Session:
         if not states.can_send_data:
             raise refusal(Direction.SEND, states.send, Input.DATA_SENT)
 
-    def queue(self, spack: Spack) -> None:
+    def queue(self, spack: Spack, channel: int = 0) -> None:
         """Encode ``spack`` and queue it; :meth:`flush` sends everything queued.
 
+        :param channel: with channels, the channel to send it on (0: the connection's own).
         :raises ~stalk.InvalidSpackValue: a value cannot be encoded (nothing is queued).
         :raises ~stalk.MessageTooLarge: larger than the peer accepts (nothing is queued).
         :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
-        :raises ~stalk.LocalProtocolError: the session is not open yet.
+        :raises ~stalk.LocalProtocolError: the session is not open yet, or the channel is
+            not open for sending.
         """
         if not self._states.can_send_data:
             self._check_sendable()
+        if channel or self._mux is not None:
+            self._queue_on_channel(spack, channel)
+            return
+        pieces, _ = self._encode(spack)
+        if len(pieces) == 1:
+            self._writer.add_message(pieces[0])
+        else:
+            self._writer.add_message_pieces(pieces)
+
+    def _encode(self, spack: Spack) -> tuple[list[bytes], int]:
+        """A spack's encoding as pieces, and its size, checked against the peer's limits."""
         if type(spack) is not Spack and not isinstance(spack, Spack):
             raise InvalidSpackValue(
                 f"send() and queue() take a Spack, not {type(spack).__name__}: "
@@ -540,10 +572,19 @@ class Session:
                 f"spack of {size} bytes exceeds the peer's limit of {limit} bytes"
             )
         check_weight(pieces, size)
-        if len(pieces) == 1:
-            self._writer.add_message(pieces[0])
-        else:
-            self._writer.add_message_pieces(pieces)
+        return pieces, size
+
+    def _queue_on_channel(self, spack: Spack, channel: int) -> None:
+        mux, table = self._mux, self._channels
+        if mux is None or table is None:
+            raise LocalProtocolError("this connection has no channels (the peer offered none)")
+        found = table.channels.get(channel) if channel else None
+        if channel and (found is None or channel in mux.closing):
+            raise LocalProtocolError(f"channel {channel} is not open for sending")
+        pieces, _ = self._encode(spack)
+        if found is not None:
+            table.process(found, ChannelInput.DATA_SENT)
+        mux.queue(channel, pieces)
 
     def flush(self) -> None:
         """Send everything queued, in as few Noise messages as possible.
@@ -553,6 +594,10 @@ class Session:
 
         :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
         """
+        if self._mux is not None:
+            self._check_sendable()
+            self._mux.flush()
+            return
         writer = self._writer
         if writer.pending():
             self._check_sendable()
@@ -580,6 +625,51 @@ class Session:
         self._push(self._writer)
 
     # -- channels ---------------------------------------------------------------------------
+
+    def open_channel(self) -> int:
+        """Open a channel of ours; its id. Its first record (spack or CLOSE) opens it.
+
+        :raises ~stalk.LocalProtocolError: no channels on this connection, or the peer's
+            limit of open channels is reached.
+        """
+        table = self._channels
+        if table is None:
+            raise LocalProtocolError("this connection has no channels (the peer offered none)")
+        self._check_sendable()
+        return table.open().id
+
+    def close_channel(self, channel: int) -> None:
+        """Send the CLOSE of our direction of ``channel``, after what it has queued.
+
+        :raises ~stalk.LocalProtocolError: the channel is not open for sending.
+        """
+        mux, table = self._mux, self._channels
+        found = table.channels.get(channel) if table is not None and channel else None
+        if mux is None or found is None or channel in mux.closing:
+            raise LocalProtocolError(f"channel {channel} is not open for sending")
+        if found.state not in (ChannelState.OPEN, ChannelState.RECEIVE_CLOSED):
+            raise LocalProtocolError(f"channel {channel} is {found.state}")
+        self._check_sendable()
+        mux.queue_close(channel)
+        mux.flush()
+
+    def reset_channel(self, channel: int, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Reset ``channel``: both directions end; what it had not sent is dropped.
+
+        :raises ValueError: the code is not a u16 or the reason is too long.
+        :raises ~stalk.LocalProtocolError: the channel is not open (or already reset).
+        """
+        body = encode_close(code, reason)
+        mux, table, receiver = self._mux, self._channels, self._receiver
+        demux = receiver.demux if receiver is not None else None
+        found = table.channels.get(channel) if table is not None and channel else None
+        if table is None or mux is None or demux is None or found is None:
+            raise LocalProtocolError(f"channel {channel} is not open")
+        self._check_sendable()
+        table.process(found, ChannelInput.RESET_SENT)
+        mux.drop(channel)
+        demux.forget(channel, self._control)
+        self._control.add(RecordKind.RESET, body, channel)
 
     def release(self, channel: int, size: int) -> None:
         """The application has the spack of a :class:`~stalk.events.MessageReceived`.
@@ -629,6 +719,10 @@ class Session:
             self._states.process(Input.ABANDON)
             return
         self._states.process(Input.CLOSE_SENT)
+        if self._mux is not None and self._mux.unsent():
+            self._mux.flush()
+            self._closing = (code, reason)  # data_to_send() sends it once they have gone
+            return
         self._writer.add(RecordKind.CLOSE, encode_close(code, reason))
         self._push(self._writer, final=True)
 
