@@ -12,11 +12,11 @@ from helpers import Pair, connected_pair, drain, take_all
 from stalk.errors import ChannelLimitExceeded, FlowControlError, ProtocolError
 from stalk.events import (
     ChannelCloseReceived,
+    ChannelMessageReceived,
     ChannelOpened,
     ChannelResetReceived,
     CloseReceived,
     Event,
-    MessageReceived,
 )
 from stalk.framing import encode_frame
 from stalk.handshake import ChannelParams
@@ -82,10 +82,10 @@ def test_the_peer_opens_channels_by_sending_on_them() -> None:
     assert events == [
         ChannelOpened(1),
         ChannelOpened(3),
-        MessageReceived(Spack("one"), 1, one),
-        MessageReceived(Spack("zero"), 0, zero),
-        MessageReceived(Spack("three"), 3, three),
-        MessageReceived(Spack("one again"), 1, again),
+        ChannelMessageReceived(Spack("one"), 1, one),
+        ChannelMessageReceived(Spack("zero"), 0, zero),
+        ChannelMessageReceived(Spack("three"), 3, three),
+        ChannelMessageReceived(Spack("one again"), 1, again),
     ]
 
 
@@ -103,8 +103,8 @@ def test_spacks_in_pieces_are_rebuilt_per_channel() -> None:
         pair, _record(RecordKind.MESSAGE, 3, b[5:]), _record(RecordKind.MESSAGE, 1, a[20:])
     )
     assert events == [
-        MessageReceived(Spack("b" * 30), 3, len(b)),
-        MessageReceived(Spack("a" * 40), 1, len(a)),
+        ChannelMessageReceived(Spack("b" * 30), 3, len(b)),
+        ChannelMessageReceived(Spack("a" * 40), 1, len(a)),
     ]
 
 
@@ -198,7 +198,9 @@ def test_credit_goes_back_as_the_application_releases_spacks() -> None:
     table = pair.client._channels
     assert table is not None
     events = _deliver(pair, *[_message(0, spack)] * 3)
-    assert [event.size for event in events if isinstance(event, MessageReceived)] == [size] * 3
+    assert [event.size for event in events if isinstance(event, ChannelMessageReceived)] == [
+        size
+    ] * 3
     pair.server.release(0, size)
     pair.server.release(0, size)
     assert not pair.server.has_output  # 1,006 bytes: under a quarter of the 4,096 granted
@@ -226,7 +228,7 @@ def test_a_spack_larger_than_the_window_arrives_through_the_assembly_slot() -> N
         pair.client.receive_data(take_all(pair.server))
         drain(pair.client)
         assert table.channel0.send >= 0
-    assert events == [MessageReceived(Spack(b"s" * 20_000), 0, len(body))]
+    assert events == [ChannelMessageReceived(Spack(b"s" * 20_000), 0, len(body))]
     assert pair.server._receiver is not None
     demux = pair.server._receiver.demux
     assert demux is not None

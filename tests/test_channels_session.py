@@ -12,11 +12,11 @@ from helpers import Pair, connected_pair, drain
 from stalk.errors import LocalProtocolError
 from stalk.events import (
     ChannelCloseReceived,
+    ChannelMessageReceived,
     ChannelOpened,
     ChannelResetReceived,
     CloseReceived,
     Event,
-    MessageReceived,
 )
 from stalk.handshake import ChannelParams
 from stalk.session import Session, SessionConfig
@@ -45,7 +45,7 @@ class _Driver:
     def spacks(self, session: Session) -> dict[int, list[Spack]]:
         by_channel: dict[int, list[Spack]] = defaultdict(list)
         for event in self.events[session]:
-            if isinstance(event, MessageReceived):
+            if isinstance(event, ChannelMessageReceived):
                 by_channel[event.channel].append(event.spack)
         return by_channel
 
@@ -57,7 +57,7 @@ class _Driver:
             moved += len(data)
             for event in drain(dst):
                 self.events[dst].append(event)
-                if isinstance(event, MessageReceived):
+                if isinstance(event, ChannelMessageReceived):
                     dst.release(event.channel, event.size)
         return bool(moved)
 
@@ -125,11 +125,11 @@ def test_a_small_spack_overtakes_a_large_one_on_another_channel() -> None:
         assert data, "the small spack never came"
         server.receive_data(data)
         events += drain(server)
-        if any(isinstance(e, MessageReceived) and e.channel == chat for e in events):
+        if any(isinstance(e, ChannelMessageReceived) and e.channel == chat for e in events):
             break
         before += len(data)
     assert before <= 65_535 + 2  # one Noise message of bulk went first, at most
-    assert not any(isinstance(e, MessageReceived) and e.channel == bulk for e in events[:-1])
+    assert not any(isinstance(e, ChannelMessageReceived) and e.channel == bulk for e in events[:-1])
 
 
 def test_a_channel_closed_both_ways_ends_on_both_sides() -> None:
@@ -165,7 +165,7 @@ def test_a_reset_drops_what_was_not_sent_and_is_answered() -> None:
     assert client.queued_bytes == 0
     driver.run()
     assert ChannelResetReceived(channel, 0x1000, "never mind") in driver.events[server]
-    assert not any(isinstance(e, MessageReceived) for e in driver.events[server])
+    assert not any(isinstance(e, ChannelMessageReceived) for e in driver.events[server])
     assert client._channels is not None
     assert channel in client._channels.channels  # waiting for the answer
     server.release_channel(channel)

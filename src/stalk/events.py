@@ -19,6 +19,7 @@ __all__ = [
     "NEED_DATA",
     "PAUSED",
     "ChannelCloseReceived",
+    "ChannelMessageReceived",
     "ChannelOpened",
     "ChannelResetReceived",
     "CloseReceived",
@@ -83,16 +84,23 @@ class HandshakeComplete:
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    """One whole spack, authenticated and decoded.
+    """One whole spack, authenticated and decoded (a connection without channels)."""
 
-    :ivar channel: the channel it came on (0 without channels).
-    :ivar size: with channels, its data bytes, which the driver hands back to
-        :meth:`~stalk.session.Session.release` once the application has it (0 without).
+    spack: Spack
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelMessageReceived:
+    """One whole spack on a connection with channels (channel 0 included).
+
+    :ivar channel: the channel it came on.
+    :ivar size: its data bytes, which the driver hands back to
+        :meth:`~stalk.session.Session.release` once the application has the spack.
     """
 
     spack: Spack
-    channel: int = 0
-    size: int = 0
+    channel: int
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +153,7 @@ Event: TypeAlias = (
     PeerIdentified
     | HandshakeComplete
     | MessageReceived
+    | ChannelMessageReceived
     | PongReceived
     | CloseReceived
     | ChannelOpened

@@ -37,6 +37,7 @@ from stalk.demux import Demux
 from stalk.errors import HandshakeFailed, MessageLimitExceeded, PeerRefused, ProtocolError
 from stalk.events import (
     ChannelCloseReceived,
+    ChannelMessageReceived,
     ChannelResetReceived,
     CloseReceived,
     Event,
@@ -360,7 +361,7 @@ class Receiver:
                         events.append(
                             MessageReceived(spack)
                             if demux is None
-                            else MessageReceived(spack, channel, demux.next_size(channel))
+                            else ChannelMessageReceived(spack, channel, demux.next_size(channel))
                         )
                 elif self._record(incoming, kind, channel, body, reassembler):
                     incoming.offset = 0
@@ -406,12 +407,12 @@ class Receiver:
             self._states.process(Input.CLOSE_RECEIVED)
         self._events.extend(incoming.events)
 
-    def _received(self, spack: Spack, channel: int) -> MessageReceived:
+    def _received(self, spack: Spack, channel: int) -> MessageReceived | ChannelMessageReceived:
         """The event for a spack decoded: with channels, with its channel and size."""
         demux = self.demux
         if demux is None:
             return MessageReceived(spack)
-        return MessageReceived(spack, channel, demux.next_size(channel))
+        return ChannelMessageReceived(spack, channel, demux.next_size(channel))
 
     def _record(
         self,

@@ -672,7 +672,7 @@ class Session:
         self._control.add(RecordKind.RESET, body, channel)
 
     def release(self, channel: int, size: int) -> None:
-        """The application has the spack of a :class:`~stalk.events.MessageReceived`.
+        """The application has the spack of a :class:`~stalk.events.ChannelMessageReceived`.
 
         With channels, hands its ``size`` back as credit (WINDOW records go out a quarter
         window at a time); call it for every such event, also for a spack dropped because
