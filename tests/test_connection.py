@@ -354,7 +354,7 @@ async def test_concurrent_senders_never_interleave_frames(writer: bool) -> None:
             async def receiver() -> None:
                 for _ in range(80):
                     reply = await conn.receive()
-                    n, i = int(reply[1]), int(reply[2])  # type: ignore[arg-type]
+                    n, i = int(reply[1]), int(reply[2])
                     assert reply[3] == blobs[(n + i) % 2]
                     seen.add((n, i))
 

@@ -66,7 +66,8 @@ def test_public_namespace_is_all_and_documented() -> None:
         if not name.startswith("_") and not isinstance(value, type(stalk))
     }
     assert public == set(stalk.__all__) - {"__version__"}
-    aliases = {"Authorize", "ConnectionHandler", "MessageHandler", "SpackValue"}  # typing only
+    # typing only
+    aliases = {"Authorize", "ConnectionHandler", "MessageHandler", "Received", "SpackValue"}
     for name in set(stalk.__all__) - aliases - {"__version__"}:
         assert getattr(stalk, name).__doc__, name
 
@@ -85,6 +86,7 @@ CORE = [
     "session",
     "spack",
     "states",
+    "summary",
     "weigh",
     "wire",
 ]
