@@ -13,10 +13,11 @@ a peer cannot move the cursor, ring the bell, retitle the terminal, forge extra 
 reorder a line with bidirectional controls.
 
 Received spacks are printed as :func:`summarize` makes them (``stalk listen``, ``connect``
-and ``send --wait`` alike): each ``str``/``bytes`` value shortened to about
-:data:`VALUE_CHARS` characters and the line to about :data:`SUMMARY_CHARS`, with the
-spack's size, built without ever making the ``repr()`` of a whole large value. ``--full``
-prints the whole ``repr()``, escaped the same way. ``--max-message-size`` sets
+and ``send --wait`` alike): their bounded ``repr()`` (each ``str``/``bytes`` value
+shortened to about :data:`~stalk.summary.VALUE_CHARS` characters and the line to about
+:data:`~stalk.summary.SUMMARY_CHARS`) with the spack's size, built without ever making
+the text of a whole large value. ``--full`` prints every value's whole ``repr()``
+(:func:`full_text`), escaped the same way. ``--max-message-size`` sets
 :attr:`stalk.Config.max_message_size`, the largest spack the peer may send us.
 """
 
@@ -31,7 +32,7 @@ import os
 import stat
 import sys
 from array import array
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,16 +45,11 @@ from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
 from stalk.spack import Float32, Spack, SpackValue
+from stalk.summary import SUMMARY_CHARS, VALUE_CHARS, plural, render
 from stalk.vectors import main as vectors_main
 
 __all__ = ["main"]
 
-#: The most characters one ``str`` or ``bytes`` value takes in a summary (its quotes and
-#: the ``... (N more bytes)`` note aside).
-VALUE_CHARS: Final = 200
-#: A summary adds no further value once the line is this long: with one last value, the
-#: notes of nested containers and the size, a line stays under 2,600 characters.
-SUMMARY_CHARS: Final = 1000
 #: A summary states the spack's size in bytes unless it holds more values than this (all
 #: containers included): counting those would take longer than the summary is worth.
 SIZE_VALUES: Final = 100_000
@@ -167,86 +163,6 @@ def encoded_size(values: Sequence[Any], *, max_values: int = SIZE_VALUES) -> int
         return None
 
 
-def _plural(number: int, noun: str) -> str:
-    """``noun``, or its plural unless ``number`` is 1."""
-    return noun if number == 1 else f"{noun}s"
-
-
-class _Summary:
-    """Builds the bounded text of a spack (see :func:`summarize`)."""
-
-    def __init__(self, value_chars: int, total_chars: int) -> None:
-        self.parts: list[str] = []
-        self.left = total_chars
-        self.value_chars = value_chars
-        self.shortened = False
-
-    def add(self, text: str) -> None:
-        self.parts.append(text)
-        self.left -= len(text)
-
-    def value(self, value: Any) -> None:
-        kind = type(value)
-        if kind is str:
-            self.sliced(value, len(value), "characters")
-        elif kind is bytes or kind is bytearray or kind is memoryview:
-            data = memoryview(value).cast("B")
-            self.sliced(data, len(data), "bytes")
-        elif kind is list:
-            self.items("[", value, len(value), "]", self.value)
-        elif kind is tuple:
-            self.items("(", value, len(value), ",)" if len(value) == 1 else ")", self.value)
-        elif kind is dict:
-            self.items("{", value.items(), len(value), "}", self.entry)
-        elif kind is array:
-            if value:
-                self.items(f"array({value.typecode!r}, [", value, len(value), "])", self.value)
-            else:
-                self.add(f"array({value.typecode!r})")
-        elif value is None or kind in (bool, int, float, Float32):
-            self.add(repr(value))  # at most a few dozen characters
-        else:
-            self.add(f"<{kind.__qualname__}>")
-
-    def entry(self, item: tuple[Any, Any]) -> None:
-        self.value(item[0])
-        self.add(": ")
-        self.value(item[1])
-
-    def sliced(self, value: str | memoryview, length: int, unit: str) -> None:
-        """A prefix of ``value`` whose repr fits in ``value_chars``, and what is left."""
-        shown = min(length, self.value_chars)
-        while True:
-            head = value[:shown]
-            text = repr(head if isinstance(head, str) else bytes(head))
-            if len(text) <= self.value_chars + 3 or shown <= 1:
-                break
-            shown = max(1, shown * self.value_chars // len(text))
-        self.add(text)
-        if shown < length:
-            self.add(f"... ({length - shown} more {unit})")
-            self.shortened = True
-
-    def items(
-        self,
-        opening: str,
-        items: Iterable[Any],
-        count: int,
-        closing: str,
-        show: Callable[[Any], None],
-    ) -> None:
-        self.add(opening)
-        for index, item in enumerate(items):
-            if index:
-                self.add(", ")
-            if self.left <= 0:
-                self.add(f"... ({count - index} more {_plural(count - index, 'value')})")
-                self.shortened = True
-                break
-            show(item)
-        self.add(closing)
-
-
 def summarize(
     spack: Spack, *, value_chars: int = VALUE_CHARS, total_chars: int = SUMMARY_CHARS
 ) -> str:
@@ -255,17 +171,16 @@ def summarize(
     A spack that fits reads exactly as its ``repr()``. A longer one shows each ``str`` and
     ``bytes`` value up to about ``value_chars`` characters followed by
     ``... (N more bytes)`` (``characters`` for a string), stops listing the values of a
-    container once the line reaches ``total_chars`` with ``... (N more values)``, and ends
-    with ``(spack of N bytes, M values; --full prints it all)`` (the size is left out for a
-    spack of more than :data:`SIZE_VALUES` values in all). Only the parts shown are ever
-    turned into text, so a 16 MiB value costs a 200-byte slice, not a 64 MiB repr.
+    container once the line reaches ``total_chars`` with ``... (N more values)`` (as
+    ``repr()`` does, see :func:`stalk.summary.render`), and ends with ``(spack of N
+    bytes, M values; --full prints it all)`` (the size is left out for a spack of more than
+    :data:`SIZE_VALUES` values in all). Only the parts shown are ever turned into text, so
+    a 16 MiB value costs a 200-byte slice, not a 64 MiB repr.
     """
-    summary = _Summary(value_chars, total_chars)
-    summary.items("Spack(", spack, len(spack), ")", summary.value)
-    text = "".join(summary.parts)
-    if summary.shortened:
+    text, shortened = render(spack, value_chars=value_chars, total_chars=total_chars)
+    if shortened:
         size, count = encoded_size(spack), len(spack)
-        values = f"{count} {_plural(count, 'value')}"
+        values = f"{count} {plural(count, 'value')}"
         if size is None:
             text += f" (spack of {values}, over {SIZE_VALUES} in all; --full prints it all)"
         else:
@@ -273,9 +188,14 @@ def summarize(
     return escape(text)
 
 
+def full_text(spack: Spack) -> str:
+    """Every value of ``spack`` in full, as ``Spack(...)`` with each value's ``repr()``."""
+    return f"Spack({', '.join(map(repr, spack))})"
+
+
 def _show(spack: Spack, args: argparse.Namespace) -> str:
     """What the command prints for a received spack: its summary, or with --full all of it."""
-    return escape(repr(spack)) if args.full else summarize(spack)
+    return escape(full_text(spack)) if args.full else summarize(spack)
 
 
 def _error_text(exc: BaseException) -> str:

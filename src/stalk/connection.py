@@ -96,6 +96,7 @@ __all__ = [
     "MessageHandler",
     "StalkAttribute",
     "connect",
+    "format_address",
     "stream_error",
 ]
 
@@ -116,7 +117,7 @@ class StalkAttribute(anyio.TypedAttributeSet):
     #: our own static key pair
     identity: Identity = anyio.typed_attribute()
     #: ``"XX"`` or ``"IK"``
-    pattern: str = anyio.typed_attribute()
+    pattern: Pattern = anyio.typed_attribute()
     #: Noise handshake hash: the channel-binding value
     handshake_hash: bytes = anyio.typed_attribute()
 
@@ -257,7 +258,8 @@ class Connection(ObjectStream[Spack]):
         }
 
     def __repr__(self) -> str:
-        where = f"{self.host}:{self.port}" if self._link.address else "stream"
+        address = self._link.address
+        where = format_address(address[0], address[1]) if address else "stream"
         state = "closed" if self._link.closed else "broken" if self._link.broken else "open"
         return f"<stalk.Connection {self.pattern} {self.peer.fingerprint} {where} {state}>"
 
@@ -450,6 +452,11 @@ class Connection(ObjectStream[Spack]):
                 await maybe_await(handler(spack))
         except StalkError as exc:
             logger.debug("receiving from %s ended: %s", self._link.address, exc)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::1]:7413``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _dial(host: str, port: int) -> ByteStream:

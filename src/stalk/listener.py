@@ -21,6 +21,12 @@ established connection whose handler receives can be bounded by ``Config.idle_ti
 After a successful handshake (and ``authorize``), ``handler(conn)`` runs in the same task.
 When it returns, the connection is closed cleanly; when it raises, the error is logged, the
 connection is closed with INTERNAL_ERROR, and the listener keeps serving.
+
+A :class:`Listener` is an ``anyio.abc.Listener[Connection]``: code written for anyio's
+listeners (``serve(handler, task_group=None)``, ``async with``, ``extra()``) serves
+stalk connections unchanged. Its ``serve`` also takes anyio's ``task_status``, so
+``await task_group.start(listener.serve, handler)`` returns the bound address once the
+listener is accepting.
 """
 
 from __future__ import annotations
@@ -30,14 +36,14 @@ import errno
 import ipaddress
 import logging
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Final, TypeAlias
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, TypeAlias
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
 from stalk.config import Config
-from stalk.connection import Authorize, Connection
+from stalk.connection import Authorize, Connection, format_address
 from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
 from stalk.handshake import busy_refusal
 from stalk.identity import Identity
@@ -104,10 +110,12 @@ def _check_file_limit(config: Config) -> None:
         )
 
 
-class Listener(anyio.abc.AsyncResource):
-    """A bound stalk listener; use :func:`create_listener`, then :meth:`serve`.
+class Listener(anyio.abc.Listener[Connection]):
+    """A bound stalk listener: an anyio ``Listener`` of :class:`~stalk.Connection` objects.
 
-    Usable as ``async with``: leaving closes the listening sockets.
+    Use :func:`create_listener`, then :meth:`serve`. Usable as ``async with``: leaving
+    closes the listening sockets. Its typed attributes are the listening socket's
+    (``listener.extra(anyio.abc.SocketAttribute.local_address)``).
     """
 
     def __init__(
@@ -125,13 +133,20 @@ class Listener(anyio.abc.AsyncResource):
         self._connections = 0
         #: handshakes in progress by address key; an entry is removed when it drops to 0
         self._handshakes_by_address: dict[str, int] = {}
+        local = sockets.extra(SocketAttribute.local_address)
+        self._address = str(local[0]), int(local[1])
+        self._closed = False
         _check_file_limit(config)
 
     @property
     def address(self) -> tuple[str, int]:
         """The ``(host, port)`` actually bound (port 0 resolves to the real port)."""
-        host = self._sockets.extra(SocketAttribute.local_address)
-        return str(host[0]), int(host[1])
+        return self._address
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """The listening socket's typed attributes (anyio's ``SocketAttribute``)."""
+        return self._sockets.extra_attributes
 
     @property
     def handshakes_in_progress(self) -> int:
@@ -152,10 +167,23 @@ class Listener(anyio.abc.AsyncResource):
         """
         return dict(self._handshakes_by_address)
 
-    async def serve(self, handler: ConnectionHandler, task_group: TaskGroup | None = None) -> None:
+    async def serve(
+        self,
+        handler: ConnectionHandler,
+        task_group: TaskGroup | None = None,
+        *,
+        task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Accept connections until cancelled, running ``handler(conn)`` for each.
 
+        Each client is handshaken in its own task; ``handler`` runs once the handshake (and
+        ``authorize``) succeeded, and the connection is closed when it returns (see the
+        module docs for errors and the caps that refuse clients with BUSY).
+
+        :param handler: ``async def handler(conn)``, serving one connection.
         :param task_group: where connection tasks run (default: a group of our own).
+        :param task_status: anyio's: with ``await task_group.start(listener.serve,
+            handler)``, the bound ``(host, port)`` is returned once accepting has started.
         """
         async with contextlib.AsyncExitStack() as stack:
             if task_group is None:
@@ -163,6 +191,7 @@ class Listener(anyio.abc.AsyncResource):
             async with anyio.create_task_group() as acceptors:
                 for sockets in self._socket_listeners():
                     acceptors.start_soon(self._accept_loop, sockets, handler, task_group)
+                task_status.started(self.address)
 
     def _socket_listeners(self) -> list[anyio.abc.Listener[anyio.abc.SocketStream]]:
         inner = getattr(self._sockets, "listeners", None)
@@ -294,7 +323,17 @@ class Listener(anyio.abc.AsyncResource):
 
     async def aclose(self) -> None:
         """Stop listening (connections already accepted are unaffected)."""
+        self._closed = True
         await self._sockets.aclose()
+
+    def __repr__(self) -> str:
+        state = (
+            "closed"
+            if self._closed
+            else f"{self._connections} connected, {self._handshakes} handshaking"
+        )
+        where = format_address(*self.address)
+        return f"<stalk.Listener {where} {self.identity.public.fingerprint} {state}>"
 
 
 async def create_listener(
@@ -334,5 +373,4 @@ async def listen(
     async with await create_listener(
         host, port, identity=identity, authorize=authorize, config=config
     ) as listener:
-        task_status.started(listener.address)
-        await listener.serve(handler)
+        await listener.serve(handler, task_status=task_status)

@@ -26,6 +26,7 @@ from stalk.connection import Connection
 from stalk.connection import connect as _connect
 from stalk.identity import Identity, PublicIdentity
 from stalk.spack import Spack
+from stalk.wire import Pattern
 
 __all__ = ["SyncConnection", "connect"]
 
@@ -46,7 +47,7 @@ class SyncConnection:
         return self.connection.peer
 
     @property
-    def pattern(self) -> str:
+    def pattern(self) -> Pattern:
         """``"XX"`` or ``"IK"``."""
         return self.connection.pattern
 
@@ -70,6 +71,9 @@ class SyncConnection:
                 yield self.receive()
             except EndOfStream:
                 return
+
+    def __repr__(self) -> str:
+        return f"<stalk.sync.SyncConnection of {self.connection!r}>"
 
     def close(self) -> None:
         """Close the connection (CLOSE, then TCP) and stop the event loop thread."""
