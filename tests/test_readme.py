@@ -109,11 +109,13 @@ def test_no_public_signature_shows_a_private_parameter() -> None:
 
 CORE = [
     "channels",
+    "demux",
     "errors",
     "events",
     "framing",
     "handshake",
     "identity",
+    "mux",
     "_noise",
     "reassembly",
     "receiver",
