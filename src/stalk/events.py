@@ -103,6 +103,7 @@ class CloseReceived:
     reason: str
 
 
+#: Any event :meth:`Session.next_event() <stalk.session.Session.next_event>` returns.
 Event: TypeAlias = (
     PeerIdentified | HandshakeComplete | MessageReceived | PongReceived | CloseReceived
 )
