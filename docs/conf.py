@@ -51,6 +51,10 @@ autodoc_type_aliases = {
 sphinx.util.inspect.TypeAliasForwardRef.__repr__ = lambda self: str(self.name)  # type: ignore[method-assign]
 add_module_names = False
 python_display_short_literal_types = True
+python_maximum_signature_line_length = 80  # longer: one parameter a line
+
+# Code blocks without a language (SPEC's diagrams and byte layouts) are plain text.
+highlight_language = "none"
 
 html_theme = "furo"
 html_title = f"stalk {release}"
