@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import enum
 import sys
+import typing
 from typing import Any
 
 import sphinx.util.inspect
+from sphinx.addnodes import pending_xref
 from sphinx.application import Sphinx
+from sphinx.environment import BuildEnvironment
 from sphinx.pycode import ModuleAnalyzer
 from sphinx.util import logging
 
@@ -46,9 +49,15 @@ autoclass_content = "both"  # a class's docstring, then its initializer's
 autodoc_type_aliases = {
     name: name for name in ("Authorize", "ConnectionHandler", "MessageHandler", "SpackValue")
 }
-# Sphinx 9.0 writes an alias inside a union or a generic (``Authorize | None``) by the repr
-# of its placeholder, ``TypeAliasForwardRef('Authorize')``; its name is what belongs there.
-sphinx.util.inspect.TypeAliasForwardRef.__repr__ = lambda self: str(self.name)  # type: ignore[method-assign]
+# Sphinx writes an alias inside a union or a generic (``Authorize | None``) by the repr of
+# its placeholder, ``TypeAliasForwardRef('Authorize')``: its name is what belongs there.
+# Before 9.0 the placeholder could not be part of a union at all (sphinx-doc/sphinx#14004),
+# which left every annotation of such a signature unevaluated.
+_AliasRef: Any = sphinx.util.inspect.TypeAliasForwardRef
+_AliasRef.__repr__ = lambda self: str(self.name)
+if "__or__" not in vars(_AliasRef):
+    _AliasRef.__or__ = lambda self, other: typing.Union[self, other]  # noqa: UP007
+    _AliasRef.__ror__ = lambda self, other: typing.Union[other, self]  # noqa: UP007
 add_module_names = False
 python_display_short_literal_types = True
 python_maximum_signature_line_length = 80  # longer: one parameter a line
@@ -120,7 +129,23 @@ def _data_docs(  # noqa: PLR0917 - the arguments Sphinx passes
         lines.extend([f"Alias of ``{obj}``.", ""])
 
 
+def _alias_reference(app: Sphinx, env: BuildEnvironment, node: pending_xref, contnode: Any) -> Any:
+    """Resolve an annotation naming a public alias (``SpackValue``) to its entry.
+
+    Annotations are looked up as classes, and an alias is documented as data; Sphinx 9
+    falls back from one to the other by itself, earlier versions do not.
+    """
+    target = node.get("reftarget", "").removeprefix("stalk.")
+    if node.get("refdomain") != "py" or target not in autodoc_type_aliases:
+        return None
+    python = env.get_domain("py")
+    return python.resolve_xref(
+        env, node["refdoc"], app.builder, "data", f"stalk.{target}", node, contnode
+    )
+
+
 def setup(app: Sphinx) -> None:
     """Connect the hooks above."""
     app.connect("autodoc-process-signature", _hide_signature)
     app.connect("autodoc-process-docstring", _data_docs)
+    app.connect("missing-reference", _alias_reference)
