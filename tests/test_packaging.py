@@ -39,13 +39,15 @@ def test_license_is_mit_and_shipped() -> None:
 
 
 def test_extras() -> None:
-    assert set(METADATA.get_all("Provides-Extra") or []) == {"trio", "test", "dev"}
+    assert set(METADATA.get_all("Provides-Extra") or []) == {"trio", "test", "dev", "docs"}
     assert requirements(None) == {"noiseprotocol", "cryptography", "msgpack", "anyio"}
     assert requirements("trio") == {"trio"}
     assert requirements("dev") == {"ruff", "mypy", "msgpack-types"}
+    assert requirements("docs") == {"sphinx", "myst-parser", "furo"}
     assert "ruff" not in requirements("test")
-    # `make test` runs lint, typecheck and the tests: its virtualenv gets both extras.
-    assert re.search(r"pip install .* -e '\.\[test,dev\]'", (ROOT / "Makefile").read_text())
+    # `make test` runs lint, typecheck, the tests and the docs build: its virtualenv gets
+    # the three extras.
+    assert re.search(r"pip install .* -e '\.\[test,dev,docs\]'", (ROOT / "Makefile").read_text())
 
 
 def imported_roots(path: Path) -> set[str]:

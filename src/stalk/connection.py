@@ -159,6 +159,10 @@ class Connection(ObjectStream[Spack]):
     ) -> Connection:
         """Run the stalk handshake over ``transport`` and return the connection.
 
+        For transports other than the TCP of :func:`connect` and :func:`~stalk.listen`
+        (anyio memory streams in tests, a stream over another socket type).
+
+        :param transport: any anyio byte stream; the connection owns it from here on.
         :param identity: our static key pair.
         :param peer: client side: the server's expected key (IK), or ``None`` (XX).
         :param server_side: act as the responder.
@@ -166,9 +170,12 @@ class Connection(ObjectStream[Spack]):
         :param config: timeouts and limits.
         :param handler: called (or awaited) with every spack received, in order, while the
             connection is used as ``async with``; ``receive()`` is then not available.
+        :returns: the established connection.
         :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
             (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
-            :class:`~stalk.HandshakeTimeout`). The transport is closed.
+            :class:`~stalk.InvalidPeerKey`, :class:`~stalk.HandshakeTimeout`). The
+            transport is closed.
+        :raises ValueError: ``peer`` was given with ``server_side=True``.
         """
         config = config or Config()
         conn = cls._start(
@@ -340,7 +347,7 @@ class Connection(ObjectStream[Spack]):
         :raises ~anyio.EndOfStream: the peer closed its direction cleanly (CLOSE code 0).
         :raises ~stalk.ClosedByPeer: the peer sent CLOSE with an error code.
         :raises ~stalk.ConnectionLost: the stream was cut (EOF or reset without CLOSE), or
-            the peer broke the protocol (the error's ``__cause__`` says how).
+            the connection broke before this call (its message says how).
         :raises ~stalk.IdleTimeout: (a ConnectionLost) with ``Config.idle_timeout`` set, the
             peer stayed silent and did not answer a keepalive PING (see the module docs).
         :raises ~stalk.ProtocolError: the peer broke the protocol (also ends the connection).
@@ -389,6 +396,15 @@ class Connection(ObjectStream[Spack]):
         """Send CLOSE with ``code`` and ``reason`` (best effort), then close the transport.
 
         Idempotent. Waits at most ``Config.close_timeout`` for the CLOSE to be written.
+        Errors while writing the CLOSE are not raised: the connection is closed either way.
+
+        :param code: a :class:`~stalk.CloseCode`, or an application code from ``0x1000``
+            to ``0xFFFF``; anything but ``NORMAL`` (0) is an error close, which the peer's
+            ``receive()`` raises as :class:`~stalk.ClosedByPeer`.
+        :param reason: text for the peer (at most 1024 UTF-8 bytes).
+        :raises ValueError: ``code`` does not fit in 16 bits or ``reason`` is too long. The
+            transport is closed anyway, without a CLOSE, so the peer sees
+            :class:`~stalk.ConnectionLost`.
         """
         if self._link.closed:
             return
@@ -502,15 +518,27 @@ async def connect(
 ) -> Connection:
     """Open a TCP connection to ``host:port`` and run the stalk handshake.
 
+    Use the result as ``async with await connect(...) as conn:`` so that it is closed
+    (and its sends are batched by a writer task, see :class:`Connection`).
+
+    :param host: a host name or an IP address (an address is dialled directly).
+    :param port: the TCP port.
     :param peer: the server's expected static key (or its printable form): the handshake
         is IK and fails with :class:`~stalk.PeerIdentityMismatch` for any other key.
         ``None``: XX, and ``conn.peer`` tells who answered.
     :param identity: our static key pair; ``None`` makes a fresh one for this connection.
     :param handler: called (or awaited) with every spack received, in order, while the
         connection is used as ``async with``; ``receive()`` is then not available.
-    :param config: timeouts and limits.
-    :raises ~stalk.ConnectFailed: the TCP connection could not be opened.
-    :raises ~stalk.HandshakeFailed: the handshake failed (see :meth:`Connection.wrap`).
+    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :returns: the established connection.
+    :raises ~stalk.ConnectFailed: the TCP connection could not be opened (also an
+        :class:`OSError`).
+    :raises ~stalk.HandshakeTimeout: the TCP connect and the handshake together took
+        longer than ``Config.handshake_timeout``.
+    :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
+        (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
+        :class:`~stalk.InvalidPeerKey`).
+    :raises ValueError: ``peer`` is a string that is not a valid printable public key.
     """
     config = config or Config()
     if isinstance(peer, str):

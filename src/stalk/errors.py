@@ -223,8 +223,8 @@ class ClosedByPeer(ConnectionLost):
 class IdleTimeout(ConnectionLost):
     """The peer sent nothing while we waited and did not answer a keepalive PING.
 
-    Raised by ``receive()`` with :attr:`Config.idle_timeout <stalk.Config.idle_timeout>`
-    set; the connection has been closed with CLOSE code TIMEOUT.
+    Raised by ``receive()`` with ``idle_timeout`` set in :class:`~stalk.Config`; the
+    connection has been closed with CLOSE code TIMEOUT.
     """
 
     close_code = CloseCode.TIMEOUT

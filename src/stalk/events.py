@@ -149,6 +149,7 @@ class CloseReceived:
     reason: str
 
 
+#: Any event :meth:`Session.next_event() <stalk.session.Session.next_event>` returns.
 Event: TypeAlias = (
     PeerIdentified
     | HandshakeComplete

@@ -116,6 +116,8 @@ class Listener(anyio.abc.Listener[Connection]):
     Use :func:`create_listener`, then :meth:`serve`. Usable as ``async with``: leaving
     closes the listening sockets. Its typed attributes are the listening socket's
     (``listener.extra(anyio.abc.SocketAttribute.local_address)``).
+
+    :ivar identity: our static key pair, the one clients pin.
     """
 
     def __init__(
@@ -176,14 +178,20 @@ class Listener(anyio.abc.Listener[Connection]):
     ) -> None:
         """Accept connections until cancelled, running ``handler(conn)`` for each.
 
-        Each client is handshaken in its own task; ``handler`` runs once the handshake (and
-        ``authorize``) succeeded, and the connection is closed when it returns (see the
-        module docs for errors and the caps that refuse clients with BUSY).
+        Each client gets its own task: the caps of :class:`~stalk.Config` are checked, the
+        handshake runs (and ``authorize``), then ``handler(conn)`` inside ``async with
+        conn``. A client that fails its handshake, and a handler that raises, are logged on
+        the ``stalk`` logger and end only their own connection. Running out of file
+        descriptors pauses accepting briefly; it never stops the listener.
 
-        :param handler: ``async def handler(conn)``, serving one connection.
-        :param task_group: where connection tasks run (default: a group of our own).
+        :param handler: ``async def handler(conn)``, run once per established connection;
+            the connection is closed when it returns (CLOSE NORMAL) or raises (CLOSE
+            INTERNAL_ERROR).
+        :param task_group: where connection tasks run (default: a group of our own, so
+            cancelling ``serve`` stops every connection with CLOSE GOING_AWAY).
         :param task_status: anyio's: with ``await task_group.start(listener.serve,
             handler)``, the bound ``(host, port)`` is returned once accepting has started.
+        :raises OSError: accepting failed for another reason than a lack of resources.
         """
         async with contextlib.AsyncExitStack() as stack:
             if task_group is None:
@@ -346,9 +354,18 @@ async def create_listener(
 ) -> Listener:
     """Bind a TCP listener for stalk on ``host:port`` (port 0 picks a free port).
 
+    Nothing is accepted until :meth:`Listener.serve` runs; use the listener as ``async
+    with`` (or call :meth:`Listener.aclose`) to close its sockets.
+
+    :param host: the address to bind (a name may bind several addresses, e.g. IPv4 and
+        IPv6 for ``localhost``).
+    :param port: the TCP port; 0 picks a free one (see :attr:`Listener.address`).
     :param identity: our static key pair (clients pin its public key).
     :param authorize: ``authorize(peer) -> bool`` (or a coroutine function), asked before
-        any handler runs; with IK before we answer message 1.
+        any handler runs; with IK before we answer message 1. A peer it refuses (or for
+        which it raises) is refused with NOT_AUTHORIZED.
+    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :returns: the bound, not yet serving, listener.
     :raises OSError: the address cannot be bound.
     """
     sockets = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -367,8 +384,24 @@ async def listen(
 ) -> None:
     """Serve stalk on ``host:port`` until cancelled.
 
-    With ``task_group.start(partial(listen, ...))`` the bound ``(host, port)`` is returned
-    once the listener is ready (useful with port 0).
+    :func:`create_listener` then :meth:`Listener.serve`, as one call. With
+    ``task_group.start(partial(listen, ...))`` the bound ``(host, port)`` is returned
+    once the listener is ready (useful with port 0). Cancelling it closes the listening
+    sockets and every connection (CLOSE GOING_AWAY). Failures of one client (a refused
+    or failed handshake, a handler that raises) are logged and never end the listener.
+
+    :param host: the address to bind.
+    :param port: the TCP port; 0 picks a free one.
+    :param handler: ``async def handler(conn)``, run once per established connection
+        (see :meth:`Listener.serve`).
+    :param identity: our static key pair (clients pin its public key).
+    :param authorize: ``authorize(peer) -> bool`` (or a coroutine function), asked for
+        each client's key before its handler runs; a refused peer gets NOT_AUTHORIZED.
+        :class:`~stalk.AuthorizedPeers` is one.
+    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :param task_status: set by ``task_group.start()``: receives the bound ``(host, port)``.
+    :raises OSError: the address cannot be bound, or accepting failed for another reason
+        than a lack of resources.
     """
     async with await create_listener(
         host, port, identity=identity, authorize=authorize, config=config

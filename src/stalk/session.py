@@ -40,9 +40,9 @@ Invariants:
 - Any receive-side error is terminal. When the transport is up, an error CLOSE is queued
   for the peer (best effort) before the error is raised.
 - The send side encrypts in call order, so nonce order is wire order; the driver must write
-  :meth:`data_to_send` in the order it was returned.
+  :meth:`Session.data_to_send` in the order it was returned.
 - EOF without a CLOSE is a truncation (:class:`~stalk.ConnectionLost`), never a clean end.
-- One :meth:`next_event` call does a bounded amount of work: past its step, or while the
+- One :meth:`Session.next_event` call does a bounded amount of work: past its step, or while the
   answers it owes the peer (PONGs) fill a Noise message that the driver has not taken, it
   returns ``PAUSED`` and reads nothing more until called again.
 """

@@ -1071,19 +1071,30 @@ class Spack(Sequence[Any]):
         return tuple(values)
 
     def encode(self) -> bytes:
-        """Encode this spack (see :func:`encode_spack`).
+        """Encode this spack: one msgpack array (SPEC "Spack encoding").
 
-        :raises InvalidSpackValue: a value cannot be carried.
+        Sending encodes by itself; this is for storing a spack or sending it another way.
+
+        :returns: the encoding (``b"\\x90"`` for an empty spack).
+        :raises InvalidSpackValue: a value cannot be carried (unsupported type or subclass,
+            int out of range, dict key that is not str/bytes, lone surrogate, nesting
+            deeper than 32 levels...); the message names the value's position.
         """
         return encode_spack(self._values)
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH) -> Spack:
-        """Decode a spack (see :func:`decode_spack`).
+        """Decode a spack from exactly ``data``, as strictly as a received one.
+
+        The decoded objects can be larger than their encoding: bound ``len(data)`` first
+        when it comes from someone else.
 
         :param data: the encoding, as any bytes-like object.
-        :param max_depth: the deepest container allowed, at most :data:`MAX_DEPTH`.
-        :raises MalformedSpack: ``data`` is not a valid spack encoding.
+        :param max_depth: the deepest container allowed, at most 32 (the protocol's limit).
+        :returns: the spack; ``bytearray``/``memoryview`` values come back as ``bytes``.
+        :raises MalformedSpack: ``data`` is not exactly one valid spack encoding.
+        :raises ValueError: ``max_depth`` is outside ``0 .. 32``.
+        :raises TypeError: ``data`` is not bytes-like.
         """
         return decode_spack(data, max_depth=max_depth)
 
