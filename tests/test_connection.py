@@ -154,6 +154,18 @@ async def test_clean_close_ends_iteration_on_the_other_side() -> None:
             await conn.receive()
 
 
+@pytest.mark.parametrize(("code", "reason"), [(0x10000, ""), (-1, ""), (0x1000, "r" * 1025)])
+async def test_close_with_bad_arguments_closes_nothing(code: int, reason: str) -> None:
+    """A bad code or reason raises ValueError before anything is closed or sent."""
+    async with serving() as (host, port, server_id):
+        async with await connect(host, port, server_id.public) as conn:
+            with pytest.raises(ValueError, match="close"):
+                await conn.close(code, reason)
+            await conn.send(Spack("still open"))
+            with anyio.fail_after(5):
+                assert await conn.receive() == Spack("still open")
+
+
 async def test_cut_connection_is_not_a_clean_close() -> None:
     outcome: list[BaseException] = []
     done = anyio.Event()

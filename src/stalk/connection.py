@@ -86,6 +86,7 @@ from stalk.events import (
 )
 from stalk.identity import Identity, PublicIdentity
 from stalk.link import Link, stream_error
+from stalk.records import check_close
 from stalk.session import Role, Session
 from stalk.spack import Spack
 from stalk.wire import CloseCode, Pattern
@@ -402,10 +403,10 @@ class Connection(ObjectStream[Spack]):
             to ``0xFFFF``; anything but ``NORMAL`` (0) is an error close, which the peer's
             ``receive()`` raises as :class:`~stalk.ClosedByPeer`.
         :param reason: text for the peer (at most 1024 UTF-8 bytes).
-        :raises ValueError: ``code`` does not fit in 16 bits or ``reason`` is too long. The
-            transport is closed anyway, without a CLOSE, so the peer sees
-            :class:`~stalk.ConnectionLost`.
+        :raises ValueError: ``code`` does not fit in 16 bits or ``reason`` is too long
+            (nothing is closed then).
         """
+        check_close(code, reason)
         if self._link.closed:
             return
         self._link.closed = True

@@ -47,6 +47,7 @@ from stalk.wire import (
 __all__ = [
     "Record",
     "RecordWriter",
+    "check_close",
     "decode_close",
     "decode_window",
     "encode_close",
@@ -141,6 +142,17 @@ def read_uvarint(data: memoryview, pos: int, max_bytes: int) -> tuple[int, int]:
         value |= (byte & 0x7F) << shift
         shift += 7
     raise ProtocolError(f"varint longer than {max_bytes} bytes in record header")
+
+
+def check_close(code: int, reason: str) -> None:
+    """Check a CLOSE's code and reason before anything is closed.
+
+    :raises ValueError: the code is not a u16 or the reason is longer than 1024 bytes.
+    """
+    if not 0 <= code <= 0xFFFF:
+        raise ValueError("close code must fit in 16 bits")
+    if len(reason.encode("utf-8")) > MAX_CLOSE_REASON:
+        raise ValueError(f"close reason longer than {MAX_CLOSE_REASON} bytes")
 
 
 def encode_close(code: int, reason: str) -> bytes:

@@ -83,7 +83,7 @@ from stalk.handshake import (
 from stalk.identity import Identity, PublicIdentity
 from stalk.mux import Mux
 from stalk.receiver import Receiver
-from stalk.records import RecordWriter, encode_close
+from stalk.records import RecordWriter, check_close, encode_close
 from stalk.sealer import Sealer
 from stalk.spack import Spack, encode_spack_pieces
 from stalk.states import Direction, Directions, DirectionState, Input, SessionState, refusal
@@ -92,7 +92,6 @@ from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
     DEFAULT_REKEY_AFTER_MESSAGES,
-    MAX_CLOSE_REASON,
     MAX_MESSAGE_SIZE_LIMIT,
     MAX_PING_PAYLOAD,
     MIN_MAX_MESSAGE_SIZE,
@@ -709,10 +708,7 @@ class Session:
 
         :raises ValueError: the code is not a u16 or the reason is longer than 1024 bytes.
         """
-        if not 0 <= code <= 0xFFFF:
-            raise ValueError("close code must fit in 16 bits")
-        if len(reason.encode("utf-8")) > MAX_CLOSE_REASON:
-            raise ValueError(f"close reason longer than {MAX_CLOSE_REASON} bytes")
+        check_close(code, reason)
         if self.close_sent or self._states.send is DirectionState.BROKEN:
             return
         if self._sealer.cipher is None:
