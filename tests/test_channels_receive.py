@@ -235,3 +235,47 @@ def test_a_spack_larger_than_the_window_arrives_through_the_assembly_slot() -> N
     assert demux.slot == 0
     pair.server.release(0, len(body))
     assert demux.slot is None
+
+
+def test_a_rapid_open_reset_flood_holds_at_most_max_channels() -> None:
+    """CVE-2023-44487's shape: channels opened and reset in one flight, over and over.
+
+    Until the application lets go of a reset channel it keeps its slot, so the peer gets
+    at most ``max_channels`` in hand (then CHANNEL_LIMIT); a server that lets go at once
+    holds none, and each cycle costs the same small work (the table never grows).
+    """
+    pair = _pair()
+    flood = [
+        record
+        for channel in (1, 3, 5)
+        for record in (_message(channel, Spack()), _record(RecordKind.RESET, channel, b"\x00\x00"))
+    ]
+    pair.server.receive_data(_forge(pair.client, *flood))
+    with pytest.raises(ChannelLimitExceeded):
+        drain(pair.server)  # channel 5 would be a third one in hand: the limit is 2
+
+    pair = _pair()
+    table = pair.server._channels
+    assert table is not None
+    for cycle in range(200):
+        channel = 2 * cycle + 1
+        events = _deliver(
+            pair, _message(channel, Spack()), _record(RecordKind.RESET, channel, b"\x00\x00")
+        )
+        assert events[-1] == ChannelResetReceived(channel, 0, "")
+        pair.server.release_channel(channel)
+        assert len(table.channels) == 0
+        take_all(pair.server)  # the answers go out; nothing accumulates
+        assert not pair.server.has_output
+
+
+def test_a_window_flood_costs_no_memory() -> None:
+    """WINDOW records owe nothing back; credit is capped, not accumulated without bound."""
+    pair = _pair()
+    for _ in range(100):
+        _deliver(pair, *[_record(RecordKind.WINDOW, 0, encode_uvarint(1000))] * 100)
+    assert not pair.server.has_output
+    table = pair.server._channels
+    assert table is not None
+    assert table.channel0.send == CLIENT.channel_window + 100 * 100 * 1000
+    _fails(pair, FlowControlError, "past", _record(RecordKind.WINDOW, 0, encode_uvarint(2**31 - 1)))
