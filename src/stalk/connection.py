@@ -53,6 +53,10 @@ Failure. Any protocol or transport error is terminal: the connection becomes *br
 best-effort error CLOSE is written, the transport is closed, and every later call raises
 :class:`~stalk.ConnectionLost` (an :class:`anyio.BrokenResourceError`). After ``aclose()``
 every call raises :class:`~stalk.ConnectionClosed` (an :class:`anyio.ClosedResourceError`).
+
+Statistics. What a connection carried is counted where each spack and buffer passes
+anyway (an integer addition, nothing allocated per spack) and published as
+:class:`StalkAttribute` values.
 """
 
 from __future__ import annotations
@@ -111,7 +115,11 @@ MessageHandler: TypeAlias = Callable[[Spack], "Awaitable[None] | None"]
 
 
 class StalkAttribute(anyio.TypedAttributeSet):
-    """Typed attributes a :class:`Connection` publishes (``conn.extra(StalkAttribute.peer)``)."""
+    """Typed attributes a :class:`Connection` publishes (``conn.extra(StalkAttribute.peer)``).
+
+    The statistics are read when asked for (each call gives the current count); counting
+    costs an integer addition where a spack or a buffer passes anyway.
+    """
 
     #: the peer's static public key (authenticated)
     peer: PublicIdentity = anyio.typed_attribute()
@@ -121,6 +129,20 @@ class StalkAttribute(anyio.TypedAttributeSet):
     pattern: Pattern = anyio.typed_attribute()
     #: Noise handshake hash: the channel-binding value
     handshake_hash: bytes = anyio.typed_attribute()
+    #: seconds from the first handshake byte to the connection being established
+    handshake_duration: float = anyio.typed_attribute()
+    #: bytes handed to the transport (handshake, framing and encryption included)
+    bytes_sent: int = anyio.typed_attribute()
+    #: bytes read from the transport (handshake, framing and encryption included)
+    bytes_received: int = anyio.typed_attribute()
+    #: spacks accepted by ``send()`` or ``queue()``
+    spacks_sent: int = anyio.typed_attribute()
+    #: spacks returned by ``receive()`` (or given to the handler)
+    spacks_received: int = anyio.typed_attribute()
+    #: times our sending cipher was rekeyed
+    rekeys_sent: int = anyio.typed_attribute()
+    #: times the peer rekeyed (its REKEYs that took effect on our receiving cipher)
+    rekeys_received: int = anyio.typed_attribute()
 
 
 class Connection(ObjectStream[Spack]):
@@ -257,12 +279,21 @@ class Connection(ObjectStream[Spack]):
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         """The transport's typed attributes plus :class:`StalkAttribute`."""
+        link = self._link
+        session = self._session
         return {
             **self._transport.extra_attributes,
             StalkAttribute.peer: lambda: self.peer,
             StalkAttribute.identity: lambda: self.identity,
             StalkAttribute.pattern: lambda: self.pattern,
             StalkAttribute.handshake_hash: lambda: self.handshake_hash,
+            StalkAttribute.handshake_duration: lambda: link.handshake_seconds or 0.0,
+            StalkAttribute.bytes_sent: lambda: session.bytes_sent,
+            StalkAttribute.bytes_received: lambda: session.bytes_received,
+            StalkAttribute.spacks_sent: lambda: link.spacks_sent,
+            StalkAttribute.spacks_received: lambda: link.spacks_received,
+            StalkAttribute.rekeys_sent: lambda: session.rekeys_sent,
+            StalkAttribute.rekeys_received: lambda: session.rekeys_received,
         }
 
     def __repr__(self) -> str:
@@ -283,6 +314,7 @@ class Connection(ObjectStream[Spack]):
         """
         self._link.check_open()
         self._session.queue(item)
+        self._link.spacks_sent += 1
 
     async def flush(self) -> None:
         """Encrypt everything queued into as few Noise messages as possible and write it.
@@ -374,6 +406,7 @@ class Connection(ObjectStream[Spack]):
                 if type(event) is MessageReceived:
                     self._answering = waited
                     self._streak = 0 if waited else self._streak + 1
+                    self._link.spacks_received += 1
                     return event.spack
                 if event is NEED_DATA:
                     await self._link.receive_into_session()

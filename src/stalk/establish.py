@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -42,7 +43,7 @@ async def establish(link: Link, authorize: Authorize | None) -> None:
     :raises ~stalk.HandshakeFailed: the handshake failed (the subclass says why).
     """
     try:
-        await _run(link, authorize)
+        await _run(link, authorize, time.monotonic())
     except HandshakeFailed as exc:
         await link.write_best_effort()
         raise await link.fail(exc) from None
@@ -51,7 +52,7 @@ async def establish(link: Link, authorize: Authorize | None) -> None:
         raise
 
 
-async def _run(link: Link, authorize: Authorize | None) -> None:
+async def _run(link: Link, authorize: Authorize | None, started: float) -> None:
     session = link.session
     while True:
         event = session.next_event()
@@ -69,6 +70,7 @@ async def _run(link: Link, authorize: Authorize | None) -> None:
             raise HandshakeFailed(f"refused peer {event.peer.fingerprint} (not authorized)")
         elif isinstance(event, HandshakeComplete):
             await link.write_handshake()
+            link.handshake_seconds = time.monotonic() - started
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "handshake complete with %s (%s) at %s",

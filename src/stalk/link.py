@@ -19,6 +19,9 @@ bytes to and from the transport and owns everything that touches it:
   the link broken, writes the session's error CLOSE when asked (and lingers so that the
   peer can read it), and closes the transport; errors are tagged with the peer's address
   and raised as anyio's stream errors where they map to one.
+- **Counting**: the link counts the spacks each way (the session counts the bytes and
+  rekeys) and holds how long the handshake took; the Connection publishes them as
+  typed attributes.
 
 The link makes no protocol decision: the session (sans-IO) makes them all.
 """
@@ -126,6 +129,12 @@ class Link:
         #: since the peer's last byte, and whether a keepalive PING went out since then.
         self._idle_waited = 0.0
         self._keepalive_sent = False
+        #: Spacks handed to the session to send, and returned by receive(): counted by the
+        #: Connection where each one passes anyway (the session counts bytes and rekeys).
+        self.spacks_sent = 0
+        self.spacks_received = 0
+        #: Set by establish(): seconds the handshake took (``None`` until it completed).
+        self.handshake_seconds: float | None = None
 
     @property
     def address(self) -> tuple[str, int] | None:

@@ -173,6 +173,7 @@ class Receiver:
         "pings_sent",
         "pongs_received",
         "reassembler",
+        "rekeys",
     )
 
     def __init__(
@@ -204,6 +205,8 @@ class Receiver:
         self.paused = False
         self.pings_sent = 0
         self.pongs_received = 0
+        #: How many REKEYs from the peer took effect (on the receiving cipher).
+        self.rekeys = 0
         #: The peer's CLOSE, once received.
         self.close_received: CloseReceived | None = None
 
@@ -396,6 +399,7 @@ class Receiver:
         self._incoming = None
         if incoming.rekey:
             self._cipher.rekey()
+            self.rekeys += 1
         if incoming.confirming:
             self._states.process(Input.READY_RECEIVED)
             if self.confirmed is not None:

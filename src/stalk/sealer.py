@@ -98,6 +98,7 @@ class Sealer:
         "_requested",
         "_source",
         "closed",
+        "rekeys",
     )
 
     def __init__(self, rekey_after_messages: int, rekey_after_bytes: int) -> None:
@@ -116,6 +117,8 @@ class Sealer:
         self._source: PlaintextSource | None = None
         #: A plaintext ending with CLOSE was pushed: nothing may follow it.
         self.closed = False
+        #: How many times the cipher was rekeyed.
+        self.rekeys = 0
 
     @property
     def cipher(self) -> TransportCipher | None:
@@ -334,6 +337,7 @@ class Sealer:
         cipher.encrypt_into(plaintext, out[start:end])
         if rekey:
             cipher.rekey()
+            self.rekeys += 1
             self._requested = False
             self._messages = 0
             self._bytes = 0

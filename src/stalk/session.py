@@ -181,6 +181,8 @@ class Session:
         "_sealer",
         "_states",
         "_writer",
+        "bytes_received",
+        "bytes_sent",
         "config",
         "identity",
         "role",
@@ -199,6 +201,10 @@ class Session:
             raise ValueError("only an initiator can expect a peer key")
         self.role = role
         self.identity = identity
+        #: Bytes handed out by :meth:`data_to_send`, and given to :meth:`receive_data`:
+        #: what went to and came from the transport, the handshake's included.
+        self.bytes_sent = 0
+        self.bytes_received = 0
         config = self.config = config or SessionConfig()
         self._states = Directions()
         self._reader = FrameReader()
@@ -290,6 +296,16 @@ class Session:
         return self._receiver.close_received if self._receiver is not None else None
 
     @property
+    def rekeys_sent(self) -> int:
+        """How many times our sending cipher was rekeyed (SPEC "Rekey")."""
+        return self._sealer.rekeys
+
+    @property
+    def rekeys_received(self) -> int:
+        """How many of the peer's REKEYs took effect on our receiving cipher."""
+        return self._receiver.rekeys if self._receiver is not None else 0
+
+    @property
     def queued_bytes(self) -> int:
         """Bytes of records queued by :meth:`queue` and not yet flushed by :meth:`flush`.
 
@@ -315,6 +331,7 @@ class Session:
         reader = self._reader
         if data and reader.eof:
             raise LocalProtocolError("receive_data() after EOF")
+        self.bytes_received += len(data)
         if data and self._states.receive is DirectionState.CLOSED:
             return  # the peer's direction is finished: nothing after its CLOSE is read
         reader.feed(data)
@@ -368,7 +385,9 @@ class Session:
             self._closing = None
             self._writer.add(RecordKind.CLOSE, encode_close(code, reason))
             self._push(self._writer, final=True)
-        return sealer.take()
+        data = sealer.take()
+        self.bytes_sent += len(data)
+        return data
 
     # -- the handshake --------------------------------------------------------------------
 
