@@ -1,22 +1,383 @@
-"""Per-connection statistics: what a connection carried, each way.
+"""Logging and per-connection statistics: what an operator and an application can see.
 
-The counts are checked against counts made independently (bytes counted on the transport
-itself), on asyncio and trio.
+The log lines are read from the records (caplog) of stalk's child loggers; the statistics
+are checked against counts made independently (bytes counted on the transport itself).
 """
 
 from __future__ import annotations
 
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
 import anyio
 import pytest
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.stapled import StapledByteStream
 
-from helpers import byte_stream_pair, connected_pair, drain, serving, take_all
+from helpers import byte_stream_pair, connected_pair, drain, serving, take_all, wait_until
+from stalk._logs import THROTTLE, Throttle
 from stalk.config import Config
-from stalk.connection import Connection, StalkAttribute, connect
-from stalk.errors import ClosedByPeer, ProtocolError
+from stalk.connection import Connection, StalkAttribute, connect, format_address
+from stalk.errors import ClosedByPeer, ConnectFailed, ProtocolError, StalkError
 from stalk.identity import Identity
+from stalk.listener import create_listener
 from stalk.spack import Spack
+from stalk.wire import CloseCode
+
+
+@pytest.fixture(autouse=True)
+def fresh_throttle() -> Iterator[None]:
+    """Each test starts with no kind of record throttled (the throttle is per process)."""
+    THROTTLE.reset()
+    yield
+    THROTTLE.reset()
+
+
+def lines(caplog: pytest.LogCaptureFixture, logger: str, level: int = logging.INFO) -> list[str]:
+    """The messages logged on ``logger`` at exactly ``level``."""
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == level]
+
+
+def ended(caplog: pytest.LogCaptureFixture, side: str) -> list[str]:
+    """The end-of-connection lines of one side (``"to"``: client, ``"from"``: server)."""
+    return [
+        line
+        for line in lines(caplog, "stalk.connection")
+        if line.startswith(f"connection {side} ") and " ended after " in line
+    ]
+
+
+class Collect(logging.Handler):
+    """Keeps every record it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def read_until_closed(stream: ByteStream) -> None:
+    """Read and drop until the stream ends (raises how it ended)."""
+    while True:
+        await stream.receive()
+
+
+# -- the loggers --------------------------------------------------------------------------
+
+
+def test_stalk_is_silent_unless_the_application_configures_logging() -> None:
+    """The NullHandler: even a WARNING does not reach Python's last-resort stderr output."""
+    program = (
+        "import logging, stalk\n"
+        "logging.getLogger('stalk.listener').warning('from stalk')\n"
+        "logging.getLogger('elsewhere').warning('from elsewhere')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True
+    )
+    assert "from elsewhere" in result.stderr  # the last resort is there for other loggers
+    assert "from stalk" not in result.stderr
+
+
+def test_format_address_brackets_ipv6() -> None:
+    assert format_address("127.0.0.1", 7413) == "127.0.0.1:7413"
+    assert format_address("::1", 7413) == "[::1]:7413"
+    assert format_address("fe80::1%eth0", 7413) == "[fe80::1%eth0]:7413"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("pin", [False, True], ids=["XX", "IK"])
+async def test_both_sides_log_the_connection_and_its_clean_end_at_info(
+    caplog: pytest.LogCaptureFixture, pin: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="stalk")
+    client_id = Identity.generate()
+    pattern = "IK" if pin else "XX"
+    async with serving() as (host, port, server_id):
+        peer = server_id.public if pin else None
+        async with await connect(host, port, peer, identity=client_id) as conn:
+            await conn.send(Spack("hello"))
+            assert await conn.receive() == Spack("hello")
+            local_port = conn.extra(SocketAttribute.local_port)
+        await wait_until(lambda: ended(caplog, "from"))
+    server_at = f"127.0.0.1:{port}"
+    client_at = f"127.0.0.1:{local_port}"
+    assert (
+        f"connected to {server_id.public.fingerprint} at {server_at} ({pattern}, handshake "
+        in "\n".join(lines(caplog, "stalk.connection"))
+    )
+    assert (
+        f"accepted {client_id.public.fingerprint} from {client_at} ({pattern}, handshake "
+        in "\n".join(lines(caplog, "stalk.connection"))
+    )
+    (client_end,) = ended(caplog, "to")
+    assert client_end.startswith(f"connection to {server_id.public.fingerprint} at {server_at}")
+    assert ": closed by us; sent 1 spacks, " in client_end
+    assert "; received 1 spacks, " in client_end
+    (server_end,) = ended(caplog, "from")
+    assert server_end.startswith(
+        f"connection from {client_id.public.fingerprint} at {client_at} ended after "
+    )
+    assert ": closed by the peer; sent 1 spacks, " in server_end
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.anyio
+async def test_ipv6_addresses_are_logged_in_brackets(caplog: pytest.LogCaptureFixture) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    caplog.set_level(logging.INFO, logger="stalk")
+    server_id = Identity.generate()
+    async with (
+        await create_listener("::1", 0, identity=server_id) as listener,
+        anyio.create_task_group() as tg,
+    ):
+        _, port = await tg.start(listener.serve, Connection.aclose)
+        async with await connect("::1", port, server_id.public):
+            pass
+        await wait_until(lambda: ended(caplog, "from"))
+        tg.cancel_scope.cancel()
+    (client_end,) = ended(caplog, "to")
+    assert f" at [::1]:{port} ended after " in client_end
+    (server_end,) = ended(caplog, "from")
+    assert " at [::1]:" in server_end
+
+
+@pytest.mark.anyio
+async def test_a_refused_connect_names_an_ipv6_address_in_brackets() -> None:
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback")
+        port = probe.getsockname()[1]  # bound, not listening: the connect is refused
+        with pytest.raises(ConnectFailed, match=rf"cannot connect to \[::1\]:{port}: "):
+            await connect("::1", port)
+
+
+# -- how a connection ended ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_end_line_says_how_the_peer_ended_it(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer's error CLOSE (with its code and reason), a truncation, a protocol error."""
+    caplog.set_level(logging.INFO, logger="stalk")
+    async with serving() as (host, port, server_id):
+        conn = await connect(host, port, server_id.public)
+        await conn.close(CloseCode.GOING_AWAY, "maintenance\n")
+        await wait_until(lambda: len(ended(caplog, "from")) == 1)
+
+        conn = await connect(host, port, server_id.public)
+        await conn.send(Spack("x"))
+        await conn.receive()
+        await anyio.aclose_forcefully(conn._transport)  # TCP FIN without CLOSE
+        await wait_until(lambda: len(ended(caplog, "from")) == 2)
+
+        conn = await connect(host, port, server_id.public)
+        await conn._transport.send(b"\x00\x20" + bytes(32))  # a frame that fails to decrypt
+        with pytest.raises(ClosedByPeer) as info:
+            await conn.receive()
+        assert info.value.code == CloseCode.PROTOCOL_ERROR
+        await conn.aclose()
+        await wait_until(lambda: len(ended(caplog, "from")) == 3)
+    peer_close, truncated, broken = ended(caplog, "from")
+    assert ": closed by the peer with GOING_AWAY: 'maintenance\\n'; sent 0 spacks" in peer_close
+    assert ": lost: the peer closed the connection without a CLOSE; sent 1 spacks" in truncated
+    assert ": the peer broke the protocol (PROTOCOL_ERROR): " in broken
+    client_ends = ended(caplog, "to")
+    assert ": closed by us with GOING_AWAY: 'maintenance\\n'" in client_ends[0]
+    assert ": closed by the peer with PROTOCOL_ERROR: " in client_ends[-1]
+
+
+@pytest.mark.anyio
+async def test_the_end_line_of_an_idle_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="stalk")
+    async with serving(config=Config(idle_timeout=0.05)) as (host, port, server_id):
+        async with await connect(host, port, server_id.public):
+            await wait_until(lambda: ended(caplog, "from"))  # we never read its PING
+    (server_end,) = ended(caplog, "from")
+    assert ": idle timeout (TIMEOUT): the peer sent nothing " in server_end
+    (client_end,) = ended(caplog, "to")
+    assert ": closed by us; " in client_end  # it never read the server's CLOSE TIMEOUT
+
+
+@pytest.mark.anyio
+async def test_bad_records_from_many_peers_log_one_info_line_each_and_no_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer that breaks the protocol is not the operator's problem: no WARNING flood."""
+    caplog.set_level(logging.DEBUG, logger="stalk")
+    peers = 4
+    async with serving() as (host, port, server_id):
+        for _ in range(peers):
+            conn = await connect(host, port, server_id.public)
+            await conn._transport.send(b"\x00\x20" + bytes(32))
+            with pytest.raises(ClosedByPeer):
+                await conn.receive()
+            await conn.aclose()
+        await wait_until(lambda: len(ended(caplog, "from")) == peers)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert all("the peer broke the protocol" in line for line in ended(caplog, "from"))
+
+
+# -- failed handshakes and refusals: throttled ---------------------------------------------
+
+
+def test_throttle_lets_one_record_per_kind_and_interval_through() -> None:
+    now = [100.0]
+    throttle = Throttle(10.0, clock=lambda: now[0])
+    logger = logging.getLogger("stalk.test_throttle")
+    records = (handler := Collect()).records
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        for n in range(5):
+            throttle.log(logger, logging.INFO, "a", "event %d", n)
+        throttle.log(logger, logging.WARNING, "b", "other")  # another kind has its own turn
+        now[0] += 9.9
+        throttle.log(logger, logging.INFO, "a", "event %d", 5)
+        now[0] += 0.1
+        throttle.log(logger, logging.INFO, "a", "event %d", 6)
+        throttle.log(logger, logging.INFO, "a", "event %d", 7)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    seen = [(logging.getLevelName(r.levelno), r.getMessage()) for r in records]
+    assert seen == [
+        ("INFO", "event 0"),
+        ("DEBUG", "event 1"),
+        ("DEBUG", "event 2"),
+        ("DEBUG", "event 3"),
+        ("DEBUG", "event 4"),
+        ("WARNING", "other"),
+        ("DEBUG", "event 5"),
+        ("INFO", "event 6 (and 5 more like it since the last one, logged at DEBUG only)"),
+        ("DEBUG", "event 7"),
+    ]
+
+
+def test_throttle_does_not_spend_a_turn_on_a_level_nobody_sees() -> None:
+    now = [0.0]
+    throttle = Throttle(10.0, clock=lambda: now[0])
+    logger = logging.getLogger("stalk.test_throttle_quiet")
+    records = (handler := Collect()).records
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        throttle.log(logger, logging.INFO, "a", "hidden")
+        logger.setLevel(logging.INFO)
+        throttle.log(logger, logging.INFO, "a", "shown")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert [r.getMessage() for r in records] == ["shown"]
+
+
+@pytest.mark.anyio
+async def test_a_flood_of_failed_handshakes_logs_one_info_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="stalk")
+    strangers = 6
+    async with serving() as (host, port, _):
+        for _ in range(strangers):
+            async with await anyio.connect_tcp(host, port) as stream:
+                await stream.send(b"GET / HTTP/1.1\r\n\r\n")
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await read_until_closed(stream)
+        failed = "failed: not a stalk peer"
+        await wait_until(lambda: sum(failed in r.getMessage() for r in caplog.records) == strangers)
+    info = lines(caplog, "stalk.handshake")
+    assert len(info) == 1
+    assert info[0].startswith("handshake with 127.0.0.1:")
+    assert len([m for m in lines(caplog, "stalk.handshake", logging.DEBUG) if failed in m]) == 5
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.anyio
+async def test_busy_refusals_at_capacity_warn_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="stalk")
+    release = anyio.Event()
+
+    async def hold(conn: Connection) -> None:
+        await release.wait()
+
+    async with serving(hold, config=Config(max_connections=1)) as (host, port, server_id):
+        async with await connect(host, port, server_id.public):
+            for _ in range(3):
+                with pytest.raises(StalkError, match="BUSY"):
+                    await connect(host, port, server_id.public)
+            release.set()
+    warnings = lines(caplog, "stalk.listener", logging.WARNING)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("refusing 127.0.0.1:")
+    assert "with BUSY: too many connections" in warnings[0]
+    refusals = lines(caplog, "stalk.listener", logging.DEBUG)
+    assert len([m for m in refusals if "with BUSY" in m]) == 2
+
+
+@pytest.mark.anyio
+async def test_an_authorize_hook_that_raises_is_logged_with_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="stalk")
+
+    def authorize(_peer: object) -> bool:
+        raise KeyError("broken allow-list")
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "(not authorized)" in r.getMessage()]
+
+    async with serving(authorize=authorize) as (host, port, server_id):
+        for _ in range(2):
+            with pytest.raises(StalkError, match="NOT_AUTHORIZED"):
+                await connect(host, port, server_id.public)
+        await wait_until(lambda: len(refusals()) == 2)
+    (error,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert (error.name, error.levelno) == ("stalk.handshake", logging.ERROR)
+    assert error.getMessage().startswith("authorize() raised for SHA256:")
+    assert error.exc_info is not None
+    assert isinstance(error.exc_info[1], KeyError)
+    # The second failure of the hook went to DEBUG (throttled), without its traceback.
+    (again,) = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.DEBUG and r.getMessage().startswith("authorize() raised")
+    ]
+    assert again.exc_info is None
+
+
+# -- nothing per message --------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_nothing_is_logged_per_spack(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="stalk")
+    counts = []
+    async with serving() as (host, port, server_id):
+        for spacks in (1, 300):
+            caplog.clear()
+            async with await connect(host, port, server_id.public) as conn:
+                for n in range(spacks):
+                    await conn.send(Spack(n))
+                for n in range(spacks):
+                    assert await conn.receive() == Spack(n)
+            await wait_until(lambda: ended(caplog, "from"))
+            counts.append(len(caplog.records))
+    assert counts[0] == counts[1] == 4  # connected and ended, on each side
+
 
 # -- statistics -----------------------------------------------------------------------------
 

@@ -54,16 +54,15 @@ best-effort error CLOSE is written, the transport is closed, and every later cal
 :class:`~stalk.ConnectionLost` (an :class:`anyio.BrokenResourceError`). After ``aclose()``
 every call raises :class:`~stalk.ConnectionClosed` (an :class:`anyio.ClosedResourceError`).
 
-Statistics. What a connection carried is counted where each spack and buffer passes
-anyway (an integer addition, nothing allocated per spack) and published as
-:class:`StalkAttribute` values.
+Record. A connection logs at INFO on ``stalk.connection`` when it is established and when
+it ends (see :mod:`stalk._logs`), never per spack; what it carried is counted where each
+spack and buffer passes anyway, and published as :class:`StalkAttribute` values.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -73,6 +72,7 @@ from typing import Any, TypeAlias
 import anyio
 from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
 
+from stalk import _logs
 from stalk.config import Config
 from stalk.errors import (
     ClosedByPeer,
@@ -89,7 +89,7 @@ from stalk.events import (
     MessageReceived,
 )
 from stalk.identity import Identity, PublicIdentity
-from stalk.link import Link, stream_error
+from stalk.link import Link, address_text, format_address, stream_error
 from stalk.records import check_close
 from stalk.session import Role, Session
 from stalk.spack import Spack
@@ -105,7 +105,7 @@ __all__ = [
     "stream_error",
 ]
 
-logger = logging.getLogger("stalk")
+logger = _logs.CONNECTION
 
 #: receive() lets other tasks run after this many spacks returned without waiting.
 _YIELD_EVERY = 512
@@ -297,8 +297,7 @@ class Connection(ObjectStream[Spack]):
         }
 
     def __repr__(self) -> str:
-        address = self._link.address
-        where = format_address(address[0], address[1]) if address else "stream"
+        where = address_text(self._link.address)
         state = "closed" if self._link.closed else "broken" if self._link.broken else "open"
         return f"<stalk.Connection {self.pattern} {self.peer.fingerprint} {where} {state}>"
 
@@ -414,6 +413,8 @@ class Connection(ObjectStream[Spack]):
                 elif event is PAUSED:
                     await self._link.resume_reading()
                 elif isinstance(event, CloseReceived):
+                    if not self._link.closed and not self._session.close_sent:
+                        self._link.peer_closed_first = True
                     if event.code == CloseCode.NORMAL:
                         raise anyio.EndOfStream
                     raise self._link.tag(
@@ -443,6 +444,8 @@ class Connection(ObjectStream[Spack]):
         if self._link.closed:
             return
         self._link.closed = True
+        if self._link.closed_with is None and not self._session.close_sent:
+            self._link.closed_with = (code, reason)
         try:
             if self._link.broken is None:
                 await self._link.write_closing(lambda: self._session.close(code, reason))
@@ -501,12 +504,7 @@ class Connection(ObjectStream[Spack]):
             async for spack in self:
                 await maybe_await(handler(spack))
         except StalkError as exc:
-            logger.debug("receiving from %s ended: %s", self._link.address, exc)
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 address in brackets (``[::1]:7413``)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            logger.debug("receiving from %s ended: %r", address_text(self._link.address), exc)
 
 
 async def _dial(host: str, port: int) -> ByteStream:
@@ -584,7 +582,7 @@ async def connect(
             try:
                 stream = await _dial(host, port)
             except OSError as exc:
-                error = ConnectFailed(f"cannot connect to {host}:{port}: {exc}")
+                error = ConnectFailed(f"cannot connect to {format_address(host, port)}: {exc}")
                 error.peer_address = (host, port)
                 raise error from exc
             conn = Connection._start(
@@ -598,7 +596,8 @@ async def connect(
             await establish(conn._link, None)
     except TimeoutError as exc:
         timeout = HandshakeTimeout(
-            f"no connection and handshake with {host}:{port} within {config.handshake_timeout} s"
+            f"no connection and handshake with {format_address(host, port)} "
+            f"within {config.handshake_timeout} s"
         )
         timeout.peer_address = (host, port)
         raise timeout from exc

@@ -22,6 +22,12 @@ After a successful handshake (and ``authorize``), ``handler(conn)`` runs in the 
 When it returns, the connection is closed cleanly; when it raises, the error is logged, the
 connection is closed with INTERNAL_ERROR, and the listener keeps serving.
 
+Logging (see :mod:`stalk._logs`): each established connection gets two INFO lines on
+``stalk.connection``, when it is established and when it ends, like an access log. What
+strangers cause before they are authenticated (failed handshakes on ``stalk.handshake``,
+BUSY refusals on ``stalk.listener``) is throttled: anyone who can reach the port can
+cause thousands a second.
+
 A :class:`Listener` is an ``anyio.abc.Listener[Connection]``: code written for anyio's
 listeners (``serve(handler, task_group=None)``, ``async with``, ``extra()``) serves
 stalk connections unchanged. Its ``serve`` also takes anyio's ``task_status``, so
@@ -42,16 +48,19 @@ from typing import Any, Final, TypeAlias
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
+from stalk import _logs
+from stalk._logs import HANDSHAKE, THROTTLE
 from stalk.config import Config
 from stalk.connection import Authorize, Connection, format_address
 from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
 from stalk.handshake import busy_refusal
 from stalk.identity import Identity
+from stalk.link import address_text, remote_address
 from stalk.wire import CloseCode
 
 __all__ = ["ConnectionHandler", "Listener", "create_listener", "listen"]
 
-logger = logging.getLogger("stalk")
+logger = _logs.LISTENER
 
 #: accept() errors that mean "out of resources for now" (file descriptors, buffers).
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -86,6 +95,11 @@ def _address_key(address: object) -> str | None:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def _who(conn: Connection) -> str:
+    """A connection's peer and address, as log lines name it."""
+    return f"{conn.peer.fingerprint} at {address_text(conn._link.address)}"
 
 
 def _check_file_limit(config: Config) -> None:
@@ -225,13 +239,25 @@ class Listener(anyio.abc.Listener[Connection]):
                 cause = exc if isinstance(exc, OSError) else exc.__cause__
                 if not isinstance(cause, OSError) or cause.errno not in _RESOURCE_ERRNOS:
                     raise
-                logger.warning("accept failed (%s); retrying shortly", cause)
+                # Throttled: with clients still arriving this repeats every backoff.
+                THROTTLE.log(
+                    logger,
+                    logging.WARNING,
+                    "accept",
+                    "accept failed (%s); retrying in %g s",
+                    cause,
+                    _ACCEPT_BACKOFF,
+                )
                 await anyio.sleep(_ACCEPT_BACKOFF)
                 continue
             task_group.start_soon(self._handle, stream, handler)
 
     def _refusal(self, key: str | None) -> tuple[int, str, str] | None:
-        """Why a client from ``key`` is refused now: (log level, reason sent, detail)."""
+        """Why a client from ``key`` is refused now: (log level, reason sent, detail).
+
+        A full listener is the operator's business (WARNING); one address over its share
+        is routine under attack (INFO). Either is throttled by its reason.
+        """
         config = self._config
         if self._connections + self._handshakes >= config.max_connections:
             return (
@@ -258,12 +284,20 @@ class Listener(anyio.abc.Listener[Connection]):
         return None
 
     async def _handle(self, stream: ByteStream, handler: ConnectionHandler) -> None:
-        address = stream.extra(SocketAttribute.remote_address, None)
+        address = remote_address(stream)
         key = _address_key(address)
         refusal = self._refusal(key)
         if refusal is not None:
             level, reason, detail = refusal
-            logger.log(level, "refusing %s with BUSY: %s (%s)", address, reason, detail)
+            THROTTLE.log(
+                logger,
+                level,
+                reason,
+                "refusing %s with BUSY: %s (%s)",
+                address_text(address),
+                reason,
+                detail,
+            )
             with (
                 anyio.move_on_after(_REFUSAL_TIMEOUT, shield=True),
                 contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError),
@@ -283,10 +317,19 @@ class Listener(anyio.abc.Listener[Connection]):
                 config=self._config,
             )
         except HandshakeFailed as exc:
-            logger.info("handshake with %s failed: %s", address, exc)
+            # Anyone can fail a handshake at will, so these are throttled by kind: a stray
+            # scanner shows, a flood of them does not bury the log (every one is at DEBUG).
+            THROTTLE.log(
+                HANDSHAKE,
+                logging.INFO,
+                type(exc).__name__,
+                "handshake with %s failed: %s",
+                address_text(address),
+                exc,
+            )
             return
-        except Exception:  # one connection must never take the listener down
-            logger.exception("handshake with %s failed unexpectedly", address)
+        except Exception:  # noqa: BLE001 - logged; one connection must not stop the listener
+            HANDSHAKE.exception("handshake with %s failed unexpectedly", address_text(address))
             await anyio.aclose_forcefully(stream)
             return
         finally:
@@ -295,15 +338,11 @@ class Listener(anyio.abc.Listener[Connection]):
                 left = self._handshakes_by_address.pop(key) - 1
                 if left:
                     self._handshakes_by_address[key] = left
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "peer %s connected (%s) from %s", conn.peer.fingerprint, conn.pattern, address
-            )
         self._connections += 1
         try:
             async with conn:  # its writer task runs while the handler does
                 try:
-                    await self._run_handler(handler, conn, address)
+                    await self._run_handler(handler, conn)
                 finally:
                     # Reached with the connection still open only when the listener is
                     # being stopped (cancelled): tell the peer instead of leaving it hanging.
@@ -312,19 +351,19 @@ class Listener(anyio.abc.Listener[Connection]):
             self._connections -= 1
 
     @staticmethod
-    async def _run_handler(handler: ConnectionHandler, conn: Connection, address: object) -> None:
+    async def _run_handler(handler: ConnectionHandler, conn: Connection) -> None:
         try:
             await handler(conn)
-        except ConnectionLost as exc:
-            logger.info("connection from %s lost: %s", address, exc)
-            await conn.aclose()
-        except StalkError as exc:
-            # A peer's protocol error already closed the connection with its own code; what
-            # reaches here with the connection open is the handler's own mistake.
-            logger.warning("connection from %s failed: %s", address, exc)
-            await conn.close(CloseCode.INTERNAL_ERROR, type(exc).__name__)
         except Exception as exc:  # a failing handler closes its own connection only
-            logger.exception("handler for %s raised", address)
+            if isinstance(exc, ConnectionLost) or (
+                isinstance(exc, StalkError) and conn._link.broken is not None
+            ):
+                # The connection ended under the handler (the peer closed with an error,
+                # cut it, broke the protocol): its INFO line says how; not the handler's bug.
+                logger.debug("handler for %s ended by %r", _who(conn), exc)
+                await conn.aclose()
+                return
+            logger.exception("handler for %s raised", _who(conn))
             await conn.close(CloseCode.INTERNAL_ERROR, type(exc).__name__)
         else:
             await conn.aclose()
