@@ -21,7 +21,7 @@ from helpers import byte_stream_pair, connected_pair, drain, serving, take_all, 
 from stalk._logs import THROTTLE, Throttle
 from stalk.config import Config
 from stalk.connection import Connection, StalkAttribute, connect, format_address
-from stalk.errors import ClosedByPeer, ConnectFailed, ProtocolError, StalkError
+from stalk.errors import ClosedByPeer, ConnectFailed, ConnectionLost, ProtocolError, StalkError
 from stalk.identity import Identity
 from stalk.listener import create_listener
 from stalk.spack import Spack
@@ -357,6 +357,67 @@ async def test_an_authorize_hook_that_raises_is_logged_with_its_traceback(
         if r.levelno == logging.DEBUG and r.getMessage().startswith("authorize() raised")
     ]
     assert again.exc_info is None
+
+
+# -- a handler's exception stays local ------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("failure", ["RuntimeError", "MessageTooLarge"])
+async def test_a_handler_exception_is_internal_error_to_the_peer_and_details_to_the_log(
+    caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="stalk")
+
+    async def handler(conn: Connection) -> None:
+        await conn.receive()
+        if failure == "RuntimeError":
+            raise RuntimeError("secret detail")
+        await conn.send(Spack(b"x" * (conn.peer_max_message_size + 1)))
+
+    async with serving(handler) as (host, port, server_id):
+        async with await connect(host, port, server_id.public) as conn:
+            await conn.send(Spack("go"))
+            with pytest.raises(ClosedByPeer) as info:
+                await conn.receive()
+        await wait_until(lambda: ended(caplog, "from"))
+    assert info.value.code == CloseCode.INTERNAL_ERROR
+    assert info.value.reason == "internal error"
+    (error,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert error.levelno == logging.ERROR
+    assert error.name == "stalk.listener"
+    assert error.getMessage().startswith("handler for SHA256:")
+    assert error.exc_info is not None
+    assert type(error.exc_info[1]).__name__ == failure
+    (server_end,) = ended(caplog, "from")
+    assert f": closed by us with INTERNAL_ERROR: the handler raised {failure};" in server_end
+
+
+@pytest.mark.anyio
+async def test_leaving_async_with_by_an_exception_tells_the_peer_only_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="stalk")
+    seen: list[BaseException] = []
+
+    async def handler(conn: Connection) -> None:
+        try:
+            await conn.receive()
+        except ConnectionLost as exc:
+            seen.append(exc)
+
+    async with serving(handler) as (host, port, server_id):
+        with pytest.raises(ValueError, match="secret"):
+            async with await connect(host, port, server_id.public):
+                raise ValueError("secret")
+        await wait_until(lambda: seen)
+    (error,) = seen
+    assert isinstance(error, ClosedByPeer)
+    assert (error.code, error.reason) == (CloseCode.INTERNAL_ERROR, "internal error")
+    (client_end,) = ended(caplog, "to")
+    assert ": closed by us with INTERNAL_ERROR: the async with block raised ValueError;" in (
+        client_end
+    )
 
 
 # -- nothing per message --------------------------------------------------------------------

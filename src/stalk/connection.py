@@ -67,7 +67,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import anyio
 from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
@@ -106,6 +106,11 @@ __all__ = [
 ]
 
 logger = _logs.CONNECTION
+
+#: The reason of every CLOSE INTERNAL_ERROR we send for an exception of our own (a
+#: handler's, an ``async with`` body's): what failed is logged locally, never told to the
+#: peer, which has no business knowing our code's class names or messages.
+INTERNAL_ERROR_REASON: Final = "internal error"
 
 #: receive() lets other tasks run after this many spacks returned without waiting.
 _YIELD_EVERY = 512
@@ -441,11 +446,15 @@ class Connection(ObjectStream[Spack]):
             (nothing is closed then).
         """
         check_close(code, reason)
+        await self._close(code, reason)
+
+    async def _close(self, code: int, reason: str, detail: str | None = None) -> None:
+        """:meth:`close`, arguments checked; ``detail`` replaces ``reason`` in the log."""
         if self._link.closed:
             return
         self._link.closed = True
         if self._link.closed_with is None and not self._session.close_sent:
-            self._link.closed_with = (code, reason)
+            self._link.closed_with = (code, reason, detail)
         try:
             if self._link.broken is None:
                 await self._link.write_closing(lambda: self._session.close(code, reason))
@@ -477,7 +486,9 @@ class Connection(ObjectStream[Spack]):
 
         Leaving normally sends CLOSE NORMAL; leaving through an exception sends
         INTERNAL_ERROR (GOING_AWAY for a cancellation), so the peer never mistakes an
-        abandoned stream for a complete one.
+        abandoned stream for a complete one. The INTERNAL_ERROR's reason is always
+        ``"internal error"``: the exception is the caller's to report, and only the
+        connection's log line names its class.
         """
         try:
             if exc_type is None:
@@ -485,7 +496,7 @@ class Connection(ObjectStream[Spack]):
             elif issubclass(exc_type, anyio.get_cancelled_exc_class()):
                 await self.close(CloseCode.GOING_AWAY, "cancelled")
             else:
-                await self.close(CloseCode.INTERNAL_ERROR, exc_type.__name__)
+                await self._close_for_error(f"the async with block raised {exc_type.__name__}")
         finally:
             group, self._task_group = self._task_group, None
             if group is not None:
@@ -495,6 +506,10 @@ class Connection(ObjectStream[Spack]):
                 # handing it to the group would wrap it in an ExceptionGroup.
                 await group.__aexit__(None, None, None)
                 self._link.writer_running = False  # also if it was cancelled before it ran
+
+    async def _close_for_error(self, detail: str) -> None:
+        """Close with INTERNAL_ERROR and the fixed reason; ``detail`` goes to the log only."""
+        await self._close(CloseCode.INTERNAL_ERROR, INTERNAL_ERROR_REASON, detail)
 
     async def _dispatch(self, handler: MessageHandler) -> None:
         # A connection that ends badly must not tear down the caller's ``async with`` body

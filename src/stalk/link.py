@@ -162,8 +162,8 @@ class Link:
         #: (time.monotonic()); ``None`` until then.
         self.handshake_seconds: float | None = None
         self.established_at: float | None = None
-        #: How we closed: (code, reason), when we sent the first CLOSE.
-        self.closed_with: tuple[int, str] | None = None
+        #: How we closed: (code, reason sent, what the log says instead of the reason).
+        self.closed_with: tuple[int, str, str | None] | None = None
         #: The peer's CLOSE arrived before we sent ours (set when receive() sees it).
         self.peer_closed_first = False
         self._end_logged = False
@@ -514,8 +514,8 @@ class Link:
         elif received is not None and received.code != CloseCode.NORMAL:
             how = f"closed by the peer with {close_code_name(received.code)}: {received.reason!r}"
         elif self.closed_with is not None and self.closed_with[0] != CloseCode.NORMAL:
-            code, reason = self.closed_with
-            how = f"closed by us with {close_code_name(code)}: {reason!r}"
+            code, reason, detail = self.closed_with
+            how = f"closed by us with {close_code_name(code)}: {detail or repr(reason)}"
         elif received is not None and self.peer_closed_first:
             how = "closed by the peer"
         else:

@@ -20,7 +20,8 @@ established connection whose handler receives can be bounded by ``Config.idle_ti
 
 After a successful handshake (and ``authorize``), ``handler(conn)`` runs in the same task.
 When it returns, the connection is closed cleanly; when it raises, the error is logged, the
-connection is closed with INTERNAL_ERROR, and the listener keeps serving.
+connection is closed with INTERNAL_ERROR (its reason a fixed ``"internal error"``: the
+exception is described in our log, never to the peer), and the listener keeps serving.
 
 Logging (see :mod:`stalk._logs`): each established connection gets two INFO lines on
 ``stalk.connection``, when it is established and when it ends, like an access log. What
@@ -364,7 +365,7 @@ class Listener(anyio.abc.Listener[Connection]):
                 await conn.aclose()
                 return
             logger.exception("handler for %s raised", _who(conn))
-            await conn.close(CloseCode.INTERNAL_ERROR, type(exc).__name__)
+            await conn._close_for_error(f"the handler raised {type(exc).__name__}")
         else:
             await conn.aclose()
 
