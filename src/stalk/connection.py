@@ -496,7 +496,7 @@ class Connection(ObjectStream[Spack]):
             elif issubclass(exc_type, anyio.get_cancelled_exc_class()):
                 await self.close(CloseCode.GOING_AWAY, "cancelled")
             else:
-                await self._close_for_error(f"the async with block raised {exc_type.__name__}")
+                await self.close_internal_error(f"the async with block raised {exc_type.__name__}")
         finally:
             group, self._task_group = self._task_group, None
             if group is not None:
@@ -507,9 +507,23 @@ class Connection(ObjectStream[Spack]):
                 await group.__aexit__(None, None, None)
                 self._link.writer_running = False  # also if it was cancelled before it ran
 
-    async def _close_for_error(self, detail: str) -> None:
-        """Close with INTERNAL_ERROR and the fixed reason; ``detail`` goes to the log only."""
+    async def close_internal_error(self, detail: str) -> None:
+        """Close with INTERNAL_ERROR and the fixed reason ``"internal error"``.
+
+        For code that runs handlers: the peer learns that something failed on our side,
+        never what (an exception's text could leak local details); ``detail`` goes only
+        to this connection's end line in the log.
+        """
         await self._close(CloseCode.INTERNAL_ERROR, INTERNAL_ERROR_REASON, detail)
+
+    @property
+    def broken(self) -> bool:
+        """Whether the connection failed: cut, the peer broke the protocol, a write timed out.
+
+        Then every call raises the failure; a handler that sees a
+        :class:`~stalk.StalkError` can tell the connection's end from its own mistake.
+        """
+        return self._link.broken is not None
 
     async def _dispatch(self, handler: MessageHandler) -> None:
         # A connection that ends badly must not tear down the caller's ``async with`` body

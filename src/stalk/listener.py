@@ -100,7 +100,9 @@ def _address_key(address: object) -> str | None:
 
 def _who(conn: Connection) -> str:
     """A connection's peer and address, as log lines name it."""
-    return f"{conn.peer.fingerprint} at {address_text(conn._link.address)}"
+    host, port = conn.host, conn.port
+    where = address_text((host, port) if host is not None and port is not None else None)
+    return f"{conn.peer.fingerprint} at {where}"
 
 
 def _check_file_limit(config: Config) -> None:
@@ -356,16 +358,14 @@ class Listener(anyio.abc.Listener[Connection]):
         try:
             await handler(conn)
         except Exception as exc:  # a failing handler closes its own connection only
-            if isinstance(exc, ConnectionLost) or (
-                isinstance(exc, StalkError) and conn._link.broken is not None
-            ):
+            if isinstance(exc, ConnectionLost) or (isinstance(exc, StalkError) and conn.broken):
                 # The connection ended under the handler (the peer closed with an error,
                 # cut it, broke the protocol): its INFO line says how; not the handler's bug.
                 logger.debug("handler for %s ended by %r", _who(conn), exc)
                 await conn.aclose()
                 return
             logger.exception("handler for %s raised", _who(conn))
-            await conn._close_for_error(f"the handler raised {type(exc).__name__}")
+            await conn.close_internal_error(f"the handler raised {type(exc).__name__}")
         else:
             await conn.aclose()
 
