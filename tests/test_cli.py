@@ -36,20 +36,20 @@ from stalk.cli import (
     EXIT_OUTPUT_CLOSED,
     EXIT_USAGE,
     SIZE_VALUES,
-    SUMMARY_CHARS,
-    VALUE_CHARS,
     VALUES,
     _logging,
     _resolve_globals,
     build_parser,
     encoded_size,
     escape,
+    full_text,
     main,
     parse_value,
     summarize,
 )
 from stalk.known_peers import KnownPeers
 from stalk.spack import MAX_DEPTH
+from stalk.summary import SUMMARY_CHARS, VALUE_CHARS
 from stalk.wire import CloseCode
 from test_spack import spack_values
 
@@ -676,7 +676,9 @@ async def test_hostile_spack_text_is_escaped(anyio_backend: str, home: Path, ful
         connected = await cli(home, anyio_backend, "connect", address, stdin=b"hi\n")
     for output in (out, err, *connected[1:]):
         assert_clean(output)
-    assert out.decode().rstrip("\n") == (repr(HOSTILE_SPACK) if full else summarize(HOSTILE_SPACK))
+    everything = "Spack(" + ", ".join(map(repr, HOSTILE_SPACK)) + ")"
+    assert full_text(HOSTILE_SPACK) == everything
+    assert out.decode().rstrip("\n") == (everything if full else summarize(HOSTILE_SPACK))
     assert connected[1] == (summarize(HOSTILE_SPACK) + "\n").encode()
     assert "more characters)" in summarize(HOSTILE_SPACK)
 

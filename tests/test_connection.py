@@ -9,6 +9,7 @@ import socket
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute, TaskGroup
 from anyio.streams.stapled import StapledByteStream
 
 from helpers import byte_stream_pair, serving, wait_until
@@ -27,7 +28,7 @@ from stalk.errors import (
     PeerRefused,
 )
 from stalk.identity import Identity, PublicIdentity
-from stalk.listener import create_listener
+from stalk.listener import ConnectionHandler, create_listener
 from stalk.spack import Spack
 from stalk.wire import CloseCode
 
@@ -151,6 +152,18 @@ async def test_clean_close_ends_iteration_on_the_other_side() -> None:
             await conn.send(Spack(2))
         with pytest.raises(ConnectionClosed):
             await conn.receive()
+
+
+@pytest.mark.parametrize(("code", "reason"), [(0x10000, ""), (-1, ""), (0x1000, "r" * 1025)])
+async def test_close_with_bad_arguments_closes_nothing(code: int, reason: str) -> None:
+    """A bad code or reason raises ValueError before anything is closed or sent."""
+    async with serving() as (host, port, server_id):
+        async with await connect(host, port, server_id.public) as conn:
+            with pytest.raises(ValueError, match="close"):
+                await conn.close(code, reason)
+            await conn.send(Spack("still open"))
+            with anyio.fail_after(5):
+                assert await conn.receive() == Spack("still open")
 
 
 async def test_cut_connection_is_not_a_clean_close() -> None:
@@ -301,12 +314,18 @@ async def test_an_ipv6_address_is_bracketed_in_messages() -> None:
 async def test_connect_by_address_or_name(bind: str, dial: str) -> None:
     server_id = Identity.generate()
     async with await create_listener(bind, 0, identity=server_id) as listener:
+        port = listener.address[1]
+        where = {"127.0.0.1": f"127.0.0.1:{port}", "::1": f"[::1]:{port}"}[bind]
+        assert repr(listener).startswith(f"<stalk.Listener {where} ")
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, echo)
-            async with await connect(dial, listener.address[1], server_id.public) as conn:
+            async with await connect(dial, port, server_id.public) as conn:
                 await conn.send(Spack("hi"))
                 assert await conn.receive() == Spack("echo", "hi")
                 assert conn.host == bind
+                assert repr(conn) == (
+                    f"<stalk.Connection IK {server_id.public.fingerprint} {where} open>"
+                )
             tg.cancel_scope.cancel()
 
 
@@ -364,7 +383,7 @@ async def test_concurrent_senders_never_interleave_frames(writer: bool) -> None:
             async def receiver() -> None:
                 for _ in range(80):
                     reply = await conn.receive()
-                    n, i = int(reply[1]), int(reply[2])  # type: ignore[arg-type]
+                    n, i = int(reply[1]), int(reply[2])
                     assert reply[3] == blobs[(n + i) % 2]
                     seen.add((n, i))
 
@@ -506,6 +525,34 @@ async def test_listener_object_reports_port() -> None:
                 await conn.send(Spack(7))
                 assert await conn.receive() == Spack("echo", 7)
             tg.cancel_scope.cancel()
+
+
+async def serve_through_anyio(
+    listener: anyio.abc.Listener[Connection], handler: ConnectionHandler, tg: TaskGroup
+) -> object:
+    """Code written for any anyio listener: here it serves stalk connections."""
+    return await tg.start(listener.serve, handler, tg)
+
+
+async def test_listener_is_an_anyio_listener_of_connections() -> None:
+    identity = Identity.generate()
+    fingerprint = identity.public.fingerprint
+    listener = await create_listener("127.0.0.1", 0, identity=identity)
+    assert isinstance(listener, anyio.abc.Listener)
+    async with listener:
+        host, port = listener.address
+        assert listener.extra(SocketAttribute.local_address) == (host, port)
+        idle = f"<stalk.Listener 127.0.0.1:{port} {fingerprint} 0 connected, 0 handshaking>"
+        assert repr(listener) == idle
+        async with anyio.create_task_group() as tg:
+            # task_status: the bound address once the listener is accepting.
+            assert await serve_through_anyio(listener, echo, tg) == (host, port)
+            async with await connect(host, port, identity.public) as conn:
+                await conn.send(Spack(7))
+                assert await conn.receive() == Spack("echo", 7)
+                assert repr(listener) == idle.replace("0 connected", "1 connected")
+            tg.cancel_scope.cancel()
+    assert repr(listener) == f"<stalk.Listener 127.0.0.1:{port} {fingerprint} closed>"
 
 
 async def test_wrap_over_memory_streams() -> None:

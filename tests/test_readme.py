@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import stalk
+import stalk.sync
 from stalk.config import Config
 
 ROOT = Path(__file__).parents[1]
@@ -66,17 +69,53 @@ def test_public_namespace_is_all_and_documented() -> None:
         if not name.startswith("_") and not isinstance(value, type(stalk))
     }
     assert public == set(stalk.__all__) - {"__version__"}
-    aliases = {"Authorize", "ConnectionHandler", "MessageHandler", "SpackValue"}  # typing only
+    # typing only
+    aliases = {"Authorize", "ConnectionHandler", "MessageHandler", "Received", "SpackValue"}
     for name in set(stalk.__all__) - aliases - {"__version__"}:
         assert getattr(stalk, name).__doc__, name
 
 
+def public_callables() -> dict[str, Callable[..., object]]:
+    """Every public function, class and method of ``stalk`` and ``stalk.sync``, by name."""
+    found: dict[str, Callable[..., object]] = {}
+    for module in (stalk, stalk.sync):
+        for name in module.__all__:
+            value = getattr(module, name)
+            if inspect.isclass(value) and value.__module__.startswith("stalk"):
+                for attribute, member in vars(value).items():
+                    function = getattr(member, "__func__", member)  # classmethod, staticmethod
+                    if inspect.isfunction(function) and (
+                        attribute == "__init__" or attribute[0] != "_"
+                    ):
+                        found[f"{name}.{attribute}"] = function
+            elif inspect.isfunction(value):
+                found[f"{module.__name__}.{name}"] = value
+    return found
+
+
+def test_no_public_signature_shows_a_private_parameter() -> None:
+    callables = public_callables()
+    assert {"Connection.wrap", "Listener.serve", "stalk.connect", "SyncConnection.send"} <= set(
+        callables
+    )
+    private = [
+        f"{name}({parameter})"
+        for name, function in callables.items()
+        for parameter in inspect.signature(function).parameters
+        if parameter.startswith("_")
+    ]
+    assert private == []
+
+
 CORE = [
+    "channels",
+    "demux",
     "errors",
     "events",
     "framing",
     "handshake",
     "identity",
+    "mux",
     "_noise",
     "reassembly",
     "receiver",
@@ -85,6 +124,7 @@ CORE = [
     "session",
     "spack",
     "states",
+    "summary",
     "weigh",
     "wire",
 ]

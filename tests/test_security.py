@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import collections
+import gc
 import logging
 from functools import partial
 
@@ -10,7 +12,9 @@ import anyio
 import pytest
 
 import stalk
+import stalk.sync
 from helpers import connected_pair
+from stalk._noise import TransportCipher
 from stalk.errors import StalkError
 
 
@@ -37,6 +41,75 @@ def test_reprs_show_no_private_key() -> None:
     texts = [repr(i) for i in identities] + [str(i) for i in identities]
     texts += [repr(pair.client), repr(pair.server), repr(stalk.Config())]
     assert_no_secret("\n".join(texts), *identities)
+
+
+def stalk_objects(*roots: object) -> list[object]:
+    """Every stalk object reachable from ``roots`` through stalk objects and containers.
+
+    Foreign objects (anyio streams, cryptography keys, the event loop) are not followed:
+    their reprs are not ours, and through them everything in the process is reachable.
+    """
+    containers = (dict, list, tuple, set, frozenset, collections.deque)
+    seen: set[int] = set()
+    found: list[object] = []
+    todo = list(roots)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        ours = type(obj).__module__.split(".")[0] == "stalk"
+        if ours:
+            found.append(obj)
+        if ours or isinstance(obj, containers):
+            todo.extend(gc.get_referents(obj))
+    return found
+
+
+def key_forms(raw: bytes) -> list[str]:
+    return [raw.hex(), base64.b64encode(raw).decode().rstrip("="), repr(raw)[2:-1]]
+
+
+@pytest.mark.anyio
+async def test_no_repr_of_a_live_connection_listener_or_sync_connection_shows_a_key() -> None:
+    """``repr`` and ``str`` of every stalk object a live connection holds (sessions,
+    sealers, ciphers, handshake results...) show neither private key nor transport key."""
+    server_id, client_id = stalk.Identity.generate(), stalk.Identity.generate()
+    server_side: list[stalk.Connection] = []
+    done = anyio.Event()
+
+    async def handler(conn: stalk.Connection) -> None:
+        server_side.append(conn)
+        await conn.send(await conn.receive())
+        await done.wait()
+
+    async with await stalk.create_listener("127.0.0.1", 0, identity=server_id) as listener:
+        async with anyio.create_task_group() as tg:
+            host, port = await tg.start(listener.serve, handler)
+            async with await stalk.connect(
+                host, port, server_id.public, identity=client_id
+            ) as conn:
+                await conn.send(stalk.Spack("hi"))
+                await conn.receive()
+                synced = await anyio.to_thread.run_sync(
+                    partial(stalk.sync.connect, host, port, server_id.public, identity=client_id)
+                )
+                try:
+                    objects = stalk_objects(listener, conn, server_side, synced)
+                    texts = [f"{obj!r} {obj}" for obj in objects]
+                    ciphers = [obj for obj in objects if type(obj) is TransportCipher]
+                finally:
+                    await anyio.to_thread.run_sync(synced.close)
+            done.set()
+            tg.cancel_scope.cancel()
+    keys = [key for cipher in ciphers if isinstance(key := cipher._key, bytes)]
+    assert len(keys) >= 4  # both directions of the client's and the server's connections
+    assert {type(obj).__name__ for obj in objects} >= {"Session", "Sealer", "Receiver", "Link"}
+    text = "\n".join(texts)
+    assert_no_secret(text, server_id, client_id)
+    for key in keys:
+        for form in key_forms(key):
+            assert form not in text
 
 
 @pytest.mark.anyio

@@ -637,6 +637,9 @@ def test_record_kind_numbers_are_stable() -> None:
         ("PONG", 5),
         ("REKEY", 6),
         ("READY", 7),
+        ("RESET", 8),
+        ("WINDOW", 9),
+        ("CONNECTION_WINDOW", 10),
     ]
 
 

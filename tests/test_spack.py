@@ -860,6 +860,126 @@ def test_repr() -> None:
     assert repr(Spack(Float32(0.5), (1,))) == "Spack(Float32(0.5), (1,))"
 
 
+def full_repr(values: Sequence[Any]) -> str:
+    return "Spack(" + ", ".join(map(repr, values)) + ")"
+
+
+@given(spack_lists)
+def test_a_received_spack_reads_as_its_values_repr_when_short(values: list[Any]) -> None:
+    received = Spack.decode(Spack(*values).encode())
+    text = repr(received)
+    expected = full_repr(received)
+    if len(expected) <= 200:
+        assert text == expected
+    else:
+        assert len(text) < 2600
+
+
+def test_repr_is_bounded_and_built_from_slices() -> None:
+    big = Spack("op", b"\x1b" * (16 << 20))
+    tracemalloc.start()
+    try:
+        text = repr(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024  # a slice of the value, never its 64 MiB repr
+    assert text.startswith("Spack('op', b'\\x1b\\x1b")
+    assert text.endswith(" more bytes))")
+    assert len(text) < 300
+    many = repr(Spack(*range(1_000_000), "last"))
+    assert many.startswith("Spack(0, 1, 2, ")
+    assert many.endswith(" ... (999780 more values))")
+    assert len(many) < 1200
+    wide = repr(Spack([["x" * 1000] * 1000] * 1000, {"k" * 10**6: "v" * 10**6}))
+    assert len(wide) < 2600
+    assert wide.endswith(
+        "'... (800 more characters), ... (995 more values)], ... (999 more values)],"
+        " ... (1 more value))"
+    )
+
+
+def test_repr_of_a_locally_built_spack_never_fails_and_stays_bounded() -> None:
+    cyclic: list[Any] = [1]
+    cyclic.append(cyclic)
+    deep: list[Any] = []
+    for _ in range(10_000):
+        deep = [deep]
+    unsupported: Any = {1, 2}  # no spack can carry a set, but one can be built and printed
+    text = repr(Spack(cyclic, deep, 10**5000, unsupported, bytearray(b"ab"), memoryview(b"cd")))
+    assert text.count("[...]") == 2  # deeper than MAX_DEPTH: not followed
+    assert "[1, [1, [1, " in text
+    assert "<int of 16610 bits>" in text
+    assert "{1, 2}, bytearray(b'ab'), memoryview(b'cd'))" in text
+    assert len(text) < 2600
+    huge: Any = set(range(10**6))
+    assert len(repr(Spack(huge))) < 200  # reprlib's bound for the rest
+
+
+def test_unpack_checks_and_returns_the_values() -> None:
+    received = Spack.decode(
+        Spack("op", 3, 2.5, b"x", [1], (2,), {"k": 1}, array("d", [1.0])).encode()
+    )
+    values = received.unpack(str, int, float, bytes, list, tuple, dict, array)
+    assert values == received.values
+    assert Spack(None, True, Float32(0.5)).unpack(type(None), bool, float)[2] == Float32(0.5)
+    assert Spack(1, "x", [1], None).unpack(object, object, object, object)[0] == 1
+    assert Spack().unpack() == ()
+    nine = Spack(*range(9))
+    assert nine.unpack(*[int] * 9) == tuple(range(9))
+
+
+def test_unpack_follows_the_type_checker_for_bool_and_numbers() -> None:
+    assert Spack(1).unpack(float) == (1,)  # an int is a float to a type checker
+    with pytest.raises(TypeError, match=r"^spack\[0\]: expected int, got bool$"):
+        Spack(True).unpack(int)
+    with pytest.raises(TypeError, match=r"^spack\[0\]: expected float, got bool$"):
+        Spack(False).unpack(float)
+    with pytest.raises(TypeError, match=r"^spack\[0\]: expected int, got float$"):
+        Spack(1.0).unpack(int)
+    with pytest.raises(TypeError, match=r"^spack\[0\]: expected Float32, got float$"):
+        Spack(0.5).unpack(Float32)
+
+
+def test_unpack_names_the_position_and_both_types() -> None:
+    spack = Spack("set", "count", 3)
+    with pytest.raises(TypeError, match=r"^spack\[1\]: expected int, got str$"):
+        spack.unpack(str, int, int)
+    with pytest.raises(TypeError, match=r"^spack\[2\]: expected list, got int$"):
+        spack.unpack(str, str, list)
+    with pytest.raises(TypeError, match=r"^spack\[0\]: expected bytes, got NoneType$"):
+        Spack(None).unpack(bytes)
+    with pytest.raises(TypeError, match=r"^the spack has 3 values, expected 2 \(str, str\)$"):
+        spack.unpack(str, str)
+    with pytest.raises(TypeError, match=r"^the spack has 1 value, expected 0 \(\)$"):
+        Spack(1).unpack()
+
+
+@pytest.mark.parametrize("kind", [list[int], dict[str, int], int | None, "int", 3])
+def test_unpack_takes_plain_classes_only(kind: Any) -> None:
+    with pytest.raises(TypeError, match="takes plain classes"):
+        Spack([1]).unpack(kind)
+
+
+RECEIVED_TYPES = {type(None), bool, int, float, Float32, str, bytes, list, tuple, dict, array}
+
+
+def received_types(value: object) -> set[type]:
+    found = {type(value)}
+    if isinstance(value, (list, tuple)):
+        found |= set().union(*map(received_types, value))
+    elif isinstance(value, dict):
+        found |= set().union(*map(received_types, [*value, *value.values()]))
+    return found
+
+
+@given(spack_lists)
+def test_received_values_are_of_the_received_types(values: list[Any]) -> None:
+    """What ``Received`` promises: no bytearray or memoryview, whatever was sent."""
+    received = Spack.decode(Spack(*values).encode())
+    assert received_types(list(received)) - {list} <= RECEIVED_TYPES
+
+
 def test_encode_and_decode_methods_delegate() -> None:
     spack = Spack(1, (2.5, Float32(3.0)), {"k": [b"v"]})
     encoded = spack.encode()

@@ -35,7 +35,7 @@ from stalk.errors import (
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
 from stalk.listener import ConnectionHandler, Listener, create_listener, listen
-from stalk.spack import Float32, Spack, SpackValue
+from stalk.spack import Float32, Received, Spack, SpackValue
 from stalk.wire import CloseCode
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "PeerRefused",
     "ProtocolError",
     "PublicIdentity",
+    "Received",
     "Spack",
     "SpackValue",
     "StalkAttribute",

@@ -17,10 +17,11 @@ a peer cannot move the cursor, ring the bell, retitle the terminal, forge extra 
 reorder a line with bidirectional controls.
 
 Received spacks are printed as :func:`summarize` makes them (``stalk listen``, ``connect``
-and ``send --wait`` alike): each ``str``/``bytes`` value shortened to about
-:data:`VALUE_CHARS` characters and the line to about :data:`SUMMARY_CHARS`, with the
-spack's size, built without ever making the ``repr()`` of a whole large value. ``--full``
-prints the whole ``repr()``, escaped the same way. ``--max-message-size`` sets
+and ``send --wait`` alike): their bounded ``repr()`` (each ``str``/``bytes`` value
+shortened to about :data:`~stalk.summary.VALUE_CHARS` characters and the line to about
+:data:`~stalk.summary.SUMMARY_CHARS`) with the spack's size, built without ever making
+the text of a whole large value. ``--full`` prints every value's whole ``repr()``
+(:func:`full_text`), escaped the same way. ``--max-message-size`` sets
 :attr:`stalk.Config.max_message_size`, the largest spack the peer may send us.
 """
 
@@ -40,7 +41,7 @@ import stat
 import sys
 import textwrap
 from array import array
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeAlias, TypeVar
 
@@ -48,22 +49,17 @@ import anyio
 
 import stalk
 from stalk import bench  # light: the benchmark itself is imported when it runs
-from stalk.connection import Connection
+from stalk.connection import Connection, format_address
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
 from stalk.spack import Float32, Spack, SpackValue
+from stalk.summary import SUMMARY_CHARS, VALUE_CHARS, plural, render
 from stalk.vectors import main as vectors_main
-from stalk.wire import CloseCode, host_port
+from stalk.wire import CloseCode
 
 __all__ = ["main"]
 
-#: The most characters one ``str`` or ``bytes`` value takes in a summary (its quotes and
-#: the ``... (N more bytes)`` note aside).
-VALUE_CHARS: Final = 200
-#: A summary adds no further value once the line is this long: with one last value, the
-#: notes of nested containers and the size, a line stays under 2,600 characters.
-SUMMARY_CHARS: Final = 1000
 #: A summary states the spack's size in bytes unless it holds more values than this (all
 #: containers included): counting those would take longer than the summary is worth.
 SIZE_VALUES: Final = 100_000
@@ -285,86 +281,6 @@ def encoded_size(values: Sequence[Any], *, max_values: int = SIZE_VALUES) -> int
         return None
 
 
-def _plural(number: int, noun: str) -> str:
-    """``noun``, or its plural unless ``number`` is 1."""
-    return noun if number == 1 else f"{noun}s"
-
-
-class _Summary:
-    """Builds the bounded text of a spack (see :func:`summarize`)."""
-
-    def __init__(self, value_chars: int, total_chars: int) -> None:
-        self.parts: list[str] = []
-        self.left = total_chars
-        self.value_chars = value_chars
-        self.shortened = False
-
-    def add(self, text: str) -> None:
-        self.parts.append(text)
-        self.left -= len(text)
-
-    def value(self, value: Any) -> None:
-        kind = type(value)
-        if kind is str:
-            self.sliced(value, len(value), "characters")
-        elif kind is bytes or kind is bytearray or kind is memoryview:
-            data = memoryview(value).cast("B")
-            self.sliced(data, len(data), "bytes")
-        elif kind is list:
-            self.items("[", value, len(value), "]", self.value)
-        elif kind is tuple:
-            self.items("(", value, len(value), ",)" if len(value) == 1 else ")", self.value)
-        elif kind is dict:
-            self.items("{", value.items(), len(value), "}", self.entry)
-        elif kind is array:
-            if value:
-                self.items(f"array({value.typecode!r}, [", value, len(value), "])", self.value)
-            else:
-                self.add(f"array({value.typecode!r})")
-        elif value is None or kind in (bool, int, float, Float32):
-            self.add(repr(value))  # at most a few dozen characters
-        else:
-            self.add(f"<{kind.__qualname__}>")
-
-    def entry(self, item: tuple[Any, Any]) -> None:
-        self.value(item[0])
-        self.add(": ")
-        self.value(item[1])
-
-    def sliced(self, value: str | memoryview, length: int, unit: str) -> None:
-        """A prefix of ``value`` whose repr fits in ``value_chars``, and what is left."""
-        shown = min(length, self.value_chars)
-        while True:
-            head = value[:shown]
-            text = repr(head if isinstance(head, str) else bytes(head))
-            if len(text) <= self.value_chars + 3 or shown <= 1:
-                break
-            shown = max(1, shown * self.value_chars // len(text))
-        self.add(text)
-        if shown < length:
-            self.add(f"... ({length - shown} more {unit})")
-            self.shortened = True
-
-    def items(
-        self,
-        opening: str,
-        items: Iterable[Any],
-        count: int,
-        closing: str,
-        show: Callable[[Any], None],
-    ) -> None:
-        self.add(opening)
-        for index, item in enumerate(items):
-            if index:
-                self.add(", ")
-            if self.left <= 0:
-                self.add(f"... ({count - index} more {_plural(count - index, 'value')})")
-                self.shortened = True
-                break
-            show(item)
-        self.add(closing)
-
-
 def summarize(
     spack: Spack, *, value_chars: int = VALUE_CHARS, total_chars: int = SUMMARY_CHARS
 ) -> str:
@@ -373,17 +289,16 @@ def summarize(
     A spack that fits reads exactly as its ``repr()``. A longer one shows each ``str`` and
     ``bytes`` value up to about ``value_chars`` characters followed by
     ``... (N more bytes)`` (``characters`` for a string), stops listing the values of a
-    container once the line reaches ``total_chars`` with ``... (N more values)``, and ends
-    with ``(spack of N bytes, M values; --full prints it all)`` (the size is left out for a
-    spack of more than :data:`SIZE_VALUES` values in all). Only the parts shown are ever
-    turned into text, so a 16 MiB value costs a 200-byte slice, not a 64 MiB repr.
+    container once the line reaches ``total_chars`` with ``... (N more values)`` (as
+    ``repr()`` does, see :func:`stalk.summary.render`), and ends with ``(spack of N
+    bytes, M values; --full prints it all)`` (the size is left out for a spack of more than
+    :data:`SIZE_VALUES` values in all). Only the parts shown are ever turned into text, so
+    a 16 MiB value costs a 200-byte slice, not a 64 MiB repr.
     """
-    summary = _Summary(value_chars, total_chars)
-    summary.items("Spack(", spack, len(spack), ")", summary.value)
-    text = "".join(summary.parts)
-    if summary.shortened:
+    text, shortened = render(spack, value_chars=value_chars, total_chars=total_chars)
+    if shortened:
         size, count = encoded_size(spack), len(spack)
-        values = f"{count} {_plural(count, 'value')}"
+        values = f"{count} {plural(count, 'value')}"
         if size is None:
             text += f" (spack of {values}, over {SIZE_VALUES} in all; --full prints it all)"
         else:
@@ -391,9 +306,14 @@ def summarize(
     return escape(text)
 
 
+def full_text(spack: Spack) -> str:
+    """Every value of ``spack`` in full, as ``Spack(...)`` with each value's ``repr()``."""
+    return f"Spack({', '.join(map(repr, spack))})"
+
+
 def _show(spack: Spack, args: argparse.Namespace) -> str:
     """What the command prints for a received spack: its summary, or with --full all of it."""
-    return escape(repr(spack)) if args.full else summarize(spack)
+    return escape(full_text(spack)) if args.full else summarize(spack)
 
 
 def _foreign_answer(exc: BaseException) -> str | None:
@@ -492,8 +412,9 @@ class _LogLine(logging.Handler):
 def _logging(verbose: int) -> Iterator[None]:
     """While a command runs: log records as :class:`_LogLine` s, the library's at ``verbose``.
 
-    Warnings and errors only by default; ``-v`` adds the ``stalk`` logger's INFO records
-    (refused and failed clients of ``stalk listen``), ``-vv`` its DEBUG records. Other
+    Warnings and errors only by default; ``-v`` adds the ``stalk`` loggers' INFO records
+    (connections established and ended; failed and refused clients of ``stalk listen``),
+    ``-vv`` their DEBUG records. Other
     libraries' warnings are shown as well (never a traceback). The previous set-up is
     restored afterwards, so calling :func:`main` in a process changes nothing else.
     """
@@ -660,9 +581,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     """Remove a host's key from known_peers."""
     host, port = args.address
     if KnownPeers().forget(host, port):
-        _say(f"forgot the key of {host_port(host, port)}")
+        _say(f"forgot the key of {format_address(host, port)}")
         return EXIT_OK
-    raise CommandError(f"no known key for {host_port(host, port)}")
+    raise CommandError(f"no known key for {format_address(host, port)}")
 
 
 # -- serving ------------------------------------------------------------------------------
@@ -681,7 +602,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     async def handler(conn: Connection) -> None:
         who = conn.peer.fingerprint
-        where = "?" if conn.host is None or conn.port is None else host_port(conn.host, conn.port)
+        where = "?"
+        if conn.host is not None and conn.port is not None:
+            where = format_address(conn.host, conn.port)
         _say(f"peer {who} connected ({conn.pattern}) from {where}")
         ending = ""
         try:
@@ -701,11 +624,11 @@ def cmd_listen(args: argparse.Namespace) -> int:
             )
         except OSError as exc:
             raise CommandError(
-                f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}"
+                f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}"
             ) from exc
         async with listener:
             bound_host, bound_port = listener.address
-            _say(f"listening on {host_port(bound_host, bound_port)} as {identity.public}")
+            _say(f"listening on {format_address(bound_host, bound_port)} as {identity.public}")
             _say(f"fingerprint {identity.public.fingerprint}")
             with anyio.CancelScope() as serving:
                 _OUTPUT.stop_with(serving)
@@ -721,7 +644,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 async def _dial(args: argparse.Namespace) -> Connection:
     """Connect with ssh-like trust: --peer, else known_peers (IK), else XX and remember."""
     host, port = args.address
-    address = host_port(host, port)
+    address = format_address(host, port)
     path = _identity_path(args.file)
     identity = _load_identity(path, args.file) if args.file or path.exists() else None
     known = KnownPeers()
@@ -917,8 +840,8 @@ def _global_options(parser: argparse.ArgumentParser, prefix: str) -> None:
         dest=f"{prefix}verbose",
         action="count",
         default=0,
-        help="show the library's log: -v adds info (refused and failed clients of listen), "
-        "-vv debug (default: warnings only)",
+        help="show the library's log: -v adds info (connections established and ended, "
+        "failed and refused clients of listen), -vv debug (default: warnings only)",
     )
 
 

@@ -50,6 +50,9 @@ class Config:
         with TIMEOUT and ``receive()`` raises :class:`~stalk.IdleTimeout`. Only time spent
         waiting in ``receive()`` counts (cancelled calls included); a connection that no
         one receives from is never timed out.
+    :raises ValueError: a timeout is not a positive number of seconds, a count or size is
+        out of range (each must be positive; ``send_buffer`` may be 0), or
+        ``max_message_size`` is outside what the protocol allows.
     """
 
     handshake_timeout: float = 10.0

@@ -53,22 +53,26 @@ Failure. Any protocol or transport error is terminal: the connection becomes *br
 best-effort error CLOSE is written, the transport is closed, and every later call raises
 :class:`~stalk.ConnectionLost` (an :class:`anyio.BrokenResourceError`). After ``aclose()``
 every call raises :class:`~stalk.ConnectionClosed` (an :class:`anyio.ClosedResourceError`).
+
+Record. A connection logs at INFO on ``stalk.connection`` when it is established and when
+it ends (see :mod:`stalk._logs`), never per spack; what it carried is counted where each
+spack and buffer passes anyway, and published as :class:`StalkAttribute` values.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import anyio
 from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
 
+from stalk import _logs
 from stalk.config import Config
 from stalk.errors import (
     ClosedByPeer,
@@ -85,10 +89,11 @@ from stalk.events import (
     MessageReceived,
 )
 from stalk.identity import Identity, PublicIdentity
-from stalk.link import Link, stream_error
+from stalk.link import Link, address_text, format_address, stream_error
+from stalk.records import check_close
 from stalk.session import Role, Session
 from stalk.spack import Spack
-from stalk.wire import CloseCode, Pattern, host_port
+from stalk.wire import CloseCode, Pattern
 
 __all__ = [
     "Authorize",
@@ -96,10 +101,16 @@ __all__ = [
     "MessageHandler",
     "StalkAttribute",
     "connect",
+    "format_address",
     "stream_error",
 ]
 
-logger = logging.getLogger("stalk")
+logger = _logs.CONNECTION
+
+#: The reason of every CLOSE INTERNAL_ERROR we send for an exception of our own (a
+#: handler's, an ``async with`` body's): what failed is logged locally, never told to the
+#: peer, which has no business knowing our code's class names or messages.
+INTERNAL_ERROR_REASON: Final = "internal error"
 
 #: receive() lets other tasks run after this many spacks returned without waiting.
 _YIELD_EVERY = 512
@@ -109,16 +120,34 @@ MessageHandler: TypeAlias = Callable[[Spack], "Awaitable[None] | None"]
 
 
 class StalkAttribute(anyio.TypedAttributeSet):
-    """Typed attributes a :class:`Connection` publishes (``conn.extra(StalkAttribute.peer)``)."""
+    """Typed attributes a :class:`Connection` publishes (``conn.extra(StalkAttribute.peer)``).
+
+    The statistics are read when asked for (each call gives the current count); counting
+    costs an integer addition where a spack or a buffer passes anyway.
+    """
 
     #: the peer's static public key (authenticated)
     peer: PublicIdentity = anyio.typed_attribute()
     #: our own static key pair
     identity: Identity = anyio.typed_attribute()
     #: ``"XX"`` or ``"IK"``
-    pattern: str = anyio.typed_attribute()
+    pattern: Pattern = anyio.typed_attribute()
     #: Noise handshake hash: the channel-binding value
     handshake_hash: bytes = anyio.typed_attribute()
+    #: seconds from the first handshake byte to the connection being established
+    handshake_duration: float = anyio.typed_attribute()
+    #: bytes handed to the transport (handshake, framing and encryption included)
+    bytes_sent: int = anyio.typed_attribute()
+    #: bytes read from the transport (handshake, framing and encryption included)
+    bytes_received: int = anyio.typed_attribute()
+    #: spacks accepted by ``send()`` or ``queue()``
+    spacks_sent: int = anyio.typed_attribute()
+    #: spacks returned by ``receive()`` (or given to the handler)
+    spacks_received: int = anyio.typed_attribute()
+    #: times our sending cipher was rekeyed
+    rekeys_sent: int = anyio.typed_attribute()
+    #: times the peer rekeyed (its REKEYs that took effect on our receiving cipher)
+    rekeys_received: int = anyio.typed_attribute()
 
 
 class Connection(ObjectStream[Spack]):
@@ -158,6 +187,10 @@ class Connection(ObjectStream[Spack]):
     ) -> Connection:
         """Run the stalk handshake over ``transport`` and return the connection.
 
+        For transports other than the TCP of :func:`connect` and :func:`~stalk.listen`
+        (anyio memory streams in tests, a stream over another socket type).
+
+        :param transport: any anyio byte stream; the connection owns it from here on.
         :param identity: our static key pair.
         :param peer: client side: the server's expected key (IK), or ``None`` (XX).
         :param server_side: act as the responder.
@@ -165,9 +198,12 @@ class Connection(ObjectStream[Spack]):
         :param config: timeouts and limits.
         :param handler: called (or awaited) with every spack received, in order, while the
             connection is used as ``async with``; ``receive()`` is then not available.
+        :returns: the established connection.
         :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
             (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
-            :class:`~stalk.HandshakeTimeout`). The transport is closed.
+            :class:`~stalk.InvalidPeerKey`, :class:`~stalk.HandshakeTimeout`). The
+            transport is closed.
+        :raises ValueError: ``peer`` was given with ``server_side=True``.
         """
         config = config or Config()
         conn = cls._start(
@@ -248,16 +284,25 @@ class Connection(ObjectStream[Spack]):
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         """The transport's typed attributes plus :class:`StalkAttribute`."""
+        link = self._link
+        session = self._session
         return {
             **self._transport.extra_attributes,
             StalkAttribute.peer: lambda: self.peer,
             StalkAttribute.identity: lambda: self.identity,
             StalkAttribute.pattern: lambda: self.pattern,
             StalkAttribute.handshake_hash: lambda: self.handshake_hash,
+            StalkAttribute.handshake_duration: lambda: link.handshake_seconds or 0.0,
+            StalkAttribute.bytes_sent: lambda: session.bytes_sent,
+            StalkAttribute.bytes_received: lambda: session.bytes_received,
+            StalkAttribute.spacks_sent: lambda: link.spacks_sent,
+            StalkAttribute.spacks_received: lambda: link.spacks_received,
+            StalkAttribute.rekeys_sent: lambda: session.rekeys_sent,
+            StalkAttribute.rekeys_received: lambda: session.rekeys_received,
         }
 
     def __repr__(self) -> str:
-        where = f"{self.host}:{self.port}" if self._link.address else "stream"
+        where = address_text(self._link.address)
         state = "closed" if self._link.closed else "broken" if self._link.broken else "open"
         return f"<stalk.Connection {self.pattern} {self.peer.fingerprint} {where} {state}>"
 
@@ -273,6 +318,7 @@ class Connection(ObjectStream[Spack]):
         """
         self._link.check_open()
         self._session.queue(item)
+        self._link.spacks_sent += 1
 
     async def flush(self) -> None:
         """Encrypt everything queued into as few Noise messages as possible and write it.
@@ -338,7 +384,7 @@ class Connection(ObjectStream[Spack]):
         :raises ~anyio.EndOfStream: the peer closed its direction cleanly (CLOSE code 0).
         :raises ~stalk.ClosedByPeer: the peer sent CLOSE with an error code.
         :raises ~stalk.ConnectionLost: the stream was cut (EOF or reset without CLOSE), or
-            the peer broke the protocol (the error's ``__cause__`` says how).
+            the connection broke before this call (its message says how).
         :raises ~stalk.IdleTimeout: (a ConnectionLost) with ``Config.idle_timeout`` set, the
             peer stayed silent and did not answer a keepalive PING (see the module docs).
         :raises ~stalk.ProtocolError: the peer broke the protocol (also ends the connection).
@@ -364,6 +410,7 @@ class Connection(ObjectStream[Spack]):
                 if type(event) is MessageReceived:
                     self._answering = waited
                     self._streak = 0 if waited else self._streak + 1
+                    self._link.spacks_received += 1
                     return event.spack
                 if event is NEED_DATA:
                     await self._link.receive_into_session()
@@ -371,6 +418,8 @@ class Connection(ObjectStream[Spack]):
                 elif event is PAUSED:
                     await self._link.resume_reading()
                 elif isinstance(event, CloseReceived):
+                    if not self._link.closed and not self._session.close_sent:
+                        self._link.peer_closed_first = True
                     if event.code == CloseCode.NORMAL:
                         raise anyio.EndOfStream
                     raise self._link.tag(
@@ -387,10 +436,25 @@ class Connection(ObjectStream[Spack]):
         """Send CLOSE with ``code`` and ``reason`` (best effort), then close the transport.
 
         Idempotent. Waits at most ``Config.close_timeout`` for the CLOSE to be written.
+        Errors while writing the CLOSE are not raised: the connection is closed either way.
+
+        :param code: a :class:`~stalk.CloseCode`, or an application code from ``0x1000``
+            to ``0xFFFF``; anything but ``NORMAL`` (0) is an error close, which the peer's
+            ``receive()`` raises as :class:`~stalk.ClosedByPeer`.
+        :param reason: text for the peer (at most 1024 UTF-8 bytes).
+        :raises ValueError: ``code`` does not fit in 16 bits or ``reason`` is too long
+            (nothing is closed then).
         """
+        check_close(code, reason)
+        await self._close(code, reason)
+
+    async def _close(self, code: int, reason: str, detail: str | None = None) -> None:
+        """:meth:`close`, arguments checked; ``detail`` replaces ``reason`` in the log."""
         if self._link.closed:
             return
         self._link.closed = True
+        if self._link.closed_with is None and not self._session.close_sent:
+            self._link.closed_with = (code, reason, detail)
         try:
             if self._link.broken is None:
                 await self._link.write_closing(lambda: self._session.close(code, reason))
@@ -422,7 +486,9 @@ class Connection(ObjectStream[Spack]):
 
         Leaving normally sends CLOSE NORMAL; leaving through an exception sends
         INTERNAL_ERROR (GOING_AWAY for a cancellation), so the peer never mistakes an
-        abandoned stream for a complete one.
+        abandoned stream for a complete one. The INTERNAL_ERROR's reason is always
+        ``"internal error"``: the exception is the caller's to report, and only the
+        connection's log line names its class.
         """
         try:
             if exc_type is None:
@@ -430,7 +496,7 @@ class Connection(ObjectStream[Spack]):
             elif issubclass(exc_type, anyio.get_cancelled_exc_class()):
                 await self.close(CloseCode.GOING_AWAY, "cancelled")
             else:
-                await self.close(CloseCode.INTERNAL_ERROR, exc_type.__name__)
+                await self.close_internal_error(f"the async with block raised {exc_type.__name__}")
         finally:
             group, self._task_group = self._task_group, None
             if group is not None:
@@ -441,6 +507,24 @@ class Connection(ObjectStream[Spack]):
                 await group.__aexit__(None, None, None)
                 self._link.writer_running = False  # also if it was cancelled before it ran
 
+    async def close_internal_error(self, detail: str) -> None:
+        """Close with INTERNAL_ERROR and the fixed reason ``"internal error"``.
+
+        For code that runs handlers: the peer learns that something failed on our side,
+        never what (an exception's text could leak local details); ``detail`` goes only
+        to this connection's end line in the log.
+        """
+        await self._close(CloseCode.INTERNAL_ERROR, INTERNAL_ERROR_REASON, detail)
+
+    @property
+    def broken(self) -> bool:
+        """Whether the connection failed: cut, the peer broke the protocol, a write timed out.
+
+        Then every call raises the failure; a handler that sees a
+        :class:`~stalk.StalkError` can tell the connection's end from its own mistake.
+        """
+        return self._link.broken is not None
+
     async def _dispatch(self, handler: MessageHandler) -> None:
         # A connection that ends badly must not tear down the caller's ``async with`` body
         # from this background task: the error is kept (the connection is broken) and the
@@ -449,7 +533,7 @@ class Connection(ObjectStream[Spack]):
             async for spack in self:
                 await maybe_await(handler(spack))
         except StalkError as exc:
-            logger.debug("receiving from %s ended: %s", self._link.address, exc)
+            logger.debug("receiving from %s ended: %r", address_text(self._link.address), exc)
 
 
 async def _dial(host: str, port: int) -> ByteStream:
@@ -495,15 +579,27 @@ async def connect(
 ) -> Connection:
     """Open a TCP connection to ``host:port`` and run the stalk handshake.
 
+    Use the result as ``async with await connect(...) as conn:`` so that it is closed
+    (and its sends are batched by a writer task, see :class:`Connection`).
+
+    :param host: a host name or an IP address (an address is dialled directly).
+    :param port: the TCP port.
     :param peer: the server's expected static key (or its printable form): the handshake
         is IK and fails with :class:`~stalk.PeerIdentityMismatch` for any other key.
         ``None``: XX, and ``conn.peer`` tells who answered.
     :param identity: our static key pair; ``None`` makes a fresh one for this connection.
     :param handler: called (or awaited) with every spack received, in order, while the
         connection is used as ``async with``; ``receive()`` is then not available.
-    :param config: timeouts and limits.
-    :raises ~stalk.ConnectFailed: the TCP connection could not be opened.
-    :raises ~stalk.HandshakeFailed: the handshake failed (see :meth:`Connection.wrap`).
+    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :returns: the established connection.
+    :raises ~stalk.ConnectFailed: the TCP connection could not be opened (also an
+        :class:`OSError`).
+    :raises ~stalk.HandshakeTimeout: the TCP connect and the handshake together took
+        longer than ``Config.handshake_timeout``.
+    :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
+        (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
+        :class:`~stalk.InvalidPeerKey`).
+    :raises ValueError: ``peer`` is a string that is not a valid printable public key.
     """
     config = config or Config()
     if isinstance(peer, str):
@@ -515,7 +611,7 @@ async def connect(
             try:
                 stream = await _dial(host, port)
             except OSError as exc:
-                error = ConnectFailed(f"cannot connect to {host_port(host, port)}: {exc}")
+                error = ConnectFailed(f"cannot connect to {format_address(host, port)}: {exc}")
                 error.peer_address = (host, port)
                 raise error from exc
             conn = Connection._start(
@@ -529,7 +625,7 @@ async def connect(
             await establish(conn._link, None)
     except TimeoutError as exc:
         timeout = HandshakeTimeout(
-            f"no connection and handshake with {host_port(host, port)} "
+            f"no connection and handshake with {format_address(host, port)} "
             f"within {config.handshake_timeout} s"
         )
         timeout.peer_address = (host, port)

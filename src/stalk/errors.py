@@ -26,11 +26,13 @@ from typing import ClassVar
 from stalk.wire import CloseCode, close_code_name
 
 __all__ = [
+    "ChannelLimitExceeded",
     "ClosedByPeer",
     "ConnectFailed",
     "ConnectionClosed",
     "ConnectionLost",
     "DecryptionFailed",
+    "FlowControlError",
     "HandshakeFailed",
     "HandshakeTimeout",
     "IdentityFileError",
@@ -119,6 +121,18 @@ class MessageLimitExceeded(ProtocolError):
     def __init__(self, limit: int, message: str | None = None) -> None:
         super().__init__(message or f"peer sent a message larger than our {limit}-byte limit")
         self.limit = limit
+
+
+class ChannelLimitExceeded(ProtocolError):
+    """The peer opened more channels than we let it have open at once (SPEC "Channels")."""
+
+    close_code = CloseCode.CHANNEL_LIMIT
+
+
+class FlowControlError(ProtocolError):
+    """The peer sent data beyond the credit we granted, or granted credit past the maximum."""
+
+    close_code = CloseCode.FLOW_CONTROL_ERROR
 
 
 class DecryptionFailed(ProtocolError):
@@ -219,8 +233,8 @@ class ClosedByPeer(ConnectionLost):
 class IdleTimeout(ConnectionLost):
     """The peer sent nothing while we waited and did not answer a keepalive PING.
 
-    Raised by ``receive()`` with :attr:`Config.idle_timeout <stalk.Config.idle_timeout>`
-    set; the connection has been closed with CLOSE code TIMEOUT.
+    Raised by ``receive()`` with ``idle_timeout`` set in :class:`~stalk.Config`; the
+    connection has been closed with CLOSE code TIMEOUT.
     """
 
     close_code = CloseCode.TIMEOUT

@@ -18,6 +18,10 @@ from stalk.wire import Pattern
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "ChannelCloseReceived",
+    "ChannelMessageReceived",
+    "ChannelOpened",
+    "ChannelResetReceived",
     "CloseReceived",
     "Event",
     "HandshakeComplete",
@@ -80,9 +84,51 @@ class HandshakeComplete:
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    """One whole spack, authenticated and decoded."""
+    """One whole spack, authenticated and decoded (a connection without channels)."""
 
     spack: Spack
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelMessageReceived:
+    """One whole spack on a connection with channels (channel 0 included).
+
+    :ivar channel: the channel it came on.
+    :ivar size: its data bytes, which the driver hands back to
+        :meth:`~stalk.session.Session.release` once the application has the spack.
+    """
+
+    spack: Spack
+    channel: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOpened:
+    """The peer opened a channel (its spacks, if any, follow as :class:`MessageReceived`)."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelCloseReceived:
+    """The peer ended its direction of a channel: it sends nothing more on it."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelResetReceived:
+    """The peer reset a channel: both directions ended, with a code and reason.
+
+    Spacks of that channel not yet handed to the application are to be dropped, and the
+    driver calls :meth:`~stalk.session.Session.release_channel` once the application let
+    go of it (its answering RESET goes then).
+    """
+
+    channel: int
+    code: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +149,15 @@ class CloseReceived:
     reason: str
 
 
+#: Any event :meth:`Session.next_event() <stalk.session.Session.next_event>` returns.
 Event: TypeAlias = (
-    PeerIdentified | HandshakeComplete | MessageReceived | PongReceived | CloseReceived
+    PeerIdentified
+    | HandshakeComplete
+    | MessageReceived
+    | ChannelMessageReceived
+    | PongReceived
+    | CloseReceived
+    | ChannelOpened
+    | ChannelCloseReceived
+    | ChannelResetReceived
 )

@@ -69,8 +69,12 @@ from stalk.framing import (
 )
 from stalk.identity import Identity, PublicIdentity, check_public_key
 from stalk.wire import (
+    MAX_CHANNELS_LIMIT,
     MAX_HANDSHAKE_PAYLOAD,
     MAX_MESSAGE_SIZE_LIMIT,
+    MAX_WINDOW,
+    MIN_CHANNEL_WINDOW,
+    MIN_CONNECTION_WINDOW,
     MIN_MAX_MESSAGE_SIZE,
     PROTOCOL_NAMES,
     PROTOCOL_VERSION,
@@ -79,6 +83,7 @@ from stalk.wire import (
 )
 
 __all__ = [
+    "ChannelParams",
     "HandshakeResult",
     "InitiatorHandshake",
     "Params",
@@ -94,16 +99,52 @@ _VERDICT_ACCEPT: Final = b"\x00"
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelParams:
+    """What a party offers for channels (SPEC "Channels"); sent as three parameters.
+
+    :param max_channels: how many channels the peer may have open towards us at once.
+    :param channel_window: the credit we grant the peer on each channel, channel 0 included.
+    :param connection_window: the credit we grant the peer for the whole connection.
+    """
+
+    max_channels: int
+    channel_window: int
+    connection_window: int
+
+    def __post_init__(self) -> None:
+        for name, low, high in _CHANNEL_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f"{name} must be an int in {low}..{high}")
+
+
+#: The channel parameters with their ranges, in the order they are encoded.
+_CHANNEL_FIELDS: Final = (
+    ("max_channels", 0, MAX_CHANNELS_LIMIT),
+    ("channel_window", MIN_CHANNEL_WINDOW, MAX_WINDOW),
+    ("connection_window", MIN_CONNECTION_WINDOW, MAX_WINDOW),
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Params:
-    """A party's handshake parameters (SPEC "Handshake payloads")."""
+    """A party's handshake parameters (SPEC "Handshake payloads").
+
+    ``channels`` is ``None`` when the party sent no channel parameters (version 1 only).
+    """
 
     version: int
     max_message_size: int
+    channels: ChannelParams | None = None
 
 
-def encode_params(max_message_size: int) -> bytes:
+def encode_params(max_message_size: int, channels: ChannelParams | None = None) -> bytes:
     """The msgpack map a party sends in its last handshake message."""
-    return msgpack.packb({"version": PROTOCOL_VERSION, "max_message_size": max_message_size})
+    fields: dict[str, int] = {"version": PROTOCOL_VERSION, "max_message_size": max_message_size}
+    if channels is not None:
+        for name, _, _ in _CHANNEL_FIELDS:
+            fields[name] = getattr(channels, name)
+    return msgpack.packb(fields)
 
 
 class _Pairs:
@@ -153,10 +194,11 @@ def _describe(value: object) -> str:
 def decode_params(payload: bytes) -> Params:
     """Parse and check a party's parameters.
 
-    Both fields must be of type ``int`` (``bool`` is refused); unknown keys are ignored.
+    Every field must be of type ``int`` (``bool`` is refused); unknown keys are ignored.
 
     :raises ~stalk.HandshakeFailed: not a map as :func:`_decode_map` requires, wrong
-        version, or a missing, mistyped or out-of-range ``max_message_size``.
+        version, a missing, mistyped or out-of-range ``max_message_size``, or channel
+        parameters that are not all three, each an int within its range.
     """
     fields = _decode_map(payload)
     version = fields.get("version")
@@ -170,7 +212,23 @@ def decode_params(payload: bytes) -> Params:
             f"handshake payload max_message_size is {_describe(size)}, not "
             f"{MIN_MAX_MESSAGE_SIZE}..{MAX_MESSAGE_SIZE_LIMIT}"
         )
-    return Params(version=version, max_message_size=size)
+    return Params(version=version, max_message_size=size, channels=_decode_channels(fields))
+
+
+def _decode_channels(fields: dict[str, object]) -> ChannelParams | None:
+    """The channel parameters: all three (checked), or none (a version-1 peer)."""
+    present = [name for name, _, _ in _CHANNEL_FIELDS if name in fields]
+    if not present:
+        return None
+    values: dict[str, int] = {}
+    for name, low, high in _CHANNEL_FIELDS:
+        value = fields.get(name)
+        if type(value) is not int or not low <= value <= high:
+            raise HandshakeFailed(
+                f"handshake payload {name} is {_describe(value)}, not {low}..{high}"
+            )
+        values[name] = value
+    return ChannelParams(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +367,7 @@ class InitiatorHandshake:
     :param identity: our static key pair.
     :param peer: the responder's expected static key (selects IK), or ``None`` (XX).
     :param max_message_size: the limit we advertise.
+    :param channels: what we offer for channels, or ``None`` (version 1 only).
     :param ephemeral: a fixed ephemeral private key: only for test vectors.
     """
 
@@ -318,11 +377,12 @@ class InitiatorHandshake:
         peer: PublicIdentity | None,
         max_message_size: int,
         *,
+        channels: ChannelParams | None = None,
         ephemeral: bytes | None = None,
     ) -> None:
         self.pattern: Pattern = "IK" if peer is not None else "XX"
         self._expected = peer
-        self._params = encode_params(max_message_size)
+        self._params = encode_params(max_message_size, channels)
         preamble = encode_preamble(PROTOCOL_VERSION, self.pattern)
         self._noise = NoiseHandshake(
             PROTOCOL_NAMES[self.pattern],
@@ -390,14 +450,20 @@ class ResponderHandshake:
 
     :param identity: our static key pair.
     :param max_message_size: the limit we advertise.
+    :param channels: what we offer for channels, or ``None`` (version 1 only).
     :param ephemeral: a fixed ephemeral private key: only for test vectors.
     """
 
     def __init__(
-        self, identity: Identity, max_message_size: int, *, ephemeral: bytes | None = None
+        self,
+        identity: Identity,
+        max_message_size: int,
+        *,
+        channels: ChannelParams | None = None,
+        ephemeral: bytes | None = None,
     ) -> None:
         self._identity = identity
-        self._params = encode_params(max_message_size)
+        self._params = encode_params(max_message_size, channels)
         self._ephemeral = ephemeral
         self._noise: NoiseHandshake | None = None
         self._state: Literal["preamble", "msg1", "msg3", "authorize", "done", "refused"] = (

@@ -120,8 +120,8 @@ class PublicIdentity:
     """A peer's static X25519 public key (32 raw bytes). Immutable and hashable.
 
     Only canonical keys exist (u < 2^255 - 19, bit 255 clear) and low-order points are
-    refused, so one private key has exactly one public identity (see
-    :func:`check_public_key`).
+    refused, so one private key has exactly one public identity (SPEC "Canonical keys").
+    Equality (``==``) is constant-time; ``str()`` gives the printable form.
 
     :param raw: the 32 raw bytes of the public key (any bytes-like object).
     :raises ValueError: if ``raw`` is not exactly 32 bytes long, not canonical, or a

@@ -29,7 +29,6 @@ from pathlib import Path
 from stalk import _files
 from stalk.errors import IdentityFileError
 from stalk.identity import PublicIdentity
-from stalk.wire import host_port
 
 __all__ = ["AuthorizedPeers", "KnownPeers", "stalk_home"]
 
@@ -46,6 +45,10 @@ _NEW_FILE_MODE = 0o600
 def stalk_home() -> Path:
     """``$STALK_HOME``, or ``~/.stalk``: where identities and trust stores live."""
     return Path(os.environ.get("STALK_HOME") or Path.home() / ".stalk").expanduser()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _read(path: Path, kind: str) -> tuple[list[tuple[int, str]], os.stat_result | None]:
@@ -76,7 +79,11 @@ def _read(path: Path, kind: str) -> tuple[list[tuple[int, str]], os.stat_result 
 class KnownPeers:
     """The ``host:port -> key`` store a client pins keys from.
 
+    Nothing is read until a method is called, and each call reads the file again, so
+    other processes' updates are seen at once.
+
     :param path: the file (default ``$STALK_HOME/known_peers``); created on first write.
+    :ivar path: the file, ``~`` expanded.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
@@ -98,10 +105,14 @@ class KnownPeers:
     def lookup(self, host: str, port: int) -> PublicIdentity | None:
         """The key remembered for ``host:port``, if any. Takes no lock.
 
+        :param host: the host as the user gave it (a name and its address are distinct
+            entries).
+        :param port: the TCP port.
+        :returns: the remembered key, or ``None``.
         :raises ~stalk.IdentityFileError: the file is malformed, or it (or a directory
             above it) is owned by another user or writable by group or others.
         """
-        return self._load(self.path)[0].get(host_port(host, port))
+        return self._load(self.path)[0].get(_address(host, port))
 
     def remember(self, host: str, port: int, key: PublicIdentity) -> None:
         """Record (or replace) the key for ``host:port``.
@@ -109,9 +120,13 @@ class KnownPeers:
         The update is made under the lock and the file is replaced atomically, so
         concurrent writers (other processes included) lose no entry.
 
+        :param host: the host, as for :meth:`lookup`.
+        :param port: the TCP port.
+        :param key: the key to pin from now on (typically ``conn.peer`` after an XX
+            connection).
         :raises ~stalk.IdentityFileError: as :meth:`lookup`, or the file cannot be written.
         """
-        address = host_port(host, port)
+        address = _address(host, port)
 
         def update(peers: dict[str, PublicIdentity]) -> bool:
             peers[address] = key
@@ -122,9 +137,11 @@ class KnownPeers:
     def forget(self, host: str, port: int) -> bool:
         """Remove the entry for ``host:port``; return whether there was one.
 
+        :param host: the host, as for :meth:`lookup`.
+        :param port: the TCP port.
         :raises ~stalk.IdentityFileError: as :meth:`remember`.
         """
-        address = host_port(host, port)
+        address = _address(host, port)
 
         def update(peers: dict[str, PublicIdentity]) -> bool:
             return peers.pop(address, None) is not None
@@ -163,6 +180,8 @@ class AuthorizedPeers:
         the same line is a comment, as in ssh's ``authorized_keys``.
     :raises ~stalk.IdentityFileError: the file is missing or has a malformed line, or it
         (or a directory above it) is owned by another user or writable by group or others.
+    :ivar path: the file, ``~`` expanded.
+    :ivar keys: the keys read by the last successful :meth:`reload`.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

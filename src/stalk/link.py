@@ -19,6 +19,9 @@ bytes to and from the transport and owns everything that touches it:
   the link broken, writes the session's error CLOSE when asked (and lingers so that the
   peer can read it), and closes the transport; errors are tagged with the peer's address
   and raised as anyio's stream errors where they map to one.
+- **A connection's record**: the link counts the spacks each way (the session counts the
+  bytes and rekeys), and logs the connection's end once, when the transport is closed:
+  who, where, how long, how it ended and what it carried (``stalk.connection``, INFO).
 
 The link makes no protocol decision: the session (sans-IO) makes them all.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -34,21 +38,23 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ByteStream, SocketAttribute
 
+from stalk import _logs
 from stalk.config import Config
 from stalk.errors import (
     ConnectionClosed,
     ConnectionLost,
     HandshakeFailed,
     IdleTimeout,
+    ProtocolError,
     StalkError,
 )
-from stalk.session import Session
-from stalk.wire import CloseCode
+from stalk.session import Role, Session
+from stalk.wire import CloseCode, close_code_name
 from stalk.writing import closes_at_once, writer_for
 
-__all__ = ["Link", "stream_error"]
+__all__ = ["Link", "address_text", "format_address", "remote_address", "stream_error"]
 
-logger = logging.getLogger("stalk")
+logger = _logs.CONNECTION
 
 #: After our error CLOSE, the most we read and discard, and for how long, waiting for the
 #: peer to close too (SPEC "Resource model"): see :meth:`Link.linger`.
@@ -94,11 +100,33 @@ def stream_error(exc: StalkError) -> StalkError:
     return exc
 
 
-def _address(transport: ByteStream) -> tuple[str, int] | None:
+def remote_address(transport: ByteStream) -> tuple[str, int] | None:
+    """The peer's ``(host, port)``, or ``None`` for a transport that is not an IP socket."""
     remote = transport.extra(SocketAttribute.remote_address, None)
     if isinstance(remote, tuple) and len(remote) >= 2:
         return str(remote[0]), int(remote[1])
     return None
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::1]:7413``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def address_text(address: tuple[str, int] | None) -> str:
+    """An address as messages show it: ``host:port``, or ``stream`` when there is none."""
+    return format_address(*address) if address is not None else "stream"
+
+
+def _failure_text(exc: StalkError) -> str:
+    """How a connection broken by ``exc`` ended, for its last log line."""
+    if isinstance(exc, IdleTimeout):
+        return f"idle timeout (TIMEOUT): {exc}"
+    if isinstance(exc, ProtocolError):  # the code is that of the error CLOSE we sent
+        return f"the peer broke the protocol ({close_code_name(exc.close_code)}): {exc}"
+    if isinstance(exc, ConnectionLost):
+        return f"lost: {exc}"  # truncated (EOF or reset without CLOSE), a write failed
+    return f"failed: {exc}"
 
 
 class Link:
@@ -126,13 +154,26 @@ class Link:
         #: since the peer's last byte, and whether a keepalive PING went out since then.
         self._idle_waited = 0.0
         self._keepalive_sent = False
+        #: Spacks handed to the session to send, and returned by receive(): counted by the
+        #: Connection where each one passes anyway (the session counts bytes and rekeys).
+        self.spacks_sent = 0
+        self.spacks_received = 0
+        #: Set by establish(): seconds the handshake took, and when it completed
+        #: (time.monotonic()); ``None`` until then.
+        self.handshake_seconds: float | None = None
+        self.established_at: float | None = None
+        #: How we closed: (code, reason sent, what the log says instead of the reason).
+        self.closed_with: tuple[int, str, str | None] | None = None
+        #: The peer's CLOSE arrived before we sent ours (set when receive() sees it).
+        self.peer_closed_first = False
+        self._end_logged = False
 
     @property
     def address(self) -> tuple[str, int] | None:
         """The peer's address, looked up on first use (most connections never need it)."""
         address = self._peer_address
         if address is False:
-            address = self._peer_address = _address(self.transport)
+            address = self._peer_address = remote_address(self.transport)
         return cast("tuple[str, int] | None", address)
 
     def check_open(self) -> None:
@@ -397,7 +438,14 @@ class Link:
         )
 
     async def abort(self) -> None:
-        """Close the transport without waiting on anything (even if we are cancelled)."""
+        """Close the transport without waiting on anything (even if we are cancelled).
+
+        The first call after the handshake logs the connection's end.
+        """
+        if not self._end_logged and self.established_at is not None:
+            self._end_logged = True
+            if logger.isEnabledFor(logging.INFO):
+                self._log_end()
         if closes_at_once(self.transport):
             await self.transport.aclose()
         else:
@@ -423,7 +471,6 @@ class Link:
         self.tag(exc)
         if self.broken is None and not self.closed:
             self.broken = exc  # from here on no other task starts a write
-            logger.debug("connection to %s failed: %s", self.address, exc)
         try:
             if close and not self.send_lock.locked():
                 async with self.send_lock:
@@ -456,3 +503,33 @@ class Link:
             while left > 0:
                 left -= len(await self.transport.receive(min(left, self.config.read_size)))
             await anyio.sleep_forever()
+
+    def _log_end(self) -> None:
+        """The connection's last log line: who, where, how long, how it ended, how much."""
+        session = self.session
+        peer = session.peer
+        received = session.close_received
+        if self.broken is not None:
+            how = _failure_text(self.broken)
+        elif received is not None and received.code != CloseCode.NORMAL:
+            how = f"closed by the peer with {close_code_name(received.code)}: {received.reason!r}"
+        elif self.closed_with is not None and self.closed_with[0] != CloseCode.NORMAL:
+            code, reason, detail = self.closed_with
+            how = f"closed by us with {close_code_name(code)}: {detail or repr(reason)}"
+        elif received is not None and self.peer_closed_first:
+            how = "closed by the peer"
+        else:
+            how = "closed by us"
+        logger.info(
+            "connection %s %s at %s ended after %.3f s: %s; sent %d spacks, %d bytes; "
+            "received %d spacks, %d bytes",
+            "to" if session.role is Role.INITIATOR else "from",
+            peer.fingerprint if peer is not None else "an unconfirmed peer",
+            address_text(self.address),
+            time.monotonic() - (self.established_at or 0.0),
+            how,
+            self.spacks_sent,
+            session.bytes_sent,
+            self.spacks_received,
+            session.bytes_received,
+        )

@@ -20,7 +20,20 @@ established connection whose handler receives can be bounded by ``Config.idle_ti
 
 After a successful handshake (and ``authorize``), ``handler(conn)`` runs in the same task.
 When it returns, the connection is closed cleanly; when it raises, the error is logged, the
-connection is closed with INTERNAL_ERROR, and the listener keeps serving.
+connection is closed with INTERNAL_ERROR (its reason a fixed ``"internal error"``: the
+exception is described in our log, never to the peer), and the listener keeps serving.
+
+Logging (see :mod:`stalk._logs`): each established connection gets two INFO lines on
+``stalk.connection``, when it is established and when it ends, like an access log. What
+strangers cause before they are authenticated (failed handshakes on ``stalk.handshake``,
+BUSY refusals on ``stalk.listener``) is throttled: anyone who can reach the port can
+cause thousands a second.
+
+A :class:`Listener` is an ``anyio.abc.Listener[Connection]``: code written for anyio's
+listeners (``serve(handler, task_group=None)``, ``async with``, ``extra()``) serves
+stalk connections unchanged. Its ``serve`` also takes anyio's ``task_status``, so
+``await task_group.start(listener.serve, handler)`` returns the bound address once the
+listener is accepting.
 """
 
 from __future__ import annotations
@@ -30,22 +43,25 @@ import errno
 import ipaddress
 import logging
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Final, TypeAlias
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, TypeAlias
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
+from stalk import _logs
+from stalk._logs import HANDSHAKE, THROTTLE
 from stalk.config import Config
-from stalk.connection import Authorize, Connection
+from stalk.connection import Authorize, Connection, format_address
 from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
 from stalk.handshake import busy_refusal
 from stalk.identity import Identity
-from stalk.wire import CloseCode, host_port
+from stalk.link import address_text, remote_address
+from stalk.wire import CloseCode
 
 __all__ = ["ConnectionHandler", "Listener", "create_listener", "listen"]
 
-logger = logging.getLogger("stalk")
+logger = _logs.LISTENER
 
 #: accept() errors that mean "out of resources for now" (file descriptors, buffers).
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -60,13 +76,6 @@ _FD_MARGIN: Final = 64
 
 #: ``async def handler(conn)``: serves one connection; it is closed when the handler ends.
 ConnectionHandler: TypeAlias = Callable[[Connection], Awaitable[None]]
-
-
-def _shown(address: object) -> str:
-    """A socket's remote address for log messages: ``host:port`` (``[::1]:7417``)."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        return host_port(str(address[0]), int(address[1]))
-    return str(address)
 
 
 def _address_key(address: object) -> str | None:
@@ -87,6 +96,13 @@ def _address_key(address: object) -> str | None:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def _who(conn: Connection) -> str:
+    """A connection's peer and address, as log lines name it."""
+    host, port = conn.host, conn.port
+    where = address_text((host, port) if host is not None and port is not None else None)
+    return f"{conn.peer.fingerprint} at {where}"
 
 
 def _check_file_limit(config: Config) -> None:
@@ -111,10 +127,14 @@ def _check_file_limit(config: Config) -> None:
         )
 
 
-class Listener(anyio.abc.AsyncResource):
-    """A bound stalk listener; use :func:`create_listener`, then :meth:`serve`.
+class Listener(anyio.abc.Listener[Connection]):
+    """A bound stalk listener: an anyio ``Listener`` of :class:`~stalk.Connection` objects.
 
-    Usable as ``async with``: leaving closes the listening sockets.
+    Use :func:`create_listener`, then :meth:`serve`. Usable as ``async with``: leaving
+    closes the listening sockets. Its typed attributes are the listening socket's
+    (``listener.extra(anyio.abc.SocketAttribute.local_address)``).
+
+    :ivar identity: our static key pair, the one clients pin.
     """
 
     def __init__(
@@ -132,13 +152,20 @@ class Listener(anyio.abc.AsyncResource):
         self._connections = 0
         #: handshakes in progress by address key; an entry is removed when it drops to 0
         self._handshakes_by_address: dict[str, int] = {}
+        local = sockets.extra(SocketAttribute.local_address)
+        self._address = str(local[0]), int(local[1])
+        self._closed = False
         _check_file_limit(config)
 
     @property
     def address(self) -> tuple[str, int]:
         """The ``(host, port)`` actually bound (port 0 resolves to the real port)."""
-        host = self._sockets.extra(SocketAttribute.local_address)
-        return str(host[0]), int(host[1])
+        return self._address
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """The listening socket's typed attributes (anyio's ``SocketAttribute``)."""
+        return self._sockets.extra_attributes
 
     @property
     def handshakes_in_progress(self) -> int:
@@ -159,10 +186,29 @@ class Listener(anyio.abc.AsyncResource):
         """
         return dict(self._handshakes_by_address)
 
-    async def serve(self, handler: ConnectionHandler, task_group: TaskGroup | None = None) -> None:
+    async def serve(
+        self,
+        handler: ConnectionHandler,
+        task_group: TaskGroup | None = None,
+        *,
+        task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Accept connections until cancelled, running ``handler(conn)`` for each.
 
-        :param task_group: where connection tasks run (default: a group of our own).
+        Each client gets its own task: the caps of :class:`~stalk.Config` are checked, the
+        handshake runs (and ``authorize``), then ``handler(conn)`` inside ``async with
+        conn``. A client that fails its handshake, and a handler that raises, are logged on
+        the ``stalk`` logger and end only their own connection. Running out of file
+        descriptors pauses accepting briefly; it never stops the listener.
+
+        :param handler: ``async def handler(conn)``, run once per established connection;
+            the connection is closed when it returns (CLOSE NORMAL) or raises (CLOSE
+            INTERNAL_ERROR).
+        :param task_group: where connection tasks run (default: a group of our own, so
+            cancelling ``serve`` stops every connection with CLOSE GOING_AWAY).
+        :param task_status: anyio's: with ``await task_group.start(listener.serve,
+            handler)``, the bound ``(host, port)`` is returned once accepting has started.
+        :raises OSError: accepting failed for another reason than a lack of resources.
         """
         async with contextlib.AsyncExitStack() as stack:
             if task_group is None:
@@ -170,6 +216,7 @@ class Listener(anyio.abc.AsyncResource):
             async with anyio.create_task_group() as acceptors:
                 for sockets in self._socket_listeners():
                     acceptors.start_soon(self._accept_loop, sockets, handler, task_group)
+                task_status.started(self.address)
 
     def _socket_listeners(self) -> list[anyio.abc.Listener[anyio.abc.SocketStream]]:
         inner = getattr(self._sockets, "listeners", None)
@@ -195,13 +242,25 @@ class Listener(anyio.abc.AsyncResource):
                 cause = exc if isinstance(exc, OSError) else exc.__cause__
                 if not isinstance(cause, OSError) or cause.errno not in _RESOURCE_ERRNOS:
                     raise
-                logger.warning("accept failed (%s); retrying shortly", cause)
+                # Throttled: with clients still arriving this repeats every backoff.
+                THROTTLE.log(
+                    logger,
+                    logging.WARNING,
+                    "accept",
+                    "accept failed (%s); retrying in %g s",
+                    cause,
+                    _ACCEPT_BACKOFF,
+                )
                 await anyio.sleep(_ACCEPT_BACKOFF)
                 continue
             task_group.start_soon(self._handle, stream, handler)
 
     def _refusal(self, key: str | None) -> tuple[int, str, str] | None:
-        """Why a client from ``key`` is refused now: (log level, reason sent, detail)."""
+        """Why a client from ``key`` is refused now: (log level, reason sent, detail).
+
+        A full listener is the operator's business (WARNING); one address over its share
+        is routine under attack (INFO). Either is throttled by its reason.
+        """
         config = self._config
         if self._connections + self._handshakes >= config.max_connections:
             return (
@@ -228,13 +287,20 @@ class Listener(anyio.abc.AsyncResource):
         return None
 
     async def _handle(self, stream: ByteStream, handler: ConnectionHandler) -> None:
-        raw_address = stream.extra(SocketAttribute.remote_address, None)
-        key = _address_key(raw_address)
-        address = _shown(raw_address)
+        address = remote_address(stream)
+        key = _address_key(address)
         refusal = self._refusal(key)
         if refusal is not None:
             level, reason, detail = refusal
-            logger.log(level, "refusing %s with BUSY: %s (%s)", address, reason, detail)
+            THROTTLE.log(
+                logger,
+                level,
+                reason,
+                "refusing %s with BUSY: %s (%s)",
+                address_text(address),
+                reason,
+                detail,
+            )
             with (
                 anyio.move_on_after(_REFUSAL_TIMEOUT, shield=True),
                 contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError),
@@ -254,10 +320,19 @@ class Listener(anyio.abc.AsyncResource):
                 config=self._config,
             )
         except HandshakeFailed as exc:
-            logger.info("handshake with %s failed: %s", address, exc)
+            # Anyone can fail a handshake at will, so these are throttled by kind: a stray
+            # scanner shows, a flood of them does not bury the log (every one is at DEBUG).
+            THROTTLE.log(
+                HANDSHAKE,
+                logging.INFO,
+                type(exc).__name__,
+                "handshake with %s failed: %s",
+                address_text(address),
+                exc,
+            )
             return
-        except Exception:  # one connection must never take the listener down
-            logger.exception("handshake with %s failed unexpectedly", address)
+        except Exception:  # noqa: BLE001 - logged; one connection must not stop the listener
+            HANDSHAKE.exception("handshake with %s failed unexpectedly", address_text(address))
             await anyio.aclose_forcefully(stream)
             return
         finally:
@@ -266,15 +341,11 @@ class Listener(anyio.abc.AsyncResource):
                 left = self._handshakes_by_address.pop(key) - 1
                 if left:
                     self._handshakes_by_address[key] = left
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "peer %s connected (%s) from %s", conn.peer.fingerprint, conn.pattern, address
-            )
         self._connections += 1
         try:
             async with conn:  # its writer task runs while the handler does
                 try:
-                    await self._run_handler(handler, conn, address)
+                    await self._run_handler(handler, conn)
                 finally:
                     # Reached with the connection still open only when the listener is
                     # being stopped (cancelled): tell the peer instead of leaving it hanging.
@@ -283,26 +354,34 @@ class Listener(anyio.abc.AsyncResource):
             self._connections -= 1
 
     @staticmethod
-    async def _run_handler(handler: ConnectionHandler, conn: Connection, address: str) -> None:
+    async def _run_handler(handler: ConnectionHandler, conn: Connection) -> None:
         try:
             await handler(conn)
-        except ConnectionLost as exc:
-            logger.info("connection from %s lost: %s", address, exc)
-            await conn.aclose()
-        except StalkError as exc:
-            # A peer's protocol error already closed the connection with its own code; what
-            # reaches here with the connection open is the handler's own mistake.
-            logger.warning("connection from %s failed: %s", address, exc)
-            await conn.close(CloseCode.INTERNAL_ERROR, type(exc).__name__)
         except Exception as exc:  # a failing handler closes its own connection only
-            logger.exception("handler for %s raised", address)
-            await conn.close(CloseCode.INTERNAL_ERROR, type(exc).__name__)
+            if isinstance(exc, ConnectionLost) or (isinstance(exc, StalkError) and conn.broken):
+                # The connection ended under the handler (the peer closed with an error,
+                # cut it, broke the protocol): its INFO line says how; not the handler's bug.
+                logger.debug("handler for %s ended by %r", _who(conn), exc)
+                await conn.aclose()
+                return
+            logger.exception("handler for %s raised", _who(conn))
+            await conn.close_internal_error(f"the handler raised {type(exc).__name__}")
         else:
             await conn.aclose()
 
     async def aclose(self) -> None:
         """Stop listening (connections already accepted are unaffected)."""
+        self._closed = True
         await self._sockets.aclose()
+
+    def __repr__(self) -> str:
+        state = (
+            "closed"
+            if self._closed
+            else f"{self._connections} connected, {self._handshakes} handshaking"
+        )
+        where = format_address(*self.address)
+        return f"<stalk.Listener {where} {self.identity.public.fingerprint} {state}>"
 
 
 async def create_listener(
@@ -315,9 +394,18 @@ async def create_listener(
 ) -> Listener:
     """Bind a TCP listener for stalk on ``host:port`` (port 0 picks a free port).
 
+    Nothing is accepted until :meth:`Listener.serve` runs; use the listener as ``async
+    with`` (or call :meth:`Listener.aclose`) to close its sockets.
+
+    :param host: the address to bind (a name may bind several addresses, e.g. IPv4 and
+        IPv6 for ``localhost``).
+    :param port: the TCP port; 0 picks a free one (see :attr:`Listener.address`).
     :param identity: our static key pair (clients pin its public key).
     :param authorize: ``authorize(peer) -> bool`` (or a coroutine function), asked before
-        any handler runs; with IK before we answer message 1.
+        any handler runs; with IK before we answer message 1. A peer it refuses (or for
+        which it raises) is refused with NOT_AUTHORIZED.
+    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :returns: the bound, not yet serving, listener.
     :raises OSError: the address cannot be bound.
     """
     sockets = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -336,11 +424,26 @@ async def listen(
 ) -> None:
     """Serve stalk on ``host:port`` until cancelled.
 
-    With ``task_group.start(partial(listen, ...))`` the bound ``(host, port)`` is returned
-    once the listener is ready (useful with port 0).
+    :func:`create_listener` then :meth:`Listener.serve`, as one call. With
+    ``task_group.start(partial(listen, ...))`` the bound ``(host, port)`` is returned
+    once the listener is ready (useful with port 0). Cancelling it closes the listening
+    sockets and every connection (CLOSE GOING_AWAY). Failures of one client (a refused
+    or failed handshake, a handler that raises) are logged and never end the listener.
+
+    :param host: the address to bind.
+    :param port: the TCP port; 0 picks a free one.
+    :param handler: ``async def handler(conn)``, run once per established connection
+        (see :meth:`Listener.serve`).
+    :param identity: our static key pair (clients pin its public key).
+    :param authorize: ``authorize(peer) -> bool`` (or a coroutine function), asked for
+        each client's key before its handler runs; a refused peer gets NOT_AUTHORIZED.
+        :class:`~stalk.AuthorizedPeers` is one.
+    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :param task_status: set by ``task_group.start()``: receives the bound ``(host, port)``.
+    :raises OSError: the address cannot be bound, or accepting failed for another reason
+        than a lack of resources.
     """
     async with await create_listener(
         host, port, identity=identity, authorize=authorize, config=config
     ) as listener:
-        task_status.started(listener.address)
-        await listener.serve(handler)
+        await listener.serve(handler, task_status=task_status)

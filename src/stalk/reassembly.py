@@ -64,7 +64,7 @@ class Reassembler:
         self.decoder = None
         self.joined = None
 
-    def join(self, kind: RecordKind, piece: memoryview) -> list[Record] | None:
+    def join(self, kind: RecordKind, piece: memoryview, channel: int = 0) -> list[Record] | None:
         """Join one piece of a spack that may still fit :data:`JOIN_LIMIT` bytes in all.
 
         :returns: ``None`` while joining; else the records to decode now, in order: the
@@ -88,12 +88,15 @@ class Reassembler:
                 joined += piece
             return None
         if joined is None:
-            return [Record(kind, 0, piece)]
+            return [Record(kind, channel, piece)]
         self.joined = None
         if kind is _FRAGMENT:
             self.decoder = SpackDecoder(self.limit)
-            return [Record(_FRAGMENT, 0, memoryview(joined)), Record(_FRAGMENT, 0, piece)]
-        return [Record(kind, 0, memoryview(b"".join((joined, piece))))]
+            return [
+                Record(_FRAGMENT, channel, memoryview(joined)),
+                Record(_FRAGMENT, channel, piece),
+            ]
+        return [Record(kind, channel, memoryview(b"".join((joined, piece))))]
 
     def feed(
         self, kind: RecordKind, body: memoryview, offset: int, room: int

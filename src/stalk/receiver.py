@@ -32,8 +32,13 @@ from collections import deque
 from typing import Final
 
 from stalk._noise import TransportCipher
+from stalk.channels import ChannelTable
+from stalk.demux import Demux
 from stalk.errors import HandshakeFailed, MessageLimitExceeded, PeerRefused, ProtocolError
 from stalk.events import (
+    ChannelCloseReceived,
+    ChannelMessageReceived,
+    ChannelResetReceived,
     CloseReceived,
     Event,
     HandshakeComplete,
@@ -43,7 +48,7 @@ from stalk.events import (
 from stalk.framing import FrameReader, FramingError
 from stalk.reassembly import Reassembler
 from stalk.records import Record, RecordWriter, decode_close, lone_piece, read_records
-from stalk.spack import decode_fast
+from stalk.spack import Spack, decode_fast
 from stalk.states import Directions, Input
 from stalk.wire import RECORD_CAPACITY, RecordKind
 
@@ -68,31 +73,41 @@ def _coalesce(records: list[Record]) -> list[Record]:
 
     A peer may cut a spack into many tiny pieces in one Noise message; decoding each
     alone would cost a decoder step per piece. Joined (in C), a run costs one step, and
-    the copy holds only the pieces, never the plaintext they came in.
+    the copy holds only the pieces, never the plaintext they came in. A run is the
+    consecutive pieces of one channel: another channel's record ends it.
     """
     kinds = list(map(_KIND, records))
     if _FRAGMENT not in kinds[:-1]:
         return records  # no FRAGMENT followed by anything (the common case: one at the end)
     joined: list[Record] = []
     run: list[memoryview] = []
+    run_channel = 0
     for record in records:
-        if record.kind is _FRAGMENT:
-            run.append(record.body)
+        kind, channel, body = record
+        if run and channel != run_channel:
+            joined.append(_joined(_FRAGMENT, run_channel, run))
+            run = []
+        if kind is _FRAGMENT:
+            run.append(body)
+            run_channel = channel
             continue
         if run:
-            if record.kind is _MESSAGE:
-                run.append(record.body)
-            body = memoryview(b"".join(run)) if len(run) > 1 else run[0]
-            kind = record.kind if record.kind is _MESSAGE else _FRAGMENT
-            joined.append(Record(kind, 0, body))
-            run = []
-            if record.kind is _MESSAGE:
+            if kind is _MESSAGE:
+                run.append(body)
+                joined.append(_joined(_MESSAGE, channel, run))
+                run = []
                 continue
+            joined.append(_joined(_FRAGMENT, run_channel, run))
+            run = []
         joined.append(record)
     if run:
-        body = memoryview(b"".join(run)) if len(run) > 1 else run[0]
-        joined.append(Record(_FRAGMENT, 0, body))
+        joined.append(_joined(_FRAGMENT, run_channel, run))
     return joined
+
+
+def _joined(kind: RecordKind, channel: int, run: list[memoryview]) -> Record:
+    """One record of ``kind`` whose body is the run's bodies, joined (copied) if several."""
+    return Record(kind, channel, memoryview(b"".join(run)) if len(run) > 1 else run[0])
 
 
 class _Incoming:
@@ -118,8 +133,15 @@ class _Incoming:
         self.offset = 0  # how much of its body a piecewise decoder has taken
         self.confirming = confirming  # READY came first: the handshake is confirmed
         self.events: list[Event] = []
-        self.pongs: RecordWriter | None = None  # answers to its PINGs, sent once it is done
+        # Answers owed (PONGs; with channels, WINDOW and RESET too), sent once it is done.
+        self.pongs: RecordWriter | None = None
         self.rekey = False
+
+    def answers(self) -> RecordWriter:
+        """The writer of this message's answers (created when the first one is owed)."""
+        if self.pongs is None:
+            self.pongs = RecordWriter()
+        return self.pongs
 
 
 class Receiver:
@@ -132,6 +154,7 @@ class Receiver:
     :param control: the session's control writer, where answers owed (PONGs) go.
     :param limit: the largest encoded spack we accept.
     :param confirmed: the event READY completes the handshake with.
+    :param channels: the connection's channels, if it negotiated them.
     """
 
     __slots__ = (
@@ -145,10 +168,12 @@ class Receiver:
         "_work",
         "close_received",
         "confirmed",
+        "demux",
         "paused",
         "pings_sent",
         "pongs_received",
         "reassembler",
+        "rekeys",
     )
 
     def __init__(
@@ -161,6 +186,7 @@ class Receiver:
         control: RecordWriter,
         limit: int,
         confirmed: HandshakeComplete,
+        channels: ChannelTable | None = None,
     ) -> None:
         self._reader = reader
         self._cipher = cipher
@@ -171,12 +197,16 @@ class Receiver:
         #: The event READY completes the handshake with; dropped once it is sent.
         self.confirmed: HandshakeComplete | None = confirmed
         self.reassembler = Reassembler(limit)
+        #: With channels, routes each record to its channel (SPEC "Channels").
+        self.demux = None if channels is None else Demux(channels, limit, self.reassembler)
         self._incoming: _Incoming | None = None
         self._work = 0  # work done in the current progress() call
         #: The last call stopped before reading all it could (call again).
         self.paused = False
         self.pings_sent = 0
         self.pongs_received = 0
+        #: How many REKEYs from the peer took effect (on the receiving cipher).
+        self.rekeys = 0
         #: The peer's CLOSE, once received.
         self.close_received: CloseReceived | None = None
 
@@ -229,7 +259,8 @@ class Receiver:
         plaintext = memoryview(self._cipher.decrypt(body))
         end = len(plaintext)
         reassembler = self.reassembler
-        lone = lone_piece(plaintext) if self._states.can_receive_data else None
+        demux = self.demux
+        lone = lone_piece(plaintext) if self._states.can_receive_data and not demux else None
         if lone is not None:
             kind, _, piece = lone
             if reassembler.decoder is None and (
@@ -271,7 +302,7 @@ class Receiver:
         confirming = not self._states.can_receive_data
         parsed = 0
         if confirming:
-            (first,), parsed = read_records(plaintext, 0, 1)
+            (first,), parsed = read_records(plaintext, 0, 1, channels=demux is not None)
             if first.kind is RecordKind.CLOSE:
                 code, reason = decode_close(first.body)
                 raise PeerRefused(
@@ -294,6 +325,7 @@ class Receiver:
             return True
         events = incoming.events
         limit = self._limit
+        demux = self.demux
         reassembler = self.reassembler
         while True:
             records = incoming.records
@@ -302,11 +334,13 @@ class Receiver:
                 if self._work >= STEP:
                     incoming.index = index
                     return False
-                kind, _, body = records[index]
+                kind, channel, body = records[index]
+                if demux is not None:
+                    reassembler = demux.reassembler(channel)
                 if reassembler.decoder is None and (
                     kind is _FRAGMENT or (kind is _MESSAGE and reassembler.joined is not None)
                 ):
-                    bodies = reassembler.join(kind, body)
+                    bodies = reassembler.join(kind, body, channel)
                     if bodies is None:
                         index += 1
                         continue
@@ -327,8 +361,12 @@ class Receiver:
                     else:
                         self._work += len(body)
                     if spack is not None:
-                        events.append(MessageReceived(spack))
-                elif self._record(incoming, kind, body):
+                        events.append(
+                            MessageReceived(spack)
+                            if demux is None
+                            else ChannelMessageReceived(spack, channel, demux.next_size(channel))
+                        )
+                elif self._record(incoming, kind, channel, body, reassembler):
                     incoming.offset = 0
                 else:
                     incoming.index = index
@@ -339,19 +377,29 @@ class Receiver:
             if self._work >= STEP:
                 incoming.index = index
                 return False
-            batch = max((STEP - self._work) // RECORD_COST, 1)
-            records, incoming.parsed = read_records(incoming.plaintext, incoming.parsed, batch)
-            self._work += len(records) * RECORD_COST
-            incoming.records = _coalesce(records)
-            incoming.index = 0
+            self._next_batch(incoming)
         self._finish(incoming)
         return True
+
+    def _next_batch(self, incoming: _Incoming) -> None:
+        """Parse the next records of the message, as many as this call's budget allows."""
+        demux = self.demux
+        batch = max((STEP - self._work) // RECORD_COST, 1)
+        records, incoming.parsed = read_records(
+            incoming.plaintext, incoming.parsed, batch, channels=demux is not None
+        )
+        self._work += len(records) * RECORD_COST
+        if demux is not None:
+            records = demux.route(records, incoming.events, incoming.answers())
+        incoming.records = _coalesce(records)
+        incoming.index = 0
 
     def _finish(self, incoming: _Incoming) -> None:
         """Act on a transport message whose every record is processed (and only then)."""
         self._incoming = None
         if incoming.rekey:
             self._cipher.rekey()
+            self.rekeys += 1
         if incoming.confirming:
             self._states.process(Input.READY_RECEIVED)
             if self.confirmed is not None:
@@ -363,26 +411,42 @@ class Receiver:
             self._states.process(Input.CLOSE_RECEIVED)
         self._events.extend(incoming.events)
 
-    def _record(self, incoming: _Incoming, kind: RecordKind, body: memoryview) -> bool:
+    def _received(self, spack: Spack, channel: int) -> MessageReceived | ChannelMessageReceived:
+        """The event for a spack decoded: with channels, with its channel and size."""
+        demux = self.demux
+        if demux is None:
+            return MessageReceived(spack)
+        return ChannelMessageReceived(spack, channel, demux.next_size(channel))
+
+    def _record(
+        self,
+        incoming: _Incoming,
+        kind: RecordKind,
+        channel: int,
+        body: memoryview,
+        reassembler: Reassembler,
+    ) -> bool:
         """Act on one record other than a whole spack decoded at once.
 
         :returns: whether it is done (else the budget ran out inside a spack's piece).
         """
         if kind is _MESSAGE or kind is _FRAGMENT:
-            if kind is _MESSAGE and self.reassembler.decoder is None:
+            if kind is _MESSAGE and reassembler.decoder is None:
                 # A whole spack: the caller decodes it unless it is over the limit.
                 raise MessageLimitExceeded(self._limit)
-            spack, incoming.offset, work = self.reassembler.feed(
+            spack, incoming.offset, work = reassembler.feed(
                 kind, body, incoming.offset, STEP - self._work
             )
             self._work += work
             if spack is not None:
-                incoming.events.append(MessageReceived(spack))
+                incoming.events.append(self._received(spack, channel))
             return incoming.offset == len(body)
-        if kind is RecordKind.PING:
-            if incoming.pongs is None:
-                incoming.pongs = RecordWriter()
-            incoming.pongs.add(RecordKind.PONG, body)
+        if channel:
+            self._channel_end(incoming, kind, channel, body, reassembler)
+            if self.demux is not None:
+                self.demux.ended(channel)
+        elif kind is RecordKind.PING:
+            incoming.answers().add(RecordKind.PONG, body)
             self._work += RECORD_COST
         elif kind is RecordKind.PONG:
             # One event per PING we sent; an unsolicited PONG is discarded (SPEC "Ping").
@@ -392,7 +456,7 @@ class Receiver:
         elif kind is RecordKind.REKEY:
             incoming.rekey = True
         elif kind is RecordKind.CLOSE:
-            if not self.reassembler.idle:
+            if not self.reassembler.idle or (self.demux is not None and self.demux.busy):
                 raise ProtocolError("CLOSE in the middle of a fragmented message")
             code, reason = decode_close(body)
             self.close_received = CloseReceived(code, reason)
@@ -400,3 +464,21 @@ class Receiver:
         else:  # READY after confirmation
             raise ProtocolError(f"unexpected {kind.name} record")
         return True
+
+    @staticmethod
+    def _channel_end(
+        incoming: _Incoming,
+        kind: RecordKind,
+        channel: int,
+        body: memoryview,
+        reassembler: Reassembler,
+    ) -> None:
+        """A CLOSE or RESET on a channel other than 0 (the demux kept only these)."""
+        if kind is RecordKind.CLOSE:
+            if not reassembler.idle:
+                raise ProtocolError(f"CLOSE on channel {channel} in the middle of a spack")
+            incoming.events.append(ChannelCloseReceived(channel))
+        else:
+            reassembler.reset()
+            code, reason = decode_close(body)
+            incoming.events.append(ChannelResetReceived(channel, code, reason))

@@ -36,8 +36,10 @@ from typing import Final, NamedTuple
 
 from stalk.errors import ProtocolError
 from stalk.wire import (
+    MAX_CHANNEL_ID,
     MAX_CLOSE_REASON,
     MAX_PING_PAYLOAD,
+    MAX_WINDOW,
     RECORD_CAPACITY,
     RecordKind,
 )
@@ -45,7 +47,9 @@ from stalk.wire import (
 __all__ = [
     "Record",
     "RecordWriter",
+    "check_close",
     "decode_close",
+    "decode_window",
     "encode_close",
     "encode_uvarint",
     "lone_piece",
@@ -55,7 +59,25 @@ __all__ = [
 ]
 
 _U16: Final = struct.Struct(">H")
-_KIND_BY_BYTE: Final = {int(k): k for k in RecordKind}
+#: The kinds a channel-less (version 1) connection knows; channels add the rest.
+_CHANNEL_KINDS: Final = frozenset(
+    {RecordKind.RESET, RecordKind.WINDOW, RecordKind.CONNECTION_WINDOW}
+)
+_KIND_BY_BYTE: Final = {int(k): k for k in RecordKind if k not in _CHANNEL_KINDS}
+_ALL_KINDS_BY_BYTE: Final = {int(k): k for k in RecordKind}
+_WINDOW_KINDS: Final = frozenset({RecordKind.WINDOW, RecordKind.CONNECTION_WINDOW})
+#: The kinds a channel other than 0 may carry.
+_ON_CHANNELS: Final = frozenset(
+    {
+        RecordKind.MESSAGE,
+        RecordKind.FRAGMENT,
+        RecordKind.CLOSE,
+        RecordKind.RESET,
+        RecordKind.WINDOW,
+    }
+)
+#: A channel's CLOSE body: code NORMAL (0), no reason.
+_CHANNEL_CLOSE_BODY: Final = b"\x00\x00"
 _PIECE_BYTES: Final = frozenset({int(RecordKind.MESSAGE), int(RecordKind.FRAGMENT)})
 _LAST_IN_MESSAGE: Final = frozenset({RecordKind.CLOSE, RecordKind.REKEY})
 _EMPTY_KINDS: Final = frozenset({RecordKind.READY, RecordKind.REKEY})
@@ -120,6 +142,17 @@ def read_uvarint(data: memoryview, pos: int, max_bytes: int) -> tuple[int, int]:
         value |= (byte & 0x7F) << shift
         shift += 7
     raise ProtocolError(f"varint longer than {max_bytes} bytes in record header")
+
+
+def check_close(code: int, reason: str) -> None:
+    """Check a CLOSE's code and reason before anything is closed.
+
+    :raises ValueError: the code is not a u16 or the reason is longer than 1024 bytes.
+    """
+    if not 0 <= code <= 0xFFFF:
+        raise ValueError("close code must fit in 16 bits")
+    if len(reason.encode("utf-8")) > MAX_CLOSE_REASON:
+        raise ValueError(f"close reason longer than {MAX_CLOSE_REASON} bytes")
 
 
 def encode_close(code: int, reason: str) -> bytes:
@@ -187,18 +220,24 @@ def lone_piece(view: memoryview) -> Record | None:
     return _new_record(Record, (_KIND_BY_BYTE[kind], 0, view[pos:]))
 
 
-def read_records(view: memoryview, pos: int, count: int | None) -> tuple[list[Record], int]:
+def read_records(
+    view: memoryview, pos: int, count: int | None, *, channels: bool = False
+) -> tuple[list[Record], int]:
     """Parse and validate up to ``count`` records of a plaintext from ``pos``.
 
     Lets a receiver parse a plaintext of many tiny records in bounded steps; the rules
     between records hold across steps (nothing may follow CLOSE or REKEY).
 
+    :param channels: the connection negotiated channels (SPEC "Channels"): other channels
+        than 0, and the kinds RESET, WINDOW and CONNECTION_WINDOW, are allowed.
     :returns: the records, and where the next one starts (``len(view)`` once all read).
     :raises ~stalk.ProtocolError: a record is malformed.
     """
     end = len(view)
     if end == 0:
         raise ProtocolError("transport message with no records")
+    if channels:
+        return _read_channel_records(view, pos, end if count is None else count)
     records: list[Record] = []
     stop = end if count is None else count
     kinds = _KIND_BY_BYTE
@@ -230,6 +269,62 @@ def read_records(view: memoryview, pos: int, count: int | None) -> tuple[list[Re
     return records, pos
 
 
+def _read_channel_records(view: memoryview, pos: int, stop: int) -> tuple[list[Record], int]:
+    """:func:`read_records` for a connection with channels: every kind, every channel."""
+    end = len(view)
+    records: list[Record] = []
+    while pos < end and len(records) != stop:
+        kind = _ALL_KINDS_BY_BYTE.get(view[pos])
+        if kind is None:
+            raise ProtocolError(f"unknown record kind 0x{view[pos]:02x}")
+        channel, pos = read_uvarint(view, pos + 1, _MAX_CHANNEL_VARINT)
+        if channel > MAX_CHANNEL_ID:
+            raise ProtocolError(f"channel id {channel} exceeds {MAX_CHANNEL_ID}")
+        length, pos = read_uvarint(view, pos, _MAX_LENGTH_VARINT)
+        if length > end - pos:
+            raise ProtocolError(f"{kind.name} record claims {length} bytes but {end - pos} remain")
+        body = view[pos : pos + length]
+        pos += length
+        if channel:
+            _check_channel_body(kind, channel, body)
+        elif kind is not _MESSAGE:
+            if kind is RecordKind.RESET:
+                raise ProtocolError("RESET record on channel 0")
+            _check_body(kind, body)
+            if kind in _LAST_IN_MESSAGE and pos < end:
+                raise ProtocolError(f"record after {kind.name} in one Noise message")
+        records.append(_new_record(Record, (kind, channel, body)))
+    return records, pos
+
+
+def _check_channel_body(kind: RecordKind, channel: int, body: memoryview) -> None:
+    """The rules for a record on a channel other than 0 (SPEC "Channels")."""
+    if kind is _MESSAGE:
+        return
+    if kind not in _ON_CHANNELS:
+        raise ProtocolError(f"{kind.name} record on channel {channel}; only channel 0 has it")
+    if kind is _CLOSE:
+        if bytes(body) != _CHANNEL_CLOSE_BODY:
+            raise ProtocolError(f"CLOSE on channel {channel} must be NORMAL with no reason")
+    elif kind is RecordKind.RESET:
+        decode_close(body)
+    else:
+        _check_body(kind, body)
+
+
+def decode_window(body: memoryview) -> int:
+    """A WINDOW or CONNECTION_WINDOW body: one minimal uvarint, 1..MAX_WINDOW, nothing else.
+
+    :raises ~stalk.ProtocolError: anything else.
+    """
+    increment, pos = read_uvarint(body, 0, _MAX_CHANNEL_VARINT)
+    if pos != len(body):
+        raise ProtocolError("bytes after the increment of a window record")
+    if not 1 <= increment <= MAX_WINDOW:
+        raise ProtocolError(f"window increment {increment} is not 1..{MAX_WINDOW}")
+    return increment
+
+
 def _check_body(kind: RecordKind, body: memoryview) -> None:
     if kind is _FRAGMENT:
         if not len(body):
@@ -242,11 +337,17 @@ def _check_body(kind: RecordKind, body: memoryview) -> None:
             raise ProtocolError(f"{kind.name} payload longer than {MAX_PING_PAYLOAD} bytes")
     elif kind is _CLOSE:
         decode_close(body)
+    elif kind in _WINDOW_KINDS:
+        decode_window(body)
 
 
 def _header(kind: RecordKind, length: int) -> bytes:
     # Channel 0 encodes as the single byte 0x00.
     return bytes((kind, 0)) + encode_uvarint(length)
+
+
+def _channel_header(kind: RecordKind, channel: int, body: bytes | memoryview) -> bytes:
+    return bytes((kind,)) + encode_uvarint(channel) + encode_uvarint(len(body))
 
 
 def _largest_fitting(avail: int) -> int:
@@ -271,14 +372,15 @@ class RecordWriter:
         self._done: list[bytearray | _Fragments] = []
         self._done_bytes = 0
 
-    def add(self, kind: RecordKind, body: bytes | memoryview = b"") -> None:
-        """Queue a control record (CLOSE, PING, PONG, READY); it is never split."""
-        size = 2 + _uvarint_len(len(body)) + len(body)
+    def add(self, kind: RecordKind, body: bytes | memoryview = b"", channel: int = 0) -> None:
+        """Queue a control record (CLOSE, PING, PONG, READY, RESET, WINDOW...); never split."""
+        header = _header(kind, len(body)) if not channel else _channel_header(kind, channel, body)
+        size = len(header) + len(body)
         if size > self._capacity:
             raise ValueError(f"{kind.name} record of {size} bytes exceeds a Noise message")
         if len(self._current) + size > self._capacity:
             self._finish_current()
-        self._current += _header(kind, len(body))
+        self._current += header
         self._current += body
 
     def add_message(self, encoded: bytes | memoryview) -> None:

@@ -27,13 +27,13 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Iterator
-from typing import Final
+from typing import Final, Protocol
 
 from stalk._noise import TAGLEN, TransportCipher
 from stalk.errors import LocalProtocolError, NonceExhausted
 from stalk.wire import FRAME_HEADER_LEN, RecordKind
 
-__all__ = ["OUTPUT_FRAMES", "REKEY_RECORD", "Sealer"]
+__all__ = ["OUTPUT_FRAMES", "REKEY_RECORD", "PlaintextSource", "Sealer"]
 
 #: A REKEY record on channel 0 with an empty body: kind, channel, length. Packed plaintexts
 #: stop at RECORD_CAPACITY, which keeps room for it in every Noise message.
@@ -49,6 +49,19 @@ _JOIN_BELOW: Final = 64 * 1024
 _FRAME: Final = struct.Struct(">H")
 #: The most a plaintext grows by when sealed: header, tag, and a REKEY record.
 _OVERHEAD: Final = FRAME_HEADER_LEN + TAGLEN + len(REKEY_RECORD)
+
+
+class PlaintextSource(Protocol):
+    """Builds plaintexts only when the sealer asks (:class:`~stalk.mux.Mux`)."""
+
+    def next_plaintext(self) -> bytearray | None:
+        """The next plaintext, or ``None`` when nothing can go now."""
+
+    def sendable(self) -> bool:
+        """Whether :meth:`next_plaintext` would give one."""
+
+    def contended(self) -> bool:
+        """Whether several channels are taking turns (seal one plaintext at a time)."""
 
 
 class _Flushed:
@@ -83,7 +96,9 @@ class Sealer:
         "_messages",
         "_out",
         "_requested",
+        "_source",
         "closed",
+        "rekeys",
     )
 
     def __init__(self, rekey_after_messages: int, rekey_after_bytes: int) -> None:
@@ -99,8 +114,11 @@ class Sealer:
         self._lone: bytearray | None = None
         self._out: list[bytes | bytearray] = []  # ready for the transport, in order
         self._exhausted: NonceExhausted | None = None
+        self._source: PlaintextSource | None = None
         #: A plaintext ending with CLOSE was pushed: nothing may follow it.
         self.closed = False
+        #: How many times the cipher was rekeyed.
+        self.rekeys = 0
 
     @property
     def cipher(self) -> TransportCipher | None:
@@ -114,7 +132,16 @@ class Sealer:
     @property
     def pending(self) -> bool:
         """Whether :meth:`take` has anything."""
-        return bool(self._out or self._flushed or self._lone is not None)
+        return bool(
+            self._out
+            or self._flushed
+            or self._lone is not None
+            or (self._source is not None and not self.closed and self._source.sendable())
+        )
+
+    def attach(self, source: PlaintextSource) -> None:
+        """Take plaintexts from ``source`` whenever nothing pushed waits (channels' data)."""
+        self._source = source
 
     def add_cleartext(self, data: bytes) -> None:
         """Queue bytes that need no encryption (handshake messages, a refusal)."""
@@ -165,11 +192,12 @@ class Sealer:
         if not out:
             if self._lone is not None:
                 return self._seal_lone()
-            if not self._flushed:
-                return b""
-            sealed = 0
-            while self._flushed and sealed < _JOIN_BELOW:  # small flushes share a write
-                sealed += self._seal_next()
+            if self._flushed:
+                sealed = 0
+                while self._flushed and sealed < _JOIN_BELOW:  # small flushes share a write
+                    sealed += self._seal_next()
+            elif self._source is None or self.closed or not self._seal_source():
+                return b""  # nothing is taken from the source once CLOSE was pushed
         if len(out) == 1 or len(out[0]) >= _JOIN_BELOW:
             return out.pop(0)
         count = size = 0
@@ -233,31 +261,54 @@ class Sealer:
             flushed.popleft()
             if not flushed:
                 self._flushed = None  # an idle connection holds no empty deque
-        out = bytearray(size)
-        try:
-            offset = self._seal_group(cipher, entry, group, out)
-        except NonceExhausted as exc:
-            self._exhausted = exc
-            self._flushed = None
-            raise
-        if offset < size:
-            del out[offset:]
-        self._out.append(out)
-        return offset
+        return self._seal_group(cipher, group, size, final=entry.final and following is None)
+
+    def _seal_source(self) -> int:
+        """Encrypt the source's next plaintexts into one output buffer; its size (0: none).
+
+        Up to :data:`OUTPUT_FRAMES` of them while one channel is sending alone; one while
+        several take turns, so each waits behind about one Noise message of the others.
+        """
+        source = self._source
+        cipher = self._cipher
+        if source is None or cipher is None:  # pragma: no cover - take() checked
+            raise LocalProtocolError("nothing to seal")
+        group: list[bytearray] = []
+        size = 0
+        while len(group) < OUTPUT_FRAMES and (plaintext := source.next_plaintext()) is not None:
+            group.append(plaintext)
+            size += len(plaintext) + _OVERHEAD
+            if source.contended():
+                break
+        if not group:
+            return 0
+        return self._seal_group(cipher, group, size, final=False)
 
     def _seal_group(
-        self, cipher: TransportCipher, entry: _Flushed, group: list[bytearray], out: bytearray
+        self, cipher: TransportCipher, group: list[bytearray], size: int, *, final: bool
     ) -> int:
-        """Encrypt ``group`` into ``out`` as frames, applying the rekey policy; their size."""
+        """Encrypt ``group`` as frames into a new output buffer of ``size`` bytes at most.
+
+        :param final: the group's last plaintext ends with CLOSE (no REKEY after it).
+        :returns: the buffer's size.
+        """
+        out = bytearray(size)
         offset = 0
         last = len(group) - 1
         view = memoryview(out)
         try:
             for index, plaintext in enumerate(group):
-                may_rekey = not (entry.final and index == last and entry.next is None)
+                may_rekey = not (final and index == last)
                 offset = self._seal_frame(cipher, plaintext, view, offset, may_rekey=may_rekey)
+        except NonceExhausted as exc:
+            self._exhausted = exc
+            self._flushed = None
+            raise
         finally:
             view.release()  # ``out`` may be resized once no view of it is left
+        if offset < size:
+            del out[offset:]
+        self._out.append(out)
         return offset
 
     def _seal_frame(
@@ -286,6 +337,7 @@ class Sealer:
         cipher.encrypt_into(plaintext, out[start:end])
         if rekey:
             cipher.rekey()
+            self.rekeys += 1
             self._requested = False
             self._messages = 0
             self._bytes = 0

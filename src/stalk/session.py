@@ -40,9 +40,9 @@ Invariants:
 - Any receive-side error is terminal. When the transport is up, an error CLOSE is queued
   for the peer (best effort) before the error is raised.
 - The send side encrypts in call order, so nonce order is wire order; the driver must write
-  :meth:`data_to_send` in the order it was returned.
+  :meth:`Session.data_to_send` in the order it was returned.
 - EOF without a CLOSE is a truncation (:class:`~stalk.ConnectionLost`), never a clean end.
-- One :meth:`next_event` call does a bounded amount of work: past its step, or while the
+- One :meth:`Session.next_event` call does a bounded amount of work: past its step, or while the
   answers it owes the peer (PONGs) fill a Noise message that the driver has not taken, it
   returns ``PAUSED`` and reads nothing more until called again.
 """
@@ -53,6 +53,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
+from stalk.channels import ChannelInput, ChannelState, ChannelTable
 from stalk.errors import (
     ConnectionLost,
     HandshakeFailed,
@@ -73,10 +74,16 @@ from stalk.events import (
     PeerIdentified,
 )
 from stalk.framing import FrameReader, encode_refusal
-from stalk.handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
+from stalk.handshake import (
+    ChannelParams,
+    HandshakeResult,
+    InitiatorHandshake,
+    ResponderHandshake,
+)
 from stalk.identity import Identity, PublicIdentity
+from stalk.mux import Mux
 from stalk.receiver import Receiver
-from stalk.records import RecordWriter, encode_close
+from stalk.records import RecordWriter, check_close, encode_close
 from stalk.sealer import Sealer
 from stalk.spack import Spack, encode_spack_pieces
 from stalk.states import Direction, Directions, DirectionState, Input, SessionState, refusal
@@ -85,7 +92,6 @@ from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
     DEFAULT_REKEY_AFTER_MESSAGES,
-    MAX_CLOSE_REASON,
     MAX_MESSAGE_SIZE_LIMIT,
     MAX_PING_PAYLOAD,
     MIN_MAX_MESSAGE_SIZE,
@@ -118,11 +124,14 @@ class SessionConfig:
     :param max_message_size: the largest encoded spack we accept (advertised to the peer).
     :param rekey_after_messages: send REKEY after this many Noise transport messages...
     :param rekey_after_bytes: ...or this many plaintext bytes, whichever comes first.
+    :param channels: what we offer for channels (SPEC "Channels"); ``None`` offers none,
+        and the session speaks version 1 only.
     """
 
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     rekey_after_messages: int = DEFAULT_REKEY_AFTER_MESSAGES
     rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES
+    channels: ChannelParams | None = None
 
     def __post_init__(self) -> None:
         if not MIN_MAX_MESSAGE_SIZE <= self.max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
@@ -158,10 +167,13 @@ class Session:
 
     # Slots: a session is held per connection, and an instance dict costs more.
     __slots__ = (
+        "_channels",
+        "_closing",
         "_control",
         "_error",
         "_events",
         "_hs",
+        "_mux",
         "_pattern",
         "_reader",
         "_receiver",
@@ -169,6 +181,8 @@ class Session:
         "_sealer",
         "_states",
         "_writer",
+        "bytes_received",
+        "bytes_sent",
         "config",
         "identity",
         "role",
@@ -187,6 +201,10 @@ class Session:
             raise ValueError("only an initiator can expect a peer key")
         self.role = role
         self.identity = identity
+        #: Bytes handed out by :meth:`data_to_send`, and given to :meth:`receive_data`:
+        #: what went to and came from the transport, the handshake's included.
+        self.bytes_sent = 0
+        self.bytes_received = 0
         config = self.config = config or SessionConfig()
         self._states = Directions()
         self._reader = FrameReader()
@@ -196,15 +214,25 @@ class Session:
         self._hs: InitiatorHandshake | ResponderHandshake | None
         if role is Role.INITIATOR:
             self._hs = InitiatorHandshake(
-                identity, peer, config.max_message_size, ephemeral=ephemeral_for_testing_only
+                identity,
+                peer,
+                config.max_message_size,
+                channels=config.channels,
+                ephemeral=ephemeral_for_testing_only,
             )
         else:
             self._hs = ResponderHandshake(
-                identity, config.max_message_size, ephemeral=ephemeral_for_testing_only
+                identity,
+                config.max_message_size,
+                channels=config.channels,
+                ephemeral=ephemeral_for_testing_only,
             )
         self._pattern: Pattern | None = self._hs.pattern
         self._result: HandshakeResult | None = None
         self._receiver: Receiver | None = None
+        self._channels: ChannelTable | None = None  # once both offered channels
+        self._mux: Mux | None = None  # with channels: the application's spacks go here
+        self._closing: tuple[int, str] | None = None  # a CLOSE waiting for queued spacks
         # Application records (spacks, and CLOSE/PING, which must follow what was queued
         # before them) and control records the session emits by itself (READY, PONG, error
         # CLOSE). Keeping them apart lets the receive path owe a PONG without flushing
@@ -248,6 +276,16 @@ class Session:
         return self._result.peer_params.max_message_size if self._result else None
 
     @property
+    def peer_channels(self) -> ChannelParams | None:
+        """What the peer offered for channels, once the handshake finished (else ``None``)."""
+        return self._result.peer_params.channels if self._result else None
+
+    @property
+    def channels(self) -> bool:
+        """Whether this connection has channels: both parties offered them (SPEC "Channels")."""
+        return self._channels is not None
+
+    @property
     def close_sent(self) -> bool:
         """Whether we sent CLOSE (ours, or an error CLOSE): our direction is finished."""
         return self._states.send is DirectionState.CLOSED or self._sealer.closed
@@ -258,8 +296,24 @@ class Session:
         return self._receiver.close_received if self._receiver is not None else None
 
     @property
+    def rekeys_sent(self) -> int:
+        """How many times our sending cipher was rekeyed (SPEC "Rekey")."""
+        return self._sealer.rekeys
+
+    @property
+    def rekeys_received(self) -> int:
+        """How many of the peer's REKEYs took effect on our receiving cipher."""
+        return self._receiver.rekeys if self._receiver is not None else 0
+
+    @property
     def queued_bytes(self) -> int:
-        """Bytes of records queued by :meth:`queue` and not yet flushed by :meth:`flush`."""
+        """Bytes of records queued by :meth:`queue` and not yet flushed by :meth:`flush`.
+
+        With channels: data bytes queued and not yet sent (flushed or not, waiting for
+        their turn or for credit).
+        """
+        if self._mux is not None:
+            return self._mux.queued_bytes
         return self._writer.queued_bytes
 
     @property
@@ -277,6 +331,7 @@ class Session:
         reader = self._reader
         if data and reader.eof:
             raise LocalProtocolError("receive_data() after EOF")
+        self.bytes_received += len(data)
         if data and self._states.receive is DirectionState.CLOSED:
             return  # the peer's direction is finished: nothing after its CLOSE is read
         reader.feed(data)
@@ -322,9 +377,17 @@ class Session:
         out what is encrypted already or encrypts about 2 MiB more of what was flushed (see
         :mod:`stalk.sealer`), so a large spack is never held as ciphertext all at once.
         """
-        if self._control.pending() and self._sealer.cipher is not None and not self.close_sent:
-            self._sealer.push(self._control.pack())  # answers owed (PONGs)
-        return self._sealer.take()
+        sealer = self._sealer
+        if self._control.pending() and sealer.cipher is not None and not sealer.closed:
+            sealer.push(self._control.pack())  # answers owed (PONGs; WINDOW with channels)
+        if self._closing is not None and not (self._mux is not None and self._mux.unsent()):
+            code, reason = self._closing  # everything queued before close() has gone
+            self._closing = None
+            self._writer.add(RecordKind.CLOSE, encode_close(code, reason))
+            self._push(self._writer, final=True)
+        data = sealer.take()
+        self.bytes_sent += len(data)
+        return data
 
     # -- the handshake --------------------------------------------------------------------
 
@@ -395,6 +458,13 @@ class Session:
         self._result = result
         self._hs = None
         self._sealer.start(result.send_cipher)
+        ours, theirs = self.config.channels, result.peer_params.channels
+        if ours is not None and theirs is not None:
+            self._channels = ChannelTable(
+                initiator=self.role is Role.INITIATOR, ours=ours, theirs=theirs
+            )
+            self._mux = Mux(self._channels)
+            self._sealer.attach(self._mux)
         self._receiver = Receiver(
             self._reader,
             result.recv_cipher,
@@ -403,6 +473,7 @@ class Session:
             control=self._control,
             limit=self.config.max_message_size,
             confirmed=_complete(result),
+            channels=self._channels,
         )
 
     def _send_ready(self) -> None:
@@ -483,16 +554,29 @@ class Session:
         if not states.can_send_data:
             raise refusal(Direction.SEND, states.send, Input.DATA_SENT)
 
-    def queue(self, spack: Spack) -> None:
+    def queue(self, spack: Spack, channel: int = 0) -> None:
         """Encode ``spack`` and queue it; :meth:`flush` sends everything queued.
 
+        :param channel: with channels, the channel to send it on (0: the connection's own).
         :raises ~stalk.InvalidSpackValue: a value cannot be encoded (nothing is queued).
         :raises ~stalk.MessageTooLarge: larger than the peer accepts (nothing is queued).
         :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
-        :raises ~stalk.LocalProtocolError: the session is not open yet.
+        :raises ~stalk.LocalProtocolError: the session is not open yet, or the channel is
+            not open for sending.
         """
         if not self._states.can_send_data:
             self._check_sendable()
+        if channel or self._mux is not None:
+            self._queue_on_channel(spack, channel)
+            return
+        pieces, _ = self._encode(spack)
+        if len(pieces) == 1:
+            self._writer.add_message(pieces[0])
+        else:
+            self._writer.add_message_pieces(pieces)
+
+    def _encode(self, spack: Spack) -> tuple[list[bytes], int]:
+        """A spack's encoding as pieces, and its size, checked against the peer's limits."""
         if type(spack) is not Spack and not isinstance(spack, Spack):
             raise InvalidSpackValue(
                 f"send() and queue() take a Spack, not {type(spack).__name__}: "
@@ -506,10 +590,19 @@ class Session:
                 f"spack of {size} bytes exceeds the peer's limit of {limit} bytes"
             )
         check_weight(pieces, size)
-        if len(pieces) == 1:
-            self._writer.add_message(pieces[0])
-        else:
-            self._writer.add_message_pieces(pieces)
+        return pieces, size
+
+    def _queue_on_channel(self, spack: Spack, channel: int) -> None:
+        mux, table = self._mux, self._channels
+        if mux is None or table is None:
+            raise LocalProtocolError("this connection has no channels (the peer offered none)")
+        found = table.channels.get(channel) if channel else None
+        if channel and (found is None or channel in mux.closing):
+            raise LocalProtocolError(f"channel {channel} is not open for sending")
+        pieces, _ = self._encode(spack)
+        if found is not None:
+            table.process(found, ChannelInput.DATA_SENT)
+        mux.queue(channel, pieces)
 
     def flush(self) -> None:
         """Send everything queued, in as few Noise messages as possible.
@@ -519,6 +612,10 @@ class Session:
 
         :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
         """
+        if self._mux is not None:
+            self._check_sendable()
+            self._mux.flush()
+            return
         writer = self._writer
         if writer.pending():
             self._check_sendable()
@@ -545,6 +642,78 @@ class Session:
             self._receiver.pings_sent += 1
         self._push(self._writer)
 
+    # -- channels ---------------------------------------------------------------------------
+
+    def open_channel(self) -> int:
+        """Open a channel of ours; its id. Its first record (spack or CLOSE) opens it.
+
+        :raises ~stalk.LocalProtocolError: no channels on this connection, or the peer's
+            limit of open channels is reached.
+        """
+        table = self._channels
+        if table is None:
+            raise LocalProtocolError("this connection has no channels (the peer offered none)")
+        self._check_sendable()
+        return table.open().id
+
+    def close_channel(self, channel: int) -> None:
+        """Send the CLOSE of our direction of ``channel``, after what it has queued.
+
+        :raises ~stalk.LocalProtocolError: the channel is not open for sending.
+        """
+        mux, table = self._mux, self._channels
+        found = table.channels.get(channel) if table is not None and channel else None
+        if mux is None or found is None or channel in mux.closing:
+            raise LocalProtocolError(f"channel {channel} is not open for sending")
+        if found.state not in (ChannelState.OPEN, ChannelState.RECEIVE_CLOSED):
+            raise LocalProtocolError(f"channel {channel} is {found.state}")
+        self._check_sendable()
+        mux.queue_close(channel)
+        mux.flush()
+
+    def reset_channel(self, channel: int, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Reset ``channel``: both directions end; what it had not sent is dropped.
+
+        :raises ValueError: the code is not a u16 or the reason is too long.
+        :raises ~stalk.LocalProtocolError: the channel is not open (or already reset).
+        """
+        body = encode_close(code, reason)
+        mux, table, receiver = self._mux, self._channels, self._receiver
+        demux = receiver.demux if receiver is not None else None
+        found = table.channels.get(channel) if table is not None and channel else None
+        if table is None or mux is None or demux is None or found is None:
+            raise LocalProtocolError(f"channel {channel} is not open")
+        self._check_sendable()
+        table.process(found, ChannelInput.RESET_SENT)
+        mux.drop(channel)
+        demux.forget(channel, self._control)
+        self._control.add(RecordKind.RESET, body, channel)
+
+    def release(self, channel: int, size: int) -> None:
+        """The application has the spack of a :class:`~stalk.events.ChannelMessageReceived`.
+
+        With channels, hands its ``size`` back as credit (WINDOW records go out a quarter
+        window at a time); call it for every such event, also for a spack dropped because
+        its channel was reset. Without channels it does nothing.
+        """
+        receiver = self._receiver
+        if receiver is None or receiver.demux is None:
+            return
+        receiver.demux.release(channel, size, self._control)
+
+    def release_channel(self, channel: int) -> None:
+        """The application let go of a channel the peer reset: our answering RESET goes.
+
+        :raises ~stalk.LocalProtocolError: the channel is not one the peer reset.
+        """
+        table = self._channels
+        found = table.channels.get(channel) if table is not None else None
+        if table is None or found is None:
+            raise LocalProtocolError(f"channel {channel} is not open")
+        table.process(found, ChannelInput.RELEASED)
+        if self._states.can_send_data:
+            self._control.add(RecordKind.RESET, encode_close(CloseCode.NORMAL, ""), channel)
+
     def request_rekey(self) -> None:
         """Rekey our sending cipher with the next Noise message (policy does it anyway)."""
         self._sealer.request_rekey()
@@ -558,16 +727,17 @@ class Session:
 
         :raises ValueError: the code is not a u16 or the reason is longer than 1024 bytes.
         """
-        if not 0 <= code <= 0xFFFF:
-            raise ValueError("close code must fit in 16 bits")
-        if len(reason.encode("utf-8")) > MAX_CLOSE_REASON:
-            raise ValueError(f"close reason longer than {MAX_CLOSE_REASON} bytes")
+        check_close(code, reason)
         if self.close_sent or self._states.send is DirectionState.BROKEN:
             return
         if self._sealer.cipher is None:
             self._states.process(Input.ABANDON)
             return
         self._states.process(Input.CLOSE_SENT)
+        if self._mux is not None and self._mux.unsent():
+            self._mux.flush()
+            self._closing = (code, reason)  # data_to_send() sends it once they have gone
+            return
         self._writer.add(RecordKind.CLOSE, encode_close(code, reason))
         self._push(self._writer, final=True)
 

@@ -56,11 +56,13 @@ import sys
 import threading
 from array import array
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from typing import Any, Final, TypeAlias, overload
+from types import GenericAlias
+from typing import Any, Final, TypeAlias, TypeVar, overload
 
 import msgpack
 
 from stalk.errors import InvalidSpackValue, MalformedSpack
+from stalk.summary import plural, render
 from stalk.weigh import BIG, BIG_PART, BIG_START, KIND_BIN, KIND_STR, PASS, Weigher
 from stalk.wire import (
     EXT_ARRAY_FLOAT32,
@@ -93,6 +95,7 @@ __all__ = [
     "EXT_TUPLE",
     "MAX_DEPTH",
     "Float32",
+    "Received",
     "Spack",
     "SpackDecoder",
     "SpackValue",
@@ -120,6 +123,14 @@ SpackValue: TypeAlias = (
     " | array[int] | array[float] | None"
 )
 """A value a spack can carry (recursively, for the containers)."""
+
+Received: TypeAlias = (
+    "bool | int | float | str | bytes"
+    " | list[Received] | tuple[Received, ...] | dict[str | bytes, Received]"
+    " | array[int] | array[float] | None"
+)
+"""A value receiving produces: a :data:`SpackValue` but never a ``bytearray`` or
+``memoryview`` (they arrive as ``bytes``); a :class:`Float32` is a ``float``."""
 
 
 def _build_array_tables() -> tuple[dict[str, int], dict[int, str]]:
@@ -896,12 +907,43 @@ def decode_spack_pieces(pieces: Sequence[bytes | bytearray | memoryview]) -> Spa
 # --------------------------------------------------------------------------- Spack
 
 
-class Spack(Sequence[SpackValue]):
+_T1 = TypeVar("_T1")
+_T2 = TypeVar("_T2")
+_T3 = TypeVar("_T3")
+_T4 = TypeVar("_T4")
+_T5 = TypeVar("_T5")
+_T6 = TypeVar("_T6")
+_T7 = TypeVar("_T7")
+_T8 = TypeVar("_T8")
+
+
+def _matches(value: object, kind: type) -> bool:
+    """Whether ``value`` is acceptable where :meth:`Spack.unpack` was told ``kind``.
+
+    ``isinstance``, except that a ``bool`` is not an ``int`` (nor a ``float``), and an
+    ``int`` is a ``float``, as for a type checker (a sender's ``float`` variable may hold
+    an int, which msgpack carries as an int).
+    """
+    if type(value) is bool:
+        return kind is bool or kind is object
+    if kind is float:
+        return isinstance(value, (float, int))
+    return isinstance(value, kind)
+
+
+class Spack(Sequence[Any]):
     """An ordered sequence of typed values, pushed together and delivered together.
 
     A spack behaves like a read-only sequence (``len``, indexing, slicing, iteration,
     ``a, b = spack``) that can also grow with :meth:`push`. It is mutable, hence
     unhashable.
+
+    Typing: elements read by indexing, iteration or ``a, b = spack`` are typed ``Any``,
+    as ``json.loads`` results are: what a spack from a peer holds is known by the
+    application's protocol, not by the type checker, and a union of every possible type
+    would need a check before every use. :meth:`unpack` checks the types at run time and
+    gives the type checker a typed tuple; :data:`Received` is the union of what a received
+    spack can hold, for code that narrows values with ``isinstance`` or ``match``.
     """
 
     __slots__ = ("_values",)
@@ -931,28 +973,132 @@ class Spack(Sequence[SpackValue]):
         return self
 
     @property
-    def values(self) -> tuple[SpackValue, ...]:
+    def values(self) -> tuple[Any, ...]:
         """The elements, as a tuple (a snapshot: later pushes do not change it)."""
         return tuple(self._values)
 
-    def encode(self) -> bytes:
-        """Encode this spack (see :func:`encode_spack`).
+    @overload
+    def unpack(self, t1: type[_T1], /) -> tuple[_T1]: ...
 
-        :raises InvalidSpackValue: a value cannot be carried.
+    @overload
+    def unpack(self, t1: type[_T1], t2: type[_T2], /) -> tuple[_T1, _T2]: ...
+
+    @overload
+    def unpack(self, t1: type[_T1], t2: type[_T2], t3: type[_T3], /) -> tuple[_T1, _T2, _T3]: ...
+
+    @overload
+    def unpack(
+        self, t1: type[_T1], t2: type[_T2], t3: type[_T3], t4: type[_T4], /
+    ) -> tuple[_T1, _T2, _T3, _T4]: ...
+
+    @overload
+    def unpack(
+        self, t1: type[_T1], t2: type[_T2], t3: type[_T3], t4: type[_T4], t5: type[_T5], /
+    ) -> tuple[_T1, _T2, _T3, _T4, _T5]: ...
+
+    @overload
+    def unpack(
+        self,
+        t1: type[_T1],
+        t2: type[_T2],
+        t3: type[_T3],
+        t4: type[_T4],
+        t5: type[_T5],
+        t6: type[_T6],
+        /,
+    ) -> tuple[_T1, _T2, _T3, _T4, _T5, _T6]: ...
+
+    @overload
+    def unpack(
+        self,
+        t1: type[_T1],
+        t2: type[_T2],
+        t3: type[_T3],
+        t4: type[_T4],
+        t5: type[_T5],
+        t6: type[_T6],
+        t7: type[_T7],
+        /,
+    ) -> tuple[_T1, _T2, _T3, _T4, _T5, _T6, _T7]: ...
+
+    @overload
+    def unpack(
+        self,
+        t1: type[_T1],
+        t2: type[_T2],
+        t3: type[_T3],
+        t4: type[_T4],
+        t5: type[_T5],
+        t6: type[_T6],
+        t7: type[_T7],
+        t8: type[_T8],
+        /,
+    ) -> tuple[_T1, _T2, _T3, _T4, _T5, _T6, _T7, _T8]: ...
+
+    @overload
+    def unpack(self, *types: type[Any]) -> tuple[Any, ...]: ...
+
+    def unpack(self, *types: type[Any]) -> tuple[Any, ...]:
+        """The elements as a tuple, checked against ``types``: ``n, s = spack.unpack(int, str)``.
+
+        Each element must be an instance of the class in its position, except that a
+        ``bool`` is not an ``int``, and an ``int`` is accepted for ``float`` (as a type
+        checker accepts it). Pass plain classes (``list``, ``dict``, ``object`` for any
+        value): the contents of containers are not checked. A type checker infers the
+        tuple's types for up to 8 elements (``tuple[Any, ...]`` beyond).
+
+        :raises TypeError: the spack does not have one element per type, or an element has
+            another type (the message names its position, the expected and the actual
+            type), or a type is not a plain class (``list[int]``, ``int | None``).
+        """
+        values = self._values
+        for kind in types:
+            if not isinstance(kind, type) or isinstance(kind, GenericAlias):
+                raise TypeError(
+                    f"Spack.unpack takes plain classes (int, str, list...), not {kind!r}"
+                )
+        if len(values) != len(types):
+            expected = ", ".join(kind.__qualname__ for kind in types)
+            raise TypeError(
+                f"the spack has {len(values)} {plural(len(values), 'value')},"
+                f" expected {len(types)} ({expected})"
+            )
+        for index, (value, kind) in enumerate(zip(values, types, strict=True)):
+            if not _matches(value, kind):
+                raise TypeError(
+                    f"spack[{index}]: expected {kind.__qualname__}, got {type(value).__qualname__}"
+                )
+        return tuple(values)
+
+    def encode(self) -> bytes:
+        """Encode this spack: one msgpack array (SPEC "Spack encoding").
+
+        Sending encodes by itself; this is for storing a spack or sending it another way.
+
+        :returns: the encoding (``b"\\x90"`` for an empty spack).
+        :raises InvalidSpackValue: a value cannot be carried (unsupported type or subclass,
+            int out of range, dict key that is not str/bytes, lone surrogate, nesting
+            deeper than 32 levels...); the message names the value's position.
         """
         return encode_spack(self._values)
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview, *, max_depth: int = MAX_DEPTH) -> Spack:
-        """Decode a spack (see :func:`decode_spack`).
+        """Decode a spack from exactly ``data``, as strictly as a received one.
+
+        The decoded objects can be larger than their encoding: bound ``len(data)`` first
+        when it comes from someone else.
 
         :param data: the encoding, as any bytes-like object.
-        :param max_depth: the deepest container allowed, at most :data:`MAX_DEPTH`.
-        :raises MalformedSpack: ``data`` is not a valid spack encoding.
+        :param max_depth: the deepest container allowed, at most 32 (the protocol's limit).
+        :returns: the spack; ``bytearray``/``memoryview`` values come back as ``bytes``.
+        :raises MalformedSpack: ``data`` is not exactly one valid spack encoding.
+        :raises ValueError: ``max_depth`` is outside ``0 .. 32``.
+        :raises TypeError: ``data`` is not bytes-like.
         """
         return decode_spack(data, max_depth=max_depth)
 
-    def __iter__(self) -> Iterator[SpackValue]:
+    def __iter__(self) -> Iterator[Any]:
         """Iterate over the elements."""
         return iter(self._values)
 
@@ -961,12 +1107,12 @@ class Spack(Sequence[SpackValue]):
         return len(self._values)
 
     @overload
-    def __getitem__(self, index: int) -> SpackValue: ...
+    def __getitem__(self, index: int) -> Any: ...
 
     @overload
     def __getitem__(self, index: slice) -> Spack: ...
 
-    def __getitem__(self, index: int | slice) -> SpackValue | Spack:
+    def __getitem__(self, index: int | slice) -> Any:
         """Return one element, or a new spack for a slice."""
         if isinstance(index, slice):
             return Spack._from_list(self._values[index])
@@ -981,5 +1127,11 @@ class Spack(Sequence[SpackValue]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        """Return ``Spack(1, 'a', b'x')``."""
-        return f"Spack({', '.join(map(repr, self._values))})"
+        """Return ``Spack(1, 'a', b'x')``, bounded: about 2,600 characters at most.
+
+        A large value shows a prefix and ``... (N more bytes)``, a long spack or container
+        its first values and ``... (N more values)`` (see :func:`stalk.summary.render`), so
+        printing a 16 MiB spack costs a few thousand characters, not a 64 MiB string.
+        ``repr(spack.values)`` shows every value in full.
+        """
+        return render(self._values)[0]

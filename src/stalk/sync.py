@@ -26,12 +26,17 @@ from stalk.connection import Connection
 from stalk.connection import connect as _connect
 from stalk.identity import Identity, PublicIdentity
 from stalk.spack import Spack
+from stalk.wire import Pattern
 
 __all__ = ["SyncConnection", "connect"]
 
 
 class SyncConnection:
-    """A blocking wrapper around one :class:`stalk.Connection`; use :func:`connect`."""
+    """A blocking wrapper around one :class:`stalk.Connection`; use :func:`connect`.
+
+    :ivar connection: the wrapped connection, for its attributes (its coroutine methods
+        belong to the background event loop).
+    """
 
     def __init__(
         self, portal: BlockingPortal, stack: contextlib.ExitStack, conn: Connection
@@ -46,7 +51,7 @@ class SyncConnection:
         return self.connection.peer
 
     @property
-    def pattern(self) -> str:
+    def pattern(self) -> Pattern:
         """``"XX"`` or ``"IK"``."""
         return self.connection.pattern
 
@@ -70,6 +75,9 @@ class SyncConnection:
                 yield self.receive()
             except EndOfStream:
                 return
+
+    def __repr__(self) -> str:
+        return f"<stalk.sync.SyncConnection of {self.connection!r}>"
 
     def close(self) -> None:
         """Close the connection (CLOSE, then TCP) and stop the event loop thread."""
@@ -101,7 +109,20 @@ def connect(
     config: Config | None = None,
     backend: str = "asyncio",
 ) -> SyncConnection:
-    """Blocking :func:`stalk.connect`; the result must be closed (or used with ``with``)."""
+    """Blocking :func:`stalk.connect`; the result must be closed (or used with ``with``).
+
+    Starts an event loop in a background thread for this connection (closed with it).
+
+    :param host: a host name or an IP address.
+    :param port: the TCP port.
+    :param peer: the server's expected key or its printable form (IK), or ``None`` (XX).
+    :param identity: our static key pair; ``None`` makes a fresh one.
+    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :param backend: the anyio backend the thread runs: ``"asyncio"`` or ``"trio"``.
+    :returns: the connected, blocking connection.
+    :raises ~stalk.ConnectFailed: the TCP connection could not be opened.
+    :raises ~stalk.HandshakeFailed: the handshake failed (see :func:`stalk.connect`).
+    """
     stack = contextlib.ExitStack()
     portal = stack.enter_context(start_blocking_portal(backend))
     try:

@@ -1,9 +1,8 @@
 """Every constant of the stalk wire protocol, version 1 (SPEC.md gives the meaning of each).
 
-Nothing here does anything but name a close code or write an address for messages; the
-sans-IO modules (:mod:`stalk.framing`, :mod:`stalk.handshake`, :mod:`stalk.records`,
-:mod:`stalk.session`) import their numbers from this one place so that SPEC.md and the
-code can be checked against each other.
+Nothing here does anything; the sans-IO modules (:mod:`stalk.framing`,
+:mod:`stalk.handshake`, :mod:`stalk.records`, :mod:`stalk.session`) import their numbers
+from this one place so that SPEC.md and the code can be checked against each other.
 """
 
 from __future__ import annotations
@@ -12,6 +11,9 @@ import enum
 from typing import Final, Literal
 
 __all__ = [
+    "DEFAULT_CHANNEL_WINDOW",
+    "DEFAULT_CONNECTION_WINDOW",
+    "DEFAULT_MAX_CHANNELS",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_REKEY_AFTER_BYTES",
     "DEFAULT_REKEY_AFTER_MESSAGES",
@@ -30,6 +32,8 @@ __all__ = [
     "EXT_TUPLE",
     "FRAME_HEADER_LEN",
     "MAGIC",
+    "MAX_CHANNELS_LIMIT",
+    "MAX_CHANNEL_ID",
     "MAX_CLOSE_REASON",
     "MAX_DEPTH",
     "MAX_FRAME_BODY",
@@ -39,6 +43,9 @@ __all__ = [
     "MAX_PING_PAYLOAD",
     "MAX_PLAINTEXT",
     "MAX_REFUSAL_REASON",
+    "MAX_WINDOW",
+    "MIN_CHANNEL_WINDOW",
+    "MIN_CONNECTION_WINDOW",
     "MIN_MAX_MESSAGE_SIZE",
     "PATTERNS",
     "PREAMBLE_LEN",
@@ -52,7 +59,6 @@ __all__ = [
     "Pattern",
     "RecordKind",
     "close_code_name",
-    "host_port",
 ]
 
 #: The first five bytes an initiator sends: ASCII ``STALK``.
@@ -107,6 +113,22 @@ MAX_MESSAGE_SIZE_LIMIT: Final = 2**53
 #: spack small enough for one record (its heaviest shape weighs 108 bytes per wire byte).
 WEIGHT_FACTOR: Final = 8
 WEIGHT_FLOOR: Final = 8 * 1024 * 1024
+# Channels (SPEC "Channels"), negotiated by three handshake parameters.
+#: The most channels a party may let its peer have open towards it at once.
+MAX_CHANNELS_LIMIT: Final = 65_535
+#: The largest channel id: ids stay well within the channel varint's 5 bytes.
+MAX_CHANNEL_ID: Final = 2**31 - 1
+#: The largest credit a window may hold; a grant past it is a FLOW_CONTROL_ERROR.
+MAX_WINDOW: Final = 2**31 - 1
+#: Smallest per-channel window a party may grant: less would make every spack a trickle.
+MIN_CHANNEL_WINDOW: Final = 1_024
+#: Smallest connection window: one full Noise message of records.
+MIN_CONNECTION_WINDOW: Final = RECORD_CAPACITY
+#: stalk's defaults: what it lets a peer open, and the credit it grants.
+DEFAULT_MAX_CHANNELS: Final = 100
+DEFAULT_CHANNEL_WINDOW: Final = 256 * 1024
+DEFAULT_CONNECTION_WINDOW: Final = 1024 * 1024
+
 #: Default sender rekey policy: after this many Noise transport messages...
 DEFAULT_REKEY_AFTER_MESSAGES: Final = 2**16
 #: ...or this many plaintext bytes, whichever comes first (SPEC "Rekey").
@@ -168,6 +190,12 @@ class RecordKind(enum.IntEnum):
     REKEY = 0x06
     #: First record from the party that read the last handshake message (empty body).
     READY = 0x07
+    #: Channels only: ends both directions of a channel: ``code (u16 BE) || reason``.
+    RESET = 0x08
+    #: Channels only: more credit for the channel's data: ``uvarint(increment)``.
+    WINDOW = 0x09
+    #: Channels only, on channel 0: more credit for the connection's data.
+    CONNECTION_WINDOW = 0x0A
 
 
 class CloseCode(enum.IntEnum):
@@ -199,6 +227,10 @@ class CloseCode(enum.IntEnum):
     #: A public key in a handshake message is not a canonical, usable X25519 key (low
     #: order, bit 255 set, or u >= 2^255 - 19).
     INVALID_KEY = 10
+    #: The peer opened more channels than we let it have open at once.
+    CHANNEL_LIMIT = 11
+    #: The peer sent data beyond the credit granted, or granted credit past the maximum.
+    FLOW_CONTROL_ERROR = 12
 
 
 def close_code_name(code: int) -> str:
@@ -207,11 +239,3 @@ def close_code_name(code: int) -> str:
         return CloseCode(code).name
     except ValueError:
         return f"code {code}"
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port`` as stalk writes an address, in messages and in known_peers alike.
-
-    An IPv6 host is bracketed (``[::1]:7417``), so that the port cannot be read as part of it.
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -25,7 +25,8 @@ Directions (:data:`Direction`):
 - ``client``: a hostile client against stalk's listener (shared by the module, see
   ``conftest.py``). The listener's handler records every spack it receives and how its
   connection ended (:class:`Registry`); a failed handshake is known from the listener's
-  log record, which carries the exception object.
+  log record on ``stalk.handshake``, which carries the exception object (read at DEBUG:
+  at INFO the listener throttles them).
 - ``server``: a hostile server (a plain anyio TCP listener speaking the protocol by hand)
   against :func:`stalk.connect`; the "application" is a receive loop.
 - ``mitm``: a real client and the real listener with a man in the middle.
@@ -226,13 +227,16 @@ class Registry:
             self.active -= 1
 
     def log(self, record: logging.LogRecord) -> None:
-        """Take a handshake failure from the listener's log record (it holds the error)."""
+        """Take a handshake failure from the listener's log record (it holds the error).
+
+        Its arguments start with the client's ``host:port`` (as the listener saw it when
+        accepting) and the exception.
+        """
         if str(record.msg).startswith("handshake with %s failed") and isinstance(
             record.args, tuple
         ):
-            address, exc = record.args
-            # The listener writes the address as host:port ("None" when it had none).
-            _, _, port_text = str(address).rpartition(":")
+            where, exc = record.args[:2]
+            port_text = str(where).rpartition(":")[2]
             port = int(port_text) if port_text.isdigit() else None
             if isinstance(exc, BaseException):
                 self.failed.setdefault(port, []).append(exc)
@@ -312,7 +316,7 @@ class Env:
         tap = _LogTap(registry)
         logger = logging.getLogger("stalk")
         level = logger.level
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.DEBUG)  # every failed handshake, throttled or not
         logger.addHandler(tap)
         try:
             main = await create_listener(

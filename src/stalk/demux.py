@@ -1,0 +1,275 @@
+"""The receive side of channels: each record of a connection with channels, routed.
+
+Theory of operation
+-------------------
+On a connection with channels (SPEC "Channels") the :class:`~stalk.receiver.Receiver`
+hands every batch of parsed records to a :class:`Demux` before decoding any of them.
+:meth:`Demux.route` does, in wire order, everything that does not need decoding:
+
+- it counts data bytes (MESSAGE and FRAGMENT bodies) against the credit we granted, on the
+  channel and on the connection, and refuses data beyond it (FLOW_CONTROL_ERROR);
+- it opens the channels the peer opens (within our limit), moves each channel through its
+  states (:mod:`stalk.channels`), and drops what the peer sent before it saw our RESET;
+- it applies the credit the peer grants us (WINDOW, CONNECTION_WINDOW), and answers a
+  RESET for a channel that already ended (crossing a CLOSE), so the peer's channel ends
+  too;
+- it notes the size of each spack in data bytes, which the driver hands back with
+  :meth:`Demux.release` once the application has the spack: that is when credit goes back
+  to the peer (a quarter window at a time), so what the peer makes us hold is bounded by
+  what we granted;
+- it gives the **assembly slot** (SPEC "Channels", flow control) to the first channel that
+  runs out of credit, its own or the connection's, in the middle of a spack: from then on
+  that spack's pieces are granted back as they arrive, so a spack larger than the window
+  still arrives, and only one such spack is held at a time.
+
+The records it keeps are decoded by the receiver as on channel 0, each channel with its
+own :class:`~stalk.reassembly.Reassembler`; a CLOSE or RESET it keeps becomes its event
+there, in order after the channel's spacks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+from stalk.channels import Channel, ChannelInput, ChannelState, ChannelTable
+from stalk.errors import ProtocolError
+from stalk.events import ChannelOpened, Event
+from stalk.reassembly import Reassembler
+from stalk.records import Record, RecordWriter, decode_close, decode_window, encode_uvarint
+from stalk.wire import RecordKind
+
+__all__ = ["Demux"]
+
+_MESSAGE: Final = RecordKind.MESSAGE
+_FRAGMENT: Final = RecordKind.FRAGMENT
+_CLOSE: Final = RecordKind.CLOSE
+_RESET: Final = RecordKind.RESET
+_WINDOW: Final = RecordKind.WINDOW
+_CONNECTION_WINDOW: Final = RecordKind.CONNECTION_WINDOW
+#: The body of the RESET that answers one for a channel that already ended: code 0 (NORMAL),
+#: no reason: the channel ended cleanly on our side.
+_ENDED_RESET: Final = b"\x00\x00"
+
+
+class Demux:
+    """Routes a connection's records to its channels; see the module's theory of operation.
+
+    :param table: the connection's channels.
+    :param limit: the largest encoded spack we accept.
+    :param channel0: channel 0's reassembler (the receiver's own).
+    """
+
+    __slots__ = (
+        "_partial",
+        "_reassemblers",
+        "_sizes",
+        "_slot_granted",
+        "channel0",
+        "limit",
+        "slot",
+        "table",
+    )
+
+    def __init__(self, table: ChannelTable, limit: int, channel0: Reassembler) -> None:
+        self.table = table
+        self.limit = limit
+        self.channel0 = channel0
+        # Data bytes of the spack in progress, and sizes of spacks parsed but not yet
+        # released, per channel (0 included).
+        self._partial: dict[int, int] = {}
+        self._sizes: dict[int, deque[int]] = {}
+        # Channels other than 0 that received a piece, until their CLOSE or RESET is
+        # processed (a channel may leave the table before the receiver reaches its records).
+        self._reassemblers: dict[int, Reassembler] = {}
+        #: The channel holding the assembly slot, if any.
+        self.slot: int | None = None
+        self._slot_granted = 0  # bytes of the slot's spack granted back on arrival
+
+    # -- routing -----------------------------------------------------------------------
+
+    def route(
+        self, records: list[Record], events: list[Event], grants: RecordWriter
+    ) -> list[Record]:
+        """Do the bookkeeping of ``records`` in order; the records left to decode.
+
+        :param events: where :class:`~stalk.events.ChannelOpened` goes (before the
+            channel's first spack).
+        :param grants: where the WINDOW and RESET records we owe go (sent once the
+            message passed, like PONGs).
+        :raises ~stalk.errors.ProtocolError: a record breaks SPEC "Channels" (its subclasses
+            say which: too many channels, data beyond credit).
+        """
+        kept: list[Record] = []
+        table = self.table
+        for record in records:
+            kind, channel_id, body = record
+            if kind is _MESSAGE or kind is _FRAGMENT:
+                if self._data(channel_id, len(body), kind is _FRAGMENT, events, grants):
+                    kept.append(record)
+            elif not channel_id:
+                if kind is _WINDOW:
+                    table.channel0.granted(decode_window(body), "channel 0")
+                elif kind is _CONNECTION_WINDOW:
+                    table.connection.granted(decode_window(body), "connection")
+                else:
+                    kept.append(record)  # channel 0's own records: the receiver acts on them
+            elif kind is _WINDOW:
+                channel = self._existing(channel_id)
+                if channel is not None:
+                    channel.credit.granted(decode_window(body), f"channel {channel_id}")
+            elif kind is _CLOSE:
+                found = self._lookup(channel_id, events)
+                table.process(found, ChannelInput.CLOSE_RECEIVED)
+                if found.state is not ChannelState.RESET_SENT:
+                    kept.append(record)
+            else:  # RESET
+                decode_close(body)
+                channel = self._existing(channel_id)
+                if channel is None:  # it ended as our CLOSE crossed its RESET: answer it
+                    grants.add(_RESET, _ENDED_RESET, channel_id)
+                    continue
+                if channel.state is ChannelState.RESET_SENT:
+                    table.process(channel, ChannelInput.RESET_RECEIVED)  # the answer to ours
+                    continue
+                table.process(channel, ChannelInput.RESET_RECEIVED)
+                self.forget(channel_id, grants)
+                kept.append(record)
+        return kept
+
+    def _lookup(self, channel_id: int, events: list[Event]) -> Channel:
+        """The channel a data or CLOSE record is for, opening it if the peer opens it."""
+        channel, opened = self.table.for_peer_record(channel_id)
+        events.extend(ChannelOpened(each) for each in opened)
+        return channel
+
+    def _existing(self, channel_id: int) -> Channel | None:
+        """An open channel; ``None`` for one that ended (a WINDOW or RESET may cross its end).
+
+        :raises ~stalk.errors.ProtocolError: a channel that was never opened.
+        """
+        channel = self.table.channels.get(channel_id)
+        if channel is None and not self.table.opened_before(channel_id):
+            raise ProtocolError(f"record on channel {channel_id}, which was never opened")
+        return channel
+
+    def _data(
+        self, channel_id: int, size: int, more: bool, events: list[Event], grants: RecordWriter
+    ) -> bool:
+        """Count a data record; whether to decode it (else it is dropped)."""
+        table = self.table
+        table.connection.received(size, "the connection")
+        if channel_id:
+            channel = self._lookup(channel_id, events)
+            table.process(channel, ChannelInput.DATA_RECEIVED)
+            channel.credit.received(size, f"channel {channel_id}")
+            if channel.state is ChannelState.RESET_SENT:
+                # Sent before the peer saw our RESET: dropped, its connection credit back.
+                self._release_connection(size, grants)
+                return False
+            credit = channel.credit
+        else:
+            credit = table.channel0
+            credit.received(size, "channel 0")
+        partial = self._partial.get(channel_id, 0) + size
+        if self.slot == channel_id:
+            self._grant(channel_id, size, grants)
+            self._slot_granted += size
+        elif more and self.slot is None and (not credit.receive or not table.connection.receive):
+            # Out of credit inside a spack: it takes the slot, and what it holds goes back.
+            self.slot = channel_id
+            self._grant(channel_id, partial, grants)
+            self._slot_granted = partial
+        if more:
+            self._partial[channel_id] = partial
+        else:
+            self._partial.pop(channel_id, None)
+            self._sizes.setdefault(channel_id, deque()).append(partial)
+        return True
+
+    # -- credit back -------------------------------------------------------------------
+
+    def next_size(self, channel_id: int) -> int:
+        """The data bytes of the next spack the receiver delivers on ``channel_id``."""
+        sizes = self._sizes[channel_id]
+        size = sizes.popleft()
+        if not sizes:
+            del self._sizes[channel_id]
+        return size
+
+    def release(self, channel_id: int, size: int, grants: RecordWriter) -> None:
+        """The application has a spack of ``size`` data bytes from ``channel_id``."""
+        handover = self.slot == channel_id
+        if handover:
+            size -= self._slot_granted  # the rest went back as it arrived
+            self.slot = None
+            self._slot_granted = 0
+        if channel_id and channel_id not in self.table.channels:
+            increment = 0  # the channel ended: only the connection's credit goes back
+        else:
+            increment = self.table.credit(channel_id).release(size)
+        if increment:
+            grants.add(_WINDOW, encode_uvarint(increment), channel_id)
+        self._release_connection(size, grants)
+        if handover:
+            self._offer_slot(grants)
+
+    def _offer_slot(self, grants: RecordWriter) -> None:
+        """The slot is free: the first channel stuck inside a spack without credit takes it."""
+        table = self.table
+        for channel_id, partial in self._partial.items():
+            credit = table.channel0 if not channel_id else table.channels[channel_id].credit
+            if not credit.receive or not table.connection.receive:
+                self.slot = channel_id
+                self._grant(channel_id, partial, grants)
+                self._slot_granted = partial
+                return
+
+    def _release_connection(self, size: int, grants: RecordWriter) -> None:
+        increment = self.table.connection.release(size)
+        if increment:
+            grants.add(_CONNECTION_WINDOW, encode_uvarint(increment))
+
+    def _grant(self, channel_id: int, size: int, grants: RecordWriter) -> None:
+        """Grant ``size`` bytes back at once, to the channel and the connection."""
+        if not size:
+            return
+        self.table.credit(channel_id).receive += size
+        grants.add(_WINDOW, encode_uvarint(size), channel_id)
+        self.table.connection.receive += size
+        grants.add(_CONNECTION_WINDOW, encode_uvarint(size))
+
+    def forget(self, channel_id: int, grants: RecordWriter) -> None:
+        """A reset channel's spack in progress is dropped, with its slot.
+
+        Its bytes go back to the connection's credit (the part not granted back already);
+        its whole spacks, delivered or about to be, are the driver's to release.
+        """
+        partial = self._partial.pop(channel_id, 0)
+        self._reassemblers.pop(channel_id, None)
+        handover = self.slot == channel_id
+        if handover:
+            partial -= self._slot_granted
+            self.slot = None
+            self._slot_granted = 0
+        self._release_connection(partial, grants)
+        if handover:
+            self._offer_slot(grants)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a channel other than 0 is in the middle of a spack."""
+        return any(not reassembler.idle for reassembler in self._reassemblers.values())
+
+    def reassembler(self, channel_id: int) -> Reassembler:
+        """The reassembler of ``channel_id`` (created for a channel's first record)."""
+        if not channel_id:
+            return self.channel0
+        reassembler = self._reassemblers.get(channel_id)
+        if reassembler is None:
+            reassembler = self._reassemblers[channel_id] = Reassembler(self.limit)
+        return reassembler
+
+    def ended(self, channel_id: int) -> None:
+        """The receiver processed the channel's CLOSE or RESET: its reassembler goes."""
+        self._reassemblers.pop(channel_id, None)

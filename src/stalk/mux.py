@@ -1,0 +1,237 @@
+"""The send side of channels: spacks of many channels into plaintexts, fairly, within credit.
+
+Theory of operation
+-------------------
+On a connection with channels (SPEC "Channels") the application's spacks, channel 0's
+included, go through a :class:`Mux` instead of a :class:`~stalk.records.RecordWriter`:
+
+- :meth:`Mux.queue` keeps a spack's encoding, by channel, in the order queued;
+  :meth:`Mux.flush` makes everything queued so far sendable (as ``flush()`` does without
+  channels);
+- :meth:`Mux.next_plaintext` builds plaintexts only as the sealer asks, so what goes
+  into the next Noise message is decided as late as possible: **fairness** comes from
+  taking the channels in turn, each turn at most what fills the plaintext, so a small
+  spack on one channel waits behind about one Noise message of a large spack on another;
+- **credit**: a data record's body never exceeds what the peer granted, on the channel and
+  on the connection. A spack larger than that goes out in FRAGMENTs as credit arrives (the
+  receiver's assembly slot lets a spack larger than the window through). A channel out of
+  credit is skipped until a WINDOW arrives; the session then asks for plaintexts again;
+- a channel's CLOSE follows its last spack; a RESET drops what the channel had not sent.
+
+Records are packed as :class:`~stalk.records.RecordWriter` packs them (SPEC "How stalk
+packs records"): a spack that fits goes whole; otherwise the largest FRAGMENT that fits
+both the plaintext and the credit, unless the plaintext has less than 512 bytes of room,
+when a new plaintext starts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Final
+
+from stalk.channels import ChannelInput, ChannelTable
+from stalk.records import encode_uvarint
+from stalk.wire import RECORD_CAPACITY, RecordKind
+
+__all__ = ["Mux"]
+
+#: Room under which a plaintext is finished rather than carrying a tiny FRAGMENT.
+_MIN_FRAGMENT: Final = 512
+_CHANNEL_CLOSE: Final = b"\x00\x00"
+
+
+class _Outgoing:
+    """One spack's encoding on its way out: what is left of it, as views."""
+
+    __slots__ = ("left", "views")
+
+    def __init__(self, pieces: Sequence[bytes | memoryview]) -> None:
+        self.views = deque(memoryview(piece) for piece in pieces if len(piece))
+        self.left = sum(map(len, self.views))
+
+    def take(self, size: int) -> list[memoryview]:
+        """The next ``size`` bytes, as views."""
+        taken: list[memoryview] = []
+        views = self.views
+        self.left -= size
+        while size:
+            view = views[0]
+            if len(view) <= size:
+                taken.append(views.popleft())
+                size -= len(view)
+            else:
+                taken.append(view[:size])
+                views[0] = view[size:]
+                size = 0
+        return taken
+
+
+#: A channel's queue holds spacks, and at most one CLOSE, last.
+_Item = _Outgoing | None  # None: the channel's CLOSE
+
+
+def _header(kind: RecordKind, channel: int, length: int) -> bytes:
+    return bytes((kind,)) + encode_uvarint(channel) + encode_uvarint(length)
+
+
+def _varint_len(value: int) -> int:
+    return 1 if value < 1 << 7 else 2 if value < 1 << 14 else 3 if value < 1 << 21 else 4
+
+
+class Mux:
+    """The queued spacks of every channel, packed into plaintexts in turn within credit.
+
+    :param table: the connection's channels and credit.
+    :param capacity: plaintext bytes per Noise message available for records.
+    """
+
+    __slots__ = ("_capacity", "_queues", "_table", "_unflushed", "closing", "queued_bytes")
+
+    def __init__(self, table: ChannelTable, capacity: int = RECORD_CAPACITY) -> None:
+        self._table = table
+        self._capacity = capacity
+        # Sendable items by channel, in turn order (a dict keeps insertion order; a
+        # channel that had its turn moves to the end).
+        self._queues: dict[int, deque[_Item]] = {}
+        self._unflushed: list[tuple[int, _Item]] = []
+        #: Data bytes queued and not yet packed (flushed or not).
+        self.queued_bytes = 0
+        #: Channels whose CLOSE is queued and not yet packed: nothing more may be queued.
+        self.closing: set[int] = set()
+
+    def queue(self, channel: int, pieces: Sequence[bytes | memoryview]) -> None:
+        """Queue one spack's encoding (the concatenation of ``pieces``) on ``channel``."""
+        item = _Outgoing(pieces)
+        self.queued_bytes += item.left
+        self._unflushed.append((channel, item))
+
+    def queue_close(self, channel: int) -> None:
+        """Queue the CLOSE of ``channel`` (not 0) after its spacks.
+
+        The channel's state moves (CLOSE sent) when the record is packed: until then it
+        is still open for the credit its spacks wait for.
+        """
+        self._unflushed.append((channel, None))
+        self.closing.add(channel)
+
+    def flush(self) -> None:
+        """Make everything queued so far sendable."""
+        queues = self._queues
+        for channel, item in self._unflushed:
+            queue = queues.get(channel)
+            if queue is None:
+                queue = queues[channel] = deque()
+            queue.append(item)
+        self._unflushed.clear()
+
+    def drop(self, channel: int) -> None:
+        """Forget what ``channel`` has not sent (it is being reset)."""
+        queue = self._queues.pop(channel, None) or ()
+        unflushed = [entry for entry in self._unflushed if entry[0] == channel]
+        for item in [*queue, *(item for _, item in unflushed)]:
+            if item is not None:
+                self.queued_bytes -= item.left
+        self._unflushed = [entry for entry in self._unflushed if entry[0] != channel]
+        self.closing.discard(channel)
+
+    def unsent(self) -> bool:
+        """Whether anything queued (flushed or not) is still to be packed."""
+        return bool(self._queues or self._unflushed)
+
+    def sendable(self) -> bool:
+        """Whether a flushed item could go out now (within credit, or a CLOSE)."""
+        if not self._queues:
+            return False
+        table = self._table
+        connection = table.connection.send
+        for channel, queue in self._queues.items():
+            if queue[0] is None or (connection and table.credit(channel).send):
+                return True
+        return False
+
+    def next_plaintext(self) -> bytearray | None:
+        """The next plaintext of what is sendable, built now; ``None`` when nothing can go.
+
+        Ask again after more is flushed or credit arrives.
+        """
+        return self._fill() or None
+
+    def contended(self) -> bool:
+        """Whether several channels have something queued (they take turns)."""
+        return len(self._queues) > 1
+
+    def _fill(self) -> bytearray:
+        """One plaintext: the channels in turn, each until the plaintext or its data ends."""
+        plaintext = bytearray()
+        queues = self._queues
+        waiting: dict[int, deque[_Item]] = {}  # out of credit: skipped, keeping their turn
+        while queues:
+            channel = next(iter(queues))
+            queue = queues.pop(channel)
+            full = self._turn(channel, queue, plaintext)
+            if queue:
+                if full or queue[0] is None or self._can_send(channel):
+                    queues[channel] = queue  # the back of the line
+                else:
+                    waiting[channel] = queue
+            if full:
+                break
+        queues.update(waiting)
+        return plaintext
+
+    def _can_send(self, channel: int) -> bool:
+        table = self._table
+        return bool(table.connection.send and table.credit(channel).send)
+
+    def _turn(self, channel: int, queue: deque[_Item], plaintext: bytearray) -> bool:
+        """Pack ``channel``'s items into ``plaintext``; whether the plaintext is full."""
+        table = self._table
+        capacity = self._capacity
+        while queue:
+            item = queue[0]
+            if item is None:  # the channel's CLOSE
+                record = _header(RecordKind.CLOSE, channel, 2) + _CHANNEL_CLOSE
+                if len(plaintext) + len(record) > capacity:
+                    return True
+                plaintext += record
+                queue.popleft()
+                self.closing.discard(channel)
+                table.process(table.channels[channel], ChannelInput.CLOSE_SENT)
+                continue
+            credit = min(table.connection.send, table.credit(channel).send)
+            if not credit:
+                return False
+            avail = capacity - len(plaintext) - 1 - _varint_len(channel)
+            left = item.left
+            if left <= credit and left + _varint_len(left) <= avail:
+                plaintext += _header(RecordKind.MESSAGE, channel, left)
+                for view in item.take(left):
+                    plaintext += view
+                self._spend(channel, left)
+                self.queued_bytes -= left
+                queue.popleft()
+                continue
+            room = _largest_fitting(avail)
+            if room < _MIN_FRAGMENT and room < min(credit, left):
+                return True  # too little room for a piece worth its header: next plaintext
+            size = min(room, credit, left)
+            plaintext += _header(RecordKind.FRAGMENT, channel, size)
+            for view in item.take(size):
+                plaintext += view
+            self._spend(channel, size)
+            self.queued_bytes -= size
+        return False
+
+    def _spend(self, channel: int, size: int) -> None:
+        table = self._table
+        table.connection.spend(size)
+        table.credit(channel).spend(size)
+
+
+def _largest_fitting(avail: int) -> int:
+    """The largest body length ``n`` with ``n + len(uvarint(n)) <= avail``."""
+    n = avail - _varint_len(avail)
+    while (n + 1) + _varint_len(n + 1) <= avail:
+        n += 1
+    return max(n, 0)

@@ -1,0 +1,281 @@
+"""Receiving on a connection with channels (stalk.demux through the session).
+
+The peer here is a forger: it encrypts hand-built plaintexts with the client session's real
+sending cipher, so every record rule of SPEC "Channels" can be tried, valid or not.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import Pair, connected_pair, drain, take_all
+from stalk.errors import ChannelLimitExceeded, FlowControlError, ProtocolError
+from stalk.events import (
+    ChannelCloseReceived,
+    ChannelMessageReceived,
+    ChannelOpened,
+    ChannelResetReceived,
+    CloseReceived,
+    Event,
+)
+from stalk.framing import encode_frame
+from stalk.handshake import ChannelParams
+from stalk.records import encode_close, encode_uvarint
+from stalk.session import Session, SessionConfig
+from stalk.spack import Spack, encode_spack
+from stalk.wire import CloseCode, RecordKind
+
+SERVER = ChannelParams(max_channels=2, channel_window=4096, connection_window=65_516)
+CLIENT = ChannelParams(max_channels=4, channel_window=8192, connection_window=1 << 20)
+
+
+def _pair() -> Pair:
+    return connected_pair(
+        client_config=SessionConfig(channels=CLIENT),
+        server_config=SessionConfig(channels=SERVER),
+    )
+
+
+def _record(kind: int, channel: int, body: bytes) -> bytes:
+    return bytes((kind,)) + encode_uvarint(channel) + encode_uvarint(len(body)) + body
+
+
+def _message(channel: int, spack: Spack) -> bytes:
+    return _record(RecordKind.MESSAGE, channel, encode_spack(spack))
+
+
+def _forge(sender: Session, *records: bytes) -> bytes:
+    """One transport message of ``records``, encrypted with the sender's real cipher."""
+    cipher = sender._sealer.cipher
+    assert cipher is not None
+    return encode_frame(cipher.encrypt(b"".join(records)))
+
+
+def _deliver(pair: Pair, *records: bytes) -> list[Event]:
+    pair.server.receive_data(_forge(pair.client, *records))
+    return drain(pair.server)
+
+
+def _fails(pair: Pair, error: type[Exception], match: str, *records: bytes) -> None:
+    pair.server.receive_data(_forge(pair.client, *records))
+    with pytest.raises(error, match=match):
+        drain(pair.server)
+    # The peer is told why, with the error's code, as for any protocol error.
+    pair.client.receive_data(take_all(pair.server))
+    close = drain(pair.client)[-1]
+    assert isinstance(close, CloseReceived)
+    assert close.code == getattr(error, "close_code", CloseCode.PROTOCOL_ERROR)
+
+
+def test_the_peer_opens_channels_by_sending_on_them() -> None:
+    pair = _pair()
+    events = _deliver(
+        pair,
+        _message(1, Spack("one")),
+        _message(0, Spack("zero")),
+        _message(3, Spack("three")),
+        _message(1, Spack("one again")),
+    )
+    one, zero, three, again = (
+        len(encode_spack(Spack(text))) for text in ("one", "zero", "three", "one again")
+    )
+    assert events == [
+        ChannelOpened(1),
+        ChannelOpened(3),
+        ChannelMessageReceived(Spack("one"), 1, one),
+        ChannelMessageReceived(Spack("zero"), 0, zero),
+        ChannelMessageReceived(Spack("three"), 3, three),
+        ChannelMessageReceived(Spack("one again"), 1, again),
+    ]
+
+
+def test_spacks_in_pieces_are_rebuilt_per_channel() -> None:
+    pair = _pair()
+    a, b = encode_spack(Spack("a" * 40)), encode_spack(Spack("b" * 30))
+    events = _deliver(
+        pair,
+        _record(RecordKind.FRAGMENT, 1, a[:10]),
+        _record(RecordKind.FRAGMENT, 3, b[:5]),
+        _record(RecordKind.FRAGMENT, 1, a[10:20]),
+    )
+    assert events == [ChannelOpened(1), ChannelOpened(3)]
+    events = _deliver(
+        pair, _record(RecordKind.MESSAGE, 3, b[5:]), _record(RecordKind.MESSAGE, 1, a[20:])
+    )
+    assert events == [
+        ChannelMessageReceived(Spack("b" * 30), 3, len(b)),
+        ChannelMessageReceived(Spack("a" * 40), 1, len(a)),
+    ]
+
+
+def test_a_channel_closes_one_way_and_the_other_goes_on() -> None:
+    pair = _pair()
+    events = _deliver(pair, _message(1, Spack(1)), _record(RecordKind.CLOSE, 1, b"\x00\x00"))
+    assert events[-1] == ChannelCloseReceived(1)
+    _fails(pair, ProtocolError, "data received on channel 1", _message(1, Spack(2)))
+
+
+def test_a_close_in_the_middle_of_a_channels_spack_is_an_error() -> None:
+    pair = _pair()
+    _deliver(pair, _record(RecordKind.FRAGMENT, 1, b"\x92"))
+    _fails(pair, ProtocolError, "middle", _record(RecordKind.CLOSE, 1, b"\x00\x00"))
+
+
+def test_the_connection_cannot_close_with_a_channel_mid_spack() -> None:
+    pair = _pair()
+    _deliver(pair, _record(RecordKind.FRAGMENT, 1, b"\x92"))
+    _fails(pair, ProtocolError, "middle", _record(RecordKind.CLOSE, 0, encode_close(0, "")))
+
+
+def test_a_reset_is_reported_and_answered_once_released() -> None:
+    pair = _pair()
+    events = _deliver(
+        pair,
+        _record(RecordKind.FRAGMENT, 1, b"\x92"),
+        _record(RecordKind.RESET, 1, encode_close(0x1234, "stop")),
+    )
+    assert events == [ChannelOpened(1), ChannelResetReceived(1, 0x1234, "stop")]
+    assert not pair.server.has_output  # the answer waits for the application
+    _fails_later = _forge(pair.client, _message(1, Spack(1)))
+    pair.server.release_channel(1)
+    pair.client.receive_data(take_all(pair.server))
+    # The client has no channel 1 of its own in its table (it forged it), so its RESET
+    # answer is checked by the client's parser: a RESET for a channel it never opened.
+    with pytest.raises(ProtocolError, match="never opened"):
+        drain(pair.client)
+    pair.server.receive_data(_fails_later)
+    with pytest.raises(ProtocolError, match="ended"):
+        drain(pair.server)
+
+
+def test_data_beyond_the_channel_window_is_a_flow_control_error() -> None:
+    pair = _pair()
+    body = encode_spack(Spack(b"x" * 5000))  # more than the 4096 granted per channel
+    _fails(pair, FlowControlError, "exceed", _record(RecordKind.MESSAGE, 1, body))
+
+
+def test_data_beyond_the_connection_window_is_a_flow_control_error() -> None:
+    pair = connected_pair(
+        client_config=SessionConfig(channels=CLIENT),
+        server_config=SessionConfig(
+            channels=ChannelParams(max_channels=50, channel_window=65_516, connection_window=65_516)
+        ),
+    )
+    spack = encode_spack(Spack(b"y" * 30_000))
+    records = [_record(RecordKind.MESSAGE, channel, spack) for channel in (1, 3)]
+    _deliver(pair, *records)  # 60,000 bytes of 65,516
+    _fails(pair, FlowControlError, "the connection", _record(RecordKind.MESSAGE, 5, spack))
+
+
+def test_opening_more_channels_than_allowed_is_an_error() -> None:
+    pair = _pair()
+    _deliver(pair, _message(1, Spack()), _message(3, Spack()))
+    _fails(pair, ChannelLimitExceeded, "limit of 2", _message(5, Spack()))
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [
+        (_message(2, Spack()), "never opened"),  # the responder's parity
+        (_record(RecordKind.WINDOW, 1, b"\x01"), "never opened"),
+        (_record(RecordKind.RESET, 1, b"\x00\x00"), "never opened"),
+    ],
+)
+def test_records_the_peer_may_not_send(record: bytes, match: str) -> None:
+    _fails(_pair(), ProtocolError, match, record)
+
+
+def test_credit_granted_past_the_maximum_is_a_flow_control_error() -> None:
+    record = _record(RecordKind.WINDOW, 0, encode_uvarint(2**31 - 1))
+    _fails(_pair(), FlowControlError, "past", record)
+
+
+def test_credit_goes_back_as_the_application_releases_spacks() -> None:
+    """A WINDOW once a quarter of the window is released; the peer's credit grows by it."""
+    pair = _pair()
+    spack = Spack(b"z" * 500)
+    size = len(encode_spack(spack))
+    table = pair.client._channels
+    assert table is not None
+    events = _deliver(pair, *[_message(0, spack)] * 3)
+    assert [event.size for event in events if isinstance(event, ChannelMessageReceived)] == [
+        size
+    ] * 3
+    pair.server.release(0, size)
+    pair.server.release(0, size)
+    assert not pair.server.has_output  # 1,006 bytes: under a quarter of the 4,096 granted
+    pair.server.release(0, size)
+    assert pair.server.has_output
+    before = table.channel0.send
+    pair.client.receive_data(take_all(pair.server))
+    assert drain(pair.client) == []
+    assert table.channel0.send == before + 3 * size
+    assert table.connection.send == SERVER.connection_window  # 1,509 < a quarter of it
+
+
+def test_a_spack_larger_than_the_window_arrives_through_the_assembly_slot() -> None:
+    """Out of credit inside a spack: its pieces are granted back as they arrive."""
+    pair = _pair()
+    body = encode_spack(Spack(b"s" * 20_000))  # five times the channel window
+    table = pair.client._channels
+    assert table is not None
+    pieces = [body[at : at + 4096] for at in range(0, len(body), 4096)]
+    events: list[Event] = []
+    for index, piece in enumerate(pieces):
+        kind = RecordKind.MESSAGE if index == len(pieces) - 1 else RecordKind.FRAGMENT
+        events += _deliver(pair, _record(kind, 0, piece))
+        # What the server granted back reaches the client before it sends more.
+        pair.client.receive_data(take_all(pair.server))
+        drain(pair.client)
+        assert table.channel0.send >= 0
+    assert events == [ChannelMessageReceived(Spack(b"s" * 20_000), 0, len(body))]
+    assert pair.server._receiver is not None
+    demux = pair.server._receiver.demux
+    assert demux is not None
+    assert demux.slot == 0
+    pair.server.release(0, len(body))
+    assert demux.slot is None
+
+
+def test_a_rapid_open_reset_flood_holds_at_most_max_channels() -> None:
+    """CVE-2023-44487's shape: channels opened and reset in one flight, over and over.
+
+    Until the application lets go of a reset channel it keeps its slot, so the peer gets
+    at most ``max_channels`` in hand (then CHANNEL_LIMIT); a server that lets go at once
+    holds none, and each cycle costs the same small work (the table never grows).
+    """
+    pair = _pair()
+    flood = [
+        record
+        for channel in (1, 3, 5)
+        for record in (_message(channel, Spack()), _record(RecordKind.RESET, channel, b"\x00\x00"))
+    ]
+    pair.server.receive_data(_forge(pair.client, *flood))
+    with pytest.raises(ChannelLimitExceeded):
+        drain(pair.server)  # channel 5 would be a third one in hand: the limit is 2
+
+    pair = _pair()
+    table = pair.server._channels
+    assert table is not None
+    for cycle in range(200):
+        channel = 2 * cycle + 1
+        events = _deliver(
+            pair, _message(channel, Spack()), _record(RecordKind.RESET, channel, b"\x00\x00")
+        )
+        assert events[-1] == ChannelResetReceived(channel, 0, "")
+        pair.server.release_channel(channel)
+        assert len(table.channels) == 0
+        take_all(pair.server)  # the answers go out; nothing accumulates
+        assert not pair.server.has_output
+
+
+def test_a_window_flood_costs_no_memory() -> None:
+    """WINDOW records owe nothing back; credit is capped, not accumulated without bound."""
+    pair = _pair()
+    for _ in range(100):
+        _deliver(pair, *[_record(RecordKind.WINDOW, 0, encode_uvarint(1000))] * 100)
+    assert not pair.server.has_output
+    table = pair.server._channels
+    assert table is not None
+    assert table.channel0.send == CLIENT.channel_window + 100 * 100 * 1000
+    _fails(pair, FlowControlError, "past", _record(RecordKind.WINDOW, 0, encode_uvarint(2**31 - 1)))

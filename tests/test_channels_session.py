@@ -1,0 +1,227 @@
+"""Two sessions with channels, back to back: ordering, credit, fairness, close and reset."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import Pair, connected_pair, drain
+from stalk.errors import LocalProtocolError
+from stalk.events import (
+    ChannelCloseReceived,
+    ChannelMessageReceived,
+    ChannelOpened,
+    ChannelResetReceived,
+    CloseReceived,
+    Event,
+)
+from stalk.handshake import ChannelParams
+from stalk.session import Session, SessionConfig
+from stalk.spack import Spack
+
+SMALL = ChannelParams(max_channels=8, channel_window=4096, connection_window=65_516)
+LARGE = ChannelParams(max_channels=8, channel_window=1 << 30, connection_window=1 << 30)
+
+
+def _pair(client: ChannelParams = SMALL, server: ChannelParams = SMALL) -> Pair:
+    pair = connected_pair(
+        client_config=SessionConfig(channels=client, max_message_size=8 << 20),
+        server_config=SessionConfig(channels=server, max_message_size=8 << 20),
+    )
+    assert pair.client.channels
+    return pair
+
+
+class _Driver:
+    """Moves bytes both ways; each side's application takes (releases) every spack."""
+
+    def __init__(self, pair: Pair) -> None:
+        self.pair = pair
+        self.events: dict[Session, list[Event]] = {pair.client: [], pair.server: []}
+
+    def spacks(self, session: Session) -> dict[int, list[Spack]]:
+        by_channel: dict[int, list[Spack]] = defaultdict(list)
+        for event in self.events[session]:
+            if isinstance(event, ChannelMessageReceived):
+                by_channel[event.channel].append(event.spack)
+        return by_channel
+
+    def step(self, src: Session, dst: Session, limit: int | None = None) -> bool:
+        """Move at most ``limit`` bytes (whole buffers) from ``src`` to ``dst``."""
+        moved = 0
+        while (limit is None or moved < limit) and (data := src.data_to_send()):
+            dst.receive_data(data)
+            moved += len(data)
+            for event in drain(dst):
+                self.events[dst].append(event)
+                if isinstance(event, ChannelMessageReceived):
+                    dst.release(event.channel, event.size)
+        return bool(moved)
+
+    def run(self) -> None:
+        client, server = self.pair.client, self.pair.server
+        while self.step(client, server) | self.step(server, client):
+            pass
+
+
+def test_spacks_on_several_channels_arrive_in_order_per_channel() -> None:
+    pair = _pair()
+    client, server = pair.client, pair.server
+    one, three = client.open_channel(), client.open_channel()
+    assert (one, three) == (1, 3)
+    for n in range(5):
+        for channel in (0, one, three):
+            client.queue(Spack(channel, n), channel)
+    client.flush()
+    driver = _Driver(pair)
+    driver.run()
+    opened = [e for e in driver.events[server] if isinstance(e, ChannelOpened)]
+    assert opened == [ChannelOpened(1), ChannelOpened(3)]
+    assert driver.spacks(server) == {c: [Spack(c, n) for n in range(5)] for c in (0, 1, 3)}
+    server.queue(Spack("answer"), one)  # the acceptor sends on the channel it was opened on
+    server.flush()
+    driver.run()
+    assert driver.spacks(client) == {1: [Spack("answer")]}
+
+
+def test_a_spack_many_windows_long_arrives_whole() -> None:
+    """Credit of 4 KiB per channel and 64 KiB per connection, a 300 KiB spack: it goes."""
+    pair = _pair()
+    client = pair.client
+    big = Spack(bytes(range(256)) * 1200)
+    channel = client.open_channel()
+    client.queue(big, channel)
+    client.queue(Spack("after"), channel)
+    client.queue(Spack("meanwhile"), 0)
+    client.flush()
+    driver = _Driver(pair)
+    driver.run()
+    assert driver.spacks(pair.server) == {channel: [big, Spack("after")], 0: [Spack("meanwhile")]}
+    assert client.queued_bytes == 0
+
+
+def test_a_small_spack_overtakes_a_large_one_on_another_channel() -> None:
+    """Fairness: behind a 6 MiB spack on one channel, a small one waits about one message.
+
+    The first output buffer (about 2 MiB) was sealed while the bulk channel was alone.
+    """
+    pair = _pair(LARGE, LARGE)
+    client, server = pair.client, pair.server
+    bulk, chat = client.open_channel(), client.open_channel()
+    client.queue(Spack(b"b" * (6 << 20)), bulk)
+    client.flush()
+    first = client.data_to_send()  # the bulk channel alone: a large buffer
+    client.queue(Spack("hello"), chat)
+    client.flush()
+    server.receive_data(first)
+    drain(server)
+    before = 0  # bytes of the buffers before the one that carries the small spack
+    events: list[Event] = []
+    while True:
+        data = client.data_to_send()
+        assert data, "the small spack never came"
+        server.receive_data(data)
+        events += drain(server)
+        if any(isinstance(e, ChannelMessageReceived) and e.channel == chat for e in events):
+            break
+        before += len(data)
+    assert before <= 65_535 + 2  # one Noise message of bulk went first, at most
+    assert not any(isinstance(e, ChannelMessageReceived) and e.channel == bulk for e in events[:-1])
+
+
+def test_a_channel_closed_both_ways_ends_on_both_sides() -> None:
+    pair = _pair()
+    client, server = pair.client, pair.server
+    driver = _Driver(pair)
+    channel = client.open_channel()
+    client.queue(Spack("last"), channel)
+    client.close_channel(channel)
+    with pytest.raises(LocalProtocolError, match="not open for sending"):
+        client.queue(Spack("late"), channel)
+    driver.run()
+    assert driver.events[server][-1] == ChannelCloseReceived(channel)
+    server.queue(Spack("reply"), channel)
+    server.close_channel(channel)
+    driver.run()
+    assert driver.events[client][-1] == ChannelCloseReceived(channel)
+    for session in (client, server):
+        assert session._channels is not None
+        assert session._channels.channels == {}
+
+
+def test_a_reset_drops_what_was_not_sent_and_is_answered() -> None:
+    pair = _pair()
+    client, server = pair.client, pair.server
+    driver = _Driver(pair)
+    channel = client.open_channel()
+    client.queue(Spack(b"x" * 100_000), channel)  # far beyond the 4 KiB window
+    client.flush()
+    driver.step(client, server)
+    assert client.queued_bytes > 0  # waiting for credit the server has not granted yet
+    client.reset_channel(channel, 0x1000, "never mind")
+    assert client.queued_bytes == 0
+    driver.run()
+    assert ChannelResetReceived(channel, 0x1000, "never mind") in driver.events[server]
+    assert not any(isinstance(e, ChannelMessageReceived) for e in driver.events[server])
+    assert client._channels is not None
+    assert channel in client._channels.channels  # waiting for the answer
+    server.release_channel(channel)
+    driver.run()
+    assert client._channels.channels == {}
+    assert server._channels is not None
+    assert server._channels.channels == {}
+
+
+def test_close_waits_for_spacks_waiting_for_credit() -> None:
+    pair = _pair()
+    client, server = pair.client, pair.server
+    driver = _Driver(pair)
+    big = Spack(b"c" * 50_000)
+    client.queue(big)
+    client.close()
+    driver.run()
+    assert driver.spacks(server) == {0: [big]}
+    assert isinstance(driver.events[server][-1], CloseReceived)
+
+
+def test_without_channels_on_both_sides_there_are_none() -> None:
+    pair = connected_pair(client_config=SessionConfig(channels=SMALL))
+    with pytest.raises(LocalProtocolError, match="no channels"):
+        pair.client.open_channel()
+    with pytest.raises(LocalProtocolError, match="no channels"):
+        pair.client.queue(Spack(), 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 20_000), st.booleans()),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(1, 200_000),
+)
+def test_any_mix_of_channels_and_sizes_arrives_in_order(
+    sends: list[tuple[int, int, bool]], step: int
+) -> None:
+    """Whatever is sent on whichever channel, with whatever flushes, arrives in order."""
+    pair = _pair()
+    client, server = pair.client, pair.server
+    channels = [0] + [client.open_channel() for _ in range(3)]
+    expected: dict[int, list[Spack]] = defaultdict(list)
+    driver = _Driver(pair)
+    for index, (which, size, flush) in enumerate(sends):
+        spack = Spack(index, b"v" * size)
+        client.queue(spack, channels[which])
+        expected[channels[which]].append(spack)
+        if flush:
+            client.flush()
+            driver.step(client, server, step)
+            driver.step(server, client)
+    client.flush()
+    driver.run()
+    assert driver.spacks(server) == expected
+    assert client.queued_bytes == 0
