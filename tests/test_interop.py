@@ -1350,12 +1350,6 @@ async def test_stalk_closes_after_its_spacks_under_way(role: str, pattern: str) 
             assert_clean(ln)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stalk sends RESET on a channel it never sent on, which SPEC section 24 makes "
-    "an error for the receiver (stalk's own receiver included): SPEC does not say how to "
-    "give up an id that was taken but never used",
-)
 @pytest.mark.parametrize("role", ROLES)
 async def test_stalk_resets_a_channel_before_its_first_record(role: str) -> None:
     """stalk's application opens a channel and resets it at once: the connection must
