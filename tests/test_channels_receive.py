@@ -237,6 +237,30 @@ def test_a_spack_larger_than_the_window_arrives_through_the_assembly_slot() -> N
     assert demux.slot is None
 
 
+def test_a_messages_grants_go_in_record_order_then_its_pongs() -> None:
+    """What one message makes us owe: its grants in record order, then its PONGs, together.
+
+    4,000 records take more than one parsing batch, so the PING's message is routed and
+    answered in several steps; the grant its last record calls for still goes first, in
+    the same plaintext (SPEC "Channels", "How stalk sends and grants").
+    """
+    pair = _pair()
+    body = encode_spack(Spack(b"s" * 20_000))
+    pong = _record(RecordKind.PONG, 0, b"")  # unsolicited: discarded
+    ping = _record(RecordKind.PING, 0, b"ping")
+    fragment = _record(RecordKind.FRAGMENT, 0, body[:4096])  # the window, all of it
+    assert _deliver(pair, ping, *[pong] * 4000, fragment) == []
+    data = take_all(pair.server)
+    assert data[:2] == (len(data) - 2).to_bytes(2, "big")  # one transport message
+    assert pair.client._receiver is not None
+    plaintext = pair.client._receiver._cipher.decrypt(data[2:])
+    assert plaintext == (
+        _record(RecordKind.WINDOW, 0, encode_uvarint(4096))
+        + _record(RecordKind.CONNECTION_WINDOW, 0, encode_uvarint(4096))
+        + _record(RecordKind.PONG, 0, b"ping")
+    )
+
+
 def test_a_rapid_open_reset_flood_holds_at_most_max_channels() -> None:
     """CVE-2023-44487's shape: channels opened and reset in one flight, over and over.
 

@@ -116,11 +116,12 @@ class _Incoming:
     __slots__ = (
         "confirming",
         "events",
+        "grants",
         "index",
         "offset",
         "parsed",
+        "pings",
         "plaintext",
-        "pongs",
         "records",
         "rekey",
     )
@@ -133,15 +134,18 @@ class _Incoming:
         self.offset = 0  # how much of its body a piecewise decoder has taken
         self.confirming = confirming  # READY came first: the handshake is confirmed
         self.events: list[Event] = []
-        # Answers owed (PONGs; with channels, WINDOW and RESET too), sent once it is done.
-        self.pongs: RecordWriter | None = None
+        # Answers owed, sent once it is done: with channels, the WINDOW, CONNECTION_WINDOW
+        # and RESET records its records call for, in their order; then a PONG for each of
+        # its PINGs (their bodies, views into the plaintext), in theirs (SPEC "Channels").
+        self.grants: RecordWriter | None = None
+        self.pings: list[memoryview] | None = None
         self.rekey = False
 
     def answers(self) -> RecordWriter:
-        """The writer of this message's answers (created when the first one is owed)."""
-        if self.pongs is None:
-            self.pongs = RecordWriter()
-        return self.pongs
+        """The writer of this message's grants (created when the first one is owed)."""
+        if self.grants is None:
+            self.grants = RecordWriter()
+        return self.grants
 
 
 class Receiver:
@@ -405,8 +409,12 @@ class Receiver:
             if self.confirmed is not None:
                 self._events.append(self.confirmed)
                 self.confirmed = None
-        if incoming.pongs is not None and self._states.can_send_data:
-            self._control.extend(incoming.pongs)
+        if incoming.pings is not None:
+            answers = incoming.answers()
+            for body in incoming.pings:
+                answers.add(RecordKind.PONG, body)
+        if incoming.grants is not None and self._states.can_send_data:
+            self._control.extend(incoming.grants)
         if self.close_received is not None:
             self._states.process(Input.CLOSE_RECEIVED)
         self._events.extend(incoming.events)
@@ -446,7 +454,9 @@ class Receiver:
             if self.demux is not None:
                 self.demux.ended(channel)
         elif kind is RecordKind.PING:
-            incoming.answers().add(RecordKind.PONG, body)
+            if incoming.pings is None:
+                incoming.pings = []
+            incoming.pings.append(body)
             self._work += RECORD_COST
         elif kind is RecordKind.PONG:
             # One event per PING we sent; an unsolicited PONG is discarded (SPEC "Ping").
