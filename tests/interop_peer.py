@@ -845,6 +845,9 @@ OPEN: Final = "open"
 SEND_CLOSED: Final = "send-closed"
 RECEIVE_CLOSED: Final = "receive-closed"
 RESET_SENT: Final = "reset-sent"
+CLOSED_RESET_SENT: Final = "closed-reset-sent"
+#: The states in which we sent the channel's RESET and drop what the peer sends on it.
+RESETTING: Final = (RESET_SENT, CLOSED_RESET_SENT)
 RESET_RECEIVED: Final = "reset-received"
 ENDED: Final = "ended"
 #: The liveness policies :class:`ChannelPeer` can follow (see its docstring).
@@ -1087,8 +1090,8 @@ class ChannelPeer:
             chan.send_credit = _add_credit(chan.send_credit, rec.body)
 
     def _resolve(self, rec: Record, actions: _Actions) -> _Channel | None:
-        """A record on a channel that is not open: it opens one, or is ignored, answered or
-        an error, in section 24's order."""
+        """A record on a channel that is not open: it opens one, or is ignored, or is an
+        error, in section 24's order."""
         ch = rec.channel
         peers = ch % 2 != self._parity
         if peers and ch > self._peer_highest:
@@ -1109,27 +1112,31 @@ class ChannelPeer:
             self._peer_highest = ch
             return self._live[ch]
         if ch <= (self._peer_highest if peers else self._wire_highest):
-            if rec.kind == WINDOW:
+            if rec.kind in (WINDOW, RESET):
                 return None  # it crossed the channel's end
-            if rec.kind == RESET:
-                actions.answers.append(reset_record(ch))  # it crossed our CLOSE
-                return None
             raise InteropError(f"record kind {rec.kind} on channel {ch}, which ended")
         raise InteropError(f"record kind {rec.kind} on channel {ch}, ours and never opened")
 
     def _data(self, chan: _Channel, rec: Record, actions: _Actions) -> None:
         n = len(rec.body)
+        # Section 24's order (the id was resolved already): connection credit, state,
+        # channel credit.
+        if n > self._conn_left:
+            raise InteropError(
+                f"{n} data bytes on channel {chan.id} beyond the connection's credit "
+                f"({self._conn_left})",
+                FLOW_CONTROL_ERROR,
+            )
         if chan.state in (RECEIVE_CLOSED, RESET_RECEIVED):
             raise InteropError(f"data on channel {chan.id} in state {chan.state}")
-        if n > chan.recv_left or n > self._conn_left:
+        if n > chan.recv_left:
             raise InteropError(
-                f"{n} data bytes on channel {chan.id} beyond the credit granted "
-                f"({chan.recv_left} on it, {self._conn_left} on the connection)",
+                f"{n} data bytes on channel {chan.id} beyond its credit ({chan.recv_left})",
                 FLOW_CONTROL_ERROR,
             )
         chan.recv_left -= n
         self._conn_left -= n
-        if chan.state == RESET_SENT:
+        if chan.state in RESETTING:
             actions.dropped += n  # sent before the peer saw our RESET; still counted
             return
         if chan.assembled + n > self.session.max_message_size:
@@ -1151,6 +1158,9 @@ class ChannelPeer:
     def _channel_close(self, chan: _Channel) -> None:
         if chan.state == RESET_SENT:
             return  # sent before the peer saw our RESET
+        if chan.state == CLOSED_RESET_SENT:
+            self._end(chan)  # our CLOSE ended it there: the peer ignores our RESET
+            return
         if chan.state not in (OPEN, SEND_CLOSED):
             raise InteropError(f"CLOSE on channel {chan.id} in state {chan.state}")
         if chan.parts:
@@ -1162,7 +1172,7 @@ class ChannelPeer:
 
     def _reset_received(self, chan: _Channel, rec: Record, actions: _Actions) -> None:
         code, reason = decode_close(rec.body, "RESET")
-        if chan.state == RESET_SENT:
+        if chan.state in RESETTING:
             self._end(chan)  # the two RESETs answer each other
             return
         if chan.state not in (OPEN, SEND_CLOSED, RECEIVE_CLOSED):
@@ -1396,7 +1406,7 @@ class ChannelPeer:
                     chan, encoded, piece or len(encoded), empty_final, stop_after is not None
                 )
             finally:
-                chan.sending = stop_after is not None and chan.state != RESET_SENT
+                chan.sending = stop_after is not None and chan.state not in RESETTING
 
     async def _send_pieces(
         self, chan: _Channel, encoded: bytes, piece: int, empty_final: bool, partial: bool
@@ -1505,7 +1515,7 @@ class ChannelPeer:
                 raise LocalError(f"channel {channel} is not open on the wire yet")
             self._raise_failure()
             await self.session.send_records_locked([reset_record(chan.id, code, reason)])
-            chan.state = RESET_SENT
+            chan.state = CLOSED_RESET_SENT if chan.state == SEND_CLOSED else RESET_SENT
             chan.reset_by_us = True
             chan.sending = False
         self._wake()
