@@ -175,6 +175,28 @@ def test_a_reset_drops_what_was_not_sent_and_is_answered() -> None:
     assert server._channels.channels == {}
 
 
+def test_a_reset_from_the_peer_drops_what_the_channel_had_not_sent() -> None:
+    """The peer's RESET ends our direction too: our spack waiting for credit is dropped,
+    and the channel ends once we let go, with nothing left to pack for it."""
+    pair = _pair()
+    client, server = pair.client, pair.server
+    driver = _Driver(pair)
+    channel = client.open_channel()
+    client.queue(Spack(b"x" * 100_000), channel)
+    client.flush()
+    driver.step(client, server)
+    assert client.queued_bytes_on(channel) > 0
+    server.reset_channel(channel, 0x1000, "no")
+    driver.step(server, client)
+    assert driver.events[client] == [ChannelResetReceived(channel, 0x1000, "no")]
+    assert client.queued_bytes == client.queued_bytes_on(channel) == 0
+    client.release_channel(channel)
+    driver.run()
+    assert client.channel_state(channel) is None
+    assert server.channel_state(channel) is None
+    assert client.can_open_channel
+
+
 def test_close_waits_for_spacks_waiting_for_credit() -> None:
     pair = _pair()
     client, server = pair.client, pair.server
@@ -225,3 +247,23 @@ def test_any_mix_of_channels_and_sizes_arrives_in_order(
     driver.run()
     assert driver.spacks(server) == expected
     assert client.queued_bytes == 0
+
+
+def test_can_open_channel_says_whether_the_peers_limit_leaves_room() -> None:
+    pair = _pair(
+        server=ChannelParams(max_channels=2, channel_window=4096, connection_window=65_516)
+    )
+    client, server = pair.client, pair.server
+    driver = _Driver(pair)
+    first = client.open_channel()
+    client.open_channel()
+    assert not client.can_open_channel
+    with pytest.raises(LocalProtocolError, match="at most 2"):
+        client.open_channel()
+    client.close_channel(first)
+    driver.run()
+    assert not client.can_open_channel  # our direction ended; the peer's has not
+    server.close_channel(first)
+    driver.run()
+    assert client.can_open_channel
+    assert client.channel_state(first) is None

@@ -201,6 +201,7 @@ class ChannelTable:
         "connection",
         "opened_by_peer",
         "opened_by_us",
+        "peer_resets",
     )
 
     def __init__(self, *, initiator: bool, ours: ChannelParams, theirs: ChannelParams) -> None:
@@ -218,11 +219,21 @@ class ChannelTable:
         #: How many open channels each party opened (the limits count these).
         self.opened_by_us = 0
         self.opened_by_peer = 0
+        #: Channels the peer reset since the session last looked: what they had not sent
+        #: is dropped (a RESET ends our direction too).
+        self.peer_resets: list[int] = []
 
     # -- ids ---------------------------------------------------------------------------
 
     def _ours_parity(self, channel_id: int) -> bool:
         return (channel_id - self._highest_ours) % 2 == 0
+
+    def can_open(self) -> bool:
+        """Whether :meth:`open` would open a channel now: the peer's limit, ids left."""
+        return (
+            self.opened_by_us < self._theirs.max_channels
+            and self._highest_ours + 2 <= MAX_CHANNEL_ID
+        )
 
     def open(self) -> Channel:
         """Open a channel of ours; its first record opens it on the wire.
@@ -301,6 +312,8 @@ class ChannelTable:
                 raise ProtocolError(message)
             raise LocalProtocolError(message)
         channel.state = new
+        if new is ChannelState.RESET_RECEIVED:
+            self.peer_resets.append(channel.id)
         if new is ChannelState.ENDED:
             del self.channels[channel.id]
             if self._ours_parity(channel.id):

@@ -86,7 +86,15 @@ class Mux:
     :param capacity: plaintext bytes per Noise message available for records.
     """
 
-    __slots__ = ("_capacity", "_queues", "_table", "_unflushed", "closing", "queued_bytes")
+    __slots__ = (
+        "_by_channel",
+        "_capacity",
+        "_queues",
+        "_table",
+        "_unflushed",
+        "closing",
+        "queued_bytes",
+    )
 
     def __init__(self, table: ChannelTable, capacity: int = RECORD_CAPACITY) -> None:
         self._table = table
@@ -97,6 +105,7 @@ class Mux:
         self._unflushed: list[tuple[int, _Item]] = []
         #: Data bytes queued and not yet packed (flushed or not).
         self.queued_bytes = 0
+        self._by_channel: dict[int, int] = {}  # the same, per channel (none: 0)
         #: Channels whose CLOSE is queued and not yet packed: nothing more may be queued.
         self.closing: set[int] = set()
 
@@ -104,7 +113,22 @@ class Mux:
         """Queue one spack's encoding (the concatenation of ``pieces``) on ``channel``."""
         item = _Outgoing(pieces)
         self.queued_bytes += item.left
+        by_channel = self._by_channel
+        by_channel[channel] = by_channel.get(channel, 0) + item.left
         self._unflushed.append((channel, item))
+
+    def queued_on(self, channel: int) -> int:
+        """Data bytes queued on ``channel`` and not yet packed (flushed or not)."""
+        return self._by_channel.get(channel, 0)
+
+    def _packed(self, channel: int, size: int) -> None:
+        """``size`` data bytes of ``channel`` went into a plaintext."""
+        self.queued_bytes -= size
+        left = self._by_channel[channel] - size
+        if left:
+            self._by_channel[channel] = left
+        else:
+            del self._by_channel[channel]
 
     def queue_close(self, channel: int) -> None:
         """Queue the CLOSE of ``channel`` (not 0) after its spacks.
@@ -132,6 +156,7 @@ class Mux:
         for item in [*queue, *(item for _, item in unflushed)]:
             if item is not None:
                 self.queued_bytes -= item.left
+        self._by_channel.pop(channel, None)
         self._unflushed = [entry for entry in self._unflushed if entry[0] != channel]
         self.closing.discard(channel)
 
@@ -209,7 +234,7 @@ class Mux:
                 for view in item.take(left):
                     plaintext += view
                 self._spend(channel, left)
-                self.queued_bytes -= left
+                self._packed(channel, left)
                 queue.popleft()
                 continue
             room = _largest_fitting(avail)
@@ -220,7 +245,7 @@ class Mux:
             for view in item.take(size):
                 plaintext += view
             self._spend(channel, size)
-            self.queued_bytes -= size
+            self._packed(channel, size)
         return False
 
     def _spend(self, channel: int, size: int) -> None:

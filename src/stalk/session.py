@@ -316,6 +316,30 @@ class Session:
             return self._mux.queued_bytes
         return self._writer.queued_bytes
 
+    def queued_bytes_on(self, channel: int) -> int:
+        """With channels: data bytes queued on ``channel`` and not yet sent (0 without)."""
+        return self._mux.queued_on(channel) if self._mux is not None else 0
+
+    @property
+    def unsent(self) -> bool:
+        """With channels: whether spacks queued (flushed or not) are still to be sent.
+
+        A CLOSE of the connection waits for them (:meth:`close`), some perhaps for credit.
+        """
+        return self._mux is not None and self._mux.unsent()
+
+    def channel_state(self, channel: int) -> ChannelState | None:
+        """The state of ``channel`` (not 0); ``None`` when it is not open (ended, or never)."""
+        table = self._channels
+        found = table.channels.get(channel) if table is not None else None
+        return found.state if found is not None else None
+
+    @property
+    def can_open_channel(self) -> bool:
+        """Whether :meth:`open_channel` would open one now (within the peer's limit)."""
+        table = self._channels
+        return table is not None and table.can_open()
+
     @property
     def has_output(self) -> bool:
         """Whether :meth:`data_to_send` has anything (answers owed to the peer included)."""
@@ -416,6 +440,11 @@ class Session:
                 raise HandshakeFailed(f"handshake confirmation failed: {exc}") from exc
         elif receive is DirectionState.CLOSED:
             self._reader.discard()  # bytes after the peer's CLOSE are never read
+        table = self._channels
+        if table is not None and table.peer_resets and self._mux is not None:
+            for channel in table.peer_resets:  # our direction ended with the peer's RESET
+                self._mux.drop(channel)
+            table.peer_resets.clear()
         if self._reader.eof and not self._events and not receiver.busy:
             self._end_of_input()
 
