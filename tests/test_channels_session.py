@@ -267,3 +267,48 @@ def test_can_open_channel_says_whether_the_peers_limit_leaves_room() -> None:
     driver.run()
     assert client.can_open_channel
     assert client.channel_state(first) is None
+
+
+def test_a_channel_not_read_holds_its_window_and_one_spack_then_resumes_exactly() -> None:
+    """The assembly slot covers the one spack that ran out of credit, not the channel's
+    later spacks; once the application has everything, every credit is whole again."""
+    pair = _pair()
+    client, server = pair.client, pair.server
+    channel = client.open_channel()
+    for i in range(100):
+        client.queue(Spack(i, b"s" * 1000), channel)
+    client.flush()
+    held: list[ChannelMessageReceived] = []
+
+    def move() -> bool:
+        moved = False
+        while data := client.data_to_send():
+            server.receive_data(data)
+            held.extend(e for e in drain(server) if isinstance(e, ChannelMessageReceived))
+            moved = True
+        while data := server.data_to_send():
+            client.receive_data(data)
+            drain(client)
+            moved = True
+        return moved
+
+    while move():
+        pass
+    assert sum(event.size for event in held) <= SMALL.channel_window + 1005
+    delivered = 0
+    while delivered < 100:
+        assert held, "stalled with nothing held"
+        event = held.pop(0)
+        assert event.spack[0] == delivered
+        delivered += 1
+        server.release(event.channel, event.size)
+        while move():
+            pass
+    assert client.queued_bytes == 0
+    table = server._channels
+    assert table is not None
+    for credit, window in (
+        (table.channels[channel].credit, SMALL.channel_window),
+        (table.connection, SMALL.connection_window),
+    ):
+        assert credit.receive + credit.released == window

@@ -61,9 +61,11 @@ class Demux:
     """
 
     __slots__ = (
+        "_granted",
         "_partial",
         "_reassemblers",
         "_sizes",
+        "_slot_complete",
         "_slot_granted",
         "channel0",
         "limit",
@@ -79,12 +81,17 @@ class Demux:
         # released, per channel (0 included).
         self._partial: dict[int, int] = {}
         self._sizes: dict[int, deque[int]] = {}
+        # Per channel, for each whole spack parsed and not yet released, in order: the
+        # bytes of it granted back as they arrived (the slot's spack), else 0.
+        self._granted: dict[int, deque[int]] = {}
         # Channels other than 0 that received a piece, until their CLOSE or RESET is
         # processed (a channel may leave the table before the receiver reaches its records).
         self._reassemblers: dict[int, Reassembler] = {}
-        #: The channel holding the assembly slot, if any.
+        #: The channel holding the assembly slot, if any: for one spack, the one it was
+        #: inside when it took the slot, until the application has it.
         self.slot: int | None = None
         self._slot_granted = 0  # bytes of the slot's spack granted back on arrival
+        self._slot_complete = False  # the slot's spack arrived whole (not yet released)
 
     # -- routing -----------------------------------------------------------------------
 
@@ -172,7 +179,8 @@ class Demux:
             credit = table.channel0
             credit.received(size, "channel 0")
         partial = self._partial.get(channel_id, 0) + size
-        if self.slot == channel_id:
+        in_slot = self.slot == channel_id and not self._slot_complete
+        if in_slot:  # a piece of the slot's spack: granted back as it arrives
             self._grant(channel_id, size, grants)
             self._slot_granted += size
         elif more and self.slot is None and (not credit.receive or not table.connection.receive):
@@ -180,11 +188,17 @@ class Demux:
             self.slot = channel_id
             self._grant(channel_id, partial, grants)
             self._slot_granted = partial
+            in_slot = True
         if more:
             self._partial[channel_id] = partial
         else:
             self._partial.pop(channel_id, None)
             self._sizes.setdefault(channel_id, deque()).append(partial)
+            self._granted.setdefault(channel_id, deque()).append(
+                self._slot_granted if in_slot else 0
+            )
+            if in_slot:
+                self._slot_complete = True  # later spacks of the channel take credit again
         return True
 
     # -- credit back -------------------------------------------------------------------
@@ -198,12 +212,18 @@ class Demux:
         return size
 
     def release(self, channel_id: int, size: int, grants: RecordWriter) -> None:
-        """The application has a spack of ``size`` data bytes from ``channel_id``."""
-        handover = self.slot == channel_id
+        """The application has a spack of ``size`` data bytes from ``channel_id``.
+
+        Spacks of one channel are released in the order they were delivered.
+        """
+        granted = self._granted.get(channel_id)
+        pre = granted.popleft() if granted else 0
+        if granted is not None and not granted:
+            del self._granted[channel_id]
+        handover = pre > 0  # the slot's spack: its bytes went back as they arrived
         if handover:
-            size -= self._slot_granted  # the rest went back as it arrived
-            self.slot = None
-            self._slot_granted = 0
+            size -= pre
+            self._free_slot()
         if channel_id and channel_id not in self.table.channels:
             increment = 0  # the channel ended: only the connection's credit goes back
         else:
@@ -224,6 +244,11 @@ class Demux:
                 self._grant(channel_id, partial, grants)
                 self._slot_granted = partial
                 return
+
+    def _free_slot(self) -> None:
+        self.slot = None
+        self._slot_granted = 0
+        self._slot_complete = False
 
     def _release_connection(self, size: int, grants: RecordWriter) -> None:
         increment = self.table.connection.release(size)
@@ -247,11 +272,12 @@ class Demux:
         """
         partial = self._partial.pop(channel_id, 0)
         self._reassemblers.pop(channel_id, None)
-        handover = self.slot == channel_id
+        # The slot's spack in progress is dropped with its slot; a whole one is still
+        # the driver's to release, and keeps the slot until then.
+        handover = self.slot == channel_id and not self._slot_complete
         if handover:
             partial -= self._slot_granted
-            self.slot = None
-            self._slot_granted = 0
+            self._free_slot()
         self._release_connection(partial, grants)
         if handover:
             self._offer_slot(grants)

@@ -722,8 +722,9 @@ class Session:
         """The application has the spack of a :class:`~stalk.events.ChannelMessageReceived`.
 
         With channels, hands its ``size`` back as credit (WINDOW records go out a quarter
-        window at a time); call it for every such event, also for a spack dropped because
-        its channel was reset. Without channels it does nothing.
+        window at a time); call it for every such event, in the order they came on each
+        channel, also for a spack dropped because its channel was reset. Without channels
+        it does nothing.
         """
         receiver = self._receiver
         if receiver is None or receiver.demux is None:
