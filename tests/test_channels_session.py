@@ -312,3 +312,34 @@ def test_a_channel_not_read_holds_its_window_and_one_spack_then_resumes_exactly(
         (table.connection, SMALL.connection_window),
     ):
         assert credit.receive + credit.released == window
+
+
+def test_a_channel_reset_before_anything_of_it_went_out_is_opened_then_reset() -> None:
+    """A RESET alone would name a channel the peer never saw (its error): the channel's
+    CLOSE goes first and opens it, and both sides end it as any reset channel."""
+    pair = _pair()
+    client, server = pair.client, pair.server
+    driver = _Driver(pair)
+    channel = client.open_channel()
+    client.queue(Spack("never sent"), channel)
+    client.reset_channel(channel, 0x1000, "changed my mind")
+    assert client.queued_bytes == 0
+    driver.run()
+    assert driver.events[server] == [
+        ChannelOpened(channel),
+        ChannelCloseReceived(channel),
+        ChannelResetReceived(channel, 0x1000, "changed my mind"),
+    ]
+    server.release_channel(channel)
+    driver.run()
+    assert client.channel_state(channel) is None
+    assert server.channel_state(channel) is None
+    # A channel opened on the wire by a later one of ours takes the plain RESET.
+    second, third = client.open_channel(), client.open_channel()
+    client.queue(Spack("opens both"), third)
+    client.flush()
+    driver.run()
+    client.reset_channel(second, 0x1001, "")
+    driver.run()
+    assert driver.events[server][-1] == ChannelResetReceived(second, 0x1001, "")
+    assert ChannelCloseReceived(second) not in driver.events[server]

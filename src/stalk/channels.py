@@ -195,6 +195,7 @@ class ChannelTable:
         "_highest_ours",
         "_highest_theirs",
         "_ours",
+        "_sent_ours",
         "_theirs",
         "channel0",
         "channels",
@@ -210,6 +211,9 @@ class ChannelTable:
         # The highest id each party opened so far (a party's first id is 1 or 2).
         self._highest_ours = -1 if initiator else 0
         self._highest_theirs = 0 if initiator else -1
+        # The highest id of ours a record went out on: the peer sees it and every lower
+        # one of ours open.
+        self._sent_ours = self._highest_ours
         #: Open channels other than 0, by id.
         self.channels: dict[int, Channel] = {}
         #: Channel 0's credit (it is always open while the connection is).
@@ -260,6 +264,15 @@ class ChannelTable:
         else:
             self.opened_by_us += 1
         return channel
+
+    def sent_on(self, channel_id: int) -> None:
+        """A record on ``channel_id`` was packed to go out (in wire order)."""
+        if channel_id > self._sent_ours and self._ours_parity(channel_id):
+            self._sent_ours = channel_id
+
+    def on_wire(self, channel_id: int) -> bool:
+        """Whether the peer knows the channel: its own, or one of ours it saw opened."""
+        return not self._ours_parity(channel_id) or channel_id <= self._sent_ours
 
     def opened_before(self, channel_id: int) -> bool:
         """Whether ``channel_id`` (not open now) was opened once, or skipped by its opener."""

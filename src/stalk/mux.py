@@ -67,8 +67,26 @@ class _Outgoing:
         return taken
 
 
-#: A channel's queue holds spacks, and at most one CLOSE, last.
-_Item = _Outgoing | None  # None: the channel's CLOSE
+class _OpeningReset:
+    """The RESET of a channel no record of which went out yet.
+
+    Alone it would be a RESET on a channel the peer never saw opened (an error), so its
+    CLOSE goes first, in the same plaintext: that opens it, and the RESET ends it.
+    """
+
+    __slots__ = ("record",)
+
+    def __init__(self, channel: int, body: bytes) -> None:
+        self.record = (
+            _header(RecordKind.CLOSE, channel, 2)
+            + _CHANNEL_CLOSE
+            + _header(RecordKind.RESET, channel, len(body))
+            + body
+        )
+
+
+#: A channel's queue holds spacks, and at most one CLOSE (or opening RESET), last.
+_Item = _Outgoing | _OpeningReset | None  # None: the channel's CLOSE
 
 
 def _header(kind: RecordKind, channel: int, length: int) -> bytes:
@@ -149,12 +167,19 @@ class Mux:
             queue.append(item)
         self._unflushed.clear()
 
+    def queue_opening_reset(self, channel: int, body: bytes) -> None:
+        """Queue the RESET (``body``) of ``channel``, none of whose records went out yet.
+
+        Sendable at once: its CLOSE opens the channel on the wire, its RESET follows.
+        """
+        self._queues.setdefault(channel, deque()).append(_OpeningReset(channel, body))
+
     def drop(self, channel: int) -> None:
         """Forget what ``channel`` has not sent (it is being reset)."""
         queue = self._queues.pop(channel, None) or ()
         unflushed = [entry for entry in self._unflushed if entry[0] == channel]
         for item in [*queue, *(item for _, item in unflushed)]:
-            if item is not None:
+            if isinstance(item, _Outgoing):
                 self.queued_bytes -= item.left
         self._by_channel.pop(channel, None)
         self._unflushed = [entry for entry in self._unflushed if entry[0] != channel]
@@ -171,7 +196,7 @@ class Mux:
         table = self._table
         connection = table.connection.send
         for channel, queue in self._queues.items():
-            if queue[0] is None or (connection and table.credit(channel).send):
+            if not isinstance(queue[0], _Outgoing) or (connection and table.credit(channel).send):
                 return True
         return False
 
@@ -194,9 +219,12 @@ class Mux:
         while queues:
             channel = next(iter(queues))
             queue = queues.pop(channel)
+            before = len(plaintext)
             full = self._turn(channel, queue, plaintext)
+            if channel and len(plaintext) > before:
+                self._table.sent_on(channel)
             if queue:
-                if full or queue[0] is None or self._can_send(channel):
+                if full or not isinstance(queue[0], _Outgoing) or self._can_send(channel):
                     queues[channel] = queue  # the back of the line
                 else:
                     waiting[channel] = queue
@@ -223,6 +251,12 @@ class Mux:
                 queue.popleft()
                 self.closing.discard(channel)
                 table.process(table.channels[channel], ChannelInput.CLOSE_SENT)
+                continue
+            if isinstance(item, _OpeningReset):
+                if len(plaintext) + len(item.record) > capacity:
+                    return True
+                plaintext += item.record
+                queue.popleft()
                 continue
             credit = min(table.connection.send, table.credit(channel).send)
             if not credit:

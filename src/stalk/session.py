@@ -716,7 +716,10 @@ class Session:
         table.process(found, ChannelInput.RESET_SENT)
         mux.drop(channel)
         demux.forget(channel, self._control)
-        self._control.add(RecordKind.RESET, body, channel)
+        if table.on_wire(channel):
+            self._control.add(RecordKind.RESET, body, channel)
+        else:  # nothing of it went out: its CLOSE opens it on the wire, before the RESET
+            mux.queue_opening_reset(channel, body)
 
     def release(self, channel: int, size: int) -> None:
         """The application has the spack of a :class:`~stalk.events.ChannelMessageReceived`.
