@@ -27,6 +27,7 @@ from stalk import (
     Identity,
     LocalProtocolError,
     Spack,
+    StalkAttribute,
     connect,
     create_listener,
 )
@@ -523,3 +524,59 @@ async def test_a_channel_handler_needs_channels_offered() -> None:
         await create_listener(
             "127.0.0.1", 0, identity=Identity.generate(), channel_handler=echo_channel
         )
+
+
+async def test_channel_zero_of_a_connection_with_channels_works_as_ever() -> None:
+    """Large spacks, queue and flush, half-close: channel 0 under flow control."""
+    big = Spack(b"z" * (3 << 20))
+    async with client_and_server() as conn:
+        assert conn.channels
+        with anyio.fail_after(20):
+            await conn.send(big)
+            assert await conn.receive() == big
+            for i in range(3):
+                conn.queue(Spack(i))
+            await conn.flush()
+            assert [await conn.receive() for _ in range(3)] == [Spack(i) for i in range(3)]
+            await conn.send_eof()  # the server's echo ends, and its handler closes
+            with pytest.raises(anyio.EndOfStream):
+                await conn.receive()
+            with pytest.raises(ConnectionClosed):
+                await conn.send(Spack("after eof"))
+
+
+async def test_without_async_with_calls_that_wait_read_the_connection() -> None:
+    """No reader or writer task: send() returns once written (reading for credit)."""
+    big = Spack(b"w" * 200_000)  # 50 windows of 4 KiB
+    async with serving(echo, config=SMALL, channel_handler=echo_channel) as (host, port, _):
+        conn = await connect(host, port, config=SMALL)
+        try:
+            channel = await conn.open_channel()
+            with anyio.fail_after(20):
+                for spack in (big, Spack("small"), big):
+                    await channel.send(spack)
+                    assert conn._session.queued_bytes_on(channel.id) == 0
+                    assert await channel.receive() == spack
+                channel.queue(Spack("queued"))
+                await channel.flush()
+                assert await channel.receive() == Spack("queued")
+                await conn.send(big)
+                assert await conn.receive() == big
+        finally:
+            await conn.aclose()
+
+
+async def test_a_channel_shows_its_connection() -> None:
+    async with client_and_server() as conn:
+        channel = await conn.open_channel()
+        assert channel.connection is conn
+        assert channel.id == 1
+        assert channel.extra(StalkAttribute.peer) == conn.peer
+        assert repr(channel).startswith("<stalk.Channel 1 of <stalk.Connection")
+        assert repr(channel).endswith(" open>")
+        await channel.reset()
+        assert repr(channel).endswith(" reset>")
+        with pytest.raises(ChannelClosed, match="reset"):
+            channel.queue(Spack())
+        await channel.reset()  # idempotent
+        await channel.aclose()

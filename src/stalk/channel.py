@@ -307,9 +307,7 @@ class Dispatcher:
         except Exception as exc:
             link = self._link
             ended = link.closed or link.broken is not None or inbox.reset is not None
-            if isinstance(exc, (ChannelReset, ConnectionLost, ChannelClosed)) or (
-                isinstance(exc, StalkError) and ended
-            ):
+            if isinstance(exc, ConnectionLost) or (isinstance(exc, StalkError) and ended):
                 logger.debug("channel handler for channel %d ended by %r", channel.id, exc)
             else:
                 logger.exception(
@@ -392,15 +390,19 @@ class Dispatcher:
             peer's RESET of the channel, and its event is still to be dispatched (the
             channel's unsent spacks go with it; the next call raises it).
         """
-        self._link.check_open()
+        link = self._link
+        link.check_open()
         problem = self._problem(inbox, sending=True)
         if problem is not None:
+            if isinstance(problem, ChannelReset) and not inbox.let_go:
+                self._let_go(inbox)
+                if link.writer_running:
+                    link.wakeup.set()  # the answering RESET goes with the next write
             raise problem
         if self._reset_unseen(inbox):
             return False
-        session = self._session
-        session.queue(item, inbox.id)
-        self._link.spacks_sent += 1
+        self._session.queue(item, inbox.id)
+        link.spacks_sent += 1
         return True
 
     async def send(self, inbox: _Inbox, item: Spack) -> None:
