@@ -10,6 +10,7 @@ from dataclasses import replace
 from functools import partial
 
 import anyio
+import anyio.abc
 import pytest
 
 from helpers import echo, serving
@@ -24,6 +25,7 @@ from stalk import (
     Config,
     Connection,
     ConnectionClosed,
+    ConnectionLost,
     Identity,
     LocalProtocolError,
     Spack,
@@ -580,3 +582,65 @@ async def test_a_channel_shows_its_connection() -> None:
             channel.queue(Spack())
         await channel.reset()  # idempotent
         await channel.aclose()
+
+
+async def test_write_timeout_still_bounds_a_write_that_cannot_progress() -> None:
+    """Windows far larger than the socket buffers, and a peer whose socket nobody reads:
+    a channel's write blocks, and write_timeout breaks the connection."""
+    wide = Config(
+        max_channels=8, channel_window=1 << 30, connection_window=1 << 30, write_timeout=0.5
+    )
+    server_identity = Identity.generate()
+    stop = anyio.Event()
+
+    async def never_read(stream: anyio.abc.SocketStream) -> None:
+        conn = await Connection.wrap(
+            stream, identity=server_identity, server_side=True, config=wide
+        )
+        await stop.wait()  # no async with, no receive: nothing reads the socket
+        await conn.aclose()
+
+    async with (
+        await anyio.create_tcp_listener(local_host="127.0.0.1") as listener,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(listener.serve, never_read)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            async with await connect("127.0.0.1", port, config=wide) as conn:
+                channel = await conn.open_channel()
+                with anyio.fail_after(20):
+                    while True:
+                        await channel.send(Spack(b"x" * 65_536))
+                        sent += 1
+
+        with pytest.raises(ConnectionLost, match="did not complete"):
+            await flood()
+        assert sent < 1000  # bounded by socket buffers plus send_buffer
+        stop.set()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_peer_breaking_the_channel_limit_ends_every_channel() -> None:
+    """The client is made to ignore the server's limit of 1: the server closes the
+    connection with CHANNEL_LIMIT, and every channel of the client's ends with it."""
+    async with client_and_server(server=replace(SMALL, max_channels=1)) as conn:
+        table = conn._session._channels
+        assert table is not None
+        table._theirs = ChannelParams(8, 4096, 65_516)  # a client that does not count
+        first, second = await conn.open_channel(), await conn.open_channel()
+        await first.send(Spack("one"))
+        await second.send(Spack("two"))
+
+        async def receive_all(stream: Channel | Connection) -> None:
+            async for _ in stream:  # the first channel may get its echo first
+                pass
+
+        with anyio.fail_after(10):
+            for stream in (first, second, conn):
+                with pytest.raises(ClosedByPeer) as closed:
+                    await receive_all(stream)
+                assert closed.value.code == CloseCode.CHANNEL_LIMIT

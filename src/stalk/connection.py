@@ -427,6 +427,9 @@ class Connection(ObjectStream[Spack]):
         :raises ~stalk.IdleTimeout: (a ConnectionLost) with ``Config.idle_timeout`` set, the
             peer stayed silent and did not answer a keepalive PING (see the module docs).
         :raises ~stalk.ProtocolError: the peer broke the protocol (also ends the connection).
+            With channels, only the task that read it raises it (inside ``async with``, the
+            connection's reader task); the others raise :class:`~stalk.ConnectionLost`
+            saying so.
         :raises ~stalk.ConnectionClosed: we closed the connection.
         :raises ~anyio.BusyResourceError: another task is already receiving.
         """
