@@ -19,6 +19,12 @@ still waiting, which becomes the next reader. So nothing polls, and every event 
 straight from the session to an inbox without an await in between: a reader cancelled at
 any point loses nothing, and neither does a waiting task (its inbox keeps what came).
 
+Inside ``async with conn`` a **reader task** also runs, the reader of last resort: it
+reads while no other task waits, so that credit, the peer's new channels (for a
+``channel_handler``) and every channel's spacks are taken as they come even when the
+application is not receiving; it leaves the role as soon as another task waits, so a task
+receiving its answers reads them itself (no task switch through the reader task).
+
 **Credit** goes back to the peer when the application receives a spack
 (``Session.release``), and the WINDOW records that produces are written at once without
 waiting for the send lock (``Link.write_pong``, as PONGs are). A channel that its
@@ -26,8 +32,9 @@ application does not read holds at most its window: the peer then stops sending 
 and only on it.
 
 **Sending.** ``send()`` queues the spack; with the connection's writer task running (inside
-``async with conn``) it wakes the writer and returns, else it writes what credit allows
-itself. Either way, while more than ``Config.send_buffer`` bytes of the channel wait (for
+``async with conn``) it wakes the writer and returns, else (or for a reply, the channel's
+last receive having waited, when no other write is going on) it writes what credit
+allows itself. Either way, while more than ``Config.send_buffer`` bytes of the channel wait (for
 the writer, or for credit the peer has not granted), ``send()`` waits. Credit arrives only
 as input, so a sender that waits may have to read: it waits like a ``receive()``, becoming
 the reader when no other task is, until its channel's backlog is within the bound.
@@ -117,6 +124,7 @@ class _Inbox:
     """One channel as the dispatcher keeps it: what it received, and how it ended."""
 
     __slots__ = (
+        "answering",
         "closed",
         "eof",
         "id",
@@ -146,6 +154,8 @@ class _Inbox:
         self.waiter: _Waiter | None = None
         #: Spacks receive() returned in a row without waiting.
         self.streak = 0
+        #: The last spack receive() returned had to wait: a send now is likely its reply.
+        self.answering = False
 
 
 class Dispatcher:
@@ -177,6 +187,7 @@ class Dispatcher:
         self._conditional: dict[_Waiter, None] = {}
         self._reader: _Waiter | None = None
         self._read_scope: anyio.CancelScope | None = None
+        self._idle_reader: _Waiter | None = None  # the reader task's, inside async with
         #: The peer's CLOSE of the connection, once dispatched.
         self.peer_close: CloseReceived | None = None
 
@@ -191,15 +202,34 @@ class Dispatcher:
         task_group.start_soon(self._read_behind, name=f"stalk reader {self._link.address}")
 
     async def _read_behind(self) -> None:
-        """Read whenever no other task does, until the peer's CLOSE or the connection's end.
+        """Read while no other task waits, until the peer's CLOSE or the connection's end.
 
         So that credit, the peer's new channels (for the handler) and every channel's
         spacks are taken as they come, whoever receives: a backlog that waits for credit
         goes out without the application receiving, and an application that does not read
-        a channel holds its window (flow control bounds what this takes in).
+        a channel holds its window (flow control bounds what this takes in). The reader of
+        last resort: it leaves the role to any task that waits, so that a task receiving
+        its answers reads them itself, without a task switch through this one.
         """
-        with contextlib.suppress(StalkError):
-            await self._until(lambda: self.peer_close is not None)
+        waiter = self._idle_reader = _Waiter()
+        waiting = self._waiting
+        try:
+            with contextlib.suppress(StalkError):
+                while self.peer_close is None:
+                    self._link.check_open()
+                    if self._reader is None and not waiting:
+                        await self._read(
+                            lambda: bool(waiting) or self.peer_close is not None,
+                            waiter,
+                            nudge=False,  # it stops reading once another task waits
+                        )
+                        if self._reader is None and waiting:
+                            self._wake(next(iter(waiting)))
+                    else:
+                        waiter.event = anyio.Event()
+                        await waiter.event.wait()
+        finally:
+            self._idle_reader = None
 
     def stop(self) -> None:
         """The connection's task group is ending."""
@@ -367,6 +397,7 @@ class Dispatcher:
         session.release(inbox.id, size)
         self._link.spacks_received += 1
         inbox.streak = 0 if waited else inbox.streak + 1
+        inbox.answering = waited
         if session.has_output:
             await self._link.write_pong()
             self._progress()
@@ -415,7 +446,15 @@ class Dispatcher:
         # Without the connection's tasks (no ``async with``), nothing would write or read
         # for a backlog: send() returns once its spack is written.
         channel, bound = inbox.id, self._bound if group is not None else 0
-        if group is not None and session.queued_bytes_on(channel) <= bound:
+        answering, inbox.answering = inbox.answering, False
+        # A reply (the last receive had to wait) is written at once when nothing else is
+        # being written: latency matters, and there is nothing to batch it with (as
+        # Connection.send does without channels).
+        if (
+            group is not None
+            and session.queued_bytes_on(channel) <= bound
+            and not (answering and not link.send_lock.locked())
+        ):
             if not link.writer_running:
                 link.writer_running = True
                 group.start_soon(self._write_behind, name=f"stalk writer {link.address}")
@@ -643,11 +682,17 @@ class Dispatcher:
         finally:
             del waiting[waiter]
             self._conditional.pop(waiter, None)
-            if self._reader is None and waiting:
-                self._wake(next(iter(waiting)))  # the reader's role is free: pass it on
+            if self._reader is None:  # the reader's role is free: pass it on
+                self._wake(next(iter(waiting)) if waiting else self._idle_reader)
 
-    async def _read(self, ready: Callable[[], bool], waiter: _Waiter) -> None:
-        """Be the reader until ``ready()`` holds: read, and dispatch every event."""
+    async def _read(
+        self, ready: Callable[[], bool], waiter: _Waiter, *, nudge: bool = True
+    ) -> None:
+        """Be the reader until ``ready()`` holds: read, and dispatch every event.
+
+        :param nudge: read from the transport in a cancel scope that :meth:`_wake`
+            cancels, for a condition that may come true without input.
+        """
         link, session = self._link, self._session
         self._reader = waiter
         try:
@@ -664,6 +709,9 @@ class Dispatcher:
                     self._progress()  # a batch of input is done: credit, ended channels
                     if ready():
                         return
+                    if not nudge:
+                        await link.receive_into_session()
+                        continue
                     with anyio.CancelScope() as scope:
                         self._read_scope = scope  # _wake() cancels it: ready() may hold
                         await link.receive_into_session()
@@ -748,6 +796,7 @@ class Dispatcher:
     def _wake_all(self) -> None:
         for waiter in self._waiting:
             self._wake(waiter)
+        self._wake(self._idle_reader)
 
 
 class Channel(ObjectStream[Spack]):
