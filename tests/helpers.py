@@ -274,10 +274,14 @@ class _Receive(ByteReceiveStream):
         await self._stream.aclose()
 
 
-def byte_stream_pair() -> tuple[StapledByteStream, StapledByteStream]:
-    """Two connected in-memory byte streams (each write arrives as one chunk)."""
-    a_send, b_receive = anyio.create_memory_object_stream[bytes](100)
-    b_send, a_receive = anyio.create_memory_object_stream[bytes](100)
+def byte_stream_pair(buffer: float = 100) -> tuple[StapledByteStream, StapledByteStream]:
+    """Two connected in-memory byte streams (each write arrives as one chunk).
+
+    :param buffer: writes each direction holds before a write waits (``math.inf``: none
+        waits, for two drivers that each read and write in one task).
+    """
+    a_send, b_receive = anyio.create_memory_object_stream[bytes](buffer)
+    b_send, a_receive = anyio.create_memory_object_stream[bytes](buffer)
     a = StapledByteStream(_Send(a_send), _Receive(a_receive))
     b = StapledByteStream(_Send(b_send), _Receive(b_receive))
     return a, b

@@ -7,11 +7,20 @@ spack bytes come from :mod:`stalk.spack` (section 19 is stalk's codec). Rekeying
 out on purpose: dissononce 0.34.3's ``Rekey()`` is wrong (fixed upstream, never released),
 so a REKEY record from the other side is reported as an error here.
 
-Anything the other side does that SPEC.md does not allow raises :class:`InteropError`.
+Channels (section 24) are written from SPEC.md alone too, without reading stalk's
+implementation of them: :class:`ChannelOffer` offers them in the handshake, and when both
+sides did, :class:`ChannelPeer` runs the connection (ids by parity and implicit opening,
+credit and splitting, per-channel reassembly, the receiver's liveness duty, channel CLOSE,
+RESET and its answer). Where SPEC.md leaves a choice open, the comments say which one this
+peer makes.
+
+Anything the other side does that SPEC.md does not allow raises :class:`InteropError`, with
+the close code SPEC.md gives for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -60,8 +69,21 @@ PING: Final = 0x04
 PONG: Final = 0x05
 REKEY: Final = 0x06
 READY: Final = 0x07
+RESET: Final = 0x08
+WINDOW: Final = 0x09
+CONNECTION_WINDOW: Final = 0x0A
 KINDS: Final = frozenset(range(0x01, 0x08))
+CHANNEL_KINDS: Final = frozenset(range(0x01, 0x0B))
 MAX_CONTROL_BODY: Final = 1024
+# Sections 8, 17 and 24.
+MAX_CHANNEL_ID: Final = 2**31 - 1
+MAX_CREDIT: Final = 2**31 - 1
+MAX_MAX_CHANNELS: Final = 65535
+MIN_CHANNEL_WINDOW: Final = 1024
+MIN_CONNECTION_WINDOW: Final = 65516
+CHANNEL_KEYS: Final = ("max_channels", "channel_window", "connection_window")
+#: the largest data body that fits a plaintext with the largest record header (1 + 5 + 3)
+MAX_DATA_BODY: Final = MAX_PLAINTEXT - 9
 # Section 16.
 NORMAL: Final = 0
 UNSUPPORTED: Final = 1
@@ -69,10 +91,23 @@ DECRYPT_FAILED: Final = 2
 NOT_AUTHORIZED: Final = 3
 PROTOCOL_ERROR: Final = 5
 MESSAGE_TOO_LARGE: Final = 6
+CHANNEL_LIMIT: Final = 11
+FLOW_CONTROL_ERROR: Final = 12
 
 
 class InteropError(Exception):
-    """The other side did something SPEC.md does not allow."""
+    """The other side did something SPEC.md does not allow.
+
+    :ivar code: the close code SPEC.md gives for it (section 16).
+    """
+
+    def __init__(self, message: str, code: int = PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LocalError(Exception):
+    """This peer was asked to do something SPEC.md does not allow (a test's mistake)."""
 
 
 class AuthenticationFailed(InteropError):
@@ -120,11 +155,29 @@ class StaticKey:
 
 
 @dataclass(frozen=True)
+class ChannelOffer:
+    """The three channel parameters one side sends (sections 8 and 24)."""
+
+    max_channels: int
+    channel_window: int
+    connection_window: int
+
+    def params(self) -> dict[str, int]:
+        """The parameters map entries."""
+        return {
+            "max_channels": self.max_channels,
+            "channel_window": self.channel_window,
+            "connection_window": self.connection_window,
+        }
+
+
+@dataclass(frozen=True)
 class Record:
     """One parsed record (section 11)."""
 
     kind: int
     body: bytes
+    channel: int = 0
 
 
 def uvarint(value: int) -> bytes:
@@ -155,9 +208,9 @@ def read_uvarint(data: bytes, pos: int, max_len: int) -> tuple[int, int]:
     raise InteropError(f"varint longer than {max_len} bytes")
 
 
-def record(kind: int, body: bytes = b"") -> bytes:
-    """``kind || channel 0 || length || body``."""
-    return bytes([kind]) + uvarint(0) + uvarint(len(body)) + body
+def record(kind: int, body: bytes = b"", channel: int = 0) -> bytes:
+    """``kind || channel || length || body``."""
+    return bytes([kind]) + uvarint(channel) + uvarint(len(body)) + body
 
 
 def close_record(code: int, reason: str = "") -> bytes:
@@ -165,31 +218,69 @@ def close_record(code: int, reason: str = "") -> bytes:
     return record(CLOSE, struct.pack(">H", code) + reason.encode("utf-8"))
 
 
-def decode_close(body: bytes) -> tuple[int, str]:
-    """Split a CLOSE body into code and reason."""
+def reset_record(channel: int, code: int = NORMAL, reason: str = "") -> bytes:
+    """A RESET record on ``channel``: ``code (u16) || reason`` (sections 11 and 24)."""
+    return record(RESET, struct.pack(">H", code) + reason.encode("utf-8"), channel)
+
+
+def window_record(channel: int, increment: int) -> bytes:
+    """WINDOW: ``increment`` more credit on ``channel`` (channel 0 included)."""
+    return record(WINDOW, uvarint(increment), channel)
+
+
+def connection_window_record(increment: int) -> bytes:
+    """CONNECTION_WINDOW (always on channel 0)."""
+    return record(CONNECTION_WINDOW, uvarint(increment))
+
+
+def decode_close(body: bytes, what: str = "CLOSE") -> tuple[int, str]:
+    """Split a CLOSE (or RESET) body into code and reason."""
     if len(body) < 2 or len(body) - 2 > MAX_CONTROL_BODY:
-        raise InteropError(f"CLOSE body of {len(body)} bytes")
+        raise InteropError(f"{what} body of {len(body)} bytes")
     try:
         return struct.unpack(">H", body[:2])[0], body[2:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InteropError("CLOSE reason is not UTF-8") from exc
+        raise InteropError(f"{what} reason is not UTF-8") from exc
 
 
-def parse_records(plaintext: bytes) -> list[Record]:
-    """Parse and check every record of one transport plaintext before any is used."""
+def decode_increment(body: bytes) -> int:
+    """A WINDOW or CONNECTION_WINDOW body: one uvarint of 1..2^31-1, nothing after."""
+    value, end = read_uvarint(body, 0, 5)
+    if end != len(body):
+        raise InteropError(f"{len(body) - end} bytes after a window increment")
+    # SPEC says the increment is 1..2^31-1 but not which code an increment of 2^31 or more
+    # gets (a malformed record, or a grant past 2^31-1?): this peer says PROTOCOL_ERROR, as
+    # for any record that breaks section 11's table.
+    if not 1 <= value <= MAX_CREDIT:
+        raise InteropError(f"window increment {value}")
+    return value
+
+
+def parse_records(plaintext: bytes, *, channels: bool = False) -> list[Record]:
+    """Parse and check every record of one transport plaintext before any is used.
+
+    :param channels: the connection has channels (section 24): kinds ``08``-``0a`` and
+        channels other than 0 are allowed where section 24's table allows them.
+    """
     if not plaintext:
         raise InteropError("transport message with no records")
+    kinds = CHANNEL_KINDS if channels else KINDS
     records: list[Record] = []
     pos = 0
     while pos < len(plaintext):
-        if records and records[-1].kind in (CLOSE, REKEY):
-            raise InteropError(f"record after kind {records[-1].kind} in one message")
+        if records:
+            last = records[-1]
+            # With channels a channel's CLOSE need not be the last record (section 24).
+            if last.kind == REKEY or (last.kind == CLOSE and last.channel == 0):
+                raise InteropError(f"record after kind {last.kind} in one message")
         kind = plaintext[pos]
-        if kind not in KINDS:
+        if kind not in kinds:
             raise InteropError(f"unknown record kind {kind:#04x}")
         channel, pos = read_uvarint(plaintext, pos + 1, 5)
-        if channel:
+        if channel and not channels:
             raise InteropError(f"record on channel {channel}")
+        if channel > MAX_CHANNEL_ID:
+            raise InteropError(f"channel id {channel} beyond 2^31-1")
         length, pos = read_uvarint(plaintext, pos, 3)
         if length > len(plaintext) - pos:
             raise InteropError(f"record length {length} beyond the plaintext")
@@ -201,15 +292,30 @@ def parse_records(plaintext: bytes) -> list[Record]:
             raise InteropError("empty FRAGMENT")
         if kind in (PING, PONG) and len(body) > MAX_CONTROL_BODY:
             raise InteropError("oversized PING/PONG")
+        if channel and kind in (PING, PONG, REKEY, READY, CONNECTION_WINDOW):
+            raise InteropError(f"record kind {kind} on channel {channel}")
+        if kind == RESET and not channel:
+            raise InteropError("RESET on channel 0")
         if kind == CLOSE:
+            if channel and body != b"\x00\x00":
+                raise InteropError(f"channel CLOSE with body {body.hex()}, not 00 00")
             decode_close(body)
-        records.append(Record(kind, body))
+        elif kind == RESET:
+            decode_close(body, "RESET")
+        elif kind in (WINDOW, CONNECTION_WINDOW):
+            decode_increment(body)
+        records.append(Record(kind, body, channel))
     return records
 
 
-def encode_params(max_message_size: int, extra: dict[str, Any] | None = None) -> bytes:
-    """A parameters map (section 8)."""
+def encode_params(
+    max_message_size: int,
+    extra: dict[str, Any] | None = None,
+    channels: ChannelOffer | None = None,
+) -> bytes:
+    """A parameters map (section 8), with the channel parameters when ``channels``."""
     fields: dict[str, Any] = {"version": VERSION, "max_message_size": max_message_size}
+    fields.update(channels.params() if channels else {})
     fields.update(extra or {})
     return bytes(msgpack.packb(fields))
 
@@ -227,15 +333,33 @@ def decode_map(payload: bytes) -> dict[str, Any]:
     return value
 
 
+def _int_field(fields: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = fields.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise InteropError(f"bad {key} in {fields}")
+    return value
+
+
 def decode_params(payload: bytes) -> dict[str, Any]:
-    """A parameters map, with its two required keys checked."""
+    """A parameters map, with its two required keys and the channel keys checked."""
     fields = decode_map(payload)
-    if type(fields.get("version")) is not int or fields["version"] != VERSION:
-        raise InteropError(f"bad version in {fields}")
-    size = fields.get("max_message_size")
-    if type(size) is not int or not MIN_MAX_MESSAGE_SIZE <= size <= MAX_MAX_MESSAGE_SIZE:
-        raise InteropError(f"bad max_message_size in {fields}")
+    _int_field(fields, "version", VERSION, VERSION)
+    _int_field(fields, "max_message_size", MIN_MAX_MESSAGE_SIZE, MAX_MAX_MESSAGE_SIZE)
+    present = [key for key in CHANNEL_KEYS if key in fields]
+    if present and len(present) != len(CHANNEL_KEYS):
+        raise InteropError(f"channel parameters {present} without the others")
+    if present:
+        _int_field(fields, "max_channels", 0, MAX_MAX_CHANNELS)
+        _int_field(fields, "channel_window", MIN_CHANNEL_WINDOW, MAX_CREDIT)
+        _int_field(fields, "connection_window", MIN_CONNECTION_WINDOW, MAX_CREDIT)
     return fields
+
+
+def channel_offer(fields: dict[str, Any]) -> ChannelOffer | None:
+    """The channel parameters of a checked parameters map, if it has them."""
+    if "max_channels" not in fields:
+        return None
+    return ChannelOffer(*(fields[key] for key in CHANNEL_KEYS))
 
 
 def refusal(code: int, reason: str) -> bytes:
@@ -323,7 +447,12 @@ class Handshake:
 
 
 class PeerSession:
-    """The transport phase (sections 10-14) over dissononce CipherStates."""
+    """The transport phase (sections 10-14) over dissononce CipherStates.
+
+    Without channels its methods run the connection; with channels (both sides offered
+    them), :class:`ChannelPeer` does, on top of :meth:`send_records` and
+    :meth:`read_records`.
+    """
 
     def __init__(
         self,
@@ -333,13 +462,23 @@ class PeerSession:
         send: Any,
         recv: Any,
         max_message_size: int,
+        *,
+        initiator: bool,
+        channels: tuple[ChannelOffer, ChannelOffer] | None = None,
     ) -> None:
         self.stream = stream
         self.handshake = handshake
+        self.initiator = initiator
+        #: ``(ours, theirs)`` when the connection has channels (section 24)
+        self.channels = channels
+        self.max_message_size = max_message_size
         self._reader = reader
         self._send = send
         self._recv = recv
         self._max = max_message_size
+        #: held while a transport message is encrypted and written, so nonce order is
+        #: write order whichever task sends
+        self.send_lock = anyio.Lock()
         self._pending: deque[Record] = deque()
         self._parts: list[bytes] = []
         self._close_sent = False
@@ -353,17 +492,31 @@ class PeerSession:
 
     # -- sending ----------------------------------------------------------------------------
 
+    @property
+    def close_sent(self) -> bool:
+        """Whether we sent the connection's CLOSE."""
+        return self._close_sent
+
     async def send_records(self, records: Sequence[bytes]) -> None:
         """Send ``records`` in one transport message."""
+        async with self.send_lock:
+            await self.send_records_locked(records)
+
+    async def send_records_locked(self, records: Sequence[bytes]) -> None:
+        """:meth:`send_records` for a caller that holds :attr:`send_lock`."""
         if self._close_sent:
             raise AssertionError("nothing may follow our CLOSE")
         plaintext = b"".join(records)
         if not 1 <= len(plaintext) <= MAX_PLAINTEXT:
             raise ValueError(f"plaintext of {len(plaintext)} bytes")
-        await self.send_plaintext(plaintext)
+        await self._send_plaintext(plaintext)
 
     async def send_plaintext(self, plaintext: bytes) -> None:
         """Encrypt and send ``plaintext`` as it is, valid or not (for negative tests)."""
+        async with self.send_lock:
+            await self._send_plaintext(plaintext)
+
+    async def _send_plaintext(self, plaintext: bytes) -> None:
         await self.stream.send(frame(bytes(self._send.encrypt_with_ad(b"", plaintext))))
 
     async def send(self, *spacks: Spack) -> None:
@@ -399,13 +552,18 @@ class PeerSession:
 
     async def close(self, code: int = NORMAL, reason: str = "") -> None:
         """Send CLOSE: our direction is finished."""
-        await self.send_records([close_record(code, reason)])
+        async with self.send_lock:
+            await self.close_locked(code, reason)
+
+    async def close_locked(self, code: int = NORMAL, reason: str = "") -> None:
+        """:meth:`close` for a caller that holds :attr:`send_lock`."""
+        await self.send_records_locked([close_record(code, reason)])
         self._close_sent = True
 
     # -- receiving --------------------------------------------------------------------------
 
     def _take(self, plaintext: bytes, *, first: bool = False) -> list[Record]:
-        records = parse_records(plaintext)
+        records = parse_records(plaintext, channels=self.channels is not None)
         if any(r.kind == READY for r in records[1 if first else 0 :]):
             raise InteropError("READY where section 9 does not allow it")
         self.plaintext_sizes.append(len(plaintext))
@@ -433,6 +591,19 @@ class PeerSession:
         """Keep records read with the first message for :meth:`receive_encoded`."""
         self._pending.extend(records)
 
+    def take_pending(self) -> list[Record]:
+        """The records that came after READY in the first transport message."""
+        records = list(self._pending)
+        self._pending.clear()
+        return records
+
+    async def read_records(self) -> list[Record]:
+        """The next transport message, parsed and checked as section 11 says.
+
+        :raises Truncated: EOF (there is no CLOSE to read past in this call).
+        """
+        return self._take(await self._read_message())
+
     async def _next_record(self) -> Record:
         while not self._pending:
             self._pending.extend(self._take(await self._read_message()))
@@ -444,6 +615,8 @@ class PeerSession:
         :raises PeerClosed: the peer sent CLOSE.
         :raises Truncated: EOF without CLOSE.
         """
+        if self.channels is not None:
+            raise LocalError("this connection has channels: ChannelPeer runs it")
         if self.close_received is not None:
             raise PeerClosed(*self.close_received)
         while True:
@@ -501,10 +674,12 @@ async def initiate(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     extra_params: dict[str, Any] | None = None,
     with_ready: Sequence[bytes] = (),
+    channels: ChannelOffer | None = None,
 ) -> PeerSession:
     """Run the initiator's side: XX, or IK when ``responder`` (its static key) is given.
 
     :param with_ready: IK: records to send after READY in the same transport message.
+    :param channels: offer channels (section 24) with these parameters.
     :raises Refused: a refusal verdict.
     :raises PeerClosed: XX: CLOSE instead of READY (section 9).
     """
@@ -514,7 +689,7 @@ async def initiate(
     if responder is not None:
         keys["rs"] = X25519DH().create_public(responder)
     hs = _handshake_state(pattern, initiator=True, prologue=preamble, **keys)
-    params = encode_params(max_message_size, extra_params)
+    params = encode_params(max_message_size, extra_params, channels)
     msg1, _ = _noise_call(hs.write_message, XX_MSG1_PAYLOAD if pattern == "XX" else params)
     await stream.send(preamble + frame(msg1))
 
@@ -538,7 +713,16 @@ async def initiate(
         peer_params,
         [payload],
     )
-    session = PeerSession(stream, reader, handshake, send, recv, max_message_size)
+    session = PeerSession(
+        stream,
+        reader,
+        handshake,
+        send,
+        recv,
+        max_message_size,
+        initiator=True,
+        channels=_negotiated(channels, peer_params),
+    )
     if pattern == "IK":
         await session.send_records([record(READY), *with_ready])
         return session
@@ -559,8 +743,11 @@ async def respond(
     *,
     authorize: Callable[[bytes], bool] | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    channels: ChannelOffer | None = None,
 ) -> PeerSession:
     """Run the responder's side for whichever pattern the preamble names.
+
+    :param channels: offer channels (section 24) with these parameters.
 
     :raises Refused: we refused the initiator (a refusal verdict, or for XX an encrypted
         CLOSE(NOT_AUTHORIZED) instead of READY, has been sent).
@@ -577,7 +764,7 @@ async def respond(
     if preamble[5] != VERSION or pattern not in PATTERNS:
         await _refuse(stream, UNSUPPORTED, f"unsupported preamble {preamble.hex()}")
     hs = _handshake_state(pattern, initiator=False, prologue=preamble, s=key.keypair())
-    params = encode_params(max_message_size)
+    params = encode_params(max_message_size, channels=channels)
     msg1 = await reader.frame("message 1")
     peer_params: dict[str, Any] = {}
     try:
@@ -595,10 +782,14 @@ async def respond(
         await _refuse(stream, NOT_AUTHORIZED, "not authorized")
     msg2, result = _noise_call(hs.write_message, params)
     await stream.send(b"\x00" + frame(msg2))
+    bad_payload: InteropError | None = None
     if pattern == "XX":
         payload3, result = _noise_call(hs.read_message, await reader.frame("message 3"))
         payloads.append(payload3)
-        peer_params = decode_params(payload3)
+        try:
+            peer_params = decode_params(payload3)
+        except InteropError as exc:
+            bad_payload = exc
     send, recv = _split(result, initiator=False)
     handshake = Handshake(
         pattern,
@@ -607,7 +798,19 @@ async def respond(
         peer_params,
         payloads,
     )
-    session = PeerSession(stream, reader, handshake, send, recv, max_message_size)
+    session = PeerSession(
+        stream,
+        reader,
+        handshake,
+        send,
+        recv,
+        max_message_size,
+        initiator=False,
+        channels=_negotiated(channels, peer_params),
+    )
+    if bad_payload is not None:  # section 9: an authenticated CLOSE instead of READY
+        await session.send_records([close_record(PROTOCOL_ERROR, str(bad_payload)[:200])])
+        raise bad_payload
     if pattern == "XX":
         if authorize is not None and not authorize(handshake.remote_static):
             await session.send_records([close_record(NOT_AUTHORIZED, "not authorized")])
@@ -621,6 +824,739 @@ async def respond(
     return session
 
 
+def _negotiated(
+    ours: ChannelOffer | None, peer_params: dict[str, Any]
+) -> tuple[ChannelOffer, ChannelOffer] | None:
+    """Both offers when both sides sent the channel parameters (section 24), else ``None``."""
+    theirs = channel_offer(peer_params)
+    return (ours, theirs) if ours is not None and theirs is not None else None
+
+
 async def _refuse(stream: ByteStream, code: int, reason: str) -> NoReturn:
     await stream.send(refusal(code, reason))
     raise Refused(code, reason)
+
+
+# -- channels (section 24) ------------------------------------------------------------------
+
+# The states of a channel other than 0 (section 24, "States of a channel"). ENDED is where
+# the table's "ended" leads: the channel is gone and no longer counts against max_channels.
+OPEN: Final = "open"
+SEND_CLOSED: Final = "send-closed"
+RECEIVE_CLOSED: Final = "receive-closed"
+RESET_SENT: Final = "reset-sent"
+RESET_RECEIVED: Final = "reset-received"
+ENDED: Final = "ended"
+#: The liveness policies :class:`ChannelPeer` can follow (see its docstring).
+LIVENESS: Final = ("whole", "pieces")
+
+
+class ChannelEnded(Exception):
+    """The peer sends nothing more on this channel (its CLOSE, or the connection's)."""
+
+
+class ChannelReset(Exception):
+    """The channel was reset: by the peer (with its code and reason) or by us."""
+
+    def __init__(self, channel: int, code: int, reason: str, *, by_peer: bool) -> None:
+        who = "the peer" if by_peer else "us"
+        super().__init__(f"channel {channel} reset by {who} with code {code}: {reason}")
+        self.channel = channel
+        self.code = code
+        self.reason = reason
+        self.by_peer = by_peer
+
+
+@dataclass(eq=False)
+class _Channel:
+    """One channel as this peer holds it."""
+
+    id: int
+    ours: bool
+    #: what we may still send on it (section 24, "Flow control")
+    send_credit: int
+    #: the credit the peer still holds on it from our grants (what it may still send)
+    recv_left: int
+    state: str = OPEN
+    #: pieces of the peer's incomplete spack, and their total length
+    parts: list[bytes] = field(default_factory=list)
+    assembled: int = 0
+    #: whole spack encodings not yet taken by the application, with their data bytes
+    inbox: deque[tuple[bytes, int]] = field(default_factory=deque)
+    #: credit granted ahead of the application (liveness), taken off the next grants
+    debt: int = 0
+    #: what the liveness grants already gave back of the incomplete spack ("pieces")
+    slot_granted: int = 0
+    #: the peer's RESET (code, reason), once received
+    reset: tuple[int, str] | None = None
+    reset_by_us: bool = False
+    #: a spack of ours is under way on it (the connection's CLOSE must wait)
+    sending: bool = False
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+@dataclass
+class _Actions:
+    """What one checked transport message makes this peer do (section 11: nothing is acted
+    on before every record of the message passed)."""
+
+    deliveries: list[tuple[_Channel, bytes, int]] = field(default_factory=list)
+    opened: list[int] = field(default_factory=list)
+    answers: list[bytes] = field(default_factory=list)
+    answered: list[_Channel] = field(default_factory=list)
+    pongs: list[bytes] = field(default_factory=list)
+    dropped: int = 0
+    close: tuple[int, str] | None = None
+
+
+class ChannelPeer:
+    """A connection with channels (section 24), on a :class:`PeerSession` that has them.
+
+    :meth:`run` reads the peer's transport messages until its CLOSE (start it in a task
+    group); the application's side is :meth:`open_channel`, :meth:`accept_channel`,
+    :meth:`send`, :meth:`receive`, :meth:`close_channel`, :meth:`reset_channel`,
+    :meth:`release_channel` and :meth:`close`. What the peer does against SPEC.md ends the
+    connection with a CLOSE of the code section 24 names, and is kept in :attr:`failure`.
+
+    Credit is granted back as the application takes each spack (its bytes, at once, on its
+    channel and on the connection). The receiver's liveness duty (a spack waiting inside
+    for credit that only its own completion would free) is honoured one channel at a time,
+    in one of two ways SPEC.md allows:
+
+    - ``"whole"`` (SPEC's words taken literally): grant the channel and the connection
+      enough for the largest spack we accept to complete, ``max_message_size`` less what
+      has arrived of it, at once;
+    - ``"pieces"``: grant back what has arrived of it, then each later piece as it arrives
+      (what SPEC says stalk does).
+
+    Credit granted that way ahead of the application is taken off its next grants. The
+    next channel waiting inside a spack is served as soon as the first one's spack is
+    complete (SPEC's "then"; stalk waits until its application has taken that spack).
+
+    :param answer_resets: answer a RESET at once; else when :meth:`release_channel` says
+        the application let go of the channel (section 24 allows both).
+    """
+
+    def __init__(
+        self, session: PeerSession, *, answer_resets: bool = True, liveness: str = "whole"
+    ) -> None:
+        if session.channels is None:
+            raise LocalError("the connection has no channels")
+        if liveness not in LIVENESS:
+            raise ValueError(f"liveness policy {liveness!r}")
+        self.session = session
+        self.ours, self.theirs = session.channels
+        self.peer_max_message_size: int = session.handshake.peer_params["max_message_size"]
+        self.answer_resets = answer_resets
+        self.liveness = liveness
+        # Initiator odd ids, responder even ids from 2 (section 24, "Ids and opening").
+        self._parity = 1 if session.initiator else 0
+        self._next_id = 1 if session.initiator else 2
+        #: the highest of our ids the peer knows to be open (a record of ours went on it)
+        self._wire_highest = self._next_id - 2
+        #: the highest of the peer's ids it opened
+        self._peer_highest = 0 if session.initiator else -1
+        self._our_open = 0
+        self._peer_open = 0
+        zero = _Channel(0, False, self.theirs.channel_window, self.ours.channel_window)
+        #: channels that have not ended (channel 0 included)
+        self._live: dict[int, _Channel] = {0: zero}
+        #: every channel there has been, so an ended one's spacks can still be received
+        self._all: dict[int, _Channel] = {0: zero}
+        self._conn_send = self.theirs.connection_window
+        self._conn_left = self.ours.connection_window
+        self._conn_debt = 0
+        self._slot: _Channel | None = None
+        self._accepted: deque[int] = deque()
+        self._changed = anyio.Event()
+        #: the peer's connection CLOSE, once received
+        self.close_received: tuple[int, str] | None = None
+        #: what the peer did against SPEC.md, if anything (the connection ended on it)
+        self.failure: InteropError | None = None
+        #: the transport failed under us (not a protocol matter)
+        self.transport_error: Exception | None = None
+        #: :meth:`run` has returned
+        self.finished = False
+        #: ``(kind, channel, body length)`` of every record received, one list per message
+        self.log: list[list[tuple[int, int, int]]] = []
+        #: bodies of the PONGs received
+        self.pongs: list[bytes] = []
+        #: every window record we sent: ``(channel or None for the connection, increment)``
+        self.grants: list[tuple[int | None, int]] = []
+        #: ``(kind, channel, body length)`` of every data record we sent
+        self.sent: list[tuple[int, int, int]] = []
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def state(self, channel: int) -> str:
+        """A channel's state (``ENDED`` once gone)."""
+        return self._all[channel].state
+
+    def open_channels(self) -> tuple[int, int]:
+        """How many channels are open that we opened, and that the peer opened."""
+        return self._our_open, self._peer_open
+
+    def pending(self, channel: int) -> int:
+        """How many whole spacks of ``channel`` wait for the application."""
+        return len(self._all[channel].inbox)
+
+    def send_credit(self, channel: int | None = None) -> int:
+        """What we may still send on ``channel``, or on the connection when ``None``."""
+        return self._conn_send if channel is None else self._all[channel].send_credit
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def until(self, ready: Callable[[], object]) -> None:
+        """Wait until ``ready()``; it is re-evaluated whenever this peer's state changed."""
+        while True:
+            changed = self._changed
+            if ready():
+                return
+            await changed.wait()
+
+    # -- receiving --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read and act on the peer's transport messages until its CLOSE, EOF or an error."""
+        try:
+            pending = self.session.take_pending()
+            if pending:
+                await self._handle(pending)
+            while self.close_received is None:
+                await self._handle(await self.session.read_records())
+        except InteropError as exc:
+            self.failure = exc
+            # Section 18: a CLOSE with the code, best effort; nothing answers a truncation.
+            if not isinstance(exc, Truncated) and not self.session.close_sent:
+                with contextlib.suppress(Exception):
+                    async with self.session.send_lock:
+                        await self.session.close_locked(exc.code, str(exc)[:200])
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            self.transport_error = exc
+        finally:
+            self.finished = True
+            self._wake()
+
+    async def _handle(self, records: list[Record]) -> None:
+        self.log.append([(r.kind, r.channel, len(r.body)) for r in records])
+        actions = _Actions()
+        for rec in records:
+            self._check(rec, actions)
+        await self._commit(actions)
+
+    def _check(self, rec: Record, actions: _Actions) -> None:
+        """One record, against the state the message's earlier records left."""
+        if rec.channel == 0:
+            zero = self._live[0]
+            if rec.kind in (MESSAGE, FRAGMENT):
+                self._data(zero, rec, actions)
+            elif rec.kind == CLOSE:
+                for other in self._live.values():
+                    if other.parts:
+                        raise InteropError(f"connection CLOSE inside a spack on {other.id}")
+                actions.close = decode_close(rec.body)
+            elif rec.kind == WINDOW:
+                zero.send_credit = _add_credit(zero.send_credit, rec.body)
+            elif rec.kind == CONNECTION_WINDOW:
+                self._conn_send = _add_credit(self._conn_send, rec.body)
+            elif rec.kind == PING:
+                actions.answers.append(record(PONG, rec.body))
+            elif rec.kind == PONG:
+                actions.pongs.append(rec.body)
+            else:  # REKEY (parse_records refuses READY here, RESET on channel 0)
+                raise InteropError(f"record kind {rec.kind} (this peer does not rekey)")
+            return
+        chan = self._live.get(rec.channel)
+        if chan is not None and chan.ours and chan.id > self._wire_highest:
+            chan = None  # opened here, but the peer cannot know it yet
+        if chan is None:
+            chan = self._resolve(rec, actions)
+            if chan is None:
+                return
+        if rec.kind in (MESSAGE, FRAGMENT):
+            self._data(chan, rec, actions)
+        elif rec.kind == CLOSE:
+            self._channel_close(chan)
+        elif rec.kind == RESET:
+            self._reset_received(chan, rec, actions)
+        else:  # WINDOW: credit may arrive in any state the channel exists in
+            chan.send_credit = _add_credit(chan.send_credit, rec.body)
+
+    def _resolve(self, rec: Record, actions: _Actions) -> _Channel | None:
+        """A record on a channel that is not open: it opens one, or is ignored, answered or
+        an error, in section 24's order."""
+        ch = rec.channel
+        peers = ch % 2 != self._parity
+        if peers and ch > self._peer_highest:
+            if rec.kind not in (MESSAGE, FRAGMENT, CLOSE):
+                raise InteropError(f"record kind {rec.kind} on channel {ch}, never opened")
+            count = (ch - self._peer_highest) // 2
+            if self._peer_open + count > self.ours.max_channels:
+                raise InteropError(
+                    f"channel {ch} opens {count} channels beyond the {self._peer_open} open; "
+                    f"max_channels is {self.ours.max_channels}",
+                    CHANNEL_LIMIT,
+                )
+            for opened in range(self._peer_highest + 2, ch + 1, 2):
+                chan = _Channel(opened, False, self.theirs.channel_window, self.ours.channel_window)
+                self._live[opened] = self._all[opened] = chan
+                actions.opened.append(opened)
+            self._peer_open += count
+            self._peer_highest = ch
+            return self._live[ch]
+        if ch <= (self._peer_highest if peers else self._wire_highest):
+            if rec.kind == WINDOW:
+                return None  # it crossed the channel's end
+            if rec.kind == RESET:
+                actions.answers.append(reset_record(ch))  # it crossed our CLOSE
+                return None
+            raise InteropError(f"record kind {rec.kind} on channel {ch}, which ended")
+        raise InteropError(f"record kind {rec.kind} on channel {ch}, ours and never opened")
+
+    def _data(self, chan: _Channel, rec: Record, actions: _Actions) -> None:
+        n = len(rec.body)
+        if chan.state in (RECEIVE_CLOSED, RESET_RECEIVED):
+            raise InteropError(f"data on channel {chan.id} in state {chan.state}")
+        if n > chan.recv_left or n > self._conn_left:
+            raise InteropError(
+                f"{n} data bytes on channel {chan.id} beyond the credit granted "
+                f"({chan.recv_left} on it, {self._conn_left} on the connection)",
+                FLOW_CONTROL_ERROR,
+            )
+        chan.recv_left -= n
+        self._conn_left -= n
+        if chan.state == RESET_SENT:
+            actions.dropped += n  # sent before the peer saw our RESET; still counted
+            return
+        if chan.assembled + n > self.session.max_message_size:
+            raise InteropError(f"spack over our limit on {chan.id}", MESSAGE_TOO_LARGE)
+        if rec.kind == FRAGMENT:
+            chan.parts.append(rec.body)
+            chan.assembled += n
+            return
+        if not chan.parts and not n:
+            raise InteropError(f"empty MESSAGE on channel {chan.id}")
+        encoded = b"".join([*chan.parts, rec.body])
+        chan.parts, chan.assembled, chan.slot_granted = [], 0, 0
+        try:
+            Spack.decode(encoded)
+        except Exception as exc:
+            raise InteropError(f"spack on channel {chan.id} does not decode: {exc}") from exc
+        actions.deliveries.append((chan, encoded, len(encoded)))
+
+    def _channel_close(self, chan: _Channel) -> None:
+        if chan.state == RESET_SENT:
+            return  # sent before the peer saw our RESET
+        if chan.state not in (OPEN, SEND_CLOSED):
+            raise InteropError(f"CLOSE on channel {chan.id} in state {chan.state}")
+        if chan.parts:
+            raise InteropError(f"CLOSE inside a spack on channel {chan.id}")
+        if chan.state == OPEN:
+            chan.state = RECEIVE_CLOSED
+        else:
+            self._end(chan)
+
+    def _reset_received(self, chan: _Channel, rec: Record, actions: _Actions) -> None:
+        code, reason = decode_close(rec.body, "RESET")
+        if chan.state == RESET_SENT:
+            self._end(chan)  # the two RESETs answer each other
+            return
+        if chan.state not in (OPEN, SEND_CLOSED, RECEIVE_CLOSED):
+            raise InteropError(f"RESET on channel {chan.id} in state {chan.state}")
+        chan.state = RESET_RECEIVED
+        chan.reset = (code, reason)
+        actions.dropped += self._drop(chan)
+        if self.answer_resets:
+            actions.answers.append(reset_record(chan.id))
+            actions.answered.append(chan)
+
+    def _drop(self, chan: _Channel) -> int:
+        """Drop what the application has not received of ``chan``; its data bytes."""
+        dropped = chan.assembled + sum(size for _, size in chan.inbox)
+        chan.parts, chan.assembled, chan.slot_granted = [], 0, 0
+        chan.inbox.clear()
+        return dropped
+
+    def _end(self, chan: _Channel) -> None:
+        chan.state = ENDED
+        del self._live[chan.id]
+        if chan.ours:
+            self._our_open -= 1
+        else:
+            self._peer_open -= 1
+
+    async def _commit(self, actions: _Actions) -> None:
+        dropped = actions.dropped
+        for chan, encoded, size in actions.deliveries:
+            if chan.reset is not None:  # a RESET later in the same message
+                dropped += size
+            else:
+                chan.inbox.append((encoded, size))
+        self._accepted.extend(actions.opened)
+        self.pongs.extend(actions.pongs)
+        if actions.answers and not self.session.close_sent:
+            await self._send_control(actions.answers)
+            for chan in actions.answered:
+                self._end(chan)
+        if dropped:
+            await self._grant(None, dropped)
+        if actions.close is not None:
+            self.close_received = actions.close
+            # The connection's CLOSE ends the peer's direction of every channel.
+            self._live[0].state = RECEIVE_CLOSED
+            for chan in list(self._live.values()):
+                if not chan.id:
+                    continue
+                if chan.state == OPEN:
+                    chan.state = RECEIVE_CLOSED
+                elif chan.state == SEND_CLOSED:
+                    self._end(chan)
+        await self._liveness()
+        self._wake()
+
+    # -- granting credit ---------------------------------------------------------------------
+
+    async def _send_control(self, records: list[bytes]) -> None:
+        """Send control records, as many per transport message as fit."""
+        async with self.session.send_lock:
+            if self.session.close_sent:
+                return
+            batch: list[bytes] = []
+            for rec in records:
+                if batch and sum(map(len, batch)) + len(rec) > MAX_PLAINTEXT:
+                    await self.session.send_records_locked(batch)
+                    batch = []
+                batch.append(rec)
+            await self.session.send_records_locked(batch)
+
+    async def _grant(self, chan: _Channel | None, size: int) -> None:
+        """Give back ``size`` data bytes the application took (or that were dropped): on
+        ``chan`` (if it still takes data) and on the connection, less what was granted
+        ahead."""
+        if self.session.close_sent:
+            return  # nothing may follow our CLOSE, credit neither
+        records: list[bytes] = []
+        if chan is not None and chan.state in (OPEN, SEND_CLOSED):
+            pay = size - chan.debt
+            chan.debt = max(0, -pay)
+            if pay > 0:
+                chan.recv_left += pay
+                records.append(window_record(chan.id, pay))
+                self.grants.append((chan.id, pay))
+        pay = size - self._conn_debt
+        self._conn_debt = max(0, -pay)
+        if pay > 0:
+            self._conn_left += pay
+            records.append(connection_window_record(pay))
+            self.grants.append((None, pay))
+        if records:
+            await self._send_control(records)
+
+    async def _liveness(self) -> None:
+        """Section 24: a spack waiting for credit that only its completion would free gets
+        it, one channel (the slot) at a time."""
+        if self.session.close_sent:
+            return  # no credit can go any more (SPEC does not say what then)
+        slot: _Channel | None = self._slot
+        if slot is not None and (not slot.parts or slot.state not in (OPEN, SEND_CLOSED)):
+            slot = self._slot = None
+        if slot is None:
+            for chan in self._live.values():
+                if chan.parts and (chan.recv_left == 0 or self._conn_left == 0):
+                    slot = self._slot = chan
+                    break
+        if slot is None:
+            return
+        if self.liveness == "whole":
+            need = min(self.session.max_message_size - slot.assembled, MAX_CREDIT)
+            on_channel = need - slot.recv_left
+            on_connection = need - self._conn_left
+        else:
+            on_channel = on_connection = slot.assembled - slot.slot_granted
+            slot.slot_granted = slot.assembled
+        records: list[bytes] = []
+        if on_channel > 0:
+            slot.recv_left += on_channel
+            slot.debt += on_channel
+            records.append(window_record(slot.id, on_channel))
+            self.grants.append((slot.id, on_channel))
+        if on_connection > 0:
+            self._conn_left += on_connection
+            self._conn_debt += on_connection
+            records.append(connection_window_record(on_connection))
+            self.grants.append((None, on_connection))
+        if records:
+            await self._send_control(records)
+
+    # -- the application's side ---------------------------------------------------------------
+
+    def open_channel(self, channel: int | None = None) -> int:
+        """Open a channel of ours: the next id, or ``channel`` and every lower id of ours
+        not opened yet (section 24). Its first record, or one on a higher id, opens it on
+        the wire.
+
+        :raises LocalError: our CLOSE went, the id is not ours or not above those we took,
+            or the peer's ``max_channels`` would be passed.
+        """
+        if self.session.close_sent or self.failure is not None:
+            raise LocalError("the connection is closed")
+        target = self._next_id if channel is None else channel
+        if target % 2 != self._parity or not self._next_id <= target <= MAX_CHANNEL_ID:
+            raise LocalError(f"channel {target} is not ours to open (next is {self._next_id})")
+        count = (target - self._next_id) // 2 + 1
+        if self._our_open + count > self.theirs.max_channels:
+            raise LocalError(f"the peer's max_channels ({self.theirs.max_channels}) is reached")
+        for ch in range(self._next_id, target + 1, 2):
+            chan = _Channel(ch, True, self.theirs.channel_window, self.ours.channel_window)
+            self._live[ch] = self._all[ch] = chan
+        self._our_open += count
+        self._next_id = target + 2
+        return target
+
+    async def accept_channel(self) -> int:
+        """The next channel the peer opened (implicitly opened ones included, in order).
+
+        :raises ChannelEnded: the peer's CLOSE came first, or the connection ended.
+        """
+        await self.until(lambda: bool(self._accepted) or self._over())
+        if not self._accepted:
+            self._raise_failure()
+            raise ChannelEnded("the peer opens no more channels")
+        return self._accepted.popleft()
+
+    def _over(self) -> bool:
+        return self.finished or self.close_received is not None
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self.transport_error is not None:
+            raise LocalError(f"the transport failed: {self.transport_error!r}")
+
+    def _sendable(self, chan: _Channel) -> None:
+        """Raise unless we may send data or CLOSE on ``chan`` now."""
+        self._raise_failure()
+        if self.session.close_sent:
+            raise LocalError("our CLOSE went")
+        if chan.reset is not None:
+            raise ChannelReset(chan.id, *chan.reset, by_peer=True)
+        if chan.reset_by_us:
+            raise ChannelReset(chan.id, NORMAL, "", by_peer=False)
+        if chan.state not in (OPEN, RECEIVE_CLOSED):
+            raise LocalError(f"channel {chan.id} is {chan.state}: we may not send on it")
+
+    def _channel(self, channel: int) -> _Channel:
+        chan = self._all.get(channel)
+        if chan is None:
+            raise LocalError(f"channel {channel} was never opened")
+        return chan
+
+    def _announce(self, chan: _Channel) -> None:
+        """A record of ours on ``chan`` goes now: the peer knows it and the lower ids open."""
+        if chan.ours and chan.id > self._wire_highest:
+            self._wire_highest = chan.id
+
+    async def send(
+        self,
+        channel: int,
+        spack: Spack | bytes,
+        *,
+        piece: int | None = None,
+        empty_final: bool = False,
+        stop_after: int | None = None,
+    ) -> None:
+        """Send one spack (or its encoding) on ``channel``, in pieces that fit the credit.
+
+        Each record is its own transport message, so concurrent sends on several channels
+        interleave record by record.
+
+        :param piece: at most this many data bytes per record.
+        :param empty_final: send every byte as FRAGMENTs, then an empty MESSAGE.
+        :param stop_after: send only this many bytes, as FRAGMENTs, and leave the spack
+            incomplete for good (the channel can then only be reset, or the connection
+            end without CLOSE).
+        :raises ChannelReset: the channel was reset before the spack was all sent.
+        :raises LocalError: we may not send on it, or no more credit can come.
+        """
+        encoded = spack if isinstance(spack, bytes) else spack.encode()
+        if not 1 <= len(encoded) <= self.peer_max_message_size:
+            raise LocalError(f"a spack of {len(encoded)} bytes")
+        chan = self._channel(channel)
+        if stop_after is not None:
+            encoded, empty_final = encoded[:stop_after], False
+        async with chan.lock:
+            self._sendable(chan)
+            chan.sending = True
+            try:
+                await self._send_pieces(
+                    chan, encoded, piece or len(encoded), empty_final, stop_after is not None
+                )
+            finally:
+                chan.sending = stop_after is not None and chan.state != RESET_SENT
+
+    async def _send_pieces(
+        self, chan: _Channel, encoded: bytes, piece: int, empty_final: bool, partial: bool
+    ) -> None:
+        pos = 0
+        while pos < len(encoded):
+            await self.until(
+                lambda: (chan.send_credit > 0 and self._conn_send > 0) or self._stuck(chan)
+            )
+            async with self.session.send_lock:
+                self._sendable(chan)
+                budget = min(chan.send_credit, self._conn_send)
+                if not budget:
+                    if self._over():
+                        raise LocalError(f"no credit can arrive for channel {chan.id}")
+                    continue
+                left = len(encoded) - pos
+                n = min(left, budget, piece, MAX_DATA_BODY)
+                final = n == left and not empty_final and not partial
+                chan.send_credit -= n
+                self._conn_send -= n
+                self._announce(chan)
+                body = encoded[pos : pos + n]
+                kind = MESSAGE if final else FRAGMENT
+                await self.session.send_records_locked([record(kind, body, chan.id)])
+                self.sent.append((kind, chan.id, n))
+                pos += n
+            self._wake()
+        if empty_final:
+            async with self.session.send_lock:
+                self._sendable(chan)
+                await self.session.send_records_locked([record(MESSAGE, b"", chan.id)])
+                self.sent.append((MESSAGE, chan.id, 0))
+
+    def _stuck(self, chan: _Channel) -> bool:
+        """Whether waiting for credit on ``chan`` is over for another reason."""
+        return (
+            self._over()
+            or self.session.close_sent
+            or chan.reset is not None
+            or chan.reset_by_us
+            or chan.state not in (OPEN, RECEIVE_CLOSED)
+        )
+
+    async def receive_encoded(self, channel: int) -> bytes:
+        """The next whole spack encoding on ``channel``; its bytes go back as credit.
+
+        :raises ChannelEnded: the peer sends nothing more on it.
+        :raises ChannelReset: it was reset (by either side).
+        """
+        chan = self._channel(channel)
+        await self.until(lambda: bool(chan.inbox) or self._receive_over(chan))
+        if not chan.inbox:
+            self._raise_failure()
+            if chan.reset is not None:
+                raise ChannelReset(chan.id, *chan.reset, by_peer=True)
+            if chan.reset_by_us:
+                raise ChannelReset(chan.id, NORMAL, "", by_peer=False)
+            raise ChannelEnded(f"channel {chan.id} ended")
+        encoded, size = chan.inbox.popleft()
+        await self._grant(chan, size)
+        await self._liveness()
+        return encoded
+
+    def _receive_over(self, chan: _Channel) -> bool:
+        return (
+            self.finished
+            or chan.reset is not None
+            or chan.reset_by_us
+            or chan.state in (RECEIVE_CLOSED, ENDED)
+        )
+
+    async def receive(self, channel: int) -> Spack:
+        """The next spack on ``channel``, decoded with stalk's spack codec."""
+        return Spack.decode(await self.receive_encoded(channel))
+
+    async def close_channel(self, channel: int) -> None:
+        """Send the CLOSE of our direction of ``channel`` (after a spack under way on it)."""
+        chan = self._channel(channel)
+        if not chan.id:
+            raise LocalError("channel 0 ends with the connection's CLOSE (close())")
+        async with chan.lock, self.session.send_lock:
+            self._sendable(chan)
+            self._announce(chan)
+            await self.session.send_records_locked([record(CLOSE, b"\x00\x00", chan.id)])
+            if chan.state == OPEN:
+                chan.state = SEND_CLOSED
+            else:
+                self._end(chan)
+        self._wake()
+
+    async def reset_channel(self, channel: int, code: int = NORMAL, reason: str = "") -> None:
+        """Reset ``channel``: both directions end; what we hold of it is dropped.
+
+        A spack of ours under way on it stops (its :meth:`send` raises).
+
+        :raises LocalError: the channel is not open, or is ours and the peer cannot know it
+            yet (a RESET does not open a channel, section 24; SPEC says nothing of how to
+            give up an id we took but never used, so this peer refuses to).
+        """
+        chan = self._channel(channel)
+        async with self.session.send_lock:
+            if not chan.id or chan.state not in (OPEN, SEND_CLOSED, RECEIVE_CLOSED):
+                raise LocalError(f"channel {channel} is {chan.state}: it cannot be reset")
+            if chan.ours and chan.id > self._wire_highest:
+                raise LocalError(f"channel {channel} is not open on the wire yet")
+            self._raise_failure()
+            await self.session.send_records_locked([reset_record(chan.id, code, reason)])
+            chan.state = RESET_SENT
+            chan.reset_by_us = True
+            chan.sending = False
+        self._wake()
+        dropped = self._drop(chan)
+        if dropped:
+            await self._grant(None, dropped)
+
+    async def release_channel(self, channel: int) -> None:
+        """The application let go of a channel the peer reset: our answering RESET goes."""
+        chan = self._channel(channel)
+        if chan.state != RESET_RECEIVED:
+            raise LocalError(f"channel {channel} is {chan.state}, not reset by the peer")
+        await self._send_control([reset_record(chan.id)])
+        self._end(chan)
+        self._wake()
+
+    async def ping(self, payload: bytes = b"") -> None:
+        """Send a PING; its PONG lands in :attr:`pongs`."""
+        await self._send_control([record(PING, payload)])
+
+    async def round_trip(self) -> None:
+        """PING and wait for its PONG: the peer has processed everything we sent before."""
+        payload = f"round trip {len(self.pongs)}".encode()
+        await self.ping(payload)
+        await self.until(lambda: payload in self.pongs or self._over())
+        self._raise_failure()
+
+    async def close(self, code: int = NORMAL, reason: str = "") -> None:
+        """Send the connection's CLOSE: our direction of every channel ends.
+
+        :raises LocalError: a spack of ours is incomplete (section 24 forbids the CLOSE).
+        """
+        async with self.session.send_lock:
+            busy = [chan.id for chan in self._live.values() if chan.sending]
+            if busy:
+                raise LocalError(f"spacks under way on channels {busy}")
+            await self.session.close_locked(code, reason)
+        self._wake()
+
+    async def wait_closed(self) -> tuple[int, str]:
+        """Wait for the peer's connection CLOSE and return its code and reason."""
+        await self.until(self._over)
+        self._raise_failure()
+        if self.close_received is None:
+            raise LocalError("the connection ended without the peer's CLOSE")
+        return self.close_received
+
+
+def _add_credit(credit: int, body: bytes) -> int:
+    """Credit after a WINDOW or CONNECTION_WINDOW (past 2^31-1: FLOW_CONTROL_ERROR)."""
+    total = credit + decode_increment(body)
+    if total > MAX_CREDIT:
+        raise InteropError(f"credit {total} past 2^31-1", FLOW_CONTROL_ERROR)
+    return total

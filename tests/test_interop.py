@@ -1,23 +1,28 @@
 """stalk against an independent peer (tests/interop_peer.py: dissononce, written from SPEC.md).
 
 Both directions: stalk's listener against the dissononce initiator, and ``stalk.connect``
-against the dissononce responder, for XX and IK.
+against the dissononce responder, for XX and IK; then channels (SPEC section 24), with
+stalk's side a sans-IO Session driven here, in both roles.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from array import array
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
-from anyio.abc import SocketAttribute, SocketStream
+from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskGroup
 
 import interop_peer as ip
-from helpers import serving
+from helpers import byte_stream_pair, serving
 from stalk import (
     ClosedByPeer,
     Config,
@@ -25,14 +30,31 @@ from stalk import (
     ConnectionLost,
     Float32,
     Identity,
+    LocalProtocolError,
     MessageLimitExceeded,
     PeerIdentityMismatch,
     PeerRefused,
     ProtocolError,
     PublicIdentity,
     Spack,
+    StalkError,
     connect,
 )
+from stalk.errors import ChannelLimitExceeded, FlowControlError
+from stalk.events import (
+    NEED_DATA,
+    PAUSED,
+    ChannelCloseReceived,
+    ChannelMessageReceived,
+    ChannelOpened,
+    ChannelResetReceived,
+    CloseReceived,
+    HandshakeComplete,
+    MessageReceived,
+    PeerIdentified,
+)
+from stalk.handshake import ChannelParams
+from stalk.session import Role, Session, SessionConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -511,3 +533,1031 @@ async def test_responder_refuses_stalk(pattern: str) -> None:
             assert info.value.code == ip.NOT_AUTHORIZED
             await run.done.wait()
             assert isinstance(run.error, ip.Refused)
+
+
+# -- channels (SPEC section 24): the interop peer against stalk's sans-IO Session -----------
+#
+# stalk's side is its sans-IO Session, driven by StalkSide below over an in-memory byte
+# pipe, so that each test controls exactly what stalk sends and when (Connection's
+# channels, stalk.channel, are tested in test_channels_api.py); the interop peer's side is
+# ip.ChannelPeer, written from SPEC.md alone.
+
+ROLES = ["stalk-initiator", "stalk-responder"]
+#: Small windows, so that credit runs out and comes back many times in every test.
+WINDOWS = ChannelParams(max_channels=16, channel_window=4096, connection_window=65516)
+OFFER = ip.ChannelOffer(max_channels=16, channel_window=4096, connection_window=65516)
+#: Channel windows larger than the connection's, so that the connection's credit runs out.
+BIG_WINDOWS = ChannelParams(max_channels=16, channel_window=2**20, connection_window=65516)
+BIG_OFFER = ip.ChannelOffer(max_channels=16, channel_window=2**20, connection_window=65516)
+#: Which credit runs out first: ``(stalk's parameters, the interop peer's)``.
+BOUNDS = {"channel-bound": (WINDOWS, OFFER), "connection-bound": (BIG_WINDOWS, BIG_OFFER)}
+#: About 300 KB: 75 channel windows, 5 connection windows.
+LONG = LARGE
+
+
+class StalkSide:
+    """Drives a sans-IO stalk Session over a byte stream: what a Connection with channels
+    would do, in a few lines (the application's calls below, the peer's bytes in run())."""
+
+    def __init__(self, session: Session, stream: ByteStream, *, release_resets: bool) -> None:
+        self.session = session
+        self.stream = stream
+        self.release_resets = release_resets
+        self.handshake: HandshakeComplete | None = None
+        self.inbox: dict[int, deque[tuple[Spack, int]]] = defaultdict(deque)
+        self.opened: list[int] = []
+        self.closed_by_peer: list[int] = []
+        self.resets: dict[int, tuple[int, str]] = {}
+        self.close_received: CloseReceived | None = None
+        self.error: Exception | None = None
+        self.done = False
+        self._lock = anyio.Lock()
+        self._changed = anyio.Event()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def until(self, ready: Callable[[], object]) -> None:
+        while True:
+            changed = self._changed
+            if ready():
+                return
+            await changed.wait()
+
+    async def flush(self) -> None:
+        """Write out everything the session has to send, in order."""
+        async with self._lock:
+            while data := self.session.data_to_send():
+                await self.stream.send(bytes(data))
+
+    async def run(self) -> None:
+        """Feed the peer's bytes to the session and handle its events until CLOSE or EOF."""
+        try:
+            await self.flush()
+            while self.close_received is None:
+                try:
+                    data = await self.stream.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    data = b""
+                self.session.receive_data(data)
+                await self._events()
+                if not data:
+                    break
+        except StalkError as exc:
+            self.error = exc
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self.flush()  # the refusal or error CLOSE, then the transport ends
+                await self.stream.send_eof()
+        finally:
+            self.done = True
+            self._wake()
+
+    async def _events(self) -> None:
+        while self.close_received is None:
+            event = self.session.next_event()
+            if event is NEED_DATA:
+                break
+            if event is PAUSED:
+                await self.flush()
+                await anyio.lowlevel.checkpoint()
+                continue
+            self._dispatch(event)
+        await self.flush()
+        self._wake()
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, PeerIdentified):
+            self.session.accept()
+        elif isinstance(event, HandshakeComplete):
+            self.handshake = event
+        elif isinstance(event, ChannelOpened):
+            self.opened.append(event.channel)
+        elif isinstance(event, ChannelMessageReceived):
+            self.inbox[event.channel].append((event.spack, event.size))
+        elif isinstance(event, MessageReceived):
+            self.inbox[0].append((event.spack, 0))
+        elif isinstance(event, ChannelCloseReceived):
+            self.closed_by_peer.append(event.channel)
+        elif isinstance(event, ChannelResetReceived):
+            self.resets[event.channel] = (event.code, event.reason)
+            while self.inbox[event.channel]:  # dropped: never handed to the application
+                self.session.release(event.channel, self.inbox[event.channel].popleft()[1])
+            if self.release_resets:
+                self.session.release_channel(event.channel)
+        elif isinstance(event, CloseReceived):
+            self.close_received = event
+
+    # -- the application's calls ----------------------------------------------------------
+
+    async def send(self, channel: int, *spacks: Spack) -> None:
+        for spack in spacks:
+            self.session.queue(spack, channel)
+        self.session.flush()
+        await self.flush()
+
+    async def receive(self, channel: int) -> Spack:
+        """The next spack on ``channel``; its credit goes back to the peer."""
+        inbox = self.inbox[channel]
+        await self.until(
+            lambda: (
+                inbox
+                or self.done
+                or channel in self.closed_by_peer
+                or channel in self.resets
+                or self.close_received is not None
+            )
+        )
+        if not inbox:
+            raise AssertionError(f"channel {channel} ended: {self.error or self.close_received}")
+        spack, size = inbox.popleft()
+        self.session.release(channel, size)
+        await self.flush()
+        return spack
+
+    async def closed_by_peer_on(self, channel: int) -> None:
+        """Wait for the peer's CLOSE of ``channel``."""
+        await self.until(lambda: channel in self.closed_by_peer)
+
+    async def close_channel(self, channel: int) -> None:
+        self.session.close_channel(channel)
+        await self.flush()
+
+    async def reset_channel(self, channel: int, code: int, reason: str) -> None:
+        self.session.reset_channel(channel, code, reason)
+        await self.flush()
+
+    async def close(self) -> None:
+        """Send CLOSE; once the peer's came too, end the transport (as a Connection does)."""
+        self.session.close()
+        await self.flush()
+        if self.close_received is not None:
+            await self.stream.send_eof()
+
+
+@dataclass
+class Link:
+    """The two ends of one connection: stalk's driven Session and the interop peer."""
+
+    stalk: StalkSide
+    session: ip.PeerSession
+    peer: ip.ChannelPeer | None
+    tg: TaskGroup
+
+    @property
+    def chan(self) -> ip.ChannelPeer:
+        """The interop peer's channels (the connection has them)."""
+        assert self.peer is not None
+        return self.peer
+
+
+@asynccontextmanager
+async def link(
+    role: str,
+    pattern: str,
+    *,
+    stalk_channels: ChannelParams | None = WINDOWS,
+    offer: ip.ChannelOffer | None = OFFER,
+    liveness: str = "whole",
+    answer_resets: bool = True,
+    release_resets: bool = True,
+    raw: bool = False,
+) -> AsyncIterator[Link]:
+    """A connection between stalk (``role``) and the interop peer, handshake done; when both
+    offered channels the interop peer's ChannelPeer runs too, unless ``raw`` (the test
+    then writes and reads records itself)."""
+    a, b = byte_stream_pair(math.inf)
+    key = ip.StaticKey.generate()
+    identity = Identity.generate()
+    config = SessionConfig(channels=stalk_channels)
+    if role == "stalk-initiator":
+        pin = PublicIdentity(key.public) if pattern == "IK" else None
+        session = Session(Role.INITIATOR, identity, peer=pin, config=config)
+    else:
+        session = Session(Role.RESPONDER, identity, config=config)
+    stalk = StalkSide(session, a, release_resets=release_resets)
+    async with a, b, anyio.create_task_group() as tg:
+        tg.start_soon(stalk.run)
+        if role == "stalk-initiator":
+            peer_session = await ip.respond(b, key, channels=offer)
+        else:
+            responder = identity.public.raw if pattern == "IK" else None
+            peer_session = await ip.initiate(b, key, responder, channels=offer)
+        await stalk.until(lambda: stalk.handshake or stalk.done)
+        assert stalk.handshake is not None, stalk.error
+        assert peer_session.handshake.pattern == pattern
+        peer = None
+        if peer_session.channels is not None and not raw:
+            peer = ip.ChannelPeer(peer_session, liveness=liveness, answer_resets=answer_resets)
+            tg.start_soon(peer.run)
+        yield Link(stalk, peer_session, peer, tg)
+        tg.cancel_scope.cancel()
+
+
+def assert_clean(ln: Link) -> None:
+    """Neither side saw the other break SPEC.md."""
+    assert ln.stalk.error is None
+    if ln.peer is not None:
+        assert ln.peer.failure is None
+        assert ln.peer.transport_error is None
+
+
+def sizes(seed: int) -> list[Spack]:
+    """Four spacks for one channel: small ones and one of several windows."""
+    return [
+        Spack(seed, "hello"),
+        Spack(seed, bytes(range(256)) * (8 + seed % 5)),  # 2-3 KB
+        Spack(seed, "x" * (9000 + 37 * seed)),  # two channel windows and more
+        Spack(seed, [None, True, 1.5]),
+    ]
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_channels_negotiated(role: str, pattern: str) -> None:
+    """SPEC sections 8 and 24: both offered the three parameters; each sees the other's."""
+    offer = ip.ChannelOffer(max_channels=7, channel_window=5000, connection_window=70000)
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, offer=offer) as ln:
+            assert ln.stalk.session.channels
+            assert ln.stalk.session.peer_channels == ChannelParams(7, 5000, 70000)
+            params = ln.session.handshake.peer_params
+            assert {k: params[k] for k in ip.CHANNEL_KEYS} == {
+                "max_channels": WINDOWS.max_channels,
+                "channel_window": WINDOWS.channel_window,
+                "connection_window": WINDOWS.connection_window,
+            }
+            assert ln.session.channels == (offer, ip.ChannelOffer(16, 4096, 65516))
+            assert ln.peer is not None
+            assert_clean(ln)
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"max_channels": 4},
+        {"channel_window": 4096, "connection_window": 65516},
+        {**OFFER.params(), "max_channels": 65536},
+        {**OFFER.params(), "channel_window": 1023},
+        {**OFFER.params(), "connection_window": 65515},
+        {**OFFER.params(), "channel_window": 2**31},
+        {**OFFER.params(), "max_channels": True},
+        {**OFFER.params(), "connection_window": 65516.0},
+    ],
+    ids=[
+        "one-of-three",
+        "two-of-three",
+        "max_channels-65536",
+        "channel_window-1023",
+        "connection_window-65515",
+        "channel_window-2^31",
+        "max_channels-true",
+        "connection_window-float",
+    ],
+)
+async def test_stalk_refuses_malformed_channel_parameters(
+    pattern: str, params: dict[str, Any]
+) -> None:
+    """SPEC section 8: the three channel keys go together, each an int in its range; else
+    the payload is malformed: IK refusal verdict, XX CLOSE instead of READY, both code 5."""
+    a, b = byte_stream_pair(math.inf)
+    identity = Identity.generate()
+    config = SessionConfig(channels=WINDOWS)
+    stalk = StalkSide(Session(Role.RESPONDER, identity, config=config), a, release_resets=True)
+    responder = identity.public.raw if pattern == "IK" else None
+    with anyio.fail_after(LIMIT):
+        async with a, b, anyio.create_task_group() as tg:
+            tg.start_soon(stalk.run)
+            with pytest.raises((ip.Refused, ip.PeerClosed)) as info:
+                await ip.initiate(b, ip.StaticKey.generate(), responder, extra_params=params)
+            assert isinstance(info.value, ip.Refused if pattern == "IK" else ip.PeerClosed)
+            assert info.value.code == ip.PROTOCOL_ERROR
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_many_channels_interleaved_both_ways(role: str, pattern: str) -> None:
+    """Each side opens 6 channels and sends on them all at once; the other echoes each
+    channel and closes it when the opener has; every spack comes back in order."""
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern) as ln:
+            stalk, peer = ln.stalk, ln.chan
+
+            async def peer_echo(channel: int) -> None:
+                while True:
+                    try:
+                        spack = await peer.receive(channel)
+                    except ip.ChannelEnded:
+                        await peer.close_channel(channel)
+                        return
+                    await peer.send(channel, spack)
+
+            async def peer_opener(channel: int) -> None:
+                async with anyio.create_task_group() as tg:
+                    for spack in sizes(channel):
+                        tg.start_soon(peer.send, channel, spack)
+                        await anyio.lowlevel.checkpoint()
+                for spack in sizes(channel):
+                    assert same(await peer.receive(channel), spack)
+                await peer.close_channel(channel)
+                with pytest.raises(ip.ChannelEnded):
+                    await peer.receive(channel)
+
+            async def stalk_echo(channel: int) -> None:
+                while channel not in stalk.closed_by_peer or stalk.inbox[channel]:
+                    await stalk.until(
+                        lambda: stalk.inbox[channel] or channel in stalk.closed_by_peer
+                    )
+                    if stalk.inbox[channel]:
+                        await stalk.send(channel, await stalk.receive(channel))
+                await stalk.close_channel(channel)
+
+            async def stalk_opener(channel: int) -> None:
+                await stalk.send(channel, *sizes(channel))
+                for spack in sizes(channel):
+                    assert same(await stalk.receive(channel), spack)
+                await stalk.close_channel(channel)
+                await stalk.closed_by_peer_on(channel)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(6):
+                    tg.start_soon(stalk_opener, stalk.session.open_channel())
+                    tg.start_soon(peer_opener, peer.open_channel())
+                for _ in range(6):
+                    tg.start_soon(peer_echo, await peer.accept_channel())
+                    await stalk.until(lambda: len(stalk.opened) > 0)
+                    tg.start_soon(stalk_echo, stalk.opened.pop(0))
+            assert peer.open_channels() == (0, 0)
+            assert_clean(ln)
+            # stalk interleaved its channels: some channel's data records are not contiguous
+            data = [ch for msg in peer.log for kind, ch, _ in msg if kind in (1, 2) and ch]
+            runs = [ch for i, ch in enumerate(data) if i == 0 or data[i - 1] != ch]
+            assert len(runs) > len(set(runs))
+
+
+def data_records(peer: ip.ChannelPeer, channel: int) -> list[tuple[int, int]]:
+    """``(kind, body length)`` of the data records the interop peer received on ``channel``."""
+    return [
+        (kind, n)
+        for msg in peer.log
+        for kind, ch, n in msg
+        if ch == channel and kind in (ip.MESSAGE, ip.FRAGMENT)
+    ]
+
+
+@pytest.mark.parametrize("bound", list(BOUNDS))
+@pytest.mark.parametrize("liveness", ip.LIVENESS)
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_stalk_sends_a_spack_several_windows_long(
+    role: str, pattern: str, liveness: str, bound: str
+) -> None:
+    """SPEC section 24: 300 KB through a 4 KB channel window or a 64 KB connection window,
+    with nothing taken until it is whole: the interop receiver's liveness grants (either
+    reading of SPEC) carry it, on a channel and on channel 0. A small spack queued after it
+    on another channel arrives before it ends (fairness)."""
+    windows, offer = BOUNDS[bound]
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, stalk_channels=windows, offer=offer) as ln:
+            stalk, peer = ln.stalk, ln.chan
+            big, small = stalk.session.open_channel(), stalk.session.open_channel()
+            stalk.session.queue(LONG, big)
+            stalk.session.queue(Spack("small"), small)
+            stalk.session.flush()
+            await stalk.flush()
+            assert await peer.accept_channel() == big
+            assert await peer.accept_channel() == small
+            await peer.until(lambda: peer.pending(big))
+            # liveness grants went on the big channel before the application took anything
+            assert any(ch == big for ch, _ in peer.grants)
+            assert same(await peer.receive(small), Spack("small"))
+            assert same(await peer.receive(big), LONG)
+            records = data_records(peer, big)
+            assert sum(n for _, n in records) == len(LONG.encode())
+            assert records[0][1] <= min(offer.channel_window, offer.connection_window)
+            assert [kind for kind, _ in records[:-1]] == [ip.FRAGMENT] * (len(records) - 1)
+            assert records[-1][0] == ip.MESSAGE
+            # the small spack's MESSAGE came between two pieces of the big one
+            flat = [(kind, ch) for msg in peer.log for kind, ch, _ in msg if ch in (big, small)]
+            assert flat.index((ip.MESSAGE, small)) < flat.index((ip.MESSAGE, big))
+            await stalk.send(0, LONG)
+            assert same(await peer.receive(0), LONG)
+            # the round trip goes on afterwards, both ways, within the credit left
+            await peer.send(big, Spack("thanks"))
+            assert same(await stalk.receive(big), Spack("thanks"))
+            assert_clean(ln)
+
+
+@pytest.mark.parametrize("bound", list(BOUNDS))
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_interop_sends_a_spack_several_windows_long(
+    role: str, pattern: str, bound: str
+) -> None:
+    """SPEC section 24: the interop peer splits 300 KB to fit stalk's credit (one window
+    at a time) and stalk's liveness grants let it through; then once more as 1000-byte
+    FRAGMENTs and an empty final MESSAGE, on channel 0."""
+    windows, offer = BOUNDS[bound]
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, stalk_channels=windows, offer=offer) as ln:
+            stalk, peer = ln.stalk, ln.chan
+            channel = peer.open_channel()
+            await peer.send(channel, LONG)
+            assert same(await stalk.receive(channel), LONG)
+            assert stalk.opened == [channel]
+            sent = [n for _, ch, n in peer.sent if ch == channel]
+            assert sent[0] == min(
+                windows.channel_window, windows.connection_window, ip.MAX_DATA_BODY
+            )
+            await peer.send(0, LONG, piece=1000, empty_final=True)
+            assert same(await stalk.receive(0), LONG)
+            assert peer.sent[-1] == (ip.MESSAGE, 0, 0)
+            # credit came back: a spack of a full window goes at once
+            await peer.send(channel, spack_of(4096))
+            assert peer.sent[-1] == (ip.MESSAGE, channel, 4096)
+            assert same(await stalk.receive(channel), Spack.decode(spack_of(4096)))
+            assert_clean(ln)
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_two_spacks_waiting_for_credit_at_once(role: str, pattern: str) -> None:
+    """SPEC section 24: two channels each inside a spack larger than the window, both
+    ways at once; the receivers take the slot in turn (each side reads both channels)."""
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern) as ln:
+            stalk, peer = ln.stalk, ln.chan
+            mine = [peer.open_channel(), peer.open_channel()]
+            theirs = [stalk.session.open_channel(), stalk.session.open_channel()]
+            for channel in theirs:
+                stalk.session.queue(LONG, channel)
+            stalk.session.flush()
+            await stalk.flush()
+            for channel in mine:
+                ln.tg.start_soon(peer.send, channel, LONG)
+            got: list[int] = []
+
+            async def take(receive: Callable[[int], Awaitable[Spack]], channel: int) -> None:
+                assert same(await receive(channel), LONG)
+                got.append(channel)
+
+            async with anyio.create_task_group() as tg:
+                for channel in mine:
+                    tg.start_soon(take, stalk.receive, channel)
+                assert [await peer.accept_channel() for _ in theirs] == theirs
+                for channel in reversed(theirs):  # the second may come first
+                    tg.start_soon(take, peer.receive, channel)
+            assert sorted(got) == sorted(mine + theirs)
+            assert_clean(ln)
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_stalk_resets_a_channel(role: str, pattern: str) -> None:
+    """stalk resets its channels: the peer's receive (and a send waiting for credit) raise
+    ChannelReset with stalk's code and reason, it answers, and the channel ends on both
+    sides (the peer allows one channel at a time: stalk may open the next one only then).
+    What stalk dropped of an incomplete spack comes back as connection credit."""
+    offer = ip.ChannelOffer(max_channels=1, channel_window=65516, connection_window=65516)
+    windows = ChannelParams(max_channels=1, channel_window=65516, connection_window=65516)
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, offer=offer, stalk_channels=windows) as ln:
+            stalk, peer = ln.stalk, ln.chan
+
+            async def reset_and_reopen(channel: int, code: int, reason: str) -> int:
+                await stalk.reset_channel(channel, code, reason)
+                with pytest.raises(ip.ChannelReset) as info:
+                    await peer.receive(channel)
+                assert (info.value.code, info.value.reason) == (code, reason)
+                assert info.value.by_peer
+                with pytest.raises(ip.ChannelReset):
+                    await peer.send(channel, Spack("too late"))
+                assert peer.state(channel) == ip.ENDED
+                assert peer.open_channels() == (0, 0)
+                await peer.round_trip()  # stalk has our answering RESET now
+                nxt = stalk.session.open_channel()
+                await stalk.send(nxt, Spack("next"))
+                assert await peer.accept_channel() == nxt
+                assert same(await peer.receive(nxt), Spack("next"))
+                return nxt
+
+            first = stalk.session.open_channel()
+            with pytest.raises(LocalProtocolError):
+                stalk.session.open_channel()  # the peer's max_channels is 1
+            await stalk.send(first, Spack("go"))
+            assert await peer.accept_channel() == first
+            assert same(await peer.receive(first), Spack("go"))
+            # An incomplete spack of 40000 bytes (within credit: stalk holds it, no more)
+            await peer.send(first, LONG, stop_after=40000)
+            await peer.round_trip()
+            second = await reset_and_reopen(first, 0x1234, "stop ✓")
+            await peer.round_trip()  # stalk's grants for what it dropped came before
+            # stalk grants a quarter window at a time: up to a quarter may still be held
+            assert peer.send_credit() > offer.connection_window * 3 // 4 - 100
+
+            # A spack waiting for credit is stopped by the RESET
+            outcome: list[BaseException] = []
+            done = anyio.Event()
+
+            async def stream_back() -> None:
+                try:
+                    await peer.send(second, LONG)
+                except ip.ChannelReset as exc:
+                    outcome.append(exc)
+                done.set()
+
+            ln.tg.start_soon(stream_back)
+            await peer.until(lambda: peer.send_credit(second) < offer.channel_window)
+            third = await reset_and_reopen(second, ip.NORMAL, "")
+            await done.wait()
+            assert len(outcome) == 1
+            assert isinstance(outcome[0], ip.ChannelReset)
+            await peer.send(third, Spack("ack"))
+            assert same(await stalk.receive(third), Spack("ack"))
+            assert_clean(ln)
+
+
+ONE_CHANNEL = ChannelParams(max_channels=1, channel_window=4096, connection_window=65516)
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_interop_resets_a_channel(role: str, pattern: str) -> None:
+    """The interop peer resets its channel while stalk streams on it: stalk reports the
+    code and reason, drops what it had not sent, and answers only when its application
+    lets go of the channel, which keeps its place in stalk's max_channels until then."""
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, stalk_channels=ONE_CHANNEL, release_resets=False) as ln:
+            stalk, peer = ln.stalk, ln.chan
+            first = peer.open_channel()
+            await peer.send(first, Spack("go"))
+            assert same(await stalk.receive(first), Spack("go"))
+            assert stalk.opened == [first]
+            await stalk.send(first, LONG)
+            await peer.until(lambda: data_records(peer, first))
+            await peer.reset_channel(first, 0x4321, "enough")
+            await stalk.until(lambda: first in stalk.resets)
+            assert stalk.resets[first] == (0x4321, "enough")
+            assert stalk.session.queued_bytes == 0  # what it had not sent is dropped
+            with pytest.raises(ip.ChannelReset) as info:
+                await peer.receive(first)
+            assert not info.value.by_peer
+            assert peer.state(first) == ip.RESET_SENT  # no answer yet
+            with pytest.raises(ip.LocalError):
+                peer.open_channel()  # stalk's max_channels is 1, and the reset one counts
+            stalk.session.release_channel(first)
+            await stalk.flush()
+            await peer.until(lambda: peer.state(first) == ip.ENDED)
+            second = peer.open_channel()
+            await peer.send(second, Spack("next"))
+            assert same(await stalk.receive(second), Spack("next"))
+            await stalk.send(second, LONG)
+            assert same(await peer.receive(second), LONG)
+            assert_clean(ln)
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_crossing_resets_answer_each_other(role: str, pattern: str) -> None:
+    """SPEC section 24: both sides reset the same channel at once; each RESET answers the
+    other, nobody sends a third, and the channel is gone on both sides."""
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, stalk_channels=ONE_CHANNEL) as ln:
+            stalk, peer = ln.stalk, ln.chan
+            channel = peer.open_channel()
+            await peer.send(channel, Spack("go"))
+            assert same(await stalk.receive(channel), Spack("go"))
+            stalk.session.reset_channel(channel, 7, "crossing")  # not written out yet
+            await peer.reset_channel(channel, 8, "crossing too")
+            await stalk.flush()
+            await peer.until(lambda: peer.state(channel) == ip.ENDED)
+            await peer.round_trip()
+            resets = [ch for msg in peer.log for kind, ch, _ in msg if kind == ip.RESET]
+            assert resets == [channel]
+            second = peer.open_channel()  # stalk's max_channels is 1: the first is gone
+            await peer.send(second, Spack("next"))
+            assert same(await stalk.receive(second), Spack("next"))
+            assert_clean(ln)
+
+
+@pytest.mark.parametrize("first_closer", ["stalk", "interop"])
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_channel_half_close(role: str, pattern: str, first_closer: str) -> None:
+    """SPEC section 24: the opener sends two spacks and closes its direction; the other
+    side still sends three (one several windows long) and then closes; the channel is
+    gone on both sides, and each side's one allowed channel can be opened again."""
+    offer = ip.ChannelOffer(max_channels=1, channel_window=4096, connection_window=65516)
+    replies = [Spack("one"), LONG, Spack("three")]
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, stalk_channels=ONE_CHANNEL, offer=offer) as ln:
+            stalk, peer = ln.stalk, ln.chan
+            for _ in range(2):  # twice: the channel's place is free again after the first
+                if first_closer == "stalk":
+                    channel = stalk.session.open_channel()
+                    await stalk.send(channel, *BATCH[:2])
+                    await stalk.close_channel(channel)
+                    assert await peer.accept_channel() == channel
+                    for spack in BATCH[:2]:
+                        assert same(await peer.receive(channel), spack)
+                    with pytest.raises(ip.ChannelEnded):
+                        await peer.receive(channel)
+                    assert peer.state(channel) == ip.RECEIVE_CLOSED
+                    for spack in replies:
+                        await peer.send(channel, spack)
+                    await peer.close_channel(channel)
+                    assert peer.state(channel) == ip.ENDED
+                    for spack in replies:
+                        assert same(await stalk.receive(channel), spack)
+                    await stalk.closed_by_peer_on(channel)
+                    await peer.round_trip()
+                else:
+                    channel = peer.open_channel()
+                    for spack in BATCH[:2]:
+                        await peer.send(channel, spack)
+                    await peer.close_channel(channel)
+                    assert peer.state(channel) == ip.SEND_CLOSED
+                    for spack in BATCH[:2]:
+                        assert same(await stalk.receive(channel), spack)
+                    await stalk.closed_by_peer_on(channel)
+                    await stalk.send(channel, *replies)
+                    await stalk.close_channel(channel)
+                    for spack in replies:
+                        assert same(await peer.receive(channel), spack)
+                    with pytest.raises(ip.ChannelEnded):
+                        await peer.receive(channel)
+                    assert peer.state(channel) == ip.ENDED
+            assert peer.open_channels() == (0, 0)
+            assert_clean(ln)
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_connection_close_ends_the_senders_direction_of_every_channel(
+    role: str, pattern: str
+) -> None:
+    """SPEC sections 13 and 24: the interop peer's CLOSE ends its direction of every
+    channel; stalk still sends on them (within the credit it holds) and then closes."""
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern) as ln:
+            stalk, peer = ln.stalk, ln.chan
+            ours, theirs = peer.open_channel(), stalk.session.open_channel()
+            await peer.send(ours, Spack("mine"))
+            await stalk.send(theirs, Spack("yours"))
+            assert await peer.accept_channel() == theirs
+            assert same(await peer.receive(theirs), Spack("yours"))
+            await peer.close()
+            assert same(await stalk.receive(ours), Spack("mine"))
+            await stalk.until(lambda: stalk.close_received is not None)
+            assert stalk.close_received == CloseReceived(0, "")
+            await stalk.send(ours, Spack("still"))
+            await stalk.send(theirs, Spack("here"))
+            await stalk.close()
+            assert same(await peer.receive(ours), Spack("still"))
+            assert same(await peer.receive(theirs), Spack("here"))
+            assert await peer.wait_closed() == (ip.NORMAL, "")
+            assert_clean(ln)
+
+
+@pytest.mark.parametrize("offers", ["stalk-only", "interop-only"])
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_one_side_without_channels_talks_on_channel_0(
+    role: str, pattern: str, offers: str
+) -> None:
+    """SPEC sections 23 and 24: when only one side offers channels (the other speaks
+    version 1 and ignores the unknown keys), the connection has none: spacks go on
+    channel 0 as in version 1, and stalk cannot open a channel."""
+    stalk_channels = WINDOWS if offers == "stalk-only" else None
+    offer = OFFER if offers == "interop-only" else None
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, stalk_channels=stalk_channels, offer=offer) as ln:
+            stalk, session = ln.stalk, ln.session
+            assert ln.peer is None
+            assert session.channels is None
+            assert not stalk.session.channels
+            assert ("max_channels" in session.handshake.peer_params) == (offers == "stalk-only")
+            with pytest.raises(LocalProtocolError):
+                stalk.session.open_channel()
+            for spack in [*SAMPLES, LONG]:
+                if len(spack.encode()) > 4000:
+                    await session.send_fragmented(spack.encode())
+                else:
+                    await session.send(spack)
+                assert same(await stalk.receive(0), spack)
+                await stalk.send(0, spack)
+                assert same(await session.receive(), spack)
+            await session.close()
+            await stalk.until(lambda: stalk.close_received is not None)
+            await stalk.close()
+            assert await session.expect_close() == (ip.NORMAL, "")
+            assert stalk.error is None
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_opening_in_any_order(role: str, pattern: str) -> None:
+    """SPEC section 24: the interop peer takes three ids and sends first on the highest,
+    which opens the lower two as well (stalk reports them in order); and a channel opened
+    by its CLOSE alone."""
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern) as ln:
+            stalk, peer = ln.stalk, ln.chan
+            low = peer.open_channel()
+            high = peer.open_channel(low + 4)
+            await peer.send(high, Spack("high"))
+            await peer.send(low, Spack("low"))
+            await peer.send(low + 2, Spack("middle"))
+            for channel, value in [(low, "low"), (low + 2, "middle"), (high, "high")]:
+                assert same(await stalk.receive(channel), Spack(value))
+            assert stalk.opened == [low, low + 2, high]
+            assert peer.open_channels() == (3, 0)
+
+            closed = peer.open_channel()
+            await peer.close_channel(closed)  # its first and only record
+            await stalk.closed_by_peer_on(closed)
+            assert stalk.opened[-1] == closed
+            await stalk.send(closed, Spack("reply"))
+            await stalk.close_channel(closed)
+            assert same(await peer.receive(closed), Spack("reply"))
+            await peer.until(lambda: peer.state(closed) == ip.ENDED)
+            assert peer.open_channels() == (3, 0)
+            assert_clean(ln)
+
+
+async def read_until(session: ip.PeerSession, last: Callable[[ip.Record], bool]) -> list[ip.Record]:
+    """Records read until one that ``last`` accepts (included)."""
+    records: list[ip.Record] = []
+    while not records or not last(records[-1]):
+        for record in session.take_pending() or await session.read_records():
+            records.append(record)
+            if last(record):
+                break
+    return records
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_records_on_an_ended_channel(role: str, pattern: str) -> None:
+    """SPEC section 24: on a channel that ended, a WINDOW is ignored (it crossed the end)
+    and a RESET is answered with RESET, code 0 and no reason, and nothing else. (Raw
+    records: the RESET here is one no compliant peer would send, see the findings.)"""
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, raw=True) as ln:
+            stalk, session = ln.stalk, ln.session
+            channel = 1 if session.initiator else 2
+            await session.send_records(
+                [rec(ip.MESSAGE, channel, GOOD_BODY), rec(ip.CLOSE, channel, b"\x00\x00")]
+            )
+            assert same(await stalk.receive(channel), Spack(1))
+            await stalk.closed_by_peer_on(channel)
+            await stalk.close_channel(channel)
+            await read_until(session, lambda r: r.kind == ip.CLOSE and r.channel == channel)
+            await session.send_records(
+                [
+                    ip.window_record(channel, 1000),
+                    ip.reset_record(channel, 9, "late"),
+                    ip.record(ip.PING, b"sync"),
+                ]
+            )
+            records = await read_until(session, lambda r: r.kind == ip.PONG)
+            resets = [r for r in records if r.kind == ip.RESET]
+            assert resets == [ip.Record(ip.RESET, b"\x00\x00", channel)]
+            assert not [r for r in records if r.kind == ip.CLOSE]
+            assert stalk.error is None
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_stalk_closes_after_its_spacks_under_way(role: str, pattern: str) -> None:
+    """SPEC section 24: the connection's CLOSE may not go inside a spack: stalk's CLOSE,
+    asked for while two large spacks still wait for credit, comes after both; the interop
+    peer then finds that no more credit can come for a spack of its own."""
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern) as ln:
+            stalk, peer = ln.stalk, ln.chan
+            channel = stalk.session.open_channel()
+            await stalk.send(channel, LONG)
+            await stalk.send(0, LONG)
+            await stalk.close()
+            assert await peer.accept_channel() == channel
+            assert same(await peer.receive(channel), LONG)
+            assert same(await peer.receive(0), LONG)
+            assert await peer.wait_closed() == (ip.NORMAL, "")
+            with pytest.raises(ip.LocalError, match="no credit can arrive"):
+                await peer.send(channel, LONG)
+            assert_clean(ln)
+
+
+@pytest.mark.parametrize("role", ROLES)
+async def test_stalk_resets_a_channel_before_its_first_record(role: str) -> None:
+    """stalk's application opens a channel and resets it at once: the connection must
+    survive it, and the channel be gone on both sides (stalk opens it with its CLOSE, then
+    resets it: SPEC section 24, "Reset")."""
+    with anyio.fail_after(LIMIT):
+        async with link(role, "XX") as ln:
+            stalk, peer = ln.stalk, ln.chan
+            channel = stalk.session.open_channel()
+            await stalk.reset_channel(channel, ip.NORMAL, "")
+            other = stalk.session.open_channel()
+            await stalk.send(other, Spack("after"))
+            await peer.round_trip()
+            assert_clean(ln)
+            assert peer.open_channels() == (0, 1)
+
+
+# -- hostile records from the interop side ---------------------------------------------------
+
+#: A whole spack on channel 0 that leads each hostile message: nothing of a message that
+#: breaks the protocol may be delivered (SPEC sections 11 and 18).
+GOOD_BODY = Spack(1).encode()
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """Transport messages (lists of records) that break section 24, given the sender's
+    parity: ``mine(k)`` is the sender's k-th channel id, ``theirs(k)`` the receiver's."""
+
+    build: Callable[[Callable[[int], int], Callable[[int], int]], list[list[bytes]]]
+    code: int
+    windows: ChannelParams = WINDOWS
+
+
+def rec(kind: int, channel: int, body: bytes = b"") -> bytes:
+    return ip.record(kind, body, channel)
+
+
+def spack_of(size: int) -> bytes:
+    """A spack encoding of exactly ``size`` bytes (a ``bin`` in an array)."""
+    for header in (3, 4, 6):
+        encoded = Spack(bytes(size - header)).encode()
+        if len(encoded) == size:
+            return encoded
+    raise AssertionError(f"no spack of {size} bytes")
+
+
+TWO_CHANNELS = ChannelParams(max_channels=2, channel_window=4096, connection_window=65516)
+HOSTILE = {
+    "data-beyond-channel-credit": Hostile(
+        lambda mine, _: [[rec(ip.MESSAGE, mine(1), spack_of(4097))]], ip.FLOW_CONTROL_ERROR
+    ),
+    "data-beyond-connection-credit": Hostile(
+        lambda mine, _: [
+            [rec(ip.FRAGMENT, mine(1), bytes(60000))],
+            [rec(ip.FRAGMENT, mine(1), bytes(65516 - 60000 - len(GOOD_BODY) + 1))],
+        ],
+        ip.FLOW_CONTROL_ERROR,
+        BIG_WINDOWS,
+    ),
+    "channel-credit-past-2^31-1": Hostile(
+        lambda *_: [[rec(ip.WINDOW, 0, ip.uvarint(2**31 - 4096))]], ip.FLOW_CONTROL_ERROR
+    ),
+    "connection-credit-past-2^31-1": Hostile(
+        lambda *_: [[rec(ip.CONNECTION_WINDOW, 0, ip.uvarint(2**31 - 65516))]],
+        ip.FLOW_CONTROL_ERROR,
+    ),
+    "too-many-channels": Hostile(
+        lambda mine, _: [[rec(ip.MESSAGE, mine(k), GOOD_BODY)] for k in (1, 2, 3)],
+        ip.CHANNEL_LIMIT,
+        TWO_CHANNELS,
+    ),
+    "implicit-opening-past-the-limit": Hostile(
+        lambda mine, _: [[rec(ip.MESSAGE, mine(3), GOOD_BODY)]], ip.CHANNEL_LIMIT, TWO_CHANNELS
+    ),
+    "window-on-a-never-opened-channel": Hostile(
+        lambda mine, _: [[rec(ip.WINDOW, mine(1), b"\x01")]], ip.PROTOCOL_ERROR
+    ),
+    "reset-on-a-never-opened-channel": Hostile(
+        lambda mine, _: [[ip.reset_record(mine(1))]], ip.PROTOCOL_ERROR
+    ),
+    "data-on-the-receivers-never-opened-channel": Hostile(
+        lambda _, theirs: [[rec(ip.MESSAGE, theirs(1), GOOD_BODY)]], ip.PROTOCOL_ERROR
+    ),
+    "channel-id-past-2^31-1": Hostile(
+        lambda mine, _: [[rec(ip.MESSAGE, mine(2**30 + 1), GOOD_BODY)]], ip.PROTOCOL_ERROR
+    ),
+    "reset-on-channel-0": Hostile(lambda *_: [[ip.reset_record(0)]], ip.PROTOCOL_ERROR),
+    "connection-window-on-a-channel": Hostile(
+        lambda mine, _: [[rec(ip.MESSAGE, mine(1), GOOD_BODY), rec(0x0A, mine(1), b"\x01")]],
+        ip.PROTOCOL_ERROR,
+    ),
+    "ping-on-a-channel": Hostile(
+        lambda mine, _: [[rec(ip.MESSAGE, mine(1), GOOD_BODY), rec(ip.PING, mine(1))]],
+        ip.PROTOCOL_ERROR,
+    ),
+    "window-increment-0": Hostile(lambda *_: [[rec(ip.WINDOW, 0, b"\x00")]], ip.PROTOCOL_ERROR),
+    "channel-close-with-a-code": Hostile(
+        lambda mine, _: [[rec(ip.CLOSE, mine(1), b"\x00\x05")]], ip.PROTOCOL_ERROR
+    ),
+    "data-after-the-channels-close": Hostile(
+        lambda mine, _: [
+            [rec(ip.CLOSE, mine(1), b"\x00\x00")],
+            [rec(ip.MESSAGE, mine(1), GOOD_BODY)],
+        ],
+        ip.PROTOCOL_ERROR,
+    ),
+    "data-after-its-reset": Hostile(
+        lambda mine, _: [
+            [rec(ip.MESSAGE, mine(1), GOOD_BODY), ip.reset_record(mine(1))],
+            [rec(ip.MESSAGE, mine(1), GOOD_BODY)],
+        ],
+        ip.PROTOCOL_ERROR,
+    ),
+    "channel-close-inside-a-spack": Hostile(
+        lambda mine, _: [[rec(ip.FRAGMENT, mine(1), b"\x92"), rec(ip.CLOSE, mine(1), b"\x00\x00")]],
+        ip.PROTOCOL_ERROR,
+    ),
+    "connection-close-inside-a-spack-on-a-channel": Hostile(
+        lambda mine, _: [[rec(ip.FRAGMENT, mine(1), b"\x92"), ip.close_record(ip.NORMAL)]],
+        ip.PROTOCOL_ERROR,
+    ),
+}
+STALK_CODES = {
+    ip.PROTOCOL_ERROR: ProtocolError,
+    ip.CHANNEL_LIMIT: ChannelLimitExceeded,
+    ip.FLOW_CONTROL_ERROR: FlowControlError,
+}
+
+
+def hostile_messages(case: Hostile, initiator: bool) -> list[bytes]:
+    """The case's plaintexts from a sender in that role; GOOD leads the last one."""
+
+    def mine(k: int) -> int:
+        return 2 * k - 1 if initiator else 2 * k
+
+    def theirs(k: int) -> int:
+        return 2 * k if initiator else 2 * k - 1
+
+    messages = case.build(mine, theirs)
+    messages[-1] = [rec(ip.MESSAGE, 0, GOOD_BODY), *messages[-1]]
+    return [b"".join(records) for records in messages]
+
+
+@pytest.mark.parametrize(
+    ("role", "pattern"), [("stalk-responder", "XX"), ("stalk-initiator", "IK")]
+)
+@pytest.mark.parametrize("name", list(HOSTILE))
+async def test_stalk_refuses_hostile_channel_records(role: str, pattern: str, name: str) -> None:
+    """SPEC sections 16, 18 and 24: stalk ends the connection with the code SPEC names
+    (CHANNEL_LIMIT, FLOW_CONTROL_ERROR or PROTOCOL_ERROR), delivering nothing of the
+    message, and the interop peer reads that CLOSE."""
+    case = HOSTILE[name]
+    with anyio.fail_after(LIMIT):
+        async with link(role, pattern, stalk_channels=case.windows, raw=True) as ln:
+            stalk = ln.stalk
+            for plaintext in hostile_messages(case, ln.session.initiator):
+                await ln.session.send_plaintext(plaintext)
+            assert await read_close(ln.session) == case.code
+            await stalk.until(lambda: stalk.done)
+            assert type(stalk.error) is STALK_CODES[case.code]
+            assert isinstance(stalk.error, ProtocolError)
+            assert stalk.error.close_code == case.code
+            assert not stalk.inbox[0]
+
+
+async def read_close(session: ip.PeerSession) -> int:
+    """Read records up to the connection's CLOSE (a RESET answer may come first); its code."""
+    records = await read_until(session, lambda r: r.kind == ip.CLOSE and not r.channel)
+    return ip.decode_close(records[-1].body)[0]
+
+
+@asynccontextmanager
+async def interop_pair(
+    target: ip.ChannelOffer,
+) -> AsyncIterator[tuple[ip.PeerSession, ip.ChannelPeer]]:
+    """Two interop peers (the second offers ``target``): an initiator's raw session, and
+    the responder's ChannelPeer, running."""
+    a, b = byte_stream_pair(math.inf)
+    key = ip.StaticKey.generate()
+    sessions: list[ip.PeerSession] = []
+
+    async def respond() -> None:
+        sessions.append(await ip.respond(b, key, channels=target))
+
+    async with a, b, anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as handshake:
+            handshake.start_soon(respond)
+            initiator = await ip.initiate(a, ip.StaticKey.generate(), channels=OFFER)
+        responder = ip.ChannelPeer(sessions[0])
+        tg.start_soon(responder.run)
+        yield initiator, responder
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+async def test_interop_peer_refuses_hostile_channel_records(name: str) -> None:
+    """The interop peer detects the same errors with the same codes (so its checks of
+    stalk above mean something): a second interop peer sends them."""
+    case = HOSTILE[name]
+    target = ip.ChannelOffer(*(getattr(case.windows, k) for k in ip.CHANNEL_KEYS))
+    with anyio.fail_after(LIMIT):
+        async with interop_pair(target) as (sender, receiver):
+            for plaintext in hostile_messages(case, initiator=True):
+                await sender.send_plaintext(plaintext)
+            await receiver.until(lambda: receiver.finished)
+            assert receiver.failure is not None
+            assert receiver.failure.code == case.code
+            assert not receiver.pending(0)
+            assert await read_close(sender) == case.code

@@ -21,7 +21,7 @@ from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.stapled import StapledByteStream
 
-from stalk.writing import Writer, _SocketWriter, writer_for
+from stalk.writing import OFFER_MAX, Writer, _SocketWriter, writer_for
 
 pytestmark = pytest.mark.anyio
 
@@ -71,6 +71,34 @@ async def test_anyio_socket_streams_get_the_fast_writer(anyio_backend: str) -> N
             sock = ours.extra(SocketAttribute.raw_socket)
             assert isinstance(sock, socket.socket)
             assert sock.gettimeout() == 0.0
+
+
+async def test_a_large_buffer_is_offered_first_on_trio_only(anyio_backend: str) -> None:
+    """On asyncio, over OFFER_MAX the fast writer takes the general way whole."""
+    async with _tcp_pair() as (ours, theirs):
+        writer = writer_for(ours, 5.0)
+        big = bytes(range(256)) * ((OFFER_MAX + 1) // 256 + 1)
+        if anyio_backend == "trio":
+            taken = writer.write_nowait(big)  # offered whatever its size
+            assert taken > 0
+            received = bytearray()
+            while len(received) < taken:
+                received.extend(await theirs.receive())
+            assert bytes(received) == big[:taken]
+            return
+        assert writer.write_nowait(big) == 0
+        sent = writer.write_nowait(big[:OFFER_MAX])  # at most OFFER_MAX: offered
+        assert sent > 0
+        received = bytearray()
+
+        async def read() -> None:
+            while len(received) < sent + len(big):
+                received.extend(await theirs.receive())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await writer.write(big)
+        assert bytes(received) == big[:sent] + big
 
 
 async def test_other_streams_get_the_general_writer() -> None:

@@ -105,7 +105,7 @@ class ChannelMessageReceived:
 
 @dataclass(frozen=True, slots=True)
 class ChannelOpened:
-    """The peer opened a channel (its spacks, if any, follow as :class:`MessageReceived`)."""
+    """The peer opened a channel (its spacks follow as :class:`ChannelMessageReceived`)."""
 
     channel: int
 

@@ -250,7 +250,6 @@ class Link:
                 await self.write_pending()
             finally:
                 lock.release()
-            return
         await anyio.lowlevel.checkpoint()  # a cancellation takes effect after the writes
 
     def offer_pending(self) -> memoryview | None:

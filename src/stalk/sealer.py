@@ -15,6 +15,11 @@ bytes leave while the rest waits, and receiving (which queues PONGs) never encry
 Each frame's header is packed in place and its ciphertext encrypted straight into the
 output buffer: one copy of each plaintext byte.
 
+With channels, the session also attaches the :class:`~stalk.mux.Mux` as a
+:class:`PlaintextSource`: when nothing pushed waits, :meth:`Sealer.take` asks it for
+plaintexts, built at that moment (which is what makes channels take turns fairly), and
+never once a CLOSE was pushed.
+
 One shortcut: a lone plaintext flushed when nothing waits to be encrypted (the common
 small ``send()``) is held as it is rather than queued as an iterator of one, and
 :meth:`Sealer.take` encrypts it by the same code (:meth:`Sealer.push_one`).
