@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from stalk.channels import ChannelInput, ChannelTable
-from stalk.records import encode_uvarint
+from stalk.records import encode_uvarint, largest_fitting, take_views, uvarint_len
 from stalk.wire import RECORD_CAPACITY, RecordKind
 
 __all__ = ["Mux"]
@@ -52,19 +52,8 @@ class _Outgoing:
 
     def take(self, size: int) -> list[memoryview]:
         """The next ``size`` bytes, as views."""
-        taken: list[memoryview] = []
-        views = self.views
         self.left -= size
-        while size:
-            view = views[0]
-            if len(view) <= size:
-                taken.append(views.popleft())
-                size -= len(view)
-            else:
-                taken.append(view[:size])
-                views[0] = view[size:]
-                size = 0
-        return taken
+        return take_views(self.views, size)
 
 
 class _OpeningReset:
@@ -91,10 +80,6 @@ _Item = _Outgoing | _OpeningReset | None  # None: the channel's CLOSE
 
 def _header(kind: RecordKind, channel: int, length: int) -> bytes:
     return bytes((kind,)) + encode_uvarint(channel) + encode_uvarint(length)
-
-
-def _varint_len(value: int) -> int:
-    return 1 if value < 1 << 7 else 2 if value < 1 << 14 else 3 if value < 1 << 21 else 4
 
 
 class Mux:
@@ -261,9 +246,9 @@ class Mux:
             credit = min(table.connection.send, table.credit(channel).send)
             if not credit:
                 return False
-            avail = capacity - len(plaintext) - 1 - _varint_len(channel)
+            avail = capacity - len(plaintext) - 1 - uvarint_len(channel)
             left = item.left
-            if left <= credit and left + _varint_len(left) <= avail:
+            if left <= credit and left + uvarint_len(left) <= avail:
                 plaintext += _header(RecordKind.MESSAGE, channel, left)
                 for view in item.take(left):
                     plaintext += view
@@ -271,7 +256,7 @@ class Mux:
                 self._packed(channel, left)
                 queue.popleft()
                 continue
-            room = _largest_fitting(avail)
+            room = largest_fitting(avail)
             if room < _MIN_FRAGMENT and room < min(credit, left):
                 return True  # too little room for a piece worth its header: next plaintext
             size = min(room, credit, left)
@@ -286,11 +271,3 @@ class Mux:
         table = self._table
         table.connection.spend(size)
         table.credit(channel).spend(size)
-
-
-def _largest_fitting(avail: int) -> int:
-    """The largest body length ``n`` with ``n + len(uvarint(n)) <= avail``."""
-    n = avail - _varint_len(avail)
-    while (n + 1) + _varint_len(n + 1) <= avail:
-        n += 1
-    return max(n, 0)

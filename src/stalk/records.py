@@ -52,10 +52,13 @@ __all__ = [
     "decode_window",
     "encode_close",
     "encode_uvarint",
+    "largest_fitting",
     "lone_piece",
     "parse_records",
     "read_records",
     "read_uvarint",
+    "take_views",
+    "uvarint_len",
 ]
 
 _U16: Final = struct.Struct(">H")
@@ -114,7 +117,8 @@ def encode_uvarint(value: int) -> bytes:
     return bytes(out)
 
 
-def _uvarint_len(value: int) -> int:
+def uvarint_len(value: int) -> int:
+    """How many bytes ``encode_uvarint(value)`` takes (values below 2**28)."""
     return 1 if value < 1 << 7 else 2 if value < 1 << 14 else 3 if value < 1 << 21 else 4
 
 
@@ -350,10 +354,10 @@ def _channel_header(kind: RecordKind, channel: int, body: bytes | memoryview) ->
     return bytes((kind,)) + encode_uvarint(channel) + encode_uvarint(len(body))
 
 
-def _largest_fitting(avail: int) -> int:
+def largest_fitting(avail: int) -> int:
     """The largest body length ``n`` with ``n + len(uvarint(n)) <= avail``."""
-    n = avail - _uvarint_len(avail)
-    while (n + 1) + _uvarint_len(n + 1) <= avail:
+    n = avail - uvarint_len(avail)
+    while (n + 1) + uvarint_len(n + 1) <= avail:
         n += 1
     return max(n, 0)
 
@@ -391,7 +395,7 @@ class RecordWriter:
             self._current += bytes((RecordKind.MESSAGE, 0, size))
             self._current += encoded
             return
-        if size + _uvarint_len(size) <= self._capacity - len(self._current) - 2:
+        if size + uvarint_len(size) <= self._capacity - len(self._current) - 2:
             # Fits whole in the current plaintext: one MESSAGE record, nothing to split.
             self._current += _header(RecordKind.MESSAGE, size)
             self._current += encoded
@@ -409,12 +413,12 @@ class RecordWriter:
         current = self._current
         while True:
             avail = self._capacity - len(current) - 2
-            if remaining + _uvarint_len(remaining) <= avail:
+            if remaining + uvarint_len(remaining) <= avail:
                 current += _header(RecordKind.MESSAGE, remaining)
                 for view in views:
                     current += view
                 return
-            piece = _largest_fitting(avail)
+            piece = largest_fitting(avail)
             if piece < _MIN_FRAGMENT:
                 self._finish_current()
                 current = self._current
@@ -423,13 +427,13 @@ class RecordWriter:
                 # Whole Noise messages of fragments until the rest fits in one: they are
                 # built only when packed, one at a time, not all copied out now.
                 count = -(-remaining // piece) - 1
-                self._done.append(_Fragments(_take(views, count * piece), count, piece))
+                self._done.append(_Fragments(take_views(views, count * piece), count, piece))
                 self._done_bytes += count * (len(_header(RecordKind.FRAGMENT, piece)) + piece)
                 remaining -= count * piece
                 continue
             current += _header(RecordKind.FRAGMENT, piece)
             remaining -= piece
-            for view in _take(views, piece):
+            for view in take_views(views, piece):
                 current += view
             self._finish_current()
             current = self._current
@@ -509,12 +513,12 @@ class _Fragments:
         views = deque(self.views)
         for _ in range(self.count):
             plaintext = bytearray(header)
-            for view in _take(views, self.size):
+            for view in take_views(views, self.size):
                 plaintext += view
             yield plaintext
 
 
-def _take(views: deque[memoryview], size: int) -> list[memoryview]:
+def take_views(views: deque[memoryview], size: int) -> list[memoryview]:
     """Remove the first ``size`` bytes from ``views`` and return them as views."""
     taken: list[memoryview] = []
     while size:
