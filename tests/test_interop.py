@@ -537,9 +537,10 @@ async def test_responder_refuses_stalk(pattern: str) -> None:
 
 # -- channels (SPEC section 24): the interop peer against stalk's sans-IO Session -----------
 #
-# stalk's Connection does not offer channels yet, so stalk's side is a Session driven by
-# StalkSide below over an in-memory byte pipe; the interop peer's side is ip.ChannelPeer,
-# written from SPEC.md alone.
+# stalk's side is its sans-IO Session, driven by StalkSide below over an in-memory byte
+# pipe, so that each test controls exactly what stalk sends and when (Connection's
+# channels, stalk.channel, are tested in test_channels_api.py); the interop peer's side is
+# ip.ChannelPeer, written from SPEC.md alone.
 
 ROLES = ["stalk-initiator", "stalk-responder"]
 #: Small windows, so that credit runs out and comes back many times in every test.
@@ -1389,7 +1390,8 @@ async def test_stalk_closes_after_its_spacks_under_way(role: str, pattern: str) 
 @pytest.mark.parametrize("role", ROLES)
 async def test_stalk_resets_a_channel_before_its_first_record(role: str) -> None:
     """stalk's application opens a channel and resets it at once: the connection must
-    survive it, and the channel be gone on both sides."""
+    survive it, and the channel be gone on both sides (stalk opens it with its CLOSE, then
+    resets it: SPEC section 24, "Reset")."""
     with anyio.fail_after(LIMIT):
         async with link(role, "XX") as ln:
             stalk, peer = ln.stalk, ln.chan
