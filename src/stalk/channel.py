@@ -530,7 +530,7 @@ class Dispatcher:
         link.check_open()
         state = session.channel_state(inbox.id)
         inbox.closed = "reset"
-        if state is not None and state is not ChannelState.RESET_SENT and not session.close_sent:
+        if state is not None and not state.reset_by_us and not session.close_sent:
             if state is ChannelState.RESET_RECEIVED:
                 inbox.let_go = True
                 session.release_channel(inbox.id)  # already reset by the peer: answer it

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
-from stalk.channels import Channel, ChannelInput, ChannelState, ChannelTable
+from stalk.channels import Channel, ChannelInput, ChannelTable
 from stalk.errors import ProtocolError
 from stalk.events import ChannelOpened, Event
 from stalk.reassembly import Reassembler
