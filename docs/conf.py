@@ -48,7 +48,14 @@ autoclass_content = "both"  # a class's docstring, then its initializer's
 # The public aliases by name in signatures, instead of what they expand to.
 autodoc_type_aliases = {
     name: name
-    for name in ("Authorize", "ConnectionHandler", "MessageHandler", "Received", "SpackValue")
+    for name in (
+        "Authorize",
+        "ChannelHandler",
+        "ConnectionHandler",
+        "MessageHandler",
+        "Received",
+        "SpackValue",
+    )
 }
 # Sphinx writes an alias inside a union or a generic (``Authorize | None``) by the repr of
 # its placeholder, ``TypeAliasForwardRef('Authorize')``: its name is what belongs there.
@@ -85,7 +92,12 @@ nitpick_ignore_regex = [
 
 #: Classes made by a function, not by calling them: their signature is not shown (nor
 #: an enum's, whose members are all there is).
-NO_PUBLIC_INITIALIZER = {"stalk.Connection", "stalk.Listener", "stalk.sync.SyncConnection"}
+NO_PUBLIC_INITIALIZER = {
+    "stalk.Channel",
+    "stalk.Connection",
+    "stalk.Listener",
+    "stalk.sync.SyncConnection",
+}
 
 _log = logging.getLogger("stalk.docs")
 

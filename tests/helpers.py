@@ -19,6 +19,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, ByteSendStream
 from anyio.streams.stapled import StapledByteStream
 
+from stalk.channel import ChannelHandler
 from stalk.config import Config
 from stalk.connection import Connection
 from stalk.events import NEED_DATA, PAUSED, CloseReceived, Event, PeerIdentified
@@ -199,9 +200,10 @@ async def serving(
     *,
     authorize: Callable[[PublicIdentity], bool | Awaitable[bool]] | None = None,
     config: Config | None = None,
+    channel_handler: ChannelHandler | None = None,
 ) -> AsyncIterator[tuple[str, int, Identity]]:
-    """A listener on 127.0.0.1 with a fresh identity, serving ``handler`` until the block
-    ends; yields its host, port and identity."""
+    """A listener on 127.0.0.1 with a fresh identity, serving ``handler`` (and
+    ``channel_handler``) until the block ends; yields its host, port and identity."""
     identity = Identity.generate()
     async with anyio.create_task_group() as tg:
         host, port = await tg.start(
@@ -213,6 +215,7 @@ async def serving(
                 identity=identity,
                 authorize=authorize,
                 config=config,
+                channel_handler=channel_handler,
             )
         )
         yield host, port, identity

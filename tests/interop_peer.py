@@ -861,6 +861,9 @@ OPEN: Final = "open"
 SEND_CLOSED: Final = "send-closed"
 RECEIVE_CLOSED: Final = "receive-closed"
 RESET_SENT: Final = "reset-sent"
+CLOSED_RESET_SENT: Final = "closed-reset-sent"
+#: The states in which we sent the channel's RESET and drop what the peer sends on it.
+RESETTING: Final = (RESET_SENT, CLOSED_RESET_SENT)
 RESET_RECEIVED: Final = "reset-received"
 ENDED: Final = "ended"
 #: The liveness policies :class:`ChannelPeer` can follow (see its docstring).
@@ -1103,8 +1106,8 @@ class ChannelPeer:
             chan.send_credit = _add_credit(chan.send_credit, rec.body)
 
     def _resolve(self, rec: Record, actions: _Actions) -> _Channel | None:
-        """A record on a channel that is not open: it opens one, or is ignored, answered or
-        an error, in section 24's order."""
+        """A record on a channel that is not open: it opens one, or is ignored, or is an
+        error, in section 24's order."""
         ch = rec.channel
         peers = ch % 2 != self._parity
         if peers and ch > self._peer_highest:
@@ -1125,27 +1128,31 @@ class ChannelPeer:
             self._peer_highest = ch
             return self._live[ch]
         if ch <= (self._peer_highest if peers else self._wire_highest):
-            if rec.kind == WINDOW:
+            if rec.kind in (WINDOW, RESET):
                 return None  # it crossed the channel's end
-            if rec.kind == RESET:
-                actions.answers.append(reset_record(ch))  # it crossed our CLOSE
-                return None
             raise InteropError(f"record kind {rec.kind} on channel {ch}, which ended")
         raise InteropError(f"record kind {rec.kind} on channel {ch}, ours and never opened")
 
     def _data(self, chan: _Channel, rec: Record, actions: _Actions) -> None:
         n = len(rec.body)
+        # Section 24's order (the id was resolved already): connection credit, state,
+        # channel credit.
+        if n > self._conn_left:
+            raise InteropError(
+                f"{n} data bytes on channel {chan.id} beyond the connection's credit "
+                f"({self._conn_left})",
+                FLOW_CONTROL_ERROR,
+            )
         if chan.state in (RECEIVE_CLOSED, RESET_RECEIVED):
             raise InteropError(f"data on channel {chan.id} in state {chan.state}")
-        if n > chan.recv_left or n > self._conn_left:
+        if n > chan.recv_left:
             raise InteropError(
-                f"{n} data bytes on channel {chan.id} beyond the credit granted "
-                f"({chan.recv_left} on it, {self._conn_left} on the connection)",
+                f"{n} data bytes on channel {chan.id} beyond its credit ({chan.recv_left})",
                 FLOW_CONTROL_ERROR,
             )
         chan.recv_left -= n
         self._conn_left -= n
-        if chan.state == RESET_SENT:
+        if chan.state in RESETTING:
             actions.dropped += n  # sent before the peer saw our RESET; still counted
             return
         if chan.assembled + n > self.session.max_message_size:
@@ -1167,6 +1174,9 @@ class ChannelPeer:
     def _channel_close(self, chan: _Channel) -> None:
         if chan.state == RESET_SENT:
             return  # sent before the peer saw our RESET
+        if chan.state == CLOSED_RESET_SENT:
+            self._end(chan)  # our CLOSE ended it there: the peer ignores our RESET
+            return
         if chan.state not in (OPEN, SEND_CLOSED):
             raise InteropError(f"CLOSE on channel {chan.id} in state {chan.state}")
         if chan.parts:
@@ -1178,7 +1188,7 @@ class ChannelPeer:
 
     def _reset_received(self, chan: _Channel, rec: Record, actions: _Actions) -> None:
         code, reason = decode_close(rec.body, "RESET")
-        if chan.state == RESET_SENT:
+        if chan.state in RESETTING:
             self._end(chan)  # the two RESETs answer each other
             return
         if chan.state not in (OPEN, SEND_CLOSED, RECEIVE_CLOSED):
@@ -1412,7 +1422,7 @@ class ChannelPeer:
                     chan, encoded, piece or len(encoded), empty_final, stop_after is not None
                 )
             finally:
-                chan.sending = stop_after is not None and chan.state != RESET_SENT
+                chan.sending = stop_after is not None and chan.state not in RESETTING
 
     async def _send_pieces(
         self, chan: _Channel, encoded: bytes, piece: int, empty_final: bool, partial: bool
@@ -1521,7 +1531,7 @@ class ChannelPeer:
                 raise LocalError(f"channel {channel} is not open on the wire yet")
             self._raise_failure()
             await self.session.send_records_locked([reset_record(chan.id, code, reason)])
-            chan.state = RESET_SENT
+            chan.state = CLOSED_RESET_SENT if chan.state == SEND_CLOSED else RESET_SENT
             chan.reset_by_us = True
             chan.sending = False
         self._wake()
@@ -1680,8 +1690,13 @@ CHANNEL_STATES: Final[dict[tuple[str, str], str]] = {
     (RESET_SENT, "data received"): RESET_SENT,
     (RESET_SENT, "CLOSE received"): RESET_SENT,
     (RESET_SENT, "RESET received"): ENDED,
+    (OPEN, "RESET sent"): RESET_SENT,
+    (RECEIVE_CLOSED, "RESET sent"): RESET_SENT,
+    (SEND_CLOSED, "RESET sent"): CLOSED_RESET_SENT,
+    (CLOSED_RESET_SENT, "data received"): CLOSED_RESET_SENT,
+    (CLOSED_RESET_SENT, "CLOSE received"): ENDED,
+    (CLOSED_RESET_SENT, "RESET received"): ENDED,
     (RESET_RECEIVED, "released"): ENDED,
-    **{(state, "RESET sent"): RESET_SENT for state in (OPEN, SEND_CLOSED, RECEIVE_CLOSED)},
     **{(state, "RESET received"): RESET_RECEIVED for state in (OPEN, SEND_CLOSED, RECEIVE_CLOSED)},
 }
 
@@ -1949,16 +1964,18 @@ class ScriptedPeer:
         chan = self._live.get(channel) if channel else None
         if chan is None:
             raise LocalError(f"channel {channel} is not open")
+        on_wire = not self._ours(channel) or channel <= self._wire_highest
+        if not on_wire:  # its CLOSE opens it, then the RESET: closed-reset-sent
+            self._move(chan, "CLOSE sent")
         self._move(chan, "RESET sent")
         self._drop_sending(channel)
         self._forget(chan, self._owed.add)
         body = struct.pack(">H", code) + reason.encode("utf-8")
-        if self._ours(channel) and channel > self._wire_highest:
-            # Nothing of it went out: its CLOSE opens it, then the RESET (section 24, "Reset").
+        if on_wire:
+            self._owed.add(record(RESET, body, channel))
+        else:
             item = record(CLOSE, b"\x00\x00", channel) + record(RESET, body, channel)
             self._turns.setdefault(channel, deque()).append(item)
-        else:
-            self._owed.add(record(RESET, body, channel))
 
     def release(self, channel: int, size: int) -> None:
         """The application received a spack of ``size`` data bytes from ``channel``."""
@@ -2362,16 +2379,17 @@ class ScriptedPeer:
                 whole, self._parts = b"".join(self._parts), []
                 events.append({"event": "message", "encoded": whole})
             return
+        # Section 24's order: the channel id, the connection's credit, the state, its credit.
+        chan = self._zero if not rec.channel else self._for_record(rec.channel, opened)
         if size > self._conn.receive:
             raise InteropError("data beyond the connection's credit", FLOW_CONTROL_ERROR)
         self._conn.receive -= size
-        chan = self._zero if not rec.channel else self._for_record(rec.channel, opened)
         if rec.channel:
             self._move(chan, "data received")
         if size > chan.credit.receive:
             raise InteropError(f"data beyond channel {chan.id}'s credit", FLOW_CONTROL_ERROR)
         chan.credit.receive -= size
-        if chan.state == RESET_SENT:  # sent before the peer saw our RESET: dropped
+        if chan.state in RESETTING:  # sent before the peer saw our RESET: dropped
             self._release_connection(size, owe)
             return
         so_far = self._progress.get(chan.id, 0) + size
@@ -2415,16 +2433,16 @@ class ScriptedPeer:
             chan = self._for_record(rec.channel, opened)
             if chan.parts:
                 raise InteropError(f"CLOSE on channel {chan.id} inside a spack")
-            dropped = chan.state == RESET_SENT
+            dropped = chan.state in RESETTING
             self._move(chan, "CLOSE received")
             if not dropped:
                 events.append({"event": "channel_close", "channel": chan.id})
         else:  # RESET
             code, reason = decode_close(rec.body, "RESET")
             found = self._existing(rec.channel)
-            if found is None:  # it crossed our CLOSE: answered at once
-                owe(reset_record(rec.channel))
-            elif found.state == RESET_SENT:  # the answer to ours
+            if found is None:
+                pass  # on a channel that ended: it crossed the channel's end, ignored
+            elif found.state in RESETTING:  # the answer to ours
                 self._move(found, "RESET received")
             else:
                 self._move(found, "RESET received")

@@ -34,6 +34,7 @@ def _reach(table: ChannelTable, state: ChannelState) -> int:
         ChannelState.SEND_CLOSED: [ChannelInput.CLOSE_SENT],
         ChannelState.RECEIVE_CLOSED: [ChannelInput.CLOSE_RECEIVED],
         ChannelState.RESET_SENT: [ChannelInput.RESET_SENT],
+        ChannelState.CLOSED_RESET_SENT: [ChannelInput.CLOSE_SENT, ChannelInput.RESET_SENT],
         ChannelState.RESET_RECEIVED: [ChannelInput.RESET_RECEIVED],
     }[state]
     for what in path:
@@ -76,6 +77,8 @@ def test_a_channel_ends_by_a_close_each_way_or_a_reset_each_way() -> None:
         [ChannelInput.RESET_SENT, ChannelInput.RESET_RECEIVED],
         [ChannelInput.RESET_RECEIVED, ChannelInput.RELEASED],
         [ChannelInput.CLOSE_SENT, ChannelInput.RESET_SENT, ChannelInput.RESET_RECEIVED],
+        # Our CLOSE, then our RESET: the peer's CLOSE ends it (it ignores our RESET).
+        [ChannelInput.CLOSE_SENT, ChannelInput.RESET_SENT, ChannelInput.CLOSE_RECEIVED],
     ]
     for inputs in endings:
         table = _table()

@@ -39,6 +39,23 @@ def test_quick_start_runs_as_written() -> None:
     assert len(bytes.fromhex(hash_hex)) == 32
 
 
+def test_channels_example_runs_as_written() -> None:
+    block = re.search(r"### Channels\n.*?```python\n(.*?)```", README, re.DOTALL)
+    assert block is not None
+    result = subprocess.run(
+        [sys.executable, "-c", block.group(1)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.splitlines(), key=lambda line: line.split()[-1])
+    ids = [int(line.split()[0]) for line in lines]
+    assert sorted(ids) == [1, 3, 5]
+    assert [line.split(maxsplit=1)[1] for line in lines] == ["echo a", "echo b", "echo c"]
+
+
 def test_two_commands_are_the_makefile_targets_ci_runs() -> None:
     assert "    make demo" in README
     assert "    make test" in README
@@ -60,6 +77,10 @@ def test_config_table_matches_defaults() -> None:
     assert rows["idle_timeout"].strip() == "off"
     assert rows["read_size"].strip() == f"{defaults.read_size >> 10} KiB"
     assert rows["send_buffer"].strip() == f"{defaults.send_buffer >> 10} KiB"
+    assert defaults.max_channels is None
+    assert rows["max_channels"].strip() == "off"
+    assert rows["channel_window"].strip() == f"{defaults.channel_window >> 10} KiB"
+    assert rows["connection_window"].strip() == f"{defaults.connection_window >> 20} MiB"
 
 
 def test_public_namespace_is_all_and_documented() -> None:
@@ -70,7 +91,14 @@ def test_public_namespace_is_all_and_documented() -> None:
     }
     assert public == set(stalk.__all__) - {"__version__"}
     # typing only
-    aliases = {"Authorize", "ConnectionHandler", "MessageHandler", "Received", "SpackValue"}
+    aliases = {
+        "Authorize",
+        "ChannelHandler",
+        "ConnectionHandler",
+        "MessageHandler",
+        "Received",
+        "SpackValue",
+    }
     for name in set(stalk.__all__) - aliases - {"__version__"}:
         assert getattr(stalk, name).__doc__, name
 

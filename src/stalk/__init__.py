@@ -8,14 +8,20 @@ runs on asyncio and trio. SPEC.md defines the wire protocol.
 """
 
 from stalk._version import __version__
+from stalk.channel import Channel, ChannelHandler
 from stalk.config import Config
 from stalk.connection import Authorize, Connection, MessageHandler, StalkAttribute, connect
 from stalk.errors import (
+    ChannelClosed,
+    ChannelLimitExceeded,
+    ChannelLimitReached,
+    ChannelReset,
     ClosedByPeer,
     ConnectFailed,
     ConnectionClosed,
     ConnectionLost,
     DecryptionFailed,
+    FlowControlError,
     HandshakeFailed,
     HandshakeTimeout,
     IdentityFileError,
@@ -41,6 +47,12 @@ from stalk.wire import CloseCode
 __all__ = [
     "Authorize",
     "AuthorizedPeers",
+    "Channel",
+    "ChannelClosed",
+    "ChannelHandler",
+    "ChannelLimitExceeded",
+    "ChannelLimitReached",
+    "ChannelReset",
     "CloseCode",
     "ClosedByPeer",
     "Config",
@@ -51,6 +63,7 @@ __all__ = [
     "ConnectionLost",
     "DecryptionFailed",
     "Float32",
+    "FlowControlError",
     "HandshakeFailed",
     "HandshakeTimeout",
     "Identity",

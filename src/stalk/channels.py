@@ -10,8 +10,9 @@ a new id of its parity: odd for the initiator, even for the responder. A
 - **States.** Each channel other than 0 is in one :class:`ChannelState` and changes only
   through :data:`CHANNEL_TABLE`, ``(state, input) -> state``, as the connection's
   directions do in :mod:`stalk.states`. A channel ends (is removed) when both directions
-  saw a CLOSE, or a RESET went each way. A RESET received is answered, but only once the
-  application let go of the channel (:meth:`ChannelTable.release`): until then the channel
+  saw a CLOSE, or a RESET went each way (or, after our CLOSE then our RESET, the peer's
+  CLOSE came). A RESET received is answered, but only once the
+  application let go of the channel (``Session.release_channel``): until then the channel
   keeps its slot, so a peer that opens and resets channels in a loop has at most the
   advertised number in hand at once, whatever the application does with them.
 - **Ids and the limit.** A record on an id of the peer's parity above the highest it
@@ -59,11 +60,17 @@ class ChannelState(enum.IntEnum):
     SEND_CLOSED = 2  # we sent CLOSE; the peer may still send
     RECEIVE_CLOSED = 3  # the peer sent CLOSE; we may still send
     RESET_SENT = 4  # we sent RESET; the peer's records until its answering RESET are dropped
-    RESET_RECEIVED = 5  # the peer sent RESET; our answer goes once the application lets go
-    ENDED = 6  # nothing more either way: the channel is removed
+    CLOSED_RESET_SENT = 5  # we sent CLOSE, then RESET: the peer's CLOSE ends it too
+    RESET_RECEIVED = 6  # the peer sent RESET; our answer goes once the application lets go
+    ENDED = 7  # nothing more either way: the channel is removed
 
     def __str__(self) -> str:
         return self.name.lower().replace("_", " ")
+
+    @property
+    def reset_by_us(self) -> bool:
+        """We sent the channel's RESET: what the peer sends on it now is dropped."""
+        return self is ChannelState.RESET_SENT or self is ChannelState.CLOSED_RESET_SENT
 
 
 class ChannelInput(enum.IntEnum):
@@ -84,7 +91,8 @@ class ChannelInput(enum.IntEnum):
 
 
 _O, _SC, _RC = ChannelState.OPEN, ChannelState.SEND_CLOSED, ChannelState.RECEIVE_CLOSED
-_RS, _RR, _END = ChannelState.RESET_SENT, ChannelState.RESET_RECEIVED, ChannelState.ENDED
+_RS, _CRS = ChannelState.RESET_SENT, ChannelState.CLOSED_RESET_SENT
+_RR, _END = ChannelState.RESET_RECEIVED, ChannelState.ENDED
 _I = ChannelInput
 
 #: Every allowed ``(state, input) -> state``; a pair missing is not allowed. WINDOW records
@@ -98,7 +106,7 @@ CHANNEL_TABLE: Final[dict[tuple[ChannelState, ChannelInput], ChannelState]] = {
     (_O, _I.RESET_RECEIVED): _RR,
     (_SC, _I.DATA_RECEIVED): _SC,
     (_SC, _I.CLOSE_RECEIVED): _END,
-    (_SC, _I.RESET_SENT): _RS,
+    (_SC, _I.RESET_SENT): _CRS,
     (_SC, _I.RESET_RECEIVED): _RR,
     (_RC, _I.DATA_SENT): _RC,
     (_RC, _I.CLOSE_SENT): _END,
@@ -108,6 +116,11 @@ CHANNEL_TABLE: Final[dict[tuple[ChannelState, ChannelInput], ChannelState]] = {
     (_RS, _I.DATA_RECEIVED): _RS,
     (_RS, _I.CLOSE_RECEIVED): _RS,
     (_RS, _I.RESET_RECEIVED): _END,
+    # Our CLOSE went before our RESET: the peer's CLOSE means the channel ended there when
+    # ours arrived (it ignores our RESET, on an ended channel), so it ends here too.
+    (_CRS, _I.DATA_RECEIVED): _CRS,
+    (_CRS, _I.CLOSE_RECEIVED): _END,
+    (_CRS, _I.RESET_RECEIVED): _END,
     (_RR, _I.RELEASED): _END,
 }
 

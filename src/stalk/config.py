@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from stalk.handshake import ChannelParams
 from stalk.session import SessionConfig
 from stalk.wire import (
+    DEFAULT_CHANNEL_WINDOW,
+    DEFAULT_CONNECTION_WINDOW,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
     DEFAULT_REKEY_AFTER_MESSAGES,
@@ -49,10 +52,20 @@ class Config:
         sent; if no byte arrives within another ``idle_timeout``, the connection is closed
         with TIMEOUT and ``receive()`` raises :class:`~stalk.IdleTimeout`. Only time spent
         waiting in ``receive()`` counts (cancelled calls included); a connection that no
-        one receives from is never timed out.
+        one receives from is never timed out. With channels, inside ``async with conn``
+        the connection's reader task is always receiving (see :class:`~stalk.Channel`).
+    :param max_channels: ``None`` (the default) offers no channels: the connection is the
+        one spack stream it always was. A number offers channels (SPEC "Channels") and is
+        how many channels the peer may have open towards us at once (0: none, though we
+        may still open channels towards a peer that accepts them). A connection has
+        channels when both sides offer them (:attr:`~stalk.Connection.channels`).
+    :param channel_window: with channels, the data bytes the peer may send on one channel
+        (channel 0 included) before our application receives them: what one channel can
+        make us hold.
+    :param connection_window: with channels, the same for all channels together.
     :raises ValueError: a timeout is not a positive number of seconds, a count or size is
         out of range (each must be positive; ``send_buffer`` may be 0), or
-        ``max_message_size`` is outside what the protocol allows.
+        ``max_message_size`` or a channel setting is outside what the protocol allows.
     """
 
     handshake_timeout: float = 10.0
@@ -67,6 +80,9 @@ class Config:
     max_connections: int = 960
     max_handshakes_per_address: int = 16
     idle_timeout: float | None = None
+    max_channels: int | None = None
+    channel_window: int = DEFAULT_CHANNEL_WINDOW
+    connection_window: int = DEFAULT_CONNECTION_WINDOW
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "write_timeout", "close_timeout"):
@@ -89,4 +105,14 @@ class Config:
             max_message_size=self.max_message_size,
             rekey_after_messages=self.rekey_after_messages,
             rekey_after_bytes=self.rekey_after_bytes,
+            channels=self._channel_params(),
         )
+
+    def _channel_params(self) -> ChannelParams | None:
+        """What we offer for channels; ``None`` for none. Checks the three settings."""
+        params = ChannelParams(
+            max_channels=0 if self.max_channels is None else self.max_channels,
+            channel_window=self.channel_window,
+            connection_window=self.connection_window,
+        )
+        return None if self.max_channels is None else params

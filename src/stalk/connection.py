@@ -67,18 +67,20 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Final, TypeAlias
+from typing import Any, TypeAlias
 
 import anyio
 from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
 
 from stalk import _logs
+from stalk.channel import INTERNAL_ERROR_REASON, Channel, ChannelHandler, Dispatcher
 from stalk.config import Config
 from stalk.errors import (
     ClosedByPeer,
     ConnectFailed,
     ConnectionClosed,
     HandshakeTimeout,
+    LocalProtocolError,
     StalkError,
 )
 from stalk.establish import Authorize, establish, maybe_await
@@ -97,6 +99,7 @@ from stalk.wire import CloseCode, Pattern
 
 __all__ = [
     "Authorize",
+    "ChannelHandler",
     "Connection",
     "MessageHandler",
     "StalkAttribute",
@@ -106,11 +109,6 @@ __all__ = [
 ]
 
 logger = _logs.CONNECTION
-
-#: The reason of every CLOSE INTERNAL_ERROR we send for an exception of our own (a
-#: handler's, an ``async with`` body's): what failed is logged locally, never told to the
-#: peer, which has no business knowing our code's class names or messages.
-INTERNAL_ERROR_REASON: Final = "internal error"
 
 #: receive() lets other tasks run after this many spacks returned without waiting.
 _YIELD_EVERY = 512
@@ -170,6 +168,9 @@ class Connection(ObjectStream[Spack]):
         self._answering = False
         #: Spacks receive() returned in a row without waiting for the network.
         self._streak = 0
+        #: With channels (both sides offered them), what feeds them: set once established.
+        self._channels: Dispatcher | None = None
+        self._channel_handler: ChannelHandler | None = None
 
     # -- construction ---------------------------------------------------------------------
 
@@ -184,6 +185,7 @@ class Connection(ObjectStream[Spack]):
         authorize: Authorize | None = None,
         config: Config | None = None,
         handler: MessageHandler | None = None,
+        channel_handler: ChannelHandler | None = None,
     ) -> Connection:
         """Run the stalk handshake over ``transport`` and return the connection.
 
@@ -198,12 +200,15 @@ class Connection(ObjectStream[Spack]):
         :param config: timeouts and limits.
         :param handler: called (or awaited) with every spack received, in order, while the
             connection is used as ``async with``; ``receive()`` is then not available.
+        :param channel_handler: run for every channel the peer opens, in its own task,
+            while the connection is used as ``async with`` (see :func:`connect`).
         :returns: the established connection.
         :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
             (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
             :class:`~stalk.InvalidPeerKey`, :class:`~stalk.HandshakeTimeout`). The
             transport is closed.
-        :raises ValueError: ``peer`` was given with ``server_side=True``.
+        :raises ValueError: ``peer`` was given with ``server_side=True``, or
+            ``channel_handler`` without ``Config.max_channels``.
         """
         config = config or Config()
         conn = cls._start(
@@ -213,6 +218,7 @@ class Connection(ObjectStream[Spack]):
             server_side=server_side,
             config=config,
             handler=handler,
+            channel_handler=channel_handler,
         )
         try:
             with anyio.fail_after(config.handshake_timeout):
@@ -221,6 +227,7 @@ class Connection(ObjectStream[Spack]):
             raise await conn._link.fail(
                 HandshakeTimeout(f"no complete handshake within {config.handshake_timeout} s")
             ) from exc
+        conn._established()
         return conn
 
     @classmethod
@@ -233,13 +240,22 @@ class Connection(ObjectStream[Spack]):
         server_side: bool,
         config: Config,
         handler: MessageHandler | None,
+        channel_handler: ChannelHandler | None = None,
     ) -> Connection:
         """A connection whose handshake has not run yet (see :func:`~stalk.establish.establish`)."""
+        if channel_handler is not None and not config.max_channels:
+            raise ValueError("a channel_handler needs Config.max_channels to offer channels")
         role = Role.RESPONDER if server_side else Role.INITIATOR
         session = Session(role, identity, peer=peer, config=config.session_config())
         conn = cls(transport, session, config)
         conn._handler = handler
+        conn._channel_handler = channel_handler
         return conn
+
+    def _established(self) -> None:
+        """The handshake completed: with channels, their dispatcher starts."""
+        if self._session.channels:
+            self._channels = Dispatcher(self._link, self, self._channel_handler)
 
     # -- attributes -----------------------------------------------------------------------
 
@@ -280,6 +296,14 @@ class Connection(ObjectStream[Spack]):
     def peer_max_message_size(self) -> int:
         """The largest encoded spack the peer accepts."""
         return self._session.peer_max_message_size or 0
+
+    @property
+    def channels(self) -> bool:
+        """Whether the connection has channels (both sides set ``Config.max_channels``).
+
+        Without, :meth:`open_channel` and :meth:`accept_channel` raise.
+        """
+        return self._channels is not None
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
@@ -326,6 +350,9 @@ class Connection(ObjectStream[Spack]):
         :raises ~stalk.ConnectionClosed: the connection was closed.
         :raises ~stalk.ConnectionLost: the connection broke (or the write timed out).
         """
+        if self._channels is not None:
+            await self._channels.flush()
+            return
         self._link.check_open()
         self._session.flush()
         await self._link.write_all()
@@ -336,12 +363,17 @@ class Connection(ObjectStream[Spack]):
         With a writer task (see the module docs) the spack is queued for it and ``send``
         returns at once unless more than ``Config.send_buffer`` bytes are waiting; without
         one, it is written before ``send`` returns. Either way spacks go out in call order.
+        With channels it may also wait for the peer's credit, as :meth:`Channel.send
+        <stalk.Channel.send>` does.
 
         :raises ~stalk.InvalidSpackValue: a value cannot be encoded (nothing is written).
         :raises ~stalk.MessageTooLarge: larger than the peer accepts (nothing is written).
         :raises ~stalk.ConnectionClosed: the connection was closed.
         :raises ~stalk.ConnectionLost: the connection broke (or a write timed out).
         """
+        if self._channels is not None:
+            await self._channels.send(self._channels.channel0, item)
+            return
         self.queue(item)
         answering, self._answering = self._answering, False
         if not self._link.writer_running and self._task_group is not None and not answering:
@@ -364,8 +396,13 @@ class Connection(ObjectStream[Spack]):
     async def send_eof(self) -> None:
         """Send CLOSE (normal) and half-close: the peer's ``receive()`` ends, ours goes on.
 
+        With channels it ends our direction of every channel, and first waits (reading as
+        need be) until what they queued is sent, some of it perhaps waiting for credit.
+
         :raises ~stalk.ConnectionLost: the connection broke.
         """
+        if self._channels is not None:
+            await self._channels.drain(None)
         async with self._link.send_lock:
             if self._link.closed or self._session.close_sent:
                 return
@@ -375,6 +412,8 @@ class Connection(ObjectStream[Spack]):
             # The CLOSE is written; a failed TCP half-close changes nothing.
             with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await self._transport.send_eof()
+        if self._channels is not None:
+            self._channels.ended()  # senders waiting for credit raise
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -388,10 +427,15 @@ class Connection(ObjectStream[Spack]):
         :raises ~stalk.IdleTimeout: (a ConnectionLost) with ``Config.idle_timeout`` set, the
             peer stayed silent and did not answer a keepalive PING (see the module docs).
         :raises ~stalk.ProtocolError: the peer broke the protocol (also ends the connection).
+            With channels, only the task that read it raises it (inside ``async with``, the
+            connection's reader task); the others raise :class:`~stalk.ConnectionLost`
+            saying so.
         :raises ~stalk.ConnectionClosed: we closed the connection.
         :raises ~anyio.BusyResourceError: another task is already receiving.
         """
         with self._receive_guard:
+            if self._channels is not None:
+                return await self._channels.receive(self._channels.channel0)
             if self._streak >= _YIELD_EVERY:
                 # A peer that sent many spacks at once must not keep a receive loop from
                 # ever yielding: let other tasks run (nothing is held yet, so a cancellation
@@ -430,6 +474,50 @@ class Connection(ObjectStream[Spack]):
                         )
                     )
 
+    # -- channels -------------------------------------------------------------------------
+
+    async def open_channel(self, *, wait: bool = True) -> Channel:
+        """Open a channel of ours: a new spack stream beside the connection's own.
+
+        Nothing is sent until its first spack (or its ``send_eof``): the peer learns of it
+        then, with that spack (no round trip).
+
+        :param wait: when the peer's ``max_channels`` of ours are open, wait until one of
+            them ends (both directions closed, or reset); ``False``: raise instead.
+        :raises ~stalk.ChannelLimitReached: ``wait=False`` and the peer's limit is reached,
+            or the peer accepts no channel at all (``max_channels`` 0).
+        :raises ~stalk.LocalProtocolError: the connection has no channels (see
+            :attr:`channels`).
+        :raises ~stalk.ConnectionClosed: the connection was closed (for sending too).
+        :raises ~stalk.ConnectionLost: the connection is broken.
+        """
+        return await self._dispatcher().open(wait=wait)
+
+    async def accept_channel(self) -> Channel:
+        """The next channel the peer opened, in the order it opened them.
+
+        A channel keeps its place in our ``max_channels`` until it ends, so a peer can
+        have at most that many waiting here.
+
+        :raises ~anyio.EndOfStream: the peer closed the connection cleanly (no channel can
+            come any more).
+        :raises ~stalk.ClosedByPeer: the peer closed the connection with an error code.
+        :raises ~stalk.LocalProtocolError: the connection has no channels, or has a
+            ``channel_handler`` (the peer's channels go to it).
+        :raises ~stalk.ConnectionClosed: the connection was closed.
+        :raises ~stalk.ConnectionLost: the connection is broken.
+        :raises ~anyio.BusyResourceError: another task is already accepting.
+        """
+        return await self._dispatcher().accept()
+
+    def _dispatcher(self) -> Dispatcher:
+        if self._channels is None:
+            self._link.check_open()
+            raise LocalProtocolError(
+                "this connection has no channels: both sides must set Config.max_channels"
+            )
+        return self._channels
+
     # -- closing --------------------------------------------------------------------------
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
@@ -452,6 +540,10 @@ class Connection(ObjectStream[Spack]):
         """:meth:`close`, arguments checked; ``detail`` replaces ``reason`` in the log."""
         if self._link.closed:
             return
+        if self._channels is not None:
+            await self._channels.drain(self._config.close_timeout)
+            if self._link.closed:
+                return
         self._link.closed = True
         if self._link.closed_with is None and not self._session.close_sent:
             self._link.closed_with = (code, reason, detail)
@@ -460,6 +552,8 @@ class Connection(ObjectStream[Spack]):
                 await self._link.write_closing(lambda: self._session.close(code, reason))
         finally:
             await self._link.abort()
+            if self._channels is not None:
+                self._channels.ended()
 
     async def aclose(self) -> None:
         """Close cleanly: send CLOSE (normal), then close the transport. Idempotent."""
@@ -474,6 +568,8 @@ class Connection(ObjectStream[Spack]):
             await self._task_group.__aenter__()
             if self._handler is not None:
                 self._task_group.start_soon(self._dispatch, self._handler)
+            if self._channels is not None:
+                self._channels.start(self._task_group)
         return self
 
     async def __aexit__(
@@ -482,7 +578,7 @@ class Connection(ObjectStream[Spack]):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        """Close the connection (and stop the writer and handler tasks).
+        """Close the connection (and stop the writer and handler tasks, channels' included).
 
         Leaving normally sends CLOSE NORMAL; leaving through an exception sends
         INTERNAL_ERROR (GOING_AWAY for a cancellation), so the peer never mistakes an
@@ -499,8 +595,14 @@ class Connection(ObjectStream[Spack]):
                 await self.close_internal_error(f"the async with block raised {exc_type.__name__}")
         finally:
             group, self._task_group = self._task_group, None
+            if self._channels is not None:
+                self._channels.stop()
             if group is not None:
-                if self._link.writer_running or self._handler is not None:
+                if (
+                    self._link.writer_running
+                    or self._handler is not None
+                    or self._channels is not None  # its reader runs
+                ):
                     group.cancel_scope.cancel()  # else no task ever ran: nothing to cancel
                 # Not the body's exception: it propagates by itself once we return, and
                 # handing it to the group would wrap it in an ExceptionGroup.
@@ -576,6 +678,7 @@ async def connect(
     identity: Identity | None = None,
     handler: MessageHandler | None = None,
     config: Config | None = None,
+    channel_handler: ChannelHandler | None = None,
 ) -> Connection:
     """Open a TCP connection to ``host:port`` and run the stalk handshake.
 
@@ -590,7 +693,14 @@ async def connect(
     :param identity: our static key pair; ``None`` makes a fresh one for this connection.
     :param handler: called (or awaited) with every spack received, in order, while the
         connection is used as ``async with``; ``receive()`` is then not available.
-    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :param config: timeouts and limits (default :class:`~stalk.Config`); its
+        ``max_channels`` offers channels.
+    :param channel_handler: ``async def handler(channel)``, run in its own task for every
+        channel the peer opens, while the connection is used as ``async with`` (channels
+        opened before wait for it); then :meth:`Connection.accept_channel` is not
+        available. When it returns, the channel is closed (:meth:`Channel.aclose
+        <stalk.Channel.aclose>`); when it raises, the error is logged and the channel alone
+        is reset with INTERNAL_ERROR.
     :returns: the established connection.
     :raises ~stalk.ConnectFailed: the TCP connection could not be opened (also an
         :class:`OSError`).
@@ -599,9 +709,12 @@ async def connect(
     :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
         (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
         :class:`~stalk.InvalidPeerKey`).
-    :raises ValueError: ``peer`` is a string that is not a valid printable public key.
+    :raises ValueError: ``peer`` is a string that is not a valid printable public key, or
+        ``channel_handler`` was given without ``Config.max_channels``.
     """
     config = config or Config()
+    if channel_handler is not None and not config.max_channels:
+        raise ValueError("a channel_handler needs Config.max_channels to offer channels")
     if isinstance(peer, str):
         peer = PublicIdentity.from_string(peer)
     identity = identity or Identity.generate()
@@ -621,8 +734,10 @@ async def connect(
                 server_side=False,
                 config=config,
                 handler=handler,
+                channel_handler=channel_handler,
             )
             await establish(conn._link, None)
+            conn._established()
     except TimeoutError as exc:
         timeout = HandshakeTimeout(
             f"no connection and handshake with {format_address(host, port)} "

@@ -10,9 +10,8 @@ hands every batch of parsed records to a :class:`Demux` before decoding any of t
   channel and on the connection, and refuses data beyond it (FLOW_CONTROL_ERROR);
 - it opens the channels the peer opens (within our limit), moves each channel through its
   states (:mod:`stalk.channels`), and drops what the peer sent before it saw our RESET;
-- it applies the credit the peer grants us (WINDOW, CONNECTION_WINDOW), and answers a
-  RESET for a channel that already ended (crossing a CLOSE), so the peer's channel ends
-  too;
+- it applies the credit the peer grants us (WINDOW, CONNECTION_WINDOW), and ignores a
+  WINDOW or RESET on a channel that already ended (it crossed the channel's end);
 - it notes the size of each spack in data bytes, which the driver hands back with
   :meth:`Demux.release` once the application has the spack: that is when credit goes back
   to the peer (a quarter window at a time), so what the peer makes us hold is bounded by
@@ -30,9 +29,10 @@ there, in order after the channel's spacks.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import MutableSequence
 from typing import Final
 
-from stalk.channels import Channel, ChannelInput, ChannelState, ChannelTable
+from stalk.channels import Channel, ChannelInput, ChannelTable
 from stalk.errors import ProtocolError
 from stalk.events import ChannelOpened, Event
 from stalk.reassembly import Reassembler
@@ -44,12 +44,8 @@ __all__ = ["Demux"]
 _MESSAGE: Final = RecordKind.MESSAGE
 _FRAGMENT: Final = RecordKind.FRAGMENT
 _CLOSE: Final = RecordKind.CLOSE
-_RESET: Final = RecordKind.RESET
 _WINDOW: Final = RecordKind.WINDOW
 _CONNECTION_WINDOW: Final = RecordKind.CONNECTION_WINDOW
-#: The body of the RESET that answers one for a channel that already ended: code 0 (NORMAL),
-#: no reason: the channel ended cleanly on our side.
-_ENDED_RESET: Final = b"\x00\x00"
 
 
 class Demux:
@@ -96,7 +92,7 @@ class Demux:
     # -- routing -----------------------------------------------------------------------
 
     def route(
-        self, records: list[Record], events: list[Event], grants: RecordWriter
+        self, records: list[Record], events: MutableSequence[Event], grants: RecordWriter
     ) -> list[Record]:
         """Do the bookkeeping of ``records`` in order; the records left to decode.
 
@@ -127,16 +123,16 @@ class Demux:
                     channel.credit.granted(decode_window(body), f"channel {channel_id}")
             elif kind is _CLOSE:
                 found = self._lookup(channel_id, events)
+                reset_by_us = found.state.reset_by_us
                 table.process(found, ChannelInput.CLOSE_RECEIVED)
-                if found.state is not ChannelState.RESET_SENT:
+                if not reset_by_us:
                     kept.append(record)
             else:  # RESET
                 decode_close(body)
                 channel = self._existing(channel_id)
-                if channel is None:  # it ended as our CLOSE crossed its RESET: answer it
-                    grants.add(_RESET, _ENDED_RESET, channel_id)
+                if channel is None:  # its CLOSE, then RESET, crossed our CLOSE: it ended
                     continue
-                if channel.state is ChannelState.RESET_SENT:
+                if channel.state.reset_by_us:
                     table.process(channel, ChannelInput.RESET_RECEIVED)  # the answer to ours
                     continue
                 table.process(channel, ChannelInput.RESET_RECEIVED)
@@ -144,7 +140,7 @@ class Demux:
                 kept.append(record)
         return kept
 
-    def _lookup(self, channel_id: int, events: list[Event]) -> Channel:
+    def _lookup(self, channel_id: int, events: MutableSequence[Event]) -> Channel:
         """The channel a data or CLOSE record is for, opening it if the peer opens it."""
         channel, opened = self.table.for_peer_record(channel_id)
         events.extend(ChannelOpened(each) for each in opened)
@@ -161,21 +157,27 @@ class Demux:
         return channel
 
     def _data(
-        self, channel_id: int, size: int, more: bool, events: list[Event], grants: RecordWriter
+        self,
+        channel_id: int,
+        size: int,
+        more: bool,
+        events: MutableSequence[Event],
+        grants: RecordWriter,
     ) -> bool:
         """Count a data record; whether to decode it (else it is dropped)."""
         table = self.table
-        table.connection.received(size, "the connection")
-        if channel_id:
+        if channel_id:  # checked in SPEC's order: id, connection credit, state, credit
             channel = self._lookup(channel_id, events)
+            table.connection.received(size, "the connection")
             table.process(channel, ChannelInput.DATA_RECEIVED)
             channel.credit.received(size, f"channel {channel_id}")
-            if channel.state is ChannelState.RESET_SENT:
+            if channel.state.reset_by_us:
                 # Sent before the peer saw our RESET: dropped, its connection credit back.
                 self._release_connection(size, grants)
                 return False
             credit = channel.credit
         else:
+            table.connection.received(size, "the connection")
             credit = table.channel0
             credit.received(size, "channel 0")
         partial = self._partial.get(channel_id, 0) + size

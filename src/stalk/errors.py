@@ -26,7 +26,10 @@ from typing import ClassVar
 from stalk.wire import CloseCode, close_code_name
 
 __all__ = [
+    "ChannelClosed",
     "ChannelLimitExceeded",
+    "ChannelLimitReached",
+    "ChannelReset",
     "ClosedByPeer",
     "ConnectFailed",
     "ConnectionClosed",
@@ -244,4 +247,39 @@ class ConnectionClosed(StalkError):
     """We already closed the connection (or it failed); it cannot be used again.
 
     Raised by a :class:`~stalk.Connection`, also an :class:`anyio.ClosedResourceError`.
+    """
+
+
+class ChannelClosed(ConnectionClosed):
+    """We closed or reset this channel (or sent its EOF, for sending) and then used it.
+
+    Raised by a :class:`~stalk.Channel`, also an :class:`anyio.ClosedResourceError`; the
+    connection and its other channels are unaffected.
+    """
+
+
+class ChannelReset(StalkError):
+    """The peer reset this channel: both of its directions ended, with a code and reason.
+
+    What the channel held that the application had not received yet is dropped (nothing
+    partial is ever delivered). Raised by a :class:`~stalk.Channel`, also an
+    :class:`anyio.BrokenResourceError`; the connection and its other channels are
+    unaffected.
+
+    :param what: what happened; the message adds the code's name and the reason.
+    :ivar code: the RESET's code (SPEC "Close codes", or an application code).
+    :ivar reason: the peer's reason text (untrusted).
+    """
+
+    def __init__(self, what: str, *, code: int, reason: str) -> None:
+        super().__init__(_coded(what, code, reason))
+        self.code = code
+        self.reason = reason
+
+
+class ChannelLimitReached(StalkError):
+    """Opening a channel would exceed how many the peer lets us have open at once.
+
+    Raised by ``open_channel(wait=False)`` (which otherwise waits for one of our channels
+    to end), and at once when the peer accepts no channels at all.
     """

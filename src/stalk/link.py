@@ -41,6 +41,7 @@ from anyio.abc import ByteStream, SocketAttribute
 from stalk import _logs
 from stalk.config import Config
 from stalk.errors import (
+    ChannelReset,
     ConnectionClosed,
     ConnectionLost,
     HandshakeFailed,
@@ -66,6 +67,7 @@ _LINGER_SECONDS = 1.0
 _ANYIO_ERRORS: Final[tuple[tuple[type[StalkError], type[Exception]], ...]] = (
     (ConnectionLost, anyio.BrokenResourceError),
     (ConnectionClosed, anyio.ClosedResourceError),
+    (ChannelReset, anyio.BrokenResourceError),
 )
 _stream_classes: dict[type[StalkError], type[StalkError]] = {}
 

@@ -51,6 +51,7 @@ from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
 from stalk import _logs
 from stalk._logs import HANDSHAKE, THROTTLE
+from stalk.channel import ChannelHandler
 from stalk.config import Config
 from stalk.connection import Authorize, Connection, format_address
 from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
@@ -143,11 +144,15 @@ class Listener(anyio.abc.Listener[Connection]):
         identity: Identity,
         authorize: Authorize | None,
         config: Config,
+        channel_handler: ChannelHandler | None = None,
     ) -> None:
+        if channel_handler is not None and not config.max_channels:
+            raise ValueError("a channel_handler needs Config.max_channels to offer channels")
         self._sockets = sockets
         self.identity = identity
         self._authorize = authorize
         self._config = config
+        self._channel_handler = channel_handler
         self._handshakes = 0
         self._connections = 0
         #: handshakes in progress by address key; an entry is removed when it drops to 0
@@ -318,6 +323,7 @@ class Listener(anyio.abc.Listener[Connection]):
                 server_side=True,
                 authorize=self._authorize,
                 config=self._config,
+                channel_handler=self._channel_handler,
             )
         except HandshakeFailed as exc:
             # Anyone can fail a handshake at will, so these are throttled by kind: a stray
@@ -391,6 +397,7 @@ async def create_listener(
     identity: Identity,
     authorize: Authorize | None = None,
     config: Config | None = None,
+    channel_handler: ChannelHandler | None = None,
 ) -> Listener:
     """Bind a TCP listener for stalk on ``host:port`` (port 0 picks a free port).
 
@@ -404,12 +411,19 @@ async def create_listener(
     :param authorize: ``authorize(peer) -> bool`` (or a coroutine function), asked before
         any handler runs; with IK before we answer message 1. A peer it refuses (or for
         which it raises) is refused with NOT_AUTHORIZED.
-    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :param config: timeouts and limits (default :class:`~stalk.Config`); its
+        ``max_channels`` offers channels.
+    :param channel_handler: ``async def handler(channel)``, run in its own task for every
+        channel a client opens, beside the connection's handler (see :func:`listen`).
     :returns: the bound, not yet serving, listener.
     :raises OSError: the address cannot be bound.
+    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``.
     """
+    config = config or Config()
+    if channel_handler is not None and not config.max_channels:
+        raise ValueError("a channel_handler needs Config.max_channels to offer channels")
     sockets = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    return Listener(sockets, identity, authorize, config or Config())
+    return Listener(sockets, identity, authorize, config, channel_handler)
 
 
 async def listen(
@@ -420,6 +434,7 @@ async def listen(
     identity: Identity,
     authorize: Authorize | None = None,
     config: Config | None = None,
+    channel_handler: ChannelHandler | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve stalk on ``host:port`` until cancelled.
@@ -438,12 +453,25 @@ async def listen(
     :param authorize: ``authorize(peer) -> bool`` (or a coroutine function), asked for
         each client's key before its handler runs; a refused peer gets NOT_AUTHORIZED.
         :class:`~stalk.AuthorizedPeers` is one.
-    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :param config: timeouts and limits (default :class:`~stalk.Config`); its
+        ``max_channels`` offers channels.
+    :param channel_handler: ``async def handler(channel)``, run in its own task (in the
+        connection's task group) for every channel a client opens, while the connection's
+        ``handler`` runs; :meth:`Connection.accept_channel <stalk.Connection.accept_channel>`
+        is then not available. When it returns, the channel is closed; when it raises, the
+        error is logged (``stalk.connection``, ERROR) and that channel alone is reset with
+        INTERNAL_ERROR (the reason ``"internal error"``).
     :param task_status: set by ``task_group.start()``: receives the bound ``(host, port)``.
     :raises OSError: the address cannot be bound, or accepting failed for another reason
         than a lack of resources.
+    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``.
     """
     async with await create_listener(
-        host, port, identity=identity, authorize=authorize, config=config
+        host,
+        port,
+        identity=identity,
+        authorize=authorize,
+        config=config,
+        channel_handler=channel_handler,
     ) as listener:
         await listener.serve(handler, task_status=task_status)

@@ -713,12 +713,16 @@ class Session:
         if table is None or mux is None or demux is None or found is None:
             raise LocalProtocolError(f"channel {channel} is not open")
         self._check_sendable()
+        on_wire = table.on_wire(channel)
+        if not on_wire and found.state is ChannelState.OPEN:
+            # Nothing of it went out: its CLOSE opens it on the wire, before the RESET.
+            table.process(found, ChannelInput.CLOSE_SENT)
         table.process(found, ChannelInput.RESET_SENT)
         mux.drop(channel)
         demux.forget(channel, self._control)
-        if table.on_wire(channel):
+        if on_wire:
             self._control.add(RecordKind.RESET, body, channel)
-        else:  # nothing of it went out: its CLOSE opens it on the wire, before the RESET
+        else:
             mux.queue_opening_reset(channel, body)
 
     def release(self, channel: int, size: int) -> None:
