@@ -650,9 +650,10 @@ class PeerSession:
             elif rec.kind == PONG:
                 self.pongs.append(rec.body)
             elif rec.kind == CLOSE:
-                if self._parts:
-                    raise InteropError("CLOSE inside a fragmented spack")
                 self.close_received = decode_close(rec.body)
+                if self._parts and self.close_received[0] == NORMAL:  # section 12
+                    raise InteropError("CLOSE NORMAL inside a fragmented spack")
+                self._parts = []
                 raise PeerClosed(*self.close_received)
             elif rec.kind == REKEY:
                 raise InteropError("REKEY received (this peer does not rekey)")
@@ -1074,10 +1075,10 @@ class ChannelPeer:
             if rec.kind in (MESSAGE, FRAGMENT):
                 self._data(zero, rec, actions)
             elif rec.kind == CLOSE:
-                for other in self._live.values():
-                    if other.parts:
-                        raise InteropError(f"connection CLOSE inside a spack on {other.id}")
                 actions.close = decode_close(rec.body)
+                for other in self._live.values():  # section 12: an error CLOSE may cut one
+                    if other.parts and actions.close[0] == NORMAL:
+                        raise InteropError(f"connection CLOSE inside a spack on {other.id}")
             elif rec.kind == WINDOW:
                 zero.send_credit = _add_credit(zero.send_credit, rec.body)
             elif rec.kind == CONNECTION_WINDOW:
@@ -2344,9 +2345,9 @@ class ScriptedPeer:
                     events.append({"event": "pong", "payload_hex": rec.body.hex()})
             elif rec.kind == CLOSE:
                 busy = self._parts or (self.channels and self._progress)
-                if busy:
-                    raise InteropError("CLOSE while a spack is incomplete")
                 self.close_received = decode_close(rec.body)
+                if busy and self.close_received[0] == NORMAL:  # section 12
+                    raise InteropError("CLOSE NORMAL while a spack is incomplete")
                 code, reason = self.close_received
                 events.append({"event": "close", "code": code, "reason": reason})
             elif rec.kind == WINDOW:

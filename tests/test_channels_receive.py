@@ -124,10 +124,29 @@ def test_a_close_in_the_middle_of_a_channels_spack_is_an_error() -> None:
     _fails(pair, ProtocolError, "middle", _record(RecordKind.CLOSE, 1, b"\x00\x00"))
 
 
-def test_the_connection_cannot_close_with_a_channel_mid_spack() -> None:
+def test_the_connection_cannot_close_normally_with_a_channel_mid_spack() -> None:
     pair = _pair()
     _deliver(pair, _record(RecordKind.FRAGMENT, 1, b"\x92"))
     _fails(pair, ProtocolError, "middle", _record(RecordKind.CLOSE, 0, encode_close(0, "")))
+
+
+def test_an_error_close_may_cut_a_channels_spack_which_is_dropped() -> None:
+    """SPEC "Messages": a failing peer's CLOSE with an error code may come mid-spack (it may
+    have been waiting for credit); the incomplete spack is dropped, the error reported."""
+    pair = _pair()
+    assert _deliver(pair, _record(RecordKind.FRAGMENT, 1, b"\x92")) == [ChannelOpened(1)]
+    events = _deliver(
+        pair,
+        _message(3, Spack("whole")),
+        _record(RecordKind.FRAGMENT, 0, b"\x91"),
+        _record(RecordKind.CLOSE, 0, encode_close(CloseCode.INTERNAL_ERROR, "gave up")),
+    )
+    whole = len(encode_spack(Spack("whole")))
+    assert events == [
+        ChannelOpened(3),
+        ChannelMessageReceived(Spack("whole"), 3, whole),
+        CloseReceived(CloseCode.INTERNAL_ERROR, "gave up"),
+    ]
 
 
 def test_a_reset_is_reported_and_answered_once_released() -> None:

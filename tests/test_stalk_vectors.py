@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from helpers import drain, take_all
-from stalk.errors import DecryptionFailed, HandshakeFailed, ProtocolError
+from stalk.errors import DecryptionFailed, HandshakeFailed
 from stalk.events import (
     ChannelCloseReceived,
     ChannelMessageReceived,
@@ -713,18 +713,7 @@ def test_flipped_byte_in_a_transport_message_delivers_nothing(name: str, target:
 #: A session that fails while a spack of its own waits for credit sends its error CLOSE in
 #: the middle of that spack, which its peer refuses as a CLOSE inside a fragmented spack
 #: (SPEC section 24 forbids the CLOSE; section 13 has no exception for an error CLOSE).
-MID_SPACK_CLOSE = pytest.mark.xfail(
-    strict=True, reason="an error CLOSE goes while a spack waits for credit", raises=ProtocolError
-)
-
-
-@pytest.mark.parametrize(
-    ("name", "target"),
-    [
-        pytest.param(*case, marks=MID_SPACK_CLOSE) if case == ("channels", "window") else case
-        for case in TAMPERED
-    ],
-)
+@pytest.mark.parametrize(("name", "target"), TAMPERED)
 def test_receiver_of_a_flipped_byte_closes_with_protocol_error(name: str, target: str) -> None:
     # SPEC "Error handling": an authenticated CLOSE(PROTOCOL_ERROR) tells the sender why.
     actor, receiver, _ = deliver_tampered(load(name), target)

@@ -58,7 +58,7 @@ from stalk.records import (
 )
 from stalk.spack import Spack, decode_fast
 from stalk.states import Directions, Input
-from stalk.wire import RECORD_CAPACITY, RecordKind
+from stalk.wire import RECORD_CAPACITY, CloseCode, RecordKind
 
 __all__ = ["OWED_LIMIT", "RECORD_COST", "STEP", "Receiver"]
 
@@ -523,9 +523,13 @@ class Receiver:
         elif kind is RecordKind.REKEY:
             incoming.rekey = True
         elif kind is RecordKind.CLOSE:
-            if not self.reassembler.idle or (self.demux is not None and self.demux.busy):
-                raise ProtocolError("CLOSE in the middle of a fragmented message")
             code, reason = decode_close(body)
+            if not self.reassembler.idle or (self.demux is not None and self.demux.busy):
+                # A clean end would pass a cut spack off as whole; an error CLOSE says the
+                # peer failed, and what it left incomplete is dropped (SPEC "Messages").
+                if code == CloseCode.NORMAL:
+                    raise ProtocolError("CLOSE NORMAL in the middle of a fragmented message")
+                self.reassembler.reset()
             self.close_received = CloseReceived(code, reason)
             incoming.events.append(self.close_received)
         else:  # READY after confirmation
