@@ -20,7 +20,6 @@ code pins the error.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 from stalk.errors import (
@@ -30,20 +29,18 @@ from stalk.errors import (
     ProtocolError,
     StalkError,
 )
-from stalk.records import Record, decode_window, encode_uvarint
+from stalk.records import encode_uvarint
 from stalk.spack import Spack
 from stalk.wire import MAX_WINDOW, CloseCode, RecordKind
 
-from .attacks import CLEAN, LEGIT, row
+from .attacks import CLEAN, LEGIT, PIECE, Flood, opened_and_reset, rapid_reset, row
 from .harness import Attack, Case, Expect, Target, eventually, finish
 from .peers import (
     POISON,
-    Initiator,
+    ChannelPeer,
     Offer,
-    Transport,
-    Wire,
     channel_close,
-    client_handshake,
+    channel_handshake,
     close,
     connection_window,
     msg_on,
@@ -62,8 +59,6 @@ OURS = Offer(max_channels=8, channel_window=65_536, connection_window=1 << 20)
 OPENER = Spack("legit", "opens channel 1")
 #: A legitimate spack on channel 1 after the attack (rows the listener survives).
 AFTER = Spack("legit", "after the attack")
-#: The first piece of a spack that never completes: opens a channel, delivers nothing.
-PIECE = Spack("never completed", bytes(64)).encode()[:12]
 
 
 def big_prefix(size: int) -> bytes:
@@ -71,67 +66,7 @@ def big_prefix(size: int) -> bytes:
     return Spack(bytes(size + 64)).encode()[:size]
 
 
-@dataclass
-class Peer:
-    """The hostile client once channels are on: its socket, ciphers and credit.
-
-    :ivar theirs: what the listener offered (its limit and the windows it grants us).
-    :ivar sent: data bytes we sent on each channel (0 included), and in all.
-    :ivar granted: credit the listener granted since, on each channel, and in all.
-    """
-
-    wire: Wire
-    transport: Transport
-    theirs: Offer
-    sent: dict[int, int] = field(default_factory=dict)
-    granted: dict[int, int] = field(default_factory=dict)
-    sent_total: int = 0
-    granted_total: int = 0
-
-    def credit(self, channel: int) -> int:
-        """What we may still send on ``channel`` (a fresh one included)."""
-        spent = self.sent.get(channel, 0) - self.granted.get(channel, 0)
-        return self.theirs.channel_window - spent
-
-    @property
-    def connection_credit(self) -> int:
-        """What we may still send on the connection."""
-        return self.theirs.connection_window + self.granted_total - self.sent_total
-
-    def data(self, kind: RecordKind, channel: int, body: bytes) -> bytes:
-        """A MESSAGE or FRAGMENT record, its body counted as spent."""
-        self.sent[channel] = self.sent.get(channel, 0) + len(body)
-        self.sent_total += len(body)
-        return on(kind, channel, body)
-
-    def seal(self, *records: bytes) -> bytes:
-        """One Noise message holding ``records``."""
-        return self.transport.seal(b"".join(records))
-
-    async def records(self) -> list[Record]:
-        """The listener's next Noise message, its credit grants counted.
-
-        :raises EOFError: the listener closed the connection.
-        """
-        body = await self.wire.read_frame()
-        if body is None:
-            raise EOFError("the listener closed the connection")
-        records = self.transport.open(body)
-        for record in records:
-            if record.kind is RecordKind.CONNECTION_WINDOW:
-                self.granted_total += decode_window(record.body)
-            elif record.kind is RecordKind.WINDOW:
-                channel = record.channel
-                self.granted[channel] = self.granted.get(channel, 0) + decode_window(record.body)
-        return records
-
-    async def until(self, predicate: Callable[[Record], bool]) -> None:
-        """Read the listener's messages until one of its records satisfies ``predicate``."""
-        while not any(predicate(record) for record in await self.records()):
-            pass
-
-
-Play = Callable[[Peer], Awaitable[bytes]]
+Play = Callable[[ChannelPeer], Awaitable[bytes]]
 
 
 async def on_channels(target: Target, play: Play, *, after: tuple[int, ...] = ()) -> Attack:
@@ -142,13 +77,10 @@ async def on_channels(target: Target, play: Play, *, after: tuple[int, ...] = ()
         listener's application has them the connection is closed (CLOSE, NORMAL).
     """
     wire = await target.wire()
-    init = Initiator(msg3_payload=OURS.params())
-    transport = await client_handshake(wire, init)
-    transport.channels = True
-    peer = Peer(wire, transport, Offer.of(init.msg2_payload))
+    peer = await channel_handshake(wire, OURS)
     for spack in LEGIT:
-        await wire.send(peer.seal(peer.data(M, 0, spack.encode())))
-    await wire.send(peer.seal(peer.data(M, 1, OPENER.encode())))
+        await wire.send(peer.seal(peer.spack(0, spack)))
+    await wire.send(peer.seal(peer.spack(1, OPENER)))
     legit, legit_on = list(LEGIT), {1: [OPENER]}
     port = wire.local_port
     served = target.env.registry.served
@@ -166,18 +98,18 @@ async def on_channels(target: Target, play: Play, *, after: tuple[int, ...] = ()
         await wire.send(data)
     if after:
         for channel in after:
-            await wire.send(peer.seal(peer.data(M, channel, AFTER.encode())))
+            await wire.send(peer.seal(peer.spack(channel, AFTER)))
             (legit_on[channel] if channel else legit).append(AFTER)
         await eventually(delivered, "the spacks after the attack delivered")
         await wire.send(peer.seal(close()))
-    return await finish(wire, transport, legit=legit, legit_on=legit_on)
+    return await finish(wire, peer.transport, legit=legit, legit_on=legit_on)
 
 
-def one_message(*bad: bytes | Callable[[Peer], bytes]) -> Play:
+def one_message(*bad: bytes | Callable[[ChannelPeer], bytes]) -> Play:
     """A play of one Noise message: :data:`POISON` on channel 0, then ``bad`` records."""
 
-    async def play(peer: Peer) -> bytes:
-        records = [peer.data(M, 0, POISON.encode())]
+    async def play(peer: ChannelPeer) -> bytes:
+        records = [peer.spack(0, POISON)]
         records += [part(peer) if callable(part) else part for part in bad]
         return peer.seal(*records)
 
@@ -193,22 +125,22 @@ def broken_channels(error: type[StalkError], code: int = CloseCode.PROTOCOL_ERRO
 # -- credit -------------------------------------------------------------------------------
 
 
-def _window_past_max(channel: int) -> Callable[[Peer], bytes]:
+def _window_past_max(channel: int) -> Callable[[ChannelPeer], bytes]:
     """A WINDOW taking the listener's credit on ``channel`` to 2^31 (it sent nothing)."""
     return lambda peer: window(channel, MAX_WINDOW - OURS.channel_window + 1)
 
 
-async def _windows_summing_past_max(peer: Peer) -> bytes:
+async def _windows_summing_past_max(peer: ChannelPeer) -> bytes:
     to_max = MAX_WINDOW - OURS.channel_window
-    return peer.seal(peer.data(M, 0, POISON.encode()), window(1, to_max), window(1, 1))
+    return peer.seal(peer.spack(0, POISON), window(1, to_max), window(1, 1))
 
 
-def _beyond_channel_credit(channel: int) -> Callable[[Peer], bytes]:
+def _beyond_channel_credit(channel: int) -> Callable[[ChannelPeer], bytes]:
     """A FRAGMENT one byte beyond what ``channel`` may still send us (a fresh one too)."""
     return lambda peer: peer.data(F, channel, big_prefix(peer.credit(channel) + 1))
 
 
-async def _beyond_connection_credit(peer: Peer) -> bytes:
+async def _beyond_connection_credit(peer: ChannelPeer) -> bytes:
     """Fragments on fresh channels, each within its window, until the connection's
     credit is one byte short: one message of them, then one that passes it."""
     size = peer.theirs.channel_window - 1  # below the window: no channel takes the slot
@@ -217,7 +149,7 @@ async def _beyond_connection_credit(peer: Peer) -> bytes:
     while peer.connection_credit > size:
         first.append(peer.data(F, channel, big_prefix(size)))
         channel += 2
-    poison = peer.data(M, 0, POISON.encode())
+    poison = peer.spack(0, POISON)
     last = peer.data(F, channel, big_prefix(peer.connection_credit + 1))
     return peer.seal(*first) + peer.seal(poison, last)
 
@@ -225,18 +157,18 @@ async def _beyond_connection_credit(peer: Peer) -> bytes:
 # -- channels the peer could not be on ----------------------------------------------------------
 
 
-async def _ended(peer: Peer) -> None:
+async def _ended(peer: ChannelPeer) -> None:
     """Close channel 1 and wait for the listener's CLOSE of it: the channel ends."""
     await peer.wire.send(peer.seal(channel_close(1)))
     await peer.until(lambda record: record.kind is C and record.channel == 1)
 
 
-async def _data_on_ended_channel(peer: Peer) -> bytes:
+async def _data_on_ended_channel(peer: ChannelPeer) -> bytes:
     await _ended(peer)
     return await one_message(msg_on(1, Spack("late")))(peer)
 
 
-async def _window_and_reset_on_ended_channel(peer: Peer) -> bytes:
+async def _window_and_reset_on_ended_channel(peer: ChannelPeer) -> bytes:
     """SPEC 24: a WINDOW or RESET on a channel that ended is ignored (it crossed the end)."""
     await _ended(peer)
     return peer.seal(window(1, 1000), reset(1, 0x1000, b"crossed"))
@@ -245,64 +177,31 @@ async def _window_and_reset_on_ended_channel(peer: Peer) -> bytes:
 # -- opening too many, and the rapid open/reset flood ------------------------------------------
 
 
-def _open_past_limit(peer: Peer) -> bytes:
+def _open_past_limit(peer: ChannelPeer) -> bytes:
     """A MESSAGE on the id that opens the listener's limit of channels, plus channel 1."""
     return msg_on(2 * peer.theirs.max_channels + 1, Spack("too many"))
 
 
-def _one_by_one_past_limit(peer: Peer) -> bytes:
+def _one_by_one_past_limit(peer: ChannelPeer) -> bytes:
     limit = peer.theirs.max_channels
     return b"".join(msg_on(2 * n + 1, Spack("one of many", n)) for n in range(1, limit + 1))
 
 
-def _opened_and_reset(peer: Peer, channel: int) -> bytes:
-    """The rapid-reset pair: a piece that opens ``channel`` (nothing to deliver), its RESET."""
-    return peer.data(F, channel, PIECE) + reset(channel, 0x1000, b"never mind")
-
-
-def _reset_flood_past_limit(peer: Peer) -> bytes:
+def _reset_flood_past_limit(peer: ChannelPeer) -> bytes:
     """Channels opened and reset in one flight, past the limit: a reset channel keeps its
     place until the listener's application let go of it."""
     limit = peer.theirs.max_channels
-    return b"".join(_opened_and_reset(peer, 2 * n + 1) for n in range(1, limit + 1))
-
-
-async def rapid_reset(peer: Peer, count: int) -> int:
-    """Open and reset ``count`` channels as fast as the listener frees their places.
-
-    Each Noise message opens and resets as many channels as have a free place (the
-    listener's limit, less channel 1 and those whose answering RESET has not come); then
-    the next message of the listener's is read. The pieces' bytes come back as
-    connection credit (SPEC 24, Reset), which is counted too.
-
-    :returns: the most channels in flight at once.
-    """
-    in_flight: set[int] = set()
-    most = 0
-    next_id, opened = 3, 0
-    while opened < count or in_flight:
-        batch: list[bytes] = []
-        room = peer.theirs.max_channels - 1 - len(in_flight)
-        while room > 0 and opened < count and peer.connection_credit >= len(PIECE):
-            batch.append(_opened_and_reset(peer, next_id))
-            in_flight.add(next_id)
-            next_id, opened, room = next_id + 2, opened + 1, room - 1
-        if batch:
-            await peer.wire.send(peer.seal(*batch))
-        most = max(most, len(in_flight))
-        for record in await peer.records():
-            if record.kind is RecordKind.RESET:
-                in_flight.discard(record.channel)
-    return most
+    return b"".join(opened_and_reset(peer, 2 * n + 1) for n in range(1, limit + 1))
 
 
 #: Channels the flood opens and resets, about 20 times the listener's limit.
 FLOOD = 600
 
 
-async def _rapid_reset_within_limit(peer: Peer) -> bytes:
-    most = await rapid_reset(peer, FLOOD)
-    assert most == peer.theirs.max_channels - 1, most  # the limit, and no more, in flight
+async def _rapid_reset_within_limit(peer: ChannelPeer) -> bytes:
+    flood = Flood(FLOOD)
+    await rapid_reset(peer, flood)
+    assert flood.most == peer.theirs.max_channels - 1, flood  # the limit, and no more
     return b""
 
 

@@ -13,8 +13,9 @@ authenticates, unless the case is about something that must not.
 - :class:`Transport`: the attacker's two transport ciphers; :meth:`Transport.seal` makes a
   frame out of any plaintext.
 - record helpers (:func:`rec`, :func:`msg`, ...), channel records (:func:`on`,
-  :func:`window`, :func:`reset`, ...: SPEC 24) and the channel parameters each side offers
-  (:class:`Offer`), the published low-order X25519 points, real TLS ClientHello bytes,
+  :func:`window`, :func:`reset`, ...: SPEC 24), the channel parameters each side offers
+  (:class:`Offer`) and :class:`ChannelPeer`, a peer with channels that counts its credit
+  as any sender must; the published low-order X25519 points, real TLS ClientHello bytes,
   and :class:`Proxy`, a man in the middle with byte patches.
 """
 
@@ -38,7 +39,7 @@ from noise.backends.default.keypairs import KeyPair25519
 from stalk._noise import NoiseHandshake, TransportCipher
 from stalk.framing import encode_frame, encode_preamble
 from stalk.identity import Identity, PublicIdentity
-from stalk.records import Record, encode_uvarint, parse_records, read_records
+from stalk.records import Record, decode_window, encode_uvarint, parse_records, read_records
 from stalk.spack import Spack
 from stalk.wire import PROTOCOL_NAMES, CloseCode, Pattern, RecordKind
 
@@ -290,11 +291,14 @@ class Wire:
         return data
 
     async def read_frame(self) -> bytes | None:
-        """One frame body, or ``None`` at EOF."""
-        header = await self.read_exact(2)
-        if header is None:
-            return None
-        return await self.read_exact(int.from_bytes(header, "big"))
+        """One frame body, or ``None`` at EOF; cancelled, it consumes nothing."""
+        while len(self.buf) < 2 or len(self.buf) < 2 + int.from_bytes(self.buf[:2], "big"):
+            if not await self._fill():
+                return None
+        end = 2 + int.from_bytes(self.buf[:2], "big")
+        body = bytes(self.buf[2:end])
+        del self.buf[:end]
+        return body
 
     async def read_to_eof(self) -> bytes:
         """Everything until the peer closes; returns what was not consumed before."""
@@ -638,6 +642,87 @@ async def server_opening(wire: Wire) -> bytes | None:
     if preamble is None or body is None:
         return None
     return preamble + encode_frame(body)
+
+
+# -- a peer with channels -------------------------------------------------------------------
+
+
+@dataclass
+class ChannelPeer:
+    """A hostile peer once channels are on (SPEC 24): its socket, ciphers and credit.
+
+    :ivar theirs: what the victim offered (its limit and the windows it grants us).
+    :ivar sent: data bytes we sent on each channel (0 included), and in all.
+    :ivar granted: credit the victim granted since, on each channel, and in all.
+    """
+
+    wire: Wire
+    transport: Transport
+    theirs: Offer
+    sent: dict[int, int] = field(default_factory=dict)
+    granted: dict[int, int] = field(default_factory=dict)
+    sent_total: int = 0
+    granted_total: int = 0
+
+    def credit(self, channel: int) -> int:
+        """What we may still send on ``channel`` (a fresh one included)."""
+        spent = self.sent.get(channel, 0) - self.granted.get(channel, 0)
+        return self.theirs.channel_window - spent
+
+    @property
+    def connection_credit(self) -> int:
+        """What we may still send on the connection."""
+        return self.theirs.connection_window + self.granted_total - self.sent_total
+
+    def data(self, kind: RecordKind, channel: int, body: bytes) -> bytes:
+        """A MESSAGE or FRAGMENT record, its body counted as spent."""
+        self.sent[channel] = self.sent.get(channel, 0) + len(body)
+        self.sent_total += len(body)
+        return on(kind, channel, body)
+
+    def spack(self, channel: int, spack: Spack) -> bytes:
+        """A MESSAGE record carrying ``spack`` on ``channel``, counted as spent."""
+        return self.data(RecordKind.MESSAGE, channel, spack.encode())
+
+    def seal(self, *records: bytes) -> bytes:
+        """One Noise message holding ``records``."""
+        return self.transport.seal(b"".join(records))
+
+    async def records(self) -> list[Record]:
+        """The victim's next Noise message, its credit grants counted.
+
+        :raises EOFError: the victim closed the connection.
+        """
+        body = await self.wire.read_frame()
+        if body is None:
+            raise EOFError("the victim closed the connection")
+        records = self.transport.open(body)
+        for record in records:
+            if record.kind is RecordKind.CONNECTION_WINDOW:
+                self.granted_total += decode_window(record.body)
+            elif record.kind is RecordKind.WINDOW:
+                channel = record.channel
+                self.granted[channel] = self.granted.get(channel, 0) + decode_window(record.body)
+        return records
+
+    async def until(self, predicate: Callable[[Record], bool]) -> None:
+        """Read the victim's messages until one of its records satisfies ``predicate``."""
+        while not any(predicate(record) for record in await self.records()):
+            pass
+
+
+async def channel_handshake(
+    wire: Wire, ours: Offer, server: PublicIdentity | None = None
+) -> ChannelPeer:
+    """Run the handshake as an initiator offering ``ours``; the peer once channels are on.
+
+    :param server: the victim's key (IK), or ``None`` (XX).
+    """
+    offer = ours.params()
+    init = Initiator(server=server, msg1_payload=offer if server else None, msg3_payload=offer)
+    transport = await client_handshake(wire, init)
+    transport.channels = True
+    return ChannelPeer(wire, transport, Offer.of(init.msg2_payload))
 
 
 # -- a man in the middle ----------------------------------------------------------------------
