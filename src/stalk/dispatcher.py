@@ -20,8 +20,10 @@ states, credit, fairness), as everywhere. The work is split by job:
   the others waiting to be woken, the connection's reader and writer tasks.
 
 An event reaches its inbox with no await in between, so no cancellation loses one. A
-channel the peer opens keeps its place in our ``max_channels`` until the application let
-go of it: with neither a handler nor ``accept_channel()``, the peer can open no more.
+channel the peer opens keeps its place in our ``max_channels`` until it ends, one the peer
+reset until the application let go of it: so a peer that opens and resets channels in a
+loop has at most that many in hand, and without a handler or ``accept_channel()`` calls
+it can open no more than that.
 The connection's end (its CLOSE either way, a failure) ends every channel with the
 connection's error: every waiting task is woken to raise it.
 """
