@@ -23,9 +23,8 @@ An event reaches its inbox with no await in between, so no cancellation loses on
 channel the peer opens keeps its place in our ``max_channels`` until it ends, one the peer
 reset until the application let go of it: so a peer that opens and resets channels in a
 loop has at most that many in hand, and without a handler or ``accept_channel()`` calls
-it can open no more than that.
-The connection's end (its CLOSE either way, a failure) ends every channel with the
-connection's error: every waiting task is woken to raise it.
+it can open no more than that. The connection's end (its CLOSE either way, a failure)
+ends every channel with the connection's error: every waiting task is woken to raise it.
 """
 
 from __future__ import annotations
