@@ -128,7 +128,7 @@ class Demux:
                 if not reset_by_us:
                     kept.append(record)
             else:  # RESET
-                decode_close(body)
+                decode_close(body, "RESET")
                 channel = self._existing(channel_id)
                 if channel is None:  # its CLOSE, then RESET, crossed our CLOSE: it ended
                     continue

@@ -551,5 +551,5 @@ class Receiver:
             incoming.events.append(ChannelCloseReceived(channel))
         else:
             reassembler.reset()
-            code, reason = decode_close(body)
+            code, reason = decode_close(body, "RESET")
             incoming.events.append(ChannelResetReceived(channel, code, reason))

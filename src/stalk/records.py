@@ -167,20 +167,20 @@ def encode_close(code: int, reason: str) -> bytes:
     return _U16.pack(code) + data.decode("utf-8", "ignore").encode("utf-8")
 
 
-def decode_close(body: memoryview) -> tuple[int, str]:
-    """Parse a CLOSE body.
+def decode_close(body: memoryview, kind: str = "CLOSE") -> tuple[int, str]:
+    """Parse a CLOSE body, or a RESET's (the same form; ``kind`` names it in errors).
 
     :raises ~stalk.ProtocolError: shorter than the code, reason too long or not UTF-8.
     """
     if len(body) < 2:
-        raise ProtocolError("CLOSE record shorter than its code")
+        raise ProtocolError(f"{kind} record shorter than its code")
     if len(body) - 2 > MAX_CLOSE_REASON:
-        raise ProtocolError("CLOSE reason longer than 1024 bytes")
+        raise ProtocolError(f"{kind} reason longer than {MAX_CLOSE_REASON} bytes")
     (code,) = _U16.unpack_from(body)
     try:
         reason = bytes(body[2:]).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ProtocolError("CLOSE reason is not valid UTF-8") from exc
+        raise ProtocolError(f"{kind} reason is not valid UTF-8") from exc
     return code, reason
 
 
@@ -335,7 +335,7 @@ def _check_channel_body(kind: RecordKind, channel: int, body: memoryview) -> Non
         if bytes(body) != _CHANNEL_CLOSE_BODY:
             raise ProtocolError(f"CLOSE on channel {channel} must be NORMAL with no reason")
     elif kind is RecordKind.RESET:
-        decode_close(body)
+        decode_close(body, "RESET")
     else:
         _check_body(kind, body)
 
