@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import itertools
@@ -24,7 +25,7 @@ from anyio.abc import ByteReceiveStream, Process, SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import stalk
-from helpers import serving
+from helpers import serving, wait_until
 from stalk import Identity, Spack
 
 pytestmark = pytest.mark.anyio
@@ -52,6 +53,7 @@ def _load(name: str) -> ModuleType:
 echo_server = _load("echo_server")
 echo_client = _load("echo_client")
 kvstore = _load("kvstore")
+file_transfer = _load("file_transfer")
 
 
 @asynccontextmanager
@@ -172,9 +174,10 @@ def test_load_or_create_identity_persists(tmp_path: Path) -> None:
     [("127.0.0.1:7000", ("127.0.0.1", 7000)), ("[::1]:0", ("::1", 0)), ("h:65535", ("h", 65535))],
 )
 def test_parse_address(text: str, expected: tuple[str, int]) -> None:
-    for module in (echo_server, echo_client, kvstore):
+    for module in (echo_server, echo_client, kvstore, file_transfer):
         assert module.parse_address(text) == expected
     assert kvstore.format_address(*expected) == text
+    assert file_transfer.format_address(*expected) == text
 
 
 @pytest.mark.parametrize("text", ["7000", ":7000", "host:", "host:port", "host:65536", "h:-1"])
@@ -820,6 +823,191 @@ async def test_kvstore_serve_reports_a_bad_data_file(
     assert "not a database" in captured.err
 
 
+# --------------------------------------------------------------------------- file transfer
+
+
+@asynccontextmanager
+async def receiving(receiver: Any) -> AsyncIterator[tuple[str, int, Identity]]:
+    identity = Identity.generate()
+    async with anyio.create_task_group() as tg:
+        host, port = await tg.start(
+            partial(file_transfer.serve, "127.0.0.1", 0, identity=identity, receiver=receiver)
+        )
+        yield host, port, identity
+        tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def sending_to(receiver: Any) -> AsyncIterator[stalk.Connection]:
+    """A sender's connection to ``receiver``, served on 127.0.0.1."""
+    async with (
+        receiving(receiver) as (host, port, identity),
+        await stalk.connect(
+            host, port, identity.public, config=file_transfer.SENDER_CONFIG
+        ) as conn,
+    ):
+        yield conn
+
+
+#: The large file's size, and the most of it a message may wait behind once sent.
+LARGE_FILE = 16 << 20
+MESSAGE_WAITS_AT_MOST = 3 << 20
+
+
+async def test_file_transfer_messages_flow_while_a_large_file_streams(tmp_path: Path) -> None:
+    data = os.urandom(LARGE_FILE)
+    source = tmp_path / "large.bin"
+    source.write_bytes(data)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    every = file_transfer.REPORT_EVERY
+    arrivals: list[tuple[str, int]] = []  # each message, and how much of the file was in
+
+    class Recording(file_transfer.Receiver):  # type: ignore[misc,name-defined]
+        def message(self, conn: stalk.Connection, text: str) -> None:
+            super().message(conn, text)
+            arrivals.append((text, sum(t.received for t in self.transfers) or -1))
+
+    reports: list[int] = []
+    reported = [anyio.Event() for _ in range(3)]
+
+    class Watching(file_transfer.Sender):  # type: ignore[misc,name-defined]
+        def progress(self, path: Path, received: int, size: int) -> None:
+            super().progress(path, received, size)
+            reports.append(received)
+            reported[min(len(reports), 3) - 1].set()
+
+    async def messages() -> AsyncIterator[str]:
+        # Message k goes once the receiver has reported k MiB of the file.
+        for k in range(3):
+            await reported[k].wait()
+            yield f"message {k + 1}"
+
+    out, err = io.StringIO(), io.StringIO()
+    with anyio.fail_after(TIMEOUT):
+        async with sending_to(Recording(inbox, out=out)) as conn:
+            [sent] = await Watching(conn, err=err).send([source], messages=messages())
+    assert sent.ok, sent.error
+    assert (sent.size, sent.sha256) == (LARGE_FILE, hashlib.sha256(data).hexdigest())
+    assert (inbox / "large.bin").read_bytes() == data
+    assert [path.name for path in inbox.iterdir()] == ["large.bin"]  # no .part left
+    # Each message arrived while the file streamed, a few MiB at most after it was sent.
+    assert [text for text, _ in arrivals] == ["message 1", "message 2", "message 3"]
+    for k, (_, received) in enumerate(arrivals):
+        assert (k + 1) * every <= received < (k + 1) * every + MESSAGE_WAITS_AT_MOST, arrivals
+    assert reports == sorted(reports)
+    assert reports[-1] == LARGE_FILE
+    assert len(reports) == LARGE_FILE // every + 1  # every MiB, and the end
+    assert f"stored large.bin: {LARGE_FILE} bytes, SHA-256 {sent.sha256}" in out.getvalue()
+    assert "large.bin: 100% of 16.0 MiB" in err.getvalue()
+
+
+async def test_file_transfer_several_files_at_once(tmp_path: Path) -> None:
+    sizes = {"a.bin": 3 * file_transfer.CHUNK_SIZE + 1, "empty": 0, "b.txt": 100_000}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(os.urandom(size))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    paths = [tmp_path / name for name in sizes]
+    with anyio.fail_after(TIMEOUT):
+        async with sending_to(file_transfer.Receiver(inbox, out=io.StringIO())) as conn:
+            results = await file_transfer.Sender(conn, err=io.StringIO()).send(paths)
+            assert [result.path for result in results] == paths
+            assert all(result.ok for result in results), results
+    for path in paths:
+        assert (inbox / path.name).read_bytes() == path.read_bytes()
+
+
+async def _offer(channel: stalk.Channel, spacks: list[Spack]) -> Spack:
+    """Send ``spacks`` on ``channel`` as a file and return the receiver's answer."""
+    for spack in spacks:
+        await channel.send(spack)
+    await channel.send_eof()
+    return await channel.receive()
+
+
+async def test_file_transfer_refuses_what_it_should_not_store(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "taken").write_bytes(b"already here")
+    out = io.StringIO()
+    receiver = file_transfer.Receiver(inbox, max_size=1000, out=out)
+    code = file_transfer.ResetCode
+    data = b"abc"
+    digest = hashlib.sha256(data).digest()
+    cases: list[tuple[list[Spack], int, str]] = [
+        ([Spack("FILE", "../x", 3)], code.REFUSED, "not a plain file name"),
+        ([Spack("FILE", "a/b", 3)], code.REFUSED, "not a plain file name"),
+        ([Spack("FILE", "a\\b", 3)], code.REFUSED, "not a plain file name"),
+        ([Spack("FILE", ".hidden", 3)], code.REFUSED, "not a plain file name"),
+        ([Spack("FILE", "x.part", 3)], code.REFUSED, "not a plain file name"),
+        ([Spack("FILE", "\x1b[2J", 3)], code.REFUSED, "not a plain file name"),
+        ([Spack("FILE", "", 3)], code.REFUSED, "not a plain file name"),
+        ([Spack("FILE", "x" * 201, 3)], code.REFUSED, "not a plain file name"),
+        ([Spack("FILE", "taken", 3)], code.REFUSED, "a file named 'taken' exists"),
+        ([Spack("FILE", "x", 1001)], code.REFUSED, "the limit is 1000"),
+        ([Spack("FILE", "x", -1)], code.REFUSED, "the limit is 1000"),
+        ([Spack("FILE", b"x", 3)], code.BAD_REQUEST, "must be a str"),
+        ([Spack("FILE", "x", True)], code.BAD_REQUEST, "expected ('FILE', name, size)"),
+        ([Spack("PUT", "x", 3)], code.BAD_REQUEST, "expected ('FILE', name, size)"),
+        ([], code.BAD_REQUEST, "ended before the file"),
+        ([Spack("FILE", "x", 3), Spack("data")], code.BAD_REQUEST, "expected (data,)"),
+        ([Spack("FILE", "x", 3), Spack(data)], code.BAD_REQUEST, "ended before the file"),
+        ([Spack("FILE", "x", 2), Spack(data)], code.CORRUPT, "more than the 2 bytes"),
+        ([Spack("FILE", "x", 5), Spack(data), Spack("END", digest)], code.CORRUPT, "3 of the 5"),
+        ([Spack("FILE", "x", 3), Spack(data), Spack("END", bytes(32))], code.CORRUPT, "SHA-256"),
+    ]
+    with anyio.fail_after(TIMEOUT):
+        async with sending_to(receiver) as conn:
+            # Each on a channel of its own, one connection: a reset channel harms no other.
+            for spacks, expected_code, reason in cases:
+                channel = await conn.open_channel()
+                with pytest.raises(stalk.ChannelReset) as info:
+                    await _offer(channel, spacks)
+                assert (info.value.code, spacks) == (expected_code, spacks)
+                assert reason in info.value.reason, (info.value.reason, spacks)
+                await channel.aclose()
+            # Through the Sender: what a refusal gives, and a file stored after all that.
+            (tmp_path / "taken").write_bytes(b"another")
+            (tmp_path / "x").write_bytes(data)
+            sender = file_transfer.Sender(conn, err=io.StringIO())
+            taken, x = await sender.send([tmp_path / "taken", tmp_path / "x"])
+    assert taken.error == "refused: a file named 'taken' exists"
+    assert x.ok
+    assert {path.name: path.read_bytes() for path in inbox.iterdir()} == {
+        "taken": b"already here",
+        "x": data,
+    }
+    assert "not stored: 'taken': refused: a file named 'taken' exists" in out.getvalue()
+    assert "not stored: a file: refused: '../x' is not a plain file name" in out.getvalue()
+
+
+async def test_file_transfer_a_sender_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A file the sender cannot read: its channel is reset, the receiver drops the part."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    unreadable = tmp_path / "a-directory"
+    unreadable.mkdir()
+    receiver = file_transfer.Receiver(inbox, out=io.StringIO())
+    with anyio.fail_after(TIMEOUT):
+        async with sending_to(receiver) as conn:
+            with pytest.raises(IsADirectoryError):
+                await file_transfer.Sender(conn).send([unreadable])
+            await wait_until(lambda: not receiver.transfers)
+    assert list(inbox.iterdir()) == []
+
+
+async def test_file_transfer_needs_a_receiver_with_channels(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            serving() as (host, port, identity),
+            await stalk.connect(host, port, identity.public) as conn,
+        ):
+            with pytest.raises(file_transfer.TransferError, match="does not offer channels"):
+                await file_transfer.Sender(conn).send([tmp_path / "f"])
+
+
 # --------------------------------------------------------------------------- as scripts
 
 
@@ -980,3 +1168,45 @@ async def test_kvstore_acknowledged_writes_survive_a_killed_server(
     assert len(acknowledged) >= enough - writers
     assert stored == acknowledged  # every write answered OK, none lost
     assert not (tmp_path / "kv.sqlite-wal").exists()  # closed cleanly this time
+
+
+async def test_file_transfer_script_runs_as_documented(tmp_path: Path, anyio_backend: str) -> None:
+    """``python examples/file_transfer.py receive`` and ``send``, as separate processes."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    files = {"one.bin": os.urandom(300_000), "two.txt": b"hello\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    receive = ["receive", "--dir", "inbox", "--identity", "receiver.key"]
+    async with script_server(tmp_path, anyio_backend, "file_transfer", *receive) as (
+        receiver,
+        banner,
+    ):
+        to = ["--address", banner["address"], "--peer", banner["key"]]
+        send = ["send", "one.bin", "two.txt", "--message", "two files", *to]
+        sent = await run_script(tmp_path, anyio_backend, "file_transfer", *send)
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout.decode().splitlines() == [
+            f"{name}: stored, {len(data)} bytes, SHA-256 {hashlib.sha256(data).hexdigest()}"
+            for name, data in files.items()
+        ]
+        assert b"one.bin: 100% of 0.3 MiB" in sent.stderr
+        again = await run_script(tmp_path, anyio_backend, "file_transfer", "send", "two.txt", *to)
+        assert again.returncode == 1
+        assert b"two.txt: not stored: refused: a file named 'two.txt' exists" in again.stderr
+        assert receiver.stdout is not None
+        lines = BufferedByteReceiveStream(receiver.stdout)
+        printed = []
+        with anyio.fail_after(TIMEOUT):
+            for _ in range(4):
+                printed.append((await lines.receive_until(b"\n", 1000)).decode())
+    assert receiver.returncode == 0, (tmp_path / "file_transfer.err").read_text()
+    assert {path.name: path.read_bytes() for path in inbox.iterdir()} == files
+    # The first send's three lines come in the order they happened to end.
+    [message] = [line for line in printed[:3] if line.startswith("message from SHA256:")]
+    assert message.endswith(": 'two files'")
+    assert sorted(set(printed[:3]) - {message}) == [
+        f"stored {name}: {len(data)} bytes, SHA-256 {hashlib.sha256(data).hexdigest()}"
+        for name, data in files.items()
+    ]
+    assert printed[3] == "not stored: 'two.txt': refused: a file named 'two.txt' exists"
