@@ -8,6 +8,8 @@ import importlib.util
 import io
 import itertools
 import os
+import re
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -84,6 +86,19 @@ async def kv_serving(
         )
         yield host, port, identity, store
         tg.cancel_scope.cancel()
+
+
+def test_readme_lists_every_example_and_its_commands_parse() -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Examples\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `(\w+\.py)`(?:, `(\w+\.py)`)? \|", section, re.MULTILINE)
+    files = {name for row in listed for name in row if name}
+    assert files == {path.name for path in EXAMPLES.glob("*.py")}
+    commands = re.findall(r"^    python examples/(\w+)\.py(.*?)\s*(?:#.*)?$", section, re.MULTILINE)
+    assert {f"{name}.py" for name, _ in commands} == files
+    key = str(Identity.generate().public)
+    for name, args in commands:
+        _load(name).parse_args(shlex.split(args.replace("stalk:...", key)))  # exits if not
 
 
 # --------------------------------------------------------------------------- echo
