@@ -308,8 +308,8 @@ class Receiver:
                     raise _Refusal(ResetCode.CORRUPT, f"more than the {size} bytes announced")
                 digest.update(piece)
                 await file.write(piece)
-                if transfer.received >= report_at:
-                    report_at += REPORT_EVERY
+                if transfer.received >= report_at:  # the first byte of the next MiB
+                    report_at = (transfer.received // REPORT_EVERY + 1) * REPORT_EVERY
                     await self._report(channel, transfer)
             elif len(spack) == 2 and spack[0] == "END" and type(spack[1]) is bytes:
                 claimed = spack[1]
