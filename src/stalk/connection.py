@@ -103,7 +103,9 @@ __all__ = [
     "Connection",
     "MessageHandler",
     "StalkAttribute",
+    "address_text",
     "connect",
+    "connect_unix",
     "format_address",
     "stream_error",
 ]
@@ -284,13 +286,25 @@ class Connection(ObjectStream[Spack]):
 
     @property
     def host(self) -> str | None:
-        """The peer's IP address (``None`` for non-socket transports)."""
-        return self._link.address[0] if self._link.address else None
+        """The peer's IP address (``None`` over a unix socket and other transports)."""
+        address = self._link.address
+        return address[0] if isinstance(address, tuple) else None
 
     @property
     def port(self) -> int | None:
-        """The peer's TCP port (``None`` for non-socket transports)."""
-        return self._link.address[1] if self._link.address else None
+        """The peer's TCP port (``None`` over a unix socket and other transports)."""
+        address = self._link.address
+        return address[1] if isinstance(address, tuple) else None
+
+    @property
+    def path(self) -> str | None:
+        """Over a unix socket, its path: the listener's, on either side (``None`` else).
+
+        A client normally has no name of its own, so on the server side this is the
+        listener's path too; Linux's abstract names start with ``"\\0"``.
+        """
+        address = self._link.address
+        return address if isinstance(address, str) else None
 
     @property
     def peer_max_message_size(self) -> int:
@@ -682,7 +696,7 @@ async def _dial(
 
 async def _open(
     dial: Callable[[], Awaitable[ByteStream]],
-    where: tuple[str, int],
+    where: tuple[str, int] | str,
     peer: PublicIdentity | str | None,
     *,
     identity: Identity | None,
@@ -797,4 +811,47 @@ async def connect(
         config=config,
         channel_handler=channel_handler,
         local=local,
+    )
+
+
+async def connect_unix(
+    path: str | os.PathLike[str],
+    peer: PublicIdentity | str | None = None,
+    *,
+    identity: Identity | None = None,
+    handler: MessageHandler | None = None,
+    config: Config | None = None,
+    channel_handler: ChannelHandler | None = None,
+) -> Connection:
+    """Connect to a unix domain socket at ``path`` and run the stalk handshake.
+
+    The same as :func:`connect` over a unix socket (not on Windows): the handshake,
+    trust, limits and errors are those of TCP. ``conn.path`` is ``path``; ``conn.host``
+    and ``conn.port`` are ``None``.
+
+    :param path: the socket's path; a ``str`` starting with ``"\\0"`` is an abstract
+        name (Linux).
+    :param peer: the server's expected static key (or its printable form): IK; ``None``:
+        XX (see :func:`connect`).
+    :param identity: our static key pair; ``None`` makes a fresh one for this connection.
+    :param handler: called (or awaited) with every spack received (see :func:`connect`).
+    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :param channel_handler: run for every channel the peer opens (see :func:`connect`).
+    :returns: the established connection.
+    :raises ~stalk.ConnectFailed: the socket could not be connected to (no file, nobody
+        accepting, no permission); also an :class:`OSError`.
+    :raises ~stalk.HandshakeTimeout: connecting and the handshake together took longer
+        than ``Config.handshake_timeout``.
+    :raises ~stalk.HandshakeFailed: the handshake failed (see :func:`connect`).
+    :raises ValueError: as :func:`connect`.
+    """
+    where = os.fspath(path)
+    return await _open(
+        lambda: anyio.connect_unix(where),
+        where,
+        peer,
+        identity=identity,
+        handler=handler,
+        config=config,
+        channel_handler=channel_handler,
     )
