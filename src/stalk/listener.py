@@ -98,9 +98,6 @@ _REFUSAL_TIMEOUT: Final = 1.0
 #: outgoing connections, refusals being written.
 _FD_MARGIN: Final = 64
 
-#: anyio's default listen() backlog (the kernel caps it, at net.core.somaxconn on Linux).
-_BACKLOG: Final = 65536
-
 #: ``async def handler(conn)``: serves one connection; it is closed when the handler ends.
 ConnectionHandler: TypeAlias = Callable[[Connection], Awaitable[None]]
 
@@ -598,7 +595,7 @@ async def create_listener(
     authorize: Authorize | None = None,
     config: Config | None = None,
     channel_handler: ChannelHandler | None = None,
-    backlog: int = _BACKLOG,
+    backlog: int = 65536,
     reuse_port: bool = False,
 ) -> Listener:
     """Bind a TCP listener for stalk on ``host:port`` (port 0 picks a free port).
@@ -649,7 +646,7 @@ async def listen(
     authorize: Authorize | None = None,
     config: Config | None = None,
     channel_handler: ChannelHandler | None = None,
-    backlog: int = _BACKLOG,
+    backlog: int = 65536,
     reuse_port: bool = False,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -706,7 +703,7 @@ async def create_unix_listener(
     config: Config | None = None,
     channel_handler: ChannelHandler | None = None,
     mode: int | None = None,
-    backlog: int = _BACKLOG,
+    backlog: int = 65536,
 ) -> UnixListener:
     """Bind a unix domain socket listener for stalk at ``path`` (not on Windows).
 
@@ -773,7 +770,7 @@ async def listen_unix(
     config: Config | None = None,
     channel_handler: ChannelHandler | None = None,
     mode: int | None = None,
-    backlog: int = _BACKLOG,
+    backlog: int = 65536,
     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve stalk on a unix domain socket at ``path`` until cancelled (not on Windows).
