@@ -81,13 +81,29 @@ async def test_connect_from_a_chosen_local_address(target: str) -> None:
             assert chosen != local_port  # any port the system chose
 
 
-async def test_a_local_address_that_cannot_be_bound_is_connect_failed() -> None:
-    async with serving(tell_where) as (host, port, server_id):
+@pytest.mark.parametrize("target", ["127.0.0.1", "localhost"], ids=["address", "name"])
+async def test_a_local_address_that_cannot_be_bound_is_connect_failed(target: str) -> None:
+    """It says why, also through anyio's connect_tcp (which puts it in the cause)."""
+    async with serving(tell_where) as (_, port, server_id):
         with pytest.raises(ConnectFailed) as info:
-            await connect(host, port, server_id.public, local_host="192.0.2.1")  # TEST-NET-1
-    assert str(info.value).startswith(f"cannot connect to {host}:{port} from 192.0.2.1: ")
-    assert info.value.peer_address == (host, port)
+            await connect(target, port, server_id.public, local_host="192.0.2.1")  # TEST-NET-1
+    assert str(info.value).startswith(f"cannot connect to {target}:{port} from 192.0.2.1: ")
+    assert os.strerror(errno.EADDRNOTAVAIL).lower() in str(info.value).lower()
+    assert info.value.peer_address == (target, port)
     assert isinstance(info.value, OSError)
+
+
+async def test_a_local_address_of_the_other_family_is_named() -> None:
+    with pytest.raises(ConnectFailed, match="the local address is IPv4, the peer's IPv6"):
+        await connect("::1", 1, local_host="127.0.0.1")
+
+
+async def test_a_refused_name_says_why_each_address_failed() -> None:
+    """anyio's connect_tcp says only "All connection attempts failed"; the cause says why."""
+    with pytest.raises(ConnectFailed) as info:
+        await connect("localhost", free_port())
+    assert "All connection attempts failed (" in str(info.value)
+    assert f"[Errno {errno.ECONNREFUSED}]" in str(info.value)
 
 
 async def test_a_local_port_alone_is_refused() -> None:
