@@ -106,10 +106,20 @@ async def test_a_refused_name_says_why_each_address_failed() -> None:
     assert f"[Errno {errno.ECONNREFUSED}]" in str(info.value)
 
 
-async def test_a_local_port_alone_is_refused() -> None:
-    """anyio would ignore it and connect from another port: refused before any I/O."""
-    with pytest.raises(ValueError, match="local_port needs local_host"):
-        await connect("127.0.0.1", 1, local_port=free_port())
+@pytest.mark.parametrize("target", ["127.0.0.1", "localhost"], ids=["address", "name"])
+async def test_a_local_port_alone(target: str) -> None:
+    """From any address of the family dialled (anyio's connect_tcp would ignore the port)."""
+    async with serving(tell_where) as (_, port, server_id):
+        local_port = free_port()
+        async with await connect(target, port, server_id.public, local_port=local_port) as conn:
+            await conn.send(Spack("where am I?"))
+            assert await conn.receive() == Spack("127.0.0.1", local_port)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            used = taken.getsockname()[1]
+            with pytest.raises(ConnectFailed, match=f" from port {used}: "):
+                await connect("127.0.0.1", port, server_id.public, local_port=used)
 
 
 # -- listener options: backlog, reuse_port -------------------------------------------------
