@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import stat
 import sys
 import tempfile
@@ -23,8 +24,10 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup
+from anyio.streams.tls import TLSListener
 
 from helpers import byte_stream_pair, echo, serving, wait_until
+from stalk.bench.common import make_certificate
 from stalk.config import Config
 from stalk.connection import Connection, connect, connect_unix
 from stalk.errors import ConnectFailed, PeerRefused
@@ -480,3 +483,45 @@ async def test_the_caps_hold_over_any_anyio_listener() -> None:
                 assert info.value.code == CloseCode.BUSY
                 assert info.value.reason == "too many connections"
             tg.cancel_scope.cancel()
+
+
+async def test_stalk_inside_tls_from_anyio_s_tls_listener(tmp_path: Path) -> None:
+    """TLS terminated by anyio, stalk inside it: the address and the caps still see TCP."""
+    cert, key = make_certificate(tmp_path)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    seen: list[tuple[str | None, int | None]] = []
+
+    async def handler(conn: Connection) -> None:
+        seen.append((conn.host, conn.port))
+        await echo(conn)
+
+    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = tcp.extra(SocketAttribute.local_port)
+    server_id = Identity.generate()
+    config = Config(max_handshakes_per_address=1)
+    async with StreamListener(TLSListener(tcp, server_tls), server_id, config=config) as listener:
+        assert listener.address is None  # anyio's TLSListener does not say
+        async with anyio.create_task_group() as tg:
+            await tg.start(listener.serve, handler)
+            stream = await anyio.connect_tcp("127.0.0.1", port, ssl_context=client_tls)
+            async with await Connection.wrap(
+                stream, identity=Identity.generate(), peer=server_id.public
+            ) as conn:
+                assert conn.host == "127.0.0.1"
+                await conn.send(Spack("inside TLS"))
+                assert await conn.receive() == Spack("inside TLS")
+                local_port = conn.extra(SocketAttribute.local_port)
+            # A client that stalls after TLS holds its address's one handshake slot.
+            stalled = await anyio.connect_tcp("127.0.0.1", port, ssl_context=client_tls)
+            try:
+                await wait_until(lambda: listener.handshakes_by_address == {"127.0.0.1": 1})
+                stream = await anyio.connect_tcp("127.0.0.1", port, ssl_context=client_tls)
+                with pytest.raises(PeerRefused) as info:
+                    await Connection.wrap(stream, identity=Identity.generate())
+                assert info.value.code == CloseCode.BUSY
+            finally:
+                await anyio.aclose_forcefully(stalled)
+            tg.cancel_scope.cancel()
+    assert seen == [("127.0.0.1", local_port)]
