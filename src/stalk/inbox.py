@@ -170,11 +170,12 @@ class Inbox:
         written as PONGs are, so the spack is never lost.
         """
         spack, size = self.spacks.popleft()
-        self._session.release(self.id, size)
+        granted = self._session.release(self.id, size)
         self._link.spacks_received += 1
         self._streak = 0 if waited else self._streak + 1
         self._answering = waited
-        await self._io.write_owed()
+        if granted:
+            await self._io.write_owed()
         return spack
 
     # -- sending ------------------------------------------------------------------------

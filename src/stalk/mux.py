@@ -78,8 +78,11 @@ class _OpeningReset:
         )
 
 
-#: A channel's queue holds spacks, and at most one CLOSE (or opening RESET), last.
-_Item = _Outgoing | _OpeningReset | None  # None: the channel's CLOSE
+#: A channel's queue holds spacks, and at most one CLOSE (or opening RESET), last. A spack
+#: encoded in one piece waits as those bytes (most spacks: no object around them); it
+#: becomes an :class:`_Outgoing` only if it has to go in parts.
+_Item = bytes | _Outgoing | _OpeningReset | None  # None: the channel's CLOSE
+_DATA: Final = (bytes, _Outgoing)
 
 
 def _header(kind: RecordKind, channel: int, length: int) -> bytes:
@@ -120,10 +123,16 @@ class Mux:
 
     def queue(self, channel: int, pieces: Sequence[bytes | memoryview]) -> None:
         """Queue one spack's encoding (the concatenation of ``pieces``) on ``channel``."""
-        item = _Outgoing(pieces)
-        self.queued_bytes += item.left
+        item: bytes | _Outgoing
+        if len(pieces) == 1 and type(pieces[0]) is bytes:
+            item = pieces[0]
+            size = len(item)
+        else:
+            item = _Outgoing(pieces)
+            size = item.left
+        self.queued_bytes += size
         by_channel = self._by_channel
-        by_channel[channel] = by_channel.get(channel, 0) + item.left
+        by_channel[channel] = by_channel.get(channel, 0) + size
         self._unflushed.append((channel, item))
 
     def queued_on(self, channel: int) -> int:
@@ -172,6 +181,8 @@ class Mux:
         for item in [*queue, *(item for _, item in unflushed)]:
             if isinstance(item, _Outgoing):
                 self.queued_bytes -= item.left
+            elif isinstance(item, bytes):
+                self.queued_bytes -= len(item)
         self._by_channel.pop(channel, None)
         self._unflushed = [entry for entry in self._unflushed if entry[0] != channel]
         self.closing.discard(channel)
@@ -187,7 +198,7 @@ class Mux:
         table = self._table
         connection = table.connection.send
         for channel, queue in self._queues.items():
-            if not isinstance(queue[0], _Outgoing) or (connection and table.credit(channel).send):
+            if not isinstance(queue[0], _DATA) or (connection and table.credit(channel).send):
                 return True
         return False
 
@@ -215,7 +226,7 @@ class Mux:
             if channel and len(plaintext) > before:
                 self._table.sent_on(channel)
             if queue:
-                if full or not isinstance(queue[0], _Outgoing) or self._can_send(channel):
+                if full or not isinstance(queue[0], _DATA) or self._can_send(channel):
                     queues[channel] = queue  # the back of the line
                 else:
                     waiting[channel] = queue
@@ -253,6 +264,16 @@ class Mux:
             if not credit:
                 return False
             avail = capacity - len(plaintext) - 1 - uvarint_len(channel)
+            if isinstance(item, bytes):
+                left = len(item)
+                if left <= credit and left + uvarint_len(left) <= avail:  # whole: as below
+                    plaintext += _header(RecordKind.MESSAGE, channel, left)
+                    plaintext += item
+                    self._spend(channel, left)
+                    self._packed(channel, left)
+                    queue.popleft()
+                    continue
+                item = queue[0] = _Outgoing((item,))  # in parts, as any spack
             left = item.left
             if left <= credit and left + uvarint_len(left) <= avail:
                 plaintext += _header(RecordKind.MESSAGE, channel, left)

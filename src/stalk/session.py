@@ -725,7 +725,7 @@ class Session:
         else:
             mux.queue_opening_reset(channel, body)
 
-    def release(self, channel: int, size: int) -> None:
+    def release(self, channel: int, size: int) -> bool:
         """The application has the spack of a :class:`~stalk.events.ChannelMessageReceived`.
 
         With channels, hands its ``size`` back as credit (WINDOW records go out a quarter
@@ -733,12 +733,20 @@ class Session:
         channel, also for a spack dropped because its channel was reset. Once :meth:`close`
         was called it grants nothing, as received messages then grant nothing (SPEC
         "Channels": nothing more is owed). Without channels it does nothing.
+
+        :returns: whether it queued a grant (the driver then has output to write), so that
+            the common release, which grants nothing, costs the driver no further look.
         """
         receiver = self._receiver
         if receiver is None or receiver.demux is None:
-            return
-        grants = self._control if self._states.can_send_data else RecordWriter()
-        receiver.demux.release(channel, size, grants)
+            return False
+        if not self._states.can_send_data:
+            receiver.demux.release(channel, size, RecordWriter())
+            return False
+        control = self._control
+        before = control.queued_bytes
+        receiver.demux.release(channel, size, control)
+        return control.queued_bytes != before
 
     def release_channel(self, channel: int) -> None:
         """The application let go of a channel the peer reset: our answering RESET goes.
