@@ -295,3 +295,55 @@ def test_the_writer_packs_as_spec_says(items: list[tuple[RecordKind, bytes]]) ->
         else:
             writer.add(kind, body)
     assert [bytes(plaintext) for plaintext in writer.pack()] == _spec_pack(items)
+
+
+def _slow_channel_records(data: bytes) -> list[tuple[int, int, bytes]]:
+    """The channel record parser's reading of headers, every varint through read_uvarint
+    (the parser reads one-byte ids and lengths inline: this is what that must equal)."""
+    view, pos, out = memoryview(data), 0, []
+    while pos < len(view):
+        kind = view[pos]
+        channel, pos = read_uvarint(view, pos + 1, 5)
+        length, pos = read_uvarint(view, pos, 3)
+        if length > len(view) - pos:
+            raise ProtocolError("claims more than remains")
+        out.append((kind, channel, bytes(view[pos : pos + length])))
+        pos += length
+    return out
+
+
+_CHANNEL_RECORD = st.tuples(
+    st.just(RecordKind.MESSAGE),
+    st.one_of(st.integers(0, 127), st.integers(128, 2**31 - 1)),
+    st.one_of(st.binary(max_size=127), st.binary(min_size=128, max_size=400)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_CHANNEL_RECORD, min_size=1, max_size=20), st.binary(max_size=3))
+def test_channel_headers_read_inline_as_read_uvarint_reads_them(
+    records: list[tuple[RecordKind, int, bytes]], tail: bytes
+) -> None:
+    data = b"".join(
+        bytes((kind,)) + encode_uvarint(channel) + encode_uvarint(len(body)) + body
+        for kind, channel, body in records
+    )
+    assert [
+        (int(r.kind), r.channel, bytes(r.body))
+        for r in read_records(memoryview(data), 0, None, channels=True)[0]
+    ] == _slow_channel_records(data)
+    # Cut or followed by stray bytes: both readings refuse, or both agree.
+    for cut in (data[:-1], data + tail):
+        try:
+            slow = _slow_channel_records(cut)
+        except ProtocolError:
+            slow = None
+        try:
+            fast = [
+                (int(r.kind), r.channel, bytes(r.body))
+                for r in read_records(memoryview(cut), 0, None, channels=True)[0]
+            ]
+        except ProtocolError:
+            fast = None
+        if fast is not None:
+            assert fast == slow

@@ -305,10 +305,15 @@ def _read_channel_records(view: memoryview, pos: int, stop: int) -> tuple[list[R
         kind = _ALL_KINDS_BY_BYTE.get(view[pos])
         if kind is None:
             raise ProtocolError(f"unknown record kind 0x{view[pos]:02x}")
-        channel, pos = read_uvarint(view, pos + 1, _MAX_CHANNEL_VARINT)
-        if channel > MAX_CHANNEL_ID:
-            raise ProtocolError(f"channel id {channel} exceeds {MAX_CHANNEL_ID}")
-        length, pos = read_uvarint(view, pos, _MAX_LENGTH_VARINT)
+        if pos + 2 < end and view[pos + 1] < 0x80 and view[pos + 2] < 0x80:
+            # The common case, ids and lengths below 128: both varints read inline.
+            channel, length = view[pos + 1], view[pos + 2]
+            pos += 3
+        else:
+            channel, pos = read_uvarint(view, pos + 1, _MAX_CHANNEL_VARINT)
+            if channel > MAX_CHANNEL_ID:
+                raise ProtocolError(f"channel id {channel} exceeds {MAX_CHANNEL_ID}")
+            length, pos = read_uvarint(view, pos, _MAX_LENGTH_VARINT)
         if length > end - pos:
             raise ProtocolError(f"{kind.name} record claims {length} bytes but {end - pos} remain")
         body = view[pos : pos + length]
