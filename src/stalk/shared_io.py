@@ -63,7 +63,7 @@ class Waiter:
     __slots__ = ("_event",)
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._event: anyio.Event | None = None  # made by each sleep: most waits never sleep
 
     async def sleep(self) -> None:
         """Wait until woken from now on (a wake before this call is spent: look again)."""
@@ -71,8 +71,9 @@ class Waiter:
         await self._event.wait()
 
     def wake(self) -> None:
-        """End the current (or the next) sleep."""
-        self._event.set()
+        """End the current sleep, if any."""
+        if self._event is not None:
+            self._event.set()
 
 
 class SharedIO:
