@@ -26,6 +26,17 @@ from typing import ClassVar
 from stalk.wire import CloseCode, close_code_name
 
 __all__ = [
+    "AuthorityAsSubject",
+    "BadCertificateSignature",
+    "CertificateError",
+    "CertificateExpired",
+    "CertificateExtensionError",
+    "CertificateKeyMismatch",
+    "CertificateMissing",
+    "CertificateNameMismatch",
+    "CertificateNotYetValid",
+    "CertificateRevoked",
+    "CertificateTooLarge",
     "ChannelClosed",
     "ChannelLimitExceeded",
     "ChannelLimitReached",
@@ -43,14 +54,18 @@ __all__ = [
     "InvalidPeerKey",
     "InvalidSpackValue",
     "LocalProtocolError",
+    "MalformedCertificate",
     "MalformedSpack",
     "MessageLimitExceeded",
     "MessageTooLarge",
+    "NonCanonicalCertificate",
     "NonceExhausted",
     "PeerIdentityMismatch",
     "PeerRefused",
     "ProtocolError",
+    "RevocationListError",
     "StalkError",
+    "UnknownAuthority",
 ]
 
 
@@ -189,6 +204,79 @@ class InvalidPeerKey(HandshakeFailed):
     """
 
     close_code = CloseCode.INVALID_KEY
+
+
+class CertificateError(HandshakeFailed):
+    """A certificate was refused: its form, its signature, its dates, or whom it names.
+
+    Raised in the handshake by the side that checks its peer's certificate (SPEC
+    "Certificates"), before the connection is established; the peer is told with code
+    ``CERTIFICATE_REFUSED`` when the checking side is the responder (an initiator closes
+    without a word, as it does for every failure of message 2). Raised as well when a
+    certificate or revocation list is read or checked outside a handshake. Each subclass
+    is one reason; no message contains key material beyond fingerprints.
+    """
+
+    close_code = CloseCode.CERTIFICATE_REFUSED
+
+
+class CertificateMissing(CertificateError):
+    """The peer presented no certificate, and this side requires one."""
+
+
+class CertificateTooLarge(CertificateError):
+    """A certificate is larger than the format allows (checked before it is decoded)."""
+
+
+class MalformedCertificate(CertificateError):
+    """A certificate is not the array the format defines, or a field is out of bounds."""
+
+
+class NonCanonicalCertificate(CertificateError):
+    """A certificate is not in its one canonical encoding (re-encoding it differs)."""
+
+
+class UnknownAuthority(CertificateError):
+    """A certificate was issued by an authority we do not trust."""
+
+
+class BadCertificateSignature(CertificateError):
+    """A certificate's signature is not its issuer's: it was forged or altered."""
+
+
+class AuthorityAsSubject(CertificateError):
+    """A certificate's subject is an authority's own key (as Ed25519 or as X25519)."""
+
+
+class CertificateExtensionError(CertificateError):
+    """A certificate repeats an extension, or has a critical one this verifier does not know."""
+
+
+class CertificateNotYetValid(CertificateError):
+    """A certificate's validity starts later than now (beyond the clock skew allowed)."""
+
+
+class CertificateExpired(CertificateError):
+    """A certificate's validity ended (beyond the clock skew allowed)."""
+
+
+class CertificateRevoked(CertificateError):
+    """A certificate's serial or subject key is on its authority's revocation list."""
+
+
+class CertificateKeyMismatch(CertificateError):
+    """A certificate's subject is not the static key the handshake authenticated.
+
+    A valid certificate replayed by someone who does not hold its key fails this way.
+    """
+
+
+class CertificateNameMismatch(CertificateError):
+    """A certificate's name and groups are not the ones this side accepts."""
+
+
+class RevocationListError(CertificateError):
+    """A revocation list is malformed, not canonical, or not signed by a trusted authority."""
 
 
 def _coded(what: str, code: int, reason: str) -> str:

@@ -231,6 +231,9 @@ class CloseCode(enum.IntEnum):
     CHANNEL_LIMIT = 11
     #: The peer sent data beyond the credit granted, or granted credit past the maximum.
     FLOW_CONTROL_ERROR = 12
+    #: The peer's certificate was refused (missing, expired, revoked, forged, for another
+    #: key or name...: SPEC "Certificates"), before the connection was established.
+    CERTIFICATE_REFUSED = 13
 
 
 def close_code_name(code: int) -> str:
