@@ -40,6 +40,7 @@ import shlex
 import stat
 import sys
 import textwrap
+import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ import anyio
 
 import stalk
 from stalk import bench  # light: the benchmark itself is imported when it runs
+from stalk.certificates import Authorities, Authority, Certificate, RevocationList
 from stalk.connection import Connection, format_address
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
@@ -586,6 +588,166 @@ def cmd_forget(args: argparse.Namespace) -> int:
     raise CommandError(f"no known key for {format_address(host, port)}")
 
 
+# -- authorities and certificates ------------------------------------------------------------
+
+#: Units a ``--valid`` duration may end with, in seconds.
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: What ``--valid`` accepts, for its help and its errors.
+DURATION_FORMAT: Final = "a number and a unit, s, m, h, d or w: 90m, 24h, 30d; seconds if no unit"
+
+
+def _duration(text: str) -> int:
+    """A ``--valid`` DURATION in whole seconds: ``24h``, ``90m``, ``30d``, ``3600``."""
+    number, unit = text.strip(), "s"
+    if number[-1:].lower() in _DURATION_UNITS:
+        number, unit = number[:-1], number[-1:].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {escape(repr(text))} ({DURATION_FORMAT})"
+        ) from None
+    seconds = value * _DURATION_UNITS[unit]
+    if not 1 <= seconds <= 100 * 365 * 86400:
+        raise argparse.ArgumentTypeError(
+            f"a duration must be between 1 second and 100 years, not {escape(text)}"
+        )
+    return round(seconds)
+
+
+def _serial(text: str) -> int:
+    try:
+        serial = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a serial number: {escape(repr(text))}") from None
+    if not 0 <= serial < 2**64:
+        raise argparse.ArgumentTypeError(f"a serial is between 0 and 2^64-1, not {serial}")
+    return serial
+
+
+def _key_argument(text: str) -> PublicIdentity:
+    """A stalk key named on the command line; a fingerprint is refused with how to get the key."""
+    if text.startswith("SHA256:"):
+        raise argparse.ArgumentTypeError(
+            f"{escape(text)} is a fingerprint, not a key: give the public key, stalk:..., "
+            "which 'stalk id' prints"
+        )
+    try:
+        return PublicIdentity.from_string(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _authority_path(value: str | None) -> Path:
+    return Path(value).expanduser() if value else stalk_home() / "authority"
+
+
+def _load_authority(path: Path, given: str | None) -> Authority:
+    """The authority's key pair from ``path``; a missing one says how to create it."""
+    try:
+        return Authority.load(path)
+    except stalk.IdentityFileError as exc:
+        hint = ""
+        if not path.exists() and not path.is_symlink():
+            command = "stalk authority init" + (f" -f {shlex.quote(given)}" if given else "")
+            hint = f"; create one with '{command}'"
+        raise CommandError(f"{exc}{hint}") from exc
+
+
+def cmd_authority_init(args: argparse.Namespace) -> int:
+    """Write a new authority key pair; print its public form."""
+    path = _authority_path(args.file)
+    if path.exists() and not args.force:
+        raise CommandError(f"{path} already exists (use --force to replace it)")
+    authority = Authority.generate()
+    authority.save(path, overwrite=args.force)
+    _say(f"wrote {path} (private, mode 0600) and {path}.pub")
+    _say(f"{authority.public}  {authority.public.fingerprint}")
+    return EXIT_OK
+
+
+def cmd_authority_sign(args: argparse.Namespace) -> int:
+    """Issue a certificate for KEY."""
+    authority = _load_authority(_authority_path(args.file), args.file)
+    now = int(time.time())
+    try:
+        cert = authority.sign(
+            args.key,
+            args.name,
+            args.group or (),
+            not_before=now,
+            not_after=now + args.valid,
+            serial=args.serial,
+        )
+    except ValueError as exc:
+        raise CommandError(f"cannot sign: {exc}") from exc
+    if args.output is None:
+        _say(cert.to_string().rstrip("\n"))
+        return EXIT_OK
+    path = Path(args.output).expanduser()
+    if path.exists() and not args.force:
+        raise CommandError(f"{path} already exists (use --force to replace it)")
+    cert.save(path, overwrite=args.force)
+    _say(f"wrote {path}")
+    for line in cert.describe()[1:]:
+        _say(f"  {line}")
+    return EXIT_OK
+
+
+def cmd_authority_revoke(args: argparse.Namespace) -> int:
+    """Add serials and keys to the authority's revocation list file (made if missing)."""
+    authority = _load_authority(_authority_path(args.file), args.file)
+    path = Path(args.output).expanduser()
+    serials = set(args.serial or ())
+    keys = set(args.key or ())
+    for cert_path in args.cert or ():
+        cert = Certificate.load(cert_path)
+        if cert.issuer != authority.public.digest:
+            raise CommandError(
+                f"{cert_path} was issued by {cert.issuer_fingerprint}, not by this authority "
+                f"({authority.public.fingerprint})"
+            )
+        serials.add(cert.serial)
+    issued_at = int(time.time())
+    if path.exists():
+        current = RevocationList.load(path)
+        try:
+            Authorities([authority.public], [current])
+        except stalk.RevocationListError as exc:
+            raise CommandError(f"{path} is not this authority's revocation list: {exc}") from exc
+        serials |= current.serials
+        keys |= current.subjects
+        issued_at = max(issued_at, current.issued_at + 1)  # newer, even with a clock behind
+    try:
+        revocations = authority.revoke(serials, keys, issued_at=issued_at)
+    except ValueError as exc:
+        raise CommandError(f"cannot revoke: {exc}") from exc
+    revocations.save(path, overwrite=True)
+    serial_count, key_count = len(revocations.serials), len(revocations.subjects)
+    _say(
+        f"wrote {path}: {serial_count} {plural(serial_count, 'serial')} and {key_count} "
+        f"{plural(key_count, 'key')} revoked"
+    )
+    return EXIT_OK
+
+
+def cmd_cert_show(args: argparse.Namespace) -> int:
+    """Print a certificate; with --authority, check it against those authorities now."""
+    cert = Certificate.load(args.certificate)
+    for line in cert.describe():
+        _say(line)
+    if args.authority is None:
+        if args.revocations is not None:
+            raise CommandError("--revocations needs --authority")
+        return EXIT_OK
+    trusted = Authorities.load(args.authority)
+    if args.revocations is not None:
+        trusted.add_revocations(RevocationList.load(args.revocations))
+    trusted.verify(cert, now=time.time())
+    _say(f"valid now, signed by {cert.issuer_fingerprint} (trusted), not revoked")
+    return EXIT_OK
+
+
 # -- serving ------------------------------------------------------------------------------
 
 
@@ -951,6 +1113,134 @@ def _key_commands(commands: _Commands) -> None:
     sub.set_defaults(run=cmd_forget)
 
 
+def _authority_commands(commands: _Commands) -> None:
+    """``authority init``, ``authority sign``, ``authority revoke`` and ``cert show``."""
+    group = commands.add_parser(
+        "authority",
+        help="an authority: create it, sign certificates, revoke them",
+        description="An authority is an Ed25519 key pair that signs certificates: 'this "
+        "stalk key is NAME, in these groups, until then'. Peers that trust the authority "
+        "accept the keys it certified without pinning them (SPEC.md section 25).",
+        formatter_class=_HelpFormatter,
+    )
+    authority = group.add_subparsers(
+        dest="authority_command", required=True, metavar="COMMAND", title="commands"
+    )
+    sub = _command(
+        authority,
+        "init",
+        "create an authority key pair",
+        "Create an authority: an Ed25519 key pair. The private key is written to FILE with "
+        "mode 0600 (default: $STALK_HOME/authority), the public key to FILE.pub; the public "
+        "form, stalk-authority:..., printed on the last line, is what peers put in their "
+        "authorities file. An existing authority is kept unless --force is given.",
+        "stalk authority init",
+        "stalk authority init -f ./ca.key | tail -1 > authorities",
+    )
+    _authority_option(sub)
+    sub.add_argument("--force", action="store_true", help="replace an existing authority")
+    sub.set_defaults(run=cmd_authority_init)
+
+    sub = _command(
+        authority,
+        "sign",
+        "issue a certificate for a stalk key",
+        "Issue a certificate: KEY (a stalk:... public key, what 'stalk id' prints) is NAME, "
+        "in each GROUP, from now for DURATION. It is written to CERT_FILE (or printed) as a "
+        "'#' description and a stalk-certificate: line. A name or group is 1 to 128 (a "
+        "group 1 to 32) visible ASCII characters, no spaces; at most 16 groups.",
+        "stalk authority sign --name db-1 --group db --valid 24h stalk:... -o db-1.cert",
+        "stalk authority sign -f ./ca.key --name alice --valid 30d stalk:...",
+    )
+    _authority_option(sub)
+    sub.add_argument("key", type=_key_argument, metavar="KEY", help="the stalk:... key to certify")
+    sub.add_argument("--name", required=True, help="the name the certificate gives KEY")
+    sub.add_argument(
+        "--group",
+        action="append",
+        metavar="GROUP",
+        help="a group the certificate puts KEY in (repeat for several)",
+    )
+    sub.add_argument(
+        "--valid",
+        type=_duration,
+        required=True,
+        metavar="DURATION",
+        help=f"how long the certificate is valid from now: {DURATION_FORMAT}",
+    )
+    sub.add_argument(
+        "--serial",
+        type=_serial,
+        metavar="N",
+        help="the serial number to revoke it by (default: 64 random bits)",
+    )
+    sub.add_argument(
+        "-o", "--output", metavar="CERT_FILE", help="where to write it (default: print it)"
+    )
+    sub.add_argument("--force", action="store_true", help="replace an existing CERT_FILE")
+    sub.set_defaults(run=cmd_authority_sign)
+
+    sub = _command(
+        authority,
+        "revoke",
+        "add certificates or keys to a revocation list",
+        "Revoke certificates by serial (--serial, or --cert naming a certificate file), or "
+        "every certificate of a key (--key): the signed revocation list LIST_FILE gets them "
+        "added to what it already revokes (it is created if missing, even empty) and is "
+        "replaced atomically. A listener given the file reloads it when it changes.",
+        "stalk authority revoke --cert db-1.cert -o revoked",
+        "stalk authority revoke --serial 42 --key stalk:... -o revoked",
+    )
+    _authority_option(sub)
+    sub.add_argument("--serial", type=_serial, action="append", metavar="N", help="a serial")
+    sub.add_argument(
+        "--key", type=_key_argument, action="append", metavar="KEY", help="a stalk:... key"
+    )
+    sub.add_argument(
+        "--cert", action="append", metavar="CERT_FILE", help="a certificate file to revoke"
+    )
+    sub.add_argument(
+        "-o", "--output", required=True, metavar="LIST_FILE", help="the revocation list file"
+    )
+    sub.set_defaults(run=cmd_authority_revoke)
+
+    group = commands.add_parser(
+        "cert",
+        help="show a certificate (and check it)",
+        description="Certificates signed by an authority (see 'stalk authority').",
+        formatter_class=_HelpFormatter,
+    )
+    cert = group.add_subparsers(
+        dest="cert_command", required=True, metavar="COMMAND", title="commands"
+    )
+    sub = _command(
+        cert,
+        "show",
+        "print a certificate's fields; --authority checks it",
+        "Print what CERT_FILE says: name, groups, the key it is for, its validity, serial "
+        "and issuer. With --authority FILE (a file of stalk-authority: lines), also check "
+        "it now, as a peer would: exit status 1 and the reason if it is not valid "
+        "(unknown authority, forged, expired, revoked with --revocations...).",
+        "stalk cert show db-1.cert",
+        "stalk cert show db-1.cert --authority authorities --revocations revoked",
+    )
+    sub.add_argument("certificate", metavar="CERT_FILE", help="a certificate file")
+    sub.add_argument("--authority", metavar="FILE", help="check it against the authorities in FILE")
+    sub.add_argument(
+        "--revocations", metavar="LIST_FILE", help="with --authority: a revocation list"
+    )
+    sub.set_defaults(run=cmd_cert_show)
+
+
+def _authority_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "-f",
+        "--file",
+        metavar="AUTHORITY_FILE",
+        help="the authority's private key file (default: $STALK_HOME/authority)",
+    )
+
+
 def _network_commands(commands: _Commands) -> None:
     """``listen``, ``connect`` and ``send``."""
     sub = _command(
@@ -1078,6 +1368,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, metavar="COMMAND", title="commands"
     )
     _key_commands(commands)
+    _authority_commands(commands)
     _network_commands(commands)
     _tool_commands(commands)
     return parser
