@@ -114,6 +114,7 @@ def test_config_table_matches_defaults() -> None:
     assert rows["max_channels"].strip() == "off"
     assert rows["channel_window"].strip() == f"{defaults.channel_window >> 10} KiB"
     assert rows["connection_window"].strip() == f"{defaults.connection_window >> 20} MiB"
+    assert rows["clock_skew"].strip() == f"{defaults.clock_skew:g} s"
 
 
 def test_public_namespace_is_all_and_documented() -> None:

@@ -65,7 +65,8 @@ import contextlib
 import ipaddress
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias
 
@@ -73,6 +74,7 @@ import anyio
 from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
 
 from stalk import _logs
+from stalk.certificates import Authorities, Certificate, CertificatePolicy
 from stalk.channel import INTERNAL_ERROR_REASON, Channel, ChannelHandler, Dispatcher
 from stalk.config import Config
 from stalk.errors import (
@@ -103,6 +105,7 @@ __all__ = [
     "Connection",
     "MessageHandler",
     "StalkAttribute",
+    "certificate_policy",
     "connect",
     "format_address",
     "stream_error",
@@ -126,6 +129,8 @@ class StalkAttribute(anyio.TypedAttributeSet):
 
     #: the peer's static public key (authenticated)
     peer: PublicIdentity = anyio.typed_attribute()
+    #: the peer's verified certificate, or ``None`` (see :attr:`Connection.peer_certificate`)
+    peer_certificate: Certificate | None = anyio.typed_attribute()
     #: our own static key pair
     identity: Identity = anyio.typed_attribute()
     #: ``"XX"`` or ``"IK"``
@@ -186,6 +191,10 @@ class Connection(ObjectStream[Spack]):
         config: Config | None = None,
         handler: MessageHandler | None = None,
         channel_handler: ChannelHandler | None = None,
+        certificate: Certificate | None = None,
+        authorities: Authorities | None = None,
+        allow_names: Iterable[str] | None = None,
+        allow_groups: Iterable[str] | None = None,
     ) -> Connection:
         """Run the stalk handshake over ``transport`` and return the connection.
 
@@ -202,13 +211,21 @@ class Connection(ObjectStream[Spack]):
             connection is used as ``async with``; ``receive()`` is then not available.
         :param channel_handler: run for every channel the peer opens, in its own task,
             while the connection is used as ``async with`` (see :func:`connect`).
+        :param certificate: our certificate, presented to the peer (its subject must be
+            ``identity``'s key).
+        :param authorities: require a certificate of the peer, issued by one of these
+            (see :func:`connect`).
+        :param allow_names: with ``authorities``: accept only certificates for these names...
+        :param allow_groups: ...or (either admits) in one of these groups.
         :returns: the established connection.
         :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
             (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
-            :class:`~stalk.InvalidPeerKey`, :class:`~stalk.HandshakeTimeout`). The
-            transport is closed.
-        :raises ValueError: ``peer`` was given with ``server_side=True``, or
-            ``channel_handler`` without ``Config.max_channels``.
+            :class:`~stalk.InvalidPeerKey`, :class:`~stalk.HandshakeTimeout`, a
+            :class:`~stalk.CertificateError` for the peer's certificate). The transport is
+            closed.
+        :raises ValueError: ``peer`` was given with ``server_side=True``,
+            ``channel_handler`` without ``Config.max_channels``, ``certificate`` for
+            another key, or names or groups to allow without ``authorities``.
         """
         config = config or Config()
         conn = cls._start(
@@ -219,6 +236,8 @@ class Connection(ObjectStream[Spack]):
             config=config,
             handler=handler,
             channel_handler=channel_handler,
+            certificate=certificate,
+            policy=certificate_policy(authorities, config, names=allow_names, groups=allow_groups),
         )
         try:
             with anyio.fail_after(config.handshake_timeout):
@@ -241,12 +260,21 @@ class Connection(ObjectStream[Spack]):
         config: Config,
         handler: MessageHandler | None,
         channel_handler: ChannelHandler | None = None,
+        certificate: Certificate | None = None,
+        policy: CertificatePolicy | None = None,
     ) -> Connection:
         """A connection whose handshake has not run yet (see :func:`~stalk.establish.establish`)."""
         if channel_handler is not None and not config.max_channels:
             raise ValueError("a channel_handler needs Config.max_channels to offer channels")
         role = Role.RESPONDER if server_side else Role.INITIATOR
-        session = Session(role, identity, peer=peer, config=config.session_config())
+        session = Session(
+            role,
+            identity,
+            peer=peer,
+            config=config.session_config(),
+            certificate=certificate,
+            certificate_policy=policy,
+        )
         conn = cls(transport, session, config)
         conn._handler = handler
         conn._channel_handler = channel_handler
@@ -266,6 +294,16 @@ class Connection(ObjectStream[Spack]):
         if peer is None:  # pragma: no cover - a Connection exists only once established
             raise ConnectionClosed("no authenticated peer")
         return peer
+
+    @property
+    def peer_certificate(self) -> Certificate | None:
+        """The peer's certificate, verified in the handshake; ``None`` without one.
+
+        Only a connection made with ``authorities=`` has one (then always): its
+        ``name`` and ``groups`` say who the
+        authority says the peer is. :attr:`peer` is then a :class:`~stalk.CertifiedIdentity`.
+        """
+        return self._session.peer_certificate
 
     @property
     def identity(self) -> Identity:
@@ -313,6 +351,7 @@ class Connection(ObjectStream[Spack]):
         return {
             **self._transport.extra_attributes,
             StalkAttribute.peer: lambda: self.peer,
+            StalkAttribute.peer_certificate: lambda: self.peer_certificate,
             StalkAttribute.identity: lambda: self.identity,
             StalkAttribute.pattern: lambda: self.pattern,
             StalkAttribute.handshake_hash: lambda: self.handshake_hash,
@@ -679,6 +718,9 @@ async def connect(
     handler: MessageHandler | None = None,
     config: Config | None = None,
     channel_handler: ChannelHandler | None = None,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    expect_name: str | None = None,
 ) -> Connection:
     """Open a TCP connection to ``host:port`` and run the stalk handshake.
 
@@ -701,6 +743,14 @@ async def connect(
         available. When it returns, the channel is closed (:meth:`Channel.aclose
         <stalk.Channel.aclose>`); when it raises, the error is logged and the channel alone
         is reset with INTERNAL_ERROR.
+    :param certificate: our certificate, presented to the server in the handshake, for a
+        server that requires one (its subject must be ``identity``'s key).
+    :param authorities: require the server to present a certificate issued by one of
+        these: no pinned key is needed (XX). Before anything more is sent, the handshake
+        fails with a :class:`~stalk.CertificateError` when it presents none, or one that
+        is forged, expired, revoked, for another key...
+    :param expect_name: with ``authorities``: the certificate must be for this name
+        (:class:`~stalk.CertificateNameMismatch` otherwise).
     :returns: the established connection.
     :raises ~stalk.ConnectFailed: the TCP connection could not be opened (also an
         :class:`OSError`).
@@ -709,14 +759,19 @@ async def connect(
     :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
         (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
         :class:`~stalk.InvalidPeerKey`).
-    :raises ValueError: ``peer`` is a string that is not a valid printable public key, or
-        ``channel_handler`` was given without ``Config.max_channels``.
+    :raises ValueError: ``peer`` is a string that is not a valid printable public key,
+        ``channel_handler`` was given without ``Config.max_channels``, ``certificate``
+        without the ``identity`` it is for, or ``expect_name`` without ``authorities``.
     """
     config = config or Config()
     if channel_handler is not None and not config.max_channels:
         raise ValueError("a channel_handler needs Config.max_channels to offer channels")
     if isinstance(peer, str):
         peer = PublicIdentity.from_string(peer)
+    if certificate is not None and identity is None:
+        raise ValueError("a certificate needs the identity it was issued for (identity=)")
+    names = None if expect_name is None else [expect_name]
+    policy = certificate_policy(authorities, config, names=names)
     identity = identity or Identity.generate()
     # One deadline for the TCP connect and the handshake together (Config.handshake_timeout).
     try:
@@ -735,6 +790,8 @@ async def connect(
                 config=config,
                 handler=handler,
                 channel_handler=channel_handler,
+                certificate=certificate,
+                policy=policy,
             )
             await establish(conn._link, None)
             conn._established()
@@ -746,3 +803,38 @@ async def connect(
         timeout.peer_address = (host, port)
         raise timeout from exc
     return conn
+
+
+def certificate_policy(
+    authorities: Authorities | None,
+    config: Config,
+    *,
+    names: Iterable[str] | None = None,
+    groups: Iterable[str] | None = None,
+) -> CertificatePolicy | None:
+    """What to require of the peer's certificate: ``None`` without ``authorities``.
+
+    The clock is the system's (``time.time``), the skew ``Config.clock_skew``.
+
+    :raises ValueError: names or groups without ``authorities``.
+    :raises TypeError: ``authorities`` is not an :class:`~stalk.Authorities`, or ``names``
+        or ``groups`` is one string rather than an iterable of them.
+    """
+    if authorities is None:
+        if names is not None or groups is not None:
+            raise ValueError("names or groups to accept need authorities= to check them")
+        return None
+    if not isinstance(authorities, Authorities):
+        raise TypeError(
+            f"authorities must be a stalk.Authorities, not {type(authorities).__name__}"
+        )
+    for what in (names, groups):
+        if isinstance(what, str):
+            raise TypeError("names and groups are iterables of str, not one str")
+    return CertificatePolicy(
+        authorities,
+        clock=time.time,
+        clock_skew=config.clock_skew,
+        names=None if names is None else frozenset(names),
+        groups=None if groups is None else frozenset(groups),
+    )

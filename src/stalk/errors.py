@@ -215,53 +215,79 @@ class CertificateError(HandshakeFailed):
     without a word, as it does for every failure of message 2). Raised as well when a
     certificate or revocation list is read or checked outside a handshake. Each subclass
     is one reason; no message contains key material beyond fingerprints.
+
+    :cvar peer_reason: what the peer is told: the reason only, never the certificate's
+        name, serial or key (an IK refusal travels in cleartext).
     """
 
     close_code = CloseCode.CERTIFICATE_REFUSED
+    peer_reason: ClassVar[str] = "certificate refused"
 
 
 class CertificateMissing(CertificateError):
     """The peer presented no certificate, and this side requires one."""
 
+    peer_reason = "certificate required"
+
 
 class CertificateTooLarge(CertificateError):
     """A certificate is larger than the format allows (checked before it is decoded)."""
+
+    peer_reason = "certificate too large"
 
 
 class MalformedCertificate(CertificateError):
     """A certificate is not the array the format defines, or a field is out of bounds."""
 
+    peer_reason = "malformed certificate"
+
 
 class NonCanonicalCertificate(CertificateError):
     """A certificate is not in its one canonical encoding (re-encoding it differs)."""
+
+    peer_reason = "certificate not in canonical form"
 
 
 class UnknownAuthority(CertificateError):
     """A certificate was issued by an authority we do not trust."""
 
+    peer_reason = "certificate from an unknown authority"
+
 
 class BadCertificateSignature(CertificateError):
     """A certificate's signature is not its issuer's: it was forged or altered."""
+
+    peer_reason = "bad certificate signature"
 
 
 class AuthorityAsSubject(CertificateError):
     """A certificate's subject is an authority's own key (as Ed25519 or as X25519)."""
 
+    peer_reason = "certificate for an authority's key"
+
 
 class CertificateExtensionError(CertificateError):
     """A certificate repeats an extension, or has a critical one this verifier does not know."""
+
+    peer_reason = "certificate extension refused"
 
 
 class CertificateNotYetValid(CertificateError):
     """A certificate's validity starts later than now (beyond the clock skew allowed)."""
 
+    peer_reason = "certificate not yet valid"
+
 
 class CertificateExpired(CertificateError):
     """A certificate's validity ended (beyond the clock skew allowed)."""
 
+    peer_reason = "certificate expired"
+
 
 class CertificateRevoked(CertificateError):
     """A certificate's serial or subject key is on its authority's revocation list."""
+
+    peer_reason = "certificate revoked"
 
 
 class CertificateKeyMismatch(CertificateError):
@@ -270,13 +296,28 @@ class CertificateKeyMismatch(CertificateError):
     A valid certificate replayed by someone who does not hold its key fails this way.
     """
 
+    peer_reason = "certificate for another key"
+
 
 class CertificateNameMismatch(CertificateError):
     """A certificate's name and groups are not the ones this side accepts."""
 
+    peer_reason = "certificate name or groups not accepted"
+
 
 class RevocationListError(CertificateError):
     """A revocation list is malformed, not canonical, or not signed by a trusted authority."""
+
+    peer_reason = "revocation list refused"
+
+
+def reason_for_peer(error: StalkError) -> str:
+    """The reason a refusal or CLOSE gives the peer for ``error``.
+
+    Its message, except for a :class:`CertificateError`, whose reason is generic (see its
+    ``peer_reason``).
+    """
+    return error.peer_reason if isinstance(error, CertificateError) else str(error)
 
 
 def _coded(what: str, code: int, reason: str) -> str:

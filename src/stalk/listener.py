@@ -43,7 +43,7 @@ import errno
 import ipaddress
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, TypeAlias
 
 import anyio
@@ -51,9 +51,10 @@ from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
 from stalk import _logs
 from stalk._logs import HANDSHAKE, THROTTLE
+from stalk.certificates import Authorities, Certificate
 from stalk.channel import ChannelHandler
 from stalk.config import Config
-from stalk.connection import Authorize, Connection, format_address
+from stalk.connection import Authorize, Connection, certificate_policy, format_address
 from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
 from stalk.handshake import busy_refusal
 from stalk.identity import Identity
@@ -99,6 +100,22 @@ def _address_key(address: object) -> str | None:
     return str(ip)
 
 
+def _check_certificate(certificate: Certificate | None, identity: Identity) -> None:
+    """Refuse, up front, a certificate that is not for the listener's own key."""
+    if certificate is not None and certificate.subject != identity.public:
+        raise ValueError(
+            f"the certificate is for {certificate.subject.fingerprint}, not for this "
+            f"identity ({identity.public.fingerprint})"
+        )
+
+
+def _names(names: Iterable[str]) -> frozenset[str]:
+    """Names or groups to allow, as a set (one string would be a set of its characters)."""
+    if isinstance(names, str):
+        raise TypeError("allow_names and allow_groups are iterables of str, not one str")
+    return frozenset(names)
+
+
 def _who(conn: Connection) -> str:
     """A connection's peer and address, as log lines name it."""
     host, port = conn.host, conn.port
@@ -136,6 +153,9 @@ class Listener(anyio.abc.Listener[Connection]):
     (``listener.extra(anyio.abc.SocketAttribute.local_address)``).
 
     :ivar identity: our static key pair, the one clients pin.
+    :ivar certificate: our certificate, presented to every client (``None``: none).
+    :ivar authorities: the authorities whose certificates clients must present (``None``:
+        no certificate needed); its revocation lists can be replaced while serving.
     """
 
     def __init__(
@@ -145,11 +165,23 @@ class Listener(anyio.abc.Listener[Connection]):
         authorize: Authorize | None,
         config: Config,
         channel_handler: ChannelHandler | None = None,
+        *,
+        certificate: Certificate | None = None,
+        authorities: Authorities | None = None,
+        allow_names: Iterable[str] | None = None,
+        allow_groups: Iterable[str] | None = None,
     ) -> None:
         if channel_handler is not None and not config.max_channels:
             raise ValueError("a channel_handler needs Config.max_channels to offer channels")
+        _check_certificate(certificate, identity)
+        names = None if allow_names is None else _names(allow_names)
+        groups = None if allow_groups is None else _names(allow_groups)
+        certificate_policy(authorities, config, names=names, groups=groups)  # checks them
         self._sockets = sockets
         self.identity = identity
+        self.certificate = certificate
+        self.authorities = authorities
+        self._allow = names, groups
         self._authorize = authorize
         self._config = config
         self._channel_handler = channel_handler
@@ -324,6 +356,10 @@ class Listener(anyio.abc.Listener[Connection]):
                 authorize=self._authorize,
                 config=self._config,
                 channel_handler=self._channel_handler,
+                certificate=self.certificate,
+                authorities=self.authorities,
+                allow_names=self._allow[0],
+                allow_groups=self._allow[1],
             )
         except HandshakeFailed as exc:
             # Anyone can fail a handshake at will, so these are throttled by kind: a stray
@@ -398,6 +434,10 @@ async def create_listener(
     authorize: Authorize | None = None,
     config: Config | None = None,
     channel_handler: ChannelHandler | None = None,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    allow_names: Iterable[str] | None = None,
+    allow_groups: Iterable[str] | None = None,
 ) -> Listener:
     """Bind a TCP listener for stalk on ``host:port`` (port 0 picks a free port).
 
@@ -415,15 +455,38 @@ async def create_listener(
         ``max_channels`` offers channels.
     :param channel_handler: ``async def handler(channel)``, run in its own task for every
         channel a client opens, beside the connection's handler (see :func:`listen`).
+    :param certificate: our certificate, presented to every client in the handshake (its
+        subject must be ``identity``'s key): clients that trust its authority connect by
+        name, without pinning our key.
+    :param authorities: require every client to present a certificate issued by one of
+        these, checked in the handshake before ``authorize`` runs: a client without one,
+        or with one that is forged, expired, revoked, for another key... is refused with
+        CERTIFICATE_REFUSED (and never reaches ``authorize`` or the handler).
+    :param allow_names: with ``authorities``: admit only certificates for these names...
+    :param allow_groups: ...or (either admits) in one of these groups.
     :returns: the bound, not yet serving, listener.
     :raises OSError: the address cannot be bound.
-    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``.
+    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``,
+        ``certificate`` is for another key, or names or groups to allow were given without
+        ``authorities``.
     """
     config = config or Config()
     if channel_handler is not None and not config.max_channels:
         raise ValueError("a channel_handler needs Config.max_channels to offer channels")
+    _check_certificate(certificate, identity)
+    certificate_policy(authorities, config, names=allow_names, groups=allow_groups)
     sockets = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    return Listener(sockets, identity, authorize, config, channel_handler)
+    return Listener(
+        sockets,
+        identity,
+        authorize,
+        config,
+        channel_handler,
+        certificate=certificate,
+        authorities=authorities,
+        allow_names=allow_names,
+        allow_groups=allow_groups,
+    )
 
 
 async def listen(
@@ -435,6 +498,10 @@ async def listen(
     authorize: Authorize | None = None,
     config: Config | None = None,
     channel_handler: ChannelHandler | None = None,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    allow_names: Iterable[str] | None = None,
+    allow_groups: Iterable[str] | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve stalk on ``host:port`` until cancelled.
@@ -461,10 +528,21 @@ async def listen(
         is then not available. When it returns, the channel is closed; when it raises, the
         error is logged (``stalk.connection``, ERROR) and that channel alone is reset with
         INTERNAL_ERROR (the reason ``"internal error"``).
+    :param certificate: our certificate, presented to every client in the handshake (its
+        subject must be ``identity``'s key): clients that trust its authority connect by
+        name, without pinning our key.
+    :param authorities: require every client to present a certificate issued by one of
+        these, checked in the handshake before ``authorize`` runs: a client without one,
+        or with one that is forged, expired, revoked, for another key... is refused with
+        CERTIFICATE_REFUSED (and never reaches ``authorize`` or the handler).
+    :param allow_names: with ``authorities``: admit only certificates for these names...
+    :param allow_groups: ...or (either admits) in one of these groups.
     :param task_status: set by ``task_group.start()``: receives the bound ``(host, port)``.
     :raises OSError: the address cannot be bound, or accepting failed for another reason
         than a lack of resources.
-    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``.
+    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``,
+        ``certificate`` is for another key, or names or groups to allow were given without
+        ``authorities``.
     """
     async with await create_listener(
         host,
@@ -473,5 +551,9 @@ async def listen(
         authorize=authorize,
         config=config,
         channel_handler=channel_handler,
+        certificate=certificate,
+        authorities=authorities,
+        allow_names=allow_names,
+        allow_groups=allow_groups,
     ) as listener:
         await listener.serve(handler, task_status=task_status)
