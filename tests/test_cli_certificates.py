@@ -7,12 +7,22 @@ traceback; the files they write are checked with the library.
 from __future__ import annotations
 
 import os
+import re
 import stat
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 import stalk
 from stalk.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
@@ -337,3 +347,212 @@ def test_cert_show_of_a_damaged_file_is_one_line(
     status, _, err = stalk_cli(capsys, "cert", "show", str(tmp_path / "missing.cert"))
     assert status == EXIT_ERROR
     assert error_line(err) == f"certificate file '{tmp_path / 'missing.cert'}' does not exist"
+
+
+# -- listen, connect and send with certificates ------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """An authority, a server and a client, each with its files in ``home``."""
+
+    home: Path
+    authority: stalk.Authority
+    authorities: Path  # the authorities file (the authority's .pub)
+    server: stalk.Identity
+    server_cert: Path
+    client_key: Path  # the client's identity file
+    client: stalk.Identity
+    client_cert: Path
+
+
+@pytest.fixture
+def setup(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Setup:
+    assert stalk_cli(capsys, "authority", "init")[0] == EXIT_OK
+    authority = stalk.Authority.load(home / "authority")
+    now = int(time.time())
+    server, client = stalk.Identity.generate(), stalk.Identity.generate()
+    client.save(tmp_path / "client")
+    authority.sign(server.public, "db-1", ["db"], not_before=now, not_after=now + 600).save(
+        tmp_path / "server.cert"
+    )
+    authority.sign(client.public, "alice", ["ops"], not_before=now, not_after=now + 600).save(
+        tmp_path / "client.cert"
+    )
+    return Setup(
+        home,
+        authority,
+        home / "authority.pub",
+        server,
+        tmp_path / "server.cert",
+        tmp_path / "client",
+        client,
+        tmp_path / "client.cert",
+    )
+
+
+@asynccontextmanager
+async def certified_listener(setup: Setup, **kwargs: Any) -> AsyncIterator[str]:
+    """A library listener presenting the server's certificate; yields its HOST:PORT."""
+
+    async def echo(conn: stalk.Connection) -> None:
+        async for spack in conn:
+            await conn.send(spack)
+
+    async with anyio.create_task_group() as tg:
+        host, port = await tg.start(
+            partial(
+                stalk.listen,
+                "127.0.0.1",
+                0,
+                echo,
+                identity=setup.server,
+                certificate=stalk.Certificate.load(setup.server_cert),
+                **kwargs,
+            )
+        )
+        yield f"{host}:{port}"
+        tg.cancel_scope.cancel()
+
+
+async def stalk_in_thread(
+    capsys: pytest.CaptureFixture[str], backend: str, *args: str
+) -> tuple[int, str, str]:
+    """``stalk ARGS`` in a worker thread (it runs its own event loop), on ``backend``."""
+    return await anyio.to_thread.run_sync(partial(stalk_cli, capsys, "--backend", backend, *args))
+
+
+@pytest.mark.anyio
+async def test_send_by_name_with_a_certificate(
+    anyio_backend: str, setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trust = stalk.Authorities.load(setup.authorities)
+    async with certified_listener(setup, authorities=trust, allow_groups=["ops"]) as address:
+        status, out, err = await stalk_in_thread(
+            capsys, anyio_backend, "send", address, "-f", str(setup.client_key),
+            "--authority", str(setup.authorities), "--name", "db-1",
+            "--certificate", str(setup.client_cert), "hello", "--wait", "10",
+        )  # fmt: skip
+    assert status == EXIT_OK, err
+    assert out == "Spack('hello')\n"
+    assert not (setup.home / "known_peers").exists()  # the certificate was the trust
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--name", "db-2"), "certificate is for 'db-1' (groups db), not 'db-2'"),
+        (
+            ("--name", "db-1", "--no-certificate"),
+            "the peer closed the connection during the handshake (CERTIFICATE_REFUSED): "
+            "certificate required",
+        ),
+    ],
+)
+async def test_send_refused_by_certificate_is_one_line(
+    anyio_backend: str,
+    setup: Setup,
+    capsys: pytest.CaptureFixture[str],
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    trust = stalk.Authorities.load(setup.authorities)
+    certificate = [] if "--no-certificate" in args else ["--certificate", str(setup.client_cert)]
+    args = tuple(a for a in args if a != "--no-certificate")
+    async with certified_listener(setup, authorities=trust) as address:
+        status, _, err = await stalk_in_thread(
+            capsys, anyio_backend, "send", address, "-f", str(setup.client_key),
+            "--authority", str(setup.authorities), *args, *certificate, "x",
+        )  # fmt: skip
+    assert status == EXIT_ERROR
+    assert error_line(err) == message
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--authority", "AUTH"), "--authority needs --name: the name the server's certificate "
+         "must bear"),
+        (("--name", "db-1"), "--name needs --authority: the authorities that certify names"),
+    ],
+)  # fmt: skip
+def test_dial_options_go_together(
+    setup: Setup, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], message: str
+) -> None:
+    args = tuple(str(setup.authorities) if a == "AUTH" else a for a in args)
+    status, _, err = stalk_cli(capsys, "send", "127.0.0.1:1", *args, "x")
+    assert status == EXIT_ERROR
+    assert error_line(err) == message
+
+
+def test_a_certificate_for_another_identity_is_refused_before_dialling(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = stalk_cli(
+        capsys, "send", "127.0.0.1:1", "--certificate", str(setup.server_cert),
+        "-f", str(setup.client_key), "x",
+    )  # fmt: skip
+    assert status == EXIT_ERROR
+    assert error_line(err) == (
+        f"{setup.server_cert} is a certificate for {setup.server.public.fingerprint}, not for "
+        f"your identity {setup.client.public.fingerprint} ({setup.client_key})"
+    )
+
+
+def test_listen_allow_options_need_an_authority(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = stalk_cli(capsys, "listen", "0", "--allow-group", "ops")
+    assert status == EXIT_ERROR
+    assert error_line(err) == "--allow-name and --allow-group need --authority"
+
+
+@pytest.mark.anyio
+async def test_listen_admits_certified_clients_and_says_who(
+    anyio_backend: str, setup: Setup, tmp_path: Path
+) -> None:
+    setup.server.save(tmp_path / "server")
+    command = [
+        sys.executable, "-m", "stalk", "--backend", anyio_backend, "listen", "0", "--echo",
+        "-f", str(tmp_path / "server"), "--authority", str(setup.authorities),
+        "--certificate", str(setup.server_cert), "--allow-group", "ops", "-v",
+    ]  # fmt: skip
+    env = {**os.environ, "STALK_HOME": str(setup.home)}
+    trust = stalk.Authorities.load(setup.authorities)
+    async with await anyio.open_process(command, env=env, stderr=subprocess.STDOUT) as process:
+        assert process.stdout is not None
+        output = BufferedByteReceiveStream(process.stdout)
+
+        async def line() -> str:
+            with anyio.fail_after(30):
+                return (await output.receive_until(b"\n", 16 * 1024)).decode()
+
+        try:
+            while not (match := re.match(r"listening on 127.0.0.1:(\d+)", await line())):
+                pass
+            port = int(match.group(1))
+            assert (await line()).startswith("fingerprint ")
+            assert (await line()).startswith("presenting certificate 'db-1' (groups db), valid ")
+            assert await line() == (
+                f"admitting group 'ops' certified by {setup.authority.public.fingerprint}"
+            )
+            async with await stalk.connect(
+                "127.0.0.1", port, identity=setup.client,
+                certificate=stalk.Certificate.load(setup.client_cert),
+                authorities=trust, expect_name="db-1",
+            ) as conn:  # fmt: skip
+                await conn.send(stalk.Spack(1))
+                assert list(await conn.receive()) == [1]
+            who = setup.client.public.fingerprint
+            while not (text := await line()).startswith(f"peer {who} connected"):
+                pass
+            assert text.endswith(", certified as 'alice', groups ops")
+            with pytest.raises(stalk.PeerRefused) as info:
+                await stalk.connect("127.0.0.1", port)  # no certificate
+            assert info.value.code == stalk.CloseCode.CERTIFICATE_REFUSED
+            while "presented no certificate" not in (text := await line()):
+                pass
+            assert text.startswith("stalk: info: handshake with 127.0.0.1:")
+        finally:
+            process.terminate()

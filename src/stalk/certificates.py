@@ -90,6 +90,7 @@ __all__ = [
     "Extension",
     "PublicAuthority",
     "RevocationList",
+    "utc_text",
 ]
 
 #: Prefix of an authority's printable public form.
@@ -217,7 +218,7 @@ def _check_text(value: object, high: int, what: str) -> str:
     return value
 
 
-def _utc(seconds: int) -> str:
+def utc_text(seconds: int) -> str:
     """A certificate time as people read it: ``2025-06-01T12:00:00Z``."""
     try:
         moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
@@ -664,7 +665,7 @@ class Certificate:
     def __repr__(self) -> str:
         return (
             f"<Certificate {self.name!r} groups={list(self.groups)} for {self.subject} "
-            f"serial={self.serial} valid {_utc(self.not_before)}..{_utc(self.not_after)} "
+            f"serial={self.serial} valid {utc_text(self.not_before)}..{utc_text(self.not_after)} "
             f"issuer {self.issuer_fingerprint}>"
         )
 
@@ -774,8 +775,8 @@ class Certificate:
             f"groups:     {', '.join(self.groups) if self.groups else '(none)'}",
             f"subject:    {self.subject}",
             f"            {self.subject.fingerprint}",
-            f"valid from: {_utc(self.not_before)}",
-            f"valid to:   {_utc(self.not_after)}",
+            f"valid from: {utc_text(self.not_before)}",
+            f"valid to:   {utc_text(self.not_after)}",
             f"serial:     {self.serial}",
             f"issuer:     {self.issuer_fingerprint}",
         ]
@@ -996,7 +997,7 @@ class RevocationList:
         return (
             "# stalk revocation list\n"
             f"# issuer:  {self.issuer_fingerprint}\n"
-            f"# issued:  {_utc(self.issued_at)}\n"
+            f"# issued:  {utc_text(self.issued_at)}\n"
             f"# revokes: {len(self.serials)} {plural(len(self.serials), 'serial')}, "
             f"{len(self.subjects)} {plural(len(self.subjects), 'key')}\n"
             f"{REVOCATIONS_PREFIX}{_b64url(self.encoded)}\n"
@@ -1239,11 +1240,11 @@ class Authorities:
         # Differences, not sums: exact for integer times, however large.
         if cert.not_before - now > clock_skew:
             raise CertificateNotYetValid(
-                f"certificate for {cert.name!r} is not valid before {_utc(cert.not_before)}"
+                f"certificate for {cert.name!r} is not valid before {utc_text(cert.not_before)}"
             )
         if now - cert.not_after >= clock_skew:
             raise CertificateExpired(
-                f"certificate for {cert.name!r} expired at {_utc(cert.not_after)}"
+                f"certificate for {cert.name!r} expired at {utc_text(cert.not_after)}"
             )
         revocations = self._revocations.get(cert.issuer)
         if revocations is not None and revocations.revokes(cert):

@@ -50,7 +50,7 @@ import anyio
 
 import stalk
 from stalk import bench  # light: the benchmark itself is imported when it runs
-from stalk.certificates import Authorities, Authority, Certificate, RevocationList
+from stalk.certificates import Authorities, Authority, Certificate, RevocationList, utc_text
 from stalk.connection import Connection, format_address
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
@@ -106,8 +106,10 @@ VALUES: Final = (
 TRUST: Final = (
     "Trust works as in ssh: --peer KEY pins the server's key; without it the key "
     "remembered for HOST:PORT in $STALK_HOME/known_peers is pinned, and the first "
-    "connection to an address records the key the server presents. Your identity is "
-    "FILE, or $STALK_HOME/identity if it exists, else a new key for this connection."
+    "connection to an address records the key the server presents. With --authority FILE "
+    "--name NAME the server is trusted by its certificate instead: it must present one "
+    "for NAME from an authority in FILE. Your identity is FILE, or $STALK_HOME/identity "
+    "if it exists, else a new key for this connection."
 )
 
 _T = TypeVar("_T")
@@ -748,6 +750,57 @@ def cmd_cert_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _authorities(args: argparse.Namespace) -> Authorities | None:
+    """The authorities of ``--authority FILE``, or ``None``."""
+    return Authorities.load(args.authority) if args.authority else None
+
+
+def _own_certificate(
+    args: argparse.Namespace, identity: Identity | None, path: Path
+) -> Certificate | None:
+    """The certificate of ``--certificate CERT``, checked to be for our identity."""
+    if args.certificate is None:
+        return None
+    cert = Certificate.load(args.certificate)
+    if identity is None:
+        raise CommandError(
+            f"--certificate needs the identity it was issued for, and {path} does not exist "
+            "(give it with -f FILE)"
+        )
+    if cert.subject != identity.public:
+        raise CommandError(
+            f"{args.certificate} is a certificate for {cert.subject.fingerprint}, not for "
+            f"your identity {identity.public.fingerprint} ({path})"
+        )
+    return cert
+
+
+def _describe_certificate(cert: Certificate) -> str:
+    """One line for a certificate: its name, groups and validity (all visible ASCII)."""
+    groups = f" (groups {', '.join(cert.groups)})" if cert.groups else ""
+    return f"certificate {cert.name!r}{groups}, valid until {utc_text(cert.not_after)}"
+
+
+def _certified(conn: Connection) -> str:
+    """What a connection line adds for a peer with a verified certificate."""
+    cert = conn.peer_certificate
+    if cert is None:
+        return ""
+    groups = f", groups {', '.join(cert.groups)}" if cert.groups else ""
+    return f", certified as {cert.name!r}{groups}"
+
+
+def _fingerprints(authorities: Authorities) -> str:
+    return ", ".join(authority.fingerprint for authority in authorities)
+
+
+def _admitted(args: argparse.Namespace) -> str:
+    """Whom ``listen --authority`` admits, as its banner says it."""
+    names = [repr(name) for name in args.allow_name or ()]
+    groups = [f"group {group!r}" for group in args.allow_group or ()]
+    return " or ".join(names + groups) if names or groups else "any client"
+
+
 # -- serving ------------------------------------------------------------------------------
 
 
@@ -761,13 +814,17 @@ def cmd_listen(args: argparse.Namespace) -> int:
     identity = _load_identity(path, args.file)
     authorize = AuthorizedPeers(args.authorized_peers) if args.authorized_peers else None
     config = _config(args)
+    authorities = _authorities(args)
+    if authorities is None and (args.allow_name or args.allow_group):
+        raise CommandError("--allow-name and --allow-group need --authority")
+    certificate = _own_certificate(args, identity, path)
 
     async def handler(conn: Connection) -> None:
         who = conn.peer.fingerprint
         where = "?"
         if conn.host is not None and conn.port is not None:
             where = format_address(conn.host, conn.port)
-        _say(f"peer {who} connected ({conn.pattern}) from {where}")
+        _say(f"peer {who} connected ({conn.pattern}) from {where}{_certified(conn)}")
         ending = ""
         try:
             async for spack in conn:
@@ -782,7 +839,15 @@ def cmd_listen(args: argparse.Namespace) -> int:
     async def serve() -> None:
         try:
             listener = await stalk.create_listener(
-                host, port, identity=identity, authorize=authorize, config=config
+                host,
+                port,
+                identity=identity,
+                authorize=authorize,
+                config=config,
+                certificate=certificate,
+                authorities=authorities,
+                allow_names=args.allow_name,
+                allow_groups=args.allow_group,
             )
         except OSError as exc:
             raise CommandError(
@@ -792,6 +857,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
             bound_host, bound_port = listener.address
             _say(f"listening on {format_address(bound_host, bound_port)} as {identity.public}")
             _say(f"fingerprint {identity.public.fingerprint}")
+            if certificate is not None:
+                _say(f"presenting {_describe_certificate(certificate)}")
+            if authorities is not None:
+                _say(f"admitting {_admitted(args)} certified by {_fingerprints(authorities)}")
             with anyio.CancelScope() as serving:
                 _OUTPUT.stop_with(serving)
                 await listener.serve(handler)
@@ -804,15 +873,38 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 async def _dial(args: argparse.Namespace) -> Connection:
-    """Connect with ssh-like trust: --peer, else known_peers (IK), else XX and remember."""
+    """Connect with ssh-like trust: --peer, else known_peers (IK), else XX and remember.
+
+    With --authority, the server's certificate is the trust instead: known_peers is
+    neither read nor written.
+    """
     host, port = args.address
     address = format_address(host, port)
     path = _identity_path(args.file)
     identity = _load_identity(path, args.file) if args.file or path.exists() else None
+    authorities = _authorities(args)
+    if authorities is not None and args.name is None:
+        raise CommandError("--authority needs --name: the name the server's certificate must bear")
+    if authorities is None and args.name is not None:
+        raise CommandError("--name needs --authority: the authorities that certify names")
+    certificate = _own_certificate(args, identity, path)
+    if authorities is not None:
+        return await stalk.connect(
+            host,
+            port,
+            args.peer,
+            identity=identity,
+            config=_config(args),
+            certificate=certificate,
+            authorities=authorities,
+            expect_name=args.name,
+        )
     known = KnownPeers()
     peer: PublicIdentity | None = args.peer or known.lookup(host, port)
     try:
-        conn = await stalk.connect(host, port, peer, identity=identity, config=_config(args))
+        conn = await stalk.connect(
+            host, port, peer, identity=identity, config=_config(args), certificate=certificate
+        )
     except stalk.PeerIdentityMismatch:
         if args.peer or peer is None:
             raise
@@ -920,7 +1012,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         async with await _dial(args) as conn:
             typing = sys.stdin is not None and sys.stdin.isatty()
             hint = "; each line is sent as a spack, Ctrl-D ends" if typing else ""
-            _note(f"connected to {conn.peer.fingerprint} ({conn.pattern}){hint}")
+            _note(f"connected to {conn.peer.fingerprint} ({conn.pattern}){_certified(conn)}{hint}")
             input_ended = anyio.Event()
             async with anyio.create_task_group() as tg:
                 _OUTPUT.stop_with(tg.cancel_scope)
@@ -1066,8 +1158,26 @@ def _dial_options(sub: argparse.ArgumentParser) -> None:
         "not its SHA256: fingerprint); default: the key remembered in "
         "$STALK_HOME/known_peers, or trust on first use",
     )
+    sub.add_argument(
+        "--authority",
+        metavar="FILE",
+        help="trust the server by its certificate instead: FILE lists the authorities "
+        "(stalk-authority:... lines) one of which must have issued it, for --name; "
+        "known_peers is then not used",
+    )
+    sub.add_argument("--name", help="with --authority: the name the server's certificate must bear")
+    _certificate_option(sub, "the server")
     _identity_option(sub)
     _peer_data_options(sub)
+
+
+def _certificate_option(sub: argparse.ArgumentParser, whom: str) -> None:
+    sub.add_argument(
+        "--certificate",
+        metavar="CERT",
+        help=f"present this certificate (issued for your identity) to {whom}, which may "
+        "require one",
+    )
 
 
 def _key_commands(commands: _Commands) -> None:
@@ -1251,10 +1361,14 @@ def _network_commands(commands: _Commands) -> None:
         "of each spack it sends, and how it left. With --echo, send every spack back. "
         f"HOST defaults to {DEFAULT_LISTEN_HOST} (this machine only); 0.0.0.0 or '[::]' "
         "accepts other machines. PORT 0 picks a free port (the first line shows it). The "
-        "identity is FILE, or $STALK_HOME/identity, created on first use. Refused and "
-        "failed clients are shown with -v. Ctrl-C stops.",
+        "identity is FILE, or $STALK_HOME/identity, created on first use. With --authority, "
+        "only clients presenting a valid certificate from one of its authorities are "
+        "admitted (and, with --allow-name or --allow-group, only those names or groups); "
+        "--certificate presents ours, so that clients connect by name. Refused and failed "
+        "clients are shown with -v. Ctrl-C stops.",
         "stalk listen 7417 --echo",
         "stalk listen 0.0.0.0:7417 --authorized-peers ~/.stalk/authorized_peers -v",
+        "stalk listen 7417 --authority authorities --certificate db-1.cert --allow-group ops",
         "stalk listen '[::1]:0'",
     )
     sub.add_argument("address", type=_listen_address, metavar="[HOST:]PORT")
@@ -1265,6 +1379,26 @@ def _network_commands(commands: _Commands) -> None:
         help="admit only the keys in FILE (one stalk:... key per line, # comments); "
         "default: admit any key",
     )
+    sub.add_argument(
+        "--authority",
+        metavar="FILE",
+        help="admit only clients with a valid certificate from an authority in FILE "
+        "(stalk-authority:... lines, # comments); default: no certificate needed",
+    )
+    sub.add_argument(
+        "--allow-name",
+        action="append",
+        metavar="NAME",
+        help="with --authority: admit certificates for NAME (repeat for several)",
+    )
+    sub.add_argument(
+        "--allow-group",
+        action="append",
+        metavar="GROUP",
+        help="with --authority: admit certificates in GROUP (repeat; a name or a group "
+        "admits; default: any certified client)",
+    )
+    _certificate_option(sub, "clients")
     _identity_option(sub)
     _peer_data_options(sub)
     sub.set_defaults(run=cmd_listen)
@@ -1280,6 +1414,7 @@ def _network_commands(commands: _Commands) -> None:
         f"status 0 for a clean close and 1 for an error.\n\n{TRUST}\n\n{VALUES}",
         "stalk connect 127.0.0.1:7417",
         "printf '42\\nhello\\n' | stalk connect 127.0.0.1:7417 --peer stalk:...",
+        "stalk connect db.example:7417 --authority authorities --name db-1 --certificate me.cert",
     )
     _dial_options(sub)
     sub.set_defaults(run=cmd_connect)
