@@ -513,10 +513,13 @@ async def test_listen_admits_certified_clients_and_says_who(
     anyio_backend: str, setup: Setup, tmp_path: Path
 ) -> None:
     setup.server.save(tmp_path / "server")
+    revoked = tmp_path / "revoked"
+    setup.authority.revoke([], issued_at=int(time.time())).save(revoked)
     command = [
         sys.executable, "-m", "stalk", "--backend", anyio_backend, "listen", "0", "--echo",
         "-f", str(tmp_path / "server"), "--authority", str(setup.authorities),
         "--certificate", str(setup.server_cert), "--allow-group", "ops", "-v",
+        "--revocations", str(revoked),
     ]  # fmt: skip
     env = {**os.environ, "STALK_HOME": str(setup.home)}
     trust = stalk.Authorities.load(setup.authorities)
@@ -537,6 +540,7 @@ async def test_listen_admits_certified_clients_and_says_who(
             assert await line() == (
                 f"admitting group 'ops' certified by {setup.authority.public.fingerprint}"
             )
+            assert await line() == f"revocations from {revoked}, reloaded when it changes"
             async with await stalk.connect(
                 "127.0.0.1", port, identity=setup.client,
                 certificate=stalk.Certificate.load(setup.client_cert),
@@ -554,5 +558,39 @@ async def test_listen_admits_certified_clients_and_says_who(
             while "presented no certificate" not in (text := await line()):
                 pass
             assert text.startswith("stalk: info: handshake with 127.0.0.1:")
+            serial = stalk.Certificate.load(setup.client_cert).serial
+            setup.authority.revoke([serial], issued_at=int(time.time()) + 1).save(
+                revoked, overwrite=True
+            )
+            with pytest.raises(stalk.PeerRefused) as info:
+                await stalk.connect(
+                    "127.0.0.1", port, identity=setup.client,
+                    certificate=stalk.Certificate.load(setup.client_cert),
+                )  # fmt: skip
+            assert info.value.reason == "certificate revoked"
+            while f"revocation list {revoked} reloaded: 1 serials" not in await line():
+                pass
         finally:
             process.terminate()
+
+
+def test_revocations_need_an_authority(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (("listen", "0"), ("send", "127.0.0.1:1", "x")):
+        status, _, err = stalk_cli(capsys, *command, "--revocations", "revoked")
+        assert status == EXIT_ERROR
+        assert error_line(err) == "--revocations needs --authority"
+
+
+@pytest.mark.anyio
+async def test_send_refuses_a_revoked_server(
+    anyio_backend: str, setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    serial = stalk.Certificate.load(setup.server_cert).serial
+    setup.authority.revoke([serial], issued_at=int(time.time())).save(tmp_path / "revoked")
+    async with certified_listener(setup) as address:
+        status, _, err = await stalk_in_thread(
+            capsys, anyio_backend, "send", address, "--authority", str(setup.authorities),
+            "--name", "db-1", "--revocations", str(tmp_path / "revoked"), "x",
+        )  # fmt: skip
+    assert status == EXIT_ERROR
+    assert error_line(err) == f"certificate for 'db-1' (serial {serial}) is revoked"

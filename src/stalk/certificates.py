@@ -89,6 +89,7 @@ __all__ = [
     "CertifiedIdentity",
     "Extension",
     "PublicAuthority",
+    "RevocationFile",
     "RevocationList",
     "utc_text",
 ]
@@ -1042,6 +1043,61 @@ class RevocationList:
             raise IdentityFileError(f"revocation list '{path}': {exc}") from exc
         except RevocationListError as exc:
             raise RevocationListError(f"revocation list '{path}': {exc}") from exc
+
+
+class RevocationFile:
+    """A revocation list file whose newest valid version is kept in force in ``authorities``.
+
+    :meth:`changed` is a ``stat`` of the file, cheap enough to run before every
+    handshake; :meth:`read` reads and checks it (in a worker thread, for a large list), and
+    :meth:`apply` puts what it read in force. A version that cannot be read, is not signed
+    by a trusted authority or is older than the list in force changes nothing: a revocation
+    is never undone by a damaged, deleted or replayed file.
+
+    :param path: the revocation list file (``~`` expanded).
+    :param authorities: where the list is put in force.
+    :raises IdentityFileError: the file cannot be read now, or is unsafe.
+    :raises ~stalk.RevocationListError: it is malformed or not signed by a trusted
+        authority.
+    """
+
+    __slots__ = ("_seen", "authorities", "path")
+
+    def __init__(self, path: str | os.PathLike[str], authorities: Authorities) -> None:
+        self.path = _expand(path)
+        self.authorities = authorities
+        self._seen: tuple[int, ...] | None = None
+        self.apply(self.read())
+
+    def _stamp(self) -> tuple[int, ...] | None:
+        """What identifies this version of the file: a rename or an edit changes it."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def changed(self) -> bool:
+        """Whether the file is not the version last read (also: it has gone, or come back)."""
+        return self._stamp() != self._seen
+
+    def read(self) -> RevocationList:
+        """Read the file as it is now; this version counts as seen even if it fails.
+
+        :raises IdentityFileError: it cannot be read, or is unsafe (see
+            :meth:`~stalk.RevocationList.load`).
+        :raises ~stalk.RevocationListError: its contents are refused.
+        """
+        self._seen = self._stamp()
+        return RevocationList.load(self.path)
+
+    def apply(self, revocations: RevocationList) -> bool:
+        """Put ``revocations`` in force (see :meth:`~stalk.Authorities.add_revocations`).
+
+        :returns: whether it replaced the list in force (``False``: not newer).
+        :raises ~stalk.RevocationListError: not signed by a trusted authority.
+        """
+        return self.authorities.add_revocations(revocations)
 
 
 def _check_trust_file(path: Path, st: os.stat_result, kind: str) -> None:

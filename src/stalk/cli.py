@@ -750,9 +750,16 @@ def cmd_cert_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _authorities(args: argparse.Namespace) -> Authorities | None:
-    """The authorities of ``--authority FILE``, or ``None``."""
-    return Authorities.load(args.authority) if args.authority else None
+def _authorities(args: argparse.Namespace, *, load_revocations: bool = True) -> Authorities | None:
+    """The authorities of ``--authority FILE`` (with ``--revocations``' list), or ``None``."""
+    if not args.authority:
+        if args.revocations:
+            raise CommandError("--revocations needs --authority")
+        return None
+    authorities = Authorities.load(args.authority)
+    if load_revocations and args.revocations:
+        authorities.add_revocations(RevocationList.load(args.revocations))
+    return authorities
 
 
 def _own_certificate(
@@ -814,7 +821,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     identity = _load_identity(path, args.file)
     authorize = AuthorizedPeers(args.authorized_peers) if args.authorized_peers else None
     config = _config(args)
-    authorities = _authorities(args)
+    authorities = _authorities(args, load_revocations=False)
     if authorities is None and (args.allow_name or args.allow_group):
         raise CommandError("--allow-name and --allow-group need --authority")
     certificate = _own_certificate(args, identity, path)
@@ -848,6 +855,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 authorities=authorities,
                 allow_names=args.allow_name,
                 allow_groups=args.allow_group,
+                revocations=args.revocations,
             )
         except OSError as exc:
             raise CommandError(
@@ -861,6 +869,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 _say(f"presenting {_describe_certificate(certificate)}")
             if authorities is not None:
                 _say(f"admitting {_admitted(args)} certified by {_fingerprints(authorities)}")
+            if listener.revocations is not None:
+                _say(f"revocations from {listener.revocations.path}, reloaded when it changes")
             with anyio.CancelScope() as serving:
                 _OUTPUT.stop_with(serving)
                 await listener.serve(handler)
@@ -1166,9 +1176,19 @@ def _dial_options(sub: argparse.ArgumentParser) -> None:
         "known_peers is then not used",
     )
     sub.add_argument("--name", help="with --authority: the name the server's certificate must bear")
+    _revocations_option(sub, "")
     _certificate_option(sub, "the server")
     _identity_option(sub)
     _peer_data_options(sub)
+
+
+def _revocations_option(sub: argparse.ArgumentParser, reloaded: str) -> None:
+    sub.add_argument(
+        "--revocations",
+        metavar="LIST",
+        help="with --authority: refuse the certificates the revocation list LIST revokes"
+        + reloaded,
+    )
 
 
 def _certificate_option(sub: argparse.ArgumentParser, whom: str) -> None:
@@ -1398,6 +1418,7 @@ def _network_commands(commands: _Commands) -> None:
         help="with --authority: admit certificates in GROUP (repeat; a name or a group "
         "admits; default: any certified client)",
     )
+    _revocations_option(sub, " (read again when it changes, at the next client)")
     _certificate_option(sub, "clients")
     _identity_option(sub)
     _peer_data_options(sub)

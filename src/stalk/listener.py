@@ -42,20 +42,28 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, TypeAlias
 
 import anyio
+import anyio.to_thread
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
 from stalk import _logs
 from stalk._logs import HANDSHAKE, THROTTLE
-from stalk.certificates import Authorities, Certificate
+from stalk.certificates import Authorities, Certificate, RevocationFile, utc_text
 from stalk.channel import ChannelHandler
 from stalk.config import Config
 from stalk.connection import Authorize, Connection, certificate_policy, format_address
-from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
+from stalk.errors import (
+    ConnectionLost,
+    HandshakeFailed,
+    IdentityFileError,
+    RevocationListError,
+    StalkError,
+)
 from stalk.handshake import busy_refusal
 from stalk.identity import Identity
 from stalk.link import address_text, remote_address
@@ -156,6 +164,7 @@ class Listener(anyio.abc.Listener[Connection]):
     :ivar certificate: our certificate, presented to every client (``None``: none).
     :ivar authorities: the authorities whose certificates clients must present (``None``:
         no certificate needed); its revocation lists can be replaced while serving.
+    :ivar revocations: the revocation list file reloaded when it changes (``None``: none).
     """
 
     def __init__(
@@ -170,10 +179,13 @@ class Listener(anyio.abc.Listener[Connection]):
         authorities: Authorities | None = None,
         allow_names: Iterable[str] | None = None,
         allow_groups: Iterable[str] | None = None,
+        revocations: RevocationFile | None = None,
     ) -> None:
         if channel_handler is not None and not config.max_channels:
             raise ValueError("a channel_handler needs Config.max_channels to offer channels")
         _check_certificate(certificate, identity)
+        if revocations is not None and revocations.authorities is not authorities:
+            raise ValueError("a revocation file must put its lists in the listener's authorities")
         names = None if allow_names is None else _names(allow_names)
         groups = None if allow_groups is None else _names(allow_groups)
         certificate_policy(authorities, config, names=names, groups=groups)  # checks them
@@ -181,6 +193,8 @@ class Listener(anyio.abc.Listener[Connection]):
         self.identity = identity
         self.certificate = certificate
         self.authorities = authorities
+        self.revocations = revocations
+        self._reloading = anyio.Lock()
         self._allow = names, groups
         self._authorize = authorize
         self._config = config
@@ -349,6 +363,8 @@ class Listener(anyio.abc.Listener[Connection]):
         if key is not None:
             self._handshakes_by_address[key] = self._handshakes_by_address.get(key, 0) + 1
         try:
+            if self.revocations is not None and self.revocations.changed():
+                await self._reload_revocations(self.revocations)
             conn = await Connection.wrap(
                 stream,
                 identity=self.identity,
@@ -395,6 +411,42 @@ class Listener(anyio.abc.Listener[Connection]):
         finally:
             self._connections -= 1
 
+    async def _reload_revocations(self, revocations: RevocationFile) -> None:
+        """Put the revocation file's new version in force before this handshake checks.
+
+        Read in a worker thread (a list may hold 100,000 entries); handshakes that arrive
+        meanwhile wait for it, so none is checked against a list the file has replaced. A
+        version that cannot be read, is not signed by one of our authorities, or is not
+        newer than the list in force is logged and changes nothing.
+        """
+        async with self._reloading:
+            if not revocations.changed():
+                return  # another handshake reloaded it while we waited
+            try:
+                loaded = await anyio.to_thread.run_sync(revocations.read)
+                applied = revocations.apply(loaded)
+            except (IdentityFileError, RevocationListError) as exc:
+                logger.warning(
+                    "revocation list %s not reloaded, the one in force stays: %s",
+                    revocations.path,
+                    exc,
+                )
+                return
+            if not applied:
+                logger.warning(
+                    "revocation list %s not reloaded: issued %s, not after the one in force",
+                    revocations.path,
+                    utc_text(loaded.issued_at),
+                )
+                return
+            logger.info(
+                "revocation list %s reloaded: %d serials and %d keys revoked (issued %s)",
+                revocations.path,
+                len(loaded.serials),
+                len(loaded.subjects),
+                utc_text(loaded.issued_at),
+            )
+
     @staticmethod
     async def _run_handler(handler: ConnectionHandler, conn: Connection) -> None:
         try:
@@ -438,6 +490,7 @@ async def create_listener(
     authorities: Authorities | None = None,
     allow_names: Iterable[str] | None = None,
     allow_groups: Iterable[str] | None = None,
+    revocations: str | os.PathLike[str] | None = None,
 ) -> Listener:
     """Bind a TCP listener for stalk on ``host:port`` (port 0 picks a free port).
 
@@ -464,10 +517,18 @@ async def create_listener(
         CERTIFICATE_REFUSED (and never reaches ``authorize`` or the handler).
     :param allow_names: with ``authorities``: admit only certificates for these names...
     :param allow_groups: ...or (either admits) in one of these groups.
+    :param revocations: with ``authorities``: a revocation list file (``stalk authority
+        revoke`` writes one), read now and again whenever it has changed when a client
+        arrives, so a revocation applies from the next handshake on. A version that cannot
+        be read or is refused is logged and leaves the list in force (connections already
+        established are not affected).
     :returns: the bound, not yet serving, listener.
     :raises OSError: the address cannot be bound.
     :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``,
-        ``certificate`` is for another key, or names or groups to allow were given without
+        ``certificate`` is for another key, or names or groups to allow, or revocations,
+        were given without ``authorities``.
+    :raises ~stalk.IdentityFileError: the revocation list file cannot be read, or is unsafe.
+    :raises ~stalk.RevocationListError: it is malformed or not signed by an authority of
         ``authorities``.
     """
     config = config or Config()
@@ -475,6 +536,11 @@ async def create_listener(
         raise ValueError("a channel_handler needs Config.max_channels to offer channels")
     _check_certificate(certificate, identity)
     certificate_policy(authorities, config, names=allow_names, groups=allow_groups)
+    watched = None
+    if revocations is not None:
+        if authorities is None:
+            raise ValueError("revocations need authorities= (the lists are theirs)")
+        watched = RevocationFile(revocations, authorities)
     sockets = await anyio.create_tcp_listener(local_host=host, local_port=port)
     return Listener(
         sockets,
@@ -486,6 +552,7 @@ async def create_listener(
         authorities=authorities,
         allow_names=allow_names,
         allow_groups=allow_groups,
+        revocations=watched,
     )
 
 
@@ -502,6 +569,7 @@ async def listen(
     authorities: Authorities | None = None,
     allow_names: Iterable[str] | None = None,
     allow_groups: Iterable[str] | None = None,
+    revocations: str | os.PathLike[str] | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve stalk on ``host:port`` until cancelled.
@@ -537,11 +605,19 @@ async def listen(
         CERTIFICATE_REFUSED (and never reaches ``authorize`` or the handler).
     :param allow_names: with ``authorities``: admit only certificates for these names...
     :param allow_groups: ...or (either admits) in one of these groups.
+    :param revocations: with ``authorities``: a revocation list file (``stalk authority
+        revoke`` writes one), read now and again whenever it has changed when a client
+        arrives, so a revocation applies from the next handshake on. A version that cannot
+        be read or is refused is logged and leaves the list in force (connections already
+        established are not affected).
     :param task_status: set by ``task_group.start()``: receives the bound ``(host, port)``.
     :raises OSError: the address cannot be bound, or accepting failed for another reason
         than a lack of resources.
     :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``,
-        ``certificate`` is for another key, or names or groups to allow were given without
+        ``certificate`` is for another key, or names or groups to allow, or revocations,
+        were given without ``authorities``.
+    :raises ~stalk.IdentityFileError: the revocation list file cannot be read, or is unsafe.
+    :raises ~stalk.RevocationListError: it is malformed or not signed by an authority of
         ``authorities``.
     """
     async with await create_listener(
@@ -555,5 +631,6 @@ async def listen(
         authorities=authorities,
         allow_names=allow_names,
         allow_groups=allow_groups,
+        revocations=revocations,
     ) as listener:
         await listener.serve(handler, task_status=task_status)
