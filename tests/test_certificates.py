@@ -30,6 +30,7 @@ from stalk.certificates import (
     MAX_GROUPS,
     MAX_NAME_LEN,
     REVOCATIONS_CONTEXT,
+    SIGNED_CACHE,
     Authorities,
     Authority,
     Certificate,
@@ -827,3 +828,54 @@ def test_spec_worked_example() -> None:
     trust = Authorities([authority.public], [revocations])
     with pytest.raises(CertificateRevoked):
         trust.verify(cert, now=1_750_000_000, key=subject)
+
+
+# -- the cache of verified signatures -------------------------------------------------------------
+
+
+def test_a_certificate_seen_again_costs_no_signature_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trust = Authorities([AUTHORITY.public])
+    checks: list[bytes] = []
+    original = PublicAuthority.verify
+
+    def counting(self: PublicAuthority, signature: bytes, message: bytes) -> bool:
+        checks.append(signature)
+        return original(self, signature, message)
+
+    monkeypatch.setattr(PublicAuthority, "verify", counting)
+    cert = issue()
+    for _ in range(3):
+        assert verify(cert, trust=trust) == cert
+    assert len(checks) == 1
+
+
+def test_what_the_cache_holds_is_still_checked_for_time_revocation_key_and_name() -> None:
+    trust = Authorities([AUTHORITY.public])
+    cert = issue()
+    assert verify(cert, trust=trust)
+    with pytest.raises(CertificateExpired):
+        verify(cert, trust=trust, now=NOW + 10**6)
+    with pytest.raises(CertificateKeyMismatch):
+        verify(cert, trust=trust, key=STRANGER.public)
+    with pytest.raises(CertificateNameMismatch):
+        verify(cert, trust=trust, names=["other"])
+    trust.add_revocations(AUTHORITY.revoke([cert.serial], issued_at=NOW))
+    with pytest.raises(CertificateRevoked):
+        verify(cert, trust=trust)
+
+
+def test_the_cache_is_bounded_and_holds_only_signed_certificates() -> None:
+    trust = Authorities([AUTHORITY.public])
+    for serial in range(SIGNED_CACHE + 10):
+        verify(issue(serial=serial), trust=trust)
+    assert len(trust._signed) == SIGNED_CACHE
+    for hostile in (_flip(issue().to_bytes()), issue(authority=OTHER_AUTHORITY).to_bytes()):
+        with pytest.raises(CertificateError):
+            verify(hostile, trust=trust)
+        assert hostile not in trust._signed
+
+
+def _flip(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])

@@ -42,6 +42,7 @@ import re
 import secrets
 import shlex
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,9 @@ MAX_TIME: Final = 2**63 - 1
 MAX_SERIAL: Final = 2**64 - 1
 #: A revocation list names at most this many serials and keys together.
 MAX_REVOKED: Final = 100_000
+#: How many certificates whose signature verified an :class:`Authorities` remembers (at
+#: most 2,048 bytes each), so that peers reconnecting cost no Ed25519 verification.
+SIGNED_CACHE: Final = 256
 #: The clock difference tolerated between the authority, the peer and us, in seconds (as
 #: Kerberos): a certificate is valid from ``not_before - skew`` until ``not_after + skew``.
 DEFAULT_CLOCK_SKEW: Final = 300.0
@@ -255,10 +259,11 @@ class PublicAuthority:
         key ``cryptography`` accepts.
     """
 
-    __slots__ = ("_key", "_raw")
+    __slots__ = ("_key", "_raw", "_x25519")
 
     _raw: bytes
     _key: Ed25519PublicKey
+    _x25519: bytes | None
 
     def __init__(self, raw: bytes | bytearray | memoryview) -> None:
         if not isinstance(raw, (bytes, bytearray, memoryview)):
@@ -274,6 +279,9 @@ class PublicAuthority:
             raise ValueError("not a usable Ed25519 public key") from exc
         object.__setattr__(self, "_raw", data)
         object.__setattr__(self, "_key", key)
+        # Computed once: the check that no certificate names an authority's key needs it
+        # for every certificate, and it costs a modular inverse.
+        object.__setattr__(self, "_x25519", _montgomery(data))
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -551,7 +559,7 @@ def _array_header(count: int) -> bytes:
 
 def _is_authority_key(subject: bytes, authority: PublicAuthority) -> bool:
     """Whether a stalk key is ``authority``'s own key: its bytes, or its X25519 form."""
-    converted = _montgomery(authority.raw)
+    converted = authority._x25519
     return hmac.compare_digest(subject, authority.raw) or (
         converted is not None and hmac.compare_digest(subject, converted)
     )
@@ -1160,7 +1168,7 @@ class Authorities:
     :raises ~stalk.RevocationListError: a list that is not signed by one of them.
     """
 
-    __slots__ = ("_by_digest", "_revocations")
+    __slots__ = ("_by_digest", "_revocations", "_signed")
 
     def __init__(
         self,
@@ -1177,6 +1185,10 @@ class Authorities:
         self._revocations: dict[bytes, RevocationList] = {}
         for revocation in revocations:
             self.add_revocations(revocation)
+        #: Certificates whose form, issuer, signature and subject passed, by their exact
+        #: bytes, most recent last: a peer that reconnects costs no Ed25519 verification.
+        #: Only what one of our authorities signed gets in, and at most SIGNED_CACHE of it.
+        self._signed: OrderedDict[bytes, Certificate] = OrderedDict()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Authorities:
@@ -1221,6 +1233,36 @@ class Authorities:
     def revocations(self) -> tuple[RevocationList, ...]:
         """The revocation lists in force, one per authority at most."""
         return tuple(self._revocations.values())
+
+    def _signed_certificate(self, data: bytes) -> Certificate:
+        """Checks 1 to 6 of SPEC "Verifying a certificate": what depends on its bytes alone.
+
+        Their result is remembered (a bounded cache keyed by the bytes, which the signature
+        covers), so a certificate seen again skips the Ed25519 verification.
+        """
+        cert = self._signed.get(data)
+        if cert is not None:
+            self._signed.move_to_end(data)
+            return cert
+        cert = Certificate.from_bytes(data)
+        authority = self._by_digest.get(cert.issuer)
+        if authority is None:
+            raise UnknownAuthority(
+                f"certificate issued by {cert.issuer_fingerprint}, which is not a trusted authority"
+            )
+        if not authority.verify(cert.signature, cert.signed_message):
+            raise BadCertificateSignature(
+                f"certificate signature is not {authority.fingerprint}'s: forged or altered"
+            )
+        for trusted in self:
+            if _is_authority_key(cert.subject.raw, trusted):
+                raise AuthorityAsSubject(
+                    f"certificate subject is the key of authority {trusted.fingerprint}"
+                )
+        self._signed[data] = cert
+        if len(self._signed) > SIGNED_CACHE:
+            self._signed.popitem(last=False)
+        return cert
 
     def add_revocations(self, revocations: RevocationList) -> bool:
         """Put ``revocations`` in force, in place of its authority's previous list.
@@ -1273,21 +1315,7 @@ class Authorities:
         """
         if isinstance(certificate, Certificate):
             certificate = certificate.encoded
-        cert = Certificate.from_bytes(certificate)
-        authority = self._by_digest.get(cert.issuer)
-        if authority is None:
-            raise UnknownAuthority(
-                f"certificate issued by {cert.issuer_fingerprint}, which is not a trusted authority"
-            )
-        if not authority.verify(cert.signature, cert.signed_message):
-            raise BadCertificateSignature(
-                f"certificate signature is not {authority.fingerprint}'s: forged or altered"
-            )
-        for trusted in self:
-            if _is_authority_key(cert.subject.raw, trusted):
-                raise AuthorityAsSubject(
-                    f"certificate subject is the key of authority {trusted.fingerprint}"
-                )
+        cert = self._signed_certificate(bytes(certificate))
         for ext in cert.extensions:
             if ext.critical:
                 raise CertificateExtensionError(
