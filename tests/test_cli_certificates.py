@@ -27,7 +27,14 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 import stalk
 from stalk.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 
-NESTED = (("authority", "init"), ("authority", "sign"), ("authority", "revoke"), ("cert", "show"))
+NESTED = (
+    ("authority", "init"),
+    ("authority", "sign"),
+    ("authority", "revoke"),
+    ("authority", "serve"),
+    ("cert", "show"),
+    ("cert", "renew"),
+)
 
 
 @pytest.fixture
@@ -594,3 +601,73 @@ async def test_send_refuses_a_revoked_server(
         )  # fmt: skip
     assert status == EXIT_ERROR
     assert error_line(err) == f"certificate for 'db-1' (serial {serial}) is revoked"
+
+
+@pytest.mark.anyio
+async def test_authority_serve_and_cert_renew(
+    anyio_backend: str, setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    enrolled = tmp_path / "enrolled"
+    enrolled.write_text(f"{setup.client.public} alice ops,db\n")
+    command = [
+        sys.executable, "-m", "stalk", "--backend", anyio_backend, "authority", "serve", "0",
+        "--enrolled", str(enrolled), "--valid", "2h", "-v",
+    ]  # fmt: skip
+    env = {**os.environ, "STALK_HOME": str(setup.home)}
+    async with await anyio.open_process(command, env=env, stderr=subprocess.STDOUT) as process:
+        assert process.stdout is not None
+        output = BufferedByteReceiveStream(process.stdout)
+
+        async def line() -> str:
+            with anyio.fail_after(30):
+                return (await output.receive_until(b"\n", 16 * 1024)).decode()
+
+        try:
+            match = re.match(r"serving certificates on (\S+) as 'authority'", await line())
+            assert match is not None
+            assert await line() == (
+                f"signed by {setup.authority.public}  {setup.authority.public.fingerprint}"
+            )
+            assert await line() == f"1 key enrolled in {enrolled}; each certificate valid 7200 s"
+            out_cert = tmp_path / "renewed.cert"
+            status, out, err = await stalk_in_thread(
+                capsys, anyio_backend, "cert", "renew", match.group(1),
+                "--authority", str(setup.authorities), "-f", str(setup.client_key),
+                "-o", str(out_cert),
+            )  # fmt: skip
+            assert status == EXIT_OK, err
+            assert out.splitlines()[0] == f"wrote {out_cert}"
+            cert = stalk.Certificate.load(out_cert)
+            assert (cert.name, cert.groups, cert.subject) == (
+                "alice",
+                ("db", "ops"),
+                setup.client.public,
+            )
+            assert cert.not_after - cert.not_before == 7200
+            while "issued a certificate for 'alice'" not in await line():
+                pass
+            stalk.Identity.generate().save(tmp_path / "outsider")
+            status, _, err = await stalk_in_thread(
+                capsys, anyio_backend, "cert", "renew", match.group(1),
+                "--authority", str(setup.authorities), "-o", str(tmp_path / "x.cert"),
+                "-f", str(tmp_path / "outsider"),
+            )  # fmt: skip
+            assert status == EXIT_ERROR
+            assert error_line(err) == (
+                "the peer closed the connection during the handshake (NOT_AUTHORIZED): "
+                "not authorized"
+            )
+            assert not (tmp_path / "x.cert").exists()
+        finally:
+            process.terminate()
+
+
+def test_cert_renew_of_an_outsider_is_one_line(
+    setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = stalk_cli(
+        capsys, "cert", "renew", "127.0.0.1:1", "--authority", str(setup.authorities),
+        "-f", str(setup.client_key), "-o", str(tmp_path / "x.cert"),
+    )  # fmt: skip
+    assert status == EXIT_ERROR
+    assert error_line(err).startswith("cannot connect to 127.0.0.1:1")

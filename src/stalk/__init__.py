@@ -58,6 +58,7 @@ from stalk.errors import (
     PeerIdentityMismatch,
     PeerRefused,
     ProtocolError,
+    RenewalFailed,
     RevocationListError,
     StalkError,
     UnknownAuthority,
@@ -65,6 +66,7 @@ from stalk.errors import (
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
 from stalk.listener import ConnectionHandler, Listener, create_listener, listen
+from stalk.renewal import AuthorityService, CertificateKeeper, Enrollments, request_certificate
 from stalk.spack import Float32, Received, Spack, SpackValue
 from stalk.wire import CloseCode
 
@@ -72,6 +74,7 @@ __all__ = [
     "Authorities",
     "Authority",
     "AuthorityAsSubject",
+    "AuthorityService",
     "Authorize",
     "AuthorizedPeers",
     "BadCertificateSignature",
@@ -79,6 +82,7 @@ __all__ = [
     "CertificateError",
     "CertificateExpired",
     "CertificateExtensionError",
+    "CertificateKeeper",
     "CertificateKeyMismatch",
     "CertificateMissing",
     "CertificateNameMismatch",
@@ -101,6 +105,7 @@ __all__ = [
     "ConnectionHandler",
     "ConnectionLost",
     "DecryptionFailed",
+    "Enrollments",
     "Extension",
     "Float32",
     "FlowControlError",
@@ -127,6 +132,7 @@ __all__ = [
     "PublicAuthority",
     "PublicIdentity",
     "Received",
+    "RenewalFailed",
     "RevocationList",
     "RevocationListError",
     "Spack",
@@ -138,5 +144,6 @@ __all__ = [
     "connect",
     "create_listener",
     "listen",
+    "request_certificate",
     "stalk_home",
 ]

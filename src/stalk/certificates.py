@@ -92,6 +92,7 @@ __all__ = [
     "PublicAuthority",
     "RevocationFile",
     "RevocationList",
+    "check_names",
     "utc_text",
 ]
 
@@ -221,6 +222,20 @@ def _check_text(value: object, high: int, what: str) -> str:
             f"{what} must be 1 to {high} visible ASCII characters (no spaces or controls)"
         )
     return value
+
+
+def check_names(name: str, groups: Iterable[str]) -> None:
+    """Refuse a name or groups that a certificate cannot carry (SPEC "Certificates").
+
+    :raises ValueError: a name or group that is not 1 to 128 (a group: 32) visible ASCII
+        characters, or more than 16 groups.
+    """
+    _check_text(name, MAX_NAME_LEN, "a name")
+    group_list = list(groups)
+    if len(group_list) > MAX_GROUPS:
+        raise ValueError(f"a certificate has at most {MAX_GROUPS} groups")
+    for group in group_list:
+        _check_text(group, MAX_GROUP_LEN, "a group")
 
 
 def utc_text(seconds: int) -> str:

@@ -55,6 +55,13 @@ from stalk.connection import Connection, format_address
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
+from stalk.renewal import (
+    DEFAULT_SERVICE_NAME,
+    DEFAULT_VALIDITY,
+    AuthorityService,
+    Enrollments,
+    request_certificate,
+)
 from stalk.spack import Float32, Spack, SpackValue
 from stalk.summary import SUMMARY_CHARS, VALUE_CHARS, plural, render
 from stalk.vectors import main as vectors_main
@@ -733,6 +740,76 @@ def cmd_authority_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_authority_serve(args: argparse.Namespace) -> int:
+    """Serve certificate renewals for enrolled keys until Ctrl-C."""
+    host, port = args.address
+    authority = _load_authority(_authority_path(args.file), args.file)
+    enrollments = Enrollments(args.enrolled)
+    identity = (
+        _load_identity(Path(args.identity).expanduser(), args.identity) if args.identity else None
+    )
+
+    async def serve() -> None:
+        try:
+            service = await AuthorityService.create(
+                host,
+                port,
+                authority=authority,
+                enrollments=enrollments,
+                identity=identity,
+                valid=args.valid,
+                name=args.name,
+                config=_config(args),
+            )
+        except OSError as exc:
+            raise CommandError(
+                f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}"
+            ) from exc
+        async with service:
+            bound = format_address(*service.address)
+            _say(f"serving certificates on {bound} as {args.name!r}")
+            _say(f"signed by {authority.public}  {authority.public.fingerprint}")
+            count = len(enrollments)
+            _say(
+                f"{count} {plural(count, 'key')} enrolled in {enrollments.path}; each "
+                f"certificate valid {args.valid} s"
+            )
+            with anyio.CancelScope() as serving:
+                _OUTPUT.stop_with(serving)
+                await service.serve()
+
+    _run(args, serve)
+    return EXIT_OK
+
+
+def cmd_cert_renew(args: argparse.Namespace) -> int:
+    """Ask an authority service for a new certificate for our identity; write it."""
+    host, port = args.address
+    path = _identity_path(args.file)
+    identity = _load_identity(path, args.file)
+    authorities = _authorities(args)
+    if authorities is None:
+        raise CommandError("cert renew needs --authority: the authority that runs the service")
+
+    async def renew() -> Certificate:
+        return await request_certificate(
+            host,
+            port,
+            identity=identity,
+            authorities=authorities,
+            service_name=args.service_name,
+            config=_config(args),
+        )
+
+    cert = _run(args, renew)
+    output = Path(args.output).expanduser()
+    cert.save(output, overwrite=True)
+    _say(f"wrote {output}")
+    for line in cert.describe()[1:]:
+        _say(f"  {line}")
+    return EXIT_OK
+
+
 def cmd_cert_show(args: argparse.Namespace) -> int:
     """Print a certificate; with --authority, check it against those authorities now."""
     cert = Certificate.load(args.certificate)
@@ -1334,6 +1411,49 @@ def _authority_commands(commands: _Commands) -> None:
     )
     sub.set_defaults(run=cmd_authority_revoke)
 
+    sub = _command(
+        authority,
+        "serve",
+        "renew certificates online for enrolled keys",
+        "Run the authority as a stalk service on [HOST:]PORT: keys enrolled in --enrolled "
+        "FILE (lines 'stalk:KEY NAME [GROUP,GROUP...]', read again when it changes) "
+        "connect and get a new certificate for their NAME and GROUPs, valid for --valid "
+        "from then ('stalk cert renew', or stalk.CertificateKeeper in a program); any other "
+        "key is refused. The service presents its own certificate from the authority, for "
+        "--name, so clients need only the authority's public key. Its stalk identity is a "
+        "new key each time unless --identity is given (never the authority's own key). "
+        "HOST defaults to 127.0.0.1. Ctrl-C stops.",
+        "stalk authority serve 7418 --enrolled enrolled --valid 24h",
+        "stalk authority serve 0.0.0.0:7418 -f ca.key --enrolled enrolled --valid 1h -v",
+    )
+    sub.add_argument("address", type=_listen_address, metavar="[HOST:]PORT")
+    _authority_option(sub)
+    sub.add_argument(
+        "--enrolled",
+        required=True,
+        metavar="FILE",
+        help="who may renew, and as what: lines stalk:KEY NAME [GROUP,GROUP...]",
+    )
+    sub.add_argument(
+        "--valid",
+        type=_duration,
+        default=DEFAULT_VALIDITY,
+        metavar="DURATION",
+        help=f"validity of each certificate issued: {DURATION_FORMAT} (default: 24h)",
+    )
+    sub.add_argument(
+        "--name",
+        default=DEFAULT_SERVICE_NAME,
+        help=f"the name of the service's own certificate (default: {DEFAULT_SERVICE_NAME})",
+    )
+    sub.add_argument(
+        "--identity",
+        metavar="FILE",
+        help="the service's stalk identity file (default: a new key each time)",
+    )
+    sub.set_defaults(max_message_size=None)
+    sub.set_defaults(run=cmd_authority_serve)
+
     group = commands.add_parser(
         "cert",
         help="show a certificate (and check it)",
@@ -1360,6 +1480,35 @@ def _authority_commands(commands: _Commands) -> None:
         "--revocations", metavar="LIST_FILE", help="with --authority: a revocation list"
     )
     sub.set_defaults(run=cmd_cert_show)
+
+    sub = _command(
+        cert,
+        "renew",
+        "get a new certificate from an authority service",
+        "Ask the authority service at HOST:PORT ('stalk authority serve') for a new "
+        "certificate for your identity (FILE, or $STALK_HOME/identity), which the service "
+        "must have enrolled, and write it to CERT_FILE (replacing it). The service is "
+        "trusted by its own certificate: from an authority in --authority FILE, for the "
+        "name --service-name. The new certificate is checked before it is written.",
+        "stalk cert renew ca.example:7418 --authority authorities -o me.cert",
+    )
+    sub.add_argument("address", type=_address, metavar="HOST:PORT", help="the service")
+    sub.add_argument(
+        "--authority",
+        required=True,
+        metavar="FILE",
+        help="the authorities (stalk-authority:... lines) one of which runs the service",
+    )
+    sub.add_argument(
+        "--service-name",
+        default=DEFAULT_SERVICE_NAME,
+        metavar="NAME",
+        help=f"the name of the service's certificate (default: {DEFAULT_SERVICE_NAME})",
+    )
+    sub.add_argument("-o", "--output", required=True, metavar="CERT_FILE", help="where to write it")
+    sub.set_defaults(revocations=None, max_message_size=None)
+    _identity_option(sub)
+    sub.set_defaults(run=cmd_cert_renew)
 
 
 def _authority_option(sub: argparse.ArgumentParser) -> None:

@@ -63,6 +63,7 @@ __all__ = [
     "PeerIdentityMismatch",
     "PeerRefused",
     "ProtocolError",
+    "RenewalFailed",
     "RevocationListError",
     "StalkError",
     "UnknownAuthority",
@@ -309,6 +310,17 @@ class RevocationListError(CertificateError):
     """A revocation list is malformed, not canonical, or not signed by a trusted authority."""
 
     peer_reason = "revocation list refused"
+
+
+class RenewalFailed(StalkError):
+    """An authority service did not renew our certificate (see :mod:`stalk.renewal`).
+
+    :ivar reason: the service's reason (untrusted text), or ``""``.
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def reason_for_peer(error: StalkError) -> str:
