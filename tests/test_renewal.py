@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -276,3 +277,24 @@ async def test_the_keeper_fails_at_once_without_a_certificate(
         keeper = CertificateKeeper(svc.address, identity=OUTSIDER, authorities=TRUST)
         with pytest.raises(PeerRefused):
             await keeper.run()  # before it ever started: no certificate to keep
+
+
+@pytest.mark.anyio
+async def test_a_service_that_never_answers_is_renewal_failed(
+    anyio_backend: str, enrolled: Path
+) -> None:
+    silent = anyio.Event()
+
+    async def mute(conn: stalk.Connection) -> None:
+        await silent.wait()
+
+    now = int(time.time())
+    own = CA.sign(OUTSIDER.public, "authority", not_before=now, not_after=now + 60)
+    async with anyio.create_task_group() as tg:
+        address = await tg.start(
+            partial(stalk.listen, "127.0.0.1", 0, mute, identity=OUTSIDER, certificate=own)
+        )
+        with pytest.raises(RenewalFailed, match=r"did not answer within 0\.2 s"):
+            await request_certificate(*address, identity=MEMBER, authorities=TRUST, timeout=0.2)
+        silent.set()
+        tg.cancel_scope.cancel()

@@ -118,6 +118,11 @@ class Enrollments:
             return None
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    def changed(self) -> bool:
+        """Whether the file is not the version last read (a ``stat``)."""
+        stamp = self._stamp()
+        return stamp is None or stamp != self._seen
+
     def refresh(self) -> bool:
         """Read the file again if it changed; return whether it was read.
 
@@ -204,6 +209,7 @@ class AuthorityService:
         self.name = name
         #: Certificates issued so far (to clients; its own not counted).
         self.issued = 0
+        self._reloading = anyio.Lock()
 
     @classmethod
     async def create(
@@ -232,8 +238,8 @@ class AuthorityService:
         identity = identity or Identity.generate()
         own = _issue(authority, identity.public, name, (), valid)
 
-        def authorize(peer: PublicIdentity) -> bool:
-            return service._authorize(peer)
+        async def authorize(peer: PublicIdentity) -> bool:
+            return await service._authorize(peer)
 
         listener = await create_listener(
             host, port, identity=identity, authorize=authorize, config=config, certificate=own
@@ -256,12 +262,19 @@ class AuthorityService:
         """Stop listening."""
         await self.listener.aclose()
 
-    def _authorize(self, peer: PublicIdentity) -> bool:
+    async def _authorize(self, peer: PublicIdentity) -> bool:
         """Admit enrolled keys only (the file read again first, if it changed)."""
-        self._refresh()
+        await self._refresh()
         return peer in self.enrollments
 
-    def _refresh(self) -> None:
+    async def _refresh(self) -> None:
+        """Read the enrollment file again if it changed, in a worker thread."""
+        if not self.enrollments.changed():
+            return
+        async with self._reloading:
+            await anyio.to_thread.run_sync(self._reload)
+
+    def _reload(self) -> None:
         try:
             self.enrollments.refresh()
         except IdentityFileError as exc:
@@ -294,13 +307,13 @@ class AuthorityService:
 
     async def _handle(self, conn: Connection) -> None:
         async for request in conn:
+            await self._refresh()
             await conn.send(self._answer(conn.peer, request))
 
     def _answer(self, peer: PublicIdentity, request: Spack) -> Spack:
         """The answer to one request of ``peer``, an authenticated key."""
         if list(request) != ["renew"]:
             return Spack("refused", "unknown request")
-        self._refresh()
         enrollment = self.enrollments.get(peer)
         if enrollment is None:
             return Spack("refused", "not enrolled")
@@ -336,15 +349,19 @@ async def request_certificate(
     authorities: Authorities,
     service_name: str = DEFAULT_SERVICE_NAME,
     config: Config | None = None,
+    timeout: float = 30.0,
 ) -> Certificate:
     """Ask the authority service at ``host:port`` for a new certificate for ``identity``.
 
     The service is trusted by its own certificate: from one of ``authorities``, for
     ``service_name``. What it answers is checked as any certificate, for our key.
 
+    :param timeout: seconds to wait for its answer once connected (the connection itself
+        is bounded by ``Config.handshake_timeout``).
     :raises ~stalk.HandshakeFailed: the service could not be reached or trusted, or it
         refused us (``PeerRefused`` with NOT_AUTHORIZED: we are not enrolled).
-    :raises RenewalFailed: it refused to renew, or answered something else.
+    :raises ~stalk.RenewalFailed: it refused to renew, answered something else, or did
+        not answer within ``timeout``.
     :raises ~stalk.CertificateError: what it sent is not a valid certificate for our key.
     :raises ~stalk.ConnectFailed: TCP could not connect.
     """
@@ -358,9 +375,14 @@ async def request_certificate(
     ) as conn:
         await conn.send(Spack("renew"))
         try:
-            answer = await conn.receive()
+            with anyio.fail_after(timeout):
+                answer = await conn.receive()
         except anyio.EndOfStream:
             raise RenewalFailed("the authority service closed without answering") from None
+        except TimeoutError:
+            raise RenewalFailed(
+                f"the authority service did not answer within {timeout} s"
+            ) from None
     values = list(answer)
     if len(values) == 2 and values[0] == "refused" and isinstance(values[1], str):
         raise RenewalFailed(
