@@ -3,9 +3,10 @@
 It shares nothing with stalk's framing, record, handshake, session or Noise modules: the
 preamble, verdict, frames, handshake payloads and records below are written from SPEC.md
 sections 3-18, and Noise is dissononce's (``Noise_{XX,IK}_25519_AESGCM_SHA256``). Only the
-spack bytes come from :mod:`stalk.spack` (section 19 is stalk's codec). Rekeying is left
-out on purpose: dissononce 0.34.3's ``Rekey()`` is wrong (fixed upstream, never released),
-so a REKEY record from the other side is reported as an error here.
+spack bytes come from :mod:`stalk.spack` (section 19 is stalk's codec). dissononce 0.34.3's
+``Rekey()`` is wrong (fixed upstream, never released): :class:`PeerSession` and
+:class:`ChannelPeer` never rekey and report a REKEY record from the other side as an error;
+:class:`ScriptedPeer` rekeys with its own :func:`rekey`, written from section 15.
 
 Channels (section 24) are written from SPEC.md alone too, without reading stalk's
 implementation of them: :class:`ChannelOffer` offers them in the handshake, and when both
@@ -13,6 +14,10 @@ sides did, :class:`ChannelPeer` runs the connection (ids by parity and implicit 
 credit and splitting, per-channel reassembly, the receiver's liveness duty, channel CLOSE,
 RESET and its answer). Where SPEC.md leaves a choice open, the comments say which one this
 peer makes.
+
+:class:`ScriptedPeer` replays the transcripts of ``vectors/`` (section 22) without I/O: it
+makes the choices SPEC.md says stalk makes (sections 8, 12, 15 and 24's "How stalk sends
+and grants"), so the calls a transcript records must make it write the recorded bytes.
 
 Anything the other side does that SPEC.md does not allow raises :class:`InteropError`, with
 the close code SPEC.md gives for it.
@@ -34,6 +39,7 @@ from dissononce.cipher.aesgcm import AESGCMCipher
 from dissononce.dh.x25519.private import PrivateKey
 from dissononce.dh.x25519.x25519 import X25519DH
 from dissononce.exceptions.decrypt import DecryptFailedException
+from dissononce.extras.dh.dangerous.dh_nogen import NoGenDH
 from dissononce.hash.sha256 import SHA256Hash
 from dissononce.processing.handshakepatterns.interactive.IK import IKHandshakePattern
 from dissononce.processing.handshakepatterns.interactive.XX import XXHandshakePattern
@@ -248,9 +254,8 @@ def decode_increment(body: bytes) -> int:
     value, end = read_uvarint(body, 0, 5)
     if end != len(body):
         raise InteropError(f"{len(body) - end} bytes after a window increment")
-    # SPEC says the increment is 1..2^31-1 but not which code an increment of 2^31 or more
-    # gets (a malformed record, or a grant past 2^31-1?): this peer says PROTOCOL_ERROR, as
-    # for any record that breaks section 11's table.
+    # Section 24: an increment outside 1..2^31-1 is a malformed record (PROTOCOL_ERROR),
+    # whatever the credit; FLOW_CONTROL_ERROR is for credit taken past 2^31-1.
     if not 1 <= value <= MAX_CREDIT:
         raise InteropError(f"window increment {value}")
     return value
@@ -375,8 +380,19 @@ def frame(body: bytes) -> bytes:
     return struct.pack(">H", len(body)) + body
 
 
-def _handshake_state(pattern: str, *, initiator: bool, prologue: bytes, **keys: Any) -> Any:
-    hs = HandshakeState(SymmetricState(CipherState(AESGCMCipher()), SHA256Hash()), X25519DH())
+def _handshake_state(
+    pattern: str,
+    *,
+    initiator: bool,
+    prologue: bytes,
+    ephemeral: bytes | None = None,
+    **keys: Any,
+) -> Any:
+    """A dissononce HandshakeState; ``ephemeral`` fixes its ephemeral key (vectors only)."""
+    dh: Any = X25519DH()
+    if ephemeral is not None:
+        dh = NoGenDH(dh, PrivateKey(ephemeral))
+    hs = HandshakeState(SymmetricState(CipherState(AESGCMCipher()), SHA256Hash()), dh)
     shape = IKHandshakePattern() if pattern == "IK" else XXHandshakePattern()
     hs.initialize(shape, initiator, prologue, **keys)
     if hs.protocol_name != PROTOCOL_NAMES[pattern]:
@@ -634,9 +650,10 @@ class PeerSession:
             elif rec.kind == PONG:
                 self.pongs.append(rec.body)
             elif rec.kind == CLOSE:
-                if self._parts:
-                    raise InteropError("CLOSE inside a fragmented spack")
                 self.close_received = decode_close(rec.body)
+                if self._parts and self.close_received[0] == NORMAL:  # section 12
+                    raise InteropError("CLOSE NORMAL inside a fragmented spack")
+                self._parts = []
                 raise PeerClosed(*self.close_received)
             elif rec.kind == REKEY:
                 raise InteropError("REKEY received (this peer does not rekey)")
@@ -1058,10 +1075,10 @@ class ChannelPeer:
             if rec.kind in (MESSAGE, FRAGMENT):
                 self._data(zero, rec, actions)
             elif rec.kind == CLOSE:
-                for other in self._live.values():
-                    if other.parts:
-                        raise InteropError(f"connection CLOSE inside a spack on {other.id}")
                 actions.close = decode_close(rec.body)
+                for other in self._live.values():  # section 12: an error CLOSE may cut one
+                    if other.parts and actions.close[0] == NORMAL:
+                        raise InteropError(f"connection CLOSE inside a spack on {other.id}")
             elif rec.kind == WINDOW:
                 zero.send_credit = _add_credit(zero.send_credit, rec.body)
             elif rec.kind == CONNECTION_WINDOW:
@@ -1270,7 +1287,7 @@ class ChannelPeer:
         """Section 24: a spack waiting for credit that only its completion would free gets
         it, one channel (the slot) at a time."""
         if self.session.close_sent:
-            return  # no credit can go any more (SPEC does not say what then)
+            return  # section 24: nothing is granted after our CLOSE
         slot: _Channel | None = self._slot
         if slot is not None and (not slot.parts or slot.state not in (OPEN, SEND_CLOSED)):
             slot = self._slot = None
@@ -1570,3 +1587,868 @@ def _add_credit(credit: int, body: bytes) -> int:
     if total > MAX_CREDIT:
         raise InteropError(f"credit {total} past 2^31-1", FLOW_CONTROL_ERROR)
     return total
+
+
+# -- replaying vectors/ (sections 12, 15 and 24: stalk's choices) ----------------------------
+#
+# vectors/ holds whole sessions byte for byte (section 22). Besides the keys, the bytes
+# follow from section 8 (the parameters map), section 12 ("How stalk packs records"),
+# section 15 (the rekey policy) and, with channels, section 24 ("How stalk sends and
+# grants"), given the calls a transcript records. ScriptedPeer makes exactly those choices,
+# without I/O, so that a transcript's calls replayed on it must give the recorded bytes.
+
+#: Section 12: a plaintext holds at most this many bytes of records (3 stay free for REKEY).
+RECORD_CAPACITY: Final = MAX_PLAINTEXT - 3
+#: Section 12: a FRAGMENT smaller than this is not worth its header.
+MIN_FRAGMENT: Final = 512
+#: Section 15: REKEY on channel 0, empty.
+REKEY_RECORD: Final = bytes((REKEY, 0, 0))
+#: Section 15: Rekey()'s nonce, 2^64 - 1.
+REKEY_NONCE: Final = 2**64 - 1
+
+
+def rekey(state: Any) -> None:
+    """Section 15's ``Rekey()`` on a dissononce CipherState: a new key, ``n`` unchanged.
+
+    The new key is the first 32 bytes of encrypting 32 zero bytes under the old key with
+    nonce 2^64 - 1 and no associated data. dissononce 0.34.3's own ``rekey()`` keeps the
+    tag in the key and sets ``n`` to 0, and a CipherState has no accessor for its key:
+    this replaces its key attribute and leaves ``n`` alone.
+    """
+    state._key = state.cipher.encrypt(state._key, REKEY_NONCE, b"", bytes(32))[:32]
+
+
+def largest_body(avail: int) -> int:
+    """Section 12: the largest body length ``n`` with ``n + len(uvarint(n)) <= avail``."""
+    n = avail
+    while n > 0 and n + len(uvarint(n)) > avail:
+        n -= 1
+    return max(n, 0)
+
+
+class Packer:
+    """Records packed into plaintexts as section 12 says, in the order they are added."""
+
+    def __init__(self) -> None:
+        self._done: list[bytearray] = []
+        self._current = bytearray()
+
+    def add(self, rec: bytes) -> None:
+        """A record other than a spack: here if it fits, else in the next plaintext."""
+        if len(self._current) + len(rec) > RECORD_CAPACITY:
+            self.finish()
+        self._current += rec
+
+    def add_spack(self, encoded: bytes) -> None:
+        """A spack on channel 0: one MESSAGE, or FRAGMENTs that fill plaintexts, then one."""
+        rest = encoded
+        while True:
+            avail = RECORD_CAPACITY - len(self._current) - 2
+            if len(rest) + len(uvarint(len(rest))) <= avail:
+                self._current += record(MESSAGE, rest)
+                return
+            n = largest_body(avail)
+            if n < MIN_FRAGMENT:
+                self.finish()
+                continue
+            self._current += record(FRAGMENT, rest[:n])
+            rest = rest[n:]
+            self.finish()
+
+    def add_group(self, records: Sequence[bytes]) -> None:
+        """Records that start a plaintext of their own, which nothing added later joins."""
+        if records:
+            self.finish()
+            for rec in records:
+                self.add(rec)
+            self.finish()
+
+    def finish(self) -> None:
+        """End the current plaintext."""
+        if self._current:
+            self._done.append(self._current)
+            self._current = bytearray()
+
+    def take(self) -> list[bytearray]:
+        """Every plaintext packed, in order (the current one ends)."""
+        self.finish()
+        done, self._done = self._done, []
+        return done
+
+
+#: Section 24, "States of a channel": ``(state, input) -> state``; inputs are ``data sent``,
+#: ``CLOSE sent``, ``RESET sent``, ``data received``, ``CLOSE received``, ``RESET received``
+#: and ``released`` (our answering RESET sent).
+CHANNEL_STATES: Final[dict[tuple[str, str], str]] = {
+    (OPEN, "data sent"): OPEN,
+    (OPEN, "data received"): OPEN,
+    (OPEN, "CLOSE sent"): SEND_CLOSED,
+    (OPEN, "CLOSE received"): RECEIVE_CLOSED,
+    (SEND_CLOSED, "data received"): SEND_CLOSED,
+    (SEND_CLOSED, "CLOSE received"): ENDED,
+    (RECEIVE_CLOSED, "data sent"): RECEIVE_CLOSED,
+    (RECEIVE_CLOSED, "CLOSE sent"): ENDED,
+    (RESET_SENT, "data received"): RESET_SENT,
+    (RESET_SENT, "CLOSE received"): RESET_SENT,
+    (RESET_SENT, "RESET received"): ENDED,
+    (OPEN, "RESET sent"): RESET_SENT,
+    (RECEIVE_CLOSED, "RESET sent"): RESET_SENT,
+    (SEND_CLOSED, "RESET sent"): CLOSED_RESET_SENT,
+    (CLOSED_RESET_SENT, "data received"): CLOSED_RESET_SENT,
+    (CLOSED_RESET_SENT, "CLOSE received"): ENDED,
+    (CLOSED_RESET_SENT, "RESET received"): ENDED,
+    (RESET_RECEIVED, "released"): ENDED,
+    **{(state, "RESET received"): RESET_RECEIVED for state in (OPEN, SEND_CLOSED, RECEIVE_CLOSED)},
+}
+
+
+@dataclass(eq=False)
+class _Credit:
+    """One credit, both ways: what we may send, what we granted, what we released."""
+
+    send: int
+    receive: int
+    window: int
+    released: int = 0
+
+    def grant_back(self, size: int) -> int:
+        """Release ``size`` bytes; the increment owed now (a quarter window at a time)."""
+        self.released += size
+        if self.released < self.window // 4:
+            return 0
+        increment, self.released = self.released, 0
+        self.receive += increment
+        return increment
+
+
+@dataclass(eq=False)
+class _Scripted:
+    """One channel as :class:`ScriptedPeer` holds it."""
+
+    id: int
+    credit: _Credit
+    state: str = OPEN
+    #: pieces of the peer's spack in progress on it
+    parts: list[bytes] = field(default_factory=list)
+    #: for each whole spack not yet released, what the slot granted of it on arrival
+    pre_granted: deque[int] = field(default_factory=deque)
+
+
+#: A channel's queued CLOSE. Its other queued items: a spack's rest (a bytearray), and the
+#: CLOSE and RESET of a channel reset before any record of it went out (bytes).
+_CLOSE_ITEM: Final = "close"
+
+
+class ScriptedPeer:
+    """One side of a stalk connection, without I/O, making stalk's choices (see above).
+
+    Calls: :meth:`accept`, :meth:`queue`, :meth:`flush`, :meth:`send`, :meth:`ping`,
+    :meth:`close` and, with channels, :meth:`open_channel`, :meth:`close_channel`,
+    :meth:`reset_channel`, :meth:`release` and :meth:`release_channel`; spacks are given
+    as their encodings. :meth:`receive_data` takes the peer's bytes and returns the events
+    in the form of vectors/README.md (a spack as ``"encoded"``); :meth:`data_to_send` is
+    what it writes, all of it (section 24's "Output").
+
+    :param ephemeral: the fixed ephemeral private key (testing only).
+    :param responder_static: an initiator's pinned responder key: IK (else XX).
+    :param channels: what it offers for channels (section 8), if anything.
+    """
+
+    def __init__(
+        self,
+        *,
+        initiator: bool,
+        static: StaticKey,
+        ephemeral: bytes,
+        responder_static: bytes | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        rekey_after_messages: int = 65536,
+        rekey_after_bytes: int = 2**30,
+        channels: ChannelOffer | None = None,
+    ) -> None:
+        self.initiator = initiator
+        self._static = static
+        self._ephemeral = ephemeral
+        self._max = max_message_size
+        self._rekey_after = (rekey_after_messages, rekey_after_bytes)
+        self._offer = channels
+        self._params = encode_params(max_message_size, channels=channels)
+        self._in = bytearray()
+        self._out = bytearray()
+        self._events: list[dict[str, Any]] = []
+        self._send_cs: Any = None
+        self._recv_cs: Any = None
+        self._split: tuple[Any, Any] | None = None
+        self._counts = [0, 0]  # messages and plaintext bytes since the last rekey
+        self._owed = Packer()
+        self._app = Packer()
+        self._app_out: list[tuple[bytearray, bool]] = []
+        self._closing: tuple[int, str] | None = None
+        #: close() was called: nothing more becomes owed (section 24, "Records owed")
+        self._close_called = False
+        self.close_sent = False
+        self.close_received: tuple[int, str] | None = None
+        self._pings_sent = 0
+        self._pongs = 0
+        self._parts: list[bytes] = []  # without channels: the spack in progress
+        self.pattern = "XX" if responder_static is None or not initiator else "IK"
+        self.peer_params: dict[str, Any] = {}
+        self.peer_static = b""
+        self.handshake_hash = b""
+        # The channel table (section 24), empty until both sides offered channels.
+        self.channels = False
+        self._ours_offer = self._theirs = channels or ChannelOffer(0, 0, 0)
+        self._live: dict[int, _Scripted] = {}
+        self._all: dict[int, _Scripted] = {}
+        self._zero = _Scripted(0, _Credit(0, 0, 0))
+        self._conn = _Credit(0, 0, 0)
+        self._next_id = 1 if self.initiator else 2
+        self._wire_highest = self._next_id - 2
+        self._peer_highest = 0 if self.initiator else -1
+        self._our_open = self._peer_open = 0
+        self._turns: dict[int, deque[Any]] = {}
+        self._unflushed: list[tuple[int, Any]] = []
+        self._closing_channels: set[int] = set()
+        #: the peer's spacks in progress: channel -> data bytes so far, in the order they began
+        self._progress: dict[int, int] = {}
+        self._slot: int | None = None
+        self._slot_granted = 0
+        self._slot_complete = False
+        if initiator:
+            self._phase = "verdict"
+            self._prologue = MAGIC + bytes([VERSION]) + self.pattern.encode("ascii")
+            keys: dict[str, Any] = {"s": static.keypair()}
+            if responder_static is not None:
+                keys["rs"] = X25519DH().create_public(responder_static)
+            self._hs = self._start_noise(keys)
+            payload = XX_MSG1_PAYLOAD if self.pattern == "XX" else self._params
+            msg1, _ = _noise_call(self._hs.write_message, payload)
+            self._out += self._prologue + frame(msg1)
+        else:
+            self._phase = "preamble"
+            self._prologue = b""
+
+    def _start_noise(self, keys: dict[str, Any]) -> Any:
+        return _handshake_state(
+            self.pattern,
+            initiator=self.initiator,
+            prologue=self._prologue,
+            ephemeral=self._ephemeral,
+            **keys,
+        )
+
+    # -- output (section 24, "Output"; section 12 without channels) -------------------------
+
+    def data_to_send(self) -> bytes:
+        """Everything there is to write now, in order."""
+        if not self.close_sent and self._send_cs is not None:
+            for plaintext in self._owed.take():
+                self._seal(plaintext)
+        for plaintext, final in self._app_out:
+            self._seal(plaintext, final=final)
+        self._app_out.clear()
+        if self.channels and not self.close_sent:
+            while plaintext := self._fill():
+                self._seal(plaintext)
+            if self._closing is not None and not self._waiting():
+                self._seal(bytearray(close_record(*self._closing)), final=True)
+                self._closing = None
+        out, self._out = bytes(self._out), bytearray()
+        return out
+
+    def _seal(self, plaintext: bytearray, *, final: bool = False) -> None:
+        """Encrypt one plaintext as a frame, with section 15's REKEY when it is due."""
+        if self.close_sent:
+            raise AssertionError("nothing may follow our CLOSE")
+        counts = self._counts
+        counts[0] += 1
+        counts[1] += len(plaintext)
+        due = counts[0] >= self._rekey_after[0] or counts[1] >= self._rekey_after[1]
+        rekeying = due and not final
+        if rekeying:
+            plaintext += REKEY_RECORD
+        self._out += frame(bytes(self._send_cs.encrypt_with_ad(b"", bytes(plaintext))))
+        if rekeying:
+            rekey(self._send_cs)
+            self._counts = [0, 0]
+        self.close_sent = final
+
+    # -- the application's calls ------------------------------------------------------------
+
+    def accept(self) -> list[dict[str, Any]]:
+        """Responder: admit the initiator of the ``peer_identified`` event; its events."""
+        if self._phase != "authorize":
+            raise LocalError("accept() before the initiator is identified")
+        if self.pattern == "IK":
+            msg2, result = _noise_call(self._hs.write_message, self._params)
+            self._out += b"\x00" + frame(msg2)
+            self._start_transport(result)
+            self._phase = "confirming"
+            return []
+        if self._split is None:
+            raise AssertionError("XX message 3 gave no keys")
+        self._start_transport(self._split)
+        self._send_ready()
+        events, self._events = self._events, []
+        return events
+
+    def queue(self, encoded: bytes, channel: int = 0) -> None:
+        """Queue one spack encoding (on ``channel``); :meth:`flush` sends it."""
+        if not self.channels:
+            if channel:
+                raise LocalError("no channels on this connection")
+            self._app.add_spack(encoded)
+            return
+        chan = self._zero if not channel else self._live.get(channel)
+        sendable = (OPEN, RECEIVE_CLOSED)
+        if chan is None or channel in self._closing_channels or chan.state not in sendable:
+            raise LocalError(f"channel {channel} is not open for sending")
+        if channel:
+            self._move(chan, "data sent")
+        self._unflushed.append((channel, bytearray(encoded)))
+
+    def flush(self) -> None:
+        """Make everything queued sendable (section 24) or packed (section 12)."""
+        if not self.channels:
+            self._app_out.extend((plaintext, False) for plaintext in self._app.take())
+            return
+        for channel, item in self._unflushed:
+            self._turns.setdefault(channel, deque()).append(item)
+        self._unflushed.clear()
+
+    def send(self, encoded: bytes, channel: int = 0) -> None:
+        """:meth:`queue` then :meth:`flush`."""
+        self.queue(encoded, channel)
+        self.flush()
+
+    def ping(self, payload: bytes) -> None:
+        """A PING, after whatever was queued (without channels, in the same plaintext)."""
+        self._pings_sent += 1
+        self._app.add(record(PING, payload))
+        self._app_out.extend((plaintext, False) for plaintext in self._app.take())
+
+    def close(self, code: int = NORMAL, reason: str = "") -> None:
+        """The connection's CLOSE: after what was queued; with channels, after every spack
+        waiting, credit included."""
+        self._close_called = True
+        if self.channels and self._waiting():
+            self.flush()
+            self._closing = (code, reason)
+            return
+        self._app.add(close_record(code, reason))
+        plaintexts = self._app.take()
+        self._app_out.extend((plaintext, plaintext is plaintexts[-1]) for plaintext in plaintexts)
+
+    # -- channels: the application's calls ---------------------------------------------------
+
+    def open_channel(self) -> int:
+        """Take the next id of ours (its first record opens it on the wire)."""
+        if self._our_open >= self._theirs.max_channels:
+            raise LocalError("the peer's max_channels is reached")
+        channel = self._next_id
+        self._next_id += 2
+        self._our_open += 1
+        self._live[channel] = self._new_channel(channel)
+        return channel
+
+    def close_channel(self, channel: int) -> None:
+        """Queue the channel's CLOSE after its spacks, and flush."""
+        chan = self._live.get(channel) if channel else None
+        if chan is None or chan.state not in (OPEN, RECEIVE_CLOSED):
+            raise LocalError(f"channel {channel} is not open for sending")
+        self._unflushed.append((channel, _CLOSE_ITEM))
+        self._closing_channels.add(channel)
+        self.flush()
+
+    def reset_channel(self, channel: int, code: int, reason: str) -> None:
+        """Reset a channel: drop what it had not sent, release what it held, owe the RESET."""
+        chan = self._live.get(channel) if channel else None
+        if chan is None:
+            raise LocalError(f"channel {channel} is not open")
+        on_wire = not self._ours(channel) or channel <= self._wire_highest
+        if not on_wire:  # its CLOSE opens it, then the RESET: closed-reset-sent
+            self._move(chan, "CLOSE sent")
+        self._move(chan, "RESET sent")
+        self._drop_sending(channel)
+        self._forget(chan, self._owed.add)
+        body = struct.pack(">H", code) + reason.encode("utf-8")
+        if on_wire:
+            self._owed.add(record(RESET, body, channel))
+        else:
+            item = record(CLOSE, b"\x00\x00", channel) + record(RESET, body, channel)
+            self._turns.setdefault(channel, deque()).append(item)
+
+    def release(self, channel: int, size: int) -> None:
+        """The application received a spack of ``size`` data bytes from ``channel``."""
+        chan = self._zero if not channel else self._all[channel]
+        owe = self._owe
+        pre = chan.pre_granted.popleft() if chan.pre_granted else 0
+        handover = pre > 0
+        if handover:  # the slot's spack: its bytes went back as they arrived
+            size -= pre
+            self._free_slot()
+        if not channel or channel in self._live:
+            increment = chan.credit.grant_back(size)
+            if increment:
+                owe(window_record(channel, increment))
+        self._release_connection(size, owe)
+        if handover:
+            self._offer_slot(owe)
+
+    def _owe(self, rec: bytes) -> None:
+        """Owe a record of the protocol's own, unless close() was called."""
+        if not self._close_called:
+            self._owed.add(rec)
+
+    def release_channel(self, channel: int) -> None:
+        """The application let go of a channel the peer reset: our answering RESET is owed."""
+        chan = self._live.get(channel)
+        if chan is None or chan.state != RESET_RECEIVED:
+            raise LocalError(f"channel {channel} was not reset by the peer")
+        self._move(chan, "released")
+        self._owe(reset_record(channel))
+
+    # -- channels: sending (section 24, "Queues and turns") ----------------------------------
+
+    def _waiting(self) -> bool:
+        return bool(self._turns or self._unflushed)
+
+    def _fill(self) -> bytearray:
+        """One plaintext: the channels in turn order, each at most one turn."""
+        plaintext = bytearray()
+        out_of_credit: list[tuple[int, deque[Any]]] = []
+        turns = self._turns
+        while turns:
+            channel = next(iter(turns))
+            items = turns.pop(channel)
+            ended = self._turn(channel, items, plaintext)
+            if ended == "full":
+                turns[channel] = items
+                break
+            if ended == "credit":
+                out_of_credit.append((channel, items))
+        for channel, items in out_of_credit:
+            turns[channel] = items
+        return plaintext
+
+    def _turn(self, channel: int, items: deque[Any], plaintext: bytearray) -> str:
+        """Pack ``channel``'s items: ``"empty"``, ``"full"`` or ``"credit"`` (out of it)."""
+        chan = self._zero if not channel else self._live[channel]
+        while items:
+            item = items[0]
+            if not isinstance(item, bytearray):  # its CLOSE, or CLOSE and RESET
+                rec = record(CLOSE, b"\x00\x00", channel) if item == _CLOSE_ITEM else item
+                if len(plaintext) + len(rec) > RECORD_CAPACITY:
+                    return "full"
+                plaintext += rec
+                items.popleft()
+                self._on_wire(channel)
+                if item == _CLOSE_ITEM:
+                    self._closing_channels.discard(channel)
+                    self._move(chan, "CLOSE sent")
+                continue
+            credit = min(chan.credit.send, self._conn.send)
+            if not credit:
+                return "credit"
+            avail = RECORD_CAPACITY - len(plaintext) - 1 - len(uvarint(channel))
+            left = len(item)
+            if left <= credit and left + len(uvarint(left)) <= avail:
+                plaintext += record(MESSAGE, bytes(item), channel)
+                self._spend(chan, left)
+                items.popleft()
+                continue
+            room = largest_body(avail)
+            if room < MIN_FRAGMENT and room < min(credit, left):
+                return "full"
+            size = min(room, credit, left)
+            plaintext += record(FRAGMENT, bytes(item[:size]), channel)
+            del item[:size]
+            self._spend(chan, size)
+        return "empty"
+
+    def _spend(self, chan: _Scripted, size: int) -> None:
+        chan.credit.send -= size
+        self._conn.send -= size
+        self._on_wire(chan.id)
+
+    def _on_wire(self, channel: int) -> None:
+        if self._ours(channel) and channel > self._wire_highest:
+            self._wire_highest = channel
+
+    def _drop_sending(self, channel: int) -> None:
+        self._turns.pop(channel, None)
+        self._unflushed = [entry for entry in self._unflushed if entry[0] != channel]
+        self._closing_channels.discard(channel)
+
+    # -- channels: the table -----------------------------------------------------------------
+
+    def _start_channels(self, theirs: ChannelOffer) -> None:
+        """Both sides offered channels (section 24): the credits start."""
+        ours = self._offer
+        if ours is None:  # pragma: no cover - only called when both offered
+            raise AssertionError("no channels offered")
+        self.channels = True
+        self._ours_offer, self._theirs = ours, theirs
+        self._zero = self._new_channel(0)
+        self._conn = _Credit(
+            theirs.connection_window, ours.connection_window, ours.connection_window
+        )
+
+    def _new_channel(self, channel: int) -> _Scripted:
+        window = self._ours_offer.channel_window
+        chan = _Scripted(channel, _Credit(self._theirs.channel_window, window, window))
+        if channel:
+            self._all[channel] = chan
+        return chan
+
+    def _ours(self, channel: int) -> bool:
+        return channel > 0 and channel % 2 == (1 if self.initiator else 0)
+
+    def _move(self, chan: _Scripted, what: str) -> None:
+        new = CHANNEL_STATES.get((chan.state, what))
+        if new is None:
+            raise InteropError(f"{what} on channel {chan.id} while it is {chan.state}")
+        chan.state = new
+        if new == ENDED:
+            del self._live[chan.id]
+            if self._ours(chan.id):
+                self._our_open -= 1
+            else:
+                self._peer_open -= 1
+
+    def _for_record(self, channel: int, opened: list[int]) -> _Scripted:
+        """The channel of a data record or CLOSE from the peer, opening it (and lower ids)."""
+        chan = self._live.get(channel)
+        if chan is not None:
+            return chan
+        if self._ours(channel) or channel <= self._peer_highest:
+            raise InteropError(f"record on channel {channel}, never opened or ended")
+        ids = list(range(self._peer_highest + 2, channel + 1, 2))
+        if self._peer_open + len(ids) > self._ours_offer.max_channels:
+            raise InteropError(f"channel {channel} past our max_channels", CHANNEL_LIMIT)
+        for each in ids:
+            self._live[each] = self._new_channel(each)
+            opened.append(each)
+        self._peer_open += len(ids)
+        self._peer_highest = channel
+        return self._live[channel]
+
+    def _existing(self, channel: int) -> _Scripted | None:
+        """An open channel; ``None`` for one that ended (a WINDOW or RESET may cross it)."""
+        chan = self._live.get(channel)
+        highest = self._next_id - 2 if self._ours(channel) else self._peer_highest
+        if chan is None and channel > highest:
+            raise InteropError(f"record on channel {channel}, which was never opened")
+        return chan
+
+    # -- channels: grants (section 24, "Grants") ---------------------------------------------
+
+    def _grant(self, chan: _Scripted, size: int, owe: Callable[[bytes], None]) -> None:
+        if size:
+            chan.credit.receive += size
+            owe(window_record(chan.id, size))
+            self._conn.receive += size
+            owe(connection_window_record(size))
+
+    def _release_connection(self, size: int, owe: Callable[[bytes], None]) -> None:
+        increment = self._conn.grant_back(size)
+        if increment:
+            owe(connection_window_record(increment))
+
+    def _free_slot(self) -> None:
+        self._slot = None
+        self._slot_granted = 0
+        self._slot_complete = False
+
+    def _offer_slot(self, owe: Callable[[bytes], None]) -> None:
+        for channel, so_far in self._progress.items():
+            chan = self._zero if not channel else self._live[channel]
+            if not chan.credit.receive or not self._conn.receive:
+                self._slot = channel
+                self._grant(chan, so_far, owe)
+                self._slot_granted = so_far
+                return
+
+    def _forget(self, chan: _Scripted, owe: Callable[[bytes], None]) -> None:
+        """A reset channel's spack in progress is dropped, and its slot if it held it."""
+        dropped = self._progress.pop(chan.id, 0)
+        chan.parts.clear()
+        handover = self._slot == chan.id and not self._slot_complete
+        if handover:
+            dropped -= self._slot_granted
+            self._free_slot()
+        self._release_connection(dropped, owe)
+        if handover:
+            self._offer_slot(owe)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[dict[str, Any]]:
+        """Take the peer's bytes; the events they make, in order."""
+        if self.close_received is None:
+            self._in += data
+            self._progress_input()
+        events, self._events = self._events, []
+        return events
+
+    def _take(self, n: int) -> bytes | None:
+        if len(self._in) < n:
+            return None
+        data = bytes(self._in[:n])
+        del self._in[:n]
+        return data
+
+    def _frame(self) -> bytes | None:
+        if len(self._in) < 2:
+            return None
+        (length,) = struct.unpack_from(">H", self._in)
+        if not length:
+            raise InteropError("zero-length frame")
+        if len(self._in) < 2 + length:
+            return None
+        body = bytes(self._in[2 : 2 + length])
+        del self._in[: 2 + length]
+        return body
+
+    def _progress_input(self) -> None:
+        while self.close_received is None:
+            if self._phase == "preamble":
+                preamble = self._take(8)
+                if preamble is None:
+                    return
+                self._responder_preamble(preamble)
+                continue
+            if self._phase == "verdict":
+                verdict = self._take(1)
+                if verdict is None:
+                    return
+                if verdict != b"\x00":
+                    raise InteropError(f"refused with code {verdict[0]}")
+                self._phase = "msg2"
+                continue
+            if self._phase == "authorize":
+                return  # accept() first
+            body = self._frame()
+            if body is None:
+                return
+            if self._phase == "msg1":
+                self._responder_msg1(body)
+            elif self._phase == "msg2":
+                self._initiator_msg2(body)
+            elif self._phase == "msg3":
+                self._responder_msg3(body)
+            else:
+                self._transport(body)
+
+    def _responder_preamble(self, preamble: bytes) -> None:
+        pattern = preamble[6:].decode("ascii", "replace")
+        if preamble[:5] != MAGIC or preamble[5] != VERSION or pattern not in PATTERNS:
+            raise InteropError(f"preamble {preamble.hex()}", UNSUPPORTED)
+        self.pattern = pattern
+        self._prologue = preamble
+        self._hs = self._start_noise({"s": self._static.keypair()})
+        self._phase = "msg1"
+
+    def _responder_msg1(self, body: bytes) -> None:
+        payload, _ = _noise_call(self._hs.read_message, body)
+        if self.pattern == "XX":
+            decode_map(payload)
+            msg2, _ = _noise_call(self._hs.write_message, self._params)
+            self._out += b"\x00" + frame(msg2)
+            self._phase = "msg3"
+            return
+        self.peer_params = decode_params(payload)
+        self._identified()
+
+    def _responder_msg3(self, body: bytes) -> None:
+        payload, result = _noise_call(self._hs.read_message, body)
+        self.peer_params = decode_params(payload)
+        self._split = result
+        self._identified()
+
+    def _identified(self) -> None:
+        self.peer_static = bytes(self._hs.rs.data)
+        self._phase = "authorize"
+        self._events.append(
+            {
+                "event": "peer_identified",
+                "pattern": self.pattern,
+                "peer_static_public_hex": self.peer_static.hex(),
+            }
+        )
+
+    def _initiator_msg2(self, body: bytes) -> None:
+        payload, result = _noise_call(self._hs.read_message, body)
+        self.peer_params = decode_params(payload)
+        self.peer_static = bytes(self._hs.rs.data)
+        if self.pattern == "XX":
+            msg3, result = _noise_call(self._hs.write_message, self._params)
+            self._out += frame(msg3)
+            self._start_transport(result)
+            self._phase = "confirming"
+            return
+        self._start_transport(result)
+        self._send_ready()
+
+    def _start_transport(self, result: Any) -> None:
+        self._send_cs, self._recv_cs = _split(result, initiator=self.initiator)
+        self.handshake_hash = bytes(self._hs.symmetricstate.get_handshake_hash())
+        theirs = channel_offer(self.peer_params)
+        if self._offer is not None and theirs is not None:
+            self._start_channels(theirs)
+
+    def _complete(self) -> dict[str, Any]:
+        return {
+            "event": "handshake_complete",
+            "pattern": self.pattern,
+            "peer_static_public_hex": self.peer_static.hex(),
+            "handshake_hash_hex": self.handshake_hash.hex(),
+            "peer_max_message_size": self.peer_params["max_message_size"],
+        }
+
+    def _send_ready(self) -> None:
+        """Section 9: READY, alone and at once, by the party that read the last message."""
+        self._seal(bytearray(record(READY)))
+        self._phase = "open"
+        self._events.append(self._complete())
+
+    def _transport(self, body: bytes) -> None:
+        if len(body) < TAG_LEN:
+            raise InteropError("transport message shorter than its tag")
+        try:
+            plaintext = bytes(self._recv_cs.decrypt_with_ad(b"", body))
+        except DecryptFailedException as exc:
+            raise InteropError("transport message failed authentication") from exc
+        records = parse_records(plaintext, channels=self.channels)
+        if self._phase == "confirming":
+            if records[0].kind != READY:
+                raise InteropError(f"first record has kind {records[0].kind}, not READY")
+            records = records[1:]
+            self._phase = "open"
+            self._events.append(self._complete())
+        if any(rec.kind == READY for rec in records):
+            raise InteropError("READY where section 9 does not allow it")
+        opened: list[int] = []
+        events: list[dict[str, Any]] = []
+        grants: list[bytes] = []
+        pings: list[bytes] = []
+        for rec in records:
+            if rec.channel:
+                self._channel_record(rec, opened, events, grants.append)
+            elif rec.kind in (MESSAGE, FRAGMENT):
+                self._data(rec, opened, events, grants.append)
+            elif rec.kind == PING:
+                pings.append(rec.body)
+            elif rec.kind == PONG:
+                if self._pongs < self._pings_sent:  # section 14: else discarded
+                    self._pongs += 1
+                    events.append({"event": "pong", "payload_hex": rec.body.hex()})
+            elif rec.kind == CLOSE:
+                busy = self._parts or (self.channels and self._progress)
+                self.close_received = decode_close(rec.body)
+                if busy and self.close_received[0] == NORMAL:  # section 12
+                    raise InteropError("CLOSE NORMAL while a spack is incomplete")
+                code, reason = self.close_received
+                events.append({"event": "close", "code": code, "reason": reason})
+            elif rec.kind == WINDOW:
+                self._zero.credit.send = _add_credit(self._zero.credit.send, rec.body)
+            elif rec.kind == CONNECTION_WINDOW:
+                self._conn.send = _add_credit(self._conn.send, rec.body)
+        # Section 11: acted on once all of it is checked. Section 24: the channels it opened
+        # are reported first; what it makes us owe is its grants, then its PONGs.
+        self._events += [{"event": "channel_opened", "channel": c} for c in opened] + events
+        if records and records[-1].kind == REKEY:
+            rekey(self._recv_cs)
+        if not self._close_called:
+            self._owed.add_group(grants + [record(PONG, body) for body in pings])
+
+    def _data(
+        self,
+        rec: Record,
+        opened: list[int],
+        events: list[dict[str, Any]],
+        owe: Callable[[bytes], None],
+    ) -> None:
+        """A MESSAGE or FRAGMENT: credit, the slot, and the spack it completes."""
+        size = len(rec.body)
+        more = rec.kind == FRAGMENT
+        if not self.channels:
+            self._parts.append(rec.body)
+            if sum(map(len, self._parts)) > self._max:
+                raise InteropError("spack over our limit", MESSAGE_TOO_LARGE)
+            if not more:
+                whole, self._parts = b"".join(self._parts), []
+                events.append({"event": "message", "encoded": whole})
+            return
+        # Section 24's order: the channel id, the connection's credit, the state, its credit.
+        chan = self._zero if not rec.channel else self._for_record(rec.channel, opened)
+        if size > self._conn.receive:
+            raise InteropError("data beyond the connection's credit", FLOW_CONTROL_ERROR)
+        self._conn.receive -= size
+        if rec.channel:
+            self._move(chan, "data received")
+        if size > chan.credit.receive:
+            raise InteropError(f"data beyond channel {chan.id}'s credit", FLOW_CONTROL_ERROR)
+        chan.credit.receive -= size
+        if chan.state in RESETTING:  # sent before the peer saw our RESET: dropped
+            self._release_connection(size, owe)
+            return
+        so_far = self._progress.get(chan.id, 0) + size
+        in_slot = self._slot == chan.id and not self._slot_complete
+        if in_slot:
+            self._grant(chan, size, owe)
+            self._slot_granted += size
+        elif more and self._slot is None and (not chan.credit.receive or not self._conn.receive):
+            self._slot = chan.id
+            self._grant(chan, so_far, owe)
+            self._slot_granted = so_far
+            in_slot = True
+        chan.parts.append(rec.body)
+        if sum(map(len, chan.parts)) > self._max:
+            raise InteropError("spack over our limit", MESSAGE_TOO_LARGE)
+        if more:
+            self._progress[chan.id] = so_far
+            return
+        self._progress.pop(chan.id, None)
+        chan.pre_granted.append(self._slot_granted if in_slot else 0)
+        if in_slot:
+            self._slot_complete = True
+        whole, chan.parts = b"".join(chan.parts), []
+        events.append({"event": "message", "channel": chan.id, "encoded": whole})
+
+    def _channel_record(
+        self,
+        rec: Record,
+        opened: list[int],
+        events: list[dict[str, Any]],
+        owe: Callable[[bytes], None],
+    ) -> None:
+        """A record on a channel other than 0 (section 24)."""
+        if rec.kind in (MESSAGE, FRAGMENT):
+            self._data(rec, opened, events, owe)
+        elif rec.kind == WINDOW:
+            chan = self._existing(rec.channel)
+            if chan is not None:  # else it crossed the channel's end: ignored
+                chan.credit.send = _add_credit(chan.credit.send, rec.body)
+        elif rec.kind == CLOSE:
+            chan = self._for_record(rec.channel, opened)
+            if chan.parts:
+                raise InteropError(f"CLOSE on channel {chan.id} inside a spack")
+            dropped = chan.state in RESETTING
+            self._move(chan, "CLOSE received")
+            if not dropped:
+                events.append({"event": "channel_close", "channel": chan.id})
+        else:  # RESET
+            code, reason = decode_close(rec.body, "RESET")
+            found = self._existing(rec.channel)
+            if found is None:
+                pass  # on a channel that ended: it crossed the channel's end, ignored
+            elif found.state in RESETTING:  # the answer to ours
+                self._move(found, "RESET received")
+            else:
+                self._move(found, "RESET received")
+                self._drop_sending(found.id)
+                self._forget(found, owe)
+                events.append(
+                    {"event": "channel_reset", "channel": found.id, "code": code, "reason": reason}
+                )

@@ -7,7 +7,10 @@ sending cipher, so every record rule of SPEC "Channels" can be tried, valid or n
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import stalk.receiver as receiver_module
 from helpers import Pair, connected_pair, drain, take_all
 from stalk.errors import ChannelLimitExceeded, FlowControlError, ProtocolError
 from stalk.events import (
@@ -121,10 +124,29 @@ def test_a_close_in_the_middle_of_a_channels_spack_is_an_error() -> None:
     _fails(pair, ProtocolError, "middle", _record(RecordKind.CLOSE, 1, b"\x00\x00"))
 
 
-def test_the_connection_cannot_close_with_a_channel_mid_spack() -> None:
+def test_the_connection_cannot_close_normally_with_a_channel_mid_spack() -> None:
     pair = _pair()
     _deliver(pair, _record(RecordKind.FRAGMENT, 1, b"\x92"))
     _fails(pair, ProtocolError, "middle", _record(RecordKind.CLOSE, 0, encode_close(0, "")))
+
+
+def test_an_error_close_may_cut_a_channels_spack_which_is_dropped() -> None:
+    """SPEC "Messages": a failing peer's CLOSE with an error code may come mid-spack (it may
+    have been waiting for credit); the incomplete spack is dropped, the error reported."""
+    pair = _pair()
+    assert _deliver(pair, _record(RecordKind.FRAGMENT, 1, b"\x92")) == [ChannelOpened(1)]
+    events = _deliver(
+        pair,
+        _message(3, Spack("whole")),
+        _record(RecordKind.FRAGMENT, 0, b"\x91"),
+        _record(RecordKind.CLOSE, 0, encode_close(CloseCode.INTERNAL_ERROR, "gave up")),
+    )
+    whole = len(encode_spack(Spack("whole")))
+    assert events == [
+        ChannelOpened(3),
+        ChannelMessageReceived(Spack("whole"), 3, whole),
+        CloseReceived(CloseCode.INTERNAL_ERROR, "gave up"),
+    ]
 
 
 def test_a_reset_is_reported_and_answered_once_released() -> None:
@@ -237,6 +259,30 @@ def test_a_spack_larger_than_the_window_arrives_through_the_assembly_slot() -> N
     assert demux.slot is None
 
 
+def test_a_messages_grants_go_in_record_order_then_its_pongs() -> None:
+    """What one message makes us owe: its grants in record order, then its PONGs, together.
+
+    4,000 records take more than one parsing batch, so the PING's message is routed and
+    answered in several steps; the grant its last record calls for still goes first, in
+    the same plaintext (SPEC "Channels", "How stalk sends and grants").
+    """
+    pair = _pair()
+    body = encode_spack(Spack(b"s" * 20_000))
+    pong = _record(RecordKind.PONG, 0, b"")  # unsolicited: discarded
+    ping = _record(RecordKind.PING, 0, b"ping")
+    fragment = _record(RecordKind.FRAGMENT, 0, body[:4096])  # the window, all of it
+    assert _deliver(pair, ping, *[pong] * 4000, fragment) == []
+    data = take_all(pair.server)
+    assert data[:2] == (len(data) - 2).to_bytes(2, "big")  # one transport message
+    assert pair.client._receiver is not None
+    plaintext = pair.client._receiver._cipher.decrypt(data[2:])
+    assert plaintext == (
+        _record(RecordKind.WINDOW, 0, encode_uvarint(4096))
+        + _record(RecordKind.CONNECTION_WINDOW, 0, encode_uvarint(4096))
+        + _record(RecordKind.PONG, 0, b"ping")
+    )
+
+
 def test_a_rapid_open_reset_flood_holds_at_most_max_channels() -> None:
     """CVE-2023-44487's shape: channels opened and reset in one flight, over and over.
 
@@ -279,3 +325,108 @@ def test_a_window_flood_costs_no_memory() -> None:
     assert table is not None
     assert table.channel0.send == CLIENT.channel_window + 100 * 100 * 1000
     _fails(pair, FlowControlError, "past", _record(RecordKind.WINDOW, 0, encode_uvarint(2**31 - 1)))
+
+
+# -- the one-record shortcut against the record loop ----------------------------------------
+
+_Rec = tuple[int, int, bytes]
+
+# One plaintext the forger sends: a list of (kind, channel, body) records. Mostly one
+# MESSAGE alone (the shortcut's case: valid spacks, bytes that do not decode, empty
+# bodies, spacks past the windows, ids of either parity and beyond the limit), some in
+# pieces or beside other records (the record loop's), and resets.
+_CHANNELS = st.sampled_from([0, 0, 1, 3, 5, 7, 2, 200])
+_SPACK_BODY = st.one_of(
+    st.binary(max_size=40).map(lambda data: encode_spack(Spack(data))),
+    st.integers(100, 9000).map(lambda size: encode_spack(Spack(b"v" * size))),
+    st.binary(max_size=6),  # mostly not a spack: refused, whichever path reads it
+)
+_LONE = st.tuples(st.just(RecordKind.MESSAGE), _CHANNELS, _SPACK_BODY).map(lambda r: [[r]])
+
+
+def _in_pieces(channel: int, body: bytes, size: int, together: bool) -> list[list[_Rec]]:
+    """``body`` as FRAGMENTs of ``size`` and a final MESSAGE: one plaintext, or one each."""
+    cuts = [body[at : at + size] for at in range(0, len(body), size)] or [b""]
+    records: list[_Rec] = [(RecordKind.FRAGMENT, channel, cut) for cut in cuts[:-1]]
+    records.append((RecordKind.MESSAGE, channel, cuts[-1]))
+    return [records] if together else [[record] for record in records]
+
+
+_LARGE_BODY = st.integers(3000, 12_000).map(lambda size: encode_spack(Spack(b"w" * size)))
+_PIECES = st.builds(
+    _in_pieces,
+    st.sampled_from([0, 1, 3]),
+    st.one_of(_SPACK_BODY, _LARGE_BODY, _LARGE_BODY),
+    st.sampled_from([512, 1024, 2048, 4096, 700]),
+    st.booleans(),
+)
+_RESET = st.tuples(st.just(RecordKind.RESET), st.sampled_from([1, 3]), st.just(b"\x00\x09")).map(
+    lambda r: [[r]]
+)
+_PLAINTEXTS = st.one_of(_LONE, _LONE, _LONE, _PIECES, _RESET)
+
+
+def _replay(plaintexts: list[list[_Rec]], releases: list[bool]) -> list[object]:
+    """What the server does with ``plaintexts``: its events, errors, and both sides' credit."""
+    pair = _pair()
+    seen: list[object] = []
+    held: list[ChannelMessageReceived] = []
+    client_ok = True
+    table = pair.client._channels
+    assert table is not None
+    for plaintext, release in zip(plaintexts, releases, strict=False):
+        records = [_record(kind, channel, body) for kind, channel, body in plaintext]
+        pair.server.receive_data(_forge(pair.client, *records))
+        try:
+            events = drain(pair.server)
+        except ProtocolError as exc:
+            seen.append((type(exc), str(exc)))
+            break
+        seen.append(events)
+        held += [event for event in events if isinstance(event, ChannelMessageReceived)]
+        for event in events:
+            if isinstance(event, ChannelResetReceived):
+                pair.server.release_channel(event.channel)
+        if release:
+            for event in held:
+                pair.server.release(event.channel, event.size)
+            held.clear()
+        if (answers := take_all(pair.server)) and client_ok:
+            # The forger's session tracks none of the channels it forged: it may refuse
+            # what the server answers on them, the same way on both paths.
+            pair.client.receive_data(answers)
+            try:
+                seen.append(drain(pair.client))
+            except ProtocolError as exc:
+                seen.append(("client", type(exc), str(exc)))
+                client_ok = False
+        seen.append(
+            (
+                table.connection.send,
+                table.channel0.send,
+                sorted(
+                    (channel.id, channel.credit.send, channel.state)
+                    for channel in table.channels.values()
+                ),
+            )
+        )
+    return seen
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    groups=st.lists(_PLAINTEXTS, min_size=1, max_size=20),
+    releases=st.lists(st.booleans(), min_size=200, max_size=200),
+)
+def test_the_one_record_shortcut_does_what_the_record_loop_does(
+    groups: list[list[list[_Rec]]], releases: list[bool]
+) -> None:
+    """A plaintext of one MESSAGE skips the record loop (``Receiver._lone_on_channel``):
+    the same input through the record loop alone gives the same events, the same errors,
+    and the same credit back, on both sides."""
+    plaintexts = [plaintext for group in groups for plaintext in group]
+    fast = _replay(plaintexts, releases)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(receiver_module, "lone_channel_message", lambda view: None)
+        general = _replay(plaintexts, releases)
+    assert fast == general

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import Pair, connected_pair, drain
+from helpers import Pair, connected_pair, drain, take_all
 from stalk.errors import LocalProtocolError
 from stalk.events import (
     ChannelCloseReceived,
@@ -207,6 +207,26 @@ def test_close_waits_for_spacks_waiting_for_credit() -> None:
     driver.run()
     assert driver.spacks(server) == {0: [big]}
     assert isinstance(driver.events[server][-1], CloseReceived)
+
+
+def test_once_close_was_called_nothing_more_is_owed() -> None:
+    """A release() after close() grants nothing, as a message received then grants nothing.
+
+    The CLOSE waits here for credit the client never gets to grant: the release would have
+    sent a WINDOW ahead of it.
+    """
+    pair = _pair()
+    client, server = pair.client, pair.server
+    spack = Spack(b"s" * 1500)  # over a quarter of the server's 4,096-byte window
+    client.send(spack)
+    server.receive_data(take_all(client))
+    assert drain(server) == [ChannelMessageReceived(spack, 0, len(spack.encode()))]
+    server.queue(Spack(b"w" * 10_000))  # more than the client grants: the CLOSE waits
+    server.close()
+    assert take_all(server)
+    assert server.unsent
+    server.release(0, len(spack.encode()))
+    assert take_all(server) == b""
 
 
 def test_without_channels_on_both_sides_there_are_none() -> None:

@@ -8,12 +8,14 @@ stalk's side a sans-IO Session driven here, in both roles.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from array import array
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -1597,3 +1599,136 @@ async def test_interop_peer_refuses_hostile_channel_records(name: str) -> None:
             assert receiver.failure.code == case.code
             assert not receiver.pending(0)
             assert await read_close(sender) == case.code
+
+
+# -- vectors/: the interop peer writes stalk's transcripts byte for byte ---------------------
+#
+# No I/O: ip.ScriptedPeer is sans-IO, so these tests are synchronous (anyio runs only
+# coroutines). It knows only SPEC.md: sections 8, 12, 15 and 24's "How stalk sends and
+# grants" say what a transcript's recorded calls make each side write.
+
+VECTORS = Path(__file__).resolve().parent.parent / "vectors"
+TRANSCRIPTS = ["stalk-xx.json", "stalk-ik.json", "stalk-channels.json"]
+SIDES = ("initiator", "responder")
+
+
+def load_transcript(name: str) -> dict[str, Any]:
+    transcript: dict[str, Any] = json.loads((VECTORS / name).read_text(encoding="ascii"))
+    return transcript
+
+
+def scripted_peers(transcript: dict[str, Any]) -> dict[str, ip.ScriptedPeer]:
+    """Both sides, from the keys and configurations the transcript records."""
+    pinned = bytes.fromhex(transcript["responder"]["static_public_hex"])
+    peers: dict[str, ip.ScriptedPeer] = {}
+    for side in SIDES:
+        party = transcript[side]
+        config = party["config"]
+        channels = config.get("channels")
+        static = ip.StaticKey(
+            bytes.fromhex(party["static_private_hex"]), bytes.fromhex(party["static_public_hex"])
+        )
+        assert bytes(static.keypair().public.data) == static.public
+        peers[side] = ip.ScriptedPeer(
+            initiator=side == "initiator",
+            static=static,
+            ephemeral=bytes.fromhex(party["ephemeral_private_hex"]),
+            responder_static=pinned if party["pins_responder_key"] else None,
+            max_message_size=config["max_message_size"],
+            rekey_after_messages=config["rekey_after_messages"],
+            rekey_after_bytes=config["rekey_after_bytes"],
+            channels=None if channels is None else ip.ChannelOffer(**channels),
+        )
+    return peers
+
+
+def make_call(
+    transcript: dict[str, Any], peer: ip.ScriptedPeer, cause: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The recorded call (nothing for a reaction); the events the caller itself reports."""
+    call = cause.get("call")
+    spacks = [transcript["spacks"][index] for index in cause.get("spacks", ())]
+    for spack in spacks:
+        peer.queue(bytes.fromhex(spack["encoded_hex"]), spack.get("channel", 0))
+    if call in ("send", "queue+flush"):
+        peer.flush()
+    elif call == "accept":
+        return peer.accept()
+    elif call == "ping":
+        peer.ping(bytes.fromhex(cause["payload_hex"]))
+    elif call == "close":
+        peer.close(cause["code"], cause["reason"])
+    elif call == "open_channel":
+        assert peer.open_channel() == cause["channel"]
+    elif call == "close_channel":
+        peer.close_channel(cause["channel"])
+    elif call == "reset_channel":
+        peer.reset_channel(cause["channel"], cause["code"], cause["reason"])
+    elif call == "release":
+        spack = transcript["spacks"][cause["spack"]]
+        peer.release(cause["channel"], spack["encoded_length"])
+    elif call == "release_channel":
+        peer.release_channel(cause["channel"])
+    else:
+        assert call in (None, "create", "queue"), f"unknown call {call!r}"
+    return []
+
+
+def expected_events(transcript: dict[str, Any], step: dict[str, Any]) -> list[Any]:
+    """A step's events as the interop peer reports them (a spack by its encoding)."""
+    events = []
+    for recorded in step["events"]:
+        event = dict(recorded)
+        side = event.pop("side")
+        if event["event"] == "message":
+            event["encoded"] = bytes.fromhex(
+                transcript["spacks"][event.pop("spack")]["encoded_hex"]
+            )
+        events.append((side, event))
+    return events
+
+
+def replay_with_interop_peer(transcript: dict[str, Any]) -> dict[str, ip.ScriptedPeer]:
+    """Every recorded call made on the interop peer: every write and event must match."""
+    peers = scripted_peers(transcript)
+    steps = transcript["steps"]
+    for index, step in enumerate(steps):
+        where = f"step {index} ({step['note'][:60]})"
+        side = step["from"]
+        other = SIDES[side == "initiator"]
+        events = [(side, e) for e in make_call(transcript, peers[side], step["cause"])]
+        data = peers[side].data_to_send()
+        assert data.hex() == step["bytes"], f"{where}: the {side} wrote different bytes"
+        if data:
+            events += [(other, e) for e in peers[other].receive_data(data)]
+        assert events == expected_events(transcript, step), f"{where}: events"
+        following = steps[index + 1] if index + 1 < len(steps) else None
+        if following is None or following["cause"] != {"received": index}:
+            assert peers[other].data_to_send() == b"", f"{where}: an unrecorded write"
+    return peers
+
+
+@pytest.mark.parametrize("name", TRANSCRIPTS)
+def test_interop_peer_writes_every_transcript_byte_for_byte(name: str) -> None:
+    transcript = load_transcript(name)
+    peers = replay_with_interop_peer(transcript)
+    for peer in peers.values():
+        assert peer.data_to_send() == b""
+        assert peer.close_sent
+        assert peer.close_received is not None
+        assert peer.handshake_hash.hex() == transcript["handshake_hash_hex"]
+        assert peer.channels == transcript.get("channels", False)
+
+
+def test_interop_replay_notices_a_different_grant() -> None:
+    """The check can fail: a release of a smaller spack earns no WINDOW, and the interop
+    peer then writes nothing where the transcript has one."""
+    transcript = load_transcript("stalk-channels.json")
+    (step,) = (s for s in transcript["steps"] if s["cause"].get("call") == "release" and s["bytes"])
+    step["cause"]["spack"] = next(
+        s["index"]
+        for s in transcript["spacks"]
+        if s["channel"] == step["cause"]["channel"] and s["index"] < step["cause"]["spack"]
+    )
+    with pytest.raises(AssertionError, match="wrote different bytes"):
+        replay_with_interop_peer(transcript)

@@ -12,11 +12,15 @@ the finding sent.
 The HTTP/2 denial-of-service advisories of resources.md (SPEC 21 has the table), and the
 tests here that cover their stalk analogues: 9511 data dribble and 9517 internal data
 buffering, a peer that does not read (``test_a_ping_flood...``, and test_limits.py's
-``test_a_reader_that_stops_stops_the_sender``); 9512 ping flood and 9515 settings flood,
-answers owed (``test_a_ping_flood...``); 9513 resource loop, a REKEY in every message, and
-9518 empty frames, tiny records (``test_tiny_records...``); 9516 0-length headers, 1-byte
-fragments (findings 1 and 2); 9514 reset flood and CVE-2023-44487 rapid reset, connections
-opened and dropped (``test_connections_opened_and_dropped...``).
+``test_a_reader_that_stops_stops_the_sender``), and with channels a peer that never reads
+its channels (``test_a_peer_that_never_reads_its_channels...``) or whose channels our
+application does not read (``test_a_channel_our_application_never_reads...``); 9512 ping
+flood and 9515 settings flood, answers owed (``test_a_ping_flood...``); 9513 resource
+loop, a REKEY in every message, and 9518 empty frames, tiny records
+(``test_tiny_records...``); 9516 0-length headers, 1-byte fragments (findings 1 and 2);
+9514 reset flood and CVE-2023-44487 rapid reset, connections opened and dropped
+(``test_connections_opened_and_dropped...``) and channels opened and reset
+(``test_a_rapid_open_reset_flood...``).
 
 Setting ``STALK_VICTIM_SRC`` to another stalk's ``src`` directory runs the same attacks
 against that stalk (how the "before" figures in the closing notes were measured).
@@ -35,6 +39,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -45,6 +50,8 @@ import anyio
 import pytest
 from anyio.abc import Process, SocketStream
 
+from adversarial.attacks import Flood, rapid_reset
+from adversarial.peers import ChannelPeer, Offer, Wire, channel_handshake
 from helpers import connected_pair, drain, take_all, wait_until
 from stalk.bench import hostile
 from stalk.connection import connect
@@ -52,7 +59,7 @@ from stalk.errors import MessageTooLarge, StalkError
 from stalk.events import CloseReceived, MessageReceived
 from stalk.framing import encode_frame
 from stalk.identity import Identity, PublicIdentity
-from stalk.records import encode_uvarint
+from stalk.records import Record, encode_uvarint
 from stalk.session import Role, Session
 from stalk.spack import Spack
 from stalk.wire import RECORD_CAPACITY, WEIGHT_FACTOR, WEIGHT_FLOOR, CloseCode, RecordKind
@@ -82,9 +89,23 @@ async def handler(conn):
         else:
             await conn.send(stalk.Spack("got", len(spack)))
 
+async def channel_handler(channel):
+    async for spack in channel:
+        if spack[0] == "stream":  # ("stream", count, size): that many spacks back
+            for _ in range(spack[1]):
+                await channel.send(stalk.Spack(b"s" * spack[2]))  # its pages written
+        elif spack[0] == "hold":  # this channel is never read again
+            await anyio.sleep_forever()
+        else:
+            await channel.send(spack)
+
 async def main():
     async with await stalk.create_listener(
-        "127.0.0.1", 0, identity=identity, config=config
+        "127.0.0.1",
+        0,
+        identity=identity,
+        config=config,
+        channel_handler=channel_handler if config.max_channels else None,
     ) as listener:
         print(listener.address[1], str(identity.public), flush=True)
         await listener.serve(handler)
@@ -113,6 +134,11 @@ class Victim:
         """Make the peak RSS start again from the current RSS; return that RSS."""
         Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
         return self.status("VmRSS")
+
+    def cpu_seconds(self) -> float:
+        """The CPU time the victim has used (user and system)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @asynccontextmanager
@@ -220,8 +246,8 @@ class Attack:
 
 
 @asynccontextmanager
-async def under_attack(backend: str, **config: Any) -> AsyncIterator[Attack]:
-    """A victim listener, an innocent probe running against it, and an attacker's session.
+async def probed(backend: str, **config: Any) -> AsyncIterator[tuple[Victim, Probe]]:
+    """A victim listener and an innocent probe running against it.
 
     On exit the probe must have run without error, and the victim must still serve a
     fresh client.
@@ -229,15 +255,9 @@ async def under_attack(backend: str, **config: Any) -> AsyncIterator[Attack]:
     probe = Probe()
     async with victim(backend, **config) as target, anyio.create_task_group() as tg:
         tg.start_soon(probe.run, backend, target.port, target.key)
-        stream, session = await raw_session(("127.0.0.1", target.port), target.key)
-        await wait_until(lambda: len(probe.round_trips) >= 5, timeout=10)
-        probe.round_trips.clear()  # connecting is not part of the attack
-        attack = Attack(stream, session, probe, target)
-        attack.rss_before = target.reset_peak()
         try:
-            yield attack
+            yield target, probe
         finally:
-            await stream.aclose()
             with anyio.fail_after(10):
                 async with await connect("127.0.0.1", target.port, target.key) as fresh:
                     await fresh.send(Spack("probe", -1))
@@ -245,6 +265,27 @@ async def under_attack(backend: str, **config: Any) -> AsyncIterator[Attack]:
             tg.cancel_scope.cancel()
     assert not probe.errors, probe.errors
     assert probe.round_trips, "the probe made no round trip during the attack"
+
+
+async def probe_started(target: Victim, probe: Probe) -> int:
+    """Once the probe runs: forget its round trips so far; the victim's RSS, its new peak."""
+    await wait_until(lambda: len(probe.round_trips) >= 5, timeout=10)
+    probe.round_trips.clear()  # connecting is not part of the attack
+    return target.reset_peak()
+
+
+@asynccontextmanager
+async def under_attack(backend: str, **config: Any) -> AsyncIterator[Attack]:
+    """A victim listener, an innocent probe running against it, and an attacker's session
+    (see :func:`probed`)."""
+    async with probed(backend, **config) as (target, probe):
+        stream, session = await raw_session(("127.0.0.1", target.port), target.key)
+        attack = Attack(stream, session, probe, target)
+        try:
+            attack.rss_before = await probe_started(target, probe)
+            yield attack
+        finally:
+            await stream.aclose()
 
 
 async def close_code_seen(stream: SocketStream, session: Session) -> int | None:
@@ -513,6 +554,167 @@ async def test_connections_opened_and_dropped_cost_nothing_lasting(
     assert rounds > 20
     assert peak <= SLACK
     assert attack.probe.worst < STALL_BOUND
+
+
+# -- channels: the rapid open/reset flood, and channels nobody reads -------------------------------
+
+#: What the hostile peer offers for channels: the victim may open none towards it, and it
+#: grants 64 KiB per channel and 1 MiB for the connection, never more.
+ATTACKER = Offer(max_channels=0, channel_window=64 * KiB, connection_window=MiB)
+
+
+@asynccontextmanager
+async def channel_attack(
+    backend: str, **config: Any
+) -> AsyncIterator[tuple[Victim, Probe, ChannelPeer]]:
+    """A victim offering channels, the probe, and a hostile peer that negotiated them."""
+    async with probed(backend, **config) as (target, probe):
+        wire = await Wire.connect("127.0.0.1", target.port)
+        try:
+            yield target, probe, await channel_handshake(wire, ATTACKER, target.key)
+        finally:
+            await wire.aclose()
+
+
+async def still_served(peer: ChannelPeer, channel: int) -> None:
+    """The victim still serves the hostile peer's connection: it echoes on ``channel``."""
+    echo = Spack("echo", channel)
+    await peer.wire.send(peer.seal(peer.spack(channel, echo)))
+    with anyio.fail_after(5):
+        await peer.until(lambda record: record[1] == channel and record[2] == echo.encode())
+
+
+def sent_on(records: list[Record], into: dict[int, int]) -> None:
+    """Add the data bytes of ``records`` (MESSAGE, FRAGMENT) to ``into``, by channel."""
+    for kind, channel, body in records:
+        if kind in (RecordKind.MESSAGE, RecordKind.FRAGMENT):
+            into[channel] = into.get(channel, 0) + len(body)
+
+
+@pytest.mark.parametrize("seconds", [1.5, pytest.param(15.0, marks=pytest.mark.slow)])
+async def test_a_rapid_open_reset_flood_costs_bounded_memory_and_work(
+    anyio_backend: str, seconds: float
+) -> None:
+    """CVE-2023-44487 (rapid reset) on channels, against a listener with a
+    ``channel_handler``: the peer opens channels and resets them in the same flight, as
+    fast as the listener lets it. A reset channel keeps its place in ``max_channels`` until
+    the application let go of it (its handler saw the reset) and the answering RESET went,
+    so the peer has at most the limit in flight (one more in one flight is CHANNEL_LIMIT:
+    the catalogue's ``rapid_reset_past_limit``), and each channel costs the listener a
+    bounded amount of work: one handler task that starts, sees the reset and ends. Its
+    memory stays flat, an innocent client is served throughout, a channel opened before
+    the flood still answers after it, and a fresh client connects."""
+    flood = Flood()
+    async with channel_attack(anyio_backend, max_channels=100) as (target, probe, peer):
+        await peer.wire.send(peer.seal(peer.spack(1, Spack("open"))))  # 1 stays open
+        rss_before = await probe_started(target, probe)
+        cpu_before, ours_before = target.cpu_seconds(), time.process_time()
+        flood.deadline = anyio.current_time() + seconds
+        await rapid_reset(peer, flood)
+        cpu, ours = target.cpu_seconds() - cpu_before, time.process_time() - ours_before
+        peak = target.status("VmHWM") - rss_before
+        await still_served(peer, 1)
+    per_channel = cpu / flood.opened
+    print(
+        f"\nchannel rapid reset/{anyio_backend}: {flood.opened} channels opened and reset "
+        f"in {seconds:.1f} s, at most {flood.most} in flight; victim CPU "
+        f"{per_channel * 1e6:.0f} us per channel (the attacker's process "
+        f"{ours / flood.opened * 1e6:.0f} us); victim peak RSS +{peak / MiB:.1f} MiB; worst "
+        f"innocent round trip {probe.worst * 1000:.0f} ms"
+    )
+    assert flood.opened >= 10 * 100  # the flood went through the limit many times over
+    assert flood.most <= 100 - 1  # channel 1 holds the other place
+    assert peak <= SLACK
+    assert per_channel < CHANNEL_CPU
+    assert probe.worst < STALL_BOUND
+
+
+#: The most CPU one channel opened and reset at once may cost the victim: a handler task
+#: started and ended, a few events (measured 40-50 us on this machine, about 6 times what
+#: the attacker spends; a shared machine's noise allowed for).
+CHANNEL_CPU = 0.0005
+
+
+async def test_a_peer_that_never_reads_its_channels_makes_us_hold_only_their_backlog(
+    anyio_backend: str,
+) -> None:
+    """The peer asks for 64 spacks of 1 MiB on each of 8 channels and never grants credit
+    (it reads the socket, never its channels). The listener sends no more than the peer's
+    windows allow (64 KiB a channel, 1 MiB in all), and what it holds for each channel is
+    its backlog: the spack its handler's send() queued, which then waits (more than
+    ``send_buffer`` is queued), never the 64 MiB asked for."""
+    channels, count, size = 8, 64, MiB
+    data: dict[int, int] = {}
+    async with channel_attack(anyio_backend, max_channels=16) as (target, probe, peer):
+        rss_before = await probe_started(target, probe)
+        ids = [2 * n + 1 for n in range(channels)]
+        await peer.wire.send(peer.seal(*[peer.spack(n, Spack("stream", count, size)) for n in ids]))
+        while True:  # until the victim has sent all that our credit allows
+            with anyio.move_on_after(0.5) as quiet:
+                sent_on(await peer.records(), data)
+            if quiet.cancelled_caught:
+                break
+        held, peak = (target.status(name) - rss_before for name in ("VmRSS", "VmHWM"))
+        await still_served(peer, 2 * channels + 1)
+    print(
+        f"\nchannels never read/{anyio_backend}: {channels} x {count} MiB asked for, "
+        f"{sum(data.values()) / KiB:.0f} KiB sent within our credit; victim RSS "
+        f"+{held / MiB:.1f} MiB (peak +{peak / MiB:.1f} MiB); worst innocent round trip "
+        f"{probe.worst * 1000:.0f} ms"
+    )
+    assert all(data.get(n, 0) <= ATTACKER.channel_window for n in ids), data
+    assert sum(data.values()) <= ATTACKER.connection_window
+    assert peak >= channels * size // 2  # the measurement sees the backlogs...
+    assert peak <= channels * (size + SEND_BUFFER) + SLACK  # ...not channels * count * size
+    assert probe.worst < STALL_BOUND
+
+
+#: ``Config.send_buffer``'s default: beyond it, a channel's send() waits.
+SEND_BUFFER = 256 * KiB
+
+
+async def test_a_channel_our_application_never_reads_holds_at_most_its_window(
+    anyio_backend: str,
+) -> None:
+    """On each of 8 channels the peer sends ``("hold",)`` (the handler never reads that
+    channel again), then spacks of 256 KiB as long as its credit lasts, trying for 16 MiB
+    a channel. The listener grants nothing back on a channel its application does not
+    read: each holds at most its window (4 MiB here), all of them well within the
+    connection's (64 MiB), and its memory shows it."""
+    channels, window, chunk = 8, 4 * MiB, 256 * KiB
+    spack = Spack(bytes(chunk - 6)).encode()  # 256 KiB encoded
+    pushed: dict[int, int] = {}
+    config = {"max_channels": 16, "channel_window": window, "connection_window": 64 * MiB}
+    async with channel_attack(anyio_backend, **config) as (target, probe, peer):
+        rss_before = await probe_started(target, probe)
+        ids = [2 * n + 1 for n in range(channels)]
+        await peer.wire.send(peer.seal(*[peer.spack(n, Spack("hold")) for n in ids]))
+        for n in ids:
+            for _ in range(16 * MiB // chunk):
+                if min(peer.credit(n), peer.connection_credit) < len(spack):
+                    break  # SPEC 24: a sender never sends beyond its credit
+                for start in range(0, len(spack), 65_000):
+                    last = start + 65_000 >= len(spack)
+                    kind = RecordKind.MESSAGE if last else RecordKind.FRAGMENT
+                    await peer.wire.send(
+                        peer.seal(peer.data(kind, n, spack[start : start + 65_000]))
+                    )
+                pushed[n] = pushed.get(n, 0) + len(spack)
+        await anyio.sleep(0.5)  # the victim (another process) takes what was sent
+        held, peak = (target.status(name) - rss_before for name in ("VmRSS", "VmHWM"))
+        granted = {n: peer.granted.get(n, 0) for n in ids}
+        await still_served(peer, 2 * channels + 1)
+    print(
+        f"\nchannel not read/{anyio_backend}: {channels} channels of a {window / MiB:.0f} MiB "
+        f"window, {sum(pushed.values()) / MiB:.1f} MiB got in (16 MiB a channel tried); "
+        f"victim RSS +{held / MiB:.1f} MiB (peak +{peak / MiB:.1f} MiB); worst innocent "
+        f"round trip {probe.worst * 1000:.0f} ms"
+    )
+    assert granted == dict.fromkeys(ids, 0)  # no credit back for what nobody read
+    assert all(pushed[n] > window - 2 * chunk for n in ids)  # each window filled
+    assert peak >= channels * window // 2  # the measurement sees what is held...
+    assert peak <= 1.25 * channels * window + SLACK  # ...and it is the windows, no more
+    assert probe.worst < STALL_BOUND
 
 
 #: The most receiving may cost per wire byte, as a multiple of what a sender built on stalk's

@@ -589,6 +589,14 @@ def _forge(pair_sender: Session, plaintext: bytes) -> bytes:
     return encode_frame(send.encrypt(plaintext))
 
 
+def test_an_error_close_may_cut_a_spack_which_is_dropped() -> None:
+    """SPEC "Messages": a CLOSE with an error code may come mid-spack; NORMAL may not."""
+    pair = connected_pair()
+    error_close = b"\x03\x00\x09\x00\x07gave up"  # CLOSE INTERNAL_ERROR "gave up"
+    pair.server.receive_data(_forge(pair.client, b"\x02\x00\x01\x91" + error_close))
+    assert drain(pair.server) == [CloseReceived(CloseCode.INTERNAL_ERROR, "gave up")]
+
+
 @pytest.mark.parametrize(
     ("plaintext", "match"),
     [

@@ -1,8 +1,8 @@
-"""Generate stalk's own test vectors: byte-exact transcripts of two whole sessions.
+"""Generate stalk's own test vectors: byte-exact transcripts of whole sessions.
 
 Run it with stalk importable (the project's virtualenv)::
 
-    python vectors/generate.py            # (re)write stalk-xx.json and stalk-ik.json here
+    python vectors/generate.py            # (re)write the files of FILES here
     python vectors/generate.py --check    # compare them with what stalk produces now
     python vectors/generate.py --outline  # print each transcript's steps
 
@@ -13,11 +13,13 @@ How a transcript is made
 ------------------------
 An initiator and a responder :class:`~stalk.session.Session` are wired back to back, with
 fixed static and ephemeral keys (:func:`fixed_key`). A fixed script of API calls is run
-(:func:`script`). After each call the acting side's ``data_to_send()`` is one *step*; it is
-fed whole to the other side, whose events are drained (``next_event()`` until
-``NEED_DATA``), and whatever that side's ``data_to_send()`` then returns is the next step,
-and so on until nobody has anything to write. A ``PeerIdentified`` event is answered with
-``accept()``, itself a step.
+(:func:`basic_script` for XX and IK, :func:`channel_script` with channels). After each
+call, everything the acting side's ``data_to_send()`` hands out (called until it returns
+nothing) is one *step*; it is fed whole to the other side, whose events are drained
+(``next_event()`` until ``NEED_DATA``), and whatever that side then writes is the next
+step, and so on until nobody has anything to write. A ``PeerIdentified`` event is answered
+with ``accept()``, itself a step. A call that may write nothing (:data:`SILENT_CALLS`) is a
+step even when it does not, so that a replay checks that it did not.
 
 Every recorded step is then decoded a second, independent way (:class:`Observer`): an
 observer holding all four private keys re-runs both ends of the Noise handshake over the
@@ -47,6 +49,10 @@ from stalk._noise import NoiseHandshake, TransportCipher
 from stalk.events import (
     NEED_DATA,
     PAUSED,
+    ChannelCloseReceived,
+    ChannelMessageReceived,
+    ChannelOpened,
+    ChannelResetReceived,
     CloseReceived,
     Event,
     HandshakeComplete,
@@ -54,6 +60,7 @@ from stalk.events import (
     PeerIdentified,
     PongReceived,
 )
+from stalk.handshake import ChannelParams
 from stalk.identity import Identity, PublicIdentity
 from stalk.session import Role, Session, SessionConfig
 from stalk.spack import Float32, Spack, SpackValue
@@ -77,7 +84,12 @@ Json: TypeAlias = Any
 FORMAT: Final = "stalk-transcript/1"
 #: Where the script lives; the transcripts are written beside it.
 HERE: Final = Path(__file__).resolve().parent
-FILES: Final[dict[Pattern, str]] = {"XX": "stalk-xx.json", "IK": "stalk-ik.json"}
+#: Each transcript's name (a key of :data:`SETUPS`) and file.
+FILES: Final[dict[str, str]] = {
+    "XX": "stalk-xx.json",
+    "IK": "stalk-ik.json",
+    "channels": "stalk-channels.json",
+}
 
 INITIATOR: Final = "initiator"
 RESPONDER: Final = "responder"
@@ -291,18 +303,24 @@ def big_text(size: int) -> str:
 
 @dataclass(frozen=True)
 class SpackDef:
-    """A spack the script sends, with a description for the transcript."""
+    """A spack the script sends, with a description for the transcript.
+
+    :ivar channel: the channel it goes on (a transcript with channels; else 0).
+    """
 
     description: str
     values: list[SpackValue]
+    channel: int = 0
 
 
 @dataclass(frozen=True)
 class Action:
-    """One API call of the script.
+    """One API call of the script (vectors/README.md lists the calls).
 
-    :ivar call: ``send`` (one spack), ``queue+flush`` (several, one flush), ``ping`` or
-        ``close``.
+    :ivar call: ``send`` (one spack), ``queue`` (spacks, no flush), ``queue+flush``
+        (several, one flush), ``ping``, ``close``; with channels also ``open_channel``,
+        ``close_channel``, ``reset_channel``, ``release`` (the application received spack
+        ``spack`` on ``channel``) and ``release_channel``.
     """
 
     side: str
@@ -312,9 +330,16 @@ class Action:
     payload: bytes = b""
     code: int = 0
     reason: str = ""
+    channel: int = 0
+    #: ``release``: the index of the spack released, in the transcript's ``spacks``.
+    spack: int = 0
 
 
-def script() -> list[Action]:
+#: The calls that may write nothing: a step that wrote nothing is recorded (bytes "").
+SILENT_CALLS: Final = frozenset({"open_channel", "queue", "release"})
+
+
+def basic_script() -> list[Action]:
     """Everything both sides do after the handshake, in order (the same for XX and IK)."""
     return [
         Action(
@@ -364,37 +389,164 @@ def script() -> list[Action]:
     ]
 
 
+#: The large spack of the channel session: 10,000 encoded bytes, over two windows.
+LARGE_ON_CHANNEL: Final = 10_000
+
+
+def channel_script() -> list[Action]:
+    """The channel session's calls after the handshake (vectors/README.md explains each).
+
+    Spack indices (for ``release``) are positions in the transcript's ``spacks``: the
+    order of the spacks below.
+    """
+    large: list[SpackValue] = [
+        "large",
+        big_text(LARGE_ON_CHANNEL - 10),
+    ]  # 92 a5 "large" da <u16>: 10 bytes
+    return [
+        Action(
+            INITIATOR,
+            "send",
+            "send on channel 0",
+            (SpackDef("channel 0: the connection's own stream", ["hello", 0]),),
+        ),
+        Action(
+            RESPONDER,
+            "send",
+            "reply on channel 0",
+            (SpackDef("channel 0: a reply", ["hello yourself", 0]),),
+        ),
+        Action(INITIATOR, "open_channel", "open_channel(): 1", channel=1),
+        Action(
+            INITIATOR,
+            "send",
+            "send on channel 1: its first record opens it",
+            (SpackDef("channel 1: a request", ["get", "alpha"], channel=1),),
+        ),
+        Action(RESPONDER, "open_channel", "open_channel(): 2", channel=2),
+        Action(
+            RESPONDER,
+            "send",
+            "send on channel 2: the responder opens one of its own",
+            (SpackDef("channel 2: the responder's own", ["notify", 2], channel=2),),
+        ),
+        Action(INITIATOR, "open_channel", "open_channel(): 3", channel=3),
+        Action(
+            INITIATOR,
+            "queue+flush",
+            "queue() a 10000-byte spack on channel 3 and a small one on channel 1, then flush()",
+            (
+                SpackDef("channel 3: 10000 bytes, over two windows", large, channel=3),
+                SpackDef("channel 1: a second request", ["get", "beta"], channel=1),
+            ),
+        ),
+        Action(
+            RESPONDER,
+            "release",
+            "release(3, spack 4): its bytes went back as they arrived",
+            channel=3,
+            spack=4,
+        ),
+        Action(
+            RESPONDER,
+            "send",
+            "reply on channel 2",
+            (SpackDef("channel 2: 1000 bytes", ["update", "x" * 989], channel=2),),
+        ),
+        Action(
+            INITIATOR,
+            "release",
+            "release(2, spack 3): 9 bytes, under a quarter window",
+            channel=2,
+            spack=3,
+        ),
+        Action(
+            INITIATOR,
+            "release",
+            "release(2, spack 6): past a quarter window",
+            channel=2,
+            spack=6,
+        ),
+        Action(INITIATOR, "close_channel", "close_channel(1)", channel=1),
+        Action(
+            RESPONDER,
+            "queue",
+            "queue() a reply on channel 1",
+            (SpackDef("channel 1: the reply", ["alpha", "beta"], channel=1),),
+        ),
+        Action(RESPONDER, "close_channel", "close_channel(1)", channel=1),
+        Action(
+            INITIATOR,
+            "reset_channel",
+            "reset_channel(2, 4096, 'no longer wanted')",
+            channel=2,
+            code=4096,
+            reason="no longer wanted",
+        ),
+        Action(RESPONDER, "release_channel", "release_channel(2): the answer", channel=2),
+        Action(INITIATOR, "close", "close(0, 'initiator done')", reason="initiator done"),
+        Action(
+            RESPONDER,
+            "send",
+            "send on channel 3 after the initiator's CLOSE",
+            (SpackDef("channel 3: after the initiator's CLOSE", ["still here", None], channel=3),),
+        ),
+        Action(RESPONDER, "close", "close(0, 'responder done')", reason="responder done"),
+    ]
+
+
 @dataclass(frozen=True)
 class Setup:
-    """How one transcript's two sessions are configured."""
+    """How one transcript's two sessions are configured, and what they do."""
 
     pattern: Pattern
     initiator: SessionConfig
     responder: SessionConfig
+    script: Callable[[], list[Action]]
+    description: str
 
 
 #: XX: the initiator rekeys after every 4 transport messages (its 4th one is the middle
 #: fragment of the 150 KB spack). IK: the responder rekeys after every 2. Both responders
-#: advertise a 1 MiB limit, both initiators the 16 MiB default.
-SETUPS: Final[dict[Pattern, Setup]] = {
+#: advertise a 1 MiB limit, both initiators the 16 MiB default. Channels: an XX session in
+#: which both offer channels with small windows, the initiator rekeying after every 4.
+SETUPS: Final[dict[str, Setup]] = {
     "XX": Setup(
         "XX",
         initiator=SessionConfig(rekey_after_messages=4),
         responder=SessionConfig(max_message_size=2**20),
+        script=basic_script,
+        description="A whole stalk session (XX)",
     ),
     "IK": Setup(
         "IK",
         initiator=SessionConfig(),
         responder=SessionConfig(max_message_size=2**20, rekey_after_messages=2),
+        script=basic_script,
+        description="A whole stalk session (IK)",
+    ),
+    "channels": Setup(
+        "XX",
+        initiator=SessionConfig(
+            rekey_after_messages=4,
+            channels=ChannelParams(max_channels=4, channel_window=2048, connection_window=65516),
+        ),
+        responder=SessionConfig(
+            max_message_size=2**20,
+            channels=ChannelParams(max_channels=4, channel_window=4096, connection_window=65516),
+        ),
+        script=channel_script,
+        description="A whole stalk session (XX) with channels",
     ),
 }
 
 
-def _keys(pattern: Pattern) -> dict[str, dict[str, bytes]]:
+def _keys(name: str) -> dict[str, dict[str, bytes]]:
+    """Transcript ``name``'s fixed keys: the static keys all share, ephemerals of its own."""
     return {
         side: {
             "static": fixed_key(f"{side} static"),
-            "ephemeral": fixed_key(f"{pattern} {side} ephemeral"),
+            "ephemeral": fixed_key(f"{name} {side} ephemeral"),
         }
         for side in (INITIATOR, RESPONDER)
     }
@@ -420,14 +572,19 @@ def _drain(session: Session) -> list[Event]:
 class Recorder:
     """Runs the two sessions and records every write as a step."""
 
-    def __init__(self, sessions: dict[str, Session]) -> None:
-        """Record the writes of ``sessions`` (keyed ``initiator`` / ``responder``)."""
+    def __init__(self, sessions: dict[str, Session], *, channels: bool) -> None:
+        """Record the writes of ``sessions`` (keyed ``initiator`` / ``responder``).
+
+        :param channels: the sessions offer channels (spacks and events name theirs).
+        """
         self.sessions = sessions
+        self.channels = channels
         self.steps: list[dict[str, Json]] = []
         self.spacks: list[dict[str, Json]] = []
-        #: The spack indices each side sent, in order, and how many each side received.
+        #: The spack indices each side sent, in order.
         self.sent: dict[str, list[int]] = {INITIATOR: [], RESPONDER: []}
-        self._delivered: dict[str, int] = {INITIATOR: 0, RESPONDER: 0}
+        #: The spack indices each side received, in order.
+        self.delivered: dict[str, list[int]] = {INITIATOR: [], RESPONDER: []}
         self.handshake_hashes: list[bytes] = []
 
     def start(self) -> None:
@@ -438,49 +595,80 @@ class Recorder:
         """Perform one scripted call and record everything it causes."""
         session = self.sessions[action.side]
         cause: dict[str, Json] = {"call": action.call}
+        call = action.call
         if action.spacks:
             indices = [self._register(action.side, spack) for spack in action.spacks]
             cause["spacks"] = indices
-            if action.call == "send":
-                (spack,) = action.spacks
-                session.send(Spack(*spack.values))
-            else:
-                for spack in action.spacks:
-                    session.queue(Spack(*spack.values))
+            for spack in action.spacks:
+                session.queue(Spack(*spack.values), spack.channel)
+            if call in ("send", "queue+flush"):
                 session.flush()
-        elif action.call == "ping":
+            elif call != "queue":
+                raise ValueError(f"{call} takes no spacks")
+        elif call == "ping":
             cause["payload_hex"] = action.payload.hex()
             session.ping(action.payload)
-        elif action.call == "close":
-            cause["code"] = action.code
-            cause["reason"] = action.reason
+        elif call == "close":
+            cause.update(code=action.code, reason=action.reason)
             session.close(action.code, action.reason)
-        if not self._write(action.side, cause, action.label):
+        elif call == "open_channel":
+            cause["channel"] = action.channel
+            if session.open_channel() != action.channel:
+                raise AssertionError(f"open_channel() did not open {action.channel}")
+        elif call == "close_channel":
+            cause["channel"] = action.channel
+            session.close_channel(action.channel)
+        elif call == "reset_channel":
+            cause.update(channel=action.channel, code=action.code, reason=action.reason)
+            session.reset_channel(action.channel, action.code, action.reason)
+        elif call == "release":
+            self._release(action, cause)
+        elif call == "release_channel":
+            cause["channel"] = action.channel
+            session.release_channel(action.channel)
+        else:
+            raise ValueError(f"unknown call {call!r}")
+        if not self._write(action.side, cause, action.label, silent=call in SILENT_CALLS):
             raise RuntimeError(f"{action.label} wrote nothing")
+
+    def _release(self, action: Action, cause: dict[str, Json]) -> None:
+        spack = self.spacks[action.spack]
+        if action.spack not in self.delivered[action.side] or spack["channel"] != action.channel:
+            raise AssertionError(f"spack {action.spack} did not arrive on {action.channel}")
+        cause.update(channel=action.channel, spack=action.spack)
+        self.sessions[action.side].release(action.channel, spack["encoded_length"])
 
     def _register(self, side: str, spack: SpackDef) -> int:
         encoded = Spack(*spack.values).encode()
         values = [value_to_json(value) for value in spack.values]
         if not _same([value_from_json(value) for value in values], spack.values):
             raise AssertionError(f"the JSON form of {spack.description!r} does not round-trip")
+        if spack.channel and not self.channels:
+            raise ValueError("a spack on a channel in a session without channels")
         index = len(self.spacks)
-        self.spacks.append(
-            {
-                "index": index,
-                "from": side,
-                "description": spack.description,
-                "values": values,
-                "encoded_length": len(encoded),
-                "encoded_hex": encoded.hex(),
-            }
+        entry: dict[str, Json] = {"index": index, "from": side}
+        if self.channels:
+            entry["channel"] = spack.channel
+        entry.update(
+            description=spack.description,
+            values=values,
+            encoded_length=len(encoded),
+            encoded_hex=encoded.hex(),
         )
+        self.spacks.append(entry)
         self.sent[side].append(index)
         return index
 
-    def _write(self, side: str, cause: dict[str, Json], label: str) -> bool:
+    def _write(
+        self, side: str, cause: dict[str, Json], label: str, *, silent: bool = False
+    ) -> bool:
+        """Take everything ``side`` has to write as one step and deliver it.
+
+        :param silent: record the step even if it wrote nothing (a call that may not).
+        """
         session = self.sessions[side]
-        data = session.data_to_send()
-        if not data:
+        data = b"".join(iter(session.data_to_send, b""))
+        if not data and not silent:
             return False
         index = len(self.steps)
         step: dict[str, Json] = {
@@ -495,12 +683,15 @@ class Recorder:
         if cause.get("call") == "accept":
             events += self._events(side, _drain(session))
         other = _other(side)
-        receiver = self.sessions[other]
-        receiver.receive_data(data)
-        received = _drain(receiver)
-        events += self._events(other, received)
+        received: list[Event] = []
+        if data:
+            receiver = self.sessions[other]
+            receiver.receive_data(data)
+            received = _drain(receiver)
+            events += self._events(other, received)
         step["events"] = events
-        self._write(other, {"received": index}, "")
+        if data:
+            self._write(other, {"received": index}, "")
         if any(isinstance(event, PeerIdentified) for event in received):
             self._write_accept(other)
         return True
@@ -529,20 +720,46 @@ class Recorder:
                 "handshake_hash_hex": event.handshake_hash.hex(),
                 "peer_max_message_size": event.peer_max_message_size,
             }
-        if isinstance(event, MessageReceived):
-            index = self.sent[_other(side)][self._delivered[side]]
-            self._delivered[side] += 1
-            sent = self.spacks[index]
-            if [value_to_json(value) for value in event.spack] != sent["values"]:
-                raise AssertionError(f"spack {index} arrived changed")
-            if event.spack.encode().hex() != sent["encoded_hex"]:
-                raise AssertionError(f"spack {index} re-encodes differently")
-            return {"event": "message", "spack": index}
+        if isinstance(event, (MessageReceived, ChannelMessageReceived)):
+            return self._message(side, event)
         if isinstance(event, PongReceived):
             return {"event": "pong", "payload_hex": event.payload.hex()}
         if isinstance(event, CloseReceived):
             return {"event": "close", "code": event.code, "reason": event.reason}
+        if isinstance(event, ChannelOpened):
+            return {"event": "channel_opened", "channel": event.channel}
+        if isinstance(event, ChannelCloseReceived):
+            return {"event": "channel_close", "channel": event.channel}
+        if isinstance(event, ChannelResetReceived):
+            return {
+                "event": "channel_reset",
+                "channel": event.channel,
+                "code": event.code,
+                "reason": event.reason,
+            }
         raise TypeError(f"unexpected event {event!r}")  # pragma: no cover
+
+    def _message(
+        self, side: str, event: MessageReceived | ChannelMessageReceived
+    ) -> dict[str, Json]:
+        """A spack delivered: the next one the other side sent on that channel."""
+        channel = event.channel if isinstance(event, ChannelMessageReceived) else 0
+        if isinstance(event, ChannelMessageReceived) != self.channels:
+            raise AssertionError(f"{event!r} on a session where channels={self.channels}")
+        got = [i for i in self.delivered[side] if self.spacks[i].get("channel", 0) == channel]
+        sent = [i for i in self.sent[_other(side)] if self.spacks[i].get("channel", 0) == channel]
+        index = sent[len(got)]
+        self.delivered[side].append(index)
+        spack = self.spacks[index]
+        if [value_to_json(value) for value in event.spack] != spack["values"]:
+            raise AssertionError(f"spack {index} arrived changed")
+        if event.spack.encode().hex() != spack["encoded_hex"]:
+            raise AssertionError(f"spack {index} re-encodes differently")
+        if isinstance(event, ChannelMessageReceived):
+            if event.size != spack["encoded_length"]:
+                raise AssertionError(f"spack {index} arrived with size {event.size}")
+            return {"event": "message", "channel": channel, "spack": index}
+        return {"event": "message", "spack": index}
 
 
 def _same(a: object, b: object) -> bool:
@@ -584,14 +801,25 @@ class Observer:
         responder_public: PublicIdentity,
         spacks: list[dict[str, Json]],
         sent: dict[str, list[int]],
+        *,
+        channels: bool,
     ) -> None:
-        """Prepare to decode a session run with ``keys``; ``sent`` lists each side's spacks."""
+        """Prepare to decode a session run with ``keys``; ``sent`` lists each side's spacks.
+
+        :param channels: the session has channels (records name theirs).
+        """
         self.pattern: Pattern = pattern
+        self.channels = channels
         self._keys = keys
         self._responder_public = responder_public
         self._spacks = spacks
-        self._queue = {side: list(indices) for side, indices in sent.items()}
-        self._piece_offset = {INITIATOR: 0, RESPONDER: 0}
+        #: Each side's spacks still to be carried, by channel, in order.
+        self._queue: dict[tuple[str, int], list[int]] = {}
+        for side, indices in sent.items():
+            for index in indices:
+                channel = spacks[index].get("channel", 0)
+                self._queue.setdefault((side, channel), []).append(index)
+        self._piece_offset: dict[tuple[str, int], int] = {}
         self._opened = {INITIATOR: False, RESPONDER: False}
         self._handshake = {
             side: list(messages) for side, messages in _HANDSHAKE_MESSAGES[pattern].items()
@@ -707,37 +935,42 @@ class Observer:
             length, pos = _uvarint(plaintext, pos)
             body = plaintext[pos : pos + length]
             pos += length
-            if channel != 0 or len(body) != length:
+            if (channel and not self.channels) or len(body) != length:
                 raise AssertionError("malformed record")
-            record: dict[str, Json] = {
-                "kind": kind.name,
-                "header_hex": plaintext[start : pos - length].hex(),
-                "length": length,
-            }
+            record: dict[str, Json] = {"kind": kind.name}
+            if self.channels:
+                record["channel"] = channel
+            record.update(header_hex=plaintext[start : pos - length].hex(), length=length)
             if kind in (RecordKind.MESSAGE, RecordKind.FRAGMENT):
-                record.update(self._piece(side, kind, body))
-            elif kind is RecordKind.CLOSE:
+                record.update(self._piece(side, kind, channel, body))
+            elif kind in (RecordKind.CLOSE, RecordKind.RESET):
                 record["body_hex"] = body.hex()
                 record["code"] = struct.unpack(">H", body[:2])[0]
                 record["reason"] = body[2:].decode("utf-8")
             elif kind in (RecordKind.PING, RecordKind.PONG):
                 record["body_hex"] = body.hex()
+            elif kind in (RecordKind.WINDOW, RecordKind.CONNECTION_WINDOW):
+                increment, end = _uvarint(body, 0)
+                if end != len(body):
+                    raise AssertionError("malformed window increment")
+                record["increment"] = increment
             records.append(record)
         return records
 
-    def _piece(self, side: str, kind: RecordKind, body: bytes) -> dict[str, Json]:
-        index = self._queue[side][0]
-        offset = self._piece_offset[side]
+    def _piece(self, side: str, kind: RecordKind, channel: int, body: bytes) -> dict[str, Json]:
+        key = (side, channel)
+        index = self._queue[key][0]
+        offset = self._piece_offset.get(key, 0)
         encoded = bytes.fromhex(self._spacks[index]["encoded_hex"])
         if encoded[offset : offset + len(body)] != body:
             raise AssertionError(f"a record does not carry the next piece of spack {index}")
         if kind is RecordKind.MESSAGE:
             if offset + len(body) != len(encoded):
                 raise AssertionError(f"spack {index} ends early")
-            self._queue[side].pop(0)
-            self._piece_offset[side] = 0
+            self._queue[key].pop(0)
+            self._piece_offset[key] = 0
         else:
-            self._piece_offset[side] = offset + len(body)
+            self._piece_offset[key] = offset + len(body)
         return {"spack": index, "spack_offset": offset}
 
     def finish(self) -> None:
@@ -748,13 +981,23 @@ class Observer:
 
 def _describe_record(record: dict[str, Json]) -> str:
     kind: str = record["kind"]
+    channel = record.get("channel", 0)
+    on = f" on channel {channel}" if channel else ""
     if kind == "MESSAGE" and record["spack_offset"] == 0:
-        return f"MESSAGE(spack {record['spack']})"
+        return f"MESSAGE(spack {record['spack']}{on})"
     if kind in ("MESSAGE", "FRAGMENT"):
         start = record["spack_offset"]
-        return f"{kind}(spack {record['spack']} bytes {start}..{start + record['length']})"
-    if kind == "CLOSE":
-        return f"CLOSE({record['code']}, {record['reason']!r})"
+        piece = f"spack {record['spack']} bytes {start}..{start + record['length']}"
+        return f"{kind}({piece}{on})"
+    if kind == "CLOSE" and channel:
+        return f"CLOSE(channel {channel})"
+    if kind in ("CLOSE", "RESET"):
+        where = f"channel {channel}, " if kind == "RESET" else ""
+        return f"{kind}({where}{record['code']}, {record['reason']!r})"
+    if kind == "WINDOW":
+        return f"WINDOW(channel {channel}, +{record['increment']})"
+    if kind == "CONNECTION_WINDOW":
+        return f"CONNECTION_WINDOW(+{record['increment']})"
     if kind in ("PING", "PONG"):
         return f"{kind}({record['length']} bytes)"
     return kind
@@ -777,10 +1020,21 @@ def _describe(parts: list[dict[str, Json]]) -> str:
 
 
 def _config_json(config: SessionConfig) -> dict[str, Json]:
-    return {
+    result: dict[str, Json] = {
         "max_message_size": config.max_message_size,
         "rekey_after_messages": config.rekey_after_messages,
         "rekey_after_bytes": config.rekey_after_bytes,
+    }
+    if config.channels is not None:
+        result["channels"] = _channels_json(config.channels)
+    return result
+
+
+def _channels_json(channels: ChannelParams) -> dict[str, Json]:
+    return {
+        "max_channels": channels.max_channels,
+        "channel_window": channels.channel_window,
+        "connection_window": channels.connection_window,
     }
 
 
@@ -793,7 +1047,13 @@ def _party(
 ) -> dict[str, Json]:
     params = payloads[-1]  # a side's parameters travel in its last handshake message
     decoded = msgpack.unpackb(params)
-    if decoded != {"version": PROTOCOL_VERSION, "max_message_size": config.max_message_size}:
+    expected: dict[str, Json] = {
+        "version": PROTOCOL_VERSION,
+        "max_message_size": config.max_message_size,
+    }
+    if config.channels is not None:
+        expected.update(_channels_json(config.channels))
+    if decoded != expected or list(decoded) != list(expected):
         raise AssertionError(f"the {side} advertised {decoded!r}")
     return {
         "static_private_hex": keys["static"].hex(),
@@ -826,25 +1086,37 @@ def _sessions(setup: Setup, keys: dict[str, dict[str, bytes]]) -> dict[str, Sess
     }
 
 
-def build_transcript(pattern: Pattern) -> dict[str, Json]:
-    """Run one whole session and return its transcript (the JSON document, as a dict)."""
-    setup = SETUPS[pattern]
-    keys = _keys(pattern)
+def build_transcript(name: str) -> dict[str, Json]:
+    """Run one whole session and return its transcript (the JSON document, as a dict).
+
+    :param name: a key of :data:`FILES` (and :data:`SETUPS`).
+    """
+    setup = SETUPS[name]
+    pattern = setup.pattern
+    keys = _keys(name)
     sessions = _sessions(setup, keys)
-    recorder = Recorder(sessions)
+    channels = setup.initiator.channels is not None and setup.responder.channels is not None
+    recorder = Recorder(sessions, channels=channels)
     recorder.start()
-    for action in script():
+    for action in setup.script():
         recorder.run(action)
     for side, session in sessions.items():
         if session.data_to_send() or session.close_received is None:
             raise AssertionError(f"the {side} did not end cleanly")
+        if session.channels != channels:
+            raise AssertionError(f"the {side} has channels={session.channels}")
 
     observer = Observer(
-        pattern, keys, sessions[RESPONDER].identity.public, recorder.spacks, recorder.sent
+        pattern,
+        keys,
+        sessions[RESPONDER].identity.public,
+        recorder.spacks,
+        recorder.sent,
+        channels=channels,
     )
     for step in recorder.steps:
         step["parts"] = observer.parts(step["from"], bytes.fromhex(step["bytes"]))
-        summary = _describe(step["parts"])
+        summary = _describe(step["parts"]) or "nothing"
         step["note"] = f"{step['note']}: {summary}" if step["note"] else summary
     observer.finish()
     handshake_hash = observer.handshake_hash
@@ -854,7 +1126,7 @@ def build_transcript(pattern: Pattern) -> dict[str, Json]:
     transcript: dict[str, Json] = {
         "format": FORMAT,
         "description": (
-            f"A whole stalk session ({pattern}) between two stalk Sessions wired back to back, "
+            f"{setup.description} between two stalk Sessions wired back to back, "
             "with fixed keys: every write of each side from the first preamble byte to the "
             "last CLOSE. Made by vectors/generate.py; vectors/README.md documents the format."
         ),
@@ -864,6 +1136,8 @@ def build_transcript(pattern: Pattern) -> dict[str, Json]:
         "prologue_hex": observer.prologue.hex(),
         "handshake_hash_hex": handshake_hash.hex(),
     }
+    if channels:
+        transcript["channels"] = True
     configs = {INITIATOR: setup.initiator, RESPONDER: setup.responder}
     for side in (INITIATOR, RESPONDER):
         transcript[side] = _party(side, pattern, keys[side], configs[side], observer.payloads[side])
@@ -911,8 +1185,8 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], None] = prin
     parser.add_argument("--dir", type=Path, default=HERE, help="where the JSON files are")
     args = parser.parse_args(argv)
     status = 0
-    for pattern, name in FILES.items():
-        transcript = build_transcript(pattern)
+    for key, name in FILES.items():
+        transcript = build_transcript(key)
         text = render(transcript)
         path: Path = args.dir / name
         if args.outline:

@@ -75,8 +75,9 @@ from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
 
 from stalk import _logs
 from stalk.certificates import Authorities, Certificate, CertificatePolicy
-from stalk.channel import INTERNAL_ERROR_REASON, Channel, ChannelHandler, Dispatcher
+from stalk.channel import INTERNAL_ERROR_REASON, Channel, ChannelHandler
 from stalk.config import Config
+from stalk.dispatcher import Dispatcher
 from stalk.errors import (
     ClosedByPeer,
     ConnectFailed,
@@ -411,7 +412,7 @@ class Connection(ObjectStream[Spack]):
         :raises ~stalk.ConnectionLost: the connection broke (or a write timed out).
         """
         if self._channels is not None:
-            await self._channels.send(self._channels.channel0, item)
+            await self._channels.channel0.send(item)
             return
         self.queue(item)
         answering, self._answering = self._answering, False
@@ -474,7 +475,7 @@ class Connection(ObjectStream[Spack]):
         """
         with self._receive_guard:
             if self._channels is not None:
-                return await self._channels.receive(self._channels.channel0)
+                return await self._channels.channel0.receive()
             if self._streak >= _YIELD_EVERY:
                 # A peer that sent many spacks at once must not keep a receive loop from
                 # ever yielding: let other tasks run (nothing is held yet, so a cancellation

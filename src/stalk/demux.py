@@ -29,6 +29,7 @@ there, in order after the channel's spacks.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import MutableSequence
 from typing import Final
 
 from stalk.channels import Channel, ChannelInput, ChannelTable
@@ -91,7 +92,7 @@ class Demux:
     # -- routing -----------------------------------------------------------------------
 
     def route(
-        self, records: list[Record], events: list[Event], grants: RecordWriter
+        self, records: list[Record], events: MutableSequence[Event], grants: RecordWriter
     ) -> list[Record]:
         """Do the bookkeeping of ``records`` in order; the records left to decode.
 
@@ -127,7 +128,7 @@ class Demux:
                 if not reset_by_us:
                     kept.append(record)
             else:  # RESET
-                decode_close(body)
+                decode_close(body, "RESET")
                 channel = self._existing(channel_id)
                 if channel is None:  # its CLOSE, then RESET, crossed our CLOSE: it ended
                     continue
@@ -139,7 +140,7 @@ class Demux:
                 kept.append(record)
         return kept
 
-    def _lookup(self, channel_id: int, events: list[Event]) -> Channel:
+    def _lookup(self, channel_id: int, events: MutableSequence[Event]) -> Channel:
         """The channel a data or CLOSE record is for, opening it if the peer opens it."""
         channel, opened = self.table.for_peer_record(channel_id)
         events.extend(ChannelOpened(each) for each in opened)
@@ -156,7 +157,12 @@ class Demux:
         return channel
 
     def _data(
-        self, channel_id: int, size: int, more: bool, events: list[Event], grants: RecordWriter
+        self,
+        channel_id: int,
+        size: int,
+        more: bool,
+        events: MutableSequence[Event],
+        grants: RecordWriter,
     ) -> bool:
         """Count a data record; whether to decode it (else it is dropped)."""
         table = self.table

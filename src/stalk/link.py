@@ -199,8 +199,12 @@ class Link:
             except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 raise HandshakeFailed(f"connection lost during the handshake: {exc!r}") from exc
 
-    async def write_behind(self) -> None:
-        """The writer task: write whatever senders queued, batched, until cancelled."""
+    async def write_behind(self, wrote: Callable[[], None] | None = None) -> None:
+        """The writer task: write whatever senders queued, batched, until cancelled.
+
+        :param wrote: called after each write (with channels: wakes the tasks it may
+            concern).
+        """
         self.writer_running = True
         try:
             while True:
@@ -211,6 +215,8 @@ class Link:
                         return
                     self.session.flush()
                     await self.write_pending()
+                if wrote is not None:
+                    wrote()
         except StalkError:
             return  # the connection is broken or closed; the next call reports it
         finally:

@@ -47,8 +47,12 @@ class _Outgoing:
     __slots__ = ("left", "views")
 
     def __init__(self, pieces: Sequence[bytes | memoryview]) -> None:
-        self.views = deque(memoryview(piece) for piece in pieces if len(piece))
-        self.left = sum(map(len, self.views))
+        if len(pieces) == 1:  # a small spack's encoding is one piece
+            self.views = deque((memoryview(pieces[0]),))
+            self.left = len(pieces[0])
+        else:
+            self.views = deque(memoryview(piece) for piece in pieces if len(piece))
+            self.left = sum(map(len, self.views))
 
     def take(self, size: int) -> list[memoryview]:
         """The next ``size`` bytes, as views."""
@@ -79,6 +83,8 @@ _Item = _Outgoing | _OpeningReset | None  # None: the channel's CLOSE
 
 
 def _header(kind: RecordKind, channel: int, length: int) -> bytes:
+    if channel < 0x80 and length < 0x80:  # both varints one byte (small spacks, low ids)
+        return bytes((kind, channel, length))
     return bytes((kind,)) + encode_uvarint(channel) + encode_uvarint(length)
 
 
@@ -190,7 +196,7 @@ class Mux:
 
         Ask again after more is flushed or credit arrives.
         """
-        return self._fill() or None
+        return (self._fill() or None) if self._queues else None
 
     def contended(self) -> bool:
         """Whether several channels have something queued (they take turns)."""

@@ -8,8 +8,9 @@ decrypts each into a plaintext and acts on its records (SPEC "Records"):
 - nothing of a Noise message is delivered until every one of its records is parsed,
   checked and decoded: its events wait in an :class:`_Incoming` until then, so a bad
   record anywhere means nothing from that message is delivered;
-- the common plaintexts, one spack or one piece of a large one alone, skip the record
-  loop's parsing; whatever else they hold is processed the same way;
+- the common plaintexts, one spack or one piece of a large one alone (with channels:
+  one small spack alone on a channel), skip the record loop's parsing; whatever else they
+  hold is processed the same way;
 - spacks in pieces go through the :class:`~stalk.reassembly.Reassembler`;
 - answers owed to the peer (PONGs) go to the session's control writer once their message
   is done; the receiver never encrypts anything.
@@ -47,10 +48,17 @@ from stalk.events import (
 )
 from stalk.framing import FrameReader, FramingError
 from stalk.reassembly import Reassembler
-from stalk.records import Record, RecordWriter, decode_close, lone_piece, read_records
+from stalk.records import (
+    Record,
+    RecordWriter,
+    decode_close,
+    lone_channel_message,
+    lone_piece,
+    read_records,
+)
 from stalk.spack import Spack, decode_fast
 from stalk.states import Directions, Input
-from stalk.wire import RECORD_CAPACITY, RecordKind
+from stalk.wire import RECORD_CAPACITY, CloseCode, RecordKind
 
 __all__ = ["OWED_LIMIT", "RECORD_COST", "STEP", "Receiver"]
 
@@ -116,11 +124,12 @@ class _Incoming:
     __slots__ = (
         "confirming",
         "events",
+        "grants",
         "index",
         "offset",
         "parsed",
+        "pings",
         "plaintext",
-        "pongs",
         "records",
         "rekey",
     )
@@ -133,15 +142,18 @@ class _Incoming:
         self.offset = 0  # how much of its body a piecewise decoder has taken
         self.confirming = confirming  # READY came first: the handshake is confirmed
         self.events: list[Event] = []
-        # Answers owed (PONGs; with channels, WINDOW and RESET too), sent once it is done.
-        self.pongs: RecordWriter | None = None
+        # Answers owed, sent once it is done: with channels, the WINDOW, CONNECTION_WINDOW
+        # and RESET records its records call for, in their order; then a PONG for each of
+        # its PINGs (their bodies, views into the plaintext), in theirs (SPEC "Channels").
+        self.grants: RecordWriter | None = None
+        self.pings: list[memoryview] | None = None
         self.rekey = False
 
     def answers(self) -> RecordWriter:
-        """The writer of this message's answers (created when the first one is owed)."""
-        if self.pongs is None:
-            self.pongs = RecordWriter()
-        return self.pongs
+        """The writer of this message's grants (created when the first one is owed)."""
+        if self.grants is None:
+            self.grants = RecordWriter()
+        return self.grants
 
 
 class Receiver:
@@ -158,6 +170,7 @@ class Receiver:
     """
 
     __slots__ = (
+        "_answers",
         "_cipher",
         "_control",
         "_events",
@@ -199,6 +212,8 @@ class Receiver:
         self.reassembler = Reassembler(limit)
         #: With channels, routes each record to its channel (SPEC "Channels").
         self.demux = None if channels is None else Demux(channels, limit, self.reassembler)
+        # With channels, the answers a one-record message owes (kept empty between uses).
+        self._answers = RecordWriter() if channels is not None else None
         self._incoming: _Incoming | None = None
         self._work = 0  # work done in the current progress() call
         #: The last call stopped before reading all it could (call again).
@@ -257,47 +272,15 @@ class Receiver:
 
     def _message(self, body: memoryview) -> None:
         plaintext = memoryview(self._cipher.decrypt(body))
-        end = len(plaintext)
-        reassembler = self.reassembler
         demux = self.demux
-        lone = lone_piece(plaintext) if self._states.can_receive_data and not demux else None
-        if lone is not None:
-            kind, _, piece = lone
-            if reassembler.decoder is None and (
-                kind is _FRAGMENT or reassembler.joined is not None
-            ):
-                bodies = reassembler.join(kind, piece)
-                if bodies is None:
-                    self._work += RECORD_COST
+        if self._states.can_receive_data:
+            if demux is not None:
+                if (record := lone_channel_message(plaintext)) is not None:
+                    self._lone_on_channel(plaintext, record, demux)
                     return
-                if len(bodies) > 1:  # outgrew joining: the record loop weighs both
-                    self._incoming = _Incoming(plaintext, end, confirming=False)
-                    self._incoming.records = bodies
-                    self._continue()
-                    return
-                lone = bodies[0]
-                piece = lone.body
-            whole = kind is _MESSAGE and reassembler.decoder is None
-            if whole and len(piece) > self._limit:
-                lone = None  # the record loop refuses it
-            elif whole and (spack := decode_fast(piece)) is not None:
-                self._work += len(piece) + RECORD_COST
-                self._events.append(MessageReceived(spack))
+            elif (record := lone_piece(plaintext)) is not None and self._lone(plaintext, record):
                 return
-            else:  # a piece, or a whole spack for the weigher
-                self._work += RECORD_COST
-                spack, offset, work = reassembler.feed(kind, piece, 0, STEP - self._work)
-                self._work += work
-                if offset == len(piece):
-                    if spack is not None:
-                        self._events.append(MessageReceived(spack))
-                    return
-                # Out of budget inside the piece: the record loop resumes it.
-                incoming = self._incoming = _Incoming(plaintext, end, confirming=False)
-                incoming.records = [lone]
-                incoming.offset = offset
-                return
-        if not end:
+        if not plaintext:
             raise ProtocolError("transport message with no records")
         confirming = not self._states.can_receive_data
         parsed = 0
@@ -314,6 +297,84 @@ class Receiver:
                 raise HandshakeFailed(f"expected READY, got {first.kind.name}")
         self._incoming = _Incoming(plaintext, parsed, confirming=confirming)
         self._continue()
+
+    def _lone(self, plaintext: memoryview, lone: Record) -> bool:
+        """A plaintext of one MESSAGE or FRAGMENT on channel 0, without channels.
+
+        :returns: whether it is done with (else the record loop reads the plaintext).
+        """
+        reassembler = self.reassembler
+        end = len(plaintext)
+        kind, _, piece = lone
+        if reassembler.decoder is None and (kind is _FRAGMENT or reassembler.joined is not None):
+            bodies = reassembler.join(kind, piece)
+            if bodies is None:
+                self._work += RECORD_COST
+                return True
+            if len(bodies) > 1:  # outgrew joining: the record loop weighs both
+                self._incoming = _Incoming(plaintext, end, confirming=False)
+                self._incoming.records = bodies
+                self._continue()
+                return True
+            lone = bodies[0]
+            piece = lone.body
+        whole = kind is _MESSAGE and reassembler.decoder is None
+        if whole and len(piece) > self._limit:
+            return False  # the record loop refuses it
+        if whole and (spack := decode_fast(piece)) is not None:
+            self._work += len(piece) + RECORD_COST
+            self._events.append(MessageReceived(spack))
+            return True
+        # A piece, or a whole spack for the weigher.
+        self._work += RECORD_COST
+        spack, offset, work = reassembler.feed(kind, piece, 0, STEP - self._work)
+        self._work += work
+        if offset == len(piece):
+            if spack is not None:
+                self._events.append(MessageReceived(spack))
+            return True
+        # Out of budget inside the piece: the record loop resumes it.
+        incoming = self._incoming = _Incoming(plaintext, end, confirming=False)
+        incoming.records = [lone]
+        incoming.offset = offset
+        return True
+
+    def _lone_on_channel(self, plaintext: memoryview, record: Record, demux: Demux) -> None:
+        """A plaintext of one MESSAGE record, with channels: the record loop's work, in short.
+
+        Routed as :meth:`_next_batch` routes a batch; a whole spack that decodes at once
+        becomes its event here; anything else (it ends a spack in pieces, it must be
+        weighed, it is too large) goes to the record loop as the routed batch, so the
+        channels' bookkeeping is done once either way. ``tests/test_channels_receive.py``
+        compares it with the record loop.
+        """
+        answers = self._answers
+        if answers is None:  # pragma: no cover - created with the demux
+            raise AssertionError("no answers writer without channels")
+        kept = demux.route([record], self._events, answers)
+        self._work += RECORD_COST
+        if kept:
+            _, channel, body = record
+            reassembler = demux.reassembler(channel)
+            if (
+                reassembler.decoder is not None
+                or reassembler.joined is not None
+                or len(body) > self._limit
+                or (spack := decode_fast(body)) is None
+            ):
+                incoming = self._incoming = _Incoming(plaintext, len(plaintext), confirming=False)
+                incoming.records = kept
+                if answers.pending():
+                    incoming.grants, self._answers = answers, RecordWriter()
+                self._continue()
+                return
+            self._work += len(body)
+            self._events.append(ChannelMessageReceived(spack, channel, demux.next_size(channel)))
+        if answers.pending():  # sent once the message passed, as _finish() sends them
+            if self._states.can_send_data:
+                self._control.extend(answers)
+            else:
+                self._answers = RecordWriter()
 
     def _continue(self) -> bool:
         """Process the current transport message's records, within this call's work budget.
@@ -405,8 +466,12 @@ class Receiver:
             if self.confirmed is not None:
                 self._events.append(self.confirmed)
                 self.confirmed = None
-        if incoming.pongs is not None and self._states.can_send_data:
-            self._control.extend(incoming.pongs)
+        if incoming.pings is not None:
+            answers = incoming.answers()
+            for body in incoming.pings:
+                answers.add(RecordKind.PONG, body)
+        if incoming.grants is not None and self._states.can_send_data:
+            self._control.extend(incoming.grants)
         if self.close_received is not None:
             self._states.process(Input.CLOSE_RECEIVED)
         self._events.extend(incoming.events)
@@ -446,7 +511,9 @@ class Receiver:
             if self.demux is not None:
                 self.demux.ended(channel)
         elif kind is RecordKind.PING:
-            incoming.answers().add(RecordKind.PONG, body)
+            if incoming.pings is None:
+                incoming.pings = []
+            incoming.pings.append(body)
             self._work += RECORD_COST
         elif kind is RecordKind.PONG:
             # One event per PING we sent; an unsolicited PONG is discarded (SPEC "Ping").
@@ -456,9 +523,13 @@ class Receiver:
         elif kind is RecordKind.REKEY:
             incoming.rekey = True
         elif kind is RecordKind.CLOSE:
-            if not self.reassembler.idle or (self.demux is not None and self.demux.busy):
-                raise ProtocolError("CLOSE in the middle of a fragmented message")
             code, reason = decode_close(body)
+            if not self.reassembler.idle or (self.demux is not None and self.demux.busy):
+                # A clean end would pass a cut spack off as whole; an error CLOSE says the
+                # peer failed, and what it left incomplete is dropped (SPEC "Messages").
+                if code == CloseCode.NORMAL:
+                    raise ProtocolError("CLOSE NORMAL in the middle of a fragmented message")
+                self.reassembler.reset()
             self.close_received = CloseReceived(code, reason)
             incoming.events.append(self.close_received)
         else:  # READY after confirmation
@@ -480,5 +551,5 @@ class Receiver:
             incoming.events.append(ChannelCloseReceived(channel))
         else:
             reassembler.reset()
-            code, reason = decode_close(body)
+            code, reason = decode_close(body, "RESET")
             incoming.events.append(ChannelResetReceived(channel, code, reason))

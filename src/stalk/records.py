@@ -53,6 +53,7 @@ __all__ = [
     "encode_close",
     "encode_uvarint",
     "largest_fitting",
+    "lone_channel_message",
     "lone_piece",
     "parse_records",
     "read_records",
@@ -82,6 +83,7 @@ _ON_CHANNELS: Final = frozenset(
 #: A channel's CLOSE body: code NORMAL (0), no reason.
 _CHANNEL_CLOSE_BODY: Final = b"\x00\x00"
 _PIECE_BYTES: Final = frozenset({int(RecordKind.MESSAGE), int(RecordKind.FRAGMENT)})
+_MESSAGE_BYTE: Final = int(RecordKind.MESSAGE)
 _LAST_IN_MESSAGE: Final = frozenset({RecordKind.CLOSE, RecordKind.REKEY})
 _EMPTY_KINDS: Final = frozenset({RecordKind.READY, RecordKind.REKEY})
 _PING_KINDS: Final = frozenset({RecordKind.PING, RecordKind.PONG})
@@ -165,20 +167,20 @@ def encode_close(code: int, reason: str) -> bytes:
     return _U16.pack(code) + data.decode("utf-8", "ignore").encode("utf-8")
 
 
-def decode_close(body: memoryview) -> tuple[int, str]:
-    """Parse a CLOSE body.
+def decode_close(body: memoryview, kind: str = "CLOSE") -> tuple[int, str]:
+    """Parse a CLOSE body, or a RESET's (the same form; ``kind`` names it in errors).
 
     :raises ~stalk.ProtocolError: shorter than the code, reason too long or not UTF-8.
     """
     if len(body) < 2:
-        raise ProtocolError("CLOSE record shorter than its code")
+        raise ProtocolError(f"{kind} record shorter than its code")
     if len(body) - 2 > MAX_CLOSE_REASON:
-        raise ProtocolError("CLOSE reason longer than 1024 bytes")
+        raise ProtocolError(f"{kind} reason longer than {MAX_CLOSE_REASON} bytes")
     (code,) = _U16.unpack_from(body)
     try:
         reason = bytes(body[2:]).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ProtocolError("CLOSE reason is not valid UTF-8") from exc
+        raise ProtocolError(f"{kind} reason is not valid UTF-8") from exc
     return code, reason
 
 
@@ -222,6 +224,28 @@ def lone_piece(view: memoryview) -> Record | None:
     if pos + length != end or (not length and kind == RecordKind.FRAGMENT):
         return None
     return _new_record(Record, (_KIND_BY_BYTE[kind], 0, view[pos:]))
+
+
+def lone_channel_message(view: memoryview) -> Record | None:
+    """The plaintext's only record, if it is one MESSAGE on a channel of id 0..127.
+
+    :func:`lone_piece` for a connection with channels: the plaintext of a small spack
+    sent alone on a channel. The record is exactly what :func:`read_records` would parse
+    (a MESSAGE body has no rule of its own, and such ids are all valid); anything else
+    gives ``None``, for :func:`read_records` to parse or refuse.
+    """
+    end = len(view)
+    if end < 3 or view[0] != _MESSAGE_BYTE or view[1] >= 0x80:
+        return None
+    length, pos = view[2], 3
+    if length >= 0x80:
+        try:
+            length, pos = read_uvarint(view, 2, _MAX_LENGTH_VARINT)
+        except ProtocolError:
+            return None
+    if pos + length != end:
+        return None
+    return _new_record(Record, (_MESSAGE, view[1], view[pos:]))
 
 
 def read_records(
@@ -311,7 +335,7 @@ def _check_channel_body(kind: RecordKind, channel: int, body: memoryview) -> Non
         if bytes(body) != _CHANNEL_CLOSE_BODY:
             raise ProtocolError(f"CLOSE on channel {channel} must be NORMAL with no reason")
     elif kind is RecordKind.RESET:
-        decode_close(body)
+        decode_close(body, "RESET")
     else:
         _check_body(kind, body)
 

@@ -763,13 +763,15 @@ class Session:
 
         With channels, hands its ``size`` back as credit (WINDOW records go out a quarter
         window at a time); call it for every such event, in the order they came on each
-        channel, also for a spack dropped because its channel was reset. Without channels
-        it does nothing.
+        channel, also for a spack dropped because its channel was reset. Once :meth:`close`
+        was called it grants nothing, as received messages then grant nothing (SPEC
+        "Channels": nothing more is owed). Without channels it does nothing.
         """
         receiver = self._receiver
         if receiver is None or receiver.demux is None:
             return
-        receiver.demux.release(channel, size, self._control)
+        grants = self._control if self._states.can_send_data else RecordWriter()
+        receiver.demux.release(channel, size, grants)
 
     def release_channel(self, channel: int) -> None:
         """The application let go of a channel the peer reset: our answering RESET goes.

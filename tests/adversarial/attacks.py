@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -10,10 +11,10 @@ import anyio
 
 from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
 from stalk.spack import Spack
-from stalk.wire import CloseCode
+from stalk.wire import CloseCode, RecordKind
 
 from .harness import Attack, Case, Direction, Expect, Target, eventually, finish
-from .peers import Initiator, Transport, client_handshake, close
+from .peers import ChannelPeer, Initiator, Transport, client_handshake, close, reset
 
 #: What an honest client sends before an attack; each travels in its own Noise message.
 LEGIT = (Spack("legit", 1), Spack("legit", 2, b"\x00" * 10, [1.5, None]))
@@ -186,3 +187,62 @@ CUT = Expect(ConnectionLost, True)
 def broken(error: type[StalkError], code: int = CloseCode.PROTOCOL_ERROR) -> Expect:
     """An established connection killed by a protocol error; the peer gets a CLOSE."""
     return Expect(error, True, code=code)
+
+
+# -- channels: the rapid open/reset flood (CVE-2023-44487) -------------------------------------
+
+#: The first piece of a spack that never completes: it opens a channel, delivers nothing.
+PIECE = Spack("never completed", bytes(64)).encode()[:12]
+
+
+def opened_and_reset(peer: ChannelPeer, channel: int) -> bytes:
+    """The rapid-reset pair: a piece that opens ``channel`` (nothing to deliver), its RESET."""
+    return peer.data(RecordKind.FRAGMENT, channel, PIECE) + reset(channel, 0x1000, b"never mind")
+
+
+@dataclass
+class Flood:
+    """A rapid open/reset flood: how far it went.
+
+    :ivar count: channels to open and reset (``None``: no such limit).
+    :ivar deadline: open no more channels from this ``anyio.current_time()`` on.
+    :ivar opened: channels opened and reset so far.
+    :ivar most: the most channels in flight at once (opened, their answer not read).
+    """
+
+    count: int | None = None
+    deadline: float | None = None
+    opened: int = 0
+    most: int = 0
+
+    def more(self) -> bool:
+        """Whether to open another channel."""
+        if self.count is not None and self.opened >= self.count:
+            return False
+        return self.deadline is None or anyio.current_time() < self.deadline
+
+
+async def rapid_reset(peer: ChannelPeer, flood: Flood) -> None:
+    """Open and reset channels as fast as the victim frees their places.
+
+    Each Noise message opens and resets as many channels as have a free place (the
+    victim's limit, less channel 1, which stays open, and the channels whose answering
+    RESET has not come), within the connection's credit (the pieces' bytes come back as
+    CONNECTION_WINDOW, SPEC 24 "Reset"); then the victim's next message is read. Returns
+    once the flood opened what it may (:meth:`Flood.more`) and every channel was answered.
+    """
+    in_flight: set[int] = set()
+    next_id = 3
+    while in_flight or flood.more():
+        batch: list[bytes] = []
+        room = peer.theirs.max_channels - 1 - len(in_flight)
+        while room > 0 and flood.more() and peer.connection_credit >= len(PIECE):
+            batch.append(opened_and_reset(peer, next_id))
+            in_flight.add(next_id)
+            next_id, flood.opened, room = next_id + 2, flood.opened + 1, room - 1
+        if batch:
+            await peer.wire.send(peer.seal(*batch))
+        flood.most = max(flood.most, len(in_flight))
+        for record in await peer.records():
+            if record.kind is RecordKind.RESET:
+                in_flight.discard(record.channel)

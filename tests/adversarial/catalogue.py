@@ -13,13 +13,21 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from . import cases_api, cases_framing, cases_handshake, cases_server, cases_transport
+from . import (
+    cases_api,
+    cases_channels,
+    cases_framing,
+    cases_handshake,
+    cases_server,
+    cases_transport,
+)
 from .harness import Case
 
 CASES: list[Case] = [
     *cases_framing.CASES,
     *cases_handshake.CASES,
     *cases_transport.CASES,
+    *cases_channels.CASES,
     *cases_server.CASES,
     *cases_api.CASES,
 ]

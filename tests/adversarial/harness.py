@@ -26,7 +26,9 @@ Directions (:data:`Direction`):
   ``conftest.py``). The listener's handler records every spack it receives and how its
   connection ended (:class:`Registry`); a failed handshake is known from the listener's
   log record on ``stalk.handshake``, which carries the exception object (read at DEBUG:
-  at INFO the listener throttles them).
+  at INFO the listener throttles them). Rows about channels (SPEC 24) attack a third
+  listener that offers them, whose ``channel_handler`` records every spack each channel
+  receives.
 - ``server``: a hostile server (a plain anyio TCP listener speaking the protocol by hand)
   against :func:`stalk.connect`; the "application" is a receive loop.
 - ``mitm``: a real client and the real listener with a man in the middle.
@@ -44,7 +46,7 @@ import itertools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -53,6 +55,7 @@ import sniffio
 from anyio.abc import SocketAttribute, TaskGroup
 
 from helpers import wait_until
+from stalk.channel import Channel
 from stalk.config import Config
 from stalk.connection import Authorize, Connection, connect
 from stalk.errors import ClosedByPeer, ConnectionClosed, ConnectionLost, StalkError
@@ -80,6 +83,12 @@ MAX_MESSAGE = 100_000
 #: The short handshake deadline of the listener used by stall cases.
 SLOW_HANDSHAKE = 0.4
 MAIN_CONFIG = Config(handshake_timeout=5, close_timeout=1, max_message_size=MAX_MESSAGE)
+#: The listener with channels: small windows (SPEC's least connection window), so that a
+#: hostile client can pass them within a few Noise messages, and room for 16 channels full
+#: of their window within the connection's.
+CHANNELS_CONFIG = replace(
+    MAIN_CONFIG, max_channels=32, channel_window=4096, connection_window=65_516
+)
 SLOW_CONFIG = Config(
     handshake_timeout=SLOW_HANDSHAKE, close_timeout=1, max_message_size=MAX_MESSAGE
 )
@@ -137,6 +146,8 @@ class Outcome:
     :ivar established: the application got a connection (handler called / connect returned).
     :ivar delivered: every spack stalk's application received.
     :ivar legit: the spacks the peer sent legitimately before the attack.
+    :ivar delivered_on: with channels: every spack each channel (not 0) delivered.
+    :ivar legit_on: with channels: the spacks the peer sent legitimately on each channel.
     :ivar code: the refusal or CLOSE code the hostile side received from stalk, if any.
     :ivar torn_down: stalk closed the connection by itself.
     :ivar client_error: ``mitm``: the real client's error.
@@ -146,6 +157,8 @@ class Outcome:
     established: bool
     delivered: list[Spack] = field(default_factory=list)
     legit: list[Spack] = field(default_factory=list)
+    delivered_on: dict[int, list[Spack]] = field(default_factory=dict)
+    legit_on: dict[int, list[Spack]] = field(default_factory=dict)
     code: int | None = None
     torn_down: bool = True
     client_error: BaseException | None = None
@@ -159,6 +172,7 @@ class Case:
     :param run: the hostile side; its signature depends on ``direction`` (see
         :func:`run_case`).
     :param slow: attack the listener with the short handshake deadline.
+    :param channels: attack the listener that offers channels.
     :param isolated: attack a listener of its own (the case may kill it).
     :param authorize: ``isolated`` only: the listener's ``authorize`` callback.
     :param bug: the ``BUG: ...`` reason when the case finds a bug (strict xfail).
@@ -172,6 +186,7 @@ class Case:
     expect: Expect
     run: Callable[..., Any] | ServerPlay
     slow: bool = False
+    channels: bool = False
     isolated: bool = False
     authorize: Authorize | None = None
     bug: str | None = None
@@ -195,6 +210,8 @@ class Served:
     received: list[Spack] = field(default_factory=list)
     end: BaseException | None = None
     done: bool = False
+    #: With channels: the spacks each channel (not 0) received, by id.
+    channels: dict[int, list[Spack]] = field(default_factory=dict)
 
 
 class Registry:
@@ -225,6 +242,17 @@ class Registry:
         finally:
             record.done = True
             self.active -= 1
+
+    async def channel_handler(self, channel: Channel) -> None:
+        """The listener's ``channel_handler``: record every spack of the channel.
+
+        The connection's handler registered the connection first: a channel's handler
+        starts only once the connection's runs (``async with conn`` starts them).
+        """
+        record = self.served[channel.connection.port or 0]
+        received = record.channels.setdefault(channel.id, [])
+        async for spack in channel:
+            received.append(spack)
 
     def log(self, record: logging.LogRecord) -> None:
         """Take a handshake failure from the listener's log record (it holds the error).
@@ -293,11 +321,13 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
 
 @dataclass
 class Env:
-    """Two stalk listeners (normal and short handshake deadline) and their registry."""
+    """Three stalk listeners (normal, short handshake deadline, with channels) and their
+    registry."""
 
     identity: Identity
     main: Listener
     slow: Listener
+    channels: Listener
     registry: Registry
     group: TaskGroup
     controls: itertools.count[int] = field(default_factory=itertools.count)
@@ -310,7 +340,7 @@ class Env:
     @classmethod
     @contextlib.asynccontextmanager
     async def start(cls, authorize: Authorize | None = None) -> AsyncIterator[Env]:
-        """Serve both listeners while the block runs."""
+        """Serve the three listeners while the block runs."""
         identity = Identity.generate()
         registry = Registry()
         tap = _LogTap(registry)
@@ -325,10 +355,18 @@ class Env:
             slow = await create_listener(
                 "127.0.0.1", 0, identity=identity, authorize=authorize, config=SLOW_CONFIG
             )
-            async with main, slow, anyio.create_task_group() as group:
-                group.start_soon(main.serve, registry.handler)
-                group.start_soon(slow.serve, registry.handler)
-                yield cls(identity, main, slow, registry, group)
+            channels = await create_listener(
+                "127.0.0.1",
+                0,
+                identity=identity,
+                authorize=authorize,
+                config=CHANNELS_CONFIG,
+                channel_handler=registry.channel_handler,
+            )
+            async with main, slow, channels, anyio.create_task_group() as group:
+                for listener in (main, slow, channels):
+                    group.start_soon(listener.serve, registry.handler)
+                yield cls(identity, main, slow, channels, registry, group)
                 group.cancel_scope.cancel()
         finally:
             logger.removeHandler(tap)
@@ -361,6 +399,7 @@ class Env:
             return (
                 self.main.handshakes_in_progress == 0
                 and self.slow.handshakes_in_progress == 0
+                and self.channels.handshakes_in_progress == 0
                 and self.registry.active == 0
                 and now.fds <= before.fds
                 and now.tasks <= before.tasks
@@ -372,7 +411,8 @@ class Env:
             now = snapshot()
             raise AssertionError(
                 f"leak: handshakes {self.main.handshakes_in_progress}+"
-                f"{self.slow.handshakes_in_progress}, handlers {self.registry.active}, "
+                f"{self.slow.handshakes_in_progress}+{self.channels.handshakes_in_progress}, "
+                f"handlers {self.registry.active}, "
                 f"fds {before.fds}->{now.fds}, tasks {before.tasks}->{now.tasks}"
             ) from exc
 
@@ -386,6 +426,7 @@ class Attack:
 
     :ivar ports: its connections' local ports (the listener's registry keys).
     :ivar legit: the spacks it sent legitimately before the attack.
+    :ivar legit_on: with channels: those it sent on each channel (not 0).
     :ivar code: the refusal or CLOSE code stalk sent it.
     :ivar torn_down: stalk closed the connection (it read EOF).
     :ivar client_error: ``mitm``: the real client's error.
@@ -397,6 +438,7 @@ class Attack:
 
     ports: list[int]
     legit: list[Spack] = field(default_factory=list)
+    legit_on: dict[int, list[Spack]] = field(default_factory=dict)
     code: int | None = None
     torn_down: bool = True
     client_error: BaseException | None = None
@@ -436,6 +478,7 @@ async def finish(
     transport: Transport | None = None,
     *,
     legit: list[Spack] | None = None,
+    legit_on: dict[int, list[Spack]] | None = None,
     eof: bool = True,
     since: float | None = None,
 ) -> Attack:
@@ -469,6 +512,7 @@ async def finish(
     return Attack(
         [wire.local_port],
         legit=list(legit or []),
+        legit_on=dict(legit_on or {}),
         code=code,
         torn_down=torn_down,
         elapsed=elapsed,
@@ -491,7 +535,10 @@ async def _listener_outcome(env: Env, attack: Attack) -> Outcome:
     for port in attack.ports:
         served = registry.served.get(port)
         if served is not None:
-            outcomes.append(Outcome(served.end, True, list(served.received)))
+            delivered_on = {n: list(spacks) for n, spacks in served.channels.items() if spacks}
+            outcomes.append(
+                Outcome(served.end, True, list(served.received), delivered_on=delivered_on)
+            )
         elif port in registry.failed:
             outcomes.append(Outcome(registry.failed[port][-1], False))
         else:  # a reset connection the listener could no longer put an address on
@@ -501,7 +548,9 @@ async def _listener_outcome(env: Env, attack: Attack) -> Outcome:
         assert type(other.error) is type(first.error), (first.error, other.error)
         assert other.established == first.established
         assert other.delivered == first.delivered
+        assert other.delivered_on == first.delivered_on
     first.legit = attack.legit
+    first.legit_on = attack.legit_on
     first.code = attack.code
     first.torn_down = attack.torn_down
     first.client_error = attack.client_error
@@ -620,6 +669,10 @@ def check(case: Case, out: Outcome) -> None:
     assert out.delivered == out.legit, (
         f"delivered {out.delivered!r}, but the peer sent only {out.legit!r} legitimately"
     )
+    assert out.delivered_on == out.legit_on, (
+        f"channels delivered {out.delivered_on!r}, but the peer sent only {out.legit_on!r} "
+        "legitimately"
+    )
     assert out.torn_down, "stalk did not close the connection"
     if expect.code is not None:
         assert out.code == expect.code, f"peer got code {out.code}, expected {expect.code}"
@@ -646,7 +699,7 @@ async def _run_in(case: Case, env: Env) -> None:
     env.registry.served.clear()
     env.registry.failed.clear()
     before = snapshot()
-    target = Target(env, env.slow if case.slow else env.main)
+    target = Target(env, env.slow if case.slow else env.channels if case.channels else env.main)
     run = case.run
     with anyio.fail_after(case.timeout):
         if isinstance(run, ServerPlay):

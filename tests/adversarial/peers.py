@@ -12,8 +12,11 @@ authenticates, unless the case is about something that must not.
   their real keys (non-canonical, yet the same DH key: only a key check can refuse it).
 - :class:`Transport`: the attacker's two transport ciphers; :meth:`Transport.seal` makes a
   frame out of any plaintext.
-- record helpers (:func:`rec`, :func:`msg`, ...), the published low-order X25519 points, real
-  TLS ClientHello bytes, and :class:`Proxy`, a man in the middle with byte patches.
+- record helpers (:func:`rec`, :func:`msg`, ...), channel records (:func:`on`,
+  :func:`window`, :func:`reset`, ...: SPEC 24), the channel parameters each side offers
+  (:class:`Offer`) and :class:`ChannelPeer`, a peer with channels that counts its credit
+  as any sender must; the published low-order X25519 points, real TLS ClientHello bytes,
+  and :class:`Proxy`, a man in the middle with byte patches.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from noise.backends.default.keypairs import KeyPair25519
 from stalk._noise import NoiseHandshake, TransportCipher
 from stalk.framing import encode_frame, encode_preamble
 from stalk.identity import Identity, PublicIdentity
-from stalk.records import Record, encode_uvarint, parse_records
+from stalk.records import Record, decode_window, encode_uvarint, parse_records, read_records
 from stalk.spack import Spack
 from stalk.wire import PROTOCOL_NAMES, CloseCode, Pattern, RecordKind
 
@@ -160,6 +163,64 @@ def close(code: int = CloseCode.NORMAL, reason: bytes = b"") -> bytes:
 
 READY: Final = rec(RecordKind.READY)
 REKEY: Final = rec(RecordKind.REKEY)
+
+
+# -- channels (SPEC 24) ------------------------------------------------------------------------
+
+
+def on(kind: int, channel: int, body: bytes = b"") -> bytes:
+    """One record of ``kind`` on ``channel``."""
+    return rec(kind, body, channel=encode_uvarint(channel))
+
+
+def msg_on(channel: int, spack: Spack) -> bytes:
+    """A MESSAGE record carrying a whole spack on ``channel`` (its first record opens it)."""
+    return on(RecordKind.MESSAGE, channel, spack.encode())
+
+
+def window(channel: int, increment: int) -> bytes:
+    """A WINDOW record: ``increment`` more credit on ``channel`` (0 included)."""
+    return on(RecordKind.WINDOW, channel, encode_uvarint(increment))
+
+
+def connection_window(increment: int) -> bytes:
+    """A CONNECTION_WINDOW record (channel 0): ``increment`` more for the connection."""
+    return on(RecordKind.CONNECTION_WINDOW, 0, encode_uvarint(increment))
+
+
+def reset(channel: int, code: int = CloseCode.NORMAL, reason: bytes = b"") -> bytes:
+    """A RESET record: ``channel``'s both directions end with ``code`` and ``reason``."""
+    return on(RecordKind.RESET, channel, struct.pack(">H", code) + reason)
+
+
+def channel_close(channel: int, body: bytes = b"\x00\x00") -> bytes:
+    """A CLOSE record on ``channel``: its sender's direction ends (body exactly ``00 00``)."""
+    return on(RecordKind.CLOSE, channel, body)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The three channel parameters of a handshake payload (SPEC 8 and 24)."""
+
+    max_channels: int
+    channel_window: int
+    connection_window: int
+
+    def params(self) -> bytes:
+        """Our parameters map offering these."""
+        return params(
+            max_channels=self.max_channels,
+            channel_window=self.channel_window,
+            connection_window=self.connection_window,
+        )
+
+    @classmethod
+    def of(cls, payload: bytes) -> Offer:
+        """What the peer's parameters map offers (a payload without channels: error)."""
+        fields = msgpack.unpackb(payload)
+        return cls(fields["max_channels"], fields["channel_window"], fields["connection_window"])
+
+
 #: A well-formed spack placed in the same Noise message as a bad record: it must never
 #: reach the application, because nothing of a rejected message is delivered.
 POISON: Final = Spack("poison: from a rejected Noise message")
@@ -230,11 +291,14 @@ class Wire:
         return data
 
     async def read_frame(self) -> bytes | None:
-        """One frame body, or ``None`` at EOF."""
-        header = await self.read_exact(2)
-        if header is None:
-            return None
-        return await self.read_exact(int.from_bytes(header, "big"))
+        """One frame body, or ``None`` at EOF; cancelled, it consumes nothing."""
+        while len(self.buf) < 2 or len(self.buf) < 2 + int.from_bytes(self.buf[:2], "big"):
+            if not await self._fill():
+                return None
+        end = 2 + int.from_bytes(self.buf[:2], "big")
+        body = bytes(self.buf[2:end])
+        del self.buf[:end]
+        return body
 
     async def read_to_eof(self) -> bytes:
         """Everything until the peer closes; returns what was not consumed before."""
@@ -305,6 +369,8 @@ class Transport:
 
     send: TransportCipher
     recv: TransportCipher
+    #: The connection has channels: the victim's records are parsed as SPEC 24 allows.
+    channels: bool = False
 
     def seal(self, plaintext: bytes) -> bytes:
         """One frame: ``plaintext`` encrypted with the next sending nonce."""
@@ -316,7 +382,10 @@ class Transport:
 
     def open(self, body: bytes) -> list[Record]:
         """Decrypt and parse one frame body from the victim."""
-        return parse_records(self.recv.decrypt(body))
+        plaintext = self.recv.decrypt(body)
+        if self.channels:
+            return read_records(memoryview(plaintext), 0, None, channels=True)[0]
+        return parse_records(plaintext)
 
 
 def frames(data: bytes) -> list[bytes]:
@@ -343,11 +412,11 @@ def peer_records(transport: Transport | None, data: bytes) -> list[Record]:
 
 
 def close_codes(records: list[Record]) -> list[int]:
-    """The codes of the CLOSE records among ``records``."""
+    """The codes of the connection's CLOSE records among ``records`` (not a channel's)."""
     return [
         int.from_bytes(record.body[:2], "big")
         for record in records
-        if record.kind is RecordKind.CLOSE
+        if record.kind is RecordKind.CLOSE and record.channel == 0
     ]
 
 
@@ -379,6 +448,9 @@ class Initiator:
     twin_s: bool = False
     #: XX: message 3 as sent (framed), once :func:`client_handshake` sent it.
     msg3_frame: bytes = b""
+    #: The responder's parameters (message 2's payload), once :func:`client_handshake`
+    #: read them.
+    msg2_payload: bytes = b""
 
     def __post_init__(self) -> None:
         pattern: Pattern = self.pattern or ("IK" if self.server is not None else "XX")
@@ -461,7 +533,7 @@ async def client_handshake(
     body = await wire.read_frame()
     if body is None:
         raise EOFError("no message 2")
-    init.read_msg2(body)
+    init.msg2_payload = init.read_msg2(body)
     if init.pattern == "XX":
         init.msg3_frame = encode_frame(init.msg3())
         await wire.send(init.msg3_frame)
@@ -570,6 +642,87 @@ async def server_opening(wire: Wire) -> bytes | None:
     if preamble is None or body is None:
         return None
     return preamble + encode_frame(body)
+
+
+# -- a peer with channels -------------------------------------------------------------------
+
+
+@dataclass
+class ChannelPeer:
+    """A hostile peer once channels are on (SPEC 24): its socket, ciphers and credit.
+
+    :ivar theirs: what the victim offered (its limit and the windows it grants us).
+    :ivar sent: data bytes we sent on each channel (0 included), and in all.
+    :ivar granted: credit the victim granted since, on each channel, and in all.
+    """
+
+    wire: Wire
+    transport: Transport
+    theirs: Offer
+    sent: dict[int, int] = field(default_factory=dict)
+    granted: dict[int, int] = field(default_factory=dict)
+    sent_total: int = 0
+    granted_total: int = 0
+
+    def credit(self, channel: int) -> int:
+        """What we may still send on ``channel`` (a fresh one included)."""
+        spent = self.sent.get(channel, 0) - self.granted.get(channel, 0)
+        return self.theirs.channel_window - spent
+
+    @property
+    def connection_credit(self) -> int:
+        """What we may still send on the connection."""
+        return self.theirs.connection_window + self.granted_total - self.sent_total
+
+    def data(self, kind: RecordKind, channel: int, body: bytes) -> bytes:
+        """A MESSAGE or FRAGMENT record, its body counted as spent."""
+        self.sent[channel] = self.sent.get(channel, 0) + len(body)
+        self.sent_total += len(body)
+        return on(kind, channel, body)
+
+    def spack(self, channel: int, spack: Spack) -> bytes:
+        """A MESSAGE record carrying ``spack`` on ``channel``, counted as spent."""
+        return self.data(RecordKind.MESSAGE, channel, spack.encode())
+
+    def seal(self, *records: bytes) -> bytes:
+        """One Noise message holding ``records``."""
+        return self.transport.seal(b"".join(records))
+
+    async def records(self) -> list[Record]:
+        """The victim's next Noise message, its credit grants counted.
+
+        :raises EOFError: the victim closed the connection.
+        """
+        body = await self.wire.read_frame()
+        if body is None:
+            raise EOFError("the victim closed the connection")
+        records = self.transport.open(body)
+        for record in records:
+            if record.kind is RecordKind.CONNECTION_WINDOW:
+                self.granted_total += decode_window(record.body)
+            elif record.kind is RecordKind.WINDOW:
+                channel = record.channel
+                self.granted[channel] = self.granted.get(channel, 0) + decode_window(record.body)
+        return records
+
+    async def until(self, predicate: Callable[[Record], bool]) -> None:
+        """Read the victim's messages until one of its records satisfies ``predicate``."""
+        while not any(predicate(record) for record in await self.records()):
+            pass
+
+
+async def channel_handshake(
+    wire: Wire, ours: Offer, server: PublicIdentity | None = None
+) -> ChannelPeer:
+    """Run the handshake as an initiator offering ``ours``; the peer once channels are on.
+
+    :param server: the victim's key (IK), or ``None`` (XX).
+    """
+    offer = ours.params()
+    init = Initiator(server=server, msg1_payload=offer if server else None, msg3_payload=offer)
+    transport = await client_handshake(wire, init)
+    transport.channels = True
+    return ChannelPeer(wire, transport, Offer.of(init.msg2_payload))
 
 
 # -- a man in the middle ----------------------------------------------------------------------

@@ -1,0 +1,362 @@
+"""One channel of a connection, as the anyio layer keeps it: :class:`Inbox`.
+
+Theory of operation
+-------------------
+Each channel, channel 0 included, has an :class:`Inbox`: the spacks the session delivered
+for it and the application has not received yet, how each of its directions ended, and
+the calls of :class:`~stalk.Channel` (channel 0's through the
+:class:`~stalk.Connection`), which act through it. The sans-IO session makes every
+protocol decision (states, credit, what goes on the wire); the inbox keeps what the
+application has and has not seen.
+
+**Receiving** takes the next spack from the inbox, waiting in the connection's
+:class:`~stalk.shared_io.SharedIO` while it is empty (perhaps as the reader). **Credit**
+goes back to the peer as the application receives a spack (``Session.release``), and the
+WINDOW records that produces are written at once, as PONGs are: a channel that its
+application does not read holds at most its window, and the peer stops sending on it,
+and only on it.
+
+**Sending** queues the spack; with the connection's writer task running (inside ``async
+with conn``) ``send()`` wakes it and returns, else (or for a reply: the channel's last
+receive had to wait, and no other write is going on) it writes what credit allows itself.
+Either way, while more than ``Config.send_buffer`` bytes of the channel wait (for the
+writer, or for credit the peer has not granted), ``send()`` waits. Credit arrives only as
+input, so a sender that waits may have to read: it waits like a ``receive()``.
+
+**Ends.** A direction ends with its CLOSE: ours by ``send_eof()`` or ``aclose()``, the
+peer's as an event. A RESET from the peer drops what the channel held and makes the
+channel's calls raise :class:`~stalk.ChannelReset`; the answering RESET goes once the
+application has seen that (or let go of the channel), so a peer that resets channels in a
+loop holds at most ``max_channels`` of them. Once the application closed or reset the
+channel, or both directions ended, the inbox leaves the dispatcher: what the peer still
+sends on the channel is dropped, its credit given back. The connection's end (its CLOSE
+either way, a failure) ends every channel with the connection's error.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import anyio.lowlevel
+
+from stalk.channels import ChannelState
+from stalk.errors import ChannelClosed, ChannelReset, ConnectionLost, StalkError
+from stalk.records import check_close
+from stalk.shared_io import Waiter
+from stalk.spack import Spack
+
+if TYPE_CHECKING:
+    from stalk.dispatcher import Dispatcher
+
+__all__ = ["Inbox"]
+
+#: receive() lets other tasks run after this many spacks returned without waiting.
+_YIELD_EVERY: Final = 512
+
+
+class Inbox:
+    """One channel of a connection: what it received, how it ended, and its calls.
+
+    :param dispatcher: the channels of the connection.
+    :param channel_id: the channel's id (0: the connection's own stream).
+    """
+
+    __slots__ = (
+        "_answering",
+        "_dispatcher",
+        "_io",
+        "_link",
+        "_reset_seen",
+        "_session",
+        "_streak",
+        "_waiter",
+        "closed",
+        "eof",
+        "id",
+        "reset",
+        "sent_eof",
+        "spacks",
+    )
+
+    def __init__(self, dispatcher: Dispatcher, channel_id: int) -> None:
+        self._dispatcher = dispatcher
+        self._io = dispatcher.io
+        self._link = dispatcher.link
+        self._session = dispatcher.link.session
+        self.id = channel_id
+        #: Spacks received and not yet returned, with their sizes in data bytes (credit).
+        self.spacks: deque[tuple[Spack, int]] = deque()
+        #: The peer closed its direction (its CLOSE on the channel).
+        self.eof = False
+        #: The peer reset the channel: ``(code, reason)``.
+        self.reset: tuple[int, str] | None = None
+        # The application has seen the peer's reset (or let go of the channel): our
+        # answering RESET is due.
+        self._reset_seen = False
+        #: We closed our direction (send_eof, or aclose).
+        self.sent_eof = False
+        #: We closed the channel (``"closed"``) or reset it (``"reset"``): any use raises.
+        self.closed: str | None = None
+        # The task waiting in receive(), if any.
+        self._waiter: Waiter | None = None
+        # Spacks receive() returned in a row without waiting.
+        self._streak = 0
+        # The last spack receive() returned had to wait: a send now is likely its reply.
+        self._answering = False
+
+    # -- the peer's events (from the dispatcher) --------------------------------------
+
+    def received(self, spack: Spack, size: int) -> None:
+        """A spack of ``size`` data bytes arrived on the channel."""
+        self.spacks.append((spack, size))
+        self._io.wake(self._waiter)
+
+    def peer_closed(self) -> None:
+        """The peer closed its direction."""
+        self.eof = True
+        if self._session.channel_state(self.id) is None:
+            self._dispatcher.leave(self)  # ended both ways (our CLOSE went): nothing can come
+        self._io.wake(self._waiter)
+
+    def peer_reset(self, code: int, reason: str) -> None:
+        """The peer reset the channel: nothing it held is delivered."""
+        self._drop_spacks()
+        self.reset = (code, reason)
+        self._io.wake(self._waiter)
+        self._io.progress()  # a sender waiting for its credit raises
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def receive(self) -> Spack:
+        """The next spack of the channel; see :meth:`stalk.Channel.receive`."""
+        if self._streak >= _YIELD_EVERY:
+            # A peer that sent many spacks at once must not keep a receive loop from ever
+            # yielding (nothing is held yet, so a cancellation here loses nothing).
+            self._streak = 0
+            await anyio.lowlevel.checkpoint()
+        io = self._io
+        waited = False
+        while True:
+            self._link.check_open()
+            await self._check(sending=False)
+            if self.spacks:
+                return await self._take(waited)
+            if self.eof:
+                raise anyio.EndOfStream
+            if io.peer_close is not None:
+                raise io.peer_close_error()
+            waiter = self._waiter = Waiter()
+            try:
+                await io.until(
+                    lambda: (
+                        bool(self.spacks)
+                        or self.eof
+                        or self.reset is not None
+                        or self.closed is not None
+                        or io.peer_close is not None
+                    ),
+                    waiter,
+                )
+            finally:
+                self._waiter = None
+            waited = True
+
+    async def _take(self, waited: bool) -> Spack:
+        """Hand the next spack over, and its credit back to the peer.
+
+        Nothing here waits for anything a cancellation could interrupt: the WINDOW is
+        written as PONGs are, so the spack is never lost.
+        """
+        spack, size = self.spacks.popleft()
+        self._session.release(self.id, size)
+        self._link.spacks_received += 1
+        self._streak = 0 if waited else self._streak + 1
+        self._answering = waited
+        await self._io.write_owed()
+        return spack
+
+    # -- sending ------------------------------------------------------------------------
+
+    def queue(self, item: Spack) -> bool:
+        """Queue ``item`` without writing; see :meth:`stalk.Channel.queue`.
+
+        :returns: ``False`` when the spack was dropped at once: the session has read the
+            peer's RESET of the channel, and its event is still to be dispatched (the
+            channel's unsent spacks go with it; the next call raises it).
+        """
+        self._link.check_open()
+        problem = self._problem(sending=True)
+        if problem is not None:
+            if self._sees(problem):
+                self._io.nudge_writer()  # the answering RESET goes with the next write
+            raise problem
+        if self._reset_unseen():
+            return False
+        self._session.queue(item, self.id)
+        self._link.spacks_sent += 1
+        return True
+
+    async def send(self, item: Spack) -> None:
+        """Queue ``item`` and get it going; see :meth:`stalk.Channel.send`."""
+        session, link, io = self._session, self._link, self._io
+        if not self.queue(item):
+            await io.until(lambda: self.reset is not None, conditional=True)
+            await self._check(sending=True)  # raises the reset
+        # Without the connection's tasks (no ``async with``), nothing would write or read
+        # for a backlog: send() returns once its spack is written.
+        bound = link.config.send_buffer if io.task_group is not None else 0
+        answering, self._answering = self._answering, False
+        # A reply (the last receive had to wait) is written at once when nothing else is
+        # being written: latency matters, and there is nothing to batch it with (as
+        # Connection.send does without channels).
+        if (
+            session.queued_bytes_on(self.id) <= bound
+            and not (answering and not link.send_lock.locked())
+            and io.write_soon()
+        ):
+            return
+        session.flush()
+        await io.write()
+        if session.queued_bytes_on(self.id) > bound:
+            await io.until(
+                lambda: (
+                    # (a RESET read and not yet dispatched dropped the backlog: wait for it)
+                    (session.queued_bytes_on(self.id) <= bound and not self._reset_unseen())
+                    or self._problem(sending=True) is not None
+                    or io.peer_close is not None
+                ),
+                conditional=True,
+            )
+            await self._check(sending=True)
+            if (left := session.queued_bytes_on(self.id)) > bound:  # the peer closed it all
+                raise link.tag(
+                    ConnectionLost(
+                        f"the peer closed the connection while {left} bytes of channel "
+                        f"{self.id} waited for credit"
+                    )
+                )
+
+    # -- ending -------------------------------------------------------------------------
+
+    async def send_eof(self) -> None:
+        """Send the CLOSE of our direction (after what it queued)."""
+        self._link.check_open()
+        if self.sent_eof:
+            return
+        await self._check(sending=False)
+        self._close_direction()
+        await self._io.write_owed()
+
+    def _close_direction(self) -> None:
+        """Queue the channel's CLOSE if the session still has our direction open."""
+        self.sent_eof = True
+        session = self._session
+        state = session.channel_state(self.id)
+        if session.close_sent or state not in (ChannelState.OPEN, ChannelState.RECEIVE_CLOSED):
+            return  # the connection's CLOSE ended it, or the channel is reset or ended
+        session.close_channel(self.id)
+        if self.eof:
+            self._dispatcher.leave(self)  # both directions ended
+
+    async def aclose(self) -> None:
+        """Close the channel for the application; see :meth:`stalk.Channel.aclose`."""
+        if self.closed is not None:
+            return
+        link = self._link
+        if not link.closed and link.broken is None and not self.sent_eof and self.reset is None:
+            self._close_direction()
+        self.closed = "closed"
+        self._forget()
+        await self._io.write_owed()
+
+    async def reset_channel(self, code: int, reason: str) -> None:
+        """Reset the channel; see :meth:`stalk.Channel.reset`."""
+        check_close(code, reason)
+        if self.closed is not None:
+            return
+        self._link.check_open()
+        session = self._session
+        state = session.channel_state(self.id)
+        self.closed = "reset"
+        if state is ChannelState.RESET_RECEIVED:
+            self._let_go()  # the peer reset it first: our RESET answers
+        elif state is not None and not state.reset_by_us and not session.close_sent:
+            session.reset_channel(self.id, code, reason)
+        self._forget()
+        await self._io.write_owed()
+
+    def _forget(self) -> None:
+        """The application let go of the channel: what it held goes back as credit.
+
+        Its later events are dropped on arrival (their credit back too); its waiting
+        task is woken to raise :class:`~stalk.ChannelClosed`.
+        """
+        self._drop_spacks()
+        if self.reset is not None and not self._reset_seen:
+            self._let_go()
+        self._dispatcher.leave(self)
+        self._io.wake(self._waiter)
+        self._io.progress()
+
+    def _drop_spacks(self) -> None:
+        """Drop what the application has not received: its credit goes back."""
+        for _, size in self.spacks:
+            self._session.release(self.id, size)
+        self.spacks.clear()
+
+    # -- what a call raises --------------------------------------------------------------
+
+    def _problem(self, *, sending: bool) -> StalkError | None:
+        """The error a call on the channel raises now, if any.
+
+        The connection's own state is checked apart (``Link.check_open``).
+        """
+        problem: StalkError
+        if self.closed is not None:
+            problem = ChannelClosed(f"channel {self.id} was {self.closed}")
+        elif self.reset is not None:
+            code, reason = self.reset
+            problem = ChannelReset(f"the peer reset channel {self.id}", code=code, reason=reason)
+        elif sending and self.sent_eof:
+            problem = ChannelClosed(f"channel {self.id}: our direction was closed (send_eof)")
+        elif sending:
+            return self._dispatcher.closed_for_sending()
+        else:
+            return None
+        return self._link.tag(problem)
+
+    async def _check(self, *, sending: bool) -> None:
+        """Raise :meth:`_problem`, the answering RESET written first if it is one."""
+        problem = self._problem(sending=sending)
+        if problem is None:
+            return
+        if self._sees(problem):
+            await self._io.write_owed()
+        raise problem
+
+    def _sees(self, problem: StalkError) -> bool:
+        """The application is about to see ``problem``: a reset it had not seen is let go.
+
+        :returns: whether that made our answering RESET due.
+        """
+        if isinstance(problem, ChannelReset) and not self._reset_seen:
+            self._let_go()
+            return True
+        return False
+
+    def _let_go(self) -> None:
+        """The application let go of the peer's reset: our answering RESET frees its slot."""
+        self._reset_seen = True
+        session = self._session
+        if session.channel_state(self.id) is ChannelState.RESET_RECEIVED:
+            session.release_channel(self.id)
+
+    def _reset_unseen(self) -> bool:
+        """Whether the session read the peer's RESET of the channel, not yet dispatched."""
+        return (
+            self.reset is None
+            and self.id != 0
+            and self._session.channel_state(self.id) is ChannelState.RESET_RECEIVED
+        )

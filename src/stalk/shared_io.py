@@ -1,0 +1,314 @@
+"""The reads and writes of a connection with channels, shared by all its channels' tasks.
+
+Theory of operation
+-------------------
+Many tasks of one connection need its input: every channel's ``receive()``, channel 0's
+included, a sender waiting for the peer's credit, ``open_channel()`` waiting for a slot,
+``accept_channel()``. :class:`SharedIO` lets them share the one transport without polling
+and without losing an event.
+
+**One reader at a time.** A task whose condition does not hold waits in
+:meth:`SharedIO.until`. When no task is reading, it becomes the **reader**: it reads the
+transport and hands each of the session's events to the dispatcher, which puts it in its
+channel's inbox and wakes the task waiting there, until its own condition holds. Then it
+gives the role up and wakes the first task still waiting, which becomes the next reader.
+Every event goes from the session to an inbox with no await in between, so a reader
+cancelled at any point loses nothing, and neither does a waiting task (its inbox keeps
+what came).
+
+**The reader task** (inside ``async with conn``) is the reader of last resort: it reads
+while no other task waits, so that credit, the peer's new channels (for a
+``channel_handler``) and every channel's spacks are taken as they come even when the
+application is not receiving; it leaves the role as soon as another task waits, so a task
+receiving its answers reads them itself, with no task switch through the reader task.
+Flow control bounds what it takes in.
+
+**Waking.** A waiting task is woken by setting its event; the reader, blocked on the
+transport, by cancelling its read, which anyio makes safe (a read returns bytes or consumes
+none). Some conditions no single event announces: a sender's backlog shrinks when a write
+packed its spack, a slot for ``open_channel()`` frees when a channel of ours ended. The
+tasks waiting for those are *conditional*: every write and every batch of input wakes them
+(:meth:`SharedIO.progress`), and they look again.
+
+**Writes** go through the connection's :class:`~stalk.link.Link` as without channels (the
+send lock, the writer task, each buffer whole), and each is followed by a
+:meth:`~SharedIO.progress`. The records the protocol owes (WINDOW as the application
+receives, RESET, a channel's CLOSE) are written as PONGs are, never waiting for the send
+lock (:meth:`SharedIO.write_owed`): they may be written from a task being cancelled, or one
+holding a spack it is about to return.
+
+**The peer's CLOSE** of the connection ends its input: nothing can come after it, so a
+task still waiting then raises instead of waiting for input forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import TaskGroup
+
+from stalk.errors import ClosedByPeer, ConnectionLost, StalkError
+from stalk.events import NEED_DATA, PAUSED, CloseReceived, Event
+from stalk.link import Link
+from stalk.wire import CloseCode
+
+__all__ = ["SharedIO", "Waiter"]
+
+
+class Waiter:
+    """A task waiting in :class:`SharedIO`: it sleeps until woken, then looks again."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    async def sleep(self) -> None:
+        """Wait until woken from now on (a wake before this call is spent: look again)."""
+        self._event = anyio.Event()
+        await self._event.wait()
+
+    def wake(self) -> None:
+        """End the current (or the next) sleep."""
+        self._event.set()
+
+
+class SharedIO:
+    """The transport of one connection with channels, as its tasks share it.
+
+    :param link: the connection's link (its session has channels).
+    :param dispatch: puts one event of the session where it belongs (every event but the
+        peer's CLOSE of the connection, which this class keeps in :attr:`peer_close`).
+    """
+
+    def __init__(self, link: Link, dispatch: Callable[[Event], None]) -> None:
+        self._link = link
+        self._session = link.session
+        self._dispatch = dispatch
+        self._task_group: TaskGroup | None = None
+        # Every waiting task, in arrival order (the next reader is the first); those woken
+        # by any progress too; the reader, and the cancel scope of its read from the
+        # transport; the reader task's waiter, while it runs.
+        self._waiting: dict[Waiter, None] = {}
+        self._conditional: dict[Waiter, None] = {}
+        self._reader: Waiter | None = None
+        self._read_scope: anyio.CancelScope | None = None
+        self._idle_reader: Waiter | None = None
+        #: The peer's CLOSE of the connection, once read.
+        self.peer_close: CloseReceived | None = None
+
+    # -- the connection's tasks ---------------------------------------------------------
+
+    @property
+    def task_group(self) -> TaskGroup | None:
+        """The connection's task group while it is used as ``async with``, else ``None``."""
+        return self._task_group
+
+    def start(self, task_group: TaskGroup) -> None:
+        """The connection entered ``async with``: the reader task starts, a writer may."""
+        self._task_group = task_group
+        task_group.start_soon(self._read_behind, name=f"stalk reader {self._link.address}")
+
+    def stop(self) -> None:
+        """The connection's task group is ending."""
+        self._task_group = None
+
+    # -- waiting and reading ------------------------------------------------------------
+
+    async def until(
+        self,
+        ready: Callable[[], bool],
+        waiter: Waiter | None = None,
+        *,
+        conditional: bool = False,
+    ) -> None:
+        """Return once ``ready()`` holds: be the reader when no task is, else wait.
+
+        :param waiter: how this task is woken (a channel's receive() registers one in its
+            inbox, so that its events wake it).
+        :param conditional: also woken by any progress (writes, input), for conditions
+            no single event announces.
+        :raises ~stalk.StalkError: the connection's error, if it is closed or broken.
+        """
+        waiter = waiter or Waiter()
+        waiting = self._waiting
+        waiting[waiter] = None
+        if conditional:
+            self._conditional[waiter] = None
+        try:
+            while not ready():
+                self._link.check_open()
+                if self._reader is None:
+                    await self._read(ready, waiter)
+                else:
+                    await waiter.sleep()
+        finally:
+            del waiting[waiter]
+            self._conditional.pop(waiter, None)
+            if self._reader is None:  # the reader's role is free: pass it on
+                self.wake(next(iter(waiting)) if waiting else self._idle_reader)
+
+    async def _read_behind(self) -> None:
+        """The reader task: read while no other task waits (the reader of last resort).
+
+        It runs until the peer's CLOSE or the connection's end.
+        """
+        waiter = self._idle_reader = Waiter()
+        waiting = self._waiting
+        try:
+            with contextlib.suppress(StalkError):
+                while self.peer_close is None:
+                    self._link.check_open()
+                    if self._reader is None and not waiting:
+                        await self._read(
+                            lambda: bool(waiting) or self.peer_close is not None,
+                            waiter,
+                            nudge=False,  # it stops reading once another task waits
+                        )
+                        if self._reader is None and waiting:
+                            self.wake(next(iter(waiting)))
+                    else:
+                        await waiter.sleep()
+        finally:
+            self._idle_reader = None
+
+    async def _read(self, ready: Callable[[], bool], waiter: Waiter, *, nudge: bool = True) -> None:
+        """Be the reader until ``ready()`` holds: read, and dispatch every event.
+
+        :param nudge: read from the transport in a cancel scope that :meth:`wake`
+            cancels, for a condition that may come true without input.
+        """
+        link, session = self._link, self._session
+        self._reader = waiter
+        try:
+            while not ready():
+                link.check_open()
+                try:
+                    event = session.next_event()
+                except StalkError as exc:
+                    raise await link.fail(exc, close=True) from None
+                await self.write_owed()
+                if event is NEED_DATA:
+                    self.progress()  # a batch of input is done: credit, ended channels
+                    if ready():
+                        return
+                    if not nudge:
+                        await link.receive_into_session()
+                        continue
+                    with anyio.CancelScope() as scope:
+                        self._read_scope = scope  # wake() cancels it: ready() may hold
+                        await link.receive_into_session()
+                    self._read_scope = None
+                elif event is PAUSED:
+                    await link.resume_reading()
+                    self.progress()
+                elif isinstance(event, CloseReceived):
+                    self._peer_closed(event)
+                    if not ready():
+                        # Nothing can come after the peer's CLOSE: a wait on input would
+                        # never end (every caller's condition counts the CLOSE in).
+                        raise link.tag(ConnectionLost("the peer closed the connection"))
+                else:
+                    self._dispatch(event)
+        except StalkError:
+            self.wake_all()
+            raise
+        finally:
+            self._reader = None
+            self._read_scope = None
+
+    def _peer_closed(self, event: CloseReceived) -> None:
+        """The peer's CLOSE of the connection (the session returns it again and again)."""
+        if self.peer_close is not None:
+            return
+        self.peer_close = event
+        link = self._link
+        if not link.closed and not self._session.close_sent:
+            link.peer_closed_first = True
+        self.wake_all()
+
+    def peer_close_error(self) -> Exception:
+        """What a receive() or accept_channel() raises once the peer closed the connection."""
+        close = self.peer_close
+        if close is None or close.code == CloseCode.NORMAL:
+            return anyio.EndOfStream()
+        return self._link.tag(
+            ClosedByPeer("the peer closed the connection", code=close.code, reason=close.reason)
+        )
+
+    # -- waking -------------------------------------------------------------------------
+
+    def wake(self, waiter: Waiter | None) -> None:
+        """Wake ``waiter`` (the reader: by cancelling its read from the transport)."""
+        if waiter is None:
+            return
+        if waiter is self._reader:
+            if self._read_scope is not None:
+                self._read_scope.cancel()
+        else:
+            waiter.wake()
+
+    def progress(self) -> None:
+        """Something was written or read: wake the tasks whose condition it may satisfy."""
+        for waiter in self._conditional:
+            self.wake(waiter)
+
+    def wake_all(self) -> None:
+        """Wake every waiting task (the connection ended, or the peer closed it)."""
+        for waiter in self._waiting:
+            self.wake(waiter)
+        self.wake(self._idle_reader)
+
+    # -- writing ------------------------------------------------------------------------
+
+    async def write(self) -> None:
+        """Write what the session has (waiting for the send lock if need be)."""
+        try:
+            await self._link.write_all()
+        except StalkError:
+            self.wake_all()
+            raise
+        self.progress()
+
+    async def write_owed(self) -> None:
+        """Write what the session owes now, never waiting for the send lock (a PONG's way).
+
+        For records that must go promptly and may be written from a task being cancelled
+        or holding a spack it is about to return: PONG, WINDOW, RESET, a channel's CLOSE.
+        """
+        link = self._link
+        if self._session.has_output and not link.closed and link.broken is None:
+            await link.write_pong()
+            self.progress()
+
+    def write_soon(self) -> bool:
+        """Leave what was queued to the writer task, started if need be.
+
+        :returns: ``False`` when there is no writer task (outside ``async with conn``): the
+            caller writes.
+        """
+        group, link = self._task_group, self._link
+        if group is None:
+            return False
+        if not link.writer_running:
+            link.writer_running = True
+            group.start_soon(self._write_behind, name=f"stalk writer {link.address}")
+        link.wakeup.set()
+        return True
+
+    def nudge_writer(self) -> None:
+        """Have a running writer task write what the session owes (a sync caller's way)."""
+        if self._link.writer_running:
+            self._link.wakeup.set()
+
+    async def _write_behind(self) -> None:
+        """The writer task: ``Link.write_behind``, waking the waiters after each write.
+
+        Whichever way it ends, every waiter is woken: the connection is closed or broken.
+        """
+        try:
+            await self._link.write_behind(self.progress)
+        finally:
+            self.wake_all()  # the connection is broken or closed: the waiters raise it
