@@ -164,7 +164,7 @@ def test_records_of_many_channels_in_one_message() -> None:
         (_record(RecordKind.CLOSE, 2, encode_close(5, "")), "NORMAL with no reason"),
         (_record(RecordKind.CLOSE, 2, encode_close(0, "x")), "NORMAL with no reason"),
         (_record(RecordKind.FRAGMENT, 2, b""), "empty FRAGMENT"),
-        (_record(RecordKind.RESET, 2, b"\x00"), "CLOSE"),
+        (_record(RecordKind.RESET, 2, b"\x00"), "RESET record shorter than its code"),
         (_record(RecordKind.WINDOW, 2, b"\x00"), "not 1.."),
         (_record(RecordKind.WINDOW, 2, b""), "truncated"),
         (_record(RecordKind.WINDOW, 2, b"\x80\x00"), "minimal"),
