@@ -11,8 +11,10 @@ import logging
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -325,9 +327,12 @@ def test_unreachable_address_is_one_readable_line(home: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["send", "nohost", "x"], "argument HOST:PORT: expected HOST:PORT, got 'nohost'"),
-        (["send", "host:notaport", "x"], "argument HOST:PORT: invalid port 'notaport'"),
-        (["listen", "70000"], "argument [HOST:]PORT: port 70000 out of range (0-65535)"),
+        (
+            ["send", "nohost", "x"],
+            "argument ADDRESS: expected HOST:PORT or unix:PATH, got 'nohost'",
+        ),
+        (["send", "host:notaport", "x"], "argument ADDRESS: invalid port 'notaport'"),
+        (["listen", "70000"], "argument ADDRESS: port 70000 out of range (0-65535)"),
         (["send", "h:1", "{1, 2}"], "argument VALUE: {1, 2}: cannot encode set"),
         (["send", "h:1", "x", "--wait", "0"], "expected a positive number of seconds, not 0"),
         (["send", "h:1", "x", "--max-message-size", "10"], "max_message_size must be"),
@@ -1184,6 +1189,58 @@ async def test_ipv6_addresses_print_in_brackets(anyio_backend: str, home: Path) 
     assert forgot[1].decode() == f"forgot the key of {address}\n"
     unreachable = await cli(home, anyio_backend, "send", "[::1]:1", "x")
     assert_one_error_line(*unreachable, "stalk: error: cannot connect to [::1]:1: ")
+
+
+def test_an_address_may_name_a_unix_socket() -> None:
+    parser = build_parser()
+    relative = parser.parse_args(["send", "unix:app.sock", "x"]).address
+    assert relative == os.path.abspath("app.sock")  # the entry known_peers keeps
+    assert parser.parse_args(["connect", "unix:/run/app.sock"]).address == "/run/app.sock"
+    assert parser.parse_args(["listen", "unix:@name"]).address == "\0name"
+    assert parser.parse_args(["listen", "7417"]).address == ("127.0.0.1", 7417)
+    assert parser.parse_args(["listen", "unix:/s", "--socket-mode", "660"]).socket_mode == 0o660
+
+
+@pytest.mark.parametrize(
+    "args", [["send", "unix:", "x"], ["listen", "unix:/s", "--socket-mode", "9"]]
+)
+def test_a_bad_unix_address_or_mode_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == EXIT_USAGE
+    assert "error: argument" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no unix domain sockets")
+async def test_a_unix_socket_as_the_address(anyio_backend: str, home: Path) -> None:
+    """listen, send (first use, then pinned), forget and Ctrl-C, with unix:PATH."""
+    with tempfile.TemporaryDirectory(prefix="stalk-") as directory:
+        path = f"{directory}/app.sock"
+        address = f"unix:{path}"
+        listen = ["listen", address, "--echo", "--socket-mode", "600"]
+        async with terminal(home / "server", anyio_backend, *listen) as (term, server):
+            await term.expect(f"listening on {address} as stalk:")
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            taken = await cli(home / "other", anyio_backend, "listen", address)
+            assert_one_error_line(
+                *taken, f"stalk: error: cannot listen on {address}: Address already in use"
+            )
+            first = await cli(home, anyio_backend, "send", address, "x", "--wait", "10")
+            assert first[:2] == (EXIT_OK, b"Spack('x')\n"), first
+            assert f" for {address} in " in first[2].decode()
+            await term.expect(f" connected (XX) from {address}\r\n")
+            pinned = await cli(home, anyio_backend, "send", address, "y", "--wait", "10")
+            assert pinned[:2] == (EXIT_OK, b"Spack('y')\n"), pinned
+            await term.expect(f" connected (IK) from {address}\r\n")
+            term.type(b"\x03")
+            assert_silent_interrupt(*await ended(term, server))
+        assert not os.path.exists(path)  # Ctrl-C removed the socket file
+        forgot = await cli(home, anyio_backend, "forget", address)
+        assert forgot[1].decode() == f"forgot the key of {address}\n"
+        unreachable = await cli(home, anyio_backend, "send", address, "x")
+        assert_one_error_line(*unreachable, f"stalk: error: cannot connect to {address}: ")
 
 
 @pytest.mark.parametrize("place", ["before", "after"])

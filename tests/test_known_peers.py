@@ -59,3 +59,39 @@ def test_known_peers_round_trip_keeps_canonical_keys(tmp_path: Path) -> None:
     key = Identity.generate().public
     store.remember("example.org", 7000, key)
     assert store.lookup("example.org", 7000) == key
+
+
+def test_known_peers_keep_unix_socket_paths_apart_from_hosts(tmp_path: Path) -> None:
+    """A unix socket's entry is ``unix:PATH``; a path that would break the line is quoted."""
+    path = tmp_path / "known_peers"
+    store = KnownPeers(path)
+    keys = [Identity.generate().public for _ in range(4)]
+    odd = "/run/my app/#1%.sock"
+    store.remember("/run/app.sock", None, keys[0])
+    store.remember(odd, None, keys[1])
+    store.remember("\0abstract", None, keys[2])
+    store.remember("/run/app.sock", 7000, keys[3])  # a host that looks like a path
+    assert store.lookup("/run/app.sock") == keys[0]
+    assert store.lookup("/run//app.sock") == keys[0]  # the same file
+    assert store.lookup(odd) == keys[1]
+    assert store.lookup("\0abstract") == keys[2]
+    assert store.lookup("/run/app.sock", 7000) == keys[3]
+    lines = path.read_text().splitlines()[1:]
+    assert sorted(line.split()[0] for line in lines) == [
+        "/run/app.sock:7000",
+        "unix:/run/app.sock",
+        "unix:/run/my%20app/%231%25.sock",
+        "unix:@abstract",
+    ]
+    assert store.forget(odd)
+    assert store.lookup(odd) is None
+    assert not store.forget(odd)
+
+
+def test_a_relative_unix_path_is_refused(tmp_path: Path) -> None:
+    """Relative to what? And a host given without its port would pass for one."""
+    store = KnownPeers(tmp_path / "known_peers")
+    with pytest.raises(ValueError, match="absolute path"):
+        store.lookup("example.org")
+    with pytest.raises(ValueError, match="absolute path"):
+        store.remember("app.sock", None, Identity.generate().public)

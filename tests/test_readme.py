@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -55,6 +56,21 @@ def test_channels_example_runs_as_written() -> None:
     ids = [int(line.split()[0]) for line in lines]
     assert sorted(ids) == [1, 3, 5]
     assert [line.split(maxsplit=1)[1] for line in lines] == ["echo a", "echo b", "echo c"]
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no unix domain sockets")
+def test_transports_example_runs_as_written() -> None:
+    block = re.search(r"### Transports\n.*?```python\n(.*?)```", README, re.DOTALL)
+    assert block is not None
+    result = subprocess.run(
+        [sys.executable, "-c", block.group(1)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["echo hello True", "False"]
 
 
 def test_certificates_example_runs_as_written(tmp_path: Path) -> None:
@@ -157,9 +173,12 @@ def public_callables() -> dict[str, Callable[..., object]]:
 
 def test_no_public_signature_shows_a_private_parameter() -> None:
     callables = public_callables()
-    assert {"Connection.wrap", "Listener.serve", "stalk.connect", "SyncConnection.send"} <= set(
-        callables
-    )
+    assert {
+        "Connection.wrap",
+        "StreamListener.serve",
+        "stalk.connect",
+        "SyncConnection.send",
+    } <= set(callables)
     private = [
         f"{name}({parameter})"
         for name, function in callables.items()

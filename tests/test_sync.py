@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -41,3 +43,22 @@ def test_blocking_errors_are_the_async_ones(server: tuple[str, int, stalk.Identi
     host, port, _identity, backend = server
     with pytest.raises(stalk.PeerIdentityMismatch):
         stalk.sync.connect(host, port, stalk.Identity.generate().public, backend=backend)
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no unix domain sockets")
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_blocking_over_a_unix_socket(backend: str) -> None:
+    identity = stalk.Identity.generate()
+    with tempfile.TemporaryDirectory(prefix="stalk-") as directory:
+        path = f"{directory}/s.sock"
+        with start_blocking_portal(backend) as portal:
+            listener = portal.call(lambda: stalk.create_unix_listener(path, identity=identity))
+            future = portal.start_task_soon(listener.serve, echo)
+            try:
+                with stalk.sync.connect_unix(path, identity.public, backend=backend) as conn:
+                    assert conn.connection.path == path
+                    conn.send(stalk.Spack("unix", 1))
+                    assert conn.receive() == stalk.Spack("unix", 1)
+            finally:
+                future.cancel()
+                portal.call(listener.aclose)

@@ -1,5 +1,8 @@
 """stalk: peer-to-peer, end-to-end encrypted, message-based connections over TCP.
 
+Unix domain sockets and any anyio byte stream carry them as well (:func:`connect_unix`,
+:class:`StreamListener`).
+
 Two peers run a Noise handshake (XX when the caller does not know the peer's key, IK when
 it does) and then exchange *spacks*: ordered lists of typed values, delivered whole or not
 at all. The architecture is a sans-IO core (:mod:`stalk.session` and the modules it uses)
@@ -19,7 +22,14 @@ from stalk.certificates import (
 )
 from stalk.channel import Channel, ChannelHandler
 from stalk.config import Config
-from stalk.connection import Authorize, Connection, MessageHandler, StalkAttribute, connect
+from stalk.connection import (
+    Authorize,
+    Connection,
+    MessageHandler,
+    StalkAttribute,
+    connect,
+    connect_unix,
+)
 from stalk.errors import (
     AuthorityAsSubject,
     BadCertificateSignature,
@@ -65,7 +75,16 @@ from stalk.errors import (
 )
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
-from stalk.listener import ConnectionHandler, Listener, create_listener, listen
+from stalk.listener import (
+    ConnectionHandler,
+    Listener,
+    StreamListener,
+    UnixListener,
+    create_listener,
+    create_unix_listener,
+    listen,
+    listen_unix,
+)
 from stalk.renewal import AuthorityService, CertificateKeeper, Enrollments, request_certificate
 from stalk.spack import Float32, Received, Spack, SpackValue
 from stalk.wire import CloseCode
@@ -139,11 +158,16 @@ __all__ = [
     "SpackValue",
     "StalkAttribute",
     "StalkError",
+    "StreamListener",
+    "UnixListener",
     "UnknownAuthority",
     "__version__",
     "connect",
+    "connect_unix",
     "create_listener",
+    "create_unix_listener",
     "listen",
+    "listen_unix",
     "request_certificate",
     "stalk_home",
 ]

@@ -9,6 +9,10 @@ its INFO/DEBUG records too) are single lines as well. Ctrl-C ends any command wi
 130 and standard output closed early (``stalk id | true``) with 141, both silently; a
 usage error is argparse's status 2. :data:`EXIT_STATUSES` lists them for ``--help``.
 
+An address is ``HOST:PORT`` (``[::1]:7417`` for IPv6), or ``unix:PATH`` for a unix domain
+socket (``unix:@NAME`` for a Linux abstract name), in arguments and in everything the
+commands print; known_peers keeps a unix socket's key under its absolute path.
+
 Everything a peer chooses is untrusted text: a refusal reason (not even authenticated),
 a CLOSE reason, the error messages that quote them, and the contents of spacks. The
 command line writes such text only through :func:`escape`, which shows every character
@@ -51,7 +55,7 @@ import anyio
 import stalk
 from stalk import bench  # light: the benchmark itself is imported when it runs
 from stalk.certificates import Authorities, Authority, Certificate, RevocationList, utc_text
-from stalk.connection import Connection, format_address
+from stalk.connection import Connection, address_text
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
@@ -83,6 +87,9 @@ _REFUSAL_CODES: Final = frozenset(code for code in CloseCode if code != CloseCod
 BACKENDS: Final = ("asyncio", "trio")
 #: Where ``stalk listen PORT`` listens: this machine only.
 DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
+#: How an argument names a unix domain socket: ``unix:/run/app.sock`` (``unix:@name`` for a
+#: Linux abstract name).
+UNIX_PREFIX: Final = "unix:"
 
 #: Success.
 EXIT_OK: Final = 0
@@ -112,7 +119,7 @@ VALUES: Final = (
 #: How ``connect`` and ``send`` decide whom to trust, and which identity they use.
 TRUST: Final = (
     "Trust works as in ssh: --peer KEY pins the server's key; without it the key "
-    "remembered for HOST:PORT in $STALK_HOME/known_peers is pinned, and the first "
+    "remembered for the ADDRESS in $STALK_HOME/known_peers is pinned, and the first "
     "connection to an address records the key the server presents. With --authority FILE "
     "--name NAME the server is trusted by its certificate instead: it must present one "
     "for NAME from an authority in FILE. Your identity is FILE, or $STALK_HOME/identity "
@@ -120,6 +127,8 @@ TRUST: Final = (
 )
 
 _T = TypeVar("_T")
+#: Where a command connects or listens: ``(host, port)``, or a unix socket's path.
+_Address: TypeAlias = "tuple[str, int] | str"
 #: What ``add_subparsers`` returns.
 _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -466,16 +475,30 @@ def _config(args: argparse.Namespace) -> stalk.Config:
 # -- reading the command line ---------------------------------------------------------------
 
 
-def _address(text: str, *, default_host: str | None = None) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:7417`` for IPv6), or ``PORT`` alone given a default host."""
+def _address(text: str, *, default_host: str | None = None) -> _Address:
+    """Where to connect or listen, as an argument names it.
+
+    ``HOST:PORT`` (``[::1]:7417`` for IPv6), ``PORT`` alone given a default host, or
+    ``unix:PATH`` (a unix domain socket: the path made absolute; ``unix:@NAME``: a Linux
+    abstract name, ``"\\0NAME"``).
+    """
+    if text.startswith(UNIX_PREFIX):
+        path = text[len(UNIX_PREFIX) :]
+        if not path or path == "@":
+            raise argparse.ArgumentTypeError(f"expected unix:PATH, got {escape(repr(text))}")
+        return "\0" + path[1:] if path.startswith("@") else os.path.abspath(path)
     host, sep, port = text.rpartition(":")
     if not sep:
         if default_host is None:
-            raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {escape(repr(text))}")
+            raise argparse.ArgumentTypeError(
+                f"expected HOST:PORT or unix:PATH, got {escape(repr(text))}"
+            )
         host, port = default_host, text
     host = host.strip("[]") or (default_host or "")
     if not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {escape(repr(text))}")
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT or unix:PATH, got {escape(repr(text))}"
+        )
     try:
         number = int(port)
     except ValueError:
@@ -485,8 +508,8 @@ def _address(text: str, *, default_host: str | None = None) -> tuple[str, int]:
     return host, number
 
 
-def _listen_address(text: str) -> tuple[str, int]:
-    """``[HOST:]PORT`` for ``stalk listen``: the host defaults to 127.0.0.1."""
+def _listen_address(text: str) -> _Address:
+    """``[HOST:]PORT`` or ``unix:PATH`` for ``stalk listen``: the host defaults to 127.0.0.1."""
     return _address(text, default_host=DEFAULT_LISTEN_HOST)
 
 
@@ -512,6 +535,17 @@ def _message_size(text: str) -> int:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return size
+
+
+def _socket_mode(text: str) -> int:
+    """A unix socket file's mode, in octal (``600``, ``0o660``)."""
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {escape(repr(text))}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text} out of range (0-777)")
+    return mode
 
 
 def _seconds(text: str) -> float:
@@ -590,11 +624,12 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     """Remove a host's key from known_peers."""
-    host, port = args.address
+    address: _Address = args.address
+    host, port = (address, None) if isinstance(address, str) else address
     if KnownPeers().forget(host, port):
-        _say(f"forgot the key of {format_address(host, port)}")
+        _say(f"forgot the key of {address_text(address)}")
         return EXIT_OK
-    raise CommandError(f"no known key for {format_address(host, port)}")
+    raise CommandError(f"no known key for {address_text(address)}")
 
 
 # -- authorities and certificates ------------------------------------------------------------
@@ -742,7 +777,7 @@ def cmd_authority_revoke(args: argparse.Namespace) -> int:
 
 def cmd_authority_serve(args: argparse.Namespace) -> int:
     """Serve certificate renewals for enrolled keys until Ctrl-C."""
-    host, port = args.address
+    host, port = _tcp_only(args.address, "authority serve")
     authority = _load_authority(_authority_path(args.file), args.file)
     enrollments = Enrollments(args.enrolled)
     identity = (
@@ -763,10 +798,10 @@ def cmd_authority_serve(args: argparse.Namespace) -> int:
             )
         except OSError as exc:
             raise CommandError(
-                f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}"
+                f"cannot listen on {address_text((host, port))}: {exc.strerror or exc}"
             ) from exc
         async with service:
-            bound = format_address(*service.address)
+            bound = address_text(service.address)
             _say(f"serving certificates on {bound} as {args.name!r}")
             _say(f"signed by {authority.public}  {authority.public.fingerprint}")
             count = len(enrollments)
@@ -782,9 +817,16 @@ def cmd_authority_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tcp_only(address: _Address, command: str) -> tuple[str, int]:
+    """``HOST:PORT``: the online authority serves and is reached over TCP only."""
+    if isinstance(address, str):
+        raise CommandError(f"{command} works over TCP: give HOST:PORT, not unix:PATH")
+    return address
+
+
 def cmd_cert_renew(args: argparse.Namespace) -> int:
     """Ask an authority service for a new certificate for our identity; write it."""
-    host, port = args.address
+    host, port = _tcp_only(args.address, "cert renew")
     path = _identity_path(args.file)
     identity = _load_identity(path, args.file)
     authorities = _authorities(args)
@@ -874,6 +916,30 @@ def _certified(conn: Connection) -> str:
     return f", certified as {cert.name!r}{groups}"
 
 
+def _listener_trust(args: argparse.Namespace, identity: Identity, path: Path) -> dict[str, Any]:
+    """``listen``'s certificate options, checked: the listener's keyword arguments."""
+    authorities = _authorities(args, load_revocations=False)
+    if authorities is None and (args.allow_name or args.allow_group):
+        raise CommandError("--allow-name and --allow-group need --authority")
+    return {
+        "certificate": _own_certificate(args, identity, path),
+        "authorities": authorities,
+        "allow_names": args.allow_name,
+        "allow_groups": args.allow_group,
+        "revocations": args.revocations,
+    }
+
+
+def _say_trust(listener: stalk.StreamListener, args: argparse.Namespace) -> None:
+    """``listen``'s banner lines for its certificate, authorities and revocations."""
+    if listener.certificate is not None:
+        _say(f"presenting {_describe_certificate(listener.certificate)}")
+    if listener.authorities is not None:
+        _say(f"admitting {_admitted(args)} certified by {_fingerprints(listener.authorities)}")
+    if listener.revocations is not None:
+        _say(f"revocations from {listener.revocations.path}, reloaded when it changes")
+
+
 def _fingerprints(authorities: Authorities) -> str:
     return ", ".join(authority.fingerprint for authority in authorities)
 
@@ -890,7 +956,9 @@ def _admitted(args: argparse.Namespace) -> str:
 
 def cmd_listen(args: argparse.Namespace) -> int:
     """Serve: print peers and a summary of their spacks (or echo them)."""
-    host, port = args.address
+    address: _Address = args.address
+    if args.socket_mode is not None and not isinstance(address, str):
+        raise CommandError("--socket-mode is for a unix socket (unix:PATH)")
     path = _identity_path(args.file)
     if args.file is None and not path.exists():
         Identity.generate().save(path)
@@ -898,16 +966,15 @@ def cmd_listen(args: argparse.Namespace) -> int:
     identity = _load_identity(path, args.file)
     authorize = AuthorizedPeers(args.authorized_peers) if args.authorized_peers else None
     config = _config(args)
-    authorities = _authorities(args, load_revocations=False)
-    if authorities is None and (args.allow_name or args.allow_group):
-        raise CommandError("--allow-name and --allow-group need --authority")
-    certificate = _own_certificate(args, identity, path)
+    trust = _listener_trust(args, identity, path)
 
     async def handler(conn: Connection) -> None:
         who = conn.peer.fingerprint
         where = "?"
         if conn.host is not None and conn.port is not None:
-            where = format_address(conn.host, conn.port)
+            where = address_text((conn.host, conn.port))
+        elif conn.path is not None:
+            where = address_text(conn.path)
         _say(f"peer {who} connected ({conn.pattern}) from {where}{_certified(conn)}")
         ending = ""
         try:
@@ -921,33 +988,29 @@ def cmd_listen(args: argparse.Namespace) -> int:
             _say(f"peer {who} disconnected{ending}")
 
     async def serve() -> None:
+        listener: stalk.StreamListener
         try:
-            listener = await stalk.create_listener(
-                host,
-                port,
-                identity=identity,
-                authorize=authorize,
-                config=config,
-                certificate=certificate,
-                authorities=authorities,
-                allow_names=args.allow_name,
-                allow_groups=args.allow_group,
-                revocations=args.revocations,
-            )
+            if isinstance(address, str):
+                listener = await stalk.create_unix_listener(
+                    address,
+                    identity=identity,
+                    authorize=authorize,
+                    config=config,
+                    mode=args.socket_mode,
+                    **trust,
+                )
+            else:
+                listener = await stalk.create_listener(
+                    *address, identity=identity, authorize=authorize, config=config, **trust
+                )
         except OSError as exc:
             raise CommandError(
-                f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}"
+                f"cannot listen on {address_text(address)}: {exc.strerror or exc}"
             ) from exc
         async with listener:
-            bound_host, bound_port = listener.address
-            _say(f"listening on {format_address(bound_host, bound_port)} as {identity.public}")
+            _say(f"listening on {address_text(listener.address)} as {identity.public}")
             _say(f"fingerprint {identity.public.fingerprint}")
-            if certificate is not None:
-                _say(f"presenting {_describe_certificate(certificate)}")
-            if authorities is not None:
-                _say(f"admitting {_admitted(args)} certified by {_fingerprints(authorities)}")
-            if listener.revocations is not None:
-                _say(f"revocations from {listener.revocations.path}, reloaded when it changes")
+            _say_trust(listener, args)
             with anyio.CancelScope() as serving:
                 _OUTPUT.stop_with(serving)
                 await listener.serve(handler)
@@ -965,8 +1028,9 @@ async def _dial(args: argparse.Namespace) -> Connection:
     With --authority, the server's certificate is the trust instead: known_peers is
     neither read nor written.
     """
-    host, port = args.address
-    address = format_address(host, port)
+    where: _Address = args.address
+    host, port = (where, None) if isinstance(where, str) else where
+    address = address_text(where)
     path = _identity_path(args.file)
     identity = _load_identity(path, args.file) if args.file or path.exists() else None
     authorities = _authorities(args)
@@ -976,9 +1040,8 @@ async def _dial(args: argparse.Namespace) -> Connection:
         raise CommandError("--name needs --authority: the authorities that certify names")
     certificate = _own_certificate(args, identity, path)
     if authorities is not None:
-        return await stalk.connect(
-            host,
-            port,
+        return await _connect(
+            where,
             args.peer,
             identity=identity,
             config=_config(args),
@@ -989,13 +1052,13 @@ async def _dial(args: argparse.Namespace) -> Connection:
     known = KnownPeers()
     peer: PublicIdentity | None = args.peer or known.lookup(host, port)
     try:
-        conn = await stalk.connect(
-            host, port, peer, identity=identity, config=_config(args), certificate=certificate
+        conn = await _connect(
+            where, peer, identity=identity, config=_config(args), certificate=certificate
         )
     except stalk.PeerIdentityMismatch:
         if args.peer or peer is None:
             raise
-        presented = await _presented_key(host, port)
+        presented = await _presented_key(where)
         raise CommandError(
             f"THE KEY OF {address} HAS CHANGED. Expected {peer.fingerprint} (from "
             f"{known.path}), the peer now presents {presented}. Someone may be "
@@ -1008,9 +1071,30 @@ async def _dial(args: argparse.Namespace) -> Connection:
     return conn
 
 
-async def _presented_key(host: str, port: int) -> str:
+async def _connect(
+    where: _Address,
+    peer: PublicIdentity | None = None,
+    *,
+    identity: Identity | None = None,
+    config: stalk.Config | None = None,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    expect_name: str | None = None,
+) -> Connection:
+    """``stalk.connect``, or ``stalk.connect_unix`` for a path."""
+    trust: dict[str, Any] = {
+        "certificate": certificate,
+        "authorities": authorities,
+        "expect_name": expect_name,
+    }
+    if isinstance(where, str):
+        return await stalk.connect_unix(where, peer, identity=identity, config=config, **trust)
+    return await stalk.connect(*where, peer, identity=identity, config=config, **trust)
+
+
+async def _presented_key(where: _Address) -> str:
     try:
-        async with await stalk.connect(host, port) as probe:
+        async with await _connect(where) as probe:
             return probe.peer.fingerprint
     except stalk.StalkError:
         return "an unknown key"
@@ -1235,8 +1319,17 @@ def _peer_data_options(sub: argparse.ArgumentParser) -> None:
     )
 
 
+#: What an ADDRESS argument may be, as the help of connect, send and forget says it.
+ADDRESS_HELP: Final = (
+    "HOST:PORT ([::1]:7417 for IPv6), or unix:PATH for a unix domain socket "
+    "(unix:@NAME: a Linux abstract name)"
+)
+
+
 def _dial_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("address", type=_address, metavar="HOST:PORT", help="the listener")
+    sub.add_argument(
+        "address", type=_address, metavar="ADDRESS", help=f"the listener: {ADDRESS_HELP}"
+    )
     sub.add_argument(
         "--peer",
         type=_peer_key,
@@ -1310,13 +1403,14 @@ def _key_commands(commands: _Commands) -> None:
         commands,
         "forget",
         "remove a remembered key from known_peers",
-        "Remove the key remembered for HOST:PORT from $STALK_HOME/known_peers, after a "
+        "Remove the key remembered for ADDRESS from $STALK_HOME/known_peers, after a "
         "legitimate key change (the server has a new identity); the next connection "
         "records the key the server presents then.",
         "stalk forget 127.0.0.1:7417",
         "stalk forget '[::1]:7417'",
+        "stalk forget unix:/run/app.sock",
     )
-    sub.add_argument("address", type=_address, metavar="HOST:PORT")
+    sub.add_argument("address", type=_address, metavar="ADDRESS", help=ADDRESS_HELP)
     sub.set_defaults(run=cmd_forget)
 
 
@@ -1526,27 +1620,43 @@ def _network_commands(commands: _Commands) -> None:
         commands,
         "listen",
         "accept connections; print (or echo) what peers send",
-        "Accept stalk connections on [HOST:]PORT; print each peer that connects, a summary "
-        "of each spack it sends, and how it left. With --echo, send every spack back. "
+        "Accept stalk connections on [HOST:]PORT, or on a unix domain socket (unix:PATH); "
+        "print each peer that connects, a summary of each spack it sends, and how it left. "
+        "With --echo, send every spack back. "
         f"HOST defaults to {DEFAULT_LISTEN_HOST} (this machine only); 0.0.0.0 or '[::]' "
-        "accepts other machines. PORT 0 picks a free port (the first line shows it). The "
-        "identity is FILE, or $STALK_HOME/identity, created on first use. With --authority, "
-        "only clients presenting a valid certificate from one of its authorities are "
-        "admitted (and, with --allow-name or --allow-group, only those names or groups); "
-        "--certificate presents ours, so that clients connect by name. Refused and failed "
-        "clients are shown with -v. Ctrl-C stops.",
+        "accepts other machines. PORT 0 picks a free port (the first line shows it). A "
+        "unix socket's file is removed when listen stops; one left by a listener that was "
+        "killed is replaced. The identity is FILE, or $STALK_HOME/identity, created on "
+        "first use. With --authority, only clients presenting a valid certificate from one "
+        "of its authorities are admitted (and, with --allow-name or --allow-group, only "
+        "those names or groups); --certificate presents ours, so that clients connect by "
+        "name. Refused and failed clients are shown with -v. Ctrl-C stops.",
         "stalk listen 7417 --echo",
         "stalk listen 0.0.0.0:7417 --authorized-peers ~/.stalk/authorized_peers -v",
         "stalk listen 7417 --authority authorities --certificate db-1.cert --allow-group ops",
         "stalk listen '[::1]:0'",
+        "stalk listen unix:/tmp/app.sock --socket-mode 660",
     )
-    sub.add_argument("address", type=_listen_address, metavar="[HOST:]PORT")
+    sub.add_argument(
+        "address",
+        type=_listen_address,
+        metavar="ADDRESS",
+        help="[HOST:]PORT, or unix:PATH for a unix domain socket (unix:@NAME: a Linux "
+        "abstract name)",
+    )
     sub.add_argument("--echo", action="store_true", help="send every spack back to its peer")
     sub.add_argument(
         "--authorized-peers",
         metavar="FILE",
         help="admit only the keys in FILE (one stalk:... key per line, # comments); "
         "default: admit any key",
+    )
+    sub.add_argument(
+        "--socket-mode",
+        type=_socket_mode,
+        metavar="MODE",
+        help="a unix socket file's permissions, in octal: 600 lets only you connect, 660 "
+        "your group too (default: what the umask gives; connecting needs write permission)",
     )
     sub.add_argument(
         "--authority",
@@ -1577,13 +1687,14 @@ def _network_commands(commands: _Commands) -> None:
         commands,
         "connect",
         "send each line of input as a spack; print the replies",
-        "Connect to HOST:PORT, send each line of standard input as a spack of one value "
+        "Connect to ADDRESS, send each line of standard input as a spack of one value "
         "(read as a VALUE, below), and print every spack that comes back. Ctrl-D (the end "
         "of input) closes the connection cleanly once the peer has finished; Ctrl-C leaves "
         "at once. When the peer closes first, connect says so and exits at once, with "
         f"status 0 for a clean close and 1 for an error.\n\n{TRUST}\n\n{VALUES}",
         "stalk connect 127.0.0.1:7417",
         "printf '42\\nhello\\n' | stalk connect 127.0.0.1:7417 --peer stalk:...",
+        "stalk connect unix:/tmp/app.sock",
         "stalk connect db.example:7417 --authority authorities --name db-1 --certificate me.cert",
     )
     _dial_options(sub)
@@ -1593,7 +1704,7 @@ def _network_commands(commands: _Commands) -> None:
         commands,
         "send",
         "send one spack and exit; --wait prints the reply",
-        "Send one spack made of the VALUEs to HOST:PORT and exit. With --wait, print the "
+        "Send one spack made of the VALUEs to ADDRESS and exit. With --wait, print the "
         f"first spack that comes back.\n\n{TRUST}\n\n{VALUES}",
         "stalk send 127.0.0.1:7417 42 hello \"b'raw'\" --wait 5",
         "stalk send 127.0.0.1:7417 \"'42'\"    # the text 42, not the number",
@@ -1661,9 +1772,9 @@ def build_parser() -> argparse.ArgumentParser:
     examples = _examples("stalk keygen", "stalk listen 7417 --echo", "stalk demo --backend trio")
     parser = argparse.ArgumentParser(
         prog="stalk",
-        description="End-to-end encrypted, message-based connections over TCP: keys, a "
-        "listener, a client, the demo and tools. 'stalk COMMAND --help' describes each "
-        "command.",
+        description="End-to-end encrypted, message-based connections over TCP or unix "
+        "sockets: keys, a listener, a client, the demo and tools. 'stalk COMMAND --help' "
+        "describes each command.",
         epilog=f"{examples}\n\n{EXIT_STATUSES}",
         formatter_class=_HelpFormatter,
     )

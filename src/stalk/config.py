@@ -23,8 +23,8 @@ __all__ = ["Config"]
 class Config:
     """Timeouts, limits and policy for connections and listeners.
 
-    :param handshake_timeout: seconds for TCP connect plus the whole handshake
-        (authorization included); a peer that stalls longer is dropped.
+    :param handshake_timeout: seconds for connecting (TCP or unix socket) plus the whole
+        handshake (authorization included); a peer that stalls longer is dropped.
     :param write_timeout: seconds a single write may take. A write completes even if its
         caller is cancelled, so that a frame is never left half-written; one that cannot
         finish in this time (a peer that stopped reading) breaks the connection instead.
@@ -45,9 +45,10 @@ class Config:
         lower). Raise both together for more.
     :param max_handshakes_per_address: listener only: handshakes in progress from one
         address (an IPv4 address, or an IPv6 /64 prefix, which one subscriber usually
-        holds whole); beyond it that address is refused with BUSY at once, so one host
-        cannot take every handshake slot. 16 leaves room for a burst of clients behind
-        one NAT while a single address holds at most 1/16 of the default slots.
+        holds whole; over a unix socket, one user id, where the system tells it: Linux);
+        beyond it that address is refused with BUSY at once, so one host cannot take
+        every handshake slot. 16 leaves room for a burst of clients behind one NAT while
+        a single address holds at most 1/16 of the default slots.
     :param idle_timeout: ``None`` (the default) or seconds. While ``receive()`` waits for
         the network and the peer has sent no byte for this long, a PING (keepalive) is
         sent; if no byte arrives within another ``idle_timeout``, the connection is closed

@@ -73,14 +73,15 @@ __all__ = [
 class StalkError(Exception):
     """Root of every error stalk raises.
 
-    :ivar peer_address: ``(host, port)`` of the remote peer when the error happened on a
-        network connection, else ``None``. Set by the connection layer.
+    :ivar peer_address: where the peer was when the error happened on a socket: ``(host,
+        port)`` over TCP, the socket's path over a unix socket; else ``None``. Set by the
+        connection layer.
     :cvar close_code: the code a refusal or error CLOSE reports this error to the peer with
         (SPEC "Close codes"), when it is the peer's error; the one place errors are mapped
         to codes.
     """
 
-    peer_address: tuple[str, int] | None = None
+    peer_address: tuple[str, int] | str | None = None
     close_code: ClassVar[int] = CloseCode.PROTOCOL_ERROR
 
 
@@ -115,7 +116,7 @@ class IdentityFileError(StalkError):
 
 
 class ConnectFailed(StalkError, OSError):
-    """The TCP connection to the peer could not be opened (also an :class:`OSError`)."""
+    """The connection to the peer (TCP, unix socket) failed to open (also an :class:`OSError`)."""
 
 
 class ProtocolError(StalkError):

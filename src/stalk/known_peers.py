@@ -1,8 +1,9 @@
 """Trust stores, as ssh users know them: known peers (client) and authorized peers (server).
 
-``$STALK_HOME/known_peers`` (default ``~/.stalk/known_peers``) maps ``host:port`` to the
-key seen the first time (trust on first use); later connections pin it (IK), so a changed
-key is refused instead of silently accepted. An authorized-peers file lists the public keys
+``$STALK_HOME/known_peers`` (default ``~/.stalk/known_peers``) maps ``host:port`` (or
+``unix:PATH`` for a unix domain socket) to the key seen the first time (trust on first
+use); later connections pin it (IK), so a changed key is refused instead of silently
+accepted. An authorized-peers file lists the public keys
 a listener admits, one per line; ``AuthorizedPeers`` is usable directly as ``authorize``.
 
 Both files are text: one entry per line, ``#`` starts a comment, blank lines are ignored.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import stat
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,8 +49,26 @@ def stalk_home() -> Path:
     return Path(os.environ.get("STALK_HOME") or Path.home() / ".stalk").expanduser()
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _address(host: str, port: int | None) -> str:
+    """The entry's first field: ``host:port`` (``[::1]:7413``), or ``unix:PATH``.
+
+    A path's whitespace, ``#`` and other bytes that would break the line are written as
+    ``%XX`` (as in a URL); an abstract name (``"\\0name"``) is ``unix:@name``.
+
+    :raises ValueError: ``port`` is ``None`` and ``host`` is not an absolute path or an
+        abstract name.
+    """
+    if port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host.startswith("\0"):
+        name = "@" + host[1:]
+    elif os.path.isabs(host):
+        name = os.path.normpath(host)
+    else:
+        raise ValueError(
+            f"a unix socket's entry needs an absolute path (or a port for a host): {host!r}"
+        )
+    return "unix:" + urllib.parse.quote(os.fsencode(name), safe="/@._-~+=,:")
 
 
 def _read(path: Path, kind: str) -> tuple[list[tuple[int, str]], os.stat_result | None]:
@@ -77,7 +97,10 @@ def _read(path: Path, kind: str) -> tuple[list[tuple[int, str]], os.stat_result 
 
 
 class KnownPeers:
-    """The ``host:port -> key`` store a client pins keys from.
+    """The ``host:port -> key`` store a client pins keys from (``unix:PATH -> key`` too).
+
+    Each method takes a host and a port, or a unix socket's absolute path alone
+    (``known.lookup("/run/app.sock")``).
 
     Nothing is read until a method is called, and each call reads the file again, so
     other processes' updates are seen at once.
@@ -102,29 +125,32 @@ class KnownPeers:
                 raise IdentityFileError(f"{path}:{number}: {exc}") from exc
         return peers, st
 
-    def lookup(self, host: str, port: int) -> PublicIdentity | None:
+    def lookup(self, host: str, port: int | None = None) -> PublicIdentity | None:
         """The key remembered for ``host:port``, if any. Takes no lock.
 
         :param host: the host as the user gave it (a name and its address are distinct
-            entries).
-        :param port: the TCP port.
+            entries); with no ``port``, a unix socket's absolute path (or a Linux abstract
+            name, ``"\\0name"``).
+        :param port: the TCP port; ``None`` for a unix socket.
         :returns: the remembered key, or ``None``.
         :raises ~stalk.IdentityFileError: the file is malformed, or it (or a directory
             above it) is owned by another user or writable by group or others.
+        :raises ValueError: no ``port``, and ``host`` is not an absolute path.
         """
         return self._load(self.path)[0].get(_address(host, port))
 
-    def remember(self, host: str, port: int, key: PublicIdentity) -> None:
+    def remember(self, host: str, port: int | None, key: PublicIdentity) -> None:
         """Record (or replace) the key for ``host:port``.
 
         The update is made under the lock and the file is replaced atomically, so
         concurrent writers (other processes included) lose no entry.
 
-        :param host: the host, as for :meth:`lookup`.
-        :param port: the TCP port.
+        :param host: the host (or a unix socket's path), as for :meth:`lookup`.
+        :param port: the TCP port; ``None`` for a unix socket.
         :param key: the key to pin from now on (typically ``conn.peer`` after an XX
             connection).
         :raises ~stalk.IdentityFileError: as :meth:`lookup`, or the file cannot be written.
+        :raises ValueError: as :meth:`lookup`.
         """
         address = _address(host, port)
 
@@ -134,12 +160,13 @@ class KnownPeers:
 
         self._update(update)
 
-    def forget(self, host: str, port: int) -> bool:
+    def forget(self, host: str, port: int | None = None) -> bool:
         """Remove the entry for ``host:port``; return whether there was one.
 
-        :param host: the host, as for :meth:`lookup`.
-        :param port: the TCP port.
+        :param host: the host (or a unix socket's path), as for :meth:`lookup`.
+        :param port: the TCP port; ``None`` for a unix socket.
         :raises ~stalk.IdentityFileError: as :meth:`remember`.
+        :raises ValueError: as :meth:`lookup`.
         """
         address = _address(host, port)
 
@@ -166,7 +193,10 @@ class KnownPeers:
             peers, st = self._load(path)
             if not change(peers):
                 return False
-            body = "# stalk known peers: HOST:PORT KEY (written by stalk; edit with care)\n"
+            body = (
+                "# stalk known peers: HOST:PORT KEY or unix:PATH KEY "
+                "(written by stalk; edit with care)\n"
+            )
             body += "".join(f"{address} {key}\n" for address, key in sorted(peers.items()))
             mode = _NEW_FILE_MODE if st is None else stat.S_IMODE(st.st_mode) & 0o777
             _files.atomic_write(path, body.encode("utf-8"), mode, overwrite=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Final, cast
@@ -53,7 +54,14 @@ from stalk.session import Role, Session
 from stalk.wire import CloseCode, close_code_name
 from stalk.writing import closes_at_once, writer_for
 
-__all__ = ["Link", "address_text", "format_address", "remote_address", "stream_error"]
+__all__ = [
+    "Link",
+    "address_text",
+    "format_address",
+    "remote_address",
+    "stream_error",
+    "unix_text",
+]
 
 logger = _logs.CONNECTION
 
@@ -102,11 +110,23 @@ def stream_error(exc: StalkError) -> StalkError:
     return exc
 
 
-def remote_address(transport: ByteStream) -> tuple[str, int] | None:
-    """The peer's ``(host, port)``, or ``None`` for a transport that is not an IP socket."""
+def remote_address(transport: ByteStream) -> tuple[str, int] | str | None:
+    """Where the peer of ``transport`` is, as logs and errors name it.
+
+    ``(host, port)`` over IP; a unix socket's path (Linux's abstract names start with
+    ``"\\0"``): the peer's if it has one (the listener's, on the client side), else our own
+    (the listener's, on the server side: clients are usually unnamed); ``None`` for a
+    transport that is not a socket (memory streams, say).
+    """
     remote = transport.extra(SocketAttribute.remote_address, None)
     if isinstance(remote, tuple) and len(remote) >= 2:
         return str(remote[0]), int(remote[1])
+    if isinstance(remote, (str, bytes)):
+        path = os.fsdecode(remote)
+        if not path:
+            local = transport.extra(SocketAttribute.local_address, "")
+            path = os.fsdecode(local) if isinstance(local, (str, bytes)) else ""
+        return path or None
     return None
 
 
@@ -115,9 +135,27 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def address_text(address: tuple[str, int] | None) -> str:
-    """An address as messages show it: ``host:port``, or ``stream`` when there is none."""
-    return format_address(*address) if address is not None else "stream"
+def unix_text(path: str) -> str:
+    """A unix socket's path as messages show it: ``unix:/run/app.sock``.
+
+    An abstract name (Linux: it starts with NUL) is written ``unix:@name``. Characters
+    ``str.isprintable()`` refuses are written as ``repr()`` escapes: a peer may name its
+    own socket, so the text cannot forge a log line.
+    """
+    if path.startswith("\0"):
+        path = "@" + path[1:]
+    if not path.isprintable():
+        path = "".join(char if char.isprintable() else repr(char)[1:-1] for char in path)
+    return f"unix:{path}"
+
+
+def address_text(address: tuple[str, int] | str | None) -> str:
+    """An address as messages show it: ``host:port``, ``unix:PATH``, or ``stream`` for none."""
+    if address is None:
+        return "stream"
+    if isinstance(address, str):
+        return unix_text(address)
+    return format_address(*address)
 
 
 def _failure_text(exc: StalkError) -> str:
@@ -143,7 +181,7 @@ class Link:
         self.transport = transport
         self.session = session
         self.config = config
-        self._peer_address: tuple[str, int] | bool | None = False  # False: not looked up yet
+        self._peer_address: tuple[str, int] | str | bool | None = False  # False: not yet
         # fast_acquire: taking a free lock costs no event-loop pass (one per send otherwise).
         self.send_lock = anyio.Lock(fast_acquire=True)
         self.writer = writer_for(transport, config.write_timeout)
@@ -171,12 +209,15 @@ class Link:
         self._end_logged = False
 
     @property
-    def address(self) -> tuple[str, int] | None:
-        """The peer's address, looked up on first use (most connections never need it)."""
+    def address(self) -> tuple[str, int] | str | None:
+        """Where the peer is (:func:`remote_address`), looked up on first use.
+
+        Most connections never need it.
+        """
         address = self._peer_address
         if address is False:
             address = self._peer_address = remote_address(self.transport)
-        return cast("tuple[str, int] | None", address)
+        return cast("tuple[str, int] | str | None", address)
 
     def check_open(self) -> None:
         """Raise the typed error if the connection was closed or is broken."""

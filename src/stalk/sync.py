@@ -15,7 +15,8 @@ Errors are the same as for :class:`stalk.Connection`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 
 from anyio import EndOfStream
@@ -24,11 +25,12 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from stalk.config import Config
 from stalk.connection import Connection
 from stalk.connection import connect as _connect
+from stalk.connection import connect_unix as _connect_unix
 from stalk.identity import Identity, PublicIdentity
 from stalk.spack import Spack
 from stalk.wire import Pattern
 
-__all__ = ["SyncConnection", "connect"]
+__all__ = ["SyncConnection", "connect", "connect_unix"]
 
 
 class SyncConnection:
@@ -123,10 +125,37 @@ def connect(
     :raises ~stalk.ConnectFailed: the TCP connection could not be opened.
     :raises ~stalk.HandshakeFailed: the handshake failed (see :func:`stalk.connect`).
     """
+    return _blocking(lambda: _connect(host, port, peer, identity=identity, config=config), backend)
+
+
+def connect_unix(
+    path: str | os.PathLike[str],
+    peer: PublicIdentity | str | None = None,
+    *,
+    identity: Identity | None = None,
+    config: Config | None = None,
+    backend: str = "asyncio",
+) -> SyncConnection:
+    """Blocking :func:`stalk.connect_unix`: :func:`connect` over a unix domain socket.
+
+    :param path: the socket's path.
+    :param peer: the server's expected key or its printable form (IK), or ``None`` (XX).
+    :param identity: our static key pair; ``None`` makes a fresh one.
+    :param config: timeouts and limits (default :class:`~stalk.Config`).
+    :param backend: the anyio backend the thread runs: ``"asyncio"`` or ``"trio"``.
+    :returns: the connected, blocking connection.
+    :raises ~stalk.ConnectFailed: the socket could not be connected to.
+    :raises ~stalk.HandshakeFailed: the handshake failed (see :func:`stalk.connect`).
+    """
+    return _blocking(lambda: _connect_unix(path, peer, identity=identity, config=config), backend)
+
+
+def _blocking(opening: Callable[[], Awaitable[Connection]], backend: str) -> SyncConnection:
+    """Run ``opening()`` on an event loop of its own, in a thread; the blocking connection."""
     stack = contextlib.ExitStack()
     portal = stack.enter_context(start_blocking_portal(backend))
     try:
-        conn = portal.call(lambda: _connect(host, port, peer, identity=identity, config=config))
+        conn = portal.call(opening)
     except BaseException:
         stack.close()
         raise

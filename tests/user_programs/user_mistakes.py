@@ -25,6 +25,11 @@ async def serve(listener: stalk.Listener) -> None:
     await listener.serve(lambda conn: None)  # E: arg-type return-value
 
 
+async def unix(listener: stalk.UnixListener, anywhere: stalk.StreamListener) -> None:
+    _host, _port = listener.address  # E: str-unpack
+    await stalk.connect(*anywhere.address)  # E: misc
+
+
 def blocking(conn: stalk.sync.SyncConnection) -> None:
     if conn.pattern == "xx":  # E: comparison-overlap
         return

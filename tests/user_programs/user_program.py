@@ -52,7 +52,17 @@ async def main() -> None:
         async with listener:
             serving: anyio.abc.Listener[stalk.Connection] = listener
             print(await tg.start(serving.serve, handler), repr(listener))
+            reveal_type(listener.address)  # R: tuple[str, int]
         tg.cancel_scope.cancel()
+
+
+async def over_a_unix_socket(server: stalk.Identity) -> None:
+    async with await stalk.create_unix_listener("/tmp/app.sock", identity=server) as unix:
+        reveal_type(unix.address)  # R: str
+        any_listener: stalk.StreamListener = unix
+        reveal_type(any_listener.address)  # R: tuple[str, int] | str | None
+    async with await stalk.connect_unix("/tmp/app.sock", server.public) as conn:
+        reveal_type(conn.path)  # R: str | None
 
 
 def blocking(host: str, port: int, key: stalk.PublicIdentity) -> int:
