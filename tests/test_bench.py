@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from stalk import bench
+from stalk.bench import orchestrator
+from stalk.bench.common import BUDGETS
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = [b for b in ("asyncio", "trio") if b in bench.available_backends()]
@@ -32,27 +34,55 @@ def run_bench(tmp_path: Path, *options: str, timeout: float) -> tuple[str, dict[
     return proc.stdout, json.loads(out.read_text())
 
 
+#: Channel 0 of a connection with channels, beside TRANSPORTS in throughput and rtt.
+CH0 = "stalk_ch0"
+CH0_RATIOS = ("stalk_ch0_vs_stalk", "stalk_ch0_vs_tls", "stalk_ch0_vs_tcp")
+
+
 def expected_figures(backend: str) -> Iterator[tuple[str, ...]]:
     """Every path (under ``backends[backend]``) that must hold a positive number."""
     for mode in ("send", "batch"):
         for size in bench.SIZES:
-            for transport in bench.TRANSPORTS:
+            for transport in (*bench.TRANSPORTS, CH0):
                 for metric in ("msgs_per_s", "mb_per_s"):
                     yield ("throughput", mode, str(size), transport, metric)
             yield ("throughput", mode, str(size), "batch")
-            yield ("throughput", mode, str(size), "stalk_vs_tls")
-            yield ("throughput", mode, str(size), "stalk_vs_tcp")
+            for ratio in ("stalk_vs_tls", "stalk_vs_tcp", *CH0_RATIOS):
+                yield ("throughput", mode, str(size), ratio)
     plain = ("throughput", "plain", str(bench.PLAIN_SIZE))  # no writer task
-    for transport in bench.TRANSPORTS:
+    for transport in (*bench.TRANSPORTS, CH0):
         for metric in ("msgs_per_s", "mb_per_s"):
             yield (*plain, transport, metric)
-    yield (*plain, "stalk_vs_tls")
-    for transport in bench.TRANSPORTS:
+    for ratio in ("stalk_vs_tls", *CH0_RATIOS):
+        yield (*plain, ratio)
+    for transport in (*bench.TRANSPORTS, CH0):
         for metric in ("median_us", "p99_us"):
             yield ("rtt", transport, metric)
-    for other in ("tls", "tcp"):
+    for ratio in ("stalk_vs_tls", "stalk_vs_tcp", *CH0_RATIOS):
         for metric in ("median_us", "p99_us"):
-            yield ("rtt", f"stalk_vs_{other}", metric)
+            yield ("rtt", ratio, metric)
+    fanout = ("channels", "fanout")
+    yield (*fanout, "streams")
+    for kind in bench.FANOUT_KINDS:
+        yield (*fanout, kind, "requests_per_s")
+    for ratio in ("channels_vs_stalk", "channels_vs_tls", "channels_vs_tcp"):
+        yield (*fanout, ratio)
+    for ratio in ("stalk_vs_tls", "stalk_vs_tcp"):
+        yield (*fanout, ratio)
+    quiet = ("channels", "quiet")
+    for kind in bench.QUIET_KINDS:
+        for metric in ("median_us", "p99_us"):
+            yield (*quiet, kind, metric)
+        if kind.endswith("_busy"):  # how fast the other stream went meanwhile
+            yield (*quiet, kind, "stream_mb_per_s")
+    for ratio in (
+        "stalk_busy_vs_stalk_idle",
+        "tls_busy_vs_tls_idle",
+        "stalk_idle_vs_tls_idle",
+        "stalk_busy_vs_tls_busy",
+    ):
+        for metric in ("median_us", "p99_us"):
+            yield (*quiet, ratio, metric)
     for name in ("sequential", "concurrent16"):
         for kind in bench.HANDSHAKE_KINDS:
             for metric in ("conns_per_s", "median_ms", "p99_ms"):
@@ -88,6 +118,14 @@ TARGET_NAMES = {
     "memory per idle conn (server)",
     "memory per idle conn (client)",
     "64 MiB vs 1 MiB time per MiB",
+    *(
+        f"channel 0 {mode} {size} vs no channels"
+        for mode in ("send", "queue+flush")
+        for size in ("64 B", "1 KiB", "16 KiB", "256 KiB", "1 MiB", "8 MiB")
+    ),
+    "channel 0 send without a writer 64 B vs no channels",
+    "channel 0 RTT 64 B median vs no channels",
+    "channels vs connections, 64 B request/response",
 }
 
 
@@ -115,7 +153,16 @@ def check_result(stdout: str, result: dict[str, Any], backends: Sequence[str]) -
     for size in bench.SIZES:
         for metric in ("seal_mb_per_s", "open_mb_per_s", "ceiling_msgs_per_s", "ceiling_mb_per_s"):
             assert positive(result["aesgcm"][str(size)][metric])
-    for heading in ("One-way throughput", "round trip", "New connections", "Memory", "linearity"):
+    for heading in (
+        "One-way throughput",
+        "round trip",
+        "New connections",
+        "Memory",
+        "linearity",
+        "Channel 0 of a connection with channels",
+        "request/response streams",
+        "while another stream carries",
+    ):
         assert heading in stdout
 
 
@@ -124,6 +171,21 @@ def test_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     stdout, result = run_bench(tmp_path, "--smoke", timeout=150)
     assert result["meta"]["budget"] == "smoke"
     check_result(stdout, result, bench.available_backends())
+    for data in result["backends"].values():
+        assert data["channels"]["fanout"]["streams"] == BUDGETS["smoke"].fanout
+
+
+def test_channel_zero_is_measured_with_the_channels_family() -> None:
+    """Channel 0 is a subject of the throughput and round-trip cells (run in the same
+    rounds) exactly when the channels family runs, which runs those cells itself."""
+    budget = BUDGETS["smoke"]
+    alone = orchestrator._cells(budget, ["channels"])
+    assert {cell.id for cell in alone} == {
+        cell.id for cell in orchestrator._cells(budget, ["throughput", "rtt"])
+    }
+    assert all(cell.subjects == (*bench.TRANSPORTS, CH0) for cell in alone)
+    without = orchestrator._cells(budget, ["throughput", "rtt", "handshake", "linearity"])
+    assert all(CH0 not in cell.subjects for cell in without)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import stalk
 from helpers import serving, wait_until
-from stalk import Identity, Spack
+from stalk import Config, Identity, Spack
 
 pytestmark = pytest.mark.anyio
 
@@ -69,7 +69,7 @@ async def echo_serving() -> AsyncIterator[tuple[str, int, Identity]]:
 
 @asynccontextmanager
 async def kv_serving(
-    authorized_peers: Path | None = None, *, store: Any = None
+    authorized_peers: Path | None = None, *, store: Any = None, config: Config | None = None
 ) -> AsyncIterator[tuple[str, int, Identity, Any]]:
     identity = Identity.generate()
     store = kvstore.KVStore() if store is None else store
@@ -82,6 +82,7 @@ async def kv_serving(
                 identity=identity,
                 store=store,
                 authorized_peers=authorized_peers,
+                config=config,
             )
         )
         yield host, port, identity, store
@@ -558,6 +559,9 @@ BIG_STARTED = 1 << 20
 #: what the writer had already encrypted (at most about 2 MiB) and what credit lets be in
 #: flight. Behind the whole value it would be over 10 MiB.
 SMALL_WAITS_AT_MOST = 3 << 20
+#: Windows small next to the large value, so that what TCP's buffers hold in flight (which
+#: the default 4 MiB / 16 MiB windows would let fill) does not hide the writer's turns.
+SMALL_WINDOWS = Config(max_channels=100, channel_window=256 << 10, connection_window=1 << 20)
 
 
 @pytest.mark.parametrize("operation", ["PUT", "GET"])
@@ -567,9 +571,9 @@ async def test_kv_a_large_value_in_flight_does_not_hold_up_small_requests(operat
     behind: list[int] = []
     with anyio.fail_after(TIMEOUT):
         async with (
-            kv_serving() as (host, port, server_id, store),
+            kv_serving(config=SMALL_WINDOWS) as (host, port, server_id, store),
             relaying((host, port)) as (relay, relay_port),
-            kvstore.KVClient(host, relay_port, peer=server_id.public) as kv,
+            kvstore.KVClient(host, relay_port, peer=server_id.public, config=SMALL_WINDOWS) as kv,
         ):
             await kv.put("small", b"s")
             if operation == "GET":

@@ -128,7 +128,7 @@ def test_config_table_matches_defaults() -> None:
     assert rows["send_buffer"].strip() == f"{defaults.send_buffer >> 10} KiB"
     assert defaults.max_channels is None
     assert rows["max_channels"].strip() == "off"
-    assert rows["channel_window"].strip() == f"{defaults.channel_window >> 10} KiB"
+    assert rows["channel_window"].strip() == f"{defaults.channel_window >> 20} MiB"
     assert rows["connection_window"].strip() == f"{defaults.connection_window >> 20} MiB"
     assert rows["clock_skew"].strip() == f"{defaults.clock_skew:g} s"
 

@@ -177,20 +177,27 @@ class SharedIO:
     async def _read(self, ready: Callable[[], bool], waiter: Waiter, *, nudge: bool = True) -> None:
         """Be the reader until ``ready()`` holds: read, and dispatch every event.
 
+        Once it holds, the events the session can give without more input are dispatched
+        too before the role is given up (each to its inbox, waking the task waiting
+        there): a batch read at once is handed out at once, rather than one event per
+        turn of the reader's role.
+
         :param nudge: read from the transport in a cancel scope that :meth:`wake`
             cancels, for a condition that may come true without input.
         """
+        if ready():
+            return
         link, session = self._link, self._session
         self._reader = waiter
         try:
-            while not ready():
+            while True:
                 link.check_open()
                 try:
                     event = session.next_event()
                 except StalkError as exc:
                     raise await link.fail(exc, close=True) from None
-                await self.write_owed()
                 if event is NEED_DATA:
+                    await self.write_owed()
                     self.progress()  # a batch of input is done: credit, ended channels
                     if ready():
                         return
@@ -202,14 +209,20 @@ class SharedIO:
                         await link.receive_into_session()
                     self._read_scope = None
                 elif event is PAUSED:
+                    await self.write_owed()
+                    self.progress()
+                    if ready():
+                        return  # the next reader resumes reading
                     await link.resume_reading()
                     self.progress()
                 elif isinstance(event, CloseReceived):
                     self._peer_closed(event)
+                    await self.write_owed()
                     if not ready():
                         # Nothing can come after the peer's CLOSE: a wait on input would
                         # never end (every caller's condition counts the CLOSE in).
                         raise link.tag(ConnectionLost("the peer closed the connection"))
+                    return
                 else:
                     self._dispatch(event)
         except StalkError:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -47,16 +48,21 @@ from typing import Final
 
 __all__ = [
     "BIG_LIMIT",
+    "CHANNEL_LIMIT",
     "CONCURRENCY",
     "FAMILIES",
+    "FANOUT_KINDS",
+    "FANOUT_SIZE",
     "HANDSHAKE_KINDS",
     "HOST",
     "LINEARITY_BIG",
     "LINEARITY_SMALL",
     "PLAIN_SIZE",
+    "QUIET_KINDS",
     "READ_SIZE",
     "RTT_SIZE",
     "SIZES",
+    "STREAM_SIZE",
     "TRANSPORTS",
     "add_arguments",
     "available_backends",
@@ -87,9 +93,22 @@ HOST: Final = "127.0.0.1"
 READ_SIZE: Final = 256 * 1024
 #: max_message_size of the stalk listener and client used for the linearity figure.
 BIG_LIMIT: Final = 2 * LINEARITY_BIG
-#: Messages of at least this size are written as header + body (two writes, no copy).
-#: The figure families, in the order they run (``--figures`` picks a subset).
-FAMILIES: Final = ("throughput", "rtt", "handshake", "memory", "linearity")
+#: The figure families, in the order they run (``--figures`` picks a subset). ``channels``
+#: adds channel 0 of a connection with channels to the throughput and round-trip cells
+#: (which it runs even when their own families are not picked), then its own cells.
+FAMILIES: Final = ("throughput", "rtt", "handshake", "memory", "linearity", "channels")
+#: Concurrent request/response streams: ``channels`` on one connection, against as many
+#: separate connections of stalk, TLS 1.3 and plain TCP.
+FANOUT_KINDS: Final = ("channels", "stalk", "tls", "tcp")
+#: Payload of each request (and its echo) of the fan-out figure.
+FANOUT_SIZE: Final = 64
+#: Round trips timed on one stream while another streams spacks of STREAM_SIZE bytes:
+#: stalk channels A and B of one connection, TLS connections 1 and 2 (each also idle).
+QUIET_KINDS: Final = ("stalk_idle", "stalk_busy", "tls_idle", "tls_busy")
+#: Payload of each spack streamed beside the round trips.
+STREAM_SIZE: Final = 16 * 1024 * 1024
+#: max_channels of the benchmark's connections with channels (room for the fan-out).
+CHANNEL_LIMIT: Final = 1024
 
 
 def batch_size(size: int) -> int:
@@ -148,20 +167,16 @@ def _split(text: str | None, allowed: Sequence[str], what: str) -> list[str] | N
 def run_from_args(args: argparse.Namespace) -> int:
     """Run with parsed :func:`add_arguments` options; print the table; return the exit status."""
     # Imported here: the CLI builds its parser from this module on every command.
-    from stalk.bench.common import BUDGETS, BenchError, Budget  # noqa: PLC0415
+    from stalk.bench.common import BUDGETS, BenchError  # noqa: PLC0415
     from stalk.bench.orchestrator import run  # noqa: PLC0415
     from stalk.bench.report import finite, format_report  # noqa: PLC0415
 
     budget = BUDGETS["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.rounds is not None or args.seconds is not None:
-        budget = Budget(
-            budget.name,
-            args.rounds or budget.rounds,
-            args.seconds or budget.cell_seconds,
-            budget.memory_connections,
-            budget.linearity_big_count,
-            budget.aes_seconds,
-            budget.calibrate,
+        budget = dataclasses.replace(
+            budget,
+            rounds=args.rounds or budget.rounds,
+            cell_seconds=args.seconds or budget.cell_seconds,
         )
     available = available_backends()
     backends = _split(args.backends, ["asyncio", "trio", "uvloop"], "backend") or available

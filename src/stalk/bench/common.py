@@ -55,6 +55,8 @@ class Budget:
     :param linearity_big_count: 64 MiB spacks per round (and 64 x as many 1 MiB spacks).
     :param aes_seconds: time spent on the AES-GCM ceiling, per round.
     :param calibrate: calibrate counts; if not, every count is its small starting value.
+    :param fanout: concurrent request/response streams of the fan-out figure (channels on
+        one connection, and as many connections of each transport).
     """
 
     name: str
@@ -64,12 +66,13 @@ class Budget:
     linearity_big_count: int
     aes_seconds: float
     calibrate: bool = True
+    fanout: int = 1000
 
 
 BUDGETS: Final = {
     "full": Budget("full", 7, 0.3, 1000, 1, 0.3),
     "quick": Budget("quick", 3, 0.04, 200, 1, 0.04),
-    "smoke": Budget("smoke", 1, 0.01, 100, 1, 0.01, calibrate=False),
+    "smoke": Budget("smoke", 1, 0.01, 100, 1, 0.01, calibrate=False, fanout=50),
 }
 
 
@@ -108,6 +111,16 @@ def _raise_fd_limit(wanted: int = 8192) -> None:
     if soft < target:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _fd_limit() -> int | None:
+    """The soft limit on open files (Unix); ``None`` where there is none or it is unknown."""
+    try:
+        import resource  # noqa: PLC0415 - Unix only
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _median(values: Sequence[float]) -> float:

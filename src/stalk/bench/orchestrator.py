@@ -32,10 +32,12 @@ import stalk
 from stalk.bench import (
     CONCURRENCY,
     FAMILIES,
+    FANOUT_KINDS,
     HANDSHAKE_KINDS,
     LINEARITY_BIG,
     LINEARITY_SMALL,
     PLAIN_SIZE,
+    QUIET_KINDS,
     RTT_SIZE,
     SIZES,
     TRANSPORTS,
@@ -220,19 +222,23 @@ class _Cell:
     start_count: int
     min_count: int = 1
     calibrated: bool = True
+    #: one timed run lasts about this many times the budget's run time
+    scale: float = 1.0
 
 
-def _throughput_cell(mode: str, size: int) -> _Cell:
+def _throughput_cell(mode: str, size: int, subjects: tuple[str, ...] = TRANSPORTS) -> _Cell:
     """One-way throughput of one ``mode``.
 
     ``send``: one per message; ``batch``: ``queue`` x k + ``flush``; ``plain``: one ``send``
     per message on a stalk connection used without ``async with``, so without a writer
-    task (every send writes before it returns).
+    task (every send writes before it returns). Subject ``stalk_ch0``: channel 0 of a
+    connection with channels.
     """
     batch = batch_size(size) if mode == "batch" else 1
 
     def job(transport: str, n: int) -> dict[str, Any]:
-        conn = "stalk_plain" if mode == "plain" and transport == "stalk" else transport
+        is_stalk = transport.startswith("stalk")
+        conn = f"{transport}_plain" if mode == "plain" and is_stalk else transport
         return {"op": "sink", "conn": conn, "size": size, "n": n, "batch": batch}
 
     def metrics(answer: dict[str, Any], n: int) -> dict[str, float]:
@@ -242,17 +248,17 @@ def _throughput_cell(mode: str, size: int) -> _Cell:
     start = max(2, min(1000, 64 * 1024 // size))
     if mode == "batch":
         start = max(start, 2 * batch)
-    return _Cell(f"throughput/{mode}/{size}", TRANSPORTS, job, metrics, start, min_count=3)
+    return _Cell(f"throughput/{mode}/{size}", subjects, job, metrics, start, min_count=3)
 
 
-def _rtt_cell() -> _Cell:
+def _rtt_cell(subjects: tuple[str, ...] = TRANSPORTS) -> _Cell:
     def job(transport: str, n: int) -> dict[str, Any]:
         return {"op": "rtt", "conn": transport, "size": RTT_SIZE, "n": n}
 
     def metrics(answer: dict[str, Any], n: int) -> dict[str, float]:
         return {"median_us": answer["median"] * 1e6, "p99_us": answer["p99"] * 1e6}
 
-    return _Cell(f"rtt/{RTT_SIZE}", TRANSPORTS, job, metrics, 50, min_count=20)
+    return _Cell(f"rtt/{RTT_SIZE}", subjects, job, metrics, 50, min_count=20)
 
 
 def _handshake_cell(concurrency: int) -> _Cell:
@@ -291,13 +297,54 @@ def _linearity_cell(big_count: int) -> _Cell:
     return _Cell("linearity", TRANSPORTS, job, metrics, big_count, calibrated=False)
 
 
+def _fanout_cell(streams: int) -> _Cell:
+    """``streams`` concurrent 64 B request/response streams, each a channel or a connection."""
+
+    def job(kind: str, n: int) -> dict[str, Any]:
+        return {"op": "fanout", "kind": kind, "streams": streams, "n": n}
+
+    def metrics(answer: dict[str, Any], n: int) -> dict[str, float]:
+        return {"requests_per_s": streams * n / answer["seconds"]}
+
+    return _Cell("channels/fanout", FANOUT_KINDS, job, metrics, 2, min_count=2, scale=3)
+
+
+def _quiet_cell(budget: Budget) -> _Cell:
+    """64 B round trips on one stream, alone and while another streams big spacks.
+
+    Round trips beside a stream vary widely from run to run (TLS's most), so a run also
+    stops after twice its calibrated duration (at least 0.5 s), which keeps rounds
+    bounded; its figures are the round trips it made.
+    """
+    scale = 3.0
+    limit = max(0.5, 2 * scale * budget.cell_seconds)
+
+    def job(kind: str, n: int) -> dict[str, Any]:
+        return {"op": "quiet", "kind": kind, "n": n, "limit": limit}
+
+    def metrics(answer: dict[str, Any], n: int) -> dict[str, float]:
+        out = {"median_us": answer["median"] * 1e6, "p99_us": answer["p99"] * 1e6}
+        if "stream_mb_per_s" in answer:
+            out["stream_mb_per_s"] = answer["stream_mb_per_s"]
+        return out
+
+    return _Cell("channels/quiet", QUIET_KINDS, job, metrics, 50, min_count=20, scale=scale)
+
+
 def _cells(budget: Budget, families: Sequence[str]) -> list[_Cell]:
+    """The cells of the main worker pair: every family but memory and the channels pair's."""
     cells: list[_Cell] = []
-    if "throughput" in families:
-        cells += [_throughput_cell(mode, size) for mode in ("send", "batch") for size in SIZES]
-        cells.append(_throughput_cell("plain", PLAIN_SIZE))
-    if "rtt" in families:
-        cells.append(_rtt_cell())
+    channels = "channels" in families
+    # With channels, every throughput and round-trip cell also measures channel 0 of a
+    # connection with channels, in the same rounds as the connection without.
+    subjects = (*TRANSPORTS, "stalk_ch0") if channels else TRANSPORTS
+    if "throughput" in families or channels:
+        cells += [
+            _throughput_cell(mode, size, subjects) for mode in ("send", "batch") for size in SIZES
+        ]
+        cells.append(_throughput_cell("plain", PLAIN_SIZE, subjects))
+    if "rtt" in families or channels:
+        cells.append(_rtt_cell(subjects))
     if "handshake" in families:
         cells += [_handshake_cell(c) for c in CONCURRENCY]
     if "linearity" in families:
@@ -338,7 +385,7 @@ def _measure_rounds(pair: Pair, cells: list[_Cell], budget: Budget, say: Progres
                 return _seconds_of(pair.job(**cell.job(subject, n)))
 
             counts[cell.id, subject] = _calibrate(
-                run_job, budget.cell_seconds, cell.start_count, cell.min_count
+                run_job, budget.cell_seconds * cell.scale, cell.start_count, cell.min_count
             )
     say("calibrated")
     samples: Samples = defaultdict(list)
@@ -457,14 +504,23 @@ def run(
             cells = _cells(budget, families)
             if cells:
                 kinds = ["stalk", "stalk_plain", "stalk_big", "tls", "tcp"]
+                if "channels" in families:
+                    kinds += ["stalk_ch0", "stalk_ch0_plain"]
                 with start_pair(backend, *tls_files, kinds, env) as pair:
                     samples = _measure_rounds(pair, cells, budget, tell)
+            if "channels" in families:
+                # A pair of its own: the fan-out's thousands of connections and the 16 MiB
+                # streams must not shape the heaps and loops of the other cells' workers.
+                kinds = ["stalk_chbig", "tls", "tls2"]
+                with start_pair(backend, *tls_files, kinds, env) as pair:
+                    channel_cells = [_fanout_cell(budget.fanout), _quiet_cell(budget)]
+                    samples |= _measure_rounds(pair, channel_cells, budget, tell)
             memory: dict[str, dict[str, float]] = {}
             if "memory" in families:
                 for transport in TRANSPORTS:
                     memory[transport] = _measure_memory(backend, transport, budget, tls_files, env)
                     tell(f"memory {transport} done")
-            summary = _summarise(samples, memory)
+            summary = _summarise(samples, memory, budget.fanout)
             summary["targets"] = [t.as_dict() for t in _targets(samples, summary)]
             summary["samples"] = samples
             result["backends"][backend] = summary

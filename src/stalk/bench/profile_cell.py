@@ -6,6 +6,10 @@
     python -m stalk.bench.profile_cell rtt
     python -m stalk.bench.profile_cell handshake xx --concurrency 16
     python -m stalk.bench.profile_cell linearity
+    python -m stalk.bench.profile_cell send 64 --transport stalk_ch0   # channel 0, channels on
+    python -m stalk.bench.profile_cell fanout channels     # 1000 channels, 64 B round trips
+    python -m stalk.bench.profile_cell fanout stalk --streams 100
+    python -m stalk.bench.profile_cell quiet stalk_busy    # channel A while B streams
 
 The cell runs twice unprofiled (warm-up, then the unprofiled time), then once with both
 workers under cProfile. For each side the report gives the time blocked in the event loop's
@@ -50,6 +54,20 @@ def _job(args: argparse.Namespace) -> tuple[dict[str, Any], str, int, str]:
     if args.cell == "linearity":
         job = {"op": "linearity", "conn": conn, "small_n": 0, "big_n": args.n or 2}
         return job, conn, 64 * (args.n or 2), "MiB"
+    if args.cell == "fanout":
+        kind = args.arg or "channels"
+        if kind not in bench.FANOUT_KINDS:
+            raise SystemExit(f"fanout: choose one of {', '.join(bench.FANOUT_KINDS)}")
+        n = args.n or 20
+        job = {"op": "fanout", "kind": kind, "streams": args.streams, "n": n}
+        return job, "stalk", args.streams * n, "request"
+    if args.cell == "quiet":
+        kind = args.arg or "stalk_busy"
+        if kind not in bench.QUIET_KINDS:
+            raise SystemExit(f"quiet: choose one of {', '.join(bench.QUIET_KINDS)}")
+        n = args.n or 2000
+        job = {"op": "quiet", "kind": kind, "n": n, "limit": 3600}
+        return job, "stalk", n, "round trip"
     raise SystemExit(f"unknown cell {args.cell!r}")
 
 
@@ -90,11 +108,23 @@ def _report(path: Path, side: str, units: int, unit: str, *, top: int, sort: str
 def main() -> int:
     """Profile the cell named on the command line; print both sides' top entries."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cell", choices=["send", "batch", "rtt", "handshake", "linearity"])
-    parser.add_argument("arg", nargs="?", help="size in bytes, or xx/ik/tls/tcp for handshake")
-    parser.add_argument("--transport", default="stalk", choices=bench.TRANSPORTS)
+    parser.add_argument(
+        "cell", choices=["send", "batch", "rtt", "handshake", "linearity", "fanout", "quiet"]
+    )
+    parser.add_argument(
+        "arg",
+        nargs="?",
+        help="size in bytes; xx/ik/tls/tcp for handshake; the kind for fanout and quiet",
+    )
+    parser.add_argument(
+        "--transport",
+        default="stalk",
+        choices=[*bench.TRANSPORTS, "stalk_ch0"],
+        help="stalk_ch0: channel 0 of a connection with channels",
+    )
     parser.add_argument("--backend", default="asyncio", choices=bench.available_backends())
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--streams", type=int, default=1000, help="fanout: streams at once")
     parser.add_argument("--n", type=int, help="messages / round trips / connections")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
@@ -107,6 +137,8 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         cert, key = make_certificate(Path(tmp))
         connect = sorted({via, job.get("conn", via)})
+        if args.cell == "quiet":
+            connect = sorted({via, "stalk_chbig", "tls", "tls2"})
         with start_pair(args.backend, cert, key, connect, worker_env(args.malloc_tuned)) as pair:
             pair.job(**job)  # warm-up
             plain = pair.job(**job)

@@ -8,14 +8,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from stalk.bench import (
+    CHANNEL_LIMIT,
     CONCURRENCY,
+    FANOUT_KINDS,
+    FANOUT_SIZE,
     HANDSHAKE_KINDS,
     PLAIN_SIZE,
+    QUIET_KINDS,
     RTT_SIZE,
     SIZES,
+    STREAM_SIZE,
     TRANSPORTS,
     batch_size,
 )
@@ -38,7 +43,15 @@ def _k(cell: str, subject: str) -> str:
     return _SAMPLE_KEY_SEP.join((cell, subject))
 
 
-def _summarise(samples: Samples, memory: dict[str, dict[str, float]]) -> dict[str, Any]:
+#: Channel 0 of a connection with channels: a subject of the throughput and round-trip
+#: cells when the ``channels`` family runs, compared with "stalk" (the same without).
+CH0: Final = "stalk_ch0"
+
+
+def _summarise(
+    samples: Samples, memory: dict[str, dict[str, float]], fanout: int = 0
+) -> dict[str, Any]:
+    """Medians and ratios of a run's samples (``fanout``: streams of the fan-out cell)."""
     out: dict[str, Any] = {}
     throughput: dict[str, Any] = {}
     for mode in ("send", "batch", "plain"):
@@ -47,29 +60,41 @@ def _summarise(samples: Samples, memory: dict[str, dict[str, float]]) -> dict[st
             if _k(cell, "stalk") not in samples:
                 continue
             entry: dict[str, Any] = {"batch": batch_size(size) if mode == "batch" else 1}
-            for t in TRANSPORTS:
-                entry[t] = {
-                    m: _metric_median(samples, _k(cell, t), m) for m in ("msgs_per_s", "mb_per_s")
-                }
-            for other in ("tls", "tcp"):
-                entry[f"stalk_vs_{other}"] = _ratio_median(
-                    samples, _k(cell, "stalk"), _k(cell, other), "msgs_per_s"
+            for t in (*TRANSPORTS, CH0):
+                if _k(cell, t) in samples:
+                    entry[t] = {
+                        m: _metric_median(samples, _k(cell, t), m)
+                        for m in ("msgs_per_s", "mb_per_s")
+                    }
+            pairs = [("stalk", "tls"), ("stalk", "tcp")]
+            if _k(cell, CH0) in samples:
+                pairs += [(CH0, "stalk"), (CH0, "tls"), (CH0, "tcp")]
+            for subject, reference in pairs:
+                entry[f"{subject}_vs_{reference}"] = _ratio_median(
+                    samples, _k(cell, subject), _k(cell, reference), "msgs_per_s"
                 )
             throughput.setdefault(mode, {})[str(size)] = entry
     if throughput:
         out["throughput"] = throughput
     cell = f"rtt/{RTT_SIZE}"
     if _k(cell, "stalk") in samples:
+        subjects = [t for t in (*TRANSPORTS, CH0) if _k(cell, t) in samples]
         rtt: dict[str, Any] = {
             t: {m: _metric_median(samples, _k(cell, t), m) for m in ("median_us", "p99_us")}
-            for t in TRANSPORTS
+            for t in subjects
         }
-        for other in ("tls", "tcp"):
-            rtt[f"stalk_vs_{other}"] = {
-                m: _ratio_median(samples, _k(cell, "stalk"), _k(cell, other), m)
+        pairs = [("stalk", "tls"), ("stalk", "tcp")]
+        if CH0 in subjects:
+            pairs += [(CH0, "stalk"), (CH0, "tls"), (CH0, "tcp")]
+        for subject, reference in pairs:
+            rtt[f"{subject}_vs_{reference}"] = {
+                m: _ratio_median(samples, _k(cell, subject), _k(cell, reference), m)
                 for m in ("median_us", "p99_us")
             }
         out["rtt"] = rtt
+    channels = _summarise_channels(samples, fanout)
+    if channels:
+        out["channels"] = channels
     handshake: dict[str, Any] = {}
     for concurrency in CONCURRENCY:
         cell = f"handshake/{concurrency}"
@@ -106,6 +131,48 @@ def _summarise(samples: Samples, memory: dict[str, dict[str, float]]) -> dict[st
             }
             for t in TRANSPORTS
         }
+    return out
+
+
+def _summarise_channels(samples: Samples, fanout: int) -> dict[str, Any]:
+    """The fan-out and quiet cells: medians, and ratios of per-round figures."""
+    out: dict[str, Any] = {}
+    cell = "channels/fanout"
+    if _k(cell, "channels") in samples:
+        rate = "requests_per_s"
+        entry: dict[str, Any] = {"streams": fanout, "size": FANOUT_SIZE}
+        for kind in FANOUT_KINDS:
+            entry[kind] = {rate: _metric_median(samples, _k(cell, kind), rate)}
+        for mine, other in (
+            ("channels", "stalk"),
+            ("channels", "tls"),
+            ("channels", "tcp"),
+            ("stalk", "tls"),
+            ("stalk", "tcp"),
+        ):
+            entry[f"{mine}_vs_{other}"] = _ratio_median(
+                samples, _k(cell, mine), _k(cell, other), rate
+            )
+        out["fanout"] = entry
+    cell = "channels/quiet"
+    if _k(cell, "stalk_busy") in samples:
+        quiet: dict[str, Any] = {"size": RTT_SIZE, "stream_size": STREAM_SIZE}
+        for kind in QUIET_KINDS:
+            metrics = ["median_us", "p99_us"]
+            if kind.endswith("_busy"):
+                metrics.append("stream_mb_per_s")
+            quiet[kind] = {m: _metric_median(samples, _k(cell, kind), m) for m in metrics}
+        for mine, other in (
+            ("stalk_busy", "stalk_idle"),
+            ("tls_busy", "tls_idle"),
+            ("stalk_idle", "tls_idle"),
+            ("stalk_busy", "tls_busy"),
+        ):
+            quiet[f"{mine}_vs_{other}"] = {
+                m: _ratio_median(samples, _k(cell, mine), _k(cell, other), m)
+                for m in ("median_us", "p99_us")
+            }
+        out["quiet"] = quiet
     return out
 
 
@@ -196,6 +263,7 @@ def _targets(samples: Samples, summary: dict[str, Any]) -> list[_Target]:
                 ref="TLS",
             )
         )
+    targets += _channel_targets(summary)
     for concurrency in CONCURRENCY:
         name = _concurrency_name(concurrency)
         entry = summary.get("handshake", {}).get(name)
@@ -219,6 +287,55 @@ def _targets(samples: Samples, summary: dict[str, Any]) -> list[_Target]:
     if "linearity" in summary:
         ratio = summary["linearity"]["stalk"]["ratio"]
         targets.append(_Target("64 MiB vs 1 MiB time per MiB", ratio, "<=", 1.3))
+    return targets
+
+
+#: Channel 0's figures may be this much below the same connection's without channels.
+_CH0_FLOOR: Final = 0.95
+_MODE_NAMES: Final = {"send": "send", "batch": "queue+flush", "plain": "send without a writer"}
+
+
+def _ch0_target_name(mode: str, size: int) -> str:
+    return f"channel 0 {_MODE_NAMES[mode]} {_size_name(size)} vs no channels"
+
+
+def _channel_targets(summary: dict[str, Any]) -> list[_Target]:
+    """Channel 0 within 5% of a connection without channels; channels 3x connections."""
+    targets: list[_Target] = []
+    for mode, by_size in summary.get("throughput", {}).items():
+        for size_text, entry in by_size.items():
+            if f"{CH0}_vs_stalk" in entry:
+                targets.append(
+                    _Target(
+                        _ch0_target_name(mode, int(size_text)),
+                        entry[f"{CH0}_vs_stalk"],
+                        ">=",
+                        _CH0_FLOOR,
+                        ref="no channels",
+                    )
+                )
+    rtt = summary.get("rtt", {})
+    if f"{CH0}_vs_stalk" in rtt:
+        targets.append(
+            _Target(
+                "channel 0 RTT 64 B median vs no channels",
+                rtt[f"{CH0}_vs_stalk"]["median_us"],
+                "<=",
+                round(1 / _CH0_FLOOR, 2),
+                ref="no channels",
+            )
+        )
+    fanout = summary.get("channels", {}).get("fanout")
+    if fanout is not None:
+        targets.append(
+            _Target(
+                "channels vs connections, 64 B request/response",
+                fanout["channels_vs_stalk"],
+                ">=",
+                3,
+                ref="stalk connections",
+            )
+        )
     return targets
 
 
@@ -404,6 +521,142 @@ def _linearity_lines(summary: dict[str, Any], targets: list[_Target]) -> list[st
     return ["", "Cost linearity (one-way, one send per spack)", *_grid(headers, rows)]
 
 
+def _channel0_lines(summary: dict[str, Any], targets: list[_Target]) -> list[str]:
+    rows = []
+    for mode, by_size in summary.get("throughput", {}).items():
+        for size_text, entry in by_size.items():
+            if CH0 not in entry:
+                continue
+            size = int(size_text)
+            k = f" (k={entry['batch']})" if mode == "batch" else ""
+            rows.append(
+                [
+                    f"{_MODE_NAMES[mode]} {_size_name(size)}{k}",
+                    "msg/s",
+                    _num(entry["stalk"]["msgs_per_s"]),
+                    _num(entry[CH0]["msgs_per_s"]),
+                    _num(entry[CH0]["mb_per_s"]),
+                    _ratio(entry[f"{CH0}_vs_stalk"]),
+                    _ratio(entry[f"{CH0}_vs_tls"]),
+                    _ratio(entry[f"{CH0}_vs_tcp"]),
+                    _marks(targets, _ch0_target_name(mode, size)),
+                ]
+            )
+    rtt = summary.get("rtt", {})
+    if CH0 in rtt:
+        for metric in ("median_us", "p99_us"):
+            rows.append(
+                [
+                    f"round trip {RTT_SIZE} B, {metric.removesuffix('_us')}",
+                    "us",
+                    _num(rtt["stalk"][metric]),
+                    _num(rtt[CH0][metric]),
+                    "",
+                    _ratio(rtt[f"{CH0}_vs_stalk"][metric]),
+                    _ratio(rtt[f"{CH0}_vs_tls"][metric]),
+                    _ratio(rtt[f"{CH0}_vs_tcp"][metric]),
+                    _marks(targets, "channel 0 RTT 64 B median vs no channels")
+                    if metric == "median_us"
+                    else "",
+                ]
+            )
+    if not rows:
+        return []
+    headers = [
+        "figure",
+        "unit",
+        "no channels",
+        "channel 0",
+        "ch0 MB/s",
+        "x no ch.",
+        "xTLS",
+        "xTCP",
+        "target",
+    ]
+    title = (
+        f"Channel 0 of a connection with channels (both sides max_channels={CHANNEL_LIMIT}), "
+        "next to the same connection without; same cells and rounds as above"
+    )
+    return ["", title, *_grid(headers, rows)]
+
+
+def _fanout_lines(summary: dict[str, Any], targets: list[_Target]) -> list[str]:
+    fanout = summary.get("channels", {}).get("fanout")
+    if fanout is None:
+        return []
+    n = fanout["streams"]
+    labels = {
+        "channels": f"{n} channels, one stalk connection",
+        "stalk": f"{n} stalk connections",
+        "tls": f"{n} TLS connections",
+        "tcp": f"{n} TCP connections",
+    }
+    rows = [
+        [
+            labels[kind],
+            _num(fanout[kind]["requests_per_s"]),
+            "" if kind == "channels" else _ratio(fanout[f"channels_vs_{kind}"]),
+            _ratio(fanout["stalk_vs_tls"]) if kind == "stalk" else "",
+            _ratio(fanout["stalk_vs_tcp"]) if kind == "stalk" else "",
+            _marks(targets, "channels vs connections, 64 B request/response")
+            if kind == "stalk"
+            else "",
+        ]
+        for kind in FANOUT_KINDS
+    ]
+    headers = ["streams", "requests/s", "channels x", "xTLS", "xTCP", "target"]
+    title = (
+        f"{n} concurrent {_size_name(fanout['size'])} request/response streams "
+        "(each: send, wait for the echo, again)"
+    )
+    return ["", title, *_grid(headers, rows)]
+
+
+def _quiet_lines(summary: dict[str, Any]) -> list[str]:
+    quiet = summary.get("channels", {}).get("quiet")
+    if quiet is None:
+        return []
+    big = _size_name(quiet["stream_size"])
+    labels = {
+        "stalk_idle": "stalk channel A, alone",
+        "stalk_busy": f"stalk channel A, channel B streaming {big} spacks",
+        "tls_idle": "TLS connection, alone",
+        "tls_busy": f"TLS connection, a second one streaming {big} messages",
+    }
+    rows = []
+    for kind in QUIET_KINDS:
+        entry = quiet[kind]
+        transport, state = kind.split("_")
+        row = [labels[kind], _num(entry["median_us"]), _num(entry["p99_us"])]
+        if state == "busy":
+            alone = quiet[f"{kind}_vs_{transport}_idle"]
+            row += [
+                _num(entry["stream_mb_per_s"]),
+                _ratio(alone["median_us"]),
+                _ratio(alone["p99_us"]),
+            ]
+        else:
+            row += ["", "", ""]
+        if transport == "stalk":
+            versus = quiet[f"{kind}_vs_tls_{state}"]
+            row += [_ratio(versus["median_us"]), _ratio(versus["p99_us"])]
+        else:
+            row += ["", ""]
+        rows.append(row)
+    headers = [
+        f"{_size_name(quiet['size'])} round trip on",
+        "median us",
+        "p99 us",
+        "stream MB/s",
+        "median x alone",
+        "p99 x alone",
+        "median xTLS",
+        "p99 xTLS",
+    ]
+    title = f"Round trip of a small spack while another stream carries {big} spacks"
+    return ["", title, *_grid(headers, rows)]
+
+
 def _aes_lines(aes: dict[str, dict[str, float]]) -> list[str]:
     rows = [
         [
@@ -448,6 +701,9 @@ def format_report(result: dict[str, Any]) -> str:
         lines += _handshake_lines(data, targets)
         lines += _memory_lines(data, targets)
         lines += _linearity_lines(data, targets)
+        lines += _channel0_lines(data, targets)
+        lines += _fanout_lines(data, targets)
+        lines += _quiet_lines(data)
         passed = sum(t.passed for t in targets)
         lines += ["", f"Targets ({backend}): {passed}/{len(targets)} pass"]
         lines += [

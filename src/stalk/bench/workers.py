@@ -11,6 +11,7 @@ import contextlib
 import cProfile
 import gc
 import json
+import math
 import os
 import ssl
 import time
@@ -18,19 +19,29 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 import anyio
-from anyio.abc import AsyncResource, SocketAttribute, SocketStream
+from anyio.abc import AsyncResource, SocketAttribute, SocketStream, TaskStatus
 from anyio.streams.tls import TLSStream
 
 import stalk
-from stalk.bench import BIG_LIMIT, HOST, LINEARITY_BIG, LINEARITY_SMALL
+from stalk.bench import (
+    BIG_LIMIT,
+    CHANNEL_LIMIT,
+    FANOUT_SIZE,
+    HOST,
+    LINEARITY_BIG,
+    LINEARITY_SMALL,
+    RTT_SIZE,
+    STREAM_SIZE,
+)
 from stalk.bench.common import (
     _ENDED,
     BenchError,
     _client_ssl_context,
     _emit,
+    _fd_limit,
     _Framed,
     _median,
     _p99,
@@ -41,6 +52,16 @@ from stalk.bench.common import (
     _server_ssl_context,
     rss_bytes,
 )
+
+#: A stream of spacks the client times: a stalk connection, one of its channels, or a
+#: TLS/TCP connection with the framing of the workload.
+_Stream: TypeAlias = stalk.Connection | stalk.Channel | _Framed
+#: Listener settings of every stalk listener here: every client is on HOST, and the memory
+#: and fan-out figures hold a thousand connections open, so the caps are raised to what
+#: _raise_fd_limit() makes room for.
+_MANY: Final[dict[str, Any]] = {"max_connections": 4096, "max_handshakes_per_address": 256}
+#: Connections opened at once while the fan-out figure sets up its connections.
+_OPENERS: Final = 16
 
 # -- the server worker -------------------------------------------------------------------
 
@@ -56,7 +77,7 @@ class _Endpoint:
     reply: Callable[[list[Any]], Awaitable[None]]
 
 
-def _stalk_endpoint(conn: stalk.Connection) -> _Endpoint:
+def _stalk_endpoint(conn: stalk.Connection | stalk.Channel) -> _Endpoint:
     async def reply(message: list[Any]) -> None:
         await conn.send(stalk.Spack(*message))
 
@@ -93,6 +114,17 @@ class _Server:
             echo = endpoint.echo
             for _ in range(int(command[1])):
                 await echo(await receive())
+        elif op == "echo_until":
+            # Round trips until the client's ["done"]: the client decides how many.
+            echo = endpoint.echo
+            while not isinstance((message := await receive())[0], str):
+                await echo(message)
+            await endpoint.reply(["ok"])
+        elif op == "stream":
+            # A stream of unknown length: everything up to the client's ["done"] is dropped.
+            while not isinstance((await receive())[0], str):
+                pass
+            await endpoint.reply(["ok"])
         elif op == "rss":
             with anyio.move_on_after(60):
                 while self.open[kind] != int(command[1]):
@@ -119,6 +151,10 @@ class _Server:
     async def stalk_handler(self, kind: str, conn: stalk.Connection) -> None:
         await self.serve_commands(kind, _stalk_endpoint(conn))
 
+    async def channel_handler(self, kind: str, channel: stalk.Channel) -> None:
+        """A channel the client opened obeys commands as a connection does."""
+        await self.serve_commands(f"{kind} channel", _stalk_endpoint(channel))
+
     async def tcp_handler(self, stream: SocketStream) -> None:
         framed = _Framed(stream)
         try:
@@ -143,16 +179,28 @@ class _Server:
 async def _server_main(options: argparse.Namespace) -> None:
     server = _Server(_server_ssl_context(options.cert, options.key))
     identity = stalk.Identity.generate()
-    # Every client is on HOST, and the memory figure holds a thousand connections open: the
-    # listener caps are raised to what _raise_fd_limit() makes room for.
-    plain = stalk.Config(max_connections=4096, max_handshakes_per_address=256)
-    big = stalk.Config(
-        max_connections=4096, max_handshakes_per_address=256, max_message_size=BIG_LIMIT
-    )
+    configs = {
+        "stalk": stalk.Config(**_MANY),
+        "stalk_big": stalk.Config(**_MANY, max_message_size=BIG_LIMIT),
+        # With channels, for as many as the fan-out opens; otherwise as "stalk" (channel 0
+        # of these connections is measured against "stalk").
+        "stalk_ch": stalk.Config(**_MANY, max_channels=CHANNEL_LIMIT),
+        "stalk_chbig": stalk.Config(
+            **_MANY, max_channels=CHANNEL_LIMIT, max_message_size=BIG_LIMIT
+        ),
+    }
     async with anyio.create_task_group() as tg:
         listeners = {
-            "stalk": await stalk.create_listener(HOST, 0, identity=identity, config=plain),
-            "stalk_big": await stalk.create_listener(HOST, 0, identity=identity, config=big),
+            kind: await stalk.create_listener(
+                HOST,
+                0,
+                identity=identity,
+                config=config,
+                channel_handler=partial(server.channel_handler, kind)
+                if config.max_channels
+                else None,
+            )
+            for kind, config in configs.items()
         }
         tls = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
         tcp = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
@@ -178,9 +226,19 @@ class _Client:
         self.identity = stalk.Identity.generate()
         self.ssl_context = _client_ssl_context(options.cafile)
         self.big_config = stalk.Config(max_message_size=BIG_LIMIT)
-        self.conns: dict[str, stalk.Connection | _Framed] = {}
+        self.channel_config = stalk.Config(max_channels=CHANNEL_LIMIT)
+        self.channel_big_config = stalk.Config(
+            max_channels=CHANNEL_LIMIT, max_message_size=BIG_LIMIT
+        )
+        self.conns: dict[str, _Stream] = {}
+        #: The fan-out figure's streams, by kind, opened by its first job and kept.
+        self.pools: dict[str, list[_Stream]] = {}
         self._spacks: dict[int, stalk.Spack] = {}
         self._messages: dict[int, list[bytes]] = {}
+        #: Where the stalk connections opened by jobs live (each in a task of its own,
+        #: inside ``async with``) until ``stop`` is set.
+        self.holders: anyio.abc.TaskGroup | None = None
+        self.stop = anyio.Event()
 
     # connections
 
@@ -200,7 +258,23 @@ class _Client:
                 identity=self.identity,
                 config=self.big_config,
             )
-        if kind == "tls":
+        if kind in ("stalk_ch0", "stalk_ch0_plain", "stalk_chfan"):
+            return await stalk.connect(
+                HOST,
+                self.ports["stalk_ch"],
+                self.server_key,
+                identity=self.identity,
+                config=self.channel_config,
+            )
+        if kind == "stalk_chbig":
+            return await stalk.connect(
+                HOST,
+                self.ports["stalk_chbig"],
+                self.server_key,
+                identity=self.identity,
+                config=self.channel_big_config,
+            )
+        if kind in ("tls", "tls2"):
             return await anyio.connect_tcp(
                 HOST,
                 self.ports["tls"],
@@ -221,9 +295,25 @@ class _Client:
 
     def endpoint(self, kind: str) -> _Endpoint:
         conn = self.conns[kind]
-        return (
-            _stalk_endpoint(conn) if isinstance(conn, stalk.Connection) else _framed_endpoint(conn)
-        )
+        return _framed_endpoint(conn) if isinstance(conn, _Framed) else _stalk_endpoint(conn)
+
+    async def channel(self, kind: str) -> stalk.Channel:
+        """Channel ``kind`` (``"A"``, ``"B"``) of the "stalk_chbig" connection, opened once."""
+        name = f"stalk_chbig channel {kind}"
+        channel = self.conns.get(name)
+        if not isinstance(channel, stalk.Channel):
+            conn = self.conns["stalk_chbig"]
+            assert isinstance(conn, stalk.Connection)
+            channel = self.conns[name] = await conn.open_channel()
+        return channel
+
+    async def hold(
+        self, conn: stalk.Connection, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep ``conn`` open inside ``async with`` (its writer and reader run) until stop."""
+        async with conn:
+            task_status.started()
+            await self.stop.wait()
 
     def spack(self, size: int) -> stalk.Spack:
         if size not in self._spacks:
@@ -272,12 +362,16 @@ class _Client:
             return {"small_seconds": small, "big_seconds": big}
         if op == "memory":
             return await self.memory(job["conn"], job["n"], job["concurrency"])
+        if op == "fanout":
+            return {"seconds": await self.fanout(job["kind"], job["streams"], job["n"])}
+        if op == "quiet":
+            return await self.quiet(job["kind"], job["n"], job["limit"])
         raise BenchError(f"unknown job {op!r}")
 
     async def sink(self, kind: str, size: int, n: int, batch: int) -> float:
         """Send ``n`` spacks of ``size`` bytes one way; seconds until the server has them all."""
         conn = self.conns[kind]
-        if isinstance(conn, stalk.Connection):
+        if not isinstance(conn, _Framed):
             return await self._sink_stalk(conn, self.spack(size), n, batch)
         message = self.message(size)
         await conn.send(["sink", n])
@@ -297,7 +391,9 @@ class _Client:
         return time.perf_counter() - start
 
     @staticmethod
-    async def _sink_stalk(conn: stalk.Connection, spack: stalk.Spack, n: int, batch: int) -> float:
+    async def _sink_stalk(
+        conn: stalk.Connection | stalk.Channel, spack: stalk.Spack, n: int, batch: int
+    ) -> float:
         await conn.send(stalk.Spack("sink", n))
         start = time.perf_counter()
         if batch <= 1:
@@ -320,28 +416,52 @@ class _Client:
 
     async def rtt(self, kind: str, size: int, n: int) -> dict[str, Any]:
         """``n`` request/response round trips of ``size`` bytes, timed one by one."""
-        conn = self.conns[kind]
+        return await self._rtt(self.conns[kind], size, n)
+
+    async def _rtt(
+        self, conn: _Stream, size: int, n: int, limit: float | None = None
+    ) -> dict[str, Any]:
+        """As :meth:`rtt`; with ``limit``, the round trips also stop after that many seconds.
+
+        With a limit the server echoes until told ``done`` (``echo_until``), so that a run
+        whose round trips turn out much slower than calibrated stays bounded.
+        """
         samples: list[float] = []
         clock = time.perf_counter
-        if isinstance(conn, stalk.Connection):
+        command: list[Any] = ["echo", n] if limit is None else ["echo_until"]
+        if not isinstance(conn, _Framed):
             spack = self.spack(size)
-            await conn.send(stalk.Spack("echo", n))
+            await conn.send(stalk.Spack(*command))
             start = clock()
+            deadline = math.inf if limit is None else start + limit
             for _ in range(n):
                 t0 = clock()
                 await conn.send(spack)
                 await conn.receive()
                 samples.append(clock() - t0)
+                if t0 > deadline:
+                    break
+            seconds = clock() - start
+            if limit is not None:
+                await conn.send(stalk.Spack("done"))
+                await conn.receive()
         else:
             message = self.message(size)
-            await conn.send(["echo", n])
+            await conn.send(command)
             start = clock()
+            deadline = math.inf if limit is None else start + limit
             for _ in range(n):
                 t0 = clock()
                 await conn.send(message)
                 await conn.receive()
                 samples.append(clock() - t0)
-        return {"seconds": clock() - start, "median": _median(samples), "p99": _p99(samples)}
+                if t0 > deadline:
+                    break
+            seconds = clock() - start
+            if limit is not None:
+                await conn.send(["done"])
+                await conn.receive()
+        return {"seconds": seconds, "median": _median(samples), "p99": _p99(samples)}
 
     async def handshakes(self, kind: str, concurrency: int, n: int) -> dict[str, Any]:
         """Open and close ``n`` connections, ``concurrency`` at a time; time each opening."""
@@ -364,6 +484,152 @@ class _Client:
                 tg.start_soon(worker)
         seconds = clock() - start
         return {"seconds": seconds, "median": _median(latencies), "p99": _p99(latencies)}
+
+    async def fanout(self, kind: str, streams: int, n: int) -> float:
+        """``streams`` streams of ``kind`` at once, each ``n`` 64 B round trips in a row.
+
+        Each stream sends a spack, waits for its echo, and again. The seconds run from the
+        first request to the last echo; the streams are opened by the first such job and
+        kept (their opening is not timed), each told to echo ``n`` spacks before the clock
+        starts.
+        """
+        pool = await self._pool(kind, streams)
+        spack, message = self.spack(FANOUT_SIZE), self.message(FANOUT_SIZE)
+
+        async def exchange(stream: _Stream) -> None:
+            if isinstance(stream, _Framed):
+                send_framed, receive_framed = stream.send, stream.receive
+                for _ in range(n):
+                    await send_framed(message)
+                    await receive_framed()
+            else:
+                send, receive = stream.send, stream.receive
+                for _ in range(n):
+                    await send(spack)
+                    await receive()
+
+        for stream in pool:
+            if isinstance(stream, _Framed):
+                await stream.send(["echo", n])
+            else:
+                await stream.send(stalk.Spack("echo", n))
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for stream in pool:
+                tg.start_soon(exchange, stream)
+        return time.perf_counter() - start
+
+    async def _pool(self, kind: str, streams: int) -> list[_Stream]:
+        """The fan-out's streams of ``kind``, opened once: channels, or connections.
+
+        The channels are those of one connection; the connections (stalk IK, TLS, TCP) are
+        opened ``_OPENERS`` at a time.
+        """
+        pool = self.pools.get(kind)
+        if pool is not None:
+            return pool
+        # Every kind's connections stay open together (and this process's own files).
+        needed = 3 * streams + 256
+        limit = _fd_limit()
+        if limit is not None and limit < needed:
+            raise BenchError(
+                f"the fan-out figure needs about {needed} open files per process; "
+                f"the limit here is {limit} (raise ulimit -n)"
+            )
+        holders = self.holders
+        assert holders is not None, "jobs run inside _client_main"
+        if kind == "channels":
+            conn = await self.dial("stalk_chfan")
+            assert isinstance(conn, stalk.Connection)
+            await holders.start(self.hold, conn)
+            # Opening sends nothing: the first command on each opens it at the server.
+            pool = [await conn.open_channel() for _ in range(streams)]
+        else:
+            dial_kind = "stalk_ik" if kind == "stalk" else kind
+            opened: list[AsyncResource] = []
+            remaining = streams
+
+            async def opener() -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    opened.append(await self.dial(dial_kind))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(_OPENERS):
+                    tg.start_soon(opener)
+            pool = []
+            for conn in opened:
+                if isinstance(conn, stalk.Connection):
+                    await holders.start(self.hold, conn)
+                    pool.append(conn)
+                elif isinstance(conn, (TLSStream, SocketStream)):
+                    pool.append(_Framed(conn))
+        self.pools[kind] = pool
+        return pool
+
+    async def quiet(self, kind: str, n: int, limit: float) -> dict[str, Any]:
+        """``n`` 64 B round trips timed one by one, alone or while another stream streams.
+
+        ``*_idle``: alone; ``*_busy``: while another stream sends spacks of STREAM_SIZE
+        bytes to the server, one after another. stalk: the round trips on channel A of the
+        "stalk_chbig" connection, the stream on its channel B. TLS: the round trips on the
+        "tls" connection, the stream on "tls2". The round trips start once the stream's
+        first spack is sent (it is flowing), and stop after ``n`` or ``limit`` seconds; the
+        stream ends after them, once the server has had all of it. The stream's MB/s
+        counts from its first spack to the server's acknowledgement of the last.
+        """
+        on_stalk = kind.startswith("stalk")
+        probe = await self.channel("A") if on_stalk else self.conns["tls"]
+        if kind.endswith("_idle"):
+            return await self._rtt(probe, RTT_SIZE, n, limit)
+        bulk = await self.channel("B") if on_stalk else self.conns["tls2"]
+        flowing = anyio.Event()
+        stopping = False
+        streamed = 0
+        stream_seconds = 0.0
+        clock = time.perf_counter
+
+        async def stream() -> None:
+            nonlocal streamed, stream_seconds
+            if isinstance(bulk, _Framed):
+                message = self.message(STREAM_SIZE)
+                send_framed = bulk.send
+                await send_framed(["stream"])
+                start = clock()
+                while not stopping:
+                    await send_framed(message)
+                    streamed += 1
+                    flowing.set()
+                await send_framed(["done"])
+            else:
+                spack = self.spack(STREAM_SIZE)
+                send = bulk.send
+                await send(stalk.Spack("stream"))
+                start = clock()
+                while not stopping:
+                    await send(spack)
+                    streamed += 1
+                    flowing.set()
+                await send(stalk.Spack("done"))
+            await bulk.receive()  # the server has had everything
+            stream_seconds = clock() - start
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream)
+            await flowing.wait()
+            answer = await self._rtt(probe, RTT_SIZE, n, limit)
+            stopping = True
+        answer["stream_mb_per_s"] = streamed * STREAM_SIZE / stream_seconds / 1e6
+        return answer
+
+    async def close(self) -> None:
+        """Close what jobs opened: the fan-out's TLS/TCP streams, and stop the holders."""
+        for pool in self.pools.values():
+            for stream in pool:
+                if isinstance(stream, _Framed):
+                    await _close_quietly(stream)
+        self.stop.set()
 
     async def _server_rss(self, kind: str, expected: int) -> int:
         answer = await self._remote(kind, ["rss", expected])
@@ -406,13 +672,16 @@ class _Client:
 
 async def _client_main(options: argparse.Namespace) -> None:
     client = _Client(options)
-    async with contextlib.AsyncExitStack() as stack:
+    async with anyio.create_task_group() as holders, contextlib.AsyncExitStack() as stack:
+        client.holders = holders
+        stack.push_async_callback(client.close)
         for kind in filter(None, options.connect.split(",")):
             await client.connect_data(kind)
             conn = client.conns[kind]
-            if isinstance(conn, stalk.Connection) and kind != "stalk_plain":
+            if isinstance(conn, stalk.Connection) and not kind.endswith("_plain"):
                 # As the README shows it: ``async with`` gives the connection its writer
-                # task, which batches what the application sends.
+                # task, which batches what the application sends (and with channels its
+                # reader task).
                 await stack.enter_async_context(conn)
             else:
                 stack.push_async_callback(_close_quietly, conn)
