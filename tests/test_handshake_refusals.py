@@ -28,7 +28,7 @@ from stalk.identity import Identity
 from stalk.listener import listen
 from stalk.records import decode_close
 from stalk.session import Role, Session, SessionState
-from stalk.wire import CloseCode, RecordKind
+from stalk.wire import MAX_CLEARTEXT_PAYLOAD, MAX_HANDSHAKE_PAYLOAD, CloseCode, RecordKind
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -121,8 +121,8 @@ def test_unknown_version_or_pattern_is_unsupported(preamble: bytes) -> None:
         pytest.param(b"STALK\x01XX", XX_MSG1 - 1, id="xx-short"),
         pytest.param(b"STALK\x01IK", 1, id="ik-1-byte"),
         pytest.param(b"STALK\x01IK", IK_MSG1 - 1, id="ik-short"),
-        pytest.param(b"STALK\x01XX", XX_MSG1 + 1025, id="xx-payload-1025"),
-        pytest.param(b"STALK\x01IK", IK_MSG1 + 1025, id="ik-payload-1025"),
+        pytest.param(b"STALK\x01XX", XX_MSG1 + MAX_CLEARTEXT_PAYLOAD + 1, id="xx-payload-1025"),
+        pytest.param(b"STALK\x01IK", IK_MSG1 + MAX_HANDSHAKE_PAYLOAD + 1, id="ik-payload-3073"),
         pytest.param(b"STALK\x01IK", 65_535, id="ik-65535"),
     ],
 )
@@ -259,9 +259,9 @@ async def test_deadline_before_the_verdict_sends_nothing(anyio_backend: str, sen
     [
         pytest.param(False, 0, id="xx-zero-length"),
         pytest.param(False, 95, id="xx-short"),
-        pytest.param(False, 96 + 1025, id="xx-long"),
+        pytest.param(False, 96 + MAX_HANDSHAKE_PAYLOAD + 1, id="xx-long"),
         pytest.param(True, 47, id="ik-short"),
-        pytest.param(True, 48 + 1025, id="ik-long"),
+        pytest.param(True, 48 + MAX_HANDSHAKE_PAYLOAD + 1, id="ik-long"),
     ],
 )
 def test_initiator_refuses_a_bad_message_2_length_from_the_header(ik: bool, length: int) -> None:
@@ -313,7 +313,9 @@ def _flip_last(body: bytes) -> bytes:
     [
         pytest.param(lambda m: encode_frame(_flip_last(m)), id="tag-flipped"),
         pytest.param(lambda m: encode_frame(m[:63]), id="short-frame"),
-        pytest.param(lambda m: (64 + 1025).to_bytes(2, "big"), id="long-header"),
+        pytest.param(
+            lambda m: (64 + MAX_HANDSHAKE_PAYLOAD + 1).to_bytes(2, "big"), id="long-header"
+        ),
         pytest.param(lambda m: b"\x00\x00", id="zero-length"),
         pytest.param(lambda m: encode_frame(m)[:20] + b"", id="eof-inside"),
     ],
@@ -390,7 +392,7 @@ PAYLOADS: dict[str, tuple[bytes, bool]] = {
     "two_maps": (pack_map(GOOD) + pack_map(GOOD), False),
     "array": (msgpack.packb([1, 1 << 20]), False),
     "empty": (b"", False),
-    "oversize_1025": (pack_map([*GOOD, ("pad", b"\x00" * 986)]), False),
+    "oversize_3073": (pack_map([*GOOD, ("pad", b"\x00" * 3034)]), False),
     "version_bool": (pack_map([("version", True), GOOD[1]]), False),
     "max_message_size_bool": (pack_map([GOOD[0], ("max_message_size", True)]), False),
     "max_message_size_float": (pack_map([GOOD[0], ("max_message_size", 1048576.0)]), False),
@@ -398,7 +400,7 @@ PAYLOADS: dict[str, tuple[bytes, bool]] = {
 
 
 def test_payload_table_sizes() -> None:
-    assert len(PAYLOADS["oversize_1025"][0]) == 1025
+    assert len(PAYLOADS["oversize_3073"][0]) == MAX_HANDSHAKE_PAYLOAD + 1
     assert PAYLOADS["map32"][0][0] == 0xDF
 
 
@@ -453,7 +455,7 @@ def test_responder_xx_message_3_payload(name: str) -> None:
         return
     fails(server)
     data = take_all(server)
-    if len(payload) > 1024:
+    if len(payload) > MAX_HANDSHAKE_PAYLOAD:
         assert data == b""  # refused from the frame header: nothing was decrypted
     else:
         assert close_code(init, data) == CloseCode.PROTOCOL_ERROR

@@ -15,6 +15,7 @@ import pytest
 
 import stalk
 import stalk.sync
+from stalk import certificates
 from stalk.config import Config
 
 ROOT = Path(__file__).parents[1]
@@ -72,6 +73,38 @@ def test_transports_example_runs_as_written() -> None:
     assert result.stdout.splitlines() == ["echo hello True", "False"]
 
 
+def test_certificates_example_runs_as_written(tmp_path: Path) -> None:
+    block = re.search(
+        r"### Authorities and certificates\n.*?```python\n(.*?)```", README, re.DOTALL
+    )
+    assert block is not None
+    result = subprocess.run(
+        [sys.executable, "-c", block.group(1)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "db-1 ('db',)\n"
+    assert (tmp_path / "db-1.cert").read_text().startswith("# stalk certificate\n")
+
+
+def test_certificate_bounds_match_the_code() -> None:
+    section = README[README.index("### Authorities and certificates") :]
+    rows = dict(re.findall(r"^\| ([a-z ]+) \| ([^|]+) \|$", section, re.MULTILINE))
+    assert f"{certificates.MAX_CERTIFICATE_SIZE:,} bytes" in rows["a certificate"]
+    assert f"1 to {certificates.MAX_NAME_LEN} " in rows["name"]
+    assert (
+        f"at most {certificates.MAX_GROUPS}, each 1 to {certificates.MAX_GROUP_LEN} "
+        in rows["groups"]
+    )
+    assert f"at most {certificates.MAX_EXTENSIONS}, " in rows["extensions"]
+    assert f"{certificates.MAX_EXTENSION_VALUE} bytes" in rows["extensions"]
+    assert f"{certificates.MAX_REVOKED:,} " in rows["revocation list"]
+
+
 def test_two_commands_are_the_makefile_targets_ci_runs() -> None:
     assert "    make demo" in README
     assert "    make test" in README
@@ -97,6 +130,7 @@ def test_config_table_matches_defaults() -> None:
     assert rows["max_channels"].strip() == "off"
     assert rows["channel_window"].strip() == f"{defaults.channel_window >> 20} MiB"
     assert rows["connection_window"].strip() == f"{defaults.connection_window >> 20} MiB"
+    assert rows["clock_skew"].strip() == f"{defaults.clock_skew:g} s"
 
 
 def test_public_namespace_is_all_and_documented() -> None:
@@ -155,6 +189,7 @@ def test_no_public_signature_shows_a_private_parameter() -> None:
 
 
 CORE = [
+    "certificates",
     "channels",
     "demux",
     "errors",

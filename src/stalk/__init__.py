@@ -11,6 +11,15 @@ runs on asyncio and trio. SPEC.md defines the wire protocol.
 """
 
 from stalk._version import __version__
+from stalk.certificates import (
+    Authorities,
+    Authority,
+    Certificate,
+    CertifiedIdentity,
+    Extension,
+    PublicAuthority,
+    RevocationList,
+)
 from stalk.channel import Channel, ChannelHandler
 from stalk.config import Config
 from stalk.connection import (
@@ -22,6 +31,17 @@ from stalk.connection import (
     connect_unix,
 )
 from stalk.errors import (
+    AuthorityAsSubject,
+    BadCertificateSignature,
+    CertificateError,
+    CertificateExpired,
+    CertificateExtensionError,
+    CertificateKeyMismatch,
+    CertificateMissing,
+    CertificateNameMismatch,
+    CertificateNotYetValid,
+    CertificateRevoked,
+    CertificateTooLarge,
     ChannelClosed,
     ChannelLimitExceeded,
     ChannelLimitReached,
@@ -39,14 +59,19 @@ from stalk.errors import (
     InvalidPeerKey,
     InvalidSpackValue,
     LocalProtocolError,
+    MalformedCertificate,
     MalformedSpack,
     MessageLimitExceeded,
     MessageTooLarge,
+    NonCanonicalCertificate,
     NonceExhausted,
     PeerIdentityMismatch,
     PeerRefused,
     ProtocolError,
+    RenewalFailed,
+    RevocationListError,
     StalkError,
+    UnknownAuthority,
 )
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
@@ -60,12 +85,30 @@ from stalk.listener import (
     listen,
     listen_unix,
 )
+from stalk.renewal import AuthorityService, CertificateKeeper, Enrollments, request_certificate
 from stalk.spack import Float32, Received, Spack, SpackValue
 from stalk.wire import CloseCode
 
 __all__ = [
+    "Authorities",
+    "Authority",
+    "AuthorityAsSubject",
+    "AuthorityService",
     "Authorize",
     "AuthorizedPeers",
+    "BadCertificateSignature",
+    "Certificate",
+    "CertificateError",
+    "CertificateExpired",
+    "CertificateExtensionError",
+    "CertificateKeeper",
+    "CertificateKeyMismatch",
+    "CertificateMissing",
+    "CertificateNameMismatch",
+    "CertificateNotYetValid",
+    "CertificateRevoked",
+    "CertificateTooLarge",
+    "CertifiedIdentity",
     "Channel",
     "ChannelClosed",
     "ChannelHandler",
@@ -81,6 +124,8 @@ __all__ = [
     "ConnectionHandler",
     "ConnectionLost",
     "DecryptionFailed",
+    "Enrollments",
+    "Extension",
     "Float32",
     "FlowControlError",
     "HandshakeFailed",
@@ -93,22 +138,29 @@ __all__ = [
     "KnownPeers",
     "Listener",
     "LocalProtocolError",
+    "MalformedCertificate",
     "MalformedSpack",
     "MessageHandler",
     "MessageLimitExceeded",
     "MessageTooLarge",
+    "NonCanonicalCertificate",
     "NonceExhausted",
     "PeerIdentityMismatch",
     "PeerRefused",
     "ProtocolError",
+    "PublicAuthority",
     "PublicIdentity",
     "Received",
+    "RenewalFailed",
+    "RevocationList",
+    "RevocationListError",
     "Spack",
     "SpackValue",
     "StalkAttribute",
     "StalkError",
     "StreamListener",
     "UnixListener",
+    "UnknownAuthority",
     "__version__",
     "connect",
     "connect_unix",
@@ -116,5 +168,6 @@ __all__ = [
     "create_unix_listener",
     "listen",
     "listen_unix",
+    "request_certificate",
     "stalk_home",
 ]

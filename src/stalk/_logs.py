@@ -9,7 +9,9 @@ apart (``logging.getLogger("stalk.handshake").setLevel(logging.WARNING)``):
 - ``stalk.handshake``: handshakes that fail (a stranger's garbage, a timeout, a refused
   key) and an ``authorize`` hook that raises;
 - ``stalk.listener``: the listener itself: clients refused with BUSY, ``accept()``
-  failures, a file limit too low, handlers that raise.
+  failures, a file limit too low, handlers that raise, its revocation list reloaded;
+- ``stalk.renewal``: online certificate renewal (:mod:`stalk.renewal`): each certificate
+  an authority service issues (INFO), renewals that fail (WARNING).
 
 The ``stalk`` logger has a :class:`logging.NullHandler`, the convention for libraries:
 records go wherever the application configured logging, and nowhere (not even Python's
@@ -29,6 +31,7 @@ __all__ = [
     "CONNECTION",
     "HANDSHAKE",
     "LISTENER",
+    "RENEWAL",
     "THROTTLE",
     "Throttle",
 ]
@@ -38,6 +41,7 @@ logging.getLogger("stalk").addHandler(logging.NullHandler())
 CONNECTION: Final = logging.getLogger("stalk.connection")
 HANDSHAKE: Final = logging.getLogger("stalk.handshake")
 LISTENER: Final = logging.getLogger("stalk.listener")
+RENEWAL: Final = logging.getLogger("stalk.renewal")
 
 #: Seconds between two records of one kind at their own level (see :class:`Throttle`).
 THROTTLE_INTERVAL: Final = 10.0

@@ -44,6 +44,7 @@ import shlex
 import stat
 import sys
 import textwrap
+import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -53,10 +54,18 @@ import anyio
 
 import stalk
 from stalk import bench  # light: the benchmark itself is imported when it runs
+from stalk.certificates import Authorities, Authority, Certificate, RevocationList, utc_text
 from stalk.connection import Connection, address_text
 from stalk.demo import run_demo
 from stalk.identity import Identity, PublicIdentity
 from stalk.known_peers import AuthorizedPeers, KnownPeers, stalk_home
+from stalk.renewal import (
+    DEFAULT_SERVICE_NAME,
+    DEFAULT_VALIDITY,
+    AuthorityService,
+    Enrollments,
+    request_certificate,
+)
 from stalk.spack import Float32, Spack, SpackValue
 from stalk.summary import SUMMARY_CHARS, VALUE_CHARS, plural, render
 from stalk.vectors import main as vectors_main
@@ -111,8 +120,10 @@ VALUES: Final = (
 TRUST: Final = (
     "Trust works as in ssh: --peer KEY pins the server's key; without it the key "
     "remembered for the ADDRESS in $STALK_HOME/known_peers is pinned, and the first "
-    "connection to an address records the key the server presents. Your identity is "
-    "FILE, or $STALK_HOME/identity if it exists, else a new key for this connection."
+    "connection to an address records the key the server presents. With --authority FILE "
+    "--name NAME the server is trusted by its certificate instead: it must present one "
+    "for NAME from an authority in FILE. Your identity is FILE, or $STALK_HOME/identity "
+    "if it exists, else a new key for this connection."
 )
 
 _T = TypeVar("_T")
@@ -621,6 +632,325 @@ def cmd_forget(args: argparse.Namespace) -> int:
     raise CommandError(f"no known key for {address_text(address)}")
 
 
+# -- authorities and certificates ------------------------------------------------------------
+
+#: Units a ``--valid`` duration may end with, in seconds.
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: What ``--valid`` accepts, for its help and its errors.
+DURATION_FORMAT: Final = "a number and a unit, s, m, h, d or w: 90m, 24h, 30d; seconds if no unit"
+
+
+def _duration(text: str) -> int:
+    """A ``--valid`` DURATION in whole seconds: ``24h``, ``90m``, ``30d``, ``3600``."""
+    number, unit = text.strip(), "s"
+    if number[-1:].lower() in _DURATION_UNITS:
+        number, unit = number[:-1], number[-1:].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {escape(repr(text))} ({DURATION_FORMAT})"
+        ) from None
+    seconds = value * _DURATION_UNITS[unit]
+    if not 1 <= seconds <= 100 * 365 * 86400:
+        raise argparse.ArgumentTypeError(
+            f"a duration must be between 1 second and 100 years, not {escape(text)}"
+        )
+    return round(seconds)
+
+
+def _serial(text: str) -> int:
+    try:
+        serial = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a serial number: {escape(repr(text))}") from None
+    if not 0 <= serial < 2**64:
+        raise argparse.ArgumentTypeError(f"a serial is between 0 and 2^64-1, not {serial}")
+    return serial
+
+
+def _key_argument(text: str) -> PublicIdentity:
+    """A stalk key named on the command line; a fingerprint is refused with how to get the key."""
+    if text.startswith("SHA256:"):
+        raise argparse.ArgumentTypeError(
+            f"{escape(text)} is a fingerprint, not a key: give the public key, stalk:..., "
+            "which 'stalk id' prints"
+        )
+    try:
+        return PublicIdentity.from_string(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _authority_path(value: str | None) -> Path:
+    return Path(value).expanduser() if value else stalk_home() / "authority"
+
+
+def _load_authority(path: Path, given: str | None) -> Authority:
+    """The authority's key pair from ``path``; a missing one says how to create it."""
+    try:
+        return Authority.load(path)
+    except stalk.IdentityFileError as exc:
+        hint = ""
+        if not path.exists() and not path.is_symlink():
+            command = "stalk authority init" + (f" -f {shlex.quote(given)}" if given else "")
+            hint = f"; create one with '{command}'"
+        raise CommandError(f"{exc}{hint}") from exc
+
+
+def cmd_authority_init(args: argparse.Namespace) -> int:
+    """Write a new authority key pair; print its public form."""
+    path = _authority_path(args.file)
+    if path.exists() and not args.force:
+        raise CommandError(f"{path} already exists (use --force to replace it)")
+    authority = Authority.generate()
+    authority.save(path, overwrite=args.force)
+    _say(f"wrote {path} (private, mode 0600) and {path}.pub")
+    _say(f"{authority.public}  {authority.public.fingerprint}")
+    return EXIT_OK
+
+
+def cmd_authority_sign(args: argparse.Namespace) -> int:
+    """Issue a certificate for KEY."""
+    authority = _load_authority(_authority_path(args.file), args.file)
+    now = int(time.time())
+    try:
+        cert = authority.sign(
+            args.key,
+            args.name,
+            args.group or (),
+            not_before=now,
+            not_after=now + args.valid,
+            serial=args.serial,
+        )
+    except ValueError as exc:
+        raise CommandError(f"cannot sign: {exc}") from exc
+    if args.output is None:
+        _say(cert.to_string().rstrip("\n"))
+        return EXIT_OK
+    path = Path(args.output).expanduser()
+    if path.exists() and not args.force:
+        raise CommandError(f"{path} already exists (use --force to replace it)")
+    cert.save(path, overwrite=args.force)
+    _say(f"wrote {path}")
+    for line in cert.describe()[1:]:
+        _say(f"  {line}")
+    return EXIT_OK
+
+
+def cmd_authority_revoke(args: argparse.Namespace) -> int:
+    """Add serials and keys to the authority's revocation list file (made if missing)."""
+    authority = _load_authority(_authority_path(args.file), args.file)
+    path = Path(args.output).expanduser()
+    serials = set(args.serial or ())
+    keys = set(args.key or ())
+    for cert_path in args.cert or ():
+        cert = Certificate.load(cert_path)
+        if cert.issuer != authority.public.digest:
+            raise CommandError(
+                f"{cert_path} was issued by {cert.issuer_fingerprint}, not by this authority "
+                f"({authority.public.fingerprint})"
+            )
+        serials.add(cert.serial)
+    issued_at = int(time.time())
+    if path.exists():
+        current = RevocationList.load(path)
+        try:
+            Authorities([authority.public], [current])
+        except stalk.RevocationListError as exc:
+            raise CommandError(f"{path} is not this authority's revocation list: {exc}") from exc
+        serials |= current.serials
+        keys |= current.subjects
+        issued_at = max(issued_at, current.issued_at + 1)  # newer, even with a clock behind
+    try:
+        revocations = authority.revoke(serials, keys, issued_at=issued_at)
+    except ValueError as exc:
+        raise CommandError(f"cannot revoke: {exc}") from exc
+    revocations.save(path, overwrite=True)
+    serial_count, key_count = len(revocations.serials), len(revocations.subjects)
+    _say(
+        f"wrote {path}: {serial_count} {plural(serial_count, 'serial')} and {key_count} "
+        f"{plural(key_count, 'key')} revoked"
+    )
+    return EXIT_OK
+
+
+def cmd_authority_serve(args: argparse.Namespace) -> int:
+    """Serve certificate renewals for enrolled keys until Ctrl-C."""
+    host, port = _tcp_only(args.address, "authority serve")
+    authority = _load_authority(_authority_path(args.file), args.file)
+    enrollments = Enrollments(args.enrolled)
+    identity = (
+        _load_identity(Path(args.identity).expanduser(), args.identity) if args.identity else None
+    )
+
+    async def serve() -> None:
+        try:
+            service = await AuthorityService.create(
+                host,
+                port,
+                authority=authority,
+                enrollments=enrollments,
+                identity=identity,
+                valid=args.valid,
+                name=args.name,
+                config=_config(args),
+            )
+        except OSError as exc:
+            raise CommandError(
+                f"cannot listen on {address_text((host, port))}: {exc.strerror or exc}"
+            ) from exc
+        async with service:
+            bound = address_text(service.address)
+            _say(f"serving certificates on {bound} as {args.name!r}")
+            _say(f"signed by {authority.public}  {authority.public.fingerprint}")
+            count = len(enrollments)
+            _say(
+                f"{count} {plural(count, 'key')} enrolled in {enrollments.path}; each "
+                f"certificate valid {args.valid} s"
+            )
+            with anyio.CancelScope() as serving:
+                _OUTPUT.stop_with(serving)
+                await service.serve()
+
+    _run(args, serve)
+    return EXIT_OK
+
+
+def _tcp_only(address: _Address, command: str) -> tuple[str, int]:
+    """``HOST:PORT``: the online authority serves and is reached over TCP only."""
+    if isinstance(address, str):
+        raise CommandError(f"{command} works over TCP: give HOST:PORT, not unix:PATH")
+    return address
+
+
+def cmd_cert_renew(args: argparse.Namespace) -> int:
+    """Ask an authority service for a new certificate for our identity; write it."""
+    host, port = _tcp_only(args.address, "cert renew")
+    path = _identity_path(args.file)
+    identity = _load_identity(path, args.file)
+    authorities = _authorities(args)
+    if authorities is None:
+        raise CommandError("cert renew needs --authority: the authority that runs the service")
+
+    async def renew() -> Certificate:
+        return await request_certificate(
+            host,
+            port,
+            identity=identity,
+            authorities=authorities,
+            service_name=args.service_name,
+            config=_config(args),
+        )
+
+    cert = _run(args, renew)
+    output = Path(args.output).expanduser()
+    cert.save(output, overwrite=True)
+    _say(f"wrote {output}")
+    for line in cert.describe()[1:]:
+        _say(f"  {line}")
+    return EXIT_OK
+
+
+def cmd_cert_show(args: argparse.Namespace) -> int:
+    """Print a certificate; with --authority, check it against those authorities now."""
+    cert = Certificate.load(args.certificate)
+    for line in cert.describe():
+        _say(line)
+    if args.authority is None:
+        if args.revocations is not None:
+            raise CommandError("--revocations needs --authority")
+        return EXIT_OK
+    trusted = Authorities.load(args.authority)
+    if args.revocations is not None:
+        trusted.add_revocations(RevocationList.load(args.revocations))
+    trusted.verify(cert, now=time.time())
+    _say(f"valid now, signed by {cert.issuer_fingerprint} (trusted), not revoked")
+    return EXIT_OK
+
+
+def _authorities(args: argparse.Namespace, *, load_revocations: bool = True) -> Authorities | None:
+    """The authorities of ``--authority FILE`` (with ``--revocations``' list), or ``None``."""
+    if not args.authority:
+        if args.revocations:
+            raise CommandError("--revocations needs --authority")
+        return None
+    authorities = Authorities.load(args.authority)
+    if load_revocations and args.revocations:
+        authorities.add_revocations(RevocationList.load(args.revocations))
+    return authorities
+
+
+def _own_certificate(
+    args: argparse.Namespace, identity: Identity | None, path: Path
+) -> Certificate | None:
+    """The certificate of ``--certificate CERT``, checked to be for our identity."""
+    if args.certificate is None:
+        return None
+    cert = Certificate.load(args.certificate)
+    if identity is None:
+        raise CommandError(
+            f"--certificate needs the identity it was issued for, and {path} does not exist "
+            "(give it with -f FILE)"
+        )
+    if cert.subject != identity.public:
+        raise CommandError(
+            f"{args.certificate} is a certificate for {cert.subject.fingerprint}, not for "
+            f"your identity {identity.public.fingerprint} ({path})"
+        )
+    return cert
+
+
+def _describe_certificate(cert: Certificate) -> str:
+    """One line for a certificate: its name, groups and validity (all visible ASCII)."""
+    groups = f" (groups {', '.join(cert.groups)})" if cert.groups else ""
+    return f"certificate {cert.name!r}{groups}, valid until {utc_text(cert.not_after)}"
+
+
+def _certified(conn: Connection) -> str:
+    """What a connection line adds for a peer with a verified certificate."""
+    cert = conn.peer_certificate
+    if cert is None:
+        return ""
+    groups = f", groups {', '.join(cert.groups)}" if cert.groups else ""
+    return f", certified as {cert.name!r}{groups}"
+
+
+def _listener_trust(args: argparse.Namespace, identity: Identity, path: Path) -> dict[str, Any]:
+    """``listen``'s certificate options, checked: the listener's keyword arguments."""
+    authorities = _authorities(args, load_revocations=False)
+    if authorities is None and (args.allow_name or args.allow_group):
+        raise CommandError("--allow-name and --allow-group need --authority")
+    return {
+        "certificate": _own_certificate(args, identity, path),
+        "authorities": authorities,
+        "allow_names": args.allow_name,
+        "allow_groups": args.allow_group,
+        "revocations": args.revocations,
+    }
+
+
+def _say_trust(listener: stalk.StreamListener, args: argparse.Namespace) -> None:
+    """``listen``'s banner lines for its certificate, authorities and revocations."""
+    if listener.certificate is not None:
+        _say(f"presenting {_describe_certificate(listener.certificate)}")
+    if listener.authorities is not None:
+        _say(f"admitting {_admitted(args)} certified by {_fingerprints(listener.authorities)}")
+    if listener.revocations is not None:
+        _say(f"revocations from {listener.revocations.path}, reloaded when it changes")
+
+
+def _fingerprints(authorities: Authorities) -> str:
+    return ", ".join(authority.fingerprint for authority in authorities)
+
+
+def _admitted(args: argparse.Namespace) -> str:
+    """Whom ``listen --authority`` admits, as its banner says it."""
+    names = [repr(name) for name in args.allow_name or ()]
+    groups = [f"group {group!r}" for group in args.allow_group or ()]
+    return " or ".join(names + groups) if names or groups else "any client"
+
+
 # -- serving ------------------------------------------------------------------------------
 
 
@@ -636,6 +966,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     identity = _load_identity(path, args.file)
     authorize = AuthorizedPeers(args.authorized_peers) if args.authorized_peers else None
     config = _config(args)
+    trust = _listener_trust(args, identity, path)
 
     async def handler(conn: Connection) -> None:
         who = conn.peer.fingerprint
@@ -644,7 +975,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             where = address_text((conn.host, conn.port))
         elif conn.path is not None:
             where = address_text(conn.path)
-        _say(f"peer {who} connected ({conn.pattern}) from {where}")
+        _say(f"peer {who} connected ({conn.pattern}) from {where}{_certified(conn)}")
         ending = ""
         try:
             async for spack in conn:
@@ -666,10 +997,11 @@ def cmd_listen(args: argparse.Namespace) -> int:
                     authorize=authorize,
                     config=config,
                     mode=args.socket_mode,
+                    **trust,
                 )
             else:
                 listener = await stalk.create_listener(
-                    *address, identity=identity, authorize=authorize, config=config
+                    *address, identity=identity, authorize=authorize, config=config, **trust
                 )
         except OSError as exc:
             raise CommandError(
@@ -678,6 +1010,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         async with listener:
             _say(f"listening on {address_text(listener.address)} as {identity.public}")
             _say(f"fingerprint {identity.public.fingerprint}")
+            _say_trust(listener, args)
             with anyio.CancelScope() as serving:
                 _OUTPUT.stop_with(serving)
                 await listener.serve(handler)
@@ -690,16 +1023,38 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 async def _dial(args: argparse.Namespace) -> Connection:
-    """Connect with ssh-like trust: --peer, else known_peers (IK), else XX and remember."""
+    """Connect with ssh-like trust: --peer, else known_peers (IK), else XX and remember.
+
+    With --authority, the server's certificate is the trust instead: known_peers is
+    neither read nor written.
+    """
     where: _Address = args.address
     host, port = (where, None) if isinstance(where, str) else where
     address = address_text(where)
     path = _identity_path(args.file)
     identity = _load_identity(path, args.file) if args.file or path.exists() else None
+    authorities = _authorities(args)
+    if authorities is not None and args.name is None:
+        raise CommandError("--authority needs --name: the name the server's certificate must bear")
+    if authorities is None and args.name is not None:
+        raise CommandError("--name needs --authority: the authorities that certify names")
+    certificate = _own_certificate(args, identity, path)
+    if authorities is not None:
+        return await _connect(
+            where,
+            args.peer,
+            identity=identity,
+            config=_config(args),
+            certificate=certificate,
+            authorities=authorities,
+            expect_name=args.name,
+        )
     known = KnownPeers()
     peer: PublicIdentity | None = args.peer or known.lookup(host, port)
     try:
-        conn = await _connect(where, peer, identity=identity, config=_config(args))
+        conn = await _connect(
+            where, peer, identity=identity, config=_config(args), certificate=certificate
+        )
     except stalk.PeerIdentityMismatch:
         if args.peer or peer is None:
             raise
@@ -722,11 +1077,19 @@ async def _connect(
     *,
     identity: Identity | None = None,
     config: stalk.Config | None = None,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    expect_name: str | None = None,
 ) -> Connection:
     """``stalk.connect``, or ``stalk.connect_unix`` for a path."""
+    trust: dict[str, Any] = {
+        "certificate": certificate,
+        "authorities": authorities,
+        "expect_name": expect_name,
+    }
     if isinstance(where, str):
-        return await stalk.connect_unix(where, peer, identity=identity, config=config)
-    return await stalk.connect(*where, peer, identity=identity, config=config)
+        return await stalk.connect_unix(where, peer, identity=identity, config=config, **trust)
+    return await stalk.connect(*where, peer, identity=identity, config=config, **trust)
 
 
 async def _presented_key(where: _Address) -> str:
@@ -820,7 +1183,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         async with await _dial(args) as conn:
             typing = sys.stdin is not None and sys.stdin.isatty()
             hint = "; each line is sent as a spack, Ctrl-D ends" if typing else ""
-            _note(f"connected to {conn.peer.fingerprint} ({conn.pattern}){hint}")
+            _note(f"connected to {conn.peer.fingerprint} ({conn.pattern}){_certified(conn)}{hint}")
             input_ended = anyio.Event()
             async with anyio.create_task_group() as tg:
                 _OUTPUT.stop_with(tg.cancel_scope)
@@ -975,8 +1338,36 @@ def _dial_options(sub: argparse.ArgumentParser) -> None:
         "not its SHA256: fingerprint); default: the key remembered in "
         "$STALK_HOME/known_peers, or trust on first use",
     )
+    sub.add_argument(
+        "--authority",
+        metavar="FILE",
+        help="trust the server by its certificate instead: FILE lists the authorities "
+        "(stalk-authority:... lines) one of which must have issued it, for --name; "
+        "known_peers is then not used",
+    )
+    sub.add_argument("--name", help="with --authority: the name the server's certificate must bear")
+    _revocations_option(sub, "")
+    _certificate_option(sub, "the server")
     _identity_option(sub)
     _peer_data_options(sub)
+
+
+def _revocations_option(sub: argparse.ArgumentParser, reloaded: str) -> None:
+    sub.add_argument(
+        "--revocations",
+        metavar="LIST",
+        help="with --authority: refuse the certificates the revocation list LIST revokes"
+        + reloaded,
+    )
+
+
+def _certificate_option(sub: argparse.ArgumentParser, whom: str) -> None:
+    sub.add_argument(
+        "--certificate",
+        metavar="CERT",
+        help=f"present this certificate (issued for your identity) to {whom}, which may "
+        "require one",
+    )
 
 
 def _key_commands(commands: _Commands) -> None:
@@ -1023,6 +1414,206 @@ def _key_commands(commands: _Commands) -> None:
     sub.set_defaults(run=cmd_forget)
 
 
+def _authority_commands(commands: _Commands) -> None:
+    """``authority init``, ``authority sign``, ``authority revoke`` and ``cert show``."""
+    group = commands.add_parser(
+        "authority",
+        help="an authority: create it, sign certificates, revoke them",
+        description="An authority is an Ed25519 key pair that signs certificates: 'this "
+        "stalk key is NAME, in these groups, until then'. Peers that trust the authority "
+        "accept the keys it certified without pinning them (SPEC.md section 25).",
+        formatter_class=_HelpFormatter,
+    )
+    authority = group.add_subparsers(
+        dest="authority_command", required=True, metavar="COMMAND", title="commands"
+    )
+    sub = _command(
+        authority,
+        "init",
+        "create an authority key pair",
+        "Create an authority: an Ed25519 key pair. The private key is written to FILE with "
+        "mode 0600 (default: $STALK_HOME/authority), the public key to FILE.pub; the public "
+        "form, stalk-authority:..., printed on the last line, is what peers put in their "
+        "authorities file. An existing authority is kept unless --force is given.",
+        "stalk authority init",
+        "stalk authority init -f ./ca.key | tail -1 > authorities",
+    )
+    _authority_option(sub)
+    sub.add_argument("--force", action="store_true", help="replace an existing authority")
+    sub.set_defaults(run=cmd_authority_init)
+
+    sub = _command(
+        authority,
+        "sign",
+        "issue a certificate for a stalk key",
+        "Issue a certificate: KEY (a stalk:... public key, what 'stalk id' prints) is NAME, "
+        "in each GROUP, from now for DURATION. It is written to CERT_FILE (or printed) as a "
+        "'#' description and a stalk-certificate: line. A name or group is 1 to 128 (a "
+        "group 1 to 32) visible ASCII characters, no spaces; at most 16 groups.",
+        "stalk authority sign --name db-1 --group db --valid 24h stalk:... -o db-1.cert",
+        "stalk authority sign -f ./ca.key --name alice --valid 30d stalk:...",
+    )
+    _authority_option(sub)
+    sub.add_argument("key", type=_key_argument, metavar="KEY", help="the stalk:... key to certify")
+    sub.add_argument("--name", required=True, help="the name the certificate gives KEY")
+    sub.add_argument(
+        "--group",
+        action="append",
+        metavar="GROUP",
+        help="a group the certificate puts KEY in (repeat for several)",
+    )
+    sub.add_argument(
+        "--valid",
+        type=_duration,
+        required=True,
+        metavar="DURATION",
+        help=f"how long the certificate is valid from now: {DURATION_FORMAT}",
+    )
+    sub.add_argument(
+        "--serial",
+        type=_serial,
+        metavar="N",
+        help="the serial number to revoke it by (default: 64 random bits)",
+    )
+    sub.add_argument(
+        "-o", "--output", metavar="CERT_FILE", help="where to write it (default: print it)"
+    )
+    sub.add_argument("--force", action="store_true", help="replace an existing CERT_FILE")
+    sub.set_defaults(run=cmd_authority_sign)
+
+    sub = _command(
+        authority,
+        "revoke",
+        "add certificates or keys to a revocation list",
+        "Revoke certificates by serial (--serial, or --cert naming a certificate file), or "
+        "every certificate of a key (--key): the signed revocation list LIST_FILE gets them "
+        "added to what it already revokes (it is created if missing, even empty) and is "
+        "replaced atomically. A listener given the file reloads it when it changes.",
+        "stalk authority revoke --cert db-1.cert -o revoked",
+        "stalk authority revoke --serial 42 --key stalk:... -o revoked",
+    )
+    _authority_option(sub)
+    sub.add_argument("--serial", type=_serial, action="append", metavar="N", help="a serial")
+    sub.add_argument(
+        "--key", type=_key_argument, action="append", metavar="KEY", help="a stalk:... key"
+    )
+    sub.add_argument(
+        "--cert", action="append", metavar="CERT_FILE", help="a certificate file to revoke"
+    )
+    sub.add_argument(
+        "-o", "--output", required=True, metavar="LIST_FILE", help="the revocation list file"
+    )
+    sub.set_defaults(run=cmd_authority_revoke)
+
+    sub = _command(
+        authority,
+        "serve",
+        "renew certificates online for enrolled keys",
+        "Run the authority as a stalk service on [HOST:]PORT: keys enrolled in --enrolled "
+        "FILE (lines 'stalk:KEY NAME [GROUP,GROUP...]', read again when it changes) "
+        "connect and get a new certificate for their NAME and GROUPs, valid for --valid "
+        "from then ('stalk cert renew', or stalk.CertificateKeeper in a program); any other "
+        "key is refused. The service presents its own certificate from the authority, for "
+        "--name, so clients need only the authority's public key. Its stalk identity is a "
+        "new key each time unless --identity is given (never the authority's own key). "
+        "HOST defaults to 127.0.0.1. Ctrl-C stops.",
+        "stalk authority serve 7418 --enrolled enrolled --valid 24h",
+        "stalk authority serve 0.0.0.0:7418 -f ca.key --enrolled enrolled --valid 1h -v",
+    )
+    sub.add_argument("address", type=_listen_address, metavar="[HOST:]PORT")
+    _authority_option(sub)
+    sub.add_argument(
+        "--enrolled",
+        required=True,
+        metavar="FILE",
+        help="who may renew, and as what: lines stalk:KEY NAME [GROUP,GROUP...]",
+    )
+    sub.add_argument(
+        "--valid",
+        type=_duration,
+        default=DEFAULT_VALIDITY,
+        metavar="DURATION",
+        help=f"validity of each certificate issued: {DURATION_FORMAT} (default: 24h)",
+    )
+    sub.add_argument(
+        "--name",
+        default=DEFAULT_SERVICE_NAME,
+        help=f"the name of the service's own certificate (default: {DEFAULT_SERVICE_NAME})",
+    )
+    sub.add_argument(
+        "--identity",
+        metavar="FILE",
+        help="the service's stalk identity file (default: a new key each time)",
+    )
+    sub.set_defaults(max_message_size=None)
+    sub.set_defaults(run=cmd_authority_serve)
+
+    group = commands.add_parser(
+        "cert",
+        help="show a certificate (and check it)",
+        description="Certificates signed by an authority (see 'stalk authority').",
+        formatter_class=_HelpFormatter,
+    )
+    cert = group.add_subparsers(
+        dest="cert_command", required=True, metavar="COMMAND", title="commands"
+    )
+    sub = _command(
+        cert,
+        "show",
+        "print a certificate's fields; --authority checks it",
+        "Print what CERT_FILE says: name, groups, the key it is for, its validity, serial "
+        "and issuer. With --authority FILE (a file of stalk-authority: lines), also check "
+        "it now, as a peer would: exit status 1 and the reason if it is not valid "
+        "(unknown authority, forged, expired, revoked with --revocations...).",
+        "stalk cert show db-1.cert",
+        "stalk cert show db-1.cert --authority authorities --revocations revoked",
+    )
+    sub.add_argument("certificate", metavar="CERT_FILE", help="a certificate file")
+    sub.add_argument("--authority", metavar="FILE", help="check it against the authorities in FILE")
+    sub.add_argument(
+        "--revocations", metavar="LIST_FILE", help="with --authority: a revocation list"
+    )
+    sub.set_defaults(run=cmd_cert_show)
+
+    sub = _command(
+        cert,
+        "renew",
+        "get a new certificate from an authority service",
+        "Ask the authority service at HOST:PORT ('stalk authority serve') for a new "
+        "certificate for your identity (FILE, or $STALK_HOME/identity), which the service "
+        "must have enrolled, and write it to CERT_FILE (replacing it). The service is "
+        "trusted by its own certificate: from an authority in --authority FILE, for the "
+        "name --service-name. The new certificate is checked before it is written.",
+        "stalk cert renew ca.example:7418 --authority authorities -o me.cert",
+    )
+    sub.add_argument("address", type=_address, metavar="HOST:PORT", help="the service")
+    sub.add_argument(
+        "--authority",
+        required=True,
+        metavar="FILE",
+        help="the authorities (stalk-authority:... lines) one of which runs the service",
+    )
+    sub.add_argument(
+        "--service-name",
+        default=DEFAULT_SERVICE_NAME,
+        metavar="NAME",
+        help=f"the name of the service's certificate (default: {DEFAULT_SERVICE_NAME})",
+    )
+    sub.add_argument("-o", "--output", required=True, metavar="CERT_FILE", help="where to write it")
+    sub.set_defaults(revocations=None, max_message_size=None)
+    _identity_option(sub)
+    sub.set_defaults(run=cmd_cert_renew)
+
+
+def _authority_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "-f",
+        "--file",
+        metavar="AUTHORITY_FILE",
+        help="the authority's private key file (default: $STALK_HOME/authority)",
+    )
+
+
 def _network_commands(commands: _Commands) -> None:
     """``listen``, ``connect`` and ``send``."""
     sub = _command(
@@ -1036,9 +1627,13 @@ def _network_commands(commands: _Commands) -> None:
         "accepts other machines. PORT 0 picks a free port (the first line shows it). A "
         "unix socket's file is removed when listen stops; one left by a listener that was "
         "killed is replaced. The identity is FILE, or $STALK_HOME/identity, created on "
-        "first use. Refused and failed clients are shown with -v. Ctrl-C stops.",
+        "first use. With --authority, only clients presenting a valid certificate from one "
+        "of its authorities are admitted (and, with --allow-name or --allow-group, only "
+        "those names or groups); --certificate presents ours, so that clients connect by "
+        "name. Refused and failed clients are shown with -v. Ctrl-C stops.",
         "stalk listen 7417 --echo",
         "stalk listen 0.0.0.0:7417 --authorized-peers ~/.stalk/authorized_peers -v",
+        "stalk listen 7417 --authority authorities --certificate db-1.cert --allow-group ops",
         "stalk listen '[::1]:0'",
         "stalk listen unix:/tmp/app.sock --socket-mode 660",
     )
@@ -1063,6 +1658,27 @@ def _network_commands(commands: _Commands) -> None:
         help="a unix socket file's permissions, in octal: 600 lets only you connect, 660 "
         "your group too (default: what the umask gives; connecting needs write permission)",
     )
+    sub.add_argument(
+        "--authority",
+        metavar="FILE",
+        help="admit only clients with a valid certificate from an authority in FILE "
+        "(stalk-authority:... lines, # comments); default: no certificate needed",
+    )
+    sub.add_argument(
+        "--allow-name",
+        action="append",
+        metavar="NAME",
+        help="with --authority: admit certificates for NAME (repeat for several)",
+    )
+    sub.add_argument(
+        "--allow-group",
+        action="append",
+        metavar="GROUP",
+        help="with --authority: admit certificates in GROUP (repeat; a name or a group "
+        "admits; default: any certified client)",
+    )
+    _revocations_option(sub, " (read again when it changes, at the next client)")
+    _certificate_option(sub, "clients")
     _identity_option(sub)
     _peer_data_options(sub)
     sub.set_defaults(run=cmd_listen)
@@ -1079,6 +1695,7 @@ def _network_commands(commands: _Commands) -> None:
         "stalk connect 127.0.0.1:7417",
         "printf '42\\nhello\\n' | stalk connect 127.0.0.1:7417 --peer stalk:...",
         "stalk connect unix:/tmp/app.sock",
+        "stalk connect db.example:7417 --authority authorities --name db-1 --certificate me.cert",
     )
     _dial_options(sub)
     sub.set_defaults(run=cmd_connect)
@@ -1167,6 +1784,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, metavar="COMMAND", title="commands"
     )
     _key_commands(commands)
+    _authority_commands(commands)
     _network_commands(commands)
     _tool_commands(commands)
     return parser

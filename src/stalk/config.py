@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from stalk.certificates import DEFAULT_CLOCK_SKEW
 from stalk.handshake import ChannelParams
 from stalk.session import SessionConfig
 from stalk.wire import (
@@ -64,9 +65,13 @@ class Config:
         (channel 0 included) before our application receives them: what one channel can
         make us hold.
     :param connection_window: with channels, the same for all channels together.
+    :param clock_skew: with certificates (``authorities=``), the seconds of clock
+        difference tolerated at each end of a certificate's validity: it is accepted from
+        ``not_before - clock_skew`` until ``not_after + clock_skew`` (SPEC "Certificates").
     :raises ValueError: a timeout is not a positive number of seconds, a count or size is
-        out of range (each must be positive; ``send_buffer`` may be 0), or
-        ``max_message_size`` or a channel setting is outside what the protocol allows.
+        out of range (each must be positive; ``send_buffer`` may be 0), ``clock_skew`` is
+        negative, or ``max_message_size`` or a channel setting is outside what the
+        protocol allows.
     """
 
     handshake_timeout: float = 10.0
@@ -84,6 +89,7 @@ class Config:
     max_channels: int | None = None
     channel_window: int = DEFAULT_CHANNEL_WINDOW
     connection_window: int = DEFAULT_CONNECTION_WINDOW
+    clock_skew: float = DEFAULT_CLOCK_SKEW
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "write_timeout", "close_timeout"):
@@ -98,6 +104,8 @@ class Config:
             raise ValueError("max_handshakes, read_size and send_buffer must be positive")
         if self.max_connections < 1 or self.max_handshakes_per_address < 1:
             raise ValueError("max_connections and max_handshakes_per_address must be positive")
+        if not 0 <= self.clock_skew < math.inf:
+            raise ValueError("clock_skew must be a number of seconds, 0 or more")
         self.session_config()  # validates the session fields
 
     def session_config(self) -> SessionConfig:

@@ -66,7 +66,8 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias, cast
 
@@ -74,6 +75,7 @@ import anyio
 from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
 
 from stalk import _logs
+from stalk.certificates import Authorities, Certificate, CertificatePolicy
 from stalk.channel import INTERNAL_ERROR_REASON, Channel, ChannelHandler
 from stalk.config import Config
 from stalk.dispatcher import Dispatcher
@@ -106,6 +108,7 @@ __all__ = [
     "MessageHandler",
     "StalkAttribute",
     "address_text",
+    "certificate_policy",
     "connect",
     "connect_unix",
     "format_address",
@@ -130,6 +133,8 @@ class StalkAttribute(anyio.TypedAttributeSet):
 
     #: the peer's static public key (authenticated)
     peer: PublicIdentity = anyio.typed_attribute()
+    #: the peer's verified certificate, or ``None`` (see :attr:`Connection.peer_certificate`)
+    peer_certificate: Certificate | None = anyio.typed_attribute()
     #: our own static key pair
     identity: Identity = anyio.typed_attribute()
     #: ``"XX"`` or ``"IK"``
@@ -190,6 +195,10 @@ class Connection(ObjectStream[Spack]):
         config: Config | None = None,
         handler: MessageHandler | None = None,
         channel_handler: ChannelHandler | None = None,
+        certificate: Certificate | None = None,
+        authorities: Authorities | None = None,
+        allow_names: Iterable[str] | None = None,
+        allow_groups: Iterable[str] | None = None,
     ) -> Connection:
         """Run the stalk handshake over ``transport`` and return the connection.
 
@@ -206,13 +215,21 @@ class Connection(ObjectStream[Spack]):
             connection is used as ``async with``; ``receive()`` is then not available.
         :param channel_handler: run for every channel the peer opens, in its own task,
             while the connection is used as ``async with`` (see :func:`connect`).
+        :param certificate: our certificate, presented to the peer (its subject must be
+            ``identity``'s key).
+        :param authorities: require a certificate of the peer, issued by one of these
+            (see :func:`connect`).
+        :param allow_names: with ``authorities``: accept only certificates for these names...
+        :param allow_groups: ...or (either admits) in one of these groups.
         :returns: the established connection.
         :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
             (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
-            :class:`~stalk.InvalidPeerKey`, :class:`~stalk.HandshakeTimeout`). The
-            transport is closed.
-        :raises ValueError: ``peer`` was given with ``server_side=True``, or
-            ``channel_handler`` without ``Config.max_channels``.
+            :class:`~stalk.InvalidPeerKey`, :class:`~stalk.HandshakeTimeout`, a
+            :class:`~stalk.CertificateError` for the peer's certificate). The transport is
+            closed.
+        :raises ValueError: ``peer`` was given with ``server_side=True``,
+            ``channel_handler`` without ``Config.max_channels``, ``certificate`` for
+            another key, or names or groups to allow without ``authorities``.
         """
         config = config or Config()
         conn = cls._start(
@@ -223,6 +240,8 @@ class Connection(ObjectStream[Spack]):
             config=config,
             handler=handler,
             channel_handler=channel_handler,
+            certificate=certificate,
+            policy=certificate_policy(authorities, config, names=allow_names, groups=allow_groups),
         )
         try:
             with anyio.fail_after(config.handshake_timeout):
@@ -245,12 +264,21 @@ class Connection(ObjectStream[Spack]):
         config: Config,
         handler: MessageHandler | None,
         channel_handler: ChannelHandler | None = None,
+        certificate: Certificate | None = None,
+        policy: CertificatePolicy | None = None,
     ) -> Connection:
         """A connection whose handshake has not run yet (see :func:`~stalk.establish.establish`)."""
         if channel_handler is not None and not config.max_channels:
             raise ValueError("a channel_handler needs Config.max_channels to offer channels")
         role = Role.RESPONDER if server_side else Role.INITIATOR
-        session = Session(role, identity, peer=peer, config=config.session_config())
+        session = Session(
+            role,
+            identity,
+            peer=peer,
+            config=config.session_config(),
+            certificate=certificate,
+            certificate_policy=policy,
+        )
         conn = cls(transport, session, config)
         conn._handler = handler
         conn._channel_handler = channel_handler
@@ -270,6 +298,16 @@ class Connection(ObjectStream[Spack]):
         if peer is None:  # pragma: no cover - a Connection exists only once established
             raise ConnectionClosed("no authenticated peer")
         return peer
+
+    @property
+    def peer_certificate(self) -> Certificate | None:
+        """The peer's certificate, verified in the handshake; ``None`` without one.
+
+        Only a connection made with ``authorities=`` has one (then always): its
+        ``name`` and ``groups`` say who the
+        authority says the peer is. :attr:`peer` is then a :class:`~stalk.CertifiedIdentity`.
+        """
+        return self._session.peer_certificate
 
     @property
     def identity(self) -> Identity:
@@ -329,6 +367,7 @@ class Connection(ObjectStream[Spack]):
         return {
             **self._transport.extra_attributes,
             StalkAttribute.peer: lambda: self.peer,
+            StalkAttribute.peer_certificate: lambda: self.peer_certificate,
             StalkAttribute.identity: lambda: self.identity,
             StalkAttribute.pattern: lambda: self.pattern,
             StalkAttribute.handshake_hash: lambda: self.handshake_hash,
@@ -775,6 +814,9 @@ async def _open(
     config: Config | None,
     channel_handler: ChannelHandler | None,
     local: str = "",
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    expect_name: str | None = None,
 ) -> Connection:
     """Dial with ``dial()`` and run the handshake as the initiator (:func:`connect`'s body).
 
@@ -786,6 +828,10 @@ async def _open(
         raise ValueError("a channel_handler needs Config.max_channels to offer channels")
     if isinstance(peer, str):
         peer = PublicIdentity.from_string(peer)
+    if certificate is not None and identity is None:
+        raise ValueError("a certificate needs the identity it was issued for (identity=)")
+    names = None if expect_name is None else [expect_name]
+    policy = certificate_policy(authorities, config, names=names)
     identity = identity or Identity.generate()
     # One deadline for the connect and the handshake together (Config.handshake_timeout).
     try:
@@ -806,6 +852,8 @@ async def _open(
                 config=config,
                 handler=handler,
                 channel_handler=channel_handler,
+                certificate=certificate,
+                policy=policy,
             )
             await establish(conn._link, None)
             conn._established()
@@ -830,6 +878,9 @@ async def connect(
     channel_handler: ChannelHandler | None = None,
     local_host: str | None = None,
     local_port: int | None = None,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    expect_name: str | None = None,
 ) -> Connection:
     """Open a TCP connection to ``host:port`` and run the stalk handshake.
 
@@ -858,6 +909,14 @@ async def connect(
     :param local_port: the port to connect from; ``None`` or 0: the system chooses.
         With a local address or port, a name's addresses are tried one after the other
         (not raced as without).
+    :param certificate: our certificate, presented to the server in the handshake, for a
+        server that requires one (its subject must be ``identity``'s key).
+    :param authorities: require the server to present a certificate issued by one of
+        these: no pinned key is needed (XX). Before anything more is sent, the handshake
+        fails with a :class:`~stalk.CertificateError` when it presents none, or one that
+        is forged, expired, revoked, for another key...
+    :param expect_name: with ``authorities``: the certificate must be for this name
+        (:class:`~stalk.CertificateNameMismatch` otherwise).
     :returns: the established connection.
     :raises ~stalk.ConnectFailed: the TCP connection could not be opened, or not from the
         local address given (also an :class:`OSError`).
@@ -866,8 +925,9 @@ async def connect(
     :raises ~stalk.HandshakeFailed: the handshake failed; subclasses say why
         (:class:`~stalk.PeerIdentityMismatch`, :class:`~stalk.PeerRefused`,
         :class:`~stalk.InvalidPeerKey`).
-    :raises ValueError: ``peer`` is a string that is not a valid printable public key, or
-        ``channel_handler`` was given without ``Config.max_channels``.
+    :raises ValueError: ``peer`` is a string that is not a valid printable public key,
+        ``channel_handler`` was given without ``Config.max_channels``, ``certificate``
+        without the ``identity`` it is for, or ``expect_name`` without ``authorities``.
     """
     local = ""
     if local_host is not None:
@@ -883,6 +943,9 @@ async def connect(
         config=config,
         channel_handler=channel_handler,
         local=local,
+        certificate=certificate,
+        authorities=authorities,
+        expect_name=expect_name,
     )
 
 
@@ -894,6 +957,9 @@ async def connect_unix(
     handler: MessageHandler | None = None,
     config: Config | None = None,
     channel_handler: ChannelHandler | None = None,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    expect_name: str | None = None,
 ) -> Connection:
     """Connect to a unix domain socket at ``path`` and run the stalk handshake.
 
@@ -909,6 +975,10 @@ async def connect_unix(
     :param handler: called (or awaited) with every spack received (see :func:`connect`).
     :param config: timeouts and limits (default :class:`~stalk.Config`).
     :param channel_handler: run for every channel the peer opens (see :func:`connect`).
+    :param certificate: our certificate, presented to the server (see :func:`connect`).
+    :param authorities: require the server's certificate from one of these (see
+        :func:`connect`).
+    :param expect_name: with ``authorities``: the name it must bear.
     :returns: the established connection.
     :raises ~stalk.ConnectFailed: the socket could not be connected to (no file, nobody
         accepting, no permission); also an :class:`OSError`.
@@ -926,4 +996,42 @@ async def connect_unix(
         handler=handler,
         config=config,
         channel_handler=channel_handler,
+        certificate=certificate,
+        authorities=authorities,
+        expect_name=expect_name,
+    )
+
+
+def certificate_policy(
+    authorities: Authorities | None,
+    config: Config,
+    *,
+    names: Iterable[str] | None = None,
+    groups: Iterable[str] | None = None,
+) -> CertificatePolicy | None:
+    """What to require of the peer's certificate: ``None`` without ``authorities``.
+
+    The clock is the system's (``time.time``), the skew ``Config.clock_skew``.
+
+    :raises ValueError: names or groups without ``authorities``.
+    :raises TypeError: ``authorities`` is not an :class:`~stalk.Authorities`, or ``names``
+        or ``groups`` is one string rather than an iterable of them.
+    """
+    if authorities is None:
+        if names is not None or groups is not None:
+            raise ValueError("names or groups to accept need authorities= to check them")
+        return None
+    if not isinstance(authorities, Authorities):
+        raise TypeError(
+            f"authorities must be a stalk.Authorities, not {type(authorities).__name__}"
+        )
+    for what in (names, groups):
+        if isinstance(what, str):
+            raise TypeError("names and groups are iterables of str, not one str")
+    return CertificatePolicy(
+        authorities,
+        clock=time.time,
+        clock_skew=config.clock_skew,
+        names=None if names is None else frozenset(names),
+        groups=None if groups is None else frozenset(groups),
     )

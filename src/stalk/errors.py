@@ -26,6 +26,17 @@ from typing import ClassVar
 from stalk.wire import CloseCode, close_code_name
 
 __all__ = [
+    "AuthorityAsSubject",
+    "BadCertificateSignature",
+    "CertificateError",
+    "CertificateExpired",
+    "CertificateExtensionError",
+    "CertificateKeyMismatch",
+    "CertificateMissing",
+    "CertificateNameMismatch",
+    "CertificateNotYetValid",
+    "CertificateRevoked",
+    "CertificateTooLarge",
     "ChannelClosed",
     "ChannelLimitExceeded",
     "ChannelLimitReached",
@@ -43,14 +54,19 @@ __all__ = [
     "InvalidPeerKey",
     "InvalidSpackValue",
     "LocalProtocolError",
+    "MalformedCertificate",
     "MalformedSpack",
     "MessageLimitExceeded",
     "MessageTooLarge",
+    "NonCanonicalCertificate",
     "NonceExhausted",
     "PeerIdentityMismatch",
     "PeerRefused",
     "ProtocolError",
+    "RenewalFailed",
+    "RevocationListError",
     "StalkError",
+    "UnknownAuthority",
 ]
 
 
@@ -190,6 +206,131 @@ class InvalidPeerKey(HandshakeFailed):
     """
 
     close_code = CloseCode.INVALID_KEY
+
+
+class CertificateError(HandshakeFailed):
+    """A certificate was refused: its form, its signature, its dates, or whom it names.
+
+    Raised in the handshake by the side that checks its peer's certificate (SPEC
+    "Certificates"), before the connection is established; the peer is told with code
+    ``CERTIFICATE_REFUSED`` when the checking side is the responder (an initiator closes
+    without a word, as it does for every failure of message 2). Raised as well when a
+    certificate or revocation list is read or checked outside a handshake. Each subclass
+    is one reason; no message contains key material beyond fingerprints.
+
+    :cvar peer_reason: what the peer is told: the reason only, never the certificate's
+        name, serial or key (an IK refusal travels in cleartext).
+    """
+
+    close_code = CloseCode.CERTIFICATE_REFUSED
+    peer_reason: ClassVar[str] = "certificate refused"
+
+
+class CertificateMissing(CertificateError):
+    """The peer presented no certificate, and this side requires one."""
+
+    peer_reason = "certificate required"
+
+
+class CertificateTooLarge(CertificateError):
+    """A certificate is larger than the format allows (checked before it is decoded)."""
+
+    peer_reason = "certificate too large"
+
+
+class MalformedCertificate(CertificateError):
+    """A certificate is not the array the format defines, or a field is out of bounds."""
+
+    peer_reason = "malformed certificate"
+
+
+class NonCanonicalCertificate(CertificateError):
+    """A certificate is not in its one canonical encoding (re-encoding it differs)."""
+
+    peer_reason = "certificate not in canonical form"
+
+
+class UnknownAuthority(CertificateError):
+    """A certificate was issued by an authority we do not trust."""
+
+    peer_reason = "certificate from an unknown authority"
+
+
+class BadCertificateSignature(CertificateError):
+    """A certificate's signature is not its issuer's: it was forged or altered."""
+
+    peer_reason = "bad certificate signature"
+
+
+class AuthorityAsSubject(CertificateError):
+    """A certificate's subject is an authority's own key (as Ed25519 or as X25519)."""
+
+    peer_reason = "certificate for an authority's key"
+
+
+class CertificateExtensionError(CertificateError):
+    """A certificate repeats an extension, or has a critical one this verifier does not know."""
+
+    peer_reason = "certificate extension refused"
+
+
+class CertificateNotYetValid(CertificateError):
+    """A certificate's validity starts later than now (beyond the clock skew allowed)."""
+
+    peer_reason = "certificate not yet valid"
+
+
+class CertificateExpired(CertificateError):
+    """A certificate's validity ended (beyond the clock skew allowed)."""
+
+    peer_reason = "certificate expired"
+
+
+class CertificateRevoked(CertificateError):
+    """A certificate's serial or subject key is on its authority's revocation list."""
+
+    peer_reason = "certificate revoked"
+
+
+class CertificateKeyMismatch(CertificateError):
+    """A certificate's subject is not the static key the handshake authenticated.
+
+    A valid certificate replayed by someone who does not hold its key fails this way.
+    """
+
+    peer_reason = "certificate for another key"
+
+
+class CertificateNameMismatch(CertificateError):
+    """A certificate's name and groups are not the ones this side accepts."""
+
+    peer_reason = "certificate name or groups not accepted"
+
+
+class RevocationListError(CertificateError):
+    """A revocation list is malformed, not canonical, or not signed by a trusted authority."""
+
+    peer_reason = "revocation list refused"
+
+
+class RenewalFailed(StalkError):
+    """An authority service did not renew our certificate (see :mod:`stalk.renewal`).
+
+    :ivar reason: the service's reason (untrusted text), or ``""``.
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def reason_for_peer(error: StalkError) -> str:
+    """The reason a refusal or CLOSE gives the peer for ``error``.
+
+    Its message, except for a :class:`CertificateError`, whose reason is generic (see its
+    ``peer_reason``).
+    """
+    return error.peer_reason if isinstance(error, CertificateError) else str(error)
 
 
 def _coded(what: str, code: int, reason: str) -> str:

@@ -21,6 +21,7 @@ import anyio
 import anyio.lowlevel
 
 from stalk._logs import CONNECTION, HANDSHAKE, THROTTLE
+from stalk.certificates import CertifiedIdentity
 from stalk.errors import HandshakeFailed
 from stalk.events import NEED_DATA, PAUSED, HandshakeComplete, PeerIdentified
 from stalk.identity import PublicIdentity
@@ -29,7 +30,9 @@ from stalk.session import Role
 
 __all__ = ["Authorize", "establish", "maybe_await"]
 
-#: ``authorize(peer) -> bool`` (or a coroutine function): may this peer connect?
+#: ``authorize(peer) -> bool`` (or a coroutine function): may this peer connect? With
+#: ``authorities=``, ``peer`` is a :class:`~stalk.CertifiedIdentity`: its ``certificate``
+#: (``.name``, ``.groups``) was verified before the hook runs.
 Authorize: TypeAlias = Callable[[PublicIdentity], "bool | Awaitable[bool]"]
 
 
@@ -78,10 +81,12 @@ async def _run(link: Link, authorize: Authorize | None, started: float) -> None:
             link.handshake_seconds = now - started
             if CONNECTION.isEnabledFor(logging.INFO):
                 initiator = session.role is Role.INITIATOR
+                certified = event.peer
                 CONNECTION.info(
-                    "%s %s %s %s (%s, handshake %.1f ms)",
+                    "%s %s%s %s %s (%s, handshake %.1f ms)",
                     "connected to" if initiator else "accepted",
                     event.peer.fingerprint,
+                    f" ({certified.name!r})" if isinstance(certified, CertifiedIdentity) else "",
                     "at" if initiator else "from",
                     address_text(link.address),
                     event.pattern,

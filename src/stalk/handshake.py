@@ -23,7 +23,8 @@ or XX message 3 and then stops in ``awaiting_authorization`` until :meth:`accept
 :meth:`refuse`; with IK that is before it has spent a DH on an answer.
 
 Every message's length is checked from its frame header (its keys and tags, plus at most
-1024 payload bytes), and every public key it carries must be canonical and usable (SPEC
+3,072 payload bytes, 1,024 for XX message 1), and every public key it carries must be
+canonical and usable (SPEC
 "Canonical keys"): the cleartext ``e`` is checked before the message is handed to Noise, the
 encrypted ``s`` once Noise has read the message (also when that read failed: a low-order
 ``s`` makes the DH that follows it fail). A non-canonical key gives the same DH results as
@@ -41,6 +42,15 @@ Payloads are exactly one msgpack map with string keys, none repeated (SPEC "Hand
 payloads"): XX message 1 carries an empty map (it is cleartext); each party's parameters
 travel in its last handshake message (initiator: XX msg3 or IK msg1; responder: msg2).
 Unknown keys are ignored so that later versions can add fields.
+
+Certificates (SPEC "Certificates in the handshake") ride in the same payload, as
+``"certificate"``. A side given a :class:`~stalk.certificates.CertificatePolicy` checks
+the peer's as soon as it has the payload and the static key the handshake authenticated:
+the responder after IK message 1 (before any DH on an answer) or XX message 3, refusing
+with CERTIFICATE_REFUSED as it refuses anything else there; the initiator after message 2,
+before it sends anything more (in XX its own static key and certificate never go to a
+responder whose certificate failed). A certified peer is a
+:class:`~stalk.certificates.CertifiedIdentity`.
 """
 
 from __future__ import annotations
@@ -57,7 +67,14 @@ from stalk._noise import (
     NoiseHandshake,
     TransportCipher,
 )
-from stalk.errors import HandshakeFailed, InvalidPeerKey, PeerIdentityMismatch, PeerRefused
+from stalk.certificates import CertificatePolicy
+from stalk.errors import (
+    HandshakeFailed,
+    InvalidPeerKey,
+    PeerIdentityMismatch,
+    PeerRefused,
+    reason_for_peer,
+)
 from stalk.framing import (
     VERDICT_MAX,
     FrameReader,
@@ -70,6 +87,7 @@ from stalk.framing import (
 from stalk.identity import Identity, PublicIdentity, check_public_key
 from stalk.wire import (
     MAX_CHANNELS_LIMIT,
+    MAX_CLEARTEXT_PAYLOAD,
     MAX_HANDSHAKE_PAYLOAD,
     MAX_MESSAGE_SIZE_LIMIT,
     MAX_WINDOW,
@@ -130,21 +148,36 @@ _CHANNEL_FIELDS: Final = (
 class Params:
     """A party's handshake parameters (SPEC "Handshake payloads").
 
-    ``channels`` is ``None`` when the party sent no channel parameters (version 1 only).
+    ``channels`` is ``None`` when the party sent no channel parameters (version 1 only);
+    ``certificate`` the bytes of the certificate it presented, unchecked, or ``None``.
     """
 
     version: int
     max_message_size: int
     channels: ChannelParams | None = None
+    certificate: bytes | None = None
 
 
-def encode_params(max_message_size: int, channels: ChannelParams | None = None) -> bytes:
-    """The msgpack map a party sends in its last handshake message."""
-    fields: dict[str, int] = {"version": PROTOCOL_VERSION, "max_message_size": max_message_size}
+def encode_params(
+    max_message_size: int,
+    channels: ChannelParams | None = None,
+    certificate: bytes | None = None,
+) -> bytes:
+    """The msgpack map a party sends in its last handshake message.
+
+    Without a certificate its bytes are exactly what they were before certificates
+    existed (``vectors/`` checks them).
+    """
+    fields: dict[str, int | bytes] = {
+        "version": PROTOCOL_VERSION,
+        "max_message_size": max_message_size,
+    }
     if channels is not None:
         for name, _, _ in _CHANNEL_FIELDS:
             fields[name] = getattr(channels, name)
-    return msgpack.packb(fields)
+    if certificate is not None:
+        fields["certificate"] = certificate
+    return msgpack.packb(fields, use_bin_type=True)
 
 
 class _Pairs:
@@ -156,15 +189,16 @@ class _Pairs:
         self.pairs = pairs
 
 
-def _decode_map(payload: bytes) -> dict[str, object]:
+def _decode_map(payload: bytes, limit: int = MAX_HANDSHAKE_PAYLOAD) -> dict[str, object]:
     """Decode a handshake payload: exactly one map, string keys, none repeated (SPEC 8).
 
     Maps nested in the values of unknown keys are not looked into: they are ignored.
 
+    :param limit: the payload's bound (XX message 1's is smaller).
     :raises ~stalk.HandshakeFailed: anything else (the responder refuses with PROTOCOL_ERROR).
     """
-    if len(payload) > MAX_HANDSHAKE_PAYLOAD:
-        raise HandshakeFailed(f"handshake payload longer than {MAX_HANDSHAKE_PAYLOAD} bytes")
+    if len(payload) > limit:
+        raise HandshakeFailed(f"handshake payload longer than {limit} bytes")
     try:
         # Maps come back as _Pairs, so that repeated keys are seen (a dict would keep only
         # the last value) and no key needs to be hashable. Trailing bytes raise ExtraData.
@@ -194,11 +228,13 @@ def _describe(value: object) -> str:
 def decode_params(payload: bytes) -> Params:
     """Parse and check a party's parameters.
 
-    Every field must be of type ``int`` (``bool`` is refused); unknown keys are ignored.
+    Every field must be of type ``int`` (``bool`` is refused), but ``certificate``, which
+    must be ``bin``; unknown keys are ignored. The certificate is not looked into here.
 
     :raises ~stalk.HandshakeFailed: not a map as :func:`_decode_map` requires, wrong
-        version, a missing, mistyped or out-of-range ``max_message_size``, or channel
-        parameters that are not all three, each an int within its range.
+        version, a missing, mistyped or out-of-range ``max_message_size``, channel
+        parameters that are not all three, each an int within its range, or a
+        ``certificate`` that is not ``bin``.
     """
     fields = _decode_map(payload)
     version = fields.get("version")
@@ -212,7 +248,17 @@ def decode_params(payload: bytes) -> Params:
             f"handshake payload max_message_size is {_describe(size)}, not "
             f"{MIN_MAX_MESSAGE_SIZE}..{MAX_MESSAGE_SIZE_LIMIT}"
         )
-    return Params(version=version, max_message_size=size, channels=_decode_channels(fields))
+    certificate = fields.get("certificate")
+    if certificate is not None and type(certificate) is not bytes:
+        raise HandshakeFailed(
+            f"handshake payload certificate is of type {type(certificate).__name__}, not bin"
+        )
+    return Params(
+        version=version,
+        max_message_size=size,
+        channels=_decode_channels(fields),
+        certificate=certificate,
+    )
 
 
 def _decode_channels(fields: dict[str, object]) -> ChannelParams | None:
@@ -243,14 +289,13 @@ class HandshakeResult:
     recv_cipher: TransportCipher
 
 
-def _result(noise: NoiseHandshake, pattern: Pattern, params: Params) -> HandshakeResult:
-    remote = noise.remote_static
-    if remote is None:  # pragma: no cover - XX and IK always transmit or pre-know it
-        raise HandshakeFailed("handshake finished without a remote static key")
+def _result(
+    noise: NoiseHandshake, pattern: Pattern, params: Params, peer: PublicIdentity
+) -> HandshakeResult:
     send, recv = noise.split()
     return HandshakeResult(
         pattern=pattern,
-        peer=PublicIdentity(remote),
+        peer=peer,
         peer_params=params,
         handshake_hash=noise.handshake_hash,
         send_cipher=send,
@@ -269,8 +314,8 @@ def _eof_during_handshake() -> HandshakeFailed:
 
 
 #: The fixed part of each handshake message (SPEC 7): its public keys and AEAD tags, all
-#: but the payload's own bytes. A message is at least this long and at most this plus
-#: MAX_HANDSHAKE_PAYLOAD, so its frame header alone can tell that it is malformed.
+#: but the payload's own bytes. A message is at least this long and at most this plus its
+#: payload bound (_payload_limit), so its frame header alone can tell that it is malformed.
 _FIXED_LEN: Final[dict[tuple[Pattern, int], int]] = {
     ("XX", 1): DHLEN,  # e, cleartext payload
     ("XX", 2): DHLEN + (DHLEN + TAGLEN) + TAGLEN,  # e, enc(s), enc(payload)
@@ -280,6 +325,11 @@ _FIXED_LEN: Final[dict[tuple[Pattern, int], int]] = {
 }
 
 
+def _payload_limit(pattern: Pattern, number: int) -> int:
+    """The bound of a message's payload: XX message 1 never carries a certificate."""
+    return MAX_CLEARTEXT_PAYLOAD if (pattern, number) == ("XX", 1) else MAX_HANDSHAKE_PAYLOAD
+
+
 def _read_message(reader: FrameReader, pattern: Pattern, number: int) -> bytes | None:
     """The body of handshake message ``number``, ``None`` if incomplete.
 
@@ -287,20 +337,21 @@ def _read_message(reader: FrameReader, pattern: Pattern, number: int) -> bytes |
     buffered.
 
     :raises ~stalk.HandshakeFailed: a zero-length frame, a message too short to hold its
-        keys and tags or too long for a payload of at most 1024 bytes, or EOF.
+        keys and tags or too long for its payload bound, or EOF.
     """
     length = reader.frame_length()
     if length is not None:
         fixed = _FIXED_LEN[pattern, number]
+        limit = _payload_limit(pattern, number)
         if 0 < length < fixed:
             raise HandshakeFailed(
                 f"{pattern} message {number} of {length} bytes is too short (its keys and "
                 f"tags take {fixed})"
             )
-        if length > fixed + MAX_HANDSHAKE_PAYLOAD:
+        if length > fixed + limit:
             raise HandshakeFailed(
                 f"{pattern} message {number} of {length} bytes is too long (its payload "
-                f"would exceed {MAX_HANDSHAKE_PAYLOAD} bytes)"
+                f"would exceed {limit} bytes)"
             )
     try:
         frame = reader.frame()
@@ -361,6 +412,18 @@ def _read_checked(
     return payload
 
 
+def _peer(policy: CertificatePolicy | None, params: Params, remote: bytes | None) -> PublicIdentity:
+    """The peer's static key, with its certificate checked when we require one.
+
+    :raises ~stalk.CertificateError: the policy refuses the peer's certificate (or its
+        lack of one).
+    """
+    if remote is None:  # pragma: no cover - XX and IK always transmit or pre-know it
+        raise HandshakeFailed("no static key from the peer")
+    key = PublicIdentity(remote)
+    return key if policy is None else policy.check(params.certificate, key)
+
+
 class InitiatorHandshake:
     """The initiator's side: XX without an expected peer key, IK with one.
 
@@ -368,6 +431,8 @@ class InitiatorHandshake:
     :param peer: the responder's expected static key (selects IK), or ``None`` (XX).
     :param max_message_size: the limit we advertise.
     :param channels: what we offer for channels, or ``None`` (version 1 only).
+    :param certificate: the encoding of our certificate, sent in our last message.
+    :param policy: require a certificate of the responder, checked this way.
     :param ephemeral: a fixed ephemeral private key: only for test vectors.
     """
 
@@ -378,11 +443,14 @@ class InitiatorHandshake:
         max_message_size: int,
         *,
         channels: ChannelParams | None = None,
+        certificate: bytes | None = None,
+        policy: CertificatePolicy | None = None,
         ephemeral: bytes | None = None,
     ) -> None:
         self.pattern: Pattern = "IK" if peer is not None else "XX"
         self._expected = peer
-        self._params = encode_params(max_message_size, channels)
+        self._policy = policy
+        self._params = encode_params(max_message_size, channels, certificate)
         preamble = encode_preamble(PROTOCOL_VERSION, self.pattern)
         self._noise = NoiseHandshake(
             PROTOCOL_NAMES[self.pattern],
@@ -403,6 +471,8 @@ class InitiatorHandshake:
 
         :raises ~stalk.InvalidPeerKey: message 2 carries a key that is not a canonical,
             usable X25519 key.
+        :raises ~stalk.CertificateError: we require a certificate of the responder and
+            refuse the one it sent (or its lack of one); nothing more has been sent.
         :raises ~stalk.HandshakeFailed: refused, mismatched key, malformed or cut short.
         """
         if self._state == "verdict":
@@ -425,9 +495,10 @@ class InitiatorHandshake:
             _check_ephemeral(body, message)
             payload = _read_checked(self._noise, body, message, carries_static=self.pattern == "XX")
             params = decode_params(payload)
+            peer = _peer(self._policy, params, self._noise.remote_static)
             if self.pattern == "XX":
                 self.out.append(encode_frame(self._noise.write_message(self._params)))
-            self.result = _result(self._noise, self.pattern, params)
+            self.result = _result(self._noise, self.pattern, params, peer)
             self._state = "done"
         return True
 
@@ -451,6 +522,8 @@ class ResponderHandshake:
     :param identity: our static key pair.
     :param max_message_size: the limit we advertise.
     :param channels: what we offer for channels, or ``None`` (version 1 only).
+    :param certificate: the encoding of our certificate, sent in message 2.
+    :param policy: require a certificate of the initiator, checked this way.
     :param ephemeral: a fixed ephemeral private key: only for test vectors.
     """
 
@@ -460,10 +533,13 @@ class ResponderHandshake:
         max_message_size: int,
         *,
         channels: ChannelParams | None = None,
+        certificate: bytes | None = None,
+        policy: CertificatePolicy | None = None,
         ephemeral: bytes | None = None,
     ) -> None:
         self._identity = identity
-        self._params = encode_params(max_message_size, channels)
+        self._policy = policy
+        self._params = encode_params(max_message_size, channels, certificate)
         self._ephemeral = ephemeral
         self._noise: NoiseHandshake | None = None
         self._state: Literal["preamble", "msg1", "msg3", "authorize", "done", "refused"] = (
@@ -492,6 +568,8 @@ class ResponderHandshake:
 
         :raises ~stalk.InvalidPeerKey: a message carries a key that is not a canonical,
             usable X25519 key.
+        :raises ~stalk.CertificateError: we require a certificate of the initiator and
+            refuse the one it sent (or its lack of one).
         :raises ~stalk.HandshakeFailed: anything else wrong with the initiator's messages.
             Before raising, a refusal verdict is queued in ``out`` when we have not answered
             yet; after XX message 3 was read, :attr:`failure_close` is set instead.
@@ -501,7 +579,7 @@ class ResponderHandshake:
         except HandshakeFailed as exc:
             code = exc.close_code
             if not self._answered:
-                self.out.append(encode_refusal(code, str(exc)))
+                self.out.append(encode_refusal(code, reason_for_peer(exc)))
                 self._answered = True
             elif self._noise is not None and self._noise.complete:
                 self.failure_close = (code, self._noise.split()[0])
@@ -550,10 +628,9 @@ class ResponderHandshake:
                     ) from exc
                 raise
             if self.pattern == "IK":
-                self._peer_params = decode_params(payload)
-                self._identified(noise)
+                self._identified(noise, decode_params(payload))
                 return False
-            _decode_map(payload)
+            _decode_map(payload, MAX_CLEARTEXT_PAYLOAD)
             self._answer(noise)
             self._state = "msg3"
         if self._state == "msg3":
@@ -561,21 +638,22 @@ class ResponderHandshake:
             if body is None:
                 return False
             payload = _read_checked(noise, body, "XX message 3", carries_static=True)
-            self._peer_params = decode_params(payload)
-            self._identified(noise)
+            self._identified(noise, decode_params(payload))
             return False
         return self._state == "done"
 
-    def _identified(self, noise: NoiseHandshake) -> None:
-        remote = noise.remote_static
-        if remote is None:  # pragma: no cover - both patterns carry it by now
-            raise HandshakeFailed("no initiator static key after its message")
-        self.peer = PublicIdentity(remote)
+    def _identified(self, noise: NoiseHandshake, params: Params) -> None:
+        """The initiator's key (and certificate) known: check it, then await authorization.
+
+        :raises ~stalk.CertificateError: we require a certificate and refuse its one.
+        """
+        self._peer_params = params
+        self.peer = _peer(self._policy, params, noise.remote_static)
         self._state = "authorize"
-        if noise.complete and self._peer_params is not None:
+        if noise.complete:
             # XX: msg3 was the last message, so the transport ciphers exist already; a
             # refusal then travels as an encrypted CLOSE.
-            self.result = _result(noise, self.pattern or "XX", self._peer_params)
+            self.result = _result(noise, self.pattern or "XX", params, self.peer)
 
     def _answer(self, noise: NoiseHandshake) -> None:
         msg2 = noise.write_message(self._params)
@@ -584,11 +662,16 @@ class ResponderHandshake:
 
     def accept(self) -> None:
         """Admit the identified initiator (IK: answer with message 2 now)."""
-        if self._state != "authorize" or self._noise is None or self._peer_params is None:
+        if (
+            self._state != "authorize"
+            or self._noise is None
+            or self._peer_params is None
+            or self.peer is None
+        ):
             raise HandshakeFailed("accept() is only valid while awaiting authorization")
         if self.pattern == "IK":
             self._answer(self._noise)
-            self.result = _result(self._noise, self.pattern, self._peer_params)
+            self.result = _result(self._noise, self.pattern, self._peer_params, self.peer)
         self._state = "done"
 
     def refuse(self) -> None:

@@ -56,19 +56,27 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, TypeAlias
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final, TypeAlias, TypedDict
 
 import anyio
 import anyio.streams.stapled
+import anyio.to_thread
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
 from stalk import _logs
 from stalk._logs import HANDSHAKE, THROTTLE
+from stalk.certificates import Authorities, Certificate, RevocationFile, utc_text
 from stalk.channel import ChannelHandler
 from stalk.config import Config
-from stalk.connection import Authorize, Connection
-from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
+from stalk.connection import Authorize, Connection, certificate_policy
+from stalk.errors import (
+    ConnectionLost,
+    HandshakeFailed,
+    IdentityFileError,
+    RevocationListError,
+    StalkError,
+)
 from stalk.handshake import busy_refusal
 from stalk.identity import Identity
 from stalk.link import address_text, remote_address
@@ -140,6 +148,45 @@ def _peer_user(stream: ByteStream) -> str | None:
     return f"uid {uid}"
 
 
+def _check_certificate(certificate: Certificate | None, identity: Identity) -> None:
+    """Refuse, up front, a certificate that is not for the listener's own key."""
+    if certificate is not None and certificate.subject != identity.public:
+        raise ValueError(
+            f"the certificate is for {certificate.subject.fingerprint}, not for this "
+            f"identity ({identity.public.fingerprint})"
+        )
+
+
+def _names(names: Iterable[str] | None) -> frozenset[str] | None:
+    """Names or groups to allow, as a set (one string would be a set of its characters)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        raise TypeError("allow_names and allow_groups are iterables of str, not one str")
+    return frozenset(names)
+
+
+def _revocation_file(
+    revocations: RevocationFile | str | os.PathLike[str] | None,
+    authorities: Authorities | None,
+) -> RevocationFile | None:
+    """The revocation file to watch, read now (so that a bad one fails before serving).
+
+    :raises ValueError: revocations without authorities, or for other authorities.
+    :raises IdentityFileError: the file cannot be read, or is unsafe.
+    :raises RevocationListError: it is malformed or not signed by one of ``authorities``.
+    """
+    if revocations is None:
+        return None
+    if authorities is None:
+        raise ValueError("revocations need authorities= (the lists are theirs)")
+    if not isinstance(revocations, RevocationFile):
+        return RevocationFile(revocations, authorities)
+    if revocations.authorities is not authorities:
+        raise ValueError("a revocation file must put its lists in the listener's authorities")
+    return revocations
+
+
 def _who(conn: Connection) -> str:
     """A connection's peer and address, as log lines name it."""
     host, port, path = conn.host, conn.port, conn.path
@@ -201,8 +248,32 @@ class StreamListener(anyio.abc.Listener[Connection]):
         any handler runs (see :func:`listen`).
     :param config: timeouts and limits (default :class:`~stalk.Config`).
     :param channel_handler: run for every channel a client opens (see :func:`listen`).
-    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``.
+    :param certificate: our certificate, presented to every client in the handshake (its
+        subject must be ``identity``'s key): clients that trust its authority connect by
+        name, without pinning our key.
+    :param authorities: require every client to present a certificate issued by one of
+        these, checked in the handshake before ``authorize`` runs: a client without one,
+        or with one that is forged, expired, revoked, for another key... is refused with
+        CERTIFICATE_REFUSED (and never reaches ``authorize`` or the handler).
+    :param allow_names: with ``authorities``: admit only certificates for these names...
+    :param allow_groups: ...or (either admits) in one of these groups.
+    :param revocations: with ``authorities``: a revocation list file (``stalk authority
+        revoke`` writes one), read now and again whenever it has changed when a client
+        arrives, so a revocation applies from the next handshake on. A version that cannot
+        be read or is refused is logged and leaves the list in force (connections already
+        established are not affected).
+    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``,
+        ``certificate`` is for another key, or names or groups to allow, or revocations,
+        were given without ``authorities``.
+    :raises ~stalk.IdentityFileError: the revocation list file cannot be read, or is unsafe.
+    :raises ~stalk.RevocationListError: it is malformed or not signed by an authority of
+        ``authorities``.
     :ivar identity: our static key pair, the one clients pin.
+    :ivar certificate: our certificate, presented to every client (``None``: none); set it
+        to present another from the next client on (a renewed one, say).
+    :ivar authorities: the authorities whose certificates clients must present (``None``:
+        no certificate needed); its revocation lists can be replaced while serving.
+    :ivar revocations: the revocation list file reloaded when it changes (``None``: none).
     """
 
     def __init__(
@@ -212,10 +283,24 @@ class StreamListener(anyio.abc.Listener[Connection]):
         authorize: Authorize | None = None,
         config: Config | None = None,
         channel_handler: ChannelHandler | None = None,
+        *,
+        certificate: Certificate | None = None,
+        authorities: Authorities | None = None,
+        allow_names: Iterable[str] | None = None,
+        allow_groups: Iterable[str] | None = None,
+        revocations: RevocationFile | str | os.PathLike[str] | None = None,
     ) -> None:
         config = config or Config()
         if channel_handler is not None and not config.max_channels:
             raise ValueError("a channel_handler needs Config.max_channels to offer channels")
+        _check_certificate(certificate, identity)
+        names, groups = _names(allow_names), _names(allow_groups)
+        certificate_policy(authorities, config, names=names, groups=groups)  # checks them
+        self.revocations = _revocation_file(revocations, authorities)
+        self.certificate = certificate
+        self.authorities = authorities
+        self._allow = names, groups
+        self._reloading = anyio.Lock()
         self._sockets = listener
         self.identity = identity
         self._authorize = authorize
@@ -396,6 +481,8 @@ class StreamListener(anyio.abc.Listener[Connection]):
         if key is not None:
             self._handshakes_by_address[key] = self._handshakes_by_address.get(key, 0) + 1
         try:
+            if self.revocations is not None and self.revocations.changed():
+                await self._reload_revocations(self.revocations)
             conn = await Connection.wrap(
                 stream,
                 identity=self.identity,
@@ -403,6 +490,10 @@ class StreamListener(anyio.abc.Listener[Connection]):
                 authorize=self._authorize,
                 config=self._config,
                 channel_handler=self._channel_handler,
+                certificate=self.certificate,
+                authorities=self.authorities,
+                allow_names=self._allow[0],
+                allow_groups=self._allow[1],
             )
         except HandshakeFailed as exc:
             # Anyone can fail a handshake at will, so these are throttled by kind: a stray
@@ -437,6 +528,42 @@ class StreamListener(anyio.abc.Listener[Connection]):
                     await conn.close(CloseCode.GOING_AWAY, "listener shutting down")
         finally:
             self._connections -= 1
+
+    async def _reload_revocations(self, revocations: RevocationFile) -> None:
+        """Put the revocation file's new version in force before this handshake checks.
+
+        Read in a worker thread (a list may hold 100,000 entries); handshakes that arrive
+        meanwhile wait for it, so none is checked against a list the file has replaced. A
+        version that cannot be read, is not signed by one of our authorities, or is not
+        newer than the list in force is logged and changes nothing.
+        """
+        async with self._reloading:
+            if not revocations.changed():
+                return  # another handshake reloaded it while we waited
+            try:
+                loaded = await anyio.to_thread.run_sync(revocations.read)
+                applied = revocations.apply(loaded)
+            except (IdentityFileError, RevocationListError) as exc:
+                logger.warning(
+                    "revocation list %s not reloaded, the one in force stays: %s",
+                    revocations.path,
+                    exc,
+                )
+                return
+            if not applied:
+                logger.warning(
+                    "revocation list %s not reloaded: issued %s, not after the one in force",
+                    revocations.path,
+                    utc_text(loaded.issued_at),
+                )
+                return
+            logger.info(
+                "revocation list %s reloaded: %d serials and %d keys revoked (issued %s)",
+                revocations.path,
+                len(loaded.serials),
+                len(loaded.subjects),
+                utc_text(loaded.issued_at),
+            )
 
     @staticmethod
     async def _run_handler(handler: ConnectionHandler, conn: Connection) -> None:
@@ -485,6 +612,12 @@ class Listener(StreamListener):
         authorize: Authorize | None = None,
         config: Config | None = None,
         channel_handler: ChannelHandler | None = None,
+        *,
+        certificate: Certificate | None = None,
+        authorities: Authorities | None = None,
+        allow_names: Iterable[str] | None = None,
+        allow_groups: Iterable[str] | None = None,
+        revocations: RevocationFile | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(
             listener,
@@ -492,6 +625,11 @@ class Listener(StreamListener):
             authorize=authorize,
             config=config,
             channel_handler=channel_handler,
+            certificate=certificate,
+            authorities=authorities,
+            allow_names=allow_names,
+            allow_groups=allow_groups,
+            revocations=revocations,
         )
         if not isinstance(self._address, tuple):
             raise TypeError(f"not a TCP listener: its local address is {self._address!r}")
@@ -521,6 +659,12 @@ class UnixListener(StreamListener):
         authorize: Authorize | None = None,
         config: Config | None = None,
         channel_handler: ChannelHandler | None = None,
+        *,
+        certificate: Certificate | None = None,
+        authorities: Authorities | None = None,
+        allow_names: Iterable[str] | None = None,
+        allow_groups: Iterable[str] | None = None,
+        revocations: RevocationFile | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(
             listener,
@@ -528,6 +672,11 @@ class UnixListener(StreamListener):
             authorize=authorize,
             config=config,
             channel_handler=channel_handler,
+            certificate=certificate,
+            authorities=authorities,
+            allow_names=allow_names,
+            allow_groups=allow_groups,
+            revocations=revocations,
         )
         if not isinstance(self._address, str):
             raise TypeError(f"not a unix socket listener: its local address is {self._address!r}")
@@ -587,6 +736,43 @@ def _refuse_a_live_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, "Address already in use (a listener accepts on it)", path)
 
 
+class _Trust(TypedDict):
+    """The certificate options a listener is built with (see :func:`_certificates`)."""
+
+    certificate: Certificate | None
+    authorities: Authorities | None
+    allow_names: frozenset[str] | None
+    allow_groups: frozenset[str] | None
+    revocations: RevocationFile | None
+
+
+def _certificates(
+    identity: Identity,
+    config: Config,
+    *,
+    certificate: Certificate | None,
+    authorities: Authorities | None,
+    allow_names: Iterable[str] | None,
+    allow_groups: Iterable[str] | None,
+    revocations: str | os.PathLike[str] | None,
+) -> _Trust:
+    """The certificate options, checked (and the revocation file read) before binding.
+
+    :raises ValueError, TypeError, IdentityFileError, RevocationListError: as the
+        listener's constructor.
+    """
+    _check_certificate(certificate, identity)
+    names, groups = _names(allow_names), _names(allow_groups)
+    certificate_policy(authorities, config, names=names, groups=groups)
+    return {
+        "certificate": certificate,
+        "authorities": authorities,
+        "allow_names": names,
+        "allow_groups": groups,
+        "revocations": _revocation_file(revocations, authorities),
+    }
+
+
 async def create_listener(
     host: str,
     port: int,
@@ -597,6 +783,11 @@ async def create_listener(
     channel_handler: ChannelHandler | None = None,
     backlog: int = 65536,
     reuse_port: bool = False,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    allow_names: Iterable[str] | None = None,
+    allow_groups: Iterable[str] | None = None,
+    revocations: str | os.PathLike[str] | None = None,
 ) -> Listener:
     """Bind a TCP listener for stalk on ``host:port`` (port 0 picks a free port).
 
@@ -618,13 +809,41 @@ async def create_listener(
         anyio's default, which the kernel caps: at ``net.core.somaxconn`` on Linux).
     :param reuse_port: set ``SO_REUSEPORT``, so that several listeners (processes) may
         bind the same port and share its clients (Linux, BSD, macOS).
+    :param certificate: our certificate, presented to every client in the handshake (its
+        subject must be ``identity``'s key): clients that trust its authority connect by
+        name, without pinning our key.
+    :param authorities: require every client to present a certificate issued by one of
+        these, checked in the handshake before ``authorize`` runs: a client without one,
+        or with one that is forged, expired, revoked, for another key... is refused with
+        CERTIFICATE_REFUSED (and never reaches ``authorize`` or the handler).
+    :param allow_names: with ``authorities``: admit only certificates for these names...
+    :param allow_groups: ...or (either admits) in one of these groups.
+    :param revocations: with ``authorities``: a revocation list file (``stalk authority
+        revoke`` writes one), read now and again whenever it has changed when a client
+        arrives, so a revocation applies from the next handshake on. A version that cannot
+        be read or is refused is logged and leaves the list in force (connections already
+        established are not affected).
     :returns: the bound, not yet serving, listener.
     :raises OSError: the address cannot be bound.
-    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``.
+    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``,
+        ``certificate`` is for another key, or names or groups to allow, or revocations,
+        were given without ``authorities``.
+    :raises ~stalk.IdentityFileError: the revocation list file cannot be read, or is unsafe.
+    :raises ~stalk.RevocationListError: it is malformed or not signed by an authority of
+        ``authorities``.
     """
     config = config or Config()
     if channel_handler is not None and not config.max_channels:
         raise ValueError("a channel_handler needs Config.max_channels to offer channels")
+    trust = _certificates(
+        identity,
+        config,
+        certificate=certificate,
+        authorities=authorities,
+        allow_names=allow_names,
+        allow_groups=allow_groups,
+        revocations=revocations,
+    )
     sockets = await anyio.create_tcp_listener(
         local_host=host, local_port=port, backlog=backlog, reuse_port=reuse_port
     )
@@ -634,6 +853,7 @@ async def create_listener(
         authorize=authorize,
         config=config,
         channel_handler=channel_handler,
+        **trust,
     )
 
 
@@ -648,6 +868,11 @@ async def listen(
     channel_handler: ChannelHandler | None = None,
     backlog: int = 65536,
     reuse_port: bool = False,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    allow_names: Iterable[str] | None = None,
+    allow_groups: Iterable[str] | None = None,
+    revocations: str | os.PathLike[str] | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve stalk on ``host:port`` until cancelled.
@@ -677,10 +902,27 @@ async def listen(
     :param backlog: connections the kernel queues for accepting (see
         :func:`create_listener`).
     :param reuse_port: set ``SO_REUSEPORT``: several listeners may share the port.
+    :param certificate: our certificate, presented to every client in the handshake (its
+        subject must be ``identity``'s key): clients that trust its authority connect by
+        name, without pinning our key.
+    :param authorities: require every client to present a certificate issued by one of
+        these, checked in the handshake before ``authorize`` runs: a client without one,
+        or with one that is forged, expired, revoked, for another key... is refused with
+        CERTIFICATE_REFUSED (and never reaches ``authorize`` or the handler).
+    :param allow_names: with ``authorities``: admit only certificates for these names...
+    :param allow_groups: ...or (either admits) in one of these groups.
+    :param revocations: with ``authorities``: a revocation list file (``stalk authority
+        revoke`` writes one), read now and again whenever it has changed when a client
+        arrives, so a revocation applies from the next handshake on. A version that cannot
+        be read or is refused is logged and leaves the list in force (connections already
+        established are not affected).
     :param task_status: set by ``task_group.start()``: receives the bound ``(host, port)``.
     :raises OSError: the address cannot be bound, or accepting failed for another reason
         than a lack of resources.
-    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``.
+    :raises ValueError: as :func:`create_listener`.
+    :raises ~stalk.IdentityFileError: the revocation list file cannot be read, or is unsafe.
+    :raises ~stalk.RevocationListError: it is malformed or not signed by an authority of
+        ``authorities``.
     """
     async with await create_listener(
         host,
@@ -691,6 +933,11 @@ async def listen(
         channel_handler=channel_handler,
         backlog=backlog,
         reuse_port=reuse_port,
+        certificate=certificate,
+        authorities=authorities,
+        allow_names=allow_names,
+        allow_groups=allow_groups,
+        revocations=revocations,
     ) as listener:
         await listener.serve(handler, task_status=task_status)
 
@@ -704,6 +951,11 @@ async def create_unix_listener(
     channel_handler: ChannelHandler | None = None,
     mode: int | None = None,
     backlog: int = 65536,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    allow_names: Iterable[str] | None = None,
+    allow_groups: Iterable[str] | None = None,
+    revocations: str | os.PathLike[str] | None = None,
 ) -> UnixListener:
     """Bind a unix domain socket listener for stalk at ``path`` (not on Windows).
 
@@ -727,16 +979,33 @@ async def create_unix_listener(
         permission). Clients are authenticated by their keys either way; the mode decides
         which local users may try.
     :param backlog: connections the kernel queues for accepting.
+    :param certificate: our certificate (see :func:`create_listener`).
+    :param authorities: require clients' certificates (see :func:`create_listener`).
+    :param allow_names: with ``authorities``: these names...
+    :param allow_groups: ...or these groups admit.
+    :param revocations: a revocation list file, reloaded when it changes.
     :returns: the bound, not yet serving, listener.
     :raises OSError: the path cannot be bound (a listener accepts there, a file that is
         not a socket is there, its directory is missing, it is too long: about 107
         bytes at most).
-    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``, or
-        ``mode`` with an abstract name.
+    :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``,
+        ``mode`` with an abstract name, or certificate options as :func:`create_listener`.
+    :raises ~stalk.IdentityFileError: the revocation list file cannot be read, or is unsafe.
+    :raises ~stalk.RevocationListError: it is malformed or not signed by an authority of
+        ``authorities``.
     """
     config = config or Config()
     if channel_handler is not None and not config.max_channels:
         raise ValueError("a channel_handler needs Config.max_channels to offer channels")
+    trust = _certificates(
+        identity,
+        config,
+        certificate=certificate,
+        authorities=authorities,
+        allow_names=allow_names,
+        allow_groups=allow_groups,
+        revocations=revocations,
+    )
     path = os.fspath(path)
     abstract = path.startswith("\0")
     if abstract and mode is not None:
@@ -755,6 +1024,7 @@ async def create_unix_listener(
         authorize=authorize,
         config=config,
         channel_handler=channel_handler,
+        **trust,
     )
     if found is not None:
         listener._socket_file = (os.path.abspath(path), found.st_dev, found.st_ino)
@@ -771,6 +1041,11 @@ async def listen_unix(
     channel_handler: ChannelHandler | None = None,
     mode: int | None = None,
     backlog: int = 65536,
+    certificate: Certificate | None = None,
+    authorities: Authorities | None = None,
+    allow_names: Iterable[str] | None = None,
+    allow_groups: Iterable[str] | None = None,
+    revocations: str | os.PathLike[str] | None = None,
     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve stalk on a unix domain socket at ``path`` until cancelled (not on Windows).
@@ -789,6 +1064,11 @@ async def listen_unix(
     :param channel_handler: run for every channel a client opens (see :func:`listen`).
     :param mode: the socket file's permissions (see :func:`create_unix_listener`).
     :param backlog: connections the kernel queues for accepting.
+    :param certificate: our certificate (see :func:`create_listener`).
+    :param authorities: require clients' certificates (see :func:`create_listener`).
+    :param allow_names: with ``authorities``: these names...
+    :param allow_groups: ...or these groups admit.
+    :param revocations: a revocation list file, reloaded when it changes.
     :param task_status: set by ``task_group.start()``: receives the socket's path.
     :raises OSError: the path cannot be bound (see :func:`create_unix_listener`), or
         accepting failed for another reason than a lack of resources.
@@ -802,5 +1082,10 @@ async def listen_unix(
         channel_handler=channel_handler,
         mode=mode,
         backlog=backlog,
+        certificate=certificate,
+        authorities=authorities,
+        allow_names=allow_names,
+        allow_groups=allow_groups,
+        revocations=revocations,
     ) as listener:
         await listener.serve(handler, task_status=task_status)

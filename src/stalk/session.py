@@ -53,6 +53,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
+from stalk.certificates import Certificate, CertificatePolicy, CertifiedIdentity
 from stalk.channels import ChannelInput, ChannelState, ChannelTable
 from stalk.errors import (
     ConnectionLost,
@@ -62,6 +63,7 @@ from stalk.errors import (
     MessageTooLarge,
     ProtocolError,
     StalkError,
+    reason_for_peer,
 )
 from stalk.events import (
     NEED_DATA,
@@ -161,8 +163,17 @@ class Session:
         runs IK and fails with :class:`~stalk.PeerIdentityMismatch` for any other key;
         omitted, it runs XX and learns the key.
     :param config: limits and rekey policy.
+    :param certificate: our certificate (SPEC "Certificates"), sent in our last handshake
+        message; its subject must be ``identity``'s key. Bytes are sent as they are,
+        unchecked (for tests and other implementations' certificates).
+    :param certificate_policy: require a certificate of the peer, checked this way: the
+        peer is refused (responder) or left (initiator) before the connection is
+        established when it presents none or one the policy refuses, with a
+        :class:`~stalk.CertificateError`. ``None``: a certificate the peer sends is
+        ignored.
     :param ephemeral_for_testing_only: a fixed ephemeral private key, for reproducible
         transcripts (``vectors/``). Never use it on a real connection.
+    :raises ValueError: ``peer`` given to a responder, or ``certificate`` for another key.
     """
 
     # Slots: a session is held per connection, and an instance dict costs more.
@@ -195,10 +206,19 @@ class Session:
         *,
         peer: PublicIdentity | None = None,
         config: SessionConfig | None = None,
+        certificate: Certificate | bytes | None = None,
+        certificate_policy: CertificatePolicy | None = None,
         ephemeral_for_testing_only: bytes | None = None,
     ) -> None:
         if role is Role.RESPONDER and peer is not None:
             raise ValueError("only an initiator can expect a peer key")
+        if isinstance(certificate, Certificate):
+            if certificate.subject != identity.public:
+                raise ValueError(
+                    f"the certificate is for {certificate.subject.fingerprint}, not for this "
+                    f"identity ({identity.public.fingerprint})"
+                )
+            certificate = certificate.encoded
         self.role = role
         self.identity = identity
         #: Bytes handed out by :meth:`data_to_send`, and given to :meth:`receive_data`:
@@ -218,6 +238,8 @@ class Session:
                 peer,
                 config.max_message_size,
                 channels=config.channels,
+                certificate=certificate,
+                policy=certificate_policy,
                 ephemeral=ephemeral_for_testing_only,
             )
         else:
@@ -225,6 +247,8 @@ class Session:
                 identity,
                 config.max_message_size,
                 channels=config.channels,
+                certificate=certificate,
+                policy=certificate_policy,
                 ephemeral=ephemeral_for_testing_only,
             )
         self._pattern: Pattern | None = self._hs.pattern
@@ -264,6 +288,15 @@ class Session:
         if self._result is None or self.state in _UNAUTHENTICATED:
             return None
         return self._result.peer
+
+    @property
+    def peer_certificate(self) -> Certificate | None:
+        """The peer's verified certificate, once the peer is authenticated (else ``None``).
+
+        Only with a ``certificate_policy``: without one, nothing the peer sends is believed.
+        """
+        peer = self.peer
+        return peer.certificate if isinstance(peer, CertifiedIdentity) else None
 
     @property
     def handshake_hash(self) -> bytes | None:
@@ -466,7 +499,7 @@ class Session:
                 # can still say why instead of READY (SPEC "Verdict and refusals").
                 code, cipher = hs.failure_close
                 self._sealer.start(cipher)
-                self._queue_final_close(code, str(exc))
+                self._queue_final_close(code, reason_for_peer(exc))
             raise
         finally:
             self._take_handshake_output()

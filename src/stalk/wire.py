@@ -34,6 +34,7 @@ __all__ = [
     "MAGIC",
     "MAX_CHANNELS_LIMIT",
     "MAX_CHANNEL_ID",
+    "MAX_CLEARTEXT_PAYLOAD",
     "MAX_CLOSE_REASON",
     "MAX_DEPTH",
     "MAX_FRAME_BODY",
@@ -81,8 +82,12 @@ FRAME_HEADER_LEN: Final = 2
 #: A frame body is one Noise message, so it is bounded by Noise's 65535-byte limit.
 MAX_FRAME_BODY: Final = 65_535
 
-#: Bounds the msgpack map carried in each handshake message (they hold a few small fields).
-MAX_HANDSHAKE_PAYLOAD: Final = 1_024
+#: Bounds the msgpack map carried in a handshake message that may hold a certificate (XX
+#: messages 2 and 3, IK messages 1 and 2): the parameters (well under 200 bytes) and a
+#: certificate of at most 2,048 bytes (2,063 with its key), rounded up to 3 KiB.
+MAX_HANDSHAKE_PAYLOAD: Final = 3_072
+#: Bounds XX message 1's payload: cleartext, never a certificate (it is the empty map).
+MAX_CLEARTEXT_PAYLOAD: Final = 1_024
 #: Bounds a refusal's reason (one length byte).
 MAX_REFUSAL_REASON: Final = 255
 #: Bounds a CLOSE record's reason text, in UTF-8 bytes.
@@ -237,6 +242,9 @@ class CloseCode(enum.IntEnum):
     CHANNEL_LIMIT = 11
     #: The peer sent data beyond the credit granted, or granted credit past the maximum.
     FLOW_CONTROL_ERROR = 12
+    #: The peer's certificate was refused (missing, expired, revoked, forged, for another
+    #: key or name...: SPEC "Certificates"), before the connection was established.
+    CERTIFICATE_REFUSED = 13
 
 
 def close_code_name(code: int) -> str:

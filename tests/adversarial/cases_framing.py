@@ -203,7 +203,7 @@ CASES: list[Case] = [
         "client",
         "msg1_max_frame_65535_ik",
         "IK message 1 of 65535 random bytes (refused from its frame header: too long for a "
-        "1024-byte payload)",
+        "3072-byte payload)",
         MALFORMED,
         play(send_raw, data=IK + b"\xff\xff" + os.urandom(65535)),
     ),

@@ -29,7 +29,7 @@ from stalk.errors import (
 from stalk.framing import encode_frame
 from stalk.identity import Identity, PublicIdentity
 from stalk.spack import Spack
-from stalk.wire import MAX_MESSAGE_SIZE_LIMIT, CloseCode, RecordKind
+from stalk.wire import MAX_HANDSHAKE_PAYLOAD, MAX_MESSAGE_SIZE_LIMIT, CloseCode, RecordKind
 
 from .attacks import (
     CLEAN,
@@ -304,7 +304,11 @@ BAD_PARAMS: list[tuple[str, str, bytes]] = [
         "the right fields under bin keys",
         b"\x82\xc4\x07version\x01\xc4\x10max_message_size\xcd\x10\x00",
     ),
-    ("payload_1025_bytes", "valid fields padded to 1025 bytes", padded_params(1025)),
+    (
+        "payload_3073_bytes",
+        "valid fields padded to 3073 bytes (limit 3072)",
+        padded_params(MAX_HANDSHAKE_PAYLOAD + 1),
+    ),
 ]
 
 #: The subset of :data:`BAD_PARAMS` also tried in XX message 3.
@@ -317,7 +321,7 @@ XX_MSG3_PARAMS = {
     "mms_above_2_53",
     "mms_missing",
     "mms_str",
-    "payload_1025_bytes",
+    "payload_3073_bytes",
 }
 
 #: (id, what the parameters hold, payload): unusual but valid parameters.

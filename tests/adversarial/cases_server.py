@@ -33,7 +33,7 @@ from stalk.errors import (
 )
 from stalk.framing import encode_frame
 from stalk.spack import Spack
-from stalk.wire import CloseCode, RecordKind
+from stalk.wire import MAX_HANDSHAKE_PAYLOAD, CloseCode, RecordKind
 
 from .attacks import LEGIT, A, B, Build
 from .harness import Case, Expect, ServerPlay, ServerSide
@@ -237,7 +237,11 @@ BAD_MSG2: list[tuple[str, str, bytes]] = [
     ("mms_1023", "max_message_size 1023", params(max_message_size=1023)),
     ("mms_missing", "no max_message_size", params(max_message_size=None)),
     ("mms_str", 'max_message_size `"x"`', params(max_message_size="x")),
-    ("payload_1025_bytes", "1025 bytes of valid fields and padding", padded_params(1025)),
+    (
+        "payload_3073_bytes",
+        "3073 bytes of valid fields and padding (limit 3072)",
+        padded_params(MAX_HANDSHAKE_PAYLOAD + 1),
+    ),
 ]
 
 
