@@ -19,6 +19,11 @@ peer makes.
 makes the choices SPEC.md says stalk makes (sections 8, 12, 15 and 24's "How stalk sends
 and grants"), so the calls a transcript records must make it write the recorded bytes.
 
+Certificates (section 25) are written from SPEC.md alone as well, with ``cryptography``'s
+Ed25519 as any implementer would use: :func:`issue_certificate` encodes and signs one,
+:class:`CertificateCheck` runs section 25's checks in its order, and :func:`initiate`,
+:func:`respond` and :class:`ScriptedPeer` present a certificate and check the peer's.
+
 Anything the other side does that SPEC.md does not allow raises :class:`InteropError`, with
 the close code SPEC.md gives for it.
 """
@@ -26,6 +31,8 @@ the close code SPEC.md gives for it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,6 +42,12 @@ from typing import Any, Final, NoReturn
 import anyio
 import msgpack
 from anyio.abc import ByteStream
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from dissononce.cipher.aesgcm import AESGCMCipher
 from dissononce.dh.x25519.private import PrivateKey
 from dissononce.dh.x25519.x25519 import X25519DH
@@ -62,7 +75,8 @@ MAX_FRAME: Final = 65535
 TAG_LEN: Final = 16
 MAX_PLAINTEXT: Final = MAX_FRAME - TAG_LEN
 # Section 8.
-MAX_PAYLOAD: Final = 1024
+MAX_PAYLOAD: Final = 3072
+MAX_XX_MSG1_PAYLOAD: Final = 1024
 MIN_MAX_MESSAGE_SIZE: Final = 1024
 MAX_MAX_MESSAGE_SIZE: Final = 2**53
 DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
@@ -99,6 +113,7 @@ PROTOCOL_ERROR: Final = 5
 MESSAGE_TOO_LARGE: Final = 6
 CHANNEL_LIMIT: Final = 11
 FLOW_CONTROL_ERROR: Final = 12
+CERTIFICATE_REFUSED: Final = 13
 
 
 class InteropError(Exception):
@@ -325,9 +340,9 @@ def encode_params(
     return bytes(msgpack.packb(fields))
 
 
-def decode_map(payload: bytes) -> dict[str, Any]:
-    """A handshake payload: one msgpack map with string keys, at most 1024 bytes."""
-    if len(payload) > MAX_PAYLOAD:
+def decode_map(payload: bytes, limit: int = MAX_PAYLOAD) -> dict[str, Any]:
+    """A handshake payload: one msgpack map with string keys, at most ``limit`` bytes."""
+    if len(payload) > limit:
         raise InteropError(f"handshake payload of {len(payload)} bytes")
     try:
         value = msgpack.unpackb(payload, raw=False, strict_map_key=True)
@@ -357,6 +372,8 @@ def decode_params(payload: bytes) -> dict[str, Any]:
         _int_field(fields, "max_channels", 0, MAX_MAX_CHANNELS)
         _int_field(fields, "channel_window", MIN_CHANNEL_WINDOW, MAX_CREDIT)
         _int_field(fields, "connection_window", MIN_CONNECTION_WINDOW, MAX_CREDIT)
+    if "certificate" in fields and type(fields["certificate"]) is not bytes:
+        raise InteropError(f"the certificate is not a bin in {fields}")
     return fields
 
 
@@ -365,6 +382,291 @@ def channel_offer(fields: dict[str, Any]) -> ChannelOffer | None:
     if "max_channels" not in fields:
         return None
     return ChannelOffer(*(fields[key] for key in CHANNEL_KEYS))
+
+
+# -- certificates (section 25) ----------------------------------------------------------------
+
+CERTIFICATE_VERSION: Final = 1
+CERTIFICATE_CONTEXT: Final = b"stalk certificate 1\x00"
+MAX_CERTIFICATE: Final = 2048
+MAX_CERT_NAME: Final = 128
+MAX_GROUPS: Final = 16
+MAX_GROUP: Final = 32
+MAX_EXTENSIONS: Final = 4
+MAX_EXTENSION_ID: Final = 32
+MAX_EXTENSION_VALUE: Final = 256
+MAX_TIME: Final = 2**63 - 1
+MAX_SERIAL: Final = 2**64 - 1
+SIGNATURE_TAIL: Final = 66  # c4 40 and the 64-byte signature
+FIELD_P: Final = 2**255 - 19
+#: What this peer says when it refuses a certificate: no field of it (section 21).
+REFUSED_REASON: Final = "certificate refused"
+
+
+class CertificateRefused(InteropError):
+    """A certificate failed one of section 25's checks.
+
+    :ivar check: which one, by the name of stalk's error in section 25's table (the first
+        that failed, in the table's order).
+    """
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(f"{check}: {message}", CERTIFICATE_REFUSED)
+        self.check = check
+
+
+def _mp_uint(value: int) -> bytes:
+    """A positive int in its shortest msgpack form."""
+    if value < 0x80:
+        return bytes([value])
+    for head, size in ((0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8)):
+        if value < 1 << (8 * size):
+            return bytes([head]) + value.to_bytes(size, "big")
+    raise ValueError(f"{value} is too large")
+
+
+def _mp_str(text: str) -> bytes:
+    data = text.encode("utf-8")
+    head = bytes([0xA0 | len(data)]) if len(data) < 32 else bytes([0xD9, len(data)])
+    return head + data
+
+
+def _mp_bin(data: bytes) -> bytes:
+    if len(data) < 256:
+        return bytes([0xC4, len(data)]) + data
+    return b"\xc5" + struct.pack(">H", len(data)) + data
+
+
+def _mp_array(count: int) -> bytes:
+    return bytes([0x90 | count]) if count < 16 else b"\xdc" + struct.pack(">H", count)
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    """A certificate's ten fields (section 25, "Certificate format")."""
+
+    serial: int
+    subject: bytes
+    name: str
+    groups: tuple[str, ...]
+    not_before: int
+    not_after: int
+    issuer: bytes
+    extensions: tuple[tuple[str, bool, bytes], ...]
+    signature: bytes
+
+    def body(self) -> bytes:
+        """Its canonical bytes before the signature: what the signature covers."""
+        parts = [
+            b"\x9a",
+            _mp_uint(CERTIFICATE_VERSION),
+            _mp_uint(self.serial),
+            _mp_bin(self.subject),
+            _mp_str(self.name),
+            _mp_array(len(self.groups)),
+            *map(_mp_str, self.groups),
+            _mp_uint(self.not_before),
+            _mp_uint(self.not_after),
+            _mp_bin(self.issuer),
+            _mp_array(len(self.extensions)),
+        ]
+        for ext_id, critical, value in self.extensions:
+            parts += [b"\x93", _mp_str(ext_id), b"\xc3" if critical else b"\xc2", _mp_bin(value)]
+        return b"".join(parts)
+
+    def encoded(self) -> bytes:
+        """Its one canonical encoding."""
+        return self.body() + _mp_bin(self.signature)
+
+
+def authority_public(seed: bytes) -> bytes:
+    """The 32-byte Ed25519 public key of an authority's private key (RFC 8032 seed)."""
+    return (
+        Ed25519PrivateKey.from_private_bytes(seed)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )
+
+
+def issuer_id(authority: bytes) -> bytes:
+    """An authority's issuer id: SHA-256 of its 32-byte public key."""
+    return hashlib.sha256(authority).digest()
+
+
+def issue_certificate(
+    seed: bytes,
+    *,
+    serial: int,
+    subject: bytes,
+    name: str,
+    groups: Sequence[str] = (),
+    not_before: int,
+    not_after: int,
+    extensions: Sequence[tuple[str, bool, bytes]] = (),
+    issuer: bytes | None = None,
+) -> bytes:
+    """A certificate signed with the authority key ``seed``, encoded canonically.
+
+    Groups and extensions are written in the order given (sort them for a canonical one).
+
+    :param issuer: the issuer id to write (default: the signing authority's own).
+    """
+    unsigned = PeerCertificate(
+        serial,
+        subject,
+        name,
+        tuple(groups),
+        not_before,
+        not_after,
+        issuer_id(authority_public(seed)) if issuer is None else issuer,
+        tuple(extensions),
+        b"",
+    )
+    body = unsigned.body()
+    signature = Ed25519PrivateKey.from_private_bytes(seed).sign(CERTIFICATE_CONTEXT + body)
+    return body + _mp_bin(signature)
+
+
+def _visible(value: object, high: int, what: str) -> str:
+    if type(value) is not str or not 1 <= len(value.encode("utf-8")) <= high:
+        raise CertificateRefused("MalformedCertificate", f"{what} {value!r}")
+    if not all(0x21 <= ord(c) <= 0x7E for c in value):
+        raise CertificateRefused("MalformedCertificate", f"{what} {value!r} is not visible ASCII")
+    return value
+
+
+def _uint_in(value: object, high: int, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= high:
+        raise CertificateRefused("MalformedCertificate", f"{what} {value!r}")
+    return value
+
+
+def _bin_of(value: object, size: int, what: str) -> bytes:
+    if type(value) is not bytes or len(value) != size:
+        raise CertificateRefused("MalformedCertificate", f"{what} {value!r}")
+    return value
+
+
+def decode_certificate(data: bytes) -> PeerCertificate:
+    """Section 25's checks 1 to 3: the size, the form, the one canonical encoding.
+
+    :raises CertificateRefused: one of them failed.
+    """
+    if len(data) > MAX_CERTIFICATE:
+        raise CertificateRefused("CertificateTooLarge", f"{len(data)} bytes")
+    try:
+        fields = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:
+        raise CertificateRefused("MalformedCertificate", f"not one msgpack value: {exc}") from exc
+    if type(fields) is not list or len(fields) != 10:
+        raise CertificateRefused("MalformedCertificate", "not an array of 10")
+    version, serial, subject, name, groups, not_before, not_after, issuer, exts, sig = fields
+    if type(version) is not int or version != CERTIFICATE_VERSION:
+        raise CertificateRefused("MalformedCertificate", f"version {version!r}")
+    _uint_in(serial, MAX_SERIAL, "serial")
+    _bin_of(subject, 32, "subject")
+    _visible(name, MAX_CERT_NAME, "name")
+    if type(groups) is not list or len(groups) > MAX_GROUPS:
+        raise CertificateRefused("MalformedCertificate", f"groups {groups!r}")
+    for group in groups:
+        _visible(group, MAX_GROUP, "group")
+    _uint_in(not_before, MAX_TIME, "not_before")
+    _uint_in(not_after, MAX_TIME, "not_after")
+    if not_after <= not_before:
+        raise CertificateRefused("MalformedCertificate", "not_after is not after not_before")
+    _bin_of(issuer, 32, "issuer")
+    if type(exts) is not list or len(exts) > MAX_EXTENSIONS:
+        raise CertificateRefused("MalformedCertificate", f"extensions {exts!r}")
+    extensions: list[tuple[str, bool, bytes]] = []
+    for ext in exts:
+        if type(ext) is not list or len(ext) != 3:
+            raise CertificateRefused("MalformedCertificate", f"extension {ext!r}")
+        ext_id, critical, value = ext
+        _visible(ext_id, MAX_EXTENSION_ID, "extension id")
+        if type(critical) is not bool:
+            raise CertificateRefused("MalformedCertificate", f"critical flag {critical!r}")
+        if type(value) is not bytes or len(value) > MAX_EXTENSION_VALUE:
+            raise CertificateRefused("MalformedCertificate", f"extension value {value!r}")
+        extensions.append((ext_id, critical, value))
+    ids = [ext_id for ext_id, _, _ in extensions]
+    if len(set(ids)) != len(ids):
+        raise CertificateRefused("CertificateExtensionError", "an extension id twice")
+    _bin_of(sig, 64, "signature")
+    cert = PeerCertificate(
+        serial, subject, name, tuple(groups), not_before, not_after, issuer, tuple(extensions), sig
+    )
+    in_order = all(a < b for a, b in itertools.pairwise(groups)) and all(
+        a < b for a, b in itertools.pairwise(ids)
+    )
+    if not in_order or cert.encoded() != data:
+        raise CertificateRefused("NonCanonicalCertificate", "not its canonical encoding")
+    return cert
+
+
+def x25519_form(edwards: bytes) -> bytes:
+    """An Ed25519 public key's X25519 form: ``u = (1 + y) / (1 - y) mod p`` (RFC 7748 4.1)."""
+    y = int.from_bytes(edwards, "little") & ((1 << 255) - 1)
+    u = (1 + y) * pow((1 - y) % FIELD_P, FIELD_P - 2, FIELD_P) % FIELD_P
+    return u.to_bytes(32, "little")
+
+
+@dataclass(frozen=True)
+class CertificateCheck:
+    """What a party requires of its peer's certificate (section 25, "Verifying").
+
+    :ivar authorities: the trusted authorities' 32-byte Ed25519 public keys.
+    :ivar now: the current time, in seconds since 1970 UTC.
+    :ivar skew: the clock skew tolerated at each end of the validity window.
+    :ivar names: accept only these names (with ``groups``: either admits), or any.
+    :ivar revoked_serials: the serials the revocation list in force names.
+    :ivar revoked_keys: the subject keys it names.
+    """
+
+    authorities: tuple[bytes, ...]
+    now: float
+    skew: float = 300.0
+    names: frozenset[str] | None = None
+    groups: frozenset[str] | None = None
+    revoked_serials: frozenset[int] = frozenset()
+    revoked_keys: frozenset[bytes] = frozenset()
+
+    def verify(self, data: bytes | None, key: bytes) -> PeerCertificate:
+        """Section 25's checks, in its order, for the static key the handshake proved.
+
+        :raises CertificateRefused: the first check that failed (none sent: a refusal too).
+        """
+        if data is None:
+            raise CertificateRefused("CertificateMissing", "no certificate")
+        cert = decode_certificate(data)
+        by_issuer = {issuer_id(a): a for a in self.authorities}
+        authority = by_issuer.get(cert.issuer)
+        if authority is None:
+            raise CertificateRefused("UnknownAuthority", cert.issuer.hex())
+        try:
+            Ed25519PublicKey.from_public_bytes(authority).verify(
+                cert.signature, CERTIFICATE_CONTEXT + data[:-SIGNATURE_TAIL]
+            )
+        except InvalidSignature as exc:
+            raise CertificateRefused("BadCertificateSignature", "does not verify") from exc
+        if any(cert.subject in (a, x25519_form(a)) for a in self.authorities):
+            raise CertificateRefused("AuthorityAsSubject", "an authority's key")
+        # This peer knows no extension: every critical one is unknown.
+        if any(critical for _, critical, _ in cert.extensions):
+            raise CertificateRefused("CertificateExtensionError", "an unknown critical one")
+        if self.now < cert.not_before - self.skew:
+            raise CertificateRefused("CertificateNotYetValid", str(cert.not_before))
+        if self.now >= cert.not_after + self.skew:
+            raise CertificateRefused("CertificateExpired", str(cert.not_after))
+        if cert.serial in self.revoked_serials or cert.subject in self.revoked_keys:
+            raise CertificateRefused("CertificateRevoked", str(cert.serial))
+        if cert.subject != key:
+            raise CertificateRefused("CertificateKeyMismatch", "for another key")
+        if self.names is not None or self.groups is not None:
+            named = self.names is not None and cert.name in self.names
+            grouped = self.groups is not None and bool(self.groups.intersection(cert.groups))
+            if not (named or grouped):
+                raise CertificateRefused("CertificateNameMismatch", cert.name)
+        return cert
 
 
 def refusal(code: int, reason: str) -> bytes:
@@ -460,6 +762,8 @@ class Handshake:
     peer_params: dict[str, Any]
     #: every handshake payload received, in order, as sent
     payloads: list[bytes] = field(default_factory=list)
+    #: the peer's certificate, when we required one (and it passed every check)
+    peer_certificate: PeerCertificate | None = None
 
 
 class PeerSession:
@@ -692,13 +996,19 @@ async def initiate(
     extra_params: dict[str, Any] | None = None,
     with_ready: Sequence[bytes] = (),
     channels: ChannelOffer | None = None,
+    certificate: bytes | None = None,
+    check: CertificateCheck | None = None,
 ) -> PeerSession:
     """Run the initiator's side: XX, or IK when ``responder`` (its static key) is given.
 
     :param with_ready: IK: records to send after READY in the same transport message.
     :param channels: offer channels (section 24) with these parameters.
+    :param certificate: present this certificate (section 25), in our last message.
+    :param check: require a certificate of the responder, checked this way.
     :raises Refused: a refusal verdict.
     :raises PeerClosed: XX: CLOSE instead of READY (section 9).
+    :raises CertificateRefused: we refused the responder's certificate: we sent nothing
+        more and closed the stream (section 25, "Certificates in the handshake").
     """
     pattern = "XX" if responder is None else "IK"
     preamble = MAGIC + bytes([VERSION]) + pattern.encode("ascii")
@@ -706,7 +1016,10 @@ async def initiate(
     if responder is not None:
         keys["rs"] = X25519DH().create_public(responder)
     hs = _handshake_state(pattern, initiator=True, prologue=preamble, **keys)
-    params = encode_params(max_message_size, extra_params, channels)
+    extra = dict(extra_params or {})
+    if certificate is not None:
+        extra["certificate"] = certificate
+    params = encode_params(max_message_size, extra, channels)
     msg1, _ = _noise_call(hs.write_message, XX_MSG1_PAYLOAD if pattern == "XX" else params)
     await stream.send(preamble + frame(msg1))
 
@@ -719,6 +1032,13 @@ async def initiate(
         raise Refused(verdict, reason)
     payload, result = _noise_call(hs.read_message, await reader.frame("message 2"))
     peer_params = decode_params(payload)
+    peer_certificate = None
+    if check is not None:
+        try:
+            peer_certificate = check.verify(peer_params.get("certificate"), bytes(hs.rs.data))
+        except CertificateRefused:
+            await stream.aclose()  # an initiator has no refusal of its own (section 5)
+            raise
     if pattern == "XX":
         msg3, result = _noise_call(hs.write_message, params)
         await stream.send(frame(msg3))
@@ -729,6 +1049,7 @@ async def initiate(
         bytes(hs.symmetricstate.get_handshake_hash()),
         peer_params,
         [payload],
+        peer_certificate,
     )
     session = PeerSession(
         stream,
@@ -761,10 +1082,16 @@ async def respond(
     authorize: Callable[[bytes], bool] | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     channels: ChannelOffer | None = None,
+    certificate: bytes | None = None,
+    check: CertificateCheck | None = None,
 ) -> PeerSession:
     """Run the responder's side for whichever pattern the preamble names.
 
     :param channels: offer channels (section 24) with these parameters.
+    :param certificate: present this certificate (section 25), in message 2.
+    :param check: require a certificate of the initiator, checked this way, before
+        ``authorize``: a refusal is CERTIFICATE_REFUSED (a verdict in IK, a CLOSE in XX),
+        and raises :class:`CertificateRefused`.
 
     :raises Refused: we refused the initiator (a refusal verdict, or for XX an encrypted
         CLOSE(NOT_AUTHORIZED) instead of READY, has been sent).
@@ -781,7 +1108,9 @@ async def respond(
     if preamble[5] != VERSION or pattern not in PATTERNS:
         await _refuse(stream, UNSUPPORTED, f"unsupported preamble {preamble.hex()}")
     hs = _handshake_state(pattern, initiator=False, prologue=preamble, s=key.keypair())
-    params = encode_params(max_message_size, channels=channels)
+    params = encode_params(
+        max_message_size, None if certificate is None else {"certificate": certificate}, channels
+    )
     msg1 = await reader.frame("message 1")
     peer_params: dict[str, Any] = {}
     try:
@@ -789,12 +1118,19 @@ async def respond(
         if pattern == "IK":
             peer_params = decode_params(payload1)
         else:
-            decode_map(payload1)
+            decode_map(payload1, MAX_XX_MSG1_PAYLOAD)
     except AuthenticationFailed:
         await _refuse(stream, DECRYPT_FAILED, "IK message 1 is not for this key")
     except InteropError as exc:
         await _refuse(stream, PROTOCOL_ERROR, str(exc))
     payloads = [payload1]
+    peer_certificate = None
+    if pattern == "IK" and check is not None:
+        try:
+            peer_certificate = check.verify(peer_params.get("certificate"), bytes(hs.rs.data))
+        except CertificateRefused:
+            await stream.send(refusal(CERTIFICATE_REFUSED, REFUSED_REASON))
+            raise
     if pattern == "IK" and authorize is not None and not authorize(bytes(hs.rs.data)):
         await _refuse(stream, NOT_AUTHORIZED, "not authorized")
     msg2, result = _noise_call(hs.write_message, params)
@@ -814,6 +1150,7 @@ async def respond(
         bytes(hs.symmetricstate.get_handshake_hash()),
         peer_params,
         payloads,
+        peer_certificate,
     )
     session = PeerSession(
         stream,
@@ -828,6 +1165,14 @@ async def respond(
     if bad_payload is not None:  # section 9: an authenticated CLOSE instead of READY
         await session.send_records([close_record(PROTOCOL_ERROR, str(bad_payload)[:200])])
         raise bad_payload
+    if pattern == "XX" and check is not None:
+        try:
+            handshake.peer_certificate = check.verify(
+                peer_params.get("certificate"), handshake.remote_static
+            )
+        except CertificateRefused:  # section 25: CLOSE 13 instead of READY
+            await session.send_records([close_record(CERTIFICATE_REFUSED, REFUSED_REASON)])
+            raise
     if pattern == "XX":
         if authorize is not None and not authorize(handshake.remote_static):
             await session.send_records([close_record(NOT_AUTHORIZED, "not authorized")])
@@ -1765,6 +2110,8 @@ class ScriptedPeer:
         rekey_after_messages: int = 65536,
         rekey_after_bytes: int = 2**30,
         channels: ChannelOffer | None = None,
+        certificate: bytes | None = None,
+        check: CertificateCheck | None = None,
     ) -> None:
         self.initiator = initiator
         self._static = static
@@ -1772,7 +2119,11 @@ class ScriptedPeer:
         self._max = max_message_size
         self._rekey_after = (rekey_after_messages, rekey_after_bytes)
         self._offer = channels
-        self._params = encode_params(max_message_size, channels=channels)
+        extra = None if certificate is None else {"certificate": certificate}
+        self._params = encode_params(max_message_size, extra, channels)
+        self._check = check
+        #: the peer's certificate, once it passed ``check``
+        self.peer_certificate: PeerCertificate | None = None
         self._in = bytearray()
         self._out = bytearray()
         self._events: list[dict[str, Any]] = []
@@ -2252,7 +2603,7 @@ class ScriptedPeer:
     def _responder_msg1(self, body: bytes) -> None:
         payload, _ = _noise_call(self._hs.read_message, body)
         if self.pattern == "XX":
-            decode_map(payload)
+            decode_map(payload, MAX_XX_MSG1_PAYLOAD)
             msg2, _ = _noise_call(self._hs.write_message, self._params)
             self._out += b"\x00" + frame(msg2)
             self._phase = "msg3"
@@ -2266,8 +2617,15 @@ class ScriptedPeer:
         self._split = result
         self._identified()
 
+    def _check_certificate(self) -> None:
+        """Section 25: the peer's certificate, as soon as its payload and key are known."""
+        if self._check is not None:
+            certificate = self.peer_params.get("certificate")
+            self.peer_certificate = self._check.verify(certificate, self.peer_static)
+
     def _identified(self) -> None:
         self.peer_static = bytes(self._hs.rs.data)
+        self._check_certificate()
         self._phase = "authorize"
         self._events.append(
             {
@@ -2281,6 +2639,7 @@ class ScriptedPeer:
         payload, result = _noise_call(self._hs.read_message, body)
         self.peer_params = decode_params(payload)
         self.peer_static = bytes(self._hs.rs.data)
+        self._check_certificate()
         if self.pattern == "XX":
             msg3, result = _noise_call(self._hs.write_message, self._params)
             self._out += frame(msg3)

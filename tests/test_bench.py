@@ -87,9 +87,11 @@ def expected_figures(backend: str) -> Iterator[tuple[str, ...]]:
         for kind in bench.HANDSHAKE_KINDS:
             for metric in ("conns_per_s", "median_ms", "p99_ms"):
                 yield ("handshake", name, kind, metric)
-        for kind in ("stalk_xx", "stalk_ik"):
+        for kind in ("stalk_xx", "stalk_ik", *bench.CERTIFIED_KINDS):
             for other in ("tls", "tcp"):
                 yield ("handshake", name, f"{kind}_vs_{other}")
+        for kind in bench.CERTIFIED_KINDS:
+            yield ("handshake", name, f"{kind}_vs_plain")
     for transport in bench.TRANSPORTS:
         for metric in ("connections", "server_bytes_per_conn", "client_bytes_per_conn"):
             yield ("memory", transport, metric)
@@ -115,6 +117,11 @@ TARGET_NAMES = {
     "handshakes/s IK sequential vs TLS",
     "handshakes/s XX concurrent16 vs TLS",
     "handshakes/s IK concurrent16 vs TLS",
+    *(
+        f"handshakes/s {kind} certified {name} vs plain"
+        for kind in ("XX", "IK")
+        for name in ("sequential", "concurrent16")
+    ),
     "memory per idle conn (server)",
     "memory per idle conn (client)",
     "64 MiB vs 1 MiB time per MiB",
@@ -173,6 +180,27 @@ def test_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     check_result(stdout, result, bench.available_backends())
     for data in result["backends"].values():
         assert data["channels"]["fanout"]["streams"] == BUDGETS["smoke"].fanout
+
+
+def test_certified_handshakes_beside_plain_ones(tmp_path: Path) -> None:
+    """The handshake family alone: certified XX and IK next to the plain ones, each with its
+    ratio to the plain one of the same rounds and the issue's 1.2x bound as a target."""
+    stdout, result = run_bench(
+        tmp_path, "--smoke", "--figures", "handshake", "--backends", "asyncio", timeout=60
+    )
+    data = result["backends"]["asyncio"]
+    for name in ("sequential", "concurrent16"):
+        entry = data["handshake"][name]
+        for kind, plain in bench.CERTIFIED_KINDS.items():
+            assert positive(entry[kind]["conns_per_s"])
+            assert positive(entry[plain]["conns_per_s"])
+            assert positive(entry[f"{kind}_vs_plain"])
+    certified = [t for t in data["targets"] if t["ref"] == "plain"]
+    assert len(certified) == 4
+    assert all(t["op"] == ">=" and t["threshold"] == round(1 / 1.2, 3) for t in certified)
+    assert "stalk XX + certificates" in stdout
+    assert "stalk IK + certificates" in stdout
+    assert "xplain" in stdout
 
 
 def test_channel_zero_is_measured_with_the_channels_family() -> None:

@@ -2,14 +2,18 @@
 
 Both directions: stalk's listener against the dissononce initiator, and ``stalk.connect``
 against the dissononce responder, for XX and IK; then channels (SPEC section 24), with
-stalk's side a sans-IO Session driven here, in both roles.
+stalk's side a sans-IO Session driven here, in both roles; then certificates (SPEC section
+25), valid and hostile, each side presenting and checking; then the transcripts of
+``vectors/``, written byte for byte by the interop peer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import time
 from array import array
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,7 +46,17 @@ from stalk import (
     StalkError,
     connect,
 )
-from stalk.errors import ChannelLimitExceeded, FlowControlError
+from stalk.certificates import Authorities, Authority, Certificate, PublicAuthority
+from stalk.errors import (
+    BadCertificateSignature,
+    CertificateError,
+    CertificateExpired,
+    CertificateKeyMismatch,
+    ChannelLimitExceeded,
+    FlowControlError,
+    HandshakeFailed,
+    UnknownAuthority,
+)
 from stalk.events import (
     NEED_DATA,
     PAUSED,
@@ -1601,6 +1615,320 @@ async def test_interop_peer_refuses_hostile_channel_records(name: str) -> None:
             assert await read_close(sender) == case.code
 
 
+# -- certificates (SPEC section 25): stalk against the interop peer's own ----------------------
+#
+# The interop peer issues every certificate here with its own encoder and cryptography's
+# Ed25519, and checks stalk's with section 25's checks, written from SPEC.md alone; stalk
+# runs over in-memory streams (Connection.wrap) with the real clock, both backends.
+
+#: The authority of these tests, by its Ed25519 seed, and another one nobody trusts.
+CA_SEED = bytes(range(32))
+OTHER_CA_SEED = bytes(range(100, 132))
+CA_PUBLIC = ip.authority_public(CA_SEED)
+
+
+def issue(subject: bytes, name: str, **overrides: Any) -> bytes:
+    """A certificate from the interop peer: valid for an hour around now (or overridden)."""
+    now = int(time.time())
+    args: dict[str, Any] = {
+        "seed": CA_SEED,
+        "serial": 7,
+        "subject": subject,
+        "name": name,
+        "groups": ["ops"],
+        "not_before": now - 60,
+        "not_after": now + 3600,
+    }
+    args.update(overrides)
+    seed = args.pop("seed")
+    return ip.issue_certificate(seed, **args)
+
+
+def tampered(subject: bytes, name: str) -> bytes:
+    """A valid certificate whose name was changed after signing (same length)."""
+    good = issue(subject, name)
+    forged = issue(subject, name[:-1] + ("x" if name[-1] != "x" else "y"))
+    return forged[:-66] + good[-66:]
+
+
+#: Hostile certificates a presenter sends: (what it sends, stalk's error, its check name).
+HOSTILE_INTEROP: dict[str, tuple[Callable[[bytes, bytes], bytes], type[CertificateError]]] = {
+    "expired": (
+        lambda me, _: issue(me, "peer", not_before=1_000_000_000, not_after=1_000_086_400),
+        CertificateExpired,
+    ),
+    "unknown_authority": (lambda me, _: issue(me, "peer", seed=OTHER_CA_SEED), UnknownAuthority),
+    "for_another_key": (lambda _, other: issue(other, "peer"), CertificateKeyMismatch),
+    "tampered": (lambda me, _: tampered(me, "peer"), BadCertificateSignature),
+}
+
+
+def interop_check() -> ip.CertificateCheck:
+    return ip.CertificateCheck(authorities=(CA_PUBLIC,), now=time.time())
+
+
+def stalk_trust() -> dict[str, Any]:
+    return {"authorities": Authorities([PublicAuthority(CA_PUBLIC)])}
+
+
+def presented(identity: Identity, data: bytes) -> Certificate:
+    """What stalk presents: ``data`` as is (even one for another key, or tampered)."""
+    own = Certificate.from_bytes(issue(identity.public.raw, "x"))
+    return dataclasses.replace(own, encoded=data)
+
+
+async def _wrap(stream: ByteStream, kwargs: dict[str, Any]) -> Connection | Exception:
+    try:
+        return await Connection.wrap(stream, config=Config(handshake_timeout=LIMIT), **kwargs)
+    except Exception as exc:
+        return exc
+
+
+async def _interop(run: Callable[[], Awaitable[ip.PeerSession]]) -> ip.PeerSession | Exception:
+    try:
+        return await run()
+    except Exception as exc:
+        return exc
+
+
+@asynccontextmanager
+async def certified_pair(
+    *,
+    stalk_initiates: bool,
+    pattern: str,
+    stalk_kwargs: dict[str, Any],
+    interop_certificate: bytes | None,
+    interop_check: ip.CertificateCheck | None,
+    stalk_identity: Identity,
+    interop_key: ip.StaticKey,
+) -> AsyncIterator[tuple[Connection | Exception, ip.PeerSession | Exception]]:
+    """One handshake between stalk and the interop peer: what each ended with.
+
+    Both streams are closed on exit (stalk's connection, if any, with them).
+    """
+    a, b = byte_stream_pair()
+    results: dict[str, Any] = {}
+
+    async def stalk_side() -> None:
+        kwargs = {"identity": stalk_identity, **stalk_kwargs}
+        if stalk_initiates:
+            kwargs["peer"] = PublicIdentity(interop_key.public) if pattern == "IK" else None
+        else:
+            kwargs["server_side"] = True
+        results["stalk"] = await _wrap(a, kwargs)
+
+    async def interop_side() -> None:
+        if stalk_initiates:
+            results["interop"] = await _interop(
+                lambda: ip.respond(
+                    b, interop_key, certificate=interop_certificate, check=interop_check
+                )
+            )
+        else:
+            responder = stalk_identity.public.raw if pattern == "IK" else None
+            results["interop"] = await _interop(
+                lambda: ip.initiate(
+                    b,
+                    interop_key,
+                    responder,
+                    certificate=interop_certificate,
+                    check=interop_check,
+                )
+            )
+        if isinstance(results["interop"], Exception):
+            await b.aclose()  # what a real peer does on failure: the other side sees EOF
+
+    async with a, b:
+        with anyio.fail_after(LIMIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stalk_side)
+                tg.start_soon(interop_side)
+        try:
+            yield results["stalk"], results["interop"]
+        finally:
+            if isinstance(results["stalk"], Connection):
+                await results["stalk"].aclose()
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("role", ROLES)
+async def test_certificates_both_ways(role: str, pattern: str) -> None:
+    """Both present certificates the other checks: each sees the other's name and groups."""
+    me, key = Identity.generate(), ip.StaticKey.generate()
+    async with certified_pair(
+        stalk_initiates=role == "stalk-initiator",
+        pattern=pattern,
+        stalk_kwargs={
+            "certificate": Certificate.from_bytes(issue(me.public.raw, "stalk-1", groups=["db"])),
+            **stalk_trust(),
+            "allow_names": ["interop-1"],
+        },
+        interop_certificate=issue(key.public, "interop-1"),
+        interop_check=dataclasses.replace(interop_check(), groups=frozenset({"db"})),
+        stalk_identity=me,
+        interop_key=key,
+    ) as (conn, session):
+        assert isinstance(conn, Connection), conn
+        assert isinstance(session, ip.PeerSession), session
+        with anyio.fail_after(LIMIT):
+            assert conn.pattern == pattern
+            assert conn.peer_certificate is not None
+            assert (conn.peer_certificate.name, conn.peer_certificate.groups) == (
+                "interop-1",
+                ("ops",),
+            )
+            cert = session.handshake.peer_certificate
+            assert cert is not None
+            assert (cert.name, cert.groups, cert.subject) == ("stalk-1", ("db",), me.public.raw)
+            await conn.send(Spack("certified", 1))
+            assert same(await session.receive(), Spack("certified", 1))
+            await session.send(Spack("both ways"))
+            assert same(await conn.receive(), Spack("both ways"))
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("case", HOSTILE_INTEROP)
+async def test_stalk_listener_refuses_a_hostile_interop_certificate(
+    case: str, pattern: str
+) -> None:
+    """The interop initiator presents it; stalk refuses with CERTIFICATE_REFUSED (13)."""
+    me, key = Identity.generate(), ip.StaticKey.generate()
+    make, error = HOSTILE_INTEROP[case]
+    async with certified_pair(
+        stalk_initiates=False,
+        pattern=pattern,
+        stalk_kwargs=stalk_trust(),
+        interop_certificate=make(key.public, me.public.raw),
+        interop_check=None,
+        stalk_identity=me,
+        interop_key=key,
+    ) as (conn, session):
+        assert type(conn) is error, conn
+        # IK: a refusal verdict; XX: an authenticated CLOSE instead of READY (SPEC section 25).
+        assert isinstance(session, ip.PeerClosed if pattern == "XX" else ip.Refused), session
+        assert session.code == ip.CERTIFICATE_REFUSED
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("case", HOSTILE_INTEROP)
+async def test_stalk_initiator_refuses_a_hostile_interop_certificate(
+    case: str, pattern: str
+) -> None:
+    """The interop responder presents it; stalk sends nothing more and leaves."""
+    me, key = Identity.generate(), ip.StaticKey.generate()
+    make, error = HOSTILE_INTEROP[case]
+    async with certified_pair(
+        stalk_initiates=True,
+        pattern=pattern,
+        stalk_kwargs=stalk_trust(),
+        interop_certificate=make(key.public, me.public.raw),
+        interop_check=None,
+        stalk_identity=me,
+        interop_key=key,
+    ) as (conn, session):
+        assert type(conn) is error, conn
+        # No XX message 3, no IK READY: the interop responder reads EOF.
+        assert isinstance(session, ip.Truncated), session
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("case", HOSTILE_INTEROP)
+async def test_interop_responder_refuses_a_hostile_stalk_certificate(
+    case: str, pattern: str
+) -> None:
+    """stalk presents it; the interop responder refuses with 13: stalk's PeerRefused."""
+    me, key = Identity.generate(), ip.StaticKey.generate()
+    make, error = HOSTILE_INTEROP[case]
+    async with certified_pair(
+        stalk_initiates=True,
+        pattern=pattern,
+        stalk_kwargs={"certificate": presented(me, make(me.public.raw, key.public))},
+        interop_certificate=None,
+        interop_check=interop_check(),
+        stalk_identity=me,
+        interop_key=key,
+    ) as (conn, session):
+        assert isinstance(session, ip.CertificateRefused), session
+        assert session.check == error.__name__
+        assert isinstance(conn, PeerRefused), conn
+        assert conn.code == ip.CERTIFICATE_REFUSED
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+@pytest.mark.parametrize("case", HOSTILE_INTEROP)
+async def test_interop_initiator_refuses_a_hostile_stalk_certificate(
+    case: str, pattern: str
+) -> None:
+    """stalk's listener presents it; the interop initiator refuses it and leaves."""
+    me, key = Identity.generate(), ip.StaticKey.generate()
+    make, error = HOSTILE_INTEROP[case]
+    async with certified_pair(
+        stalk_initiates=False,
+        pattern=pattern,
+        stalk_kwargs={"certificate": presented(me, make(me.public.raw, key.public))},
+        interop_certificate=None,
+        interop_check=interop_check(),
+        stalk_identity=me,
+        interop_key=key,
+    ) as (conn, session):
+        assert isinstance(session, ip.CertificateRefused), session
+        assert session.check == error.__name__
+        assert isinstance(conn, HandshakeFailed), conn
+        assert not isinstance(conn, PeerRefused)
+
+
+def test_interop_checks_follow_spec_order() -> None:
+    """The interop peer's own checks, on certificates stalk's Authority signed."""
+    authority = Authority.from_private_bytes(CA_SEED)
+    assert authority.public.raw == CA_PUBLIC
+    subject = Identity.generate().public
+    now = int(time.time())
+    cert = authority.sign(subject, "db-1", ["ops", "db"], not_before=now, not_after=now + 60)
+    check = interop_check()
+    decoded = check.verify(cert.encoded, subject.raw)
+    assert (decoded.name, decoded.groups, decoded.serial) == ("db-1", ("db", "ops"), cert.serial)
+    # The interop encoder writes stalk's bytes (signatures are deterministic).
+    again = ip.issue_certificate(
+        CA_SEED,
+        serial=cert.serial,
+        subject=subject.raw,
+        name="db-1",
+        groups=["db", "ops"],
+        not_before=now,
+        not_after=now + 60,
+    )
+    assert again == cert.encoded
+    refusals = {
+        "CertificateNameMismatch": (cert.encoded, dataclasses.replace(check, names=frozenset())),
+        "CertificateRevoked": (
+            cert.encoded,
+            dataclasses.replace(check, revoked_serials=frozenset({cert.serial})),
+        ),
+        "NonCanonicalCertificate": (
+            b"\x9a\xcc\x01" + cert.encoded[2:],  # version 1 as uint 8
+            check,
+        ),
+        "AuthorityAsSubject": (
+            ip.issue_certificate(
+                CA_SEED,
+                serial=1,
+                subject=ip.x25519_form(CA_PUBLIC),
+                name="ca",
+                not_before=now,
+                not_after=now + 60,
+            ),
+            check,
+        ),
+        "CertificateTooLarge": (cert.encoded + bytes(2048), check),
+        "MalformedCertificate": (b"\x92\x01\x02", check),
+    }
+    for name, (data, which) in refusals.items():
+        with pytest.raises(ip.CertificateRefused) as info:
+            which.verify(data, subject.raw)
+        assert info.value.check == name
+        assert info.value.code == ip.CERTIFICATE_REFUSED
+
+
 # -- vectors/: the interop peer writes stalk's transcripts byte for byte ---------------------
 #
 # No I/O: ip.ScriptedPeer is sans-IO, so these tests are synchronous (anyio runs only
@@ -1608,13 +1936,53 @@ async def test_interop_peer_refuses_hostile_channel_records(name: str) -> None:
 # grants" say what a transcript's recorded calls make each side write.
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
-TRANSCRIPTS = ["stalk-xx.json", "stalk-ik.json", "stalk-channels.json"]
+TRANSCRIPTS = [
+    "stalk-xx.json",
+    "stalk-ik.json",
+    "stalk-channels.json",
+    "stalk-certificates-xx.json",
+    "stalk-certificates-ik.json",
+]
 SIDES = ("initiator", "responder")
 
 
 def load_transcript(name: str) -> dict[str, Any]:
     transcript: dict[str, Any] = json.loads((VECTORS / name).read_text(encoding="ascii"))
     return transcript
+
+
+def transcript_certificate(
+    transcript: dict[str, Any], side: str
+) -> tuple[bytes | None, ip.CertificateCheck | None]:
+    """``side``'s certificate, issued here by the interop peer from the recorded authority
+    key and fields (it must be the recorded bytes), and its check of the other's."""
+    trust = transcript.get("certificates")
+    if trust is None:
+        return None, None
+    seed = bytes.fromhex(trust["authority_seed_hex"])
+    authority = ip.authority_public(seed)
+    assert authority.hex() == trust["authority_public_hex"]
+    assert ip.issuer_id(authority).hex() == trust["issuer_hex"]
+    recorded = transcript[side]["certificate"]
+    certificate = ip.issue_certificate(
+        seed,
+        serial=recorded["serial"],
+        subject=bytes.fromhex(transcript[side]["static_public_hex"]),
+        name=recorded["name"],
+        groups=recorded["groups"],
+        not_before=recorded["not_before"],
+        not_after=recorded["not_after"],
+    )
+    assert certificate.hex() == recorded["encoded_hex"]
+    names, groups = recorded["requires_names"], recorded["requires_groups"]
+    check = ip.CertificateCheck(
+        authorities=(authority,),
+        now=trust["verification_time"],
+        skew=trust["clock_skew"],
+        names=None if names is None else frozenset(names),
+        groups=None if groups is None else frozenset(groups),
+    )
+    return certificate, check
 
 
 def scripted_peers(transcript: dict[str, Any]) -> dict[str, ip.ScriptedPeer]:
@@ -1629,6 +1997,7 @@ def scripted_peers(transcript: dict[str, Any]) -> dict[str, ip.ScriptedPeer]:
             bytes.fromhex(party["static_private_hex"]), bytes.fromhex(party["static_public_hex"])
         )
         assert bytes(static.keypair().public.data) == static.public
+        certificate, check = transcript_certificate(transcript, side)
         peers[side] = ip.ScriptedPeer(
             initiator=side == "initiator",
             static=static,
@@ -1638,6 +2007,8 @@ def scripted_peers(transcript: dict[str, Any]) -> dict[str, ip.ScriptedPeer]:
             rekey_after_messages=config["rekey_after_messages"],
             rekey_after_bytes=config["rekey_after_bytes"],
             channels=None if channels is None else ip.ChannelOffer(**channels),
+            certificate=certificate,
+            check=check,
         )
     return peers
 
@@ -1718,6 +2089,24 @@ def test_interop_peer_writes_every_transcript_byte_for_byte(name: str) -> None:
         assert peer.close_received is not None
         assert peer.handshake_hash.hex() == transcript["handshake_hash_hex"]
         assert peer.channels == transcript.get("channels", False)
+    for side in SIDES:  # with certificates, each checked the other's
+        other = transcript[SIDES[side == "initiator"]]
+        checked = peers[side].peer_certificate
+        if "certificates" not in transcript:
+            assert checked is None
+        else:
+            assert checked is not None
+            assert checked.encoded().hex() == other["certificate"]["encoded_hex"]
+
+
+@pytest.mark.parametrize("name", ["stalk-certificates-xx.json", "stalk-certificates-ik.json"])
+def test_interop_replay_refuses_the_transcript_certificate_when_expired(name: str) -> None:
+    """The check can fail: verified a day later, the first certificate checked is refused."""
+    transcript = load_transcript(name)
+    transcript["certificates"]["verification_time"] += 86_400
+    with pytest.raises(ip.CertificateRefused) as info:
+        replay_with_interop_peer(transcript)
+    assert info.value.check == "CertificateExpired"
 
 
 def test_interop_replay_notices_a_different_grant() -> None:

@@ -26,10 +26,23 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import msgpack
 import pytest
 
 from helpers import drain, take_all
-from stalk.errors import DecryptionFailed, HandshakeFailed
+from stalk.certificates import (
+    Authorities,
+    Authority,
+    Certificate,
+    CertificatePolicy,
+    PublicAuthority,
+)
+from stalk.errors import (
+    CertificateExpired,
+    CertificateNotYetValid,
+    DecryptionFailed,
+    HandshakeFailed,
+)
 from stalk.events import (
     ChannelCloseReceived,
     ChannelMessageReceived,
@@ -50,8 +63,16 @@ from stalk.wire import CloseCode
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "vectors"
-FILES = {"XX": "stalk-xx.json", "IK": "stalk-ik.json", "channels": "stalk-channels.json"}
+FILES = {
+    "XX": "stalk-xx.json",
+    "IK": "stalk-ik.json",
+    "channels": "stalk-channels.json",
+    "certificates-xx": "stalk-certificates-xx.json",
+    "certificates-ik": "stalk-certificates-ik.json",
+}
 NAMES = list(FILES)
+#: The transcripts in which both sides present and require certificates.
+CERTIFIED = ["certificates-xx", "certificates-ik"]
 #: The transcripts of the same script without channels, one per Noise pattern.
 PATTERNS = ["XX", "IK"]
 INITIATOR, RESPONDER = "initiator", "responder"
@@ -230,15 +251,16 @@ def test_generator_check_mode_fails_on_any_difference(
     generator: ModuleType, tmp_path: Path
 ) -> None:
     (tmp_path / FILES["XX"]).write_text(_load("XX").replace('"note": "msg3', '"note": "msg 3', 1))
-    # stalk-ik.json is missing altogether; stalk-channels.json is up to date
-    (tmp_path / FILES["channels"]).write_text(_load("channels"))
+    # stalk-ik.json is missing altogether; the others are up to date
+    for name in NAMES[2:]:
+        (tmp_path / FILES[name]).write_text(_load(name))
     lines: list[str] = []
     status = generator.main(["--check", "--dir", str(tmp_path)], out=lines.append)
     assert status == 1
-    assert len(lines) == 3
-    assert ["DIFFERS" in line for line in lines] == [True, True, False]
+    assert len(lines) == len(FILES)
+    assert ["DIFFERS" in line for line in lines] == [True, True] + [False] * (len(FILES) - 2)
     assert "missing" in lines[1]
-    assert "up to date" in lines[2]
+    assert all("up to date" in line for line in lines[2:])
     assert (tmp_path / FILES["XX"]).read_text() != _load("XX")  # --check wrote nothing
     assert not (tmp_path / FILES["IK"]).exists()
 
@@ -253,8 +275,39 @@ def session_config(config: dict[str, Any]) -> SessionConfig:
     return SessionConfig(**fields, channels=None if channels is None else ChannelParams(**channels))
 
 
-def build_sessions(transcript: Transcript) -> dict[str, Session]:
-    """Both Sessions, from the keys and configurations the transcript records."""
+def certificate_of(transcript: Transcript, side: str) -> Certificate | None:
+    """``side``'s recorded certificate, decoded (``None`` in a transcript without)."""
+    recorded = transcript[side].get("certificate")
+    if recorded is None:
+        return None
+    return Certificate.from_bytes(bytes.fromhex(recorded["encoded_hex"]))
+
+
+def policy_of(transcript: Transcript, side: str, now: float | None) -> CertificatePolicy | None:
+    """What ``side`` requires of its peer's certificate, as recorded, checked at ``now``.
+
+    :param now: the verification time (``None``: the recorded one).
+    """
+    recorded = transcript[side].get("certificate")
+    if recorded is None:
+        return None
+    trust = transcript["certificates"]
+    when = float(trust["verification_time"] if now is None else now)
+    names, groups = recorded["requires_names"], recorded["requires_groups"]
+    return CertificatePolicy(
+        Authorities([PublicAuthority(bytes.fromhex(trust["authority_public_hex"]))]),
+        lambda: when,
+        clock_skew=trust["clock_skew"],
+        names=None if names is None else frozenset(names),
+        groups=None if groups is None else frozenset(groups),
+    )
+
+
+def build_sessions(transcript: Transcript, *, now: float | None = None) -> dict[str, Session]:
+    """Both Sessions, from the keys and configurations the transcript records.
+
+    :param now: with certificates, verify them at this time instead of the recorded one.
+    """
     identities: dict[str, Identity] = {}
     for side in (INITIATOR, RESPONDER):
         party = transcript[side]
@@ -273,6 +326,8 @@ def build_sessions(transcript: Transcript) -> dict[str, Session]:
             ephemeral_for_testing_only=bytes.fromhex(
                 transcript[INITIATOR]["ephemeral_private_hex"]
             ),
+            certificate=certificate_of(transcript, INITIATOR),
+            certificate_policy=policy_of(transcript, INITIATOR, now),
         ),
         RESPONDER: Session(
             Role.RESPONDER,
@@ -281,6 +336,8 @@ def build_sessions(transcript: Transcript) -> dict[str, Session]:
             ephemeral_for_testing_only=bytes.fromhex(
                 transcript[RESPONDER]["ephemeral_private_hex"]
             ),
+            certificate=certificate_of(transcript, RESPONDER),
+            certificate_policy=policy_of(transcript, RESPONDER, now),
         ),
     }
 
@@ -427,6 +484,9 @@ def replay(transcript: Transcript, *, stop_before: int | None = None) -> dict[st
             assert session.handshake_hash is not None
             assert session.handshake_hash.hex() == transcript["handshake_hash_hex"]
             assert session.channels == transcript.get("channels", False)
+            expected = certificate_of(transcript, other(side))
+            verified = session.peer_certificate
+            assert verified == expected  # the peer's, verified (None without certificates)
             sent = [s["index"] for s in transcript["spacks"] if s["from"] == other(side)]
             got = by_channel(transcript, delivered[side])
             assert got == by_channel(transcript, sent), f"the {side} got spacks {got}"
@@ -655,6 +715,8 @@ def find_step(transcript: Transcript, target: str) -> tuple[int, int]:
                 r["kind"] == "RESET" and r["code"] for r in part.get("records", ())
             ):
                 return step["step"], body + 4
+            if target == "first message" and "MESSAGE" in records:
+                return step["step"], body + 2
             if target == "batch" and records.count("MESSAGE") >= 3:
                 return step["step"], body + 5
             if target == "batch tag" and records.count("MESSAGE") >= 3:
@@ -663,6 +725,10 @@ def find_step(transcript: Transcript, target: str) -> tuple[int, int]:
                 return step["step"], body + 3
             if target == "msg2" and part.get("message") == "msg2":
                 return step["step"], end - 1
+            if target == "initiator certificate" and part.get("message") in ("msg1", "msg3"):
+                payload = part["payload"]
+                if "certificate_hex" in payload:
+                    return step["step"], end - 16 - 30  # inside the certificate's signature
         if target == "last fragment" and any(
             r["kind"] == "FRAGMENT" for part in parts for r in part.get("records", ())
         ):
@@ -687,7 +753,8 @@ def deliver_tampered(transcript: Transcript, target: str) -> tuple[Session, Sess
     data[offset] ^= 0x01
     receiver.receive_data(bytes(data))
     events: list[Event] = []
-    expected = HandshakeFailed if target == "msg2" else DecryptionFailed
+    handshake = target in ("msg2", "initiator certificate")
+    expected = HandshakeFailed if handshake else DecryptionFailed
     with pytest.raises(expected):
         drain(receiver, events, may_owe=False)  # keeps what came before the error
     assert receiver.state is SessionState.FAILED
@@ -698,9 +765,11 @@ def deliver_tampered(transcript: Transcript, target: str) -> tuple[Session, Sess
 
 TARGETS = ["batch", "batch tag", "last fragment", "after rekey"]
 CHANNEL_TARGETS = ["two channels", "window", "reset", "after rekey"]
-TAMPERED = [(pattern, target) for pattern in PATTERNS for target in TARGETS] + [
-    ("channels", target) for target in CHANNEL_TARGETS
-]
+TAMPERED = (
+    [(pattern, target) for pattern in PATTERNS for target in TARGETS]
+    + [("channels", target) for target in CHANNEL_TARGETS]
+    + [(name, "first message") for name in CERTIFIED]
+)
 
 
 @pytest.mark.parametrize(("name", "target"), TAMPERED)
@@ -837,3 +906,99 @@ def test_replay_rejects_an_altered_channel_transcript(
     alter(transcript)
     with pytest.raises(AssertionError, match=message):
         replay(transcript)
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+@pytest.mark.parametrize("name", CERTIFIED)
+def test_certificate_transcript_records_what_the_authority_signed(name: str) -> None:
+    transcript = load(name)
+    trust = transcript["certificates"]
+    authority = Authority.from_private_bytes(bytes.fromhex(trust["authority_seed_hex"]))
+    assert authority.public.raw.hex() == trust["authority_public_hex"]
+    assert str(authority.public) == trust["authority_printable"]
+    assert authority.public.digest.hex() == trust["issuer_hex"]
+    for side in (INITIATOR, RESPONDER):
+        party = transcript[side]
+        recorded = party["certificate"]
+        cert = certificate_of(transcript, side)
+        assert cert is not None
+        assert cert.subject.raw.hex() == party["static_public_hex"] == recorded["subject_hex"]
+        assert (cert.serial, cert.name, list(cert.groups)) == (
+            recorded["serial"],
+            recorded["name"],
+            recorded["groups"],
+        )
+        assert cert.not_before <= trust["verification_time"] < cert.not_after
+        assert cert.issuer.hex() == recorded["issuer_hex"] == trust["issuer_hex"]
+        assert cert.signature.hex() == recorded["signature_hex"]
+        assert len(cert.encoded) == recorded["encoded_length"]
+        assert Certificate.from_string(recorded["printable"]).encoded == cert.encoded
+        # Ed25519 is deterministic: the authority's key gives exactly these bytes again.
+        again = authority.sign(
+            cert.subject,
+            cert.name,
+            cert.groups,
+            not_before=cert.not_before,
+            not_after=cert.not_after,
+            serial=cert.serial,
+        )
+        assert again.encoded == cert.encoded
+        # It rides last in the side's handshake parameters, as a bin.
+        params = bytes.fromhex(party["params_payload_hex"])
+        decoded = msgpack.unpackb(params)
+        assert list(decoded)[-1] == "certificate"
+        assert decoded["certificate"] == cert.encoded
+        assert party["advertised_params"]["certificate_hex"] == recorded["encoded_hex"]
+    # Each side's requirement is met by the other's certificate, not by its own.
+    assert (
+        transcript[RESPONDER]["certificate"]["name"]
+        in (transcript[INITIATOR]["certificate"]["requires_names"])
+    )
+    assert set(transcript[INITIATOR]["certificate"]["groups"]) & set(
+        transcript[RESPONDER]["certificate"]["requires_groups"]
+    )
+
+
+@pytest.mark.parametrize("name", CERTIFIED)
+@pytest.mark.parametrize(
+    ("when", "error"),
+    [("after", CertificateExpired), ("before", CertificateNotYetValid)],
+)
+def test_certificate_transcript_refused_outside_the_validity_window(
+    name: str, when: str, error: type[Exception]
+) -> None:
+    """The same bytes, verified just outside the window (with the skew), are refused.
+
+    The first verifier is the party that first holds a certificate and the key it is for:
+    the XX initiator at message 2, the IK responder at message 1.
+    """
+    transcript = load(name)
+    trust = transcript["certificates"]
+    cert = certificate_of(transcript, RESPONDER)
+    assert cert is not None
+    skew = trust["clock_skew"]
+    now = cert.not_after + skew if when == "after" else cert.not_before - skew - 1
+    sessions = build_sessions(transcript, now=now)
+    first = 0 if transcript["pattern"] == "IK" else 1
+    writer = transcript["steps"][first]["from"]
+    if first == 1:
+        sessions[RESPONDER].receive_data(bytes.fromhex(transcript["steps"][0]["bytes"]))
+        assert drain(sessions[RESPONDER], may_owe=False) == []
+    data = take_all(sessions[writer])
+    assert data.hex() == transcript["steps"][first]["bytes"]
+    verifier = sessions[other(writer)]
+    verifier.receive_data(data)
+    with pytest.raises(error):
+        drain(verifier, may_owe=False)
+    assert verifier.state is SessionState.FAILED
+    assert verifier.peer_certificate is None
+
+
+@pytest.mark.parametrize("name", CERTIFIED)
+def test_flipped_byte_in_the_initiators_certificate_fails_the_handshake(name: str) -> None:
+    _, responder, events = deliver_tampered(load(name), "initiator certificate")
+    assert events == []  # not even PeerIdentified: the payload never decrypted
+    assert responder.peer_certificate is None
+    assert responder.handshake_hash is None

@@ -13,7 +13,8 @@ How a transcript is made
 ------------------------
 An initiator and a responder :class:`~stalk.session.Session` are wired back to back, with
 fixed static and ephemeral keys (:func:`fixed_key`). A fixed script of API calls is run
-(:func:`basic_script` for XX and IK, :func:`channel_script` with channels). After each
+(:func:`basic_script` for XX and IK, :func:`channel_script` with channels,
+:func:`certificate_script` with certificates). After each
 call, everything the acting side's ``data_to_send()`` hands out (called until it returns
 nothing) is one *step*; it is fed whole to the other side, whose events are drained
 (``next_event()`` until ``NEED_DATA``), and whatever that side then writes is the next
@@ -46,6 +47,7 @@ from typing import Any, Final, TypeAlias
 import msgpack
 
 from stalk._noise import NoiseHandshake, TransportCipher
+from stalk.certificates import Authorities, Authority, Certificate, CertificatePolicy
 from stalk.events import (
     NEED_DATA,
     PAUSED,
@@ -89,6 +91,8 @@ FILES: Final[dict[str, str]] = {
     "XX": "stalk-xx.json",
     "IK": "stalk-ik.json",
     "channels": "stalk-channels.json",
+    "certificates-xx": "stalk-certificates-xx.json",
+    "certificates-ik": "stalk-certificates-ik.json",
 }
 
 INITIATOR: Final = "initiator"
@@ -495,21 +499,114 @@ def channel_script() -> list[Action]:
     ]
 
 
+def certificate_script() -> list[Action]:
+    """The certificate sessions' calls after the handshake: the handshake is the point."""
+    return [
+        Action(
+            INITIATOR,
+            "send",
+            "send a request",
+            (SpackDef("a request from the certified client", ["query", "db-1", 1]),),
+        ),
+        Action(
+            RESPONDER,
+            "send",
+            "send a reply",
+            (SpackDef("a reply from the certified server", ["rows", [1, 2, 3], True]),),
+        ),
+        Action(INITIATOR, "close", "close(0, 'initiator done')", reason="initiator done"),
+        Action(RESPONDER, "close", "close(0, 'responder done')", reason="responder done"),
+    ]
+
+
+@dataclass(frozen=True)
+class CertificateDef:
+    """A certificate the fixed authority issues to one side, and what that side requires.
+
+    :ivar requires_names: the names this side accepts in the peer's certificate
+        (``None``: any).
+    :ivar requires_groups: the groups one of which the peer's certificate must hold
+        (``None``: any).
+    """
+
+    serial: int
+    name: str
+    groups: tuple[str, ...]
+    requires_names: tuple[str, ...] | None = None
+    requires_groups: tuple[str, ...] | None = None
+
+
+#: The certificate sessions' authority: an Ed25519 key whose seed is ``fixed_key("authority")``.
+AUTHORITY_LABEL: Final = "authority"
+#: Both certificates' validity window (2025-06-15T15:06:40Z for one day) and the fixed time
+#: at which both sides verify them (11 hours into it), in seconds since 1970 UTC.
+NOT_BEFORE: Final = 1_750_000_000
+NOT_AFTER: Final = 1_750_086_400
+VERIFICATION_TIME: Final = 1_750_040_000
+#: The clock skew both verifiers tolerate (stalk's default).
+CLOCK_SKEW: Final = 300
+#: Both certificate sessions: a client certified as ``client-1`` in ``clients``, which
+#: requires the server to be named ``db-1``; a server certified as ``db-1`` in ``db`` and
+#: ``ops``, which admits members of ``clients``.
+CERTIFICATES: Final[dict[str, CertificateDef]] = {
+    INITIATOR: CertificateDef(1, "client-1", ("clients",), requires_names=("db-1",)),
+    RESPONDER: CertificateDef(2, "db-1", ("db", "ops"), requires_groups=("clients",)),
+}
+
+
+def authority() -> Authority:
+    """The certificate sessions' fixed authority."""
+    return Authority.from_private_bytes(fixed_key(AUTHORITY_LABEL))
+
+
+def issue(side: str) -> Certificate:
+    """``side``'s certificate, issued by :func:`authority` to its fixed static key."""
+    spec = CERTIFICATES[side]
+    subject = Identity.from_private_bytes(fixed_key(f"{side} static")).public
+    return authority().sign(
+        subject,
+        spec.name,
+        spec.groups,
+        not_before=NOT_BEFORE,
+        not_after=NOT_AFTER,
+        serial=spec.serial,
+    )
+
+
+def policy(side: str) -> CertificatePolicy:
+    """What ``side`` requires of its peer's certificate, at :data:`VERIFICATION_TIME`."""
+    spec = CERTIFICATES[side]
+    return CertificatePolicy(
+        Authorities([authority().public]),
+        lambda: float(VERIFICATION_TIME),
+        clock_skew=CLOCK_SKEW,
+        names=None if spec.requires_names is None else frozenset(spec.requires_names),
+        groups=None if spec.requires_groups is None else frozenset(spec.requires_groups),
+    )
+
+
 @dataclass(frozen=True)
 class Setup:
-    """How one transcript's two sessions are configured, and what they do."""
+    """How one transcript's two sessions are configured, and what they do.
+
+    :ivar certified: both sides present a certificate from :func:`authority` and require
+        one of the other (:data:`CERTIFICATES`).
+    """
 
     pattern: Pattern
     initiator: SessionConfig
     responder: SessionConfig
     script: Callable[[], list[Action]]
     description: str
+    certified: bool = False
 
 
 #: XX: the initiator rekeys after every 4 transport messages (its 4th one is the middle
 #: fragment of the 150 KB spack). IK: the responder rekeys after every 2. Both responders
 #: advertise a 1 MiB limit, both initiators the 16 MiB default. Channels: an XX session in
 #: which both offer channels with small windows, the initiator rekeying after every 4.
+#: Certificates: an XX and an IK session in which both present and require certificates,
+#: with the default configuration.
 SETUPS: Final[dict[str, Setup]] = {
     "XX": Setup(
         "XX",
@@ -537,6 +634,22 @@ SETUPS: Final[dict[str, Setup]] = {
         ),
         script=channel_script,
         description="A whole stalk session (XX) with channels",
+    ),
+    "certificates-xx": Setup(
+        "XX",
+        initiator=SessionConfig(),
+        responder=SessionConfig(),
+        script=certificate_script,
+        description="A whole stalk session (XX) in which both sides present certificates",
+        certified=True,
+    ),
+    "certificates-ik": Setup(
+        "IK",
+        initiator=SessionConfig(),
+        responder=SessionConfig(),
+        script=certificate_script,
+        description="A whole stalk session (IK) in which both sides present certificates",
+        certified=True,
     ),
 }
 
@@ -906,7 +1019,7 @@ class Observer:
             "message": message,
             "tokens": _TOKENS[self.pattern][message],
             "payload_hex": payload.hex(),
-            "payload": msgpack.unpackb(payload),
+            "payload": _payload_json(msgpack.unpackb(payload)),
         }
 
     def _transport_part(self, side: str, body: bytes) -> dict[str, Json]:
@@ -979,6 +1092,16 @@ class Observer:
             raise AssertionError(f"spacks never carried: {self._queue}")
 
 
+def _payload_json(decoded: dict[str, Json]) -> dict[str, Json]:
+    """A decoded handshake payload as JSON: a ``bin`` value as hex, its key + ``_hex``."""
+    return {
+        f"{key}_hex" if isinstance(value, bytes) else key: (
+            value.hex() if isinstance(value, bytes) else value
+        )
+        for key, value in decoded.items()
+    }
+
+
 def _describe_record(record: dict[str, Json]) -> str:
     kind: str = record["kind"]
     channel = record.get("channel", 0)
@@ -1044,6 +1167,8 @@ def _party(
     keys: dict[str, bytes],
     config: SessionConfig,
     payloads: list[bytes],
+    *,
+    certificate: Certificate | None,
 ) -> dict[str, Json]:
     params = payloads[-1]  # a side's parameters travel in its last handshake message
     decoded = msgpack.unpackb(params)
@@ -1053,9 +1178,11 @@ def _party(
     }
     if config.channels is not None:
         expected.update(_channels_json(config.channels))
+    if certificate is not None:
+        expected["certificate"] = certificate.encoded
     if decoded != expected or list(decoded) != list(expected):
         raise AssertionError(f"the {side} advertised {decoded!r}")
-    return {
+    party: dict[str, Json] = {
         "static_private_hex": keys["static"].hex(),
         "static_public_hex": Identity.from_private_bytes(keys["static"]).public.raw.hex(),
         "ephemeral_private_hex": keys["ephemeral"].hex(),
@@ -1063,7 +1190,44 @@ def _party(
         "pins_responder_key": side == INITIATOR and pattern == "IK",
         "config": _config_json(config),
         "params_payload_hex": params.hex(),
-        "advertised_params": decoded,
+        "advertised_params": _payload_json(decoded),
+    }
+    if certificate is not None:
+        party["certificate"] = _certificate_json(side, certificate)
+    return party
+
+
+def _certificate_json(side: str, certificate: Certificate) -> dict[str, Json]:
+    """A side's certificate and what that side requires of its peer's."""
+    spec = CERTIFICATES[side]
+    return {
+        "serial": certificate.serial,
+        "subject_hex": certificate.subject.raw.hex(),
+        "name": certificate.name,
+        "groups": list(certificate.groups),
+        "not_before": certificate.not_before,
+        "not_after": certificate.not_after,
+        "issuer_hex": certificate.issuer.hex(),
+        "extensions": [],
+        "signature_hex": certificate.signature.hex(),
+        "encoded_length": len(certificate.encoded),
+        "encoded_hex": certificate.encoded.hex(),
+        "printable": certificate.to_string(),
+        "requires_names": None if spec.requires_names is None else list(spec.requires_names),
+        "requires_groups": None if spec.requires_groups is None else list(spec.requires_groups),
+    }
+
+
+def _authority_json() -> dict[str, Json]:
+    """The fixed authority, the verification time and the clock skew of both sides."""
+    public = authority().public
+    return {
+        "authority_seed_hex": fixed_key(AUTHORITY_LABEL).hex(),
+        "authority_public_hex": public.raw.hex(),
+        "authority_printable": str(public),
+        "issuer_hex": public.digest.hex(),
+        "verification_time": VERIFICATION_TIME,
+        "clock_skew": CLOCK_SKEW,
     }
 
 
@@ -1076,12 +1240,16 @@ def _sessions(setup: Setup, keys: dict[str, dict[str, bytes]]) -> dict[str, Sess
             peer=responder_identity.public if setup.pattern == "IK" else None,
             config=setup.initiator,
             ephemeral_for_testing_only=keys[INITIATOR]["ephemeral"],
+            certificate=issue(INITIATOR) if setup.certified else None,
+            certificate_policy=policy(INITIATOR) if setup.certified else None,
         ),
         RESPONDER: Session(
             Role.RESPONDER,
             responder_identity,
             config=setup.responder,
             ephemeral_for_testing_only=keys[RESPONDER]["ephemeral"],
+            certificate=issue(RESPONDER) if setup.certified else None,
+            certificate_policy=policy(RESPONDER) if setup.certified else None,
         ),
     }
 
@@ -1105,6 +1273,10 @@ def build_transcript(name: str) -> dict[str, Json]:
             raise AssertionError(f"the {side} did not end cleanly")
         if session.channels != channels:
             raise AssertionError(f"the {side} has channels={session.channels}")
+        verified = session.peer_certificate
+        peer = issue(_other(side)) if setup.certified else None
+        if (verified is None) != (peer is None) or (verified and peer and verified != peer):
+            raise AssertionError(f"the {side} did not verify its peer's certificate")
 
     observer = Observer(
         pattern,
@@ -1138,9 +1310,19 @@ def build_transcript(name: str) -> dict[str, Json]:
     }
     if channels:
         transcript["channels"] = True
+    if setup.certified:
+        transcript["certificates"] = _authority_json()
     configs = {INITIATOR: setup.initiator, RESPONDER: setup.responder}
     for side in (INITIATOR, RESPONDER):
-        transcript[side] = _party(side, pattern, keys[side], configs[side], observer.payloads[side])
+        certificate = issue(side) if setup.certified else None
+        transcript[side] = _party(
+            side,
+            pattern,
+            keys[side],
+            configs[side],
+            observer.payloads[side],
+            certificate=certificate,
+        )
     transcript["spacks"] = recorder.spacks
     transcript["steps"] = [_ordered(step) for step in recorder.steps]
     return transcript

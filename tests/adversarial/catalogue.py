@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import (
     cases_api,
+    cases_certificates,
     cases_channels,
     cases_framing,
     cases_handshake,
@@ -28,6 +29,7 @@ CASES: list[Case] = [
     *cases_handshake.CASES,
     *cases_transport.CASES,
     *cases_channels.CASES,
+    *cases_certificates.CASES,
     *cases_server.CASES,
     *cases_api.CASES,
 ]

@@ -1,4 +1,4 @@
-"""One event loop and three listeners per backend for the whole catalogue.
+"""One event loop and four listeners per backend for the whole catalogue.
 
 ``anyio_backend`` is module-scoped here (tests/conftest.py makes it per test), which lets
 the ``env`` fixture keep its listeners running across every case of a module: the cases

@@ -28,7 +28,8 @@ Directions (:data:`Direction`):
   log record on ``stalk.handshake``, which carries the exception object (read at DEBUG:
   at INFO the listener throttles them). Rows about channels (SPEC 24) attack a third
   listener that offers them, whose ``channel_handler`` records every spack each channel
-  receives.
+  receives; rows about certificates (SPEC 25) a fourth, which requires them
+  (:data:`TRUST`, :data:`ALLOW_NAMES`, :data:`ALLOW_GROUPS`).
 - ``server``: a hostile server (a plain anyio TCP listener speaking the protocol by hand)
   against :func:`stalk.connect`; the "application" is a receive loop.
 - ``mitm``: a real client and the real listener with a man in the middle.
@@ -45,6 +46,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -55,6 +57,7 @@ import sniffio
 from anyio.abc import SocketAttribute, TaskGroup
 
 from helpers import wait_until
+from stalk.certificates import Authorities, Authority, Certificate
 from stalk.channel import Channel
 from stalk.config import Config
 from stalk.connection import Authorize, Connection, connect
@@ -92,6 +95,31 @@ CHANNELS_CONFIG = replace(
 SLOW_CONFIG = Config(
     handshake_timeout=SLOW_HANDSHAKE, close_timeout=1, max_message_size=MAX_MESSAGE
 )
+
+#: The certificate listener's authority (a fixed key: nothing here is secret).
+CA = Authority.from_private_bytes(bytes(range(32)))
+#: The real time at import: the listener checks certificates against the system clock,
+#: and the certificates of the rows are valid for a day around it (or hostile on purpose).
+CERT_NOW = int(time.time())
+#: The serial the certificate listener's revocation list names.
+REVOKED_SERIAL = 666
+#: Whom the certificate listener trusts: :data:`CA`, with serial 666 revoked.
+TRUST = Authorities([CA.public], [CA.revoke([REVOKED_SERIAL], issued_at=CERT_NOW)])
+#: The certificate listener admits these names, or members of these groups.
+ALLOW_NAMES = ("client-1",)
+ALLOW_GROUPS = ("clients",)
+
+
+def valid_certificate(identity: Identity, name: str = "client-2", **kwargs: Any) -> Certificate:
+    """A certificate from :data:`CA` that the certificate listener admits (overridable)."""
+    args: dict[str, Any] = {
+        "groups": ALLOW_GROUPS,
+        "not_before": CERT_NOW - 60,
+        "not_after": CERT_NOW + 86_400,
+        "serial": 7,
+    }
+    args.update(kwargs)
+    return CA.sign(identity.public, name, **args)
 
 
 # -- the case table -----------------------------------------------------------------------
@@ -173,6 +201,7 @@ class Case:
         :func:`run_case`).
     :param slow: attack the listener with the short handshake deadline.
     :param channels: attack the listener that offers channels.
+    :param certified: attack the listener that requires certificates.
     :param isolated: attack a listener of its own (the case may kill it).
     :param authorize: ``isolated`` only: the listener's ``authorize`` callback.
     :param bug: the ``BUG: ...`` reason when the case finds a bug (strict xfail).
@@ -187,6 +216,7 @@ class Case:
     run: Callable[..., Any] | ServerPlay
     slow: bool = False
     channels: bool = False
+    certified: bool = False
     isolated: bool = False
     authorize: Authorize | None = None
     bug: str | None = None
@@ -321,13 +351,14 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
 
 @dataclass
 class Env:
-    """Three stalk listeners (normal, short handshake deadline, with channels) and their
-    registry."""
+    """Four stalk listeners (normal, short handshake deadline, with channels, requiring
+    certificates) and their registry."""
 
     identity: Identity
     main: Listener
     slow: Listener
     channels: Listener
+    certified: Listener
     registry: Registry
     group: TaskGroup
     controls: itertools.count[int] = field(default_factory=itertools.count)
@@ -340,7 +371,7 @@ class Env:
     @classmethod
     @contextlib.asynccontextmanager
     async def start(cls, authorize: Authorize | None = None) -> AsyncIterator[Env]:
-        """Serve the three listeners while the block runs."""
+        """Serve the four listeners while the block runs."""
         identity = Identity.generate()
         registry = Registry()
         tap = _LogTap(registry)
@@ -363,10 +394,21 @@ class Env:
                 config=CHANNELS_CONFIG,
                 channel_handler=registry.channel_handler,
             )
-            async with main, slow, channels, anyio.create_task_group() as group:
-                for listener in (main, slow, channels):
+            certified = await create_listener(
+                "127.0.0.1",
+                0,
+                identity=identity,
+                authorize=authorize,
+                config=MAIN_CONFIG,
+                authorities=TRUST,
+                allow_names=ALLOW_NAMES,
+                allow_groups=ALLOW_GROUPS,
+            )
+            listeners = (main, slow, channels, certified)
+            async with main, slow, channels, certified, anyio.create_task_group() as group:
+                for listener in listeners:
                     group.start_soon(listener.serve, registry.handler)
-                yield cls(identity, main, slow, channels, registry, group)
+                yield cls(identity, main, slow, channels, certified, registry, group)
                 group.cancel_scope.cancel()
         finally:
             logger.removeHandler(tap)
@@ -375,8 +417,12 @@ class Env:
     async def control(self, listener: Listener) -> None:
         """A well-behaved client completes a handshake and an echo round trip."""
         n = next(self.controls)
+        me = Identity.generate()
+        cert = valid_certificate(me) if listener is self.certified else None
         with anyio.fail_after(5):
-            async with await connect(*listener.address, self.server) as conn:
+            async with await connect(
+                *listener.address, self.server, identity=me, certificate=cert
+            ) as conn:
                 port = int(conn.extra(SocketAttribute.local_port))
                 await conn.send(Spack("control", n))
                 assert await conn.receive() == Spack("echo", n), "control echo"
@@ -400,6 +446,7 @@ class Env:
                 self.main.handshakes_in_progress == 0
                 and self.slow.handshakes_in_progress == 0
                 and self.channels.handshakes_in_progress == 0
+                and self.certified.handshakes_in_progress == 0
                 and self.registry.active == 0
                 and now.fds <= before.fds
                 and now.tasks <= before.tasks
@@ -411,7 +458,8 @@ class Env:
             now = snapshot()
             raise AssertionError(
                 f"leak: handshakes {self.main.handshakes_in_progress}+"
-                f"{self.slow.handshakes_in_progress}+{self.channels.handshakes_in_progress}, "
+                f"{self.slow.handshakes_in_progress}+{self.channels.handshakes_in_progress}+"
+                f"{self.certified.handshakes_in_progress}, "
                 f"handlers {self.registry.active}, "
                 f"fds {before.fds}->{now.fds}, tasks {before.tasks}->{now.tasks}"
             ) from exc
@@ -699,7 +747,14 @@ async def _run_in(case: Case, env: Env) -> None:
     env.registry.served.clear()
     env.registry.failed.clear()
     before = snapshot()
-    target = Target(env, env.slow if case.slow else env.channels if case.channels else env.main)
+    listener = env.main
+    if case.slow:
+        listener = env.slow
+    elif case.channels:
+        listener = env.channels
+    elif case.certified:
+        listener = env.certified
+    target = Target(env, listener)
     run = case.run
     with anyio.fail_after(case.timeout):
         if isinstance(run, ServerPlay):

@@ -48,6 +48,9 @@ from typing import Final
 
 __all__ = [
     "BIG_LIMIT",
+    "CERTIFIED_COST",
+    "CERTIFIED_KINDS",
+    "CERTIFIED_NAME",
     "CHANNEL_LIMIT",
     "CONCURRENCY",
     "FAMILIES",
@@ -75,9 +78,16 @@ __all__ = [
 SIZES: Final = (64, 1024, 16 * 1024, 256 * 1024, 1024 * 1024, 8 * 1024 * 1024)
 #: Transports of the data figures; ratios are always stalk against "tls" and "tcp".
 TRANSPORTS: Final = ("stalk", "tls", "tcp")
-#: What the handshake figures open: stalk XX, stalk IK, a full TLS 1.3 handshake, and a plain
-#: TCP connect (the floor).
-HANDSHAKE_KINDS: Final = ("stalk_xx", "stalk_ik", "tls", "tcp")
+#: What the handshake figures open: stalk XX, stalk IK, the same two with certificates
+#: presented and checked by both sides (issue 12), a full TLS 1.3 handshake, and a plain TCP
+#: connect (the floor).
+HANDSHAKE_KINDS: Final = ("stalk_xx", "stalk_ik", "stalk_xx_cert", "stalk_ik_cert", "tls", "tcp")
+#: Each certified handshake kind and the plain one it is compared with.
+CERTIFIED_KINDS: Final = {"stalk_xx_cert": "stalk_xx", "stalk_ik_cert": "stalk_ik"}
+#: The issue's bound: a certified handshake costs at most this many times a plain one.
+CERTIFIED_COST: Final = 1.2
+#: The name in the benchmark server's certificate (the XX client expects it).
+CERTIFIED_NAME: Final = "bench-server"
 #: Handshakes in flight at once, from one client process.
 CONCURRENCY: Final = (1, 16)
 #: Cost linearity: per-MiB time of one 64 MiB spack against that of 1 MiB spacks.

@@ -292,3 +292,30 @@ async def _read_stdin_line() -> str:
 Samples = dict[str, list[dict[str, float]]]
 #: Where progress lines go.
 Progress = Callable[[str], None]
+
+
+#: Seed of the authority the benchmark's certified handshakes trust. A fixed, public key:
+#: both workers sign their own certificates with it, so nothing has to be passed between
+#: processes (never do this outside a benchmark).
+_BENCH_AUTHORITY_SEED: Final = b"stalk bench authority, not secret"[:32]
+#: Validity of the benchmark's certificates around the time they are issued.
+_BENCH_VALIDITY: Final = 86_400
+
+
+def bench_authority() -> stalk.Authority:
+    """The authority of the certified handshake figures (see :data:`_BENCH_AUTHORITY_SEED`)."""
+    return stalk.Authority.from_private_bytes(_BENCH_AUTHORITY_SEED)
+
+
+def bench_certificate(
+    identity: stalk.Identity, name: str, serial: int, now: int
+) -> stalk.Certificate:
+    """A certificate from :func:`bench_authority` for ``identity``, valid around ``now``."""
+    return bench_authority().sign(
+        identity.public,
+        name,
+        ["bench"],
+        not_before=now - 60,
+        not_after=now + _BENCH_VALIDITY,
+        serial=serial,
+    )

@@ -114,7 +114,10 @@ def main() -> int:
     parser.add_argument(
         "arg",
         nargs="?",
-        help="size in bytes; xx/ik/tls/tcp for handshake; the kind for fanout and quiet",
+        help=(
+            "size in bytes; xx/ik/tls/tcp or a kind of HANDSHAKE_KINDS (stalk_xx_cert...)"
+            " for handshake; the kind for fanout and quiet"
+        ),
     )
     parser.add_argument(
         "--transport",

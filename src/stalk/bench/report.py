@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from stalk.bench import (
+    CERTIFIED_COST,
+    CERTIFIED_KINDS,
     CHANNEL_LIMIT,
     CONCURRENCY,
     FANOUT_KINDS,
@@ -107,11 +109,15 @@ def _summarise(
             }
             for kind in HANDSHAKE_KINDS
         }
-        for kind in ("stalk_xx", "stalk_ik"):
+        for kind in ("stalk_xx", "stalk_ik", *CERTIFIED_KINDS):
             for other in ("tls", "tcp"):
                 entry[f"{kind}_vs_{other}"] = _ratio_median(
                     samples, _k(cell, kind), _k(cell, other), "conns_per_s"
                 )
+        for kind, plain in CERTIFIED_KINDS.items():
+            entry[f"{kind}_vs_plain"] = _ratio_median(
+                samples, _k(cell, kind), _k(cell, plain), "conns_per_s"
+            )
         handshake[_concurrency_name(concurrency)] = entry
     if handshake:
         out["handshake"] = handshake
@@ -278,6 +284,18 @@ def _targets(samples: Samples, summary: dict[str, Any]) -> list[_Target]:
                     ">=",
                     1.5,
                     ref="TLS",
+                )
+            )
+        for kind in CERTIFIED_KINDS:
+            # Issue 12: at most 1.2x the cost of a plain handshake, that is a rate of at
+            # least 1/1.2 of the plain one measured in the same rounds.
+            targets.append(
+                _Target(
+                    _certified_target(kind, name),
+                    entry[f"{kind}_vs_plain"],
+                    ">=",
+                    round(1 / CERTIFIED_COST, 3),
+                    ref="plain",
                 )
             )
     if "memory" in summary:
@@ -455,6 +473,21 @@ def _rtt_lines(summary: dict[str, Any], targets: list[_Target]) -> list[str]:
     return ["", "Request/response round trip, 64 B", *_grid(headers, rows)]
 
 
+def _certified_target(kind: str, name: str) -> str:
+    """The target name of a certified handshake kind against its plain one."""
+    label = kind.removeprefix("stalk_").removesuffix("_cert").upper()
+    return f"handshakes/s {label} certified {name} vs plain"
+
+
+#: The handshake table's label of each kind.
+_HANDSHAKE_LABELS: Final = {
+    "stalk_xx": "stalk XX",
+    "stalk_ik": "stalk IK",
+    "stalk_xx_cert": "stalk XX + certificates",
+    "stalk_ik_cert": "stalk IK + certificates",
+}
+
+
 def _handshake_lines(summary: dict[str, Any], targets: list[_Target]) -> list[str]:
     lines: list[str] = []
     for name, entry in summary.get("handshake", {}).items():
@@ -462,15 +495,24 @@ def _handshake_lines(summary: dict[str, Any], targets: list[_Target]) -> list[st
         for kind in HANDSHAKE_KINDS:
             label = kind.removeprefix("stalk_").upper()
             is_stalk = kind.startswith("stalk_")
+            certified = kind in CERTIFIED_KINDS
+            mark = (
+                _marks(targets, _certified_target(kind, name))
+                if certified
+                else _marks(targets, f"handshakes/s {label} {name} vs TLS")
+                if is_stalk
+                else ""
+            )
             rows.append(
                 [
-                    {"stalk_xx": "stalk XX", "stalk_ik": "stalk IK"}.get(kind, kind.upper()),
+                    _HANDSHAKE_LABELS.get(kind, kind.upper()),
                     _num(entry[kind]["conns_per_s"]),
                     _num(entry[kind]["median_ms"]),
                     _num(entry[kind]["p99_ms"]),
                     _ratio(entry[f"{kind}_vs_tls"]) if is_stalk else "",
                     _ratio(entry[f"{kind}_vs_tcp"]) if is_stalk else "",
-                    _marks(targets, f"handshakes/s {label} {name} vs TLS") if is_stalk else "",
+                    _ratio(entry[f"{kind}_vs_plain"]) if certified else "",
+                    mark,
                 ]
             )
         title = (
@@ -478,7 +520,7 @@ def _handshake_lines(summary: dict[str, Any], targets: list[_Target]) -> list[st
             if name == "sequential"
             else f"New connections (full handshake, then close), {name[10:]} concurrently"
         )
-        headers = ["kind", "conns/s", "median ms", "p99 ms", "xTLS", "xTCP", "target"]
+        headers = ["kind", "conns/s", "median ms", "p99 ms", "xTLS", "xTCP", "xplain", "target"]
         lines += ["", title, *_grid(headers, rows)]
     return lines
 

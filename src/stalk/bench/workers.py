@@ -28,6 +28,7 @@ from anyio.streams.tls import TLSStream
 import stalk
 from stalk.bench import (
     BIG_LIMIT,
+    CERTIFIED_NAME,
     CHANNEL_LIMIT,
     FANOUT_SIZE,
     HOST,
@@ -50,6 +51,8 @@ from stalk.bench.common import (
     _read_stdin_line,
     _run_loop,
     _server_ssl_context,
+    bench_authority,
+    bench_certificate,
     rss_bytes,
 )
 
@@ -62,6 +65,10 @@ _Stream: TypeAlias = stalk.Connection | stalk.Channel | _Framed
 _MANY: Final[dict[str, Any]] = {"max_connections": 4096, "max_handshakes_per_address": 256}
 #: Connections opened at once while the fan-out figure sets up its connections.
 _OPENERS: Final = 16
+#: Distinct client certificates the certified handshakes cycle through: more than a
+#: verifier caches (SIGNED_CACHE, 256), so the server checks a signature every time, as
+#: it would for many different clients.
+_CLIENT_CERTIFICATES: Final = 512
 
 # -- the server worker -------------------------------------------------------------------
 
@@ -188,6 +195,12 @@ async def _server_main(options: argparse.Namespace) -> None:
         "stalk_chbig": stalk.Config(
             **_MANY, max_channels=CHANNEL_LIMIT, max_message_size=BIG_LIMIT
         ),
+        # The certified handshakes: it presents a certificate and requires one.
+        "stalk_cert": stalk.Config(**_MANY),
+    }
+    certified: dict[str, Any] = {
+        "certificate": bench_certificate(identity, CERTIFIED_NAME, 1, int(time.time())),
+        "authorities": stalk.Authorities([bench_authority().public]),
     }
     async with anyio.create_task_group() as tg:
         listeners = {
@@ -199,6 +212,7 @@ async def _server_main(options: argparse.Namespace) -> None:
                 channel_handler=partial(server.channel_handler, kind)
                 if config.max_channels
                 else None,
+                **(certified if kind == "stalk_cert" else {}),
             )
             for kind, config in configs.items()
         }
@@ -230,6 +244,13 @@ class _Client:
         self.channel_big_config = stalk.Config(
             max_channels=CHANNEL_LIMIT, max_message_size=BIG_LIMIT
         )
+        now = int(time.time())
+        #: The certified handshakes' client certificates, cycled (see _CLIENT_CERTIFICATES).
+        self.certificates = [
+            bench_certificate(self.identity, "bench-client", serial, now)
+            for serial in range(_CLIENT_CERTIFICATES)
+        ]
+        self._next_certificate = 0
         self.conns: dict[str, _Stream] = {}
         #: The fan-out figure's streams, by kind, opened by its first job and kept.
         self.pools: dict[str, list[_Stream]] = {}
@@ -246,6 +267,19 @@ class _Client:
         """Open one connection of ``kind`` (full handshake) and return it."""
         if kind == "stalk_xx":
             return await stalk.connect(HOST, self.ports["stalk"], identity=self.identity)
+        if kind in ("stalk_xx_cert", "stalk_ik_cert"):
+            # A fresh Authorities each time: the server's certificate is checked every time
+            # (an Authorities keeps the certificates it verified), as a new client would.
+            self._next_certificate = (self._next_certificate + 1) % len(self.certificates)
+            return await stalk.connect(
+                HOST,
+                self.ports["stalk_cert"],
+                self.server_key if kind == "stalk_ik_cert" else None,
+                identity=self.identity,
+                certificate=self.certificates[self._next_certificate],
+                authorities=stalk.Authorities([bench_authority().public]),
+                expect_name=CERTIFIED_NAME,
+            )
         if kind in ("stalk", "stalk_ik", "stalk_plain"):
             return await stalk.connect(
                 HOST, self.ports["stalk"], self.server_key, identity=self.identity
