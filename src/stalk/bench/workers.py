@@ -251,6 +251,9 @@ class _Client:
             for serial in range(_CLIENT_CERTIFICATES)
         ]
         self._next_certificate = 0
+        #: The authority the certified handshakes trust, in its public form: a client loads
+        #: it once (deriving it from the private key costs more than a handshake's check).
+        self.authority = bench_authority().public
         self.conns: dict[str, _Stream] = {}
         #: The fan-out figure's streams, by kind, opened by its first job and kept.
         self.pools: dict[str, list[_Stream]] = {}
@@ -277,7 +280,7 @@ class _Client:
                 self.server_key if kind == "stalk_ik_cert" else None,
                 identity=self.identity,
                 certificate=self.certificates[self._next_certificate],
-                authorities=stalk.Authorities([bench_authority().public]),
+                authorities=stalk.Authorities([self.authority]),
                 expect_name=CERTIFIED_NAME,
             )
         if kind in ("stalk", "stalk_ik", "stalk_plain"):
