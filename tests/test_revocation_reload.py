@@ -8,6 +8,7 @@ never undone by a file) and is logged.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -141,6 +142,43 @@ async def test_clients_arriving_together_after_a_change_all_see_it(
             for _ in range(8):
                 tg.start_soon(one)
     assert results == [False] * 8
+
+
+@pytest.mark.anyio
+async def test_a_client_arriving_during_a_reload_waits_for_the_new_list(
+    anyio_backend: str, revoked: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's new version counts as read as soon as its reading starts (in a worker
+    thread); a client arriving before the list is in force must wait for it, not be
+    checked against the old one. The reading is held open here until the second client
+    had every chance to get through."""
+    entered, release = threading.Event(), threading.Event()
+    read = RevocationFile.read
+
+    def slow_read(self: RevocationFile) -> stalk.RevocationList:
+        loaded = read(self)
+        entered.set()
+        release.wait(10)
+        return loaded
+
+    async with listening(revoked) as address:
+        assert await admitted(address)
+        monkeypatch.setattr(RevocationFile, "read", slow_read)
+        CA.revoke([7], issued_at=T0 + 1).save(revoked, overwrite=True)
+        results: dict[str, bool] = {}
+
+        async def one(name: str) -> None:
+            results[name] = await admitted(address)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "first")
+            await anyio.to_thread.run_sync(entered.wait, 10)
+            tg.start_soon(one, "second")
+            with anyio.move_on_after(0.5):  # the second must not get through meanwhile
+                while "second" not in results:
+                    await anyio.sleep(0.01)
+            release.set()
+    assert results == {"first": False, "second": False}
 
 
 @pytest.mark.anyio

@@ -481,8 +481,11 @@ class StreamListener(anyio.abc.Listener[Connection]):
         if key is not None:
             self._handshakes_by_address[key] = self._handshakes_by_address.get(key, 0) + 1
         try:
-            if self.revocations is not None and self.revocations.changed():
-                await self._reload_revocations(self.revocations)
+            revocations = self.revocations
+            # A reload under way counts as a change: the file's version is marked read
+            # before its list is in force, and this handshake must wait for that list.
+            if revocations is not None and (revocations.changed() or self._reloading.locked()):
+                await self._reload_revocations(revocations)
             conn = await Connection.wrap(
                 stream,
                 identity=self.identity,
