@@ -312,7 +312,14 @@ class StreamListener(anyio.abc.Listener[Connection]):
         self._handshakes_by_address: dict[str, int] = {}
         self._address = _listener_address(listener)
         self._closed = False
+        self._bound(self._address)
         _check_file_limit(config)
+
+    def _bound(self, address: tuple[str, int] | str | None) -> None:
+        """Check ``address``, what the anyio listener says it accepts on (subclasses do).
+
+        :raises TypeError: not the kind of address the class serves.
+        """
 
     @property
     def address(self) -> tuple[str, int] | str | None:
@@ -608,35 +615,10 @@ class Listener(StreamListener):
     :raises TypeError: the anyio listener's ``local_address`` is not ``(host, port)``.
     """
 
-    def __init__(
-        self,
-        listener: anyio.abc.Listener[ByteStream],
-        identity: Identity,
-        authorize: Authorize | None = None,
-        config: Config | None = None,
-        channel_handler: ChannelHandler | None = None,
-        *,
-        certificate: Certificate | None = None,
-        authorities: Authorities | None = None,
-        allow_names: Iterable[str] | None = None,
-        allow_groups: Iterable[str] | None = None,
-        revocations: RevocationFile | str | os.PathLike[str] | None = None,
-    ) -> None:
-        super().__init__(
-            listener,
-            identity=identity,
-            authorize=authorize,
-            config=config,
-            channel_handler=channel_handler,
-            certificate=certificate,
-            authorities=authorities,
-            allow_names=allow_names,
-            allow_groups=allow_groups,
-            revocations=revocations,
-        )
-        if not isinstance(self._address, tuple):
-            raise TypeError(f"not a TCP listener: its local address is {self._address!r}")
-        self._tcp_address = self._address
+    def _bound(self, address: tuple[str, int] | str | None) -> None:
+        if not isinstance(address, tuple):
+            raise TypeError(f"not a TCP listener: its local address is {address!r}")
+        self._tcp_address = address
 
     @property
     def address(self) -> tuple[str, int]:
@@ -655,38 +637,14 @@ class UnixListener(StreamListener):
     :raises TypeError: the anyio listener's ``local_address`` is not a path.
     """
 
-    def __init__(
-        self,
-        listener: anyio.abc.Listener[ByteStream],
-        identity: Identity,
-        authorize: Authorize | None = None,
-        config: Config | None = None,
-        channel_handler: ChannelHandler | None = None,
-        *,
-        certificate: Certificate | None = None,
-        authorities: Authorities | None = None,
-        allow_names: Iterable[str] | None = None,
-        allow_groups: Iterable[str] | None = None,
-        revocations: RevocationFile | str | os.PathLike[str] | None = None,
-    ) -> None:
-        super().__init__(
-            listener,
-            identity=identity,
-            authorize=authorize,
-            config=config,
-            channel_handler=channel_handler,
-            certificate=certificate,
-            authorities=authorities,
-            allow_names=allow_names,
-            allow_groups=allow_groups,
-            revocations=revocations,
-        )
-        if not isinstance(self._address, str):
-            raise TypeError(f"not a unix socket listener: its local address is {self._address!r}")
-        self._path = self._address
-        #: The socket file create_unix_listener made, removed on close if it is still that
-        #: file: (its path made absolute, st_dev, st_ino).
-        self._socket_file: tuple[str, int, int] | None = None
+    #: The socket file create_unix_listener made, removed on close if it is still that
+    #: file: (its path made absolute, st_dev, st_ino).
+    _socket_file: tuple[str, int, int] | None = None
+
+    def _bound(self, address: tuple[str, int] | str | None) -> None:
+        if not isinstance(address, str):
+            raise TypeError(f"not a unix socket listener: its local address is {address!r}")
+        self._path = address
 
     @property
     def address(self) -> str:
