@@ -22,18 +22,24 @@ ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def test_quick_start_runs_as_written() -> None:
-    block = re.search(r"## Quick start\n\n```python\n(.*?)```", README, re.DOTALL)
-    assert block is not None
+def _run_example(heading: str, cwd: Path | None = None) -> str:
+    """Run the first ``python`` block after README's ``heading``; what it printed."""
+    block = re.search(re.escape(heading) + r"\n.*?```python\n(.*?)```", README, re.DOTALL)
+    assert block is not None, heading
     result = subprocess.run(
         [sys.executable, "-c", block.group(1)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        cwd=cwd,
     )
     assert result.returncode == 0, result.stderr
-    first, second = result.stdout.splitlines()
+    return result.stdout
+
+
+def test_quick_start_runs_as_written() -> None:
+    first, second = _run_example("## Quick start").splitlines()
     assert first == "echo 1 2.5 text b'bytes'"
     fingerprint, pattern, hash_hex = second.split()
     assert fingerprint.startswith("SHA256:")
@@ -42,17 +48,8 @@ def test_quick_start_runs_as_written() -> None:
 
 
 def test_channels_example_runs_as_written() -> None:
-    block = re.search(r"### Channels\n.*?```python\n(.*?)```", README, re.DOTALL)
-    assert block is not None
-    result = subprocess.run(
-        [sys.executable, "-c", block.group(1)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = sorted(result.stdout.splitlines(), key=lambda line: line.split()[-1])
+    printed = _run_example("### Channels")
+    lines = sorted(printed.splitlines(), key=lambda line: line.split()[-1])
     ids = [int(line.split()[0]) for line in lines]
     assert sorted(ids) == [1, 3, 5]
     assert [line.split(maxsplit=1)[1] for line in lines] == ["echo a", "echo b", "echo c"]
@@ -60,34 +57,11 @@ def test_channels_example_runs_as_written() -> None:
 
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no unix domain sockets")
 def test_transports_example_runs_as_written() -> None:
-    block = re.search(r"### Transports\n.*?```python\n(.*?)```", README, re.DOTALL)
-    assert block is not None
-    result = subprocess.run(
-        [sys.executable, "-c", block.group(1)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["echo hello True", "False"]
+    assert _run_example("### Transports").splitlines() == ["echo hello True", "False"]
 
 
 def test_certificates_example_runs_as_written(tmp_path: Path) -> None:
-    block = re.search(
-        r"### Authorities and certificates\n.*?```python\n(.*?)```", README, re.DOTALL
-    )
-    assert block is not None
-    result = subprocess.run(
-        [sys.executable, "-c", block.group(1)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "db-1 ('db',)\n"
+    assert _run_example("### Authorities and certificates", tmp_path) == "db-1 ('db',)\n"
     assert (tmp_path / "db-1.cert").read_text().startswith("# stalk certificate\n")
 
 
