@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
+from typing import cast
 
 import anyio
 import anyio.abc
 import pytest
 
+import stalk.link
 from helpers import echo, serving
 from stalk import (
     Channel,
@@ -35,6 +37,7 @@ from stalk import (
 )
 from stalk.handshake import ChannelParams
 from stalk.wire import DEFAULT_CHANNEL_WINDOW, DEFAULT_CONNECTION_WINDOW
+from stalk.writing import Writer, writer_for
 
 pytestmark = pytest.mark.anyio
 
@@ -644,3 +647,54 @@ async def test_a_peer_breaking_the_channel_limit_ends_every_channel() -> None:
                 with pytest.raises(ClosedByPeer) as closed:
                     await receive_all(stream)
                 assert closed.value.code == CloseCode.CHANNEL_LIMIT
+
+
+class _CountingWriter:
+    """Counts the writes of the server's side of a connection (see the test below)."""
+
+    def __init__(self, inner: Writer, counts: list[int]) -> None:
+        self._inner, self._counts = inner, counts
+
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        taken = self._inner.write_nowait(data)
+        self._counts.append(taken)
+        return taken
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._counts.append(len(data))
+        await self._inner.write(data)
+
+
+async def test_replies_to_a_burst_of_requests_go_out_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Handlers that one input woke answer in a few writes, not in one write each.
+
+    The second round's requests reach handlers already waiting in ``receive()``, so each
+    reply answers a wait: alone, it would be written at once.
+    """
+    server_writes: list[int] = []
+    listening: list[int] = []
+
+    def counting_writer_for(transport: anyio.abc.ByteStream, timeout: float) -> Writer:
+        writer = writer_for(transport, timeout)
+        if transport.extra(anyio.abc.SocketAttribute.local_port, None) in listening:
+            return cast("Writer", _CountingWriter(writer, server_writes))
+        return writer
+
+    monkeypatch.setattr(stalk.link, "writer_for", counting_writer_for)
+    config = Config(max_channels=64)
+    async with serving(drain, config=config, channel_handler=echo_channel) as (host, port, _):
+        listening.append(port)
+        async with await connect(host, port, config=config) as client:
+            channels = [await client.open_channel() for _ in range(64)]
+            writes = []
+            for round_ in range(2):
+                for channel in channels:
+                    channel.queue(Spack(round_, channel.id))
+                del server_writes[:]
+                await client.flush()  # every request in one write: one input for the server
+                for channel in channels:
+                    assert await channel.receive() == Spack(round_, channel.id)
+                writes.append(len([taken for taken in server_writes if taken]))
+            assert writes[1] <= 4, writes  # not 64

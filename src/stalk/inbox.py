@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Inbox"]
 
+#: Replies queued together are written once they reach this many bytes, even while more are
+#: coming: the peer starts on them while we produce the rest.
+_REPLY_BATCH: Final = 16384
 #: receive() lets other tasks run after this many spacks returned without waiting.
 _YIELD_EVERY: Final = 512
 
@@ -111,7 +114,7 @@ class Inbox:
     def received(self, spack: Spack, size: int) -> None:
         """A spack of ``size`` data bytes arrived on the channel."""
         self.spacks.append((spack, size))
-        self._io.wake(self._waiter)
+        self._io.delivered(self._waiter)
 
     def peer_closed(self) -> None:
         """The peer closed its direction."""
@@ -210,11 +213,17 @@ class Inbox:
         bound = link.config.send_buffer if io.task_group is not None else 0
         answering, self._answering = self._answering, False
         # A reply (the last receive had to wait) is written at once when nothing else is
-        # being written: latency matters, and there is nothing to batch it with (as
-        # Connection.send does without channels).
+        # being written and no other task that input woke is still to run: latency
+        # matters, and there is nothing to batch it with (as Connection.send does without
+        # channels). The replies to a burst of requests are written together, by the last
+        # of them or by the writer task.
         if (
             session.queued_bytes_on(self.id) <= bound
-            and not (answering and not link.send_lock.locked())
+            and not (
+                answering
+                and (not io.woken or session.queued_bytes >= _REPLY_BATCH)
+                and not link.send_lock.locked()
+            )
             and io.write_soon()
         ):
             return

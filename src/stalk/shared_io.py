@@ -99,6 +99,8 @@ class SharedIO:
         self._idle_reader: Waiter | None = None
         #: The peer's CLOSE of the connection, once read.
         self.peer_close: CloseReceived | None = None
+        #: The tasks that input woke (a spack arrived for them) and that have not run yet.
+        self.woken: set[Waiter] = set()
 
     # -- the connection's tasks ---------------------------------------------------------
 
@@ -148,6 +150,7 @@ class SharedIO:
         finally:
             del waiting[waiter]
             self._conditional.pop(waiter, None)
+            self.woken.discard(waiter)
             if self._reader is None:  # the reader's role is free: pass it on
                 self.wake(next(iter(waiting)) if waiting else self._idle_reader)
 
@@ -263,6 +266,18 @@ class SharedIO:
                 self._read_scope.cancel()
         else:
             waiter.wake()
+
+    def delivered(self, waiter: Waiter | None) -> None:
+        """A spack arrived for the task waiting as ``waiter`` (if any): wake it.
+
+        Until it runs it is in :attr:`woken`: a task replying while others that input woke
+        have yet to run leaves its reply to the writer task, which runs after them, so the
+        replies to one burst of input go out together (one Noise message, one write)
+        rather than each alone.
+        """
+        if waiter is not None:
+            self.woken.add(waiter)
+            self.wake(waiter)
 
     def progress(self) -> None:
         """Something was written or read: wake the tasks whose condition it may satisfy."""
