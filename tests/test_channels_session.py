@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from helpers import Pair, connected_pair, drain, take_all
+from stalk.channels import ChannelTable
 from stalk.errors import LocalProtocolError
 from stalk.events import (
     ChannelCloseReceived,
@@ -19,6 +20,7 @@ from stalk.events import (
     Event,
 )
 from stalk.handshake import ChannelParams
+from stalk.mux import Mux
 from stalk.session import Session, SessionConfig
 from stalk.spack import Spack
 
@@ -363,3 +365,45 @@ def test_a_channel_reset_before_anything_of_it_went_out_is_opened_then_reset() -
     driver.run()
     assert driver.events[server][-1] == ChannelResetReceived(second, 0x1001, "")
     assert ChannelCloseReceived(second) not in driver.events[server]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 300), st.booleans()),
+        min_size=1,
+        max_size=80,
+    ),
+    st.integers(1, 700),
+    st.integers(8, 2_000),
+)
+@example([(0, 128, False)] * 7 + [(0, 129, False)], 1, 2_000)  # the credit, to the byte
+@example([(1, 30, False)] * 3, 1, 98)  # the plaintext's room, to the byte
+def test_runs_of_small_spacks_pack_as_the_general_loop_packs_them(
+    sends: list[tuple[int, int, bool]], grant: int, capacity: int
+) -> None:
+    """The mux packs a run of one-piece spacks in short (``Mux._run``): the same queue
+    through the general loop alone gives the same plaintexts, credit and bookkeeping."""
+    params = ChannelParams(max_channels=8, channel_window=1024, connection_window=65_516)
+
+    def replay(runs: bool) -> tuple[list[bytes], int, int]:
+        table = ChannelTable(initiator=True, ours=params, theirs=params)
+        mux = Mux(table, capacity)
+        mux.runs = runs
+        channels = [0] + [table.open().id for _ in range(3)]
+        plaintexts: list[bytes] = []
+        for index, (which, size, flush) in enumerate(sends):
+            mux.queue(channels[which], [bytes([index % 256]) * size])
+            if flush:
+                mux.flush()
+                while (plaintext := mux.next_plaintext()) is not None:
+                    plaintexts.append(bytes(plaintext))
+                table.connection.granted(grant, "the connection")
+                for channel in channels:
+                    table.credit(channel).granted(grant, f"channel {channel}")
+        mux.flush()
+        while (plaintext := mux.next_plaintext()) is not None:
+            plaintexts.append(bytes(plaintext))
+        return plaintexts, mux.queued_bytes, table.connection.send
+
+    assert replay(runs=True) == replay(runs=False)

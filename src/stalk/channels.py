@@ -135,7 +135,7 @@ class Credit:
     :param receive: what we granted the peer.
     """
 
-    __slots__ = ("receive", "released", "send", "window")
+    __slots__ = ("_threshold", "receive", "released", "send", "window")
 
     def __init__(self, send: int, receive: int) -> None:
         #: Data bytes we may still send.
@@ -146,6 +146,7 @@ class Credit:
         self.window = receive
         #: Bytes the application let go of and not yet granted back.
         self.released = 0
+        self._threshold = max(1, receive // 4)
 
     def spend(self, size: int) -> None:
         """We send ``size`` data bytes (the caller checked that they fit)."""
@@ -177,10 +178,11 @@ class Credit:
         Grants go a quarter of the window at a time, so a stream of small spacks costs one
         WINDOW record per quarter window, not one per spack.
         """
-        self.released += size
-        if self.released < max(1, self.window // 4):
+        released = self.released + size
+        if released < self._threshold:
+            self.released = released
             return 0
-        increment, self.released = self.released, 0
+        increment, self.released = released, 0
         self.receive += increment
         return increment
 

@@ -180,6 +180,10 @@ class Demux:
             table.connection.received(size, "the connection")
             credit = table.channel0
             credit.received(size, "channel 0")
+        if not more and self.slot is None and channel_id not in self._partial:
+            # A whole spack in one record, no slot taken: the common case, in short.
+            self._whole(channel_id, size, 0)
+            return True
         partial = self._partial.get(channel_id, 0) + size
         in_slot = self.slot == channel_id and not self._slot_complete
         if in_slot:  # a piece of the slot's spack: granted back as it arrives
@@ -195,13 +199,21 @@ class Demux:
             self._partial[channel_id] = partial
         else:
             self._partial.pop(channel_id, None)
-            self._sizes.setdefault(channel_id, deque()).append(partial)
-            self._granted.setdefault(channel_id, deque()).append(
-                self._slot_granted if in_slot else 0
-            )
+            self._whole(channel_id, partial, self._slot_granted if in_slot else 0)
             if in_slot:
                 self._slot_complete = True  # later spacks of the channel take credit again
         return True
+
+    def _whole(self, channel_id: int, size: int, granted: int) -> None:
+        """A spack of ``size`` data bytes ended, ``granted`` of them granted back already."""
+        sizes = self._sizes.get(channel_id)
+        if sizes is None:
+            sizes = self._sizes[channel_id] = deque()
+        sizes.append(size)
+        pending = self._granted.get(channel_id)
+        if pending is None:
+            pending = self._granted[channel_id] = deque()
+        pending.append(granted)
 
     # -- credit back -------------------------------------------------------------------
 
@@ -213,10 +225,13 @@ class Demux:
             del self._sizes[channel_id]
         return size
 
-    def release(self, channel_id: int, size: int, grants: RecordWriter) -> None:
+    def release(self, channel_id: int, size: int, grants: RecordWriter) -> bool:
         """The application has a spack of ``size`` data bytes from ``channel_id``.
 
         Spacks of one channel are released in the order they were delivered.
+
+        :returns: whether it added records to ``grants`` (or freed the assembly slot, which
+            may have).
         """
         granted = self._granted.get(channel_id)
         pre = granted.popleft() if granted else 0
@@ -226,15 +241,22 @@ class Demux:
         if handover:
             size -= pre
             self._free_slot()
-        if channel_id and channel_id not in self.table.channels:
-            increment = 0  # the channel ended: only the connection's credit goes back
+        table = self.table
+        if not channel_id:
+            increment = table.channel0.release(size)
+        elif (channel := table.channels.get(channel_id)) is not None:
+            increment = channel.credit.release(size)
         else:
-            increment = self.table.credit(channel_id).release(size)
+            increment = 0  # the channel ended: only the connection's credit goes back
         if increment:
             grants.add(_WINDOW, encode_uvarint(increment), channel_id)
-        self._release_connection(size, grants)
+        connection = table.connection.release(size)
+        if connection:
+            grants.add(_CONNECTION_WINDOW, encode_uvarint(connection))
         if handover:
             self._offer_slot(grants)
+            return True
+        return bool(increment or connection)
 
     def _offer_slot(self, grants: RecordWriter) -> None:
         """The slot is free: the first channel stuck inside a spack without credit takes it."""

@@ -39,6 +39,7 @@ __all__ = ["Mux"]
 #: Room under which a plaintext is finished rather than carrying a tiny FRAGMENT.
 _MIN_FRAGMENT: Final = 512
 _CHANNEL_CLOSE: Final = b"\x00\x00"
+_MESSAGE_BYTE: Final = int(RecordKind.MESSAGE)
 
 
 class _Outgoing:
@@ -106,6 +107,7 @@ class Mux:
         "_unflushed",
         "closing",
         "queued_bytes",
+        "runs",
     )
 
     def __init__(self, table: ChannelTable, capacity: int = RECORD_CAPACITY) -> None:
@@ -120,6 +122,8 @@ class Mux:
         self._by_channel: dict[int, int] = {}  # the same, per channel (none: 0)
         #: Channels whose CLOSE is queued and not yet packed: nothing more may be queued.
         self.closing: set[int] = set()
+        #: Pack runs of small spacks in short (:meth:`_run`); ``False`` only to compare.
+        self.runs = True
 
     def queue(self, channel: int, pieces: Sequence[bytes | memoryview]) -> None:
         """Queue one spack's encoding (the concatenation of ``pieces``) on ``channel``."""
@@ -142,11 +146,11 @@ class Mux:
     def _packed(self, channel: int, size: int) -> None:
         """``size`` data bytes of ``channel`` went into a plaintext."""
         self.queued_bytes -= size
-        left = self._by_channel[channel] - size
+        left = self._by_channel.get(channel, 0) - size
         if left:
             self._by_channel[channel] = left
         else:
-            del self._by_channel[channel]
+            self._by_channel.pop(channel, None)
 
     def queue_close(self, channel: int) -> None:
         """Queue the CLOSE of ``channel`` (not 0) after its spacks.
@@ -263,6 +267,8 @@ class Mux:
             credit = min(table.connection.send, table.credit(channel).send)
             if not credit:
                 return False
+            if type(item) is bytes and self.runs and self._run(channel, queue, plaintext, credit):
+                continue
             avail = capacity - len(plaintext) - 1 - uvarint_len(channel)
             if isinstance(item, bytes):
                 left = len(item)
@@ -293,6 +299,40 @@ class Mux:
             self._spend(channel, size)
             self._packed(channel, size)
         return False
+
+    def _run(self, channel: int, queue: deque[_Item], plaintext: bytearray, credit: int) -> int:
+        """Pack the run of whole one-piece spacks at the head of ``queue`` that fits.
+
+        The general loop's work for such spacks, with credit spent once for the run: each
+        spack that fits whole in the plaintext and the credit left becomes one MESSAGE.
+        ``tests/test_channels_session.py`` compares it with the general loop.
+
+        :returns: how many spacks it packed (0: the first did not fit; the general loop
+            takes it).
+        """
+        base = self._capacity - 1 - uvarint_len(channel)
+        short = channel < 0x80  # one-byte channel id: a small spack's header is 3 bytes
+        spent = packed = 0
+        item = queue[0]
+        while type(item) is bytes:
+            left = len(item)
+            if spent + left > credit or left + uvarint_len(left) > base - len(plaintext):
+                break
+            if short and left < 0x80:
+                plaintext += bytes((_MESSAGE_BYTE, channel, left))
+            else:
+                plaintext += _header(RecordKind.MESSAGE, channel, left)
+            plaintext += item
+            spent += left
+            packed += 1
+            queue.popleft()
+            if not queue:
+                break
+            item = queue[0]
+        if packed:
+            self._spend(channel, spent)
+            self._packed(channel, spent)
+        return packed
 
     def _spend(self, channel: int, size: int) -> None:
         table = self._table

@@ -771,15 +771,13 @@ class Session:
             the common release, which grants nothing, costs the driver no further look.
         """
         receiver = self._receiver
-        if receiver is None or receiver.demux is None:
+        demux = receiver.demux if receiver is not None else None
+        if demux is None:
             return False
         if not self._states.can_send_data:
-            receiver.demux.release(channel, size, RecordWriter())
+            demux.release(channel, size, RecordWriter())
             return False
-        control = self._control
-        before = control.queued_bytes
-        receiver.demux.release(channel, size, control)
-        return control.queued_bytes != before
+        return demux.release(channel, size, self._control)
 
     def release_channel(self, channel: int) -> None:
         """The application let go of a channel the peer reset: our answering RESET goes.
