@@ -134,6 +134,15 @@ class Inbox:
 
     async def receive(self) -> Spack:
         """The next spack of the channel; see :meth:`stalk.Channel.receive`."""
+        if (
+            self.spacks
+            and self.closed is None
+            and self.reset is None
+            and self._streak < _YIELD_EVERY
+        ):
+            # One is here and nothing is in the way (as the loop below would find): take it.
+            self._link.check_open()
+            return await self._take(waited=False)
         if self._streak >= _YIELD_EVERY:
             # A peer that sent many spacks at once must not keep a receive loop from ever
             # yielding (nothing is held yet, so a cancellation here loses nothing).
