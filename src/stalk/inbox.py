@@ -17,8 +17,10 @@ application does not read holds at most its window, and the peer stops sending o
 and only on it.
 
 **Sending** queues the spack; with the connection's writer task running (inside ``async
-with conn``) ``send()`` wakes it and returns, else (or for a reply: the channel's last
-receive had to wait, and no other write is going on) it writes what credit allows itself.
+with conn``) ``send()`` wakes it and returns, else it writes what credit allows itself. A
+reply (the channel's last receive had to wait) is written at once when no other write is
+going on and no other task that the same input woke is still to run; the replies to a
+burst of requests go out together instead, by the writer task or once 16 KiB of them wait.
 Either way, while more than ``Config.send_buffer`` bytes of the channel wait (for the
 writer, or for credit the peer has not granted), ``send()`` waits. Credit arrives only as
 input, so a sender that waits may have to read: it waits like a ``receive()``.
