@@ -1292,7 +1292,7 @@ class ChannelPeer:
       enough for the largest spack we accept to complete, ``max_message_size`` less what
       has arrived of it, at once;
     - ``"pieces"``: grant back what has arrived of it, then each later piece as it arrives
-      (what SPEC says stalk does).
+      (as stalk does, which groups the later pieces in steps of up to a quarter window).
 
     Credit granted that way ahead of the application is taken off its next grants. The
     next channel waiting inside a spack is served as soon as the first one's spack is

@@ -18,8 +18,9 @@ hands every batch of parsed records to a :class:`Demux` before decoding any of t
   what we granted;
 - it gives the **assembly slot** (SPEC "Channels", flow control) to the first channel that
   runs out of credit, its own or the connection's, in the middle of a spack: from then on
-  that spack's pieces are granted back as they arrive, so a spack larger than the window
-  still arrives, and only one such spack is held at a time.
+  that spack's pieces are granted back as they arrive (a quarter window at a time, or
+  the slot's last grant if less), so a spack larger than the window still arrives, and
+  only one such spack is held at a time.
 
 The records it keeps are decoded by the receiver as on channel 0, each channel with its
 own :class:`~stalk.reassembly.Reassembler`; a CLOSE or RESET it keeps becomes its event
@@ -32,7 +33,7 @@ from collections import deque
 from collections.abc import MutableSequence
 from typing import Final
 
-from stalk.channels import Channel, ChannelInput, ChannelTable
+from stalk.channels import Channel, ChannelInput, ChannelTable, Credit
 from stalk.errors import ProtocolError
 from stalk.events import ChannelOpened, Event
 from stalk.reassembly import Reassembler
@@ -63,6 +64,9 @@ class Demux:
         "_sizes",
         "_slot_complete",
         "_slot_granted",
+        "_slot_owed",
+        "_slot_quarter",
+        "_slot_step",
         "channel0",
         "limit",
         "slot",
@@ -87,6 +91,9 @@ class Demux:
         #: inside when it took the slot, until the application has it.
         self.slot: int | None = None
         self._slot_granted = 0  # bytes of the slot's spack granted back on arrival
+        self._slot_owed = 0  # bytes of it arrived and not granted back yet
+        self._slot_quarter = 1  # a quarter of the slot channel's window
+        self._slot_step = 1  # owed bytes are granted once this many: see _data
         self._slot_complete = False  # the slot's spack arrived whole (not yet released)
 
     # -- routing -----------------------------------------------------------------------
@@ -186,14 +193,21 @@ class Demux:
             return True
         partial = self._partial.get(channel_id, 0) + size
         in_slot = self.slot == channel_id and not self._slot_complete
-        if in_slot:  # a piece of the slot's spack: granted back as it arrives
-            self._grant(channel_id, size, grants)
-            self._slot_granted += size
+        if in_slot:
+            # A piece of the slot's spack: granted back once the bytes owed reach a quarter
+            # window or the slot's last grant, if less (the peer can always send that
+            # much), and at the spack's end.
+            owed = self._slot_owed + size
+            if more and owed < self._slot_step:
+                self._slot_owed = owed
+            else:
+                self._grant(channel_id, owed, grants)
+                self._slot_granted += owed
+                self._slot_owed = 0
+                self._slot_step = min(self._slot_quarter, owed)
         elif more and self.slot is None and (not credit.receive or not table.connection.receive):
             # Out of credit inside a spack: it takes the slot, and what it holds goes back.
-            self.slot = channel_id
-            self._grant(channel_id, partial, grants)
-            self._slot_granted = partial
+            self._take_slot(channel_id, partial, credit, grants)
             in_slot = True
         if more:
             self._partial[channel_id] = partial
@@ -264,14 +278,24 @@ class Demux:
         for channel_id, partial in self._partial.items():
             credit = table.channel0 if not channel_id else table.channels[channel_id].credit
             if not credit.receive or not table.connection.receive:
-                self.slot = channel_id
-                self._grant(channel_id, partial, grants)
-                self._slot_granted = partial
+                self._take_slot(channel_id, partial, credit, grants)
                 return
+
+    def _take_slot(
+        self, channel_id: int, partial: int, credit: Credit, grants: RecordWriter
+    ) -> None:
+        """``channel_id`` takes the slot inside a spack: the ``partial`` bytes so far go back."""
+        self.slot = channel_id
+        self._grant(channel_id, partial, grants)
+        self._slot_granted = partial
+        self._slot_owed = 0
+        self._slot_quarter = max(1, credit.window // 4)
+        self._slot_step = min(self._slot_quarter, partial)
 
     def _free_slot(self) -> None:
         self.slot = None
         self._slot_granted = 0
+        self._slot_owed = 0
         self._slot_complete = False
 
     def _release_connection(self, size: int, grants: RecordWriter) -> None:
