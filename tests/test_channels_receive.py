@@ -344,26 +344,42 @@ _SPACK_BODY = st.one_of(
 _LONE = st.tuples(st.just(RecordKind.MESSAGE), _CHANNELS, _SPACK_BODY).map(lambda r: [[r]])
 
 
-def _in_pieces(channel: int, body: bytes, size: int, together: bool) -> list[list[_Rec]]:
-    """``body`` as FRAGMENTs of ``size`` and a final MESSAGE: one plaintext, or one each."""
+def _in_pieces(
+    channel: int, body: bytes, size: int, together: bool, empty_end: bool
+) -> list[list[_Rec]]:
+    """``body`` as FRAGMENTs of ``size`` and a final MESSAGE (perhaps an empty one after
+    them all): one plaintext, or one each."""
     cuts = [body[at : at + size] for at in range(0, len(body), size)] or [b""]
-    records: list[_Rec] = [(RecordKind.FRAGMENT, channel, cut) for cut in cuts[:-1]]
+    if empty_end:
+        cuts.append(b"")
+    records: list[_Rec] = [(RecordKind.FRAGMENT, channel, cut) for cut in cuts[:-1] if cut]
     records.append((RecordKind.MESSAGE, channel, cuts[-1]))
     return [records] if together else [[record] for record in records]
 
 
 _LARGE_BODY = st.integers(3000, 12_000).map(lambda size: encode_spack(Spack(b"w" * size)))
+# Past what the reassembler joins: its later pieces go to a decoder as they arrive.
+_HUGE_BODY = st.integers(66_000, 80_000).map(lambda size: encode_spack(Spack(b"h" * size)))
 _PIECES = st.builds(
     _in_pieces,
     st.sampled_from([0, 1, 3]),
     st.one_of(_SPACK_BODY, _LARGE_BODY, _LARGE_BODY),
     st.sampled_from([512, 1024, 2048, 4096, 700]),
     st.booleans(),
+    st.booleans(),
+)
+_HUGE_PIECES = st.builds(
+    _in_pieces,
+    st.sampled_from([0, 1]),
+    _HUGE_BODY,
+    st.sampled_from([1024, 4096]),
+    st.just(False),  # one plaintext each: together they would not fit one
+    st.booleans(),
 )
 _RESET = st.tuples(st.just(RecordKind.RESET), st.sampled_from([1, 3]), st.just(b"\x00\x09")).map(
     lambda r: [[r]]
 )
-_PLAINTEXTS = st.one_of(_LONE, _LONE, _LONE, _PIECES, _RESET)
+_PLAINTEXTS = st.one_of(_LONE, _LONE, _LONE, _PIECES, _HUGE_PIECES, _RESET)
 
 
 def _replay(plaintexts: list[list[_Rec]], releases: list[bool]) -> list[object]:
@@ -427,6 +443,6 @@ def test_the_one_record_shortcut_does_what_the_record_loop_does(
     plaintexts = [plaintext for group in groups for plaintext in group]
     fast = _replay(plaintexts, releases)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(receiver_module, "lone_channel_message", lambda view: None)
+        patch.setattr(receiver_module, "lone_channel_piece", lambda view: None)
         general = _replay(plaintexts, releases)
     assert fast == general

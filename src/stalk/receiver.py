@@ -52,7 +52,7 @@ from stalk.records import (
     Record,
     RecordWriter,
     decode_close,
-    lone_channel_message,
+    lone_channel_piece,
     lone_piece,
     read_records,
 )
@@ -275,7 +275,7 @@ class Receiver:
         demux = self.demux
         if self._states.can_receive_data:
             if demux is not None:
-                if (record := lone_channel_message(plaintext)) is not None:
+                if (record := lone_channel_piece(plaintext)) is not None:
                     self._lone_on_channel(plaintext, record, demux)
                     return
             elif (record := lone_piece(plaintext)) is not None and self._lone(plaintext, record):
@@ -340,13 +340,15 @@ class Receiver:
         return True
 
     def _lone_on_channel(self, plaintext: memoryview, record: Record, demux: Demux) -> None:
-        """A plaintext of one MESSAGE record, with channels: the record loop's work, in short.
+        """A plaintext of one MESSAGE or FRAGMENT, with channels: the record loop, in short.
 
         Routed as :meth:`_next_batch` routes a batch; a whole spack that decodes at once
-        becomes its event here; anything else (it ends a spack in pieces, it must be
-        weighed, it is too large) goes to the record loop as the routed batch, so the
-        channels' bookkeeping is done once either way. ``tests/test_channels_receive.py``
-        compares it with the record loop.
+        becomes its event here, and a piece of a spack already being decoded piecewise is
+        fed to its decoder here (a step out of budget leaves the rest to the record loop,
+        as it would); anything else (a piece to join, a spack to weigh, one too large)
+        goes to the record loop as the routed batch, so the channels' bookkeeping is done
+        once either way. ``tests/test_channels_receive.py`` compares it with the record
+        loop.
         """
         answers = self._answers
         if answers is None:  # pragma: no cover - created with the demux
@@ -354,10 +356,26 @@ class Receiver:
         kept = demux.route([record], self._events, answers)
         self._work += RECORD_COST
         if kept:
-            _, channel, body = record
+            kind, channel, body = record
             reassembler = demux.reassembler(channel)
-            if (
-                reassembler.decoder is not None
+            if reassembler.decoder is not None:
+                spack, offset, work = reassembler.feed(kind, body, 0, STEP - self._work)
+                self._work += work
+                if offset < len(body):  # out of budget inside the piece: resumed there
+                    incoming = self._incoming = _Incoming(
+                        plaintext, len(plaintext), confirming=False
+                    )
+                    incoming.records = kept
+                    incoming.offset = offset
+                    if answers.pending():
+                        incoming.grants, self._answers = answers, RecordWriter()
+                    return
+                if spack is not None:
+                    self._events.append(
+                        ChannelMessageReceived(spack, channel, demux.next_size(channel))
+                    )
+            elif (
+                kind is not _MESSAGE
                 or reassembler.joined is not None
                 or len(body) > self._limit
                 or (spack := decode_fast(body)) is None
@@ -368,8 +386,11 @@ class Receiver:
                     incoming.grants, self._answers = answers, RecordWriter()
                 self._continue()
                 return
-            self._work += len(body)
-            self._events.append(ChannelMessageReceived(spack, channel, demux.next_size(channel)))
+            else:
+                self._work += len(body)
+                self._events.append(
+                    ChannelMessageReceived(spack, channel, demux.next_size(channel))
+                )
         if answers.pending():  # sent once the message passed, as _finish() sends them
             if self._states.can_send_data:
                 self._control.extend(answers)

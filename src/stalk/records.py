@@ -53,7 +53,7 @@ __all__ = [
     "encode_close",
     "encode_uvarint",
     "largest_fitting",
-    "lone_channel_message",
+    "lone_channel_piece",
     "lone_piece",
     "parse_records",
     "read_records",
@@ -226,16 +226,20 @@ def lone_piece(view: memoryview) -> Record | None:
     return _new_record(Record, (_KIND_BY_BYTE[kind], 0, view[pos:]))
 
 
-def lone_channel_message(view: memoryview) -> Record | None:
-    """The plaintext's only record, if it is one MESSAGE on a channel of id 0..127.
+def lone_channel_piece(view: memoryview) -> Record | None:
+    """The plaintext's only record, if it is one MESSAGE or FRAGMENT on a channel 0..127.
 
     :func:`lone_piece` for a connection with channels: the plaintext of a small spack
-    sent alone on a channel. The record is exactly what :func:`read_records` would parse
-    (a MESSAGE body has no rule of its own, and such ids are all valid); anything else
-    gives ``None``, for :func:`read_records` to parse or refuse.
+    sent alone on a channel, or of one piece of a large one. The record is exactly what
+    :func:`read_records` would parse (a MESSAGE body has no rule of its own, a FRAGMENT's
+    only that it is not empty, and such ids are all valid); anything else gives ``None``,
+    for :func:`read_records` to parse or refuse.
     """
     end = len(view)
-    if end < 3 or view[0] != _MESSAGE_BYTE or view[1] >= 0x80:
+    if end < 3 or view[1] >= 0x80:
+        return None
+    kind = view[0]
+    if kind not in _PIECE_BYTES:
         return None
     length, pos = view[2], 3
     if length >= 0x80:
@@ -243,9 +247,11 @@ def lone_channel_message(view: memoryview) -> Record | None:
             length, pos = read_uvarint(view, 2, _MAX_LENGTH_VARINT)
         except ProtocolError:
             return None
-    if pos + length != end:
+    if pos + length != end or (not length and kind != _MESSAGE_BYTE):
         return None
-    return _new_record(Record, (_MESSAGE, view[1], view[pos:]))
+    return _new_record(
+        Record, (_MESSAGE if kind == _MESSAGE_BYTE else _FRAGMENT, view[1], view[pos:])
+    )
 
 
 def read_records(
