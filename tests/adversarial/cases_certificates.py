@@ -1,19 +1,29 @@
-"""Certificates (SPEC 25): hostile certificates presented to a listener that requires them.
+"""Certificates (SPEC 25): hostile certificates presented to stalk, in both roles.
 
-Every row attacks the shared listener with ``authorities=`` (:data:`~.harness.TRUST`: one
-authority, serial 666 revoked; names :data:`~.harness.ALLOW_NAMES` or groups
-:data:`~.harness.ALLOW_GROUPS` admitted), as the initiator of an XX or an IK handshake
-with its real static key. The certificate rides in the initiator's parameters (XX message
-3, IK message 1); the listener must refuse it with the certificate's own error before its
-application sees anything, answer CERTIFICATE_REFUSED (13: a refusal verdict in IK, an
-authenticated CLOSE instead of READY in XX), write nothing after that refusal, close the
-connection, and keep serving (the harness's control client then presents a valid
-certificate).
+The listener side: every ``client`` row attacks the shared listener with
+``authorities=`` (:data:`~.harness.TRUST`: one authority, serial 666 revoked; names
+:data:`~.harness.ALLOW_NAMES` or groups :data:`~.harness.ALLOW_GROUPS` admitted), as the
+initiator of an XX or an IK handshake with its real static key. The certificate rides in
+the initiator's parameters (XX message 3, IK message 1); the listener must refuse it with
+the certificate's own error before its application sees anything, answer
+CERTIFICATE_REFUSED (13: a refusal verdict in IK, an authenticated CLOSE instead of READY
+in XX), write nothing after that refusal, close the connection, and keep serving (the
+harness's control client then presents a valid certificate).
+
+The client side: every ``server`` row is a hostile server (by hand, as in
+``cases_server.py``, with its real static key) whose message 2 presents the certificate
+to :func:`stalk.connect` with ``authorities=`` :data:`~.harness.TRUST` (its revocation list
+included) and ``expect_name=`` :data:`SERVER_NAME`, in XX and in IK. ``connect`` must raise
+the certificate's own error, and the client must send nothing after message 2 (no XX
+message 3, no IK READY: an initiator has no refusal of its own) and close the connection.
+``connect`` checks a name only, no groups: the listener's rows about groups have no
+client-side twin, and ``wrong_name`` is the client's own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -36,27 +46,47 @@ from stalk.errors import (
     NonCanonicalCertificate,
     UnknownAuthority,
 )
+from stalk.framing import encode_frame
 from stalk.identity import Identity
 from stalk.wire import CloseCode
 
+from . import cases_server
 from .attacks import CLEAN, LEGIT, play, row
 from .harness import (
     CA,
     CERT_NOW,
     REVOKED_SERIAL,
     TEARDOWN,
+    TRUST,
     Attack,
     Case,
     Expect,
+    ServerPlay,
+    ServerSide,
     Target,
     finish,
     valid_certificate,
 )
-from .peers import Initiator, Refused, client_handshake, close, params
+from .peers import (
+    Initiator,
+    Refused,
+    Responder,
+    Wire,
+    client_handshake,
+    close,
+    params,
+    server_opening,
+)
 
 CATEGORY = "certificates"
-#: An authority the listener does not trust.
+#: The ``server`` rows' category.
+SERVER_CATEGORY = "server-certificates"
+#: An authority neither the listener nor the client trusts.
 OTHER_CA = Authority.from_private_bytes(bytes(range(1, 33)))
+#: The name on a hostile client's certificates (the listener admits it by group).
+CLIENT_NAME = "client-2"
+#: The name on a hostile server's certificates, and the one ``connect`` expects.
+SERVER_NAME = "db-1"
 
 
 def forge(identity: Identity, authority: Authority = CA, **overrides: Any) -> bytes:
@@ -68,7 +98,7 @@ def forge(identity: Identity, authority: Authority = CA, **overrides: Any) -> by
         "version": 1,
         "serial": 7,
         "subject": identity.public.raw,
-        "name": "client-2",
+        "name": CLIENT_NAME,
         "groups": ["clients"],
         "not_before": CERT_NOW - 60,
         "not_after": CERT_NOW + 86_400,
@@ -83,45 +113,52 @@ def forge(identity: Identity, authority: Authority = CA, **overrides: Any) -> by
     return body + msgpack.packb(authority.sign_bytes(CERTIFICATE_CONTEXT, body), use_bin_type=True)
 
 
-def _tampered(me: Identity) -> bytes:
+def _tampered(me: Identity, name: str) -> bytes:
     """A valid certificate whose name was changed after signing (same length)."""
-    good = valid_certificate(me).encoded
-    return forge(me, name="client-9")[:-66] + good[-66:]
+    good = valid_certificate(me, name).encoded
+    other = name[:-1] + chr(ord(name[-1]) ^ 1)
+    return forge(me, name=other)[:-66] + good[-66:]
 
 
 def _flip_last(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 1])
 
 
-#: (id, what is presented, how to build it from the presenter's identity, stalk's error).
-HOSTILE: list[tuple[str, str, Callable[[Identity], bytes | None], type[CertificateError]]] = [
-    ("missing", "no certificate at all", lambda me: None, CertificateMissing),
+#: How a hostile certificate is built from its presenter's identity and the name it
+#: would bear if it were valid (``None``: no certificate at all).
+Make = Callable[[Identity, str], bytes | None]
+
+#: (id, what is presented, how to build it, stalk's error). Each certificate is wrong in
+#: one way only: with the presenter's real key and the name its verifier accepts, it
+#: fails exactly the check its row names.
+HOSTILE: list[tuple[str, str, Make, type[CertificateError]]] = [
+    ("missing", "no certificate at all", lambda me, name: None, CertificateMissing),
     (
         "expired",
         "a certificate that ended an hour ago (beyond the 300 s skew)",
-        lambda me: (
-            valid_certificate(me, not_before=CERT_NOW - 7200, not_after=CERT_NOW - 3600).encoded
+        lambda me, name: (
+            valid_certificate(
+                me, name, not_before=CERT_NOW - 7200, not_after=CERT_NOW - 3600
+            ).encoded
         ),
         CertificateExpired,
     ),
     (
         "not_yet_valid",
         "a certificate that starts in an hour",
-        lambda me: (
-            valid_certificate(me, not_before=CERT_NOW + 3600, not_after=CERT_NOW + 7200).encoded
+        lambda me, name: (
+            valid_certificate(
+                me, name, not_before=CERT_NOW + 3600, not_after=CERT_NOW + 7200
+            ).encoded
         ),
         CertificateNotYetValid,
     ),
     (
         "unknown_authority",
-        "a certificate from an authority the listener does not trust",
-        lambda me: (
+        "a certificate from an authority it does not trust",
+        lambda me, name: (
             OTHER_CA.sign(
-                me.public,
-                "client-2",
-                ["clients"],
-                not_before=CERT_NOW - 60,
-                not_after=CERT_NOW + 60,
+                me.public, name, ["clients"], not_before=CERT_NOW - 60, not_after=CERT_NOW + 60
             ).encoded
         ),
         UnknownAuthority,
@@ -129,7 +166,7 @@ HOSTILE: list[tuple[str, str, Callable[[Identity], bytes | None], type[Certifica
     (
         "bad_signature",
         "a valid certificate with the last bit of its signature flipped",
-        lambda me: _flip_last(valid_certificate(me).encoded),
+        lambda me, name: _flip_last(valid_certificate(me, name).encoded),
         BadCertificateSignature,
     ),
     (
@@ -141,70 +178,82 @@ HOSTILE: list[tuple[str, str, Callable[[Identity], bytes | None], type[Certifica
     (
         "for_another_key",
         "a valid certificate for another stalk key (replayed)",
-        lambda me: valid_certificate(Identity.generate()).encoded,
+        lambda me, name: valid_certificate(Identity.generate(), name).encoded,
         CertificateKeyMismatch,
     ),
     (
         "revoked",
         f"a certificate whose serial ({REVOKED_SERIAL}) the revocation list names",
-        lambda me: valid_certificate(me, serial=REVOKED_SERIAL).encoded,
+        lambda me, name: valid_certificate(me, name, serial=REVOKED_SERIAL).encoded,
         CertificateRevoked,
     ),
     (
         "name_not_allowed",
         "a valid certificate for a name the listener does not admit, in no group",
-        lambda me: valid_certificate(me, name="mallory", groups=()).encoded,
+        lambda me, name: valid_certificate(me, "mallory", groups=()).encoded,
         CertificateNameMismatch,
     ),
     (
         "group_not_allowed",
         "a valid certificate in groups the listener does not admit",
-        lambda me: valid_certificate(me, name="bob", groups=["admins", "guests"]).encoded,
+        lambda me, name: valid_certificate(me, "bob", groups=["admins", "guests"]).encoded,
+        CertificateNameMismatch,
+    ),
+    (
+        "wrong_name",
+        f"a valid certificate for `db-2` (`connect` expects `{SERVER_NAME}`)",
+        lambda me, name: valid_certificate(me, "db-2").encoded,
         CertificateNameMismatch,
     ),
     (
         "unknown_critical_extension",
         "a valid certificate with an unknown critical extension",
-        lambda me: valid_certificate(me, extensions=[Extension("x-unknown", True)]).encoded,
+        lambda me, name: (
+            valid_certificate(me, name, extensions=[Extension("x-unknown", True)]).encoded
+        ),
         CertificateExtensionError,
     ),
     (
         "duplicate_extension",
         "a signed certificate with the same extension id twice",
-        lambda me: forge(me, extensions=[["x", False, b""], ["x", False, b""]]),
+        lambda me, name: forge(me, name=name, extensions=[["x", False, b""], ["x", False, b""]]),
         CertificateExtensionError,
     ),
     (
         "oversize",
         "a signed certificate of 2,260 bytes (limit 2,048)",
-        lambda me: forge(me, name="n" * 2100),
+        lambda me, name: forge(me, name="n" * 2100),
         CertificateTooLarge,
     ),
     (
         "non_canonical_version",
         "a signed certificate with its version 1 written `cc 01` (not the shortest form)",
-        lambda me: forge(me, raw={"version": b"\xcc\x01"}),
+        lambda me, name: forge(me, name=name, raw={"version": b"\xcc\x01"}),
         NonCanonicalCertificate,
     ),
     (
         "groups_out_of_order",
         "a signed certificate with its groups not in increasing order",
-        lambda me: forge(me, groups=["ops", "clients"]),
+        lambda me, name: forge(me, name=name, groups=["ops", "clients"]),
         NonCanonicalCertificate,
     ),
     (
         "malformed",
         "a 3-element array instead of a certificate",
-        lambda me: b"\x92\x01\x02",
+        lambda me, name: b"\x92\x01\x02",
         MalformedCertificate,
     ),
     (
         "authority_as_subject",
         "a certificate signed by the trusted authority for its own key (X25519 form)",
-        lambda me: forge(me, subject=_montgomery(CA.public.raw)),
+        lambda me, name: forge(me, name=name, subject=_montgomery(CA.public.raw)),
         AuthorityAsSubject,
     ),
 ]
+#: The rows about a listener's allowed names and groups (``connect`` has no such list).
+LISTENER_ONLY = frozenset({"name_not_allowed", "group_not_allowed"})
+#: The row about ``connect``'s expected name (a listener expects no one name).
+CLIENT_ONLY = frozenset({"wrong_name"})
 
 
 def _initiator(target: Target, me: Identity, *, ik: bool, certificate: bytes | None) -> Initiator:
@@ -215,7 +264,7 @@ def _initiator(target: Target, me: Identity, *, ik: bool, certificate: bytes | N
     return Initiator(identity=me, msg3_payload=payload)
 
 
-async def present(target: Target, *, ik: bool, make: Callable[[Identity], bytes | None]) -> Attack:
+async def present(target: Target, *, ik: bool, make: Make) -> Attack:
     """Present a hostile certificate; expect the refusal and nothing after it.
 
     Should the listener accept it after all, the session ends with CLOSE and the row's
@@ -225,7 +274,7 @@ async def present(target: Target, *, ik: bool, make: Callable[[Identity], bytes 
     wire = await target.wire()
     try:
         transport = await client_handshake(
-            wire, _initiator(target, me, ik=ik, certificate=make(me))
+            wire, _initiator(target, me, ik=ik, certificate=make(me, CLIENT_NAME))
         )
     except Refused as refused:
         rest = b""
@@ -259,6 +308,43 @@ def _refused(error: type[CertificateError]) -> Expect:
     return Expect(error, False, code=CloseCode.CERTIFICATE_REFUSED)
 
 
+# -- the client side: a hostile server ----------------------------------------------------------
+
+
+def _certified_responder(side: ServerSide, certificate: bytes | None) -> Responder:
+    """A responder with the server's real key whose message 2 carries ``certificate``."""
+    payload = params() if certificate is None else params(certificate=certificate)
+    return Responder(identity=side.identity, msg2_payload=payload)
+
+
+async def present_to_client(wire: Wire, side: ServerSide, *, make: Make) -> None:
+    """Answer the opening with message 2 presenting ``make``'s certificate, then wait.
+
+    No EOF and nothing more from us: stalk's client must close by itself, and everything
+    it sends until then is the outcome's ``rest`` (SPEC 25: nothing).
+    """
+    opening = await server_opening(wire)
+    assert opening is not None
+    resp = _certified_responder(side, make(side.identity, SERVER_NAME))
+    resp.start(opening[:8])
+    assert resp.noise is not None
+    resp.noise.read_message(opening[10:])
+    await wire.send(b"\x00" + encode_frame(resp.msg2()))
+    await side.finish(wire)
+
+
+async def certified_server(wire: Wire, side: ServerSide) -> None:
+    """A valid certificate in message 2: the client connects; two spacks, then CLOSE."""
+    resp = _certified_responder(side, valid_certificate(side.identity, SERVER_NAME).encoded)
+    await cases_server.handshake_then(wire, side, resp=resp, build=lambda t: t.seal(close()))
+
+
+def _checking(behave: Callable[..., Any], *, ik: bool, **kwargs: Any) -> ServerPlay:
+    """A :class:`ServerPlay` whose client requires a certificate for :data:`SERVER_NAME`."""
+    bound = partial(behave, **kwargs) if kwargs else behave
+    return ServerPlay(bound, ik=ik, authorities=TRUST, expect_name=SERVER_NAME)
+
+
 CASES: list[Case] = [
     *[
         row(
@@ -272,6 +358,7 @@ CASES: list[Case] = [
         )
         for pattern in ("xx", "ik")
         for case_id, sends, make, error in HOSTILE
+        if case_id not in CLIENT_ONLY
     ],
     *[
         row(
@@ -282,6 +369,28 @@ CASES: list[Case] = [
             CLEAN,
             play(certified_session, ik=pattern == "ik"),
             certified=True,
+        )
+        for pattern in ("xx", "ik")
+    ],
+    *[
+        cases_server.row(
+            f"{pattern}_{case_id}",
+            SERVER_CATEGORY,
+            f"{pattern.upper()} server whose message 2 presents {sends}",
+            Expect(error, False, silent=True),
+            _checking(present_to_client, ik=pattern == "ik", make=make),
+        )
+        for pattern in ("xx", "ik")
+        for case_id, sends, make, error in HOSTILE
+        if case_id not in LISTENER_ONLY
+    ],
+    *[
+        cases_server.row(
+            f"{pattern}_valid",
+            SERVER_CATEGORY,
+            f"{pattern.upper()} server presenting a valid certificate, two spacks, CLOSE",
+            cases_server.CLEAN,
+            _checking(certified_server, ik=pattern == "ik"),
         )
         for pattern in ("xx", "ik")
     ],

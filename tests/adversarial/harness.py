@@ -137,6 +137,8 @@ class Expect:
     :param client_error: ``mitm`` cases: the real client's error class.
     :param deadline: stalk must close the connection within this many seconds of the
         attack's end (stall cases: the handshake deadline, absolute, plus slack).
+    :param silent: ``server`` cases: stalk's client sends nothing after the hostile
+        server's last message and closes (an initiator has no refusal of its own, SPEC 25).
     """
 
     error: type[BaseException] | tuple[type[BaseException], ...]
@@ -144,6 +146,7 @@ class Expect:
     code: int | None = None
     client_error: type[BaseException] | None = None
     deadline: float | None = None
+    silent: bool = False
 
     def describe(self) -> str:
         """The expected outcome in words (README table)."""
@@ -161,6 +164,8 @@ class Expect:
             text += ", never established"
         if self.code is not None:
             text += f", peer gets code {self.code}"
+        if self.silent:
+            text += ", peer gets nothing more"
         if self.deadline is not None:
             text += f", closed within {self.deadline:g} s"
         return text
@@ -179,6 +184,7 @@ class Outcome:
     :ivar code: the refusal or CLOSE code the hostile side received from stalk, if any.
     :ivar torn_down: stalk closed the connection by itself.
     :ivar client_error: ``mitm``: the real client's error.
+    :ivar rest: ``server``: what stalk's client sent after the hostile server's last read.
     """
 
     error: BaseException | None
@@ -191,6 +197,7 @@ class Outcome:
     torn_down: bool = True
     client_error: BaseException | None = None
     elapsed: float = 0.0
+    rest: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -612,19 +619,21 @@ class ServerSide:
 
     :ivar legit: spacks it sent legitimately before the attack.
     :ivar code: the CLOSE code (or nothing) stalk's client sent it before closing.
+    :ivar rest: every byte stalk's client sent after the play's last read.
     :ivar finished: set once the client closed the connection (EOF read).
     """
 
     identity: Identity = field(default_factory=Identity.generate)
     legit: list[Spack] = field(default_factory=list)
     code: int | None = None
+    rest: bytes = b""
     finished: anyio.Event = field(default_factory=anyio.Event)
     transport: Transport | None = None
 
     async def finish(self, wire: Wire, transport: Transport | None = None) -> None:
         """Read until the client closes; note its CLOSE code."""
         with anyio.move_on_after(TEARDOWN + 2):
-            rest = await wire.read_to_eof()
+            rest = self.rest = await wire.read_to_eof()
             codes = close_codes(peer_records(transport or self.transport, rest))
             self.code = codes[-1] if codes else None
 
@@ -636,11 +645,15 @@ class ServerPlay:
     :param behave: ``behave(wire, side)``; it must end with ``side.finish(...)``.
     :param ik: the client pins the hostile server's key (IK) instead of running XX.
     :param config: the client's configuration.
+    :param authorities: the client requires the server's certificate from these (SPEC 25).
+    :param expect_name: with ``authorities``: the name the certificate must bear.
     """
 
     behave: Callable[[Wire, ServerSide], Awaitable[None]]
     ik: bool = False
     config: Config = field(default_factory=lambda: Config(handshake_timeout=3, close_timeout=1))
+    authorities: Authorities | None = None
+    expect_name: str | None = None
 
 
 async def _run_server_case(play: ServerPlay) -> Outcome:
@@ -658,7 +671,14 @@ async def _run_server_case(play: ServerPlay) -> Outcome:
         peer = side.identity.public if play.ik else None
         started = anyio.current_time()
         try:
-            conn = await connect("127.0.0.1", port, peer, config=play.config)
+            conn = await connect(
+                "127.0.0.1",
+                port,
+                peer,
+                config=play.config,
+                authorities=play.authorities,
+                expect_name=play.expect_name,
+            )
         except StalkError as exc:
             outcome = Outcome(exc, False, elapsed=anyio.current_time() - started)
             with anyio.move_on_after(TEARDOWN):
@@ -668,6 +688,7 @@ async def _run_server_case(play: ServerPlay) -> Outcome:
             outcome = await _drain_client(conn, side)
     outcome.legit = side.legit
     outcome.code = side.code
+    outcome.rest = side.rest
     return outcome
 
 
@@ -724,6 +745,8 @@ def check(case: Case, out: Outcome) -> None:
     assert out.torn_down, "stalk did not close the connection"
     if expect.code is not None:
         assert out.code == expect.code, f"peer got code {out.code}, expected {expect.code}"
+    if expect.silent:
+        assert out.rest == b"", f"stalk sent {len(out.rest)} bytes after the peer's last message"
     if expect.deadline is not None:
         assert out.elapsed <= expect.deadline, f"closed after {out.elapsed:.2f} s"
     if expect.client_error is not None:
