@@ -118,8 +118,9 @@ TARGET_NAMES = {
     "handshakes/s XX concurrent16 vs TLS",
     "handshakes/s IK concurrent16 vs TLS",
     *(
-        f"handshakes/s {kind} certified {name} vs plain"
+        f"handshakes/s {kind} certified{peers} {name} vs plain"
         for kind in ("XX", "IK")
+        for peers in ("", ", returning peers")
         for name in ("sequential", "concurrent16")
     ),
     "memory per idle conn (server)",
@@ -196,10 +197,11 @@ def test_certified_handshakes_beside_plain_ones(tmp_path: Path) -> None:
             assert positive(entry[plain]["conns_per_s"])
             assert positive(entry[f"{kind}_vs_plain"])
     certified = [t for t in data["targets"] if t["ref"] == "plain"]
-    assert len(certified) == 4
+    assert len(certified) == 8  # XX and IK, new and returning peers, two concurrencies
     assert all(t["op"] == ">=" and t["threshold"] == round(1 / 1.2, 3) for t in certified)
     assert "stalk XX + certificates" in stdout
     assert "stalk IK + certificates" in stdout
+    assert "stalk IK + certificates, returning peers" in stdout
     assert "xplain" in stdout
 
 

@@ -475,8 +475,10 @@ def _rtt_lines(summary: dict[str, Any], targets: list[_Target]) -> list[str]:
 
 def _certified_target(kind: str, name: str) -> str:
     """The target name of a certified handshake kind against its plain one."""
-    label = kind.removeprefix("stalk_").removesuffix("_cert").upper()
-    return f"handshakes/s {label} certified {name} vs plain"
+    known = kind.endswith("_known")
+    label = kind.removeprefix("stalk_").removesuffix("_known").removesuffix("_cert").upper()
+    peers = ", returning peers" if known else ""
+    return f"handshakes/s {label} certified{peers} {name} vs plain"
 
 
 #: The handshake table's label of each kind.
@@ -485,6 +487,8 @@ _HANDSHAKE_LABELS: Final = {
     "stalk_ik": "stalk IK",
     "stalk_xx_cert": "stalk XX + certificates",
     "stalk_ik_cert": "stalk IK + certificates",
+    "stalk_xx_cert_known": "stalk XX + certificates, returning peers",
+    "stalk_ik_cert_known": "stalk IK + certificates, returning peers",
 }
 
 

@@ -254,6 +254,8 @@ class _Client:
         #: The authority the certified handshakes trust, in its public form: a client loads
         #: it once (deriving it from the private key costs more than a handshake's check).
         self.authority = bench_authority().public
+        #: The returning peers' trust: kept, so it remembers the server's certificate.
+        self.known_authorities = stalk.Authorities([self.authority])
         self.conns: dict[str, _Stream] = {}
         #: The fan-out figure's streams, by kind, opened by its first job and kept.
         self.pools: dict[str, list[_Stream]] = {}
@@ -270,6 +272,17 @@ class _Client:
         """Open one connection of ``kind`` (full handshake) and return it."""
         if kind == "stalk_xx":
             return await stalk.connect(HOST, self.ports["stalk"], identity=self.identity)
+        if kind in ("stalk_xx_cert_known", "stalk_ik_cert_known"):
+            # Returning peers: one certificate each way, seen before by both verifiers.
+            return await stalk.connect(
+                HOST,
+                self.ports["stalk_cert"],
+                self.server_key if kind == "stalk_ik_cert_known" else None,
+                identity=self.identity,
+                certificate=self.certificates[0],
+                authorities=self.known_authorities,
+                expect_name=CERTIFIED_NAME,
+            )
         if kind in ("stalk_xx_cert", "stalk_ik_cert"):
             # A fresh Authorities each time: the server's certificate is checked every time
             # (an Authorities keeps the certificates it verified), as a new client would.
