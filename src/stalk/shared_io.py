@@ -47,6 +47,7 @@ import contextlib
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from stalk.errors import ClosedByPeer, ConnectionLost, StalkError
@@ -166,6 +167,12 @@ class SharedIO:
                 while self.peer_close is None:
                     self._link.check_open()
                     if self._reader is None and not waiting:
+                        # The tasks already running go first: one that sends and then
+                        # receives takes the role itself and reads its answer, with no
+                        # task switch through this one.
+                        await anyio.lowlevel.checkpoint()
+                        if self._reader is not None or waiting:
+                            continue
                         await self._read(
                             lambda: bool(waiting) or self.peer_close is not None,
                             waiter,
