@@ -19,8 +19,9 @@ what came).
 **The reader task** (inside ``async with conn``) is the reader of last resort: it reads
 while no other task waits, so that credit, the peer's new channels (for a
 ``channel_handler``) and every channel's spacks are taken as they come even when the
-application is not receiving; it leaves the role as soon as another task waits, so a task
-receiving its answers reads them itself, with no task switch through the reader task.
+application is not receiving; it takes a free role only after the tasks already running
+had their turn, and leaves it as soon as another task waits, so a task receiving its
+answers reads them itself, with no task switch through the reader task.
 Flow control bounds what it takes in.
 
 **Waking.** A waiting task is woken by setting its event; the reader, blocked on the
