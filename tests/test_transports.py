@@ -32,7 +32,7 @@ from stalk.config import Config
 from stalk.connection import Connection, connect, connect_unix
 from stalk.errors import ConnectFailed, PeerRefused
 from stalk.identity import Identity
-from stalk.link import address_text, unix_text
+from stalk.link import address_text, remote_address, unix_text
 from stalk.listener import (
     Listener,
     StreamListener,
@@ -43,6 +43,7 @@ from stalk.listener import (
 )
 from stalk.spack import Spack
 from stalk.wire import CloseCode
+from stalk.writing import anyio_socket
 
 pytestmark = pytest.mark.anyio
 
@@ -525,3 +526,77 @@ async def test_stalk_inside_tls_from_anyio_s_tls_listener(tmp_path: Path) -> Non
                 await anyio.aclose_forcefully(stalled)
             tg.cancel_scope.cancel()
     assert seen == [("127.0.0.1", local_port)]
+
+
+# -- reading a socket stream's addresses ------------------------------------------------------
+
+
+class _NotAnyiosOwn(ByteStream):
+    """Another stream with the same attributes: :func:`remote_address`'s general path."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self._stream = stream
+
+    @property
+    def extra_attributes(self) -> Any:
+        return self._stream.extra_attributes
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+@asynccontextmanager
+async def _stream_pair(family: str, directory: Path) -> AsyncIterator[list[ByteStream]]:
+    """A connected pair of anyio's socket streams of ``family``: [client's, server's]."""
+    listener: Any
+    if family == "unix":
+        path = str(directory / "a.sock")
+        listener = await anyio.create_unix_listener(path)
+        dial: Callable[[], Any] = partial(anyio.connect_unix, path)
+    else:
+        host = "127.0.0.1" if family == "ipv4" else "::1"
+        try:
+            listener = (await anyio.create_tcp_listener(local_host=host)).listeners[0]
+        except OSError:
+            pytest.skip(f"cannot listen on {host}")
+        dial = partial(anyio.connect_tcp, host, listener.extra(SocketAttribute.local_port))
+    async with listener:
+        client = await dial()
+        server = await listener.accept()
+        async with client, server:
+            yield [client, server]
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", pytest.param("unix", marks=unix_only)])
+async def test_socket_addresses_are_read_as_the_attributes_say(
+    family: str, socket_dir: Path
+) -> None:
+    """Read from the socket itself, an anyio stream's addresses are its attributes' values.
+
+    :func:`remote_address` and :func:`anyio_socket` skip anyio's attribute mapping for
+    anyio's own socket streams (it costs about 10 us a call); the general path, through
+    that mapping, must give the same, on both ends, open and closed.
+    """
+    async with _stream_pair(family, socket_dir) as streams:
+        for stream in streams:
+            assert anyio_socket(stream) is stream.extra(SocketAttribute.raw_socket)
+            assert anyio_socket(_NotAnyiosOwn(stream)) is None
+        expected = [remote_address(_NotAnyiosOwn(stream)) for stream in streams]
+        assert [remote_address(stream) for stream in streams] == expected
+        if family == "unix":  # the client is unnamed: both ends name the listener's path
+            assert expected == [str(socket_dir / "a.sock")] * 2
+        else:
+            assert expected[0] == streams[1].extra(SocketAttribute.local_address)
+            assert expected[1] == streams[0].extra(SocketAttribute.local_address)
+        for stream in streams:
+            await stream.aclose()
+            assert remote_address(stream) == remote_address(_NotAnyiosOwn(stream))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Final, cast
@@ -52,7 +53,7 @@ from stalk.errors import (
 )
 from stalk.session import Role, Session
 from stalk.wire import CloseCode, close_code_name
-from stalk.writing import closes_at_once, writer_for
+from stalk.writing import anyio_socket, closes_at_once, writer_for
 
 __all__ = [
     "Link",
@@ -118,16 +119,41 @@ def remote_address(transport: ByteStream) -> tuple[str, int] | str | None:
     (the listener's, on the server side: clients are usually unnamed); ``None`` for a
     transport that is not a socket (memory streams, say).
     """
-    remote = transport.extra(SocketAttribute.remote_address, None)
+    sock = anyio_socket(transport)
+    if sock is None:
+        remote = transport.extra(SocketAttribute.remote_address, None)
+    else:  # the same values, without building the stream's attribute mapping
+        try:
+            remote = sock.getpeername()
+        except OSError:
+            remote = None
     if isinstance(remote, tuple) and len(remote) >= 2:
-        return str(remote[0]), int(remote[1])
+        return _host(remote), int(remote[1])
     if isinstance(remote, (str, bytes)):
         path = os.fsdecode(remote)
         if not path:
-            local = transport.extra(SocketAttribute.local_address, "")
+            local = _local_address(transport, sock)
             path = os.fsdecode(local) if isinstance(local, (str, bytes)) else ""
         return path or None
     return None
+
+
+def _host(address: tuple[object, ...]) -> str:
+    """The host of a socket address, an IPv6 scope appended as ``SocketAttribute`` does."""
+    host = str(address[0])
+    if len(address) == 4 and address[3]:  # (host, port, flowinfo, scope_id)
+        return f"{host.partition('%')[0]}%{address[3]}"
+    return host
+
+
+def _local_address(transport: ByteStream, sock: socket.socket | None) -> object:
+    """Our own end's address: the socket's name, or the stream's ``local_address``."""
+    if sock is None:
+        return transport.extra(SocketAttribute.local_address, "")
+    try:
+        return sock.getsockname()
+    except OSError:
+        return ""
 
 
 def format_address(host: str, port: int) -> str:

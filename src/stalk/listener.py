@@ -81,6 +81,7 @@ from stalk.handshake import busy_refusal
 from stalk.identity import Identity
 from stalk.link import address_text, remote_address
 from stalk.wire import CloseCode
+from stalk.writing import anyio_socket
 
 __all__ = [
     "ConnectionHandler",
@@ -138,7 +139,7 @@ _UCRED: Final = struct.Struct("3i")
 def _peer_user(stream: ByteStream) -> str | None:
     """``"uid N"`` of the process at the other end of a unix socket (Linux), else ``None``."""
     option = getattr(socket, "SO_PEERCRED", None)
-    sock = stream.extra(SocketAttribute.raw_socket, None)
+    sock = anyio_socket(stream) or stream.extra(SocketAttribute.raw_socket, None)
     if option is None or sock is None or sock.family != getattr(socket, "AF_UNIX", None):
         return None
     try:

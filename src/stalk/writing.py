@@ -37,9 +37,9 @@ from typing import Any, Final, cast
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import ByteStream, SocketAttribute, SocketStream
+from anyio.abc import ByteStream, SocketStream
 
-__all__ = ["OFFER_MAX", "Writer", "closes_at_once", "writer_for"]
+__all__ = ["OFFER_MAX", "Writer", "anyio_socket", "closes_at_once", "writer_for"]
 
 #: On asyncio, the largest buffer offered to the kernel first. A shield and a deadline
 #: cost little beside a large write, and offering one first was slower: `stalk bench`
@@ -157,6 +157,19 @@ def _anyio_socket_backend(stream: ByteStream) -> str | None:
     return _ANYIO_SOCKET_MODULES.get(type(stream).__module__)
 
 
+def anyio_socket(stream: ByteStream) -> socket.socket | None:
+    """The socket under one of anyio's own socket streams; ``None`` for any other stream.
+
+    Read from the stream's ``_raw_socket``, the property that anyio's ``SocketAttribute``
+    getters read themselves, because ``stream.extra(SocketAttribute.raw_socket)`` builds
+    the stream's whole attribute mapping (a ``getpeername()`` call included) on every
+    call: about 10 microseconds, several times per connection.
+    """
+    if _anyio_socket_backend(stream) is None:
+        return None
+    return cast("SocketStream", stream)._raw_socket
+
+
 def closes_at_once(stream: ByteStream) -> bool:
     """Whether ``stream.aclose()`` closes before it first waits: anyio's socket streams.
 
@@ -180,7 +193,7 @@ def writer_for(stream: ByteStream, timeout: float) -> Writer:
       when a write starts, and writing to the descriptor directly keeps the byte order.
     """
     backend = _anyio_socket_backend(stream)
-    sock = stream.extra(SocketAttribute.raw_socket, None) if backend else None
+    sock = anyio_socket(stream)
     if backend == "trio" and isinstance(sock, socket.socket) and sock.gettimeout() == 0.0:
         return _SocketWriter(stream, timeout, sock.send)
     if backend == "asyncio" and sock is not None and sys.platform != "win32":
