@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -121,6 +122,16 @@ def _address_key(address: object) -> str | None:
     host = address[0] if isinstance(address, tuple) and address else address
     if not isinstance(host, str):
         return None
+    return _host_key(host)
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_key(host: str) -> str | None:
+    """:func:`_address_key` of a host: parsing it costs more than the rest of accepting.
+
+    Cached: clients come back from the same addresses, and an entry is a few short
+    strings (a flood from many addresses only evicts the oldest).
+    """
     try:
         ip = ipaddress.ip_address(host.partition("%")[0])  # drop an IPv6 zone (fe80::1%eth0)
     except ValueError:
