@@ -243,13 +243,14 @@ class Connection(ObjectStream[Spack]):
             certificate=certificate,
             policy=certificate_policy(authorities, config, names=allow_names, groups=allow_groups),
         )
-        try:
-            with anyio.fail_after(config.handshake_timeout):
-                await establish(conn._link, authorize)
-        except TimeoutError as exc:
+        # A bare deadline scope, not anyio.fail_after: the same bound without its two
+        # generator-based context managers, on every connection.
+        with anyio.CancelScope(deadline=anyio.current_time() + config.handshake_timeout) as scope:
+            await establish(conn._link, authorize)
+        if scope.cancelled_caught:
             raise await conn._link.fail(
                 HandshakeTimeout(f"no complete handshake within {config.handshake_timeout} s")
-            ) from exc
+            )
         conn._established()
         return conn
 
@@ -833,38 +834,38 @@ async def _open(
     names = None if expect_name is None else [expect_name]
     policy = certificate_policy(authorities, config, names=names)
     identity = identity or Identity.generate()
-    # One deadline for the connect and the handshake together (Config.handshake_timeout).
-    try:
-        with anyio.fail_after(config.handshake_timeout):
-            try:
-                stream = await dial()
-            except OSError as exc:
-                error = ConnectFailed(
-                    f"cannot connect to {address_text(where)}{local}: {_failure_text(exc)}"
-                )
-                error.peer_address = where
-                raise error from exc
-            conn = Connection._start(
-                stream,
-                identity=identity,
-                peer=peer,
-                server_side=False,
-                config=config,
-                handler=handler,
-                channel_handler=channel_handler,
-                certificate=certificate,
-                policy=policy,
+    # One deadline for the connect and the handshake together (Config.handshake_timeout),
+    # a bare deadline scope rather than anyio.fail_after (see Connection.wrap).
+    with anyio.CancelScope(deadline=anyio.current_time() + config.handshake_timeout):
+        try:
+            stream = await dial()
+        except OSError as exc:
+            error = ConnectFailed(
+                f"cannot connect to {address_text(where)}{local}: {_failure_text(exc)}"
             )
-            await establish(conn._link, None)
-            conn._established()
-    except TimeoutError as exc:
-        timeout = HandshakeTimeout(
-            f"no connection and handshake with {address_text(where)} "
-            f"within {config.handshake_timeout} s"
+            error.peer_address = where
+            raise error from exc
+        conn = Connection._start(
+            stream,
+            identity=identity,
+            peer=peer,
+            server_side=False,
+            config=config,
+            handler=handler,
+            channel_handler=channel_handler,
+            certificate=certificate,
+            policy=policy,
         )
-        timeout.peer_address = where
-        raise timeout from exc
-    return conn
+        await establish(conn._link, None)
+        conn._established()
+        return conn
+    # Only the deadline ends the block without a return or an exception.
+    timeout = HandshakeTimeout(
+        f"no connection and handshake with {address_text(where)} "
+        f"within {config.handshake_timeout} s"
+    )
+    timeout.peer_address = where
+    raise timeout
 
 
 async def connect(
