@@ -23,6 +23,7 @@ from stalk.handshake import ChannelParams
 from stalk.mux import Mux
 from stalk.session import Session, SessionConfig
 from stalk.spack import Spack
+from stalk.wire import RecordKind
 
 SMALL = ChannelParams(max_channels=8, channel_window=4096, connection_window=65_516)
 LARGE = ChannelParams(max_channels=8, channel_window=1 << 30, connection_window=1 << 30)
@@ -478,3 +479,23 @@ def test_the_slot_keeps_a_spack_moving_when_other_channels_hold_the_connection_c
     table = server._channels
     assert table is not None
     assert table.connection.receive + table.connection.released == window.connection_window
+
+
+@pytest.mark.parametrize("runs", [True, False])
+def test_an_empty_encoding_that_does_not_fit_waits_for_the_next_plaintext(runs: bool) -> None:
+    """An empty item has no piece to cut: where its MESSAGE does not fit, the plaintext
+    ends and the next one carries it (the mux once packed empty FRAGMENTs without end)."""
+    params = ChannelParams(max_channels=8, channel_window=1024, connection_window=65_516)
+    for capacity in range(8, 40):
+        mux = Mux(ChannelTable(initiator=True, ours=params, theirs=params), capacity)
+        mux.runs = runs
+        for size in (5, 0, 0, 3, 0):
+            mux.queue(0, [b"x" * size])
+        mux.flush()
+        plaintexts = []
+        while (plaintext := mux.next_plaintext()) is not None:
+            assert len(plaintext) <= capacity
+            plaintexts.append(bytes(plaintext))
+            assert len(plaintexts) < 100
+        assert not mux.unsent()
+        assert b"".join(plaintexts).count(bytes((RecordKind.MESSAGE, 0, 0))) == 3

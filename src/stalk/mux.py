@@ -290,8 +290,10 @@ class Mux:
                 queue.popleft()
                 continue
             room = largest_fitting(avail)
-            if room < _MIN_FRAGMENT and room < min(credit, left):
-                return True  # too little room for a piece worth its header: next plaintext
+            if not left or (room < _MIN_FRAGMENT and room < min(credit, left)):
+                # Too little room for a piece worth its header (or for an empty spack's
+                # MESSAGE, which has no piece to cut): the next plaintext.
+                return True
             size = min(room, credit, left)
             plaintext += _header(RecordKind.FRAGMENT, channel, size)
             for view in item.take(size):
