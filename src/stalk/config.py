@@ -125,3 +125,12 @@ class Config:
             connection_window=self.connection_window,
         )
         return None if self.max_channels is None else params
+
+
+def check_channel_handler(config: Config, channel_handler: object) -> None:
+    """Refuse a channel handler when ``config`` offers no channels (every entry point's rule).
+
+    :raises ValueError: ``channel_handler`` is given and ``config.max_channels`` is not.
+    """
+    if channel_handler is not None and not config.max_channels:
+        raise ValueError("a channel_handler needs Config.max_channels to offer channels")

@@ -77,7 +77,7 @@ from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
 from stalk import _logs
 from stalk.certificates import Authorities, Certificate, CertificatePolicy
 from stalk.channel import INTERNAL_ERROR_REASON, Channel, ChannelHandler
-from stalk.config import Config
+from stalk.config import Config, check_channel_handler
 from stalk.dispatcher import Dispatcher
 from stalk.errors import (
     ClosedByPeer,
@@ -269,8 +269,7 @@ class Connection(ObjectStream[Spack]):
         policy: CertificatePolicy | None = None,
     ) -> Connection:
         """A connection whose handshake has not run yet (see :func:`~stalk.establish.establish`)."""
-        if channel_handler is not None and not config.max_channels:
-            raise ValueError("a channel_handler needs Config.max_channels to offer channels")
+        check_channel_handler(config, channel_handler)
         role = Role.RESPONDER if server_side else Role.INITIATOR
         session = Session(
             role,
@@ -825,8 +824,7 @@ async def _open(
     :param local: `` from ADDRESS`` when the caller chose our end's address.
     """
     config = config or Config()
-    if channel_handler is not None and not config.max_channels:
-        raise ValueError("a channel_handler needs Config.max_channels to offer channels")
+    check_channel_handler(config, channel_handler)
     if isinstance(peer, str):
         peer = PublicIdentity.from_string(peer)
     if certificate is not None and identity is None:

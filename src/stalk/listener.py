@@ -69,7 +69,7 @@ from stalk import _logs
 from stalk._logs import HANDSHAKE, THROTTLE
 from stalk.certificates import Authorities, Certificate, RevocationFile, utc_text
 from stalk.channel import ChannelHandler
-from stalk.config import Config
+from stalk.config import Config, check_channel_handler
 from stalk.connection import Authorize, Connection, certificate_policy
 from stalk.errors import (
     ConnectionLost,
@@ -303,15 +303,20 @@ class StreamListener(anyio.abc.Listener[Connection]):
         revocations: RevocationFile | str | os.PathLike[str] | None = None,
     ) -> None:
         config = config or Config()
-        if channel_handler is not None and not config.max_channels:
-            raise ValueError("a channel_handler needs Config.max_channels to offer channels")
-        _check_certificate(certificate, identity)
-        names, groups = _names(allow_names), _names(allow_groups)
-        certificate_policy(authorities, config, names=names, groups=groups)  # checks them
-        self.revocations = _revocation_file(revocations, authorities)
+        check_channel_handler(config, channel_handler)
+        trust = _certificates(
+            identity,
+            config,
+            certificate=certificate,
+            authorities=authorities,
+            allow_names=allow_names,
+            allow_groups=allow_groups,
+            revocations=revocations,
+        )
+        self.revocations = trust["revocations"]
         self.certificate = certificate
         self.authorities = authorities
-        self._allow = names, groups
+        self._allow = trust["allow_names"], trust["allow_groups"]
         self._reloading = anyio.Lock()
         self._sockets = listener
         self.identity = identity
@@ -727,7 +732,7 @@ def _certificates(
     authorities: Authorities | None,
     allow_names: Iterable[str] | None,
     allow_groups: Iterable[str] | None,
-    revocations: str | os.PathLike[str] | None,
+    revocations: RevocationFile | str | os.PathLike[str] | None,
 ) -> _Trust:
     """The certificate options, checked (and the revocation file read) before binding.
 
@@ -806,8 +811,7 @@ async def create_listener(
         ``authorities``.
     """
     config = config or Config()
-    if channel_handler is not None and not config.max_channels:
-        raise ValueError("a channel_handler needs Config.max_channels to offer channels")
+    check_channel_handler(config, channel_handler)
     trust = _certificates(
         identity,
         config,
@@ -968,8 +972,7 @@ async def create_unix_listener(
         ``authorities``.
     """
     config = config or Config()
-    if channel_handler is not None and not config.max_channels:
-        raise ValueError("a channel_handler needs Config.max_channels to offer channels")
+    check_channel_handler(config, channel_handler)
     trust = _certificates(
         identity,
         config,
