@@ -879,3 +879,19 @@ def test_the_cache_is_bounded_and_holds_only_signed_certificates() -> None:
 
 def _flip(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 1])
+
+
+def test_authorities_keys_are_immutable() -> None:
+    """As identities are: nothing set or deleted after construction, and no ``__dict__``."""
+    authority = Authority.generate()
+    public = authority.public
+    keys: list[tuple[Authority | PublicAuthority, str]] = [(authority, "_key"), (public, "_raw")]
+    for key, slot in keys:
+        with pytest.raises(AttributeError):
+            setattr(key, slot, b"")
+        with pytest.raises(AttributeError):
+            delattr(key, slot)
+        with pytest.raises(AttributeError):
+            key.extra = 1
+        assert not hasattr(key, "__dict__")
+    assert authority.public == public

@@ -116,7 +116,22 @@ def check_public_key(raw: bytes) -> None:
         )
 
 
-class PublicIdentity:
+class Immutable:
+    """A key object nothing can change once built: its bytes are what it is.
+
+    Subclasses set their slots in ``__init__`` with ``object.__setattr__``.
+    """
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+
+class PublicIdentity(Immutable):
     """A peer's static X25519 public key (32 raw bytes). Immutable and hashable.
 
     Only canonical keys exist (u < 2^255 - 19, bit 255 clear) and low-order points are
@@ -137,12 +152,6 @@ class PublicIdentity:
         key = _as_bytes(raw, "a public key")
         check_public_key(key)
         object.__setattr__(self, "_raw", key)
-
-    def __setattr__(self, name: str, value: object) -> NoReturn:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __delattr__(self, name: str) -> NoReturn:
-        raise AttributeError(f"{type(self).__name__} is immutable")
 
     def __reduce__(self) -> tuple[type[PublicIdentity], tuple[bytes]]:
         return (type(self), (self._raw,))
@@ -254,7 +263,7 @@ def same_key(a: PublicIdentity, b: PublicIdentity) -> bool:
     return hmac.compare_digest(a.raw, b.raw)
 
 
-class Identity:
+class Identity(Immutable):
     """Our own static X25519 key pair.
 
     Build one with :meth:`generate`, :meth:`from_private_bytes` or :meth:`load`. The
@@ -280,12 +289,6 @@ class Identity:
         )
         object.__setattr__(self, "_key", private_key)
         object.__setattr__(self, "_public", public)
-
-    def __setattr__(self, name: str, value: object) -> NoReturn:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __delattr__(self, name: str) -> NoReturn:
-        raise AttributeError(f"{type(self).__name__} is immutable")
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("an Identity cannot be pickled; use Identity.save()")

@@ -52,10 +52,10 @@ from stalk.certificates.encoding import (
 )
 from stalk.certificates.revocation import RevocationList
 from stalk.errors import IdentityFileError
-from stalk.identity import PublicIdentity
+from stalk.identity import Immutable, PublicIdentity
 
 
-class PublicAuthority:
+class PublicAuthority(Immutable):
     """An authority's Ed25519 public key: whom a certificate's signature must come from.
 
     ``str()`` gives the printable form ``stalk-authority:`` + 43 base64url characters;
@@ -90,9 +90,6 @@ class PublicAuthority:
         # Computed once: the check that no certificate names an authority's key needs it
         # for every certificate, and it costs a modular inverse.
         object.__setattr__(self, "_x25519", _montgomery(data))
-
-    def __setattr__(self, name: str, value: object) -> NoReturn:
-        raise AttributeError(f"{type(self).__name__} is immutable")
 
     def __reduce__(self) -> tuple[type[PublicAuthority], tuple[bytes]]:
         return (type(self), (self._raw,))
@@ -151,7 +148,7 @@ class PublicAuthority:
         return hash(self._raw)
 
 
-class Authority:
+class Authority(Immutable):
     """An authority's Ed25519 key pair: it issues certificates and revocation lists.
 
     Stored as an unencrypted PKCS#8 PEM file with mode 0600 (``openssl pkey`` reads it),
@@ -176,9 +173,6 @@ class Authority:
         )
         object.__setattr__(self, "_key", private_key)
         object.__setattr__(self, "_public", public)
-
-    def __setattr__(self, name: str, value: object) -> NoReturn:
-        raise AttributeError(f"{type(self).__name__} is immutable")
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("an Authority cannot be pickled; use Authority.save()")
