@@ -429,24 +429,26 @@ class Connection(ObjectStream[Spack]):
         if self._channels is not None:
             await self._channels.channel0.send(item)
             return
-        self.queue(item)
+        link = self._link
         answering, self._answering = self._answering, False
-        if not self._link.writer_running and self._task_group is not None and not answering:
+        if not link.writer_running and self._task_group is not None and not answering:
             # The first send that is not a reply starts the writer: a connection that only
             # answers (most of a server's) never pays for the task.
-            self._link.writer_running = True
-            self._task_group.start_soon(
-                self._link.write_behind, name=f"stalk writer {self._link.address}"
-            )
-        if (
-            self._link.writer_running
-            and not (answering and not self._link.send_lock.locked())
-            and self._session.queued_bytes <= self._config.send_buffer
-        ):
-            self._link.wakeup.set()
+            link.writer_running = True
+            self._task_group.start_soon(link.write_behind, name=f"stalk writer {link.address}")
+        if link.writer_running and not (answering and not link.send_lock.locked()):
+            self.queue(item)
+            if self._session.queued_bytes <= self._config.send_buffer:
+                link.wakeup.set()
+                return
+            self._session.flush()  # queue() checked that the connection is open
+            await link.write_all()
             return
-        self._session.flush()  # queue() checked that the connection is open
-        await self._link.write_all()
+        # Written before send returns: a reply, or no writer task.
+        link.check_open()
+        frame = self._session.send_now(item)
+        link.spacks_sent += 1
+        await link.write_all(frame)
 
     async def send_eof(self) -> None:
         """Send CLOSE (normal) and half-close: the peer's ``receive()`` ends, ours goes on.

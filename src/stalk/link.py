@@ -298,22 +298,32 @@ class Link:
         while data := self.session.data_to_send():
             await self.write_chunk(data)
 
-    async def write_all(self) -> None:
-        """Write everything the session has for the transport; the caller holds no lock.
+    async def write_all(self, frame: bytearray | None = None) -> None:
+        """Write ``frame`` if given, then everything the session has; the caller holds no lock.
 
         When no other task is writing, each buffer is first offered to the kernel without
         taking the lock: nothing here waits before the kernel has taken it all, so no
         other write can come between (the lock orders writes that wait). Only a buffer the
         kernel does not take whole makes this take the lock, for the rest of it.
+
+        :param frame: what :meth:`Session.send_now <stalk.session.Session.send_now>`
+            returned: written first (the session had nothing else then).
         """
         lock = self.send_lock
         if lock.locked():
             async with lock:
                 self.check_open()
+                if frame is not None:
+                    await self.write_chunk(frame)
                 await self.write_pending()
             return
         try:
-            rest = self.offer_pending()
+            if frame is None:
+                rest = self.offer_pending()
+            elif (sent := self.writer.write_nowait(frame)) < len(frame):
+                rest = memoryview(frame)[sent:]
+            else:
+                rest = None
         except OSError as exc:
             raise await self._write_failed(exc) from exc
         if rest is not None:
@@ -323,7 +333,7 @@ class Link:
                 await self.write_pending()
             finally:
                 lock.release()
-        await anyio.lowlevel.checkpoint()  # a cancellation takes effect after the writes
+        await self.writer.checkpoint()  # a cancellation takes effect after the writes
 
     def offer_pending(self) -> memoryview | None:
         """Offer what the session has to the kernel, without waiting; what it did not take.

@@ -20,11 +20,12 @@ With channels, the session also attaches the :class:`~stalk.mux.Mux` as a
 plaintexts, built at that moment (which is what makes channels take turns fairly), and
 never once a CLOSE was pushed.
 
-One shortcut: a lone plaintext flushed when nothing waits to be encrypted (the common
-small ``send()``) is held as it is rather than queued as an iterator of one, and
-:meth:`Sealer.take` encrypts it by the same code (:meth:`Sealer.push_one`).
-``tests/test_sealer.py`` runs it against the general path: the same bytes, in the same
-buffers.
+Two shortcuts for a lone plaintext flushed when nothing waits to be encrypted (the common
+small ``send()``): it is held as it is rather than queued as an iterator of one, and
+:meth:`Sealer.take` encrypts it by the same code (:meth:`Sealer.push_one`); or, for a
+caller that writes it at once, it is encrypted and handed back there and then
+(:meth:`Sealer.seal_one`). ``tests/test_sealer.py`` runs both against the general path:
+the same bytes, in the same order.
 """
 
 from __future__ import annotations
@@ -172,6 +173,31 @@ class Sealer:
         self._flushed.append(_Flushed(plaintexts, final))
         self.closed = final
 
+    @property
+    def idle(self) -> bool:
+        """Whether a plaintext can be sealed at once: nothing waits, and sending is possible."""
+        return (
+            not self._out
+            and self._lone is None
+            and self._flushed is None
+            and self._cipher is not None
+            and self._exhausted is None
+            and not self.closed
+        )
+
+    def seal_one(self, plaintext: bytearray) -> bytearray:
+        """Encrypt one plaintext (not ending with CLOSE) now; its frame, for the transport.
+
+        The buffer :meth:`push_one` then :meth:`take` would give. Only when :attr:`idle`
+        (else the frame would overtake what waits).
+
+        :raises ~stalk.LocalProtocolError: not idle.
+        :raises ~stalk.NonceExhausted: the cipher has no nonce left (nothing more is sent).
+        """
+        if not self.idle:
+            raise LocalProtocolError("a plaintext is sealed at once only when nothing waits")
+        return self._seal_lone(plaintext)
+
     def push_one(self, plaintext: bytearray) -> None:
         """:meth:`push` for one plaintext (not ending with CLOSE), without an iterator."""
         idle = self._lone is None and self._flushed is None
@@ -195,8 +221,9 @@ class Sealer:
         """
         out = self._out
         if not out:
-            if self._lone is not None:
-                return self._seal_lone()
+            if (lone := self._lone) is not None:
+                self._lone = None
+                return self._seal_lone(lone)
             if self._flushed:
                 sealed = 0
                 while self._flushed and sealed < _JOIN_BELOW:  # small flushes share a write
@@ -223,11 +250,10 @@ class Sealer:
             or self._bytes >= self._after_bytes
         )
 
-    def _seal_lone(self) -> bytearray:
-        """Encrypt the lone plaintext into a buffer of its own and return it."""
-        plaintext, self._lone = self._lone, None
+    def _seal_lone(self, plaintext: bytearray) -> bytearray:
+        """Encrypt ``plaintext`` into a buffer of its own and return it."""
         cipher = self._cipher
-        if plaintext is None or cipher is None:  # pragma: no cover - take() checked
+        if cipher is None:  # pragma: no cover - callers checked
             raise LocalProtocolError("nothing to seal")
         out = bytearray(len(plaintext) + _OVERHEAD)
         view = memoryview(out)

@@ -691,6 +691,37 @@ class Session:
         self.queue(spack)
         self.flush()
 
+    def send_now(self, spack: Spack) -> bytearray | None:
+        """:meth:`send`, and when nothing waits to be encrypted, the spack's frame at once.
+
+        For a driver that writes all output at once (a connection without a writer task).
+        The frame returned, the spack's Noise message (with whatever was queued and not
+        flushed before it), is all there is to send: :meth:`data_to_send` has nothing
+        more. ``None``: output waited, or answers are owed, or the spack takes more than
+        one Noise message; it was queued and flushed behind the rest, and
+        :meth:`data_to_send` hands everything out as usual. The bytes on the wire are
+        those of :meth:`send` either way (``tests/test_session_send_now.py``).
+
+        :raises: as :meth:`queue`.
+        """
+        writer, sealer = self._writer, self._sealer
+        if (
+            self._mux is not None
+            or self._closing is not None
+            or self._control.pending()
+            or not sealer.idle
+        ):
+            self.send(spack)
+            return None
+        self.queue(spack)
+        plaintext = writer.take_only()
+        if plaintext is None:  # several plaintexts: the general way
+            self._push(writer)
+            return None
+        frame = sealer.seal_one(plaintext)
+        self.bytes_sent += len(frame)
+        return frame
+
     def ping(self, payload: bytes = b"") -> None:
         """Send a PING; the peer's PONG arrives as :class:`~stalk.events.PongReceived`.
 

@@ -24,15 +24,21 @@ a buffer larger than :data:`OFFER_MAX`, whose write is long beside the shield's 
 byte stream (memory streams in tests, a stream a caller wrapped) always goes the general
 way.
 
+Each writer also carries its event loop's checkpoint (:attr:`Writer.checkpoint`): the
+one ``anyio.lowlevel.checkpoint`` calls, looked up once per connection instead of on
+every call (which asks sniffio which loop runs, a few Python calls per small send).
+
 ``tests/test_writing.py`` pins the stream traits each writer relies on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 
 import anyio
@@ -47,6 +53,8 @@ __all__ = ["OFFER_MAX", "Writer", "anyio_socket", "closes_at_once", "writer_for"
 #: the kernel took part of a 2 MiB buffer and the transport the rest (A/B, two runs each).
 #: On trio the same limit made large spacks 5-10% slower, so trio offers every buffer.
 OFFER_MAX: Final = 256 * 1024
+#: anyio's checkpoint on asyncio: ``asyncio.sleep(0)``, one pass of the event loop.
+_ASYNCIO_CHECKPOINT: Final = functools.partial(asyncio.sleep, 0)
 
 
 class Writer:
@@ -57,11 +65,13 @@ class Writer:
     :param timeout: the most one :meth:`write` may take.
     """
 
-    __slots__ = ("_stream", "_timeout")
+    __slots__ = ("_stream", "_timeout", "checkpoint")
 
     def __init__(self, stream: ByteStream, timeout: float) -> None:
         self._stream = stream
         self._timeout = timeout
+        #: ``anyio.lowlevel.checkpoint``, or what it calls on the stream's event loop.
+        self.checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
 
     def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Write what the stream takes without waiting; how many bytes that was.
@@ -100,11 +110,13 @@ class _SocketWriter(Writer):
         stream: ByteStream,
         timeout: float,
         try_send: Callable[[bytes | bytearray | memoryview], int],
+        checkpoint: Callable[[], Awaitable[None]],
         offer_max: int | None = None,
     ) -> None:
         super().__init__(stream, timeout)
         self._try_send = try_send
         self._offer_max = offer_max
+        self.checkpoint = checkpoint
 
     def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Offer ``data`` to the kernel; how many bytes it took (0 if none).
@@ -126,7 +138,7 @@ class _SocketWriter(Writer):
         """
         sent = self.write_nowait(data)
         if sent == len(data):
-            await anyio.lowlevel.checkpoint()  # a cancellation takes effect after the write
+            await self.checkpoint()  # a cancellation takes effect after the write
             return
         await super().write(memoryview(data)[sent:])
 
@@ -195,7 +207,11 @@ def writer_for(stream: ByteStream, timeout: float) -> Writer:
     backend = _anyio_socket_backend(stream)
     sock = anyio_socket(stream)
     if backend == "trio" and isinstance(sock, socket.socket) and sock.gettimeout() == 0.0:
-        return _SocketWriter(stream, timeout, sock.send)
+        import trio.lowlevel  # noqa: PLC0415 - anyio's trio streams exist only with trio
+
+        return _SocketWriter(stream, timeout, sock.send, trio.lowlevel.checkpoint)
     if backend == "asyncio" and sock is not None and sys.platform != "win32":
-        return _SocketWriter(stream, timeout, _fd_writer(sock), offer_max=OFFER_MAX)
+        return _SocketWriter(
+            stream, timeout, _fd_writer(sock), _ASYNCIO_CHECKPOINT, offer_max=OFFER_MAX
+        )
     return Writer(stream, timeout)
