@@ -654,6 +654,7 @@ class _CountingWriter:
 
     def __init__(self, inner: Writer, counts: list[int]) -> None:
         self._inner, self._counts = inner, counts
+        self.checkpoint = inner.checkpoint
 
     def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
         taken = self._inner.write_nowait(data)

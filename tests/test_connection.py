@@ -394,6 +394,52 @@ async def test_concurrent_senders_never_interleave_frames(writer: bool) -> None:
             assert len(seen) == 80
 
 
+async def test_a_direct_send_behind_a_blocked_write_keeps_the_frame_order() -> None:
+    """No writer task: a small send, then a large one, while another send waits on the socket.
+
+    The first task holds the write lock, blocked on a full socket with its spack all sealed.
+    The small spack's frame must not be sealed and held while its task waits for the lock:
+    the lock holder writes what the session seals meanwhile (the large spack), and a held
+    frame would then reach the peer after frames with later nonces, which it cannot
+    decrypt.
+    """
+    release = anyio.Event()
+    received: list[Spack] = []
+    chunk = bytes(range(256)) * 4096  # 1 MiB: sealed in one step
+    fills = 24  # more than the socket buffers hold
+
+    async def slow_reader(conn: Connection) -> None:
+        await release.wait()
+        for _ in range(fills + 2):
+            received.append(await conn.receive())
+        await conn.send(Spack("done"))
+
+    async def fill(conn: Connection) -> None:
+        for index in range(fills):
+            await conn.send(Spack("fill", index, chunk))
+
+    async with serving(slow_reader) as (host, port, server_id):
+        conn = await connect(host, port, server_id.public)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fill, conn)
+                await anyio.wait_all_tasks_blocked()  # blocked on the full socket, locked
+                assert conn._link.send_lock.locked()
+                tg.start_soon(conn.send, Spack("small"))
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(conn.send, Spack("large", chunk[: 256 * 1024]))
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+            assert await conn.receive() == Spack("done")
+        finally:
+            await conn.aclose()
+    names = [spack[0] for spack in received]
+    assert names.index("small") < names.index("large")
+    assert [spack[1] for spack in received if spack[0] == "fill"] == list(range(fills))
+    assert all(spack[2] == chunk for spack in received if spack[0] == "fill")
+    assert received[names.index("large")][1] == chunk[: 256 * 1024]
+
+
 async def test_concurrent_receives_are_refused() -> None:
     async with serving(echo) as (host, port, server_id):
         async with await connect(host, port, server_id.public) as conn:

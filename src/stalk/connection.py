@@ -431,13 +431,14 @@ class Connection(ObjectStream[Spack]):
             return
         link = self._link
         answering, self._answering = self._answering, False
-        if not link.writer_running and self._task_group is not None and not answering:
-            # The first send that is not a reply starts the writer: a connection that only
-            # answers (most of a server's) never pays for the task.
-            link.writer_running = True
-            self._task_group.start_soon(link.write_behind, name=f"stalk writer {link.address}")
-        if link.writer_running and not (answering and not link.send_lock.locked()):
+        # The first send that is not a reply starts the writer: a connection that only
+        # answers (most of a server's) never pays for the task.
+        start = not link.writer_running and self._task_group is not None and not answering
+        if start or (link.writer_running and not (answering and not link.send_lock.locked())):
             self.queue(item)
+            if start and self._task_group is not None:
+                link.writer_running = True
+                self._task_group.start_soon(link.write_behind, name=f"stalk writer {link.address}")
             if self._session.queued_bytes <= self._config.send_buffer:
                 link.wakeup.set()
                 return
@@ -446,9 +447,7 @@ class Connection(ObjectStream[Spack]):
             return
         # Written before send returns: a reply, or no writer task.
         link.check_open()
-        frame = self._session.send_now(item)
-        link.spacks_sent += 1
-        await link.write_all(frame)
+        await link.send_spack(item)
 
     async def send_eof(self) -> None:
         """Send CLOSE (normal) and half-close: the peer's ``receive()`` ends, ours goes on.

@@ -52,6 +52,7 @@ from stalk.errors import (
     StalkError,
 )
 from stalk.session import Role, Session
+from stalk.spack import Spack
 from stalk.wire import CloseCode, close_code_name
 from stalk.writing import anyio_socket, closes_at_once, writer_for
 
@@ -298,41 +299,67 @@ class Link:
         while data := self.session.data_to_send():
             await self.write_chunk(data)
 
-    async def write_all(self, frame: bytearray | None = None) -> None:
-        """Write ``frame`` if given, then everything the session has; the caller holds no lock.
+    async def write_all(self) -> None:
+        """Write everything the session has for the transport; the caller holds no lock.
 
         When no other task is writing, each buffer is first offered to the kernel without
         taking the lock: nothing here waits before the kernel has taken it all, so no
         other write can come between (the lock orders writes that wait). Only a buffer the
         kernel does not take whole makes this take the lock, for the rest of it.
-
-        :param frame: what :meth:`Session.send_now <stalk.session.Session.send_now>`
-            returned: written first (the session had nothing else then).
         """
         lock = self.send_lock
         if lock.locked():
             async with lock:
                 self.check_open()
-                if frame is not None:
-                    await self.write_chunk(frame)
                 await self.write_pending()
             return
         try:
-            if frame is None:
-                rest = self.offer_pending()
-            elif (sent := self.writer.write_nowait(frame)) < len(frame):
-                rest = memoryview(frame)[sent:]
-            else:
-                rest = None
+            rest = self.offer_pending()
         except OSError as exc:
             raise await self._write_failed(exc) from exc
+        await self._write_rest(rest)
+
+    async def send_spack(self, spack: Spack) -> None:
+        """Send ``spack`` and write everything the session has; the caller holds no lock.
+
+        As ``session.send(spack)`` then :meth:`write_all`. When no other task is writing,
+        the session seals the spack's frame at once (``Session.send_now``) and it is
+        offered to the kernel there and then. Never while another task writes: that
+        task writes what the session seals meanwhile, and a frame held here would be
+        overtaken.
+        """
+        lock = self.send_lock
+        if lock.locked():
+            self.session.send(spack)
+            self.spacks_sent += 1
+            async with lock:
+                self.check_open()
+                await self.write_pending()
+            return
+        frame = self.session.send_now(spack)
+        self.spacks_sent += 1
+        if frame is None:
+            await self.write_all()
+            return
+        try:
+            sent = self.writer.write_nowait(frame)
+        except OSError as exc:
+            raise await self._write_failed(exc) from exc
+        await self._write_rest(memoryview(frame)[sent:] if sent < len(frame) else None)
+
+    async def _write_rest(self, rest: memoryview | None) -> None:
+        """After an offer to the kernel: write what it did not take, then what follows.
+
+        Under the lock, which is free (nothing waited since the offer), so the rest goes
+        before anything another task writes.
+        """
         if rest is not None:
-            lock.acquire_nowait()  # free: nothing waited since locked() said so
+            self.send_lock.acquire_nowait()
             try:
                 await self.write_chunk(rest)
                 await self.write_pending()
             finally:
-                lock.release()
+                self.send_lock.release()
         await self.writer.checkpoint()  # a cancellation takes effect after the writes
 
     def offer_pending(self) -> memoryview | None:

@@ -33,7 +33,6 @@ every call (which asks sniffio which loop runs, a few Python calls per small sen
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import socket
@@ -53,8 +52,6 @@ __all__ = ["OFFER_MAX", "Writer", "anyio_socket", "closes_at_once", "writer_for"
 #: the kernel took part of a 2 MiB buffer and the transport the rest (A/B, two runs each).
 #: On trio the same limit made large spacks 5-10% slower, so trio offers every buffer.
 OFFER_MAX: Final = 256 * 1024
-#: anyio's checkpoint on asyncio: ``asyncio.sleep(0)``, one pass of the event loop.
-_ASYNCIO_CHECKPOINT: Final = functools.partial(asyncio.sleep, 0)
 
 
 class Writer:
@@ -211,7 +208,9 @@ def writer_for(stream: ByteStream, timeout: float) -> Writer:
 
         return _SocketWriter(stream, timeout, sock.send, trio.lowlevel.checkpoint)
     if backend == "asyncio" and sock is not None and sys.platform != "win32":
-        return _SocketWriter(
-            stream, timeout, _fd_writer(sock), _ASYNCIO_CHECKPOINT, offer_max=OFFER_MAX
-        )
+        import asyncio  # noqa: PLC0415 - loaded already: the stream is asyncio's
+
+        # anyio's checkpoint on asyncio: ``asyncio.sleep(0)``, one pass of the event loop.
+        checkpoint = functools.partial(asyncio.sleep, 0)
+        return _SocketWriter(stream, timeout, _fd_writer(sock), checkpoint, offer_max=OFFER_MAX)
     return Writer(stream, timeout)
