@@ -150,7 +150,8 @@ class Demux:
     def _lookup(self, channel_id: int, events: MutableSequence[Event]) -> Channel:
         """The channel a data or CLOSE record is for, opening it if the peer opens it."""
         channel, opened = self.table.for_peer_record(channel_id)
-        events.extend(ChannelOpened(each) for each in opened)
+        if opened:
+            events.extend(ChannelOpened(each) for each in opened)
         return channel
 
     def _existing(self, channel_id: int) -> Channel | None:
