@@ -101,6 +101,29 @@ async def test_a_large_buffer_is_offered_first_on_trio_only(anyio_backend: str) 
         assert bytes(received) == big[:sent] + big
 
 
+async def test_the_writers_checkpoint_is_a_checkpoint(anyio_backend: str) -> None:
+    """``Writer.checkpoint`` (the loop's own, looked up once) lets other tasks run and is
+    where a pending cancellation takes effect, as ``anyio.lowlevel.checkpoint`` is."""
+    async with _tcp_pair() as (ours, _):
+        writer = writer_for(ours, 1.0)
+        assert writer.checkpoint is not anyio.lowlevel.checkpoint  # the lookup is skipped
+        ran: list[str] = []
+
+        async def other() -> None:
+            ran.append("other")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)
+            await writer.checkpoint()
+            assert ran == ["other"]  # a scheduling point
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await writer.checkpoint()
+            ran.append("not cancelled")
+        assert scope.cancelled_caught  # a cancellation point
+        assert ran == ["other"]
+
+
 async def test_other_streams_get_the_general_writer() -> None:
     send, receive = anyio.create_memory_object_stream[bytes](1)
     stream = StapledByteStream(send, BufferedByteReceiveStream(receive))  # type: ignore[arg-type]

@@ -345,7 +345,10 @@ class Link:
             sent = self.writer.write_nowait(frame)
         except OSError as exc:
             raise await self._write_failed(exc) from exc
-        await self._write_rest(memoryview(frame)[sent:] if sent < len(frame) else None)
+        if sent == len(frame):  # the common case, in short
+            await self.writer.checkpoint()  # a cancellation takes effect after the write
+            return
+        await self._write_rest(memoryview(frame)[sent:])
 
     async def _write_rest(self, rest: memoryview | None) -> None:
         """After an offer to the kernel: write what it did not take, then what follows.
