@@ -1,7 +1,8 @@
 """The sealer: encryption in order, the rekey policy, and the lone-plaintext shortcut.
 
-:meth:`Sealer.push_one` encrypts a lone plaintext at once when nothing waits; these
-tests run it against the general path (:meth:`Sealer.push` of a one-plaintext iterator)
+:meth:`Sealer.push_one` holds a lone plaintext when nothing waits, and
+:meth:`Sealer.seal_one` encrypts one there and then; these tests run both against the
+general path (:meth:`Sealer.push` of a one-plaintext iterator)
 on the same operations and require the same bytes out, in the same order. (Where the
 bytes are cut into buffers may differ: a frame sealed at once is handed out on its own.)
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stalk._noise import MAX_NONCE, TAGLEN, TransportCipher
-from stalk.errors import NonceExhausted
+from stalk.errors import LocalProtocolError, NonceExhausted
 from stalk.records import RecordWriter
 from stalk.sealer import REKEY_RECORD, Sealer
 from stalk.wire import FRAME_HEADER_LEN, RECORD_CAPACITY, RecordKind
@@ -86,6 +87,62 @@ def test_push_one_gives_the_bytes_of_the_general_path(
             sealer.push(iter([_plaintext(7, 50)]), final=True)
     assert _drain(fast) == _drain(general)
     assert not fast.pending
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(_op, max_size=60), messages=st.integers(1, 8), size=st.integers(100, 20_000))
+@example(ops=[("one", 10), ("one", 20), ("rekey",), ("one", 30)], messages=2, size=1000)
+@example(ops=[("many", [10, 20]), ("one", 10), ("take",), ("one", 10)], messages=8, size=1000)
+# A take that leaves a sealed buffer behind (a small one goes alone, a large one waits):
+# not idle, though nothing is flushed.
+@example(
+    ops=[("many", [10]), ("many", [3000] * 32), ("take",), ("one", 10)], messages=8, size=10**6
+)
+def test_seal_one_gives_the_frame_of_the_general_path(
+    ops: list[tuple[object, ...]], messages: int, size: int
+) -> None:
+    """When idle, ``seal_one`` returns the buffer a push and a take would give."""
+    fast, general = _sealers(messages, size)
+    for index, op in enumerate(ops):
+        if op[0] == "one":
+            length = op[1]
+            assert isinstance(length, int)
+            assert fast.idle is general.idle
+            if fast.idle:
+                frame = fast.seal_one(_plaintext(index, length))
+                general.push(iter([_plaintext(index, length)]))
+                assert bytes(frame) == bytes(general.take())
+            else:
+                with pytest.raises(LocalProtocolError):
+                    fast.seal_one(_plaintext(index, length))  # it would overtake
+                fast.push(iter([_plaintext(index, length)]))
+                general.push(iter([_plaintext(index, length)]))
+        elif op[0] == "many":
+            sizes = op[1]
+            assert isinstance(sizes, list)
+            for sealer in (fast, general):
+                sealer.push(iter([_plaintext(index + k, n) for k, n in enumerate(sizes)]))
+        elif op[0] == "rekey":
+            fast.request_rekey()
+            general.request_rekey()
+        else:
+            assert fast.take() == general.take()
+    assert _drain(fast) == _drain(general)
+    assert fast.idle
+    assert general.idle
+
+
+def test_seal_one_is_refused_before_the_cipher_and_after_close() -> None:
+    """No cipher yet, or a CLOSE pushed: not idle, and nothing is sealed."""
+    sealer = Sealer(rekey_after_messages=10, rekey_after_bytes=1000)
+    assert not sealer.idle
+    with pytest.raises(LocalProtocolError):
+        sealer.seal_one(_plaintext(0, 10))
+    sealer.start(TransportCipher(_KEY))
+    assert sealer.idle
+    sealer.push(iter([_plaintext(1, 10)]), final=True)
+    _drain(sealer)
+    assert not sealer.idle
 
 
 def test_push_one_holds_a_plaintext_only_when_nothing_waits() -> None:
