@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 from stalk.certificates import DEFAULT_CLOCK_SKEW
 from stalk.handshake import ChannelParams
@@ -16,7 +17,7 @@ from stalk.wire import (
     DEFAULT_REKEY_AFTER_MESSAGES,
 )
 
-__all__ = ["Config"]
+__all__ = ["DEFAULT_CONFIG", "Config"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,8 @@ class Config:
     channel_window: int = DEFAULT_CHANNEL_WINDOW
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     clock_skew: float = DEFAULT_CLOCK_SKEW
+    #: The sans-IO part, built once (a connection asks for it at every handshake).
+    _session: SessionConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "write_timeout", "close_timeout"):
@@ -106,16 +109,17 @@ class Config:
             raise ValueError("max_connections and max_handshakes_per_address must be positive")
         if not 0 <= self.clock_skew < math.inf:
             raise ValueError("clock_skew must be a number of seconds, 0 or more")
-        self.session_config()  # validates the session fields
-
-    def session_config(self) -> SessionConfig:
-        """The sans-IO part of these settings."""
-        return SessionConfig(
+        session = SessionConfig(  # validates the session fields
             max_message_size=self.max_message_size,
             rekey_after_messages=self.rekey_after_messages,
             rekey_after_bytes=self.rekey_after_bytes,
             channels=self._channel_params(),
         )
+        object.__setattr__(self, "_session", session)
+
+    def session_config(self) -> SessionConfig:
+        """The sans-IO part of these settings."""
+        return self._session
 
     def _channel_params(self) -> ChannelParams | None:
         """What we offer for channels; ``None`` for none. Checks the three settings."""
@@ -125,6 +129,10 @@ class Config:
             connection_window=self.connection_window,
         )
         return None if self.max_channels is None else params
+
+
+#: The settings of a connection or listener given none (a Config is immutable).
+DEFAULT_CONFIG: Final = Config()
 
 
 def check_channel_handler(config: Config, channel_handler: object) -> None:

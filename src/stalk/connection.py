@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -77,7 +78,7 @@ from anyio.abc import ByteStream, ObjectStream, SocketStream, TaskGroup
 from stalk import _logs
 from stalk.certificates import Authorities, Certificate, CertificatePolicy
 from stalk.channel import INTERNAL_ERROR_REASON, Channel, ChannelHandler
-from stalk.config import Config, check_channel_handler
+from stalk.config import DEFAULT_CONFIG, Config, check_channel_handler
 from stalk.dispatcher import Dispatcher
 from stalk.errors import (
     ClosedByPeer,
@@ -231,7 +232,7 @@ class Connection(ObjectStream[Spack]):
             ``channel_handler`` without ``Config.max_channels``, ``certificate`` for
             another key, or names or groups to allow without ``authorities``.
         """
-        config = config or Config()
+        config = config or DEFAULT_CONFIG
         conn = cls._start(
             transport,
             identity=identity,
@@ -694,8 +695,12 @@ class Connection(ObjectStream[Spack]):
             logger.debug("receiving from %s ended: %r", address_text(self._link.address), exc)
 
 
+@functools.lru_cache(maxsize=256)
 def _ip_literal(host: str) -> bool:
-    """Whether ``host`` is an IP address without a scope (dialled or bound directly)."""
+    """Whether ``host`` is an IP address without a scope (dialled or bound directly).
+
+    Cached: parsing an address costs several microseconds, at every connect.
+    """
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -838,7 +843,7 @@ async def _open(
     :param where: the address dialled, for errors and logs.
     :param local: `` from ADDRESS`` when the caller chose our end's address.
     """
-    config = config or Config()
+    config = config or DEFAULT_CONFIG
     check_channel_handler(config, channel_handler)
     if isinstance(peer, str):
         peer = PublicIdentity.from_string(peer)

@@ -69,7 +69,7 @@ from stalk import _logs
 from stalk._logs import HANDSHAKE, THROTTLE
 from stalk.certificates import Authorities, Certificate, RevocationFile, utc_text
 from stalk.channel import ChannelHandler
-from stalk.config import Config, check_channel_handler
+from stalk.config import DEFAULT_CONFIG, Config, check_channel_handler
 from stalk.connection import Authorize, Connection, certificate_policy
 from stalk.errors import (
     ConnectionLost,
@@ -302,7 +302,7 @@ class StreamListener(anyio.abc.Listener[Connection]):
         allow_groups: Iterable[str] | None = None,
         revocations: RevocationFile | str | os.PathLike[str] | None = None,
     ) -> None:
-        config = config or Config()
+        config = config or DEFAULT_CONFIG
         check_channel_handler(config, channel_handler)
         trust = _certificates(
             identity,
@@ -810,7 +810,7 @@ async def create_listener(
     :raises ~stalk.RevocationListError: it is malformed or not signed by an authority of
         ``authorities``.
     """
-    config = config or Config()
+    config = config or DEFAULT_CONFIG
     check_channel_handler(config, channel_handler)
     trust = _certificates(
         identity,
@@ -971,7 +971,7 @@ async def create_unix_listener(
     :raises ~stalk.RevocationListError: it is malformed or not signed by an authority of
         ``authorities``.
     """
-    config = config or Config()
+    config = config or DEFAULT_CONFIG
     check_channel_handler(config, channel_handler)
     trust = _certificates(
         identity,
