@@ -16,7 +16,9 @@ plus the API calls: :meth:`Session.accept`/:meth:`Session.refuse` (responder, af
 :class:`~stalk.events.PeerIdentified`), :meth:`Session.queue`/:meth:`Session.flush`/
 :meth:`Session.send`, :meth:`Session.ping`, :meth:`Session.close`. After *every* call, the
 driver writes out :meth:`Session.data_to_send` until it is empty (a responder answers as a
-side effect of receiving, and PINGs are answered automatically).
+side effect of receiving, and PINGs are answered automatically). A driver that writes each
+spack at once may call :meth:`Session.send_now` instead of :meth:`Session.send`: it hands
+back the spack's frame directly when nothing else waits to be sent.
 
 The session orchestrates; each job has its own module:
 
