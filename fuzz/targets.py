@@ -106,7 +106,7 @@ MAX_NONCE: Final = 2**64 - 1
 # Record kinds and close codes, written out here rather than imported: the models below
 # are meant to be independent of stalk's code.
 MESSAGE, FRAGMENT, CLOSE, PING, PONG, REKEY, READY = range(1, 8)
-DECRYPT_FAILED, PROTOCOL_ERROR, MESSAGE_TOO_LARGE, INVALID_KEY = 2, 5, 6, 10
+NORMAL, DECRYPT_FAILED, PROTOCOL_ERROR, MESSAGE_TOO_LARGE, INVALID_KEY = 0, 2, 5, 6, 10
 #: SPEC "Canonical keys": the field prime, and the canonical low-order u-coordinates.
 P25519: Final = 2**255 - 19
 LOW_ORDER_U: Final = frozenset(
@@ -739,10 +739,13 @@ def model(plaintexts: list[bytes], limit: int) -> Expected:
             elif record.kind == PONG:
                 pass  # unsolicited (this receiver sent no PING): discarded
             elif record.kind == CLOSE:
-                if pieces.fragments:
+                (code,) = struct.unpack(">H", record.body[:2])
+                if pieces.fragments and code == NORMAL:
+                    # A clean end would pass the cut spack off as whole (SPEC "Messages").
                     failure = PROTOCOL_ERROR
                 else:
-                    (code,) = struct.unpack(">H", record.body[:2])
+                    # An error CLOSE may cut a spack: what it left incomplete is dropped.
+                    pieces = _Pieces(limit)
                     events.append(("close", code, record.body[2:].decode("utf-8")))
                     expected.closed = True
             elif record.kind == READY:
@@ -961,7 +964,8 @@ def _transport_seeds() -> list[bytes]:
         rec(FRAGMENT, huge[:600]) + rec(MESSAGE, huge[600:]),
         rec(MESSAGE, b"\x91\xc1"),
         # Edge cases, each one rule of SPEC section 11/12 away from valid:
-        rec(FRAGMENT, b"\x92") + rec(CLOSE, b"\x00\x00"),  # CLOSE during a fragmented spack
+        rec(FRAGMENT, b"\x92") + rec(CLOSE, b"\x00\x00"),  # CLOSE NORMAL cutting a spack
+        rec(FRAGMENT, b"\x92") + rec(CLOSE, b"\x00\x05oops"),  # an error CLOSE may cut one
         rec(FRAGMENT, b"\x91"),  # EOF during a fragmented spack
         rec(MESSAGE, huge),  # over the limit in one piece
         rec(PING, b"x" * 1025),  # PING body over 1024 bytes
