@@ -46,6 +46,20 @@ def _plaintext(seed: int, size: int) -> bytearray:
     return bytearray((seed + i) % 251 for i in range(size))
 
 
+def _both(op: tuple[object, ...], index: int, fast: Sealer, general: Sealer) -> None:
+    """Apply an operation other than ("one", size) to both sealers alike."""
+    if op[0] == "many":
+        sizes = op[1]
+        assert isinstance(sizes, list)
+        for sealer in (fast, general):
+            sealer.push(iter([_plaintext(index + k, n) for k, n in enumerate(sizes)]))
+    elif op[0] == "rekey":
+        fast.request_rekey()
+        general.request_rekey()
+    else:
+        assert fast.take() == general.take()
+
+
 def _drain(sealer: Sealer) -> list[bytes]:
     out = []
     while data := sealer.take():
@@ -71,16 +85,8 @@ def test_push_one_gives_the_bytes_of_the_general_path(
             assert isinstance(length, int)
             fast.push_one(_plaintext(index, length))
             general.push(iter([_plaintext(index, length)]))
-        elif op[0] == "many":
-            sizes = op[1]
-            assert isinstance(sizes, list)
-            for sealer in (fast, general):
-                sealer.push(iter([_plaintext(index + k, n) for k, n in enumerate(sizes)]))
-        elif op[0] == "rekey":
-            fast.request_rekey()
-            general.request_rekey()
         else:
-            assert fast.take() == general.take()
+            _both(op, index, fast, general)
         assert fast.pending is general.pending
     if final:
         for sealer in (fast, general):
@@ -117,16 +123,8 @@ def test_seal_one_gives_the_frame_of_the_general_path(
                     fast.seal_one(_plaintext(index, length))  # it would overtake
                 fast.push(iter([_plaintext(index, length)]))
                 general.push(iter([_plaintext(index, length)]))
-        elif op[0] == "many":
-            sizes = op[1]
-            assert isinstance(sizes, list)
-            for sealer in (fast, general):
-                sealer.push(iter([_plaintext(index + k, n) for k, n in enumerate(sizes)]))
-        elif op[0] == "rekey":
-            fast.request_rekey()
-            general.request_rekey()
         else:
-            assert fast.take() == general.take()
+            _both(op, index, fast, general)
     assert _drain(fast) == _drain(general)
     assert fast.idle
     assert general.idle

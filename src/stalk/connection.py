@@ -434,12 +434,14 @@ class Connection(ObjectStream[Spack]):
         answering, self._answering = self._answering, False
         # The first send that is not a reply starts the writer: a connection that only
         # answers (most of a server's) never pays for the task.
-        start = not link.writer_running and self._task_group is not None and not answering
-        if start or (link.writer_running and not (answering and not link.send_lock.locked())):
+        starter = None if link.writer_running or answering else self._task_group
+        if starter is not None or (
+            link.writer_running and not (answering and not link.send_lock.locked())
+        ):
             self.queue(item)
-            if start and self._task_group is not None:
+            if starter is not None:
                 link.writer_running = True
-                self._task_group.start_soon(link.write_behind, name=f"stalk writer {link.address}")
+                starter.start_soon(link.write_behind, name=f"stalk writer {link.address}")
             if self._session.queued_bytes <= self._config.send_buffer:
                 link.wakeup.set()
                 return
