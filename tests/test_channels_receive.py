@@ -14,6 +14,7 @@ import stalk.receiver as receiver_module
 from helpers import Pair, connected_pair, drain, take_all
 from stalk.errors import ChannelLimitExceeded, FlowControlError, ProtocolError
 from stalk.events import (
+    PAUSED,
     ChannelCloseReceived,
     ChannelMessageReceived,
     ChannelOpened,
@@ -379,7 +380,23 @@ _HUGE_PIECES = st.builds(
 _RESET = st.tuples(st.just(RecordKind.RESET), st.sampled_from([1, 3]), st.just(b"\x00\x09")).map(
     lambda r: [[r]]
 )
-_PLAINTEXTS = st.one_of(_LONE, _LONE, _LONE, _PIECES, _HUGE_PIECES, _RESET)
+
+
+def _then_reset(plaintexts: list[list[_Rec]]) -> list[list[_Rec]]:
+    """The channel reset in the same plaintext as its spack's last piece."""
+    *before, last = plaintexts
+    return [*before, [*last, (RecordKind.RESET, last[-1][1], b"\x00\x09")]]
+
+
+_PIECES_THEN_RESET = st.builds(
+    _in_pieces,
+    st.sampled_from([1, 3]),
+    st.one_of(_LARGE_BODY, _HUGE_BODY),
+    st.sampled_from([1024, 4096]),
+    st.just(False),
+    st.booleans(),
+).map(_then_reset)
+_PLAINTEXTS = st.one_of(_LONE, _LONE, _LONE, _PIECES, _HUGE_PIECES, _RESET, _PIECES_THEN_RESET)
 
 
 def _replay(plaintexts: list[list[_Rec]], releases: list[bool]) -> list[object]:
@@ -446,3 +463,65 @@ def test_the_one_record_shortcut_does_what_the_record_loop_does(
         patch.setattr(receiver_module, "lone_channel_piece", lambda view: None)
         general = _replay(plaintexts, releases)
     assert fast == general
+
+
+# -- a spack's last piece and the end of its channel in one batch ---------------------------
+
+_WIDE = ChannelParams(max_channels=4, channel_window=(1 << 31) - 1, connection_window=(1 << 31) - 1)
+
+
+def _wide_pair() -> Pair:
+    config = SessionConfig(channels=_WIDE, max_message_size=1 << 20)
+    return connected_pair(client_config=config, server_config=config)
+
+
+@pytest.mark.parametrize("size", [100, 70_000], ids=["joined", "weighed"])
+def test_a_reset_right_behind_a_spacks_last_piece_leaves_the_spack_whole(size: int) -> None:
+    """The peer ends a spack it began in an earlier message, then resets the channel, in
+    one message (SPEC allows it: the spack was complete before the RESET). Routing reads
+    the RESET before the spack's last piece is decoded: the pieces held so far must still
+    be there for it, whole, and the RESET reported after it."""
+    pair = _wide_pair()
+    spack = Spack("x" * size, 7)
+    body = encode_spack(spack)
+    cut = min(len(body) // 2, 60_000)
+    assert _deliver(pair, _record(RecordKind.FRAGMENT, 1, body[:cut])) == [ChannelOpened(1)]
+    events = _deliver(
+        pair,
+        _record(RecordKind.MESSAGE, 1, body[cut:]),
+        _record(RecordKind.RESET, 1, encode_close(0x77, "gone")),
+    )
+    assert events == [
+        ChannelMessageReceived(spack, 1, len(body)),
+        ChannelResetReceived(1, 0x77, "gone"),
+    ]
+
+
+def test_resetting_a_channel_while_its_spack_is_being_decoded_keeps_the_pieces_it_needs() -> None:
+    """Our application resets a channel between two steps of one transport message, while
+    a spack of the channel whose last piece is in that message is decoded piecewise. The
+    records routed before the reset still decode from the pieces they belong to (never
+    from a fresh start in the middle of a spack), and the connection goes on."""
+    pair = _wide_pair()
+    # Many small maps: weighed one by one, more than one step's work in all.
+    spack = Spack([{"k": i} for i in range(9000)], [{"k": i} for i in range(9000)])
+    body = encode_spack(spack)
+    first, second = 60_000, 90_000
+    assert _deliver(pair, _record(RecordKind.FRAGMENT, 1, body[:first])) == [ChannelOpened(1)]
+    server = pair.server
+    server.receive_data(
+        _forge(
+            pair.client,
+            _record(RecordKind.FRAGMENT, 1, body[first:second]),
+            _record(RecordKind.MESSAGE, 1, body[second:]),
+        )
+    )
+    assert server.next_event() is PAUSED  # the weighing ran out of its step's budget
+    server.reset_channel(1, 0x10, "enough")
+    assert take_all(server)  # the RESET
+    events = drain(server)
+    assert events == [ChannelMessageReceived(spack, 1, len(body))]
+    # The channel's pieces are gone once the message is done, and later input is read.
+    pair.server.receive_data(_forge(pair.client, _message(0, Spack("after"))))
+    after = Spack("after")
+    assert drain(server) == [ChannelMessageReceived(after, 0, len(encode_spack(after)))]

@@ -317,10 +317,11 @@ class Demux:
         """A reset channel's spack in progress is dropped, with its slot.
 
         Its bytes go back to the connection's credit (the part not granted back already);
-        its whole spacks, delivered or about to be, are the driver's to release.
+        its whole spacks, delivered or about to be, are the driver's to release. Its
+        reassembler stays: records routed before the reset may still be decoded from the
+        pieces it holds (the receiver lets it go with :meth:`ended`).
         """
         partial = self._partial.pop(channel_id, 0)
-        self._reassemblers.pop(channel_id, None)
         # The slot's spack in progress is dropped with its slot; a whole one is still
         # the driver's to release, and keeps the slot until then.
         handover = self.slot == channel_id and not self._slot_complete
@@ -333,8 +334,12 @@ class Demux:
 
     @property
     def busy(self) -> bool:
-        """Whether a channel other than 0 is in the middle of a spack."""
-        return any(not reassembler.idle for reassembler in self._reassemblers.values())
+        """Whether a channel other than 0 is in the middle of a spack, as routed so far.
+
+        Routing runs ahead of decoding, and a reset channel's pieces are no spack in
+        progress any more: the count routing keeps says it, not the reassemblers.
+        """
+        return any(channel_id for channel_id in self._partial)
 
     def reassembler(self, channel_id: int) -> Reassembler:
         """The reassembler of ``channel_id`` (created for a channel's first record)."""
@@ -346,5 +351,9 @@ class Demux:
         return reassembler
 
     def ended(self, channel_id: int) -> None:
-        """The receiver processed the channel's CLOSE or RESET: its reassembler goes."""
+        """The channel's pieces are of no more use: its reassembler goes.
+
+        The receiver calls it once it processed the channel's CLOSE or RESET, or once no
+        record routed before our reset of the channel is left to decode.
+        """
         self._reassemblers.pop(channel_id, None)

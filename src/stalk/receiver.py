@@ -177,6 +177,7 @@ class Receiver:
         "_incoming",
         "_limit",
         "_reader",
+        "_reset_here",
         "_states",
         "_work",
         "close_received",
@@ -215,6 +216,8 @@ class Receiver:
         # With channels, the answers a one-record message owes (kept empty between uses).
         self._answers = RecordWriter() if channels is not None else None
         self._incoming: _Incoming | None = None
+        # Channels we reset while a message was in progress: their pieces go at its end.
+        self._reset_here: list[int] = []
         self._work = 0  # work done in the current progress() call
         #: The last call stopped before reading all it could (call again).
         self.paused = False
@@ -229,6 +232,21 @@ class Receiver:
     def busy(self) -> bool:
         """Whether a transport message is in the middle of being processed."""
         return self._incoming is not None
+
+    def channel_reset(self, channel_id: int) -> None:
+        """We reset ``channel_id``: its pieces go once no record routed before needs them.
+
+        Routing runs ahead of decoding by a batch: in the middle of a transport message,
+        records of the channel routed before the reset are still to be decoded, from the
+        pieces its reassembler holds. They go when the message is done.
+        """
+        demux = self.demux
+        if demux is None:  # pragma: no cover - channels are reset only with channels
+            return
+        if self._incoming is None:
+            demux.ended(channel_id)
+        else:
+            self._reset_here.append(channel_id)
 
     def reset(self) -> None:
         """Drop the message and the spack in progress (the session failed)."""
@@ -479,6 +497,10 @@ class Receiver:
     def _finish(self, incoming: _Incoming) -> None:
         """Act on a transport message whose every record is processed (and only then)."""
         self._incoming = None
+        if self._reset_here and self.demux is not None:
+            for channel_id in self._reset_here:
+                self.demux.ended(channel_id)
+            self._reset_here.clear()
         if incoming.rekey:
             self._cipher.rekey()
             self.rekeys += 1

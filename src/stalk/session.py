@@ -776,7 +776,7 @@ class Session:
         mux, table, receiver = self._mux, self._channels, self._receiver
         demux = receiver.demux if receiver is not None else None
         found = table.channels.get(channel) if table is not None and channel else None
-        if table is None or mux is None or demux is None or found is None:
+        if table is None or mux is None or receiver is None or demux is None or found is None:
             raise LocalProtocolError(f"channel {channel} is not open")
         self._check_sendable()
         on_wire = table.on_wire(channel)
@@ -786,6 +786,7 @@ class Session:
         table.process(found, ChannelInput.RESET_SENT)
         mux.drop(channel)
         demux.forget(channel, self._control)
+        receiver.channel_reset(channel)
         if on_wire:
             self._control.add(RecordKind.RESET, body, channel)
         else:
