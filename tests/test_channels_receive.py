@@ -260,6 +260,41 @@ def test_a_spack_larger_than_the_window_arrives_through_the_assembly_slot() -> N
     assert demux.slot is None
 
 
+def test_the_slot_is_freed_by_the_release_of_its_own_spack_not_of_those_before_it() -> None:
+    """Spacks of the slot's channel that came before the slot's spack are released first
+    (in order), and each grants its own bytes back; only the release of the slot's spack
+    frees the slot, which then goes to the channel stuck without credit. No byte is
+    granted back twice."""
+    pair = _pair()
+    small = [Spack(f"small {n}") for n in range(2)]
+    events = _deliver(pair, *(_message(1, spack) for spack in small))
+    large = Spack(b"s" * 9000)  # past what channel 1 has left: it takes the slot
+    body = encode_spack(large)
+    left = SERVER.channel_window - sum(len(encode_spack(spack)) for spack in small)
+    pieces = [body[:left]] + [body[at : at + 2000] for at in range(left, len(body), 2000)]
+    for index, piece in enumerate(pieces):
+        kind = RecordKind.MESSAGE if index == len(pieces) - 1 else RecordKind.FRAGMENT
+        events += _deliver(pair, _record(kind, 1, piece))
+    server = pair.server
+    assert server._receiver is not None
+    assert server._channels is not None
+    demux, table = server._receiver.demux, server._channels
+    assert demux is not None
+    assert demux.slot == 1
+    # Channel 3 runs out of its credit inside a spack: it waits for the slot.
+    _deliver(pair, _record(RecordKind.FRAGMENT, 3, b"\x91" + b"\xc4" * 4095))
+    delivered = [event for event in events if isinstance(event, ChannelMessageReceived)]
+    assert [event.spack for event in delivered] == [*small, large]
+    for event in delivered[:2]:
+        server.release(1, event.size)
+        assert demux.slot == 1
+    server.release(1, delivered[2].size)
+    assert demux.slot == 3
+    credit = table.channels[1].credit
+    assert credit.held == 0
+    assert credit.receive + credit.released == SERVER.channel_window
+
+
 def test_a_messages_grants_go_in_record_order_then_its_pongs() -> None:
     """What one message makes us owe: its grants in record order, then its PONGs, together.
 

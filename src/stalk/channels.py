@@ -135,7 +135,7 @@ class Credit:
     :param receive: what we granted the peer.
     """
 
-    __slots__ = ("_threshold", "receive", "released", "send", "window")
+    __slots__ = ("_threshold", "held", "receive", "released", "send", "window")
 
     def __init__(self, send: int, receive: int) -> None:
         #: Data bytes we may still send.
@@ -146,6 +146,8 @@ class Credit:
         self.window = receive
         #: Bytes the application let go of and not yet granted back.
         self.released = 0
+        #: Whole spacks received on it that the application has not let go of yet.
+        self.held = 0
         self._threshold = max(1, receive // 4)
 
     def spend(self, size: int) -> None:

@@ -12,10 +12,10 @@ hands every batch of parsed records to a :class:`Demux` before decoding any of t
   states (:mod:`stalk.channels`), and drops what the peer sent before it saw our RESET;
 - it applies the credit the peer grants us (WINDOW, CONNECTION_WINDOW), and ignores a
   WINDOW or RESET on a channel that already ended (it crossed the channel's end);
-- it notes the size of each spack in data bytes, which the driver hands back with
-  :meth:`Demux.release` once the application has the spack: that is when credit goes back
-  to the peer (a quarter window at a time), so what the peer makes us hold is bounded by
-  what we granted;
+- it counts the whole spacks each channel holds: the driver hands each spack's data
+  bytes (its encoded length, in its event) back with :meth:`Demux.release` once the
+  application has it, in order, and that is when credit goes back to the peer (a quarter
+  window at a time), so what the peer makes us hold is bounded by what we granted;
 - it gives the **assembly slot** (SPEC "Channels", flow control) to the first channel that
   runs out of credit, its own or the connection's, in the middle of a spack: from then on
   that spack's pieces are granted back as they arrive (a quarter window at a time, or
@@ -29,7 +29,6 @@ there, in order after the channel's spacks.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import MutableSequence
 from typing import Final
 
@@ -58,10 +57,9 @@ class Demux:
     """
 
     __slots__ = (
-        "_granted",
         "_partial",
         "_reassemblers",
-        "_sizes",
+        "_slot_ahead",
         "_slot_complete",
         "_slot_granted",
         "_slot_owed",
@@ -77,13 +75,8 @@ class Demux:
         self.table = table
         self.limit = limit
         self.channel0 = channel0
-        # Data bytes of the spack in progress, and sizes of spacks parsed but not yet
-        # released, per channel (0 included).
+        # Data bytes of the spack in progress, per channel (0 included).
         self._partial: dict[int, int] = {}
-        self._sizes: dict[int, deque[int]] = {}
-        # Per channel, for each whole spack parsed and not yet released, in order: the
-        # bytes of it granted back as they arrived (the slot's spack), else 0.
-        self._granted: dict[int, deque[int]] = {}
         # Channels other than 0 that received a piece, until their CLOSE or RESET is
         # processed (a channel may leave the table before the receiver reaches its records).
         self._reassemblers: dict[int, Reassembler] = {}
@@ -95,6 +88,8 @@ class Demux:
         self._slot_quarter = 1  # a quarter of the slot channel's window
         self._slot_step = 1  # owed bytes are granted once this many: see _data
         self._slot_complete = False  # the slot's spack arrived whole (not yet released)
+        # Once it did: the spacks of its channel to be released before it.
+        self._slot_ahead = 0
 
     # -- routing -----------------------------------------------------------------------
 
@@ -112,9 +107,17 @@ class Demux:
         """
         kept: list[Record] = []
         table = self.table
+        partial, connection, channel0 = self._partial, table.connection, table.channel0
         for record in records:
             kind, channel_id, body = record
-            if kind is _MESSAGE or kind is _FRAGMENT:
+            if kind is _MESSAGE and not channel_id and 0 not in partial:
+                # A whole spack on channel 0, the most common record: _data, in short.
+                size = len(body)
+                connection.received(size, "the connection")
+                channel0.received(size, "channel 0")
+                channel0.held += 1
+                kept.append(record)
+            elif kind is _MESSAGE or kind is _FRAGMENT:
                 if self._data(channel_id, len(body), kind is _FRAGMENT, events, grants):
                     kept.append(record)
             elif not channel_id:
@@ -188,9 +191,10 @@ class Demux:
             table.connection.received(size, "the connection")
             credit = table.channel0
             credit.received(size, "channel 0")
-        if not more and self.slot is None and channel_id not in self._partial:
-            # A whole spack in one record, no slot taken: the common case, in short.
-            self._whole(channel_id, size, 0)
+        if not more and channel_id not in self._partial:
+            # A whole spack in one record: the common case, in short. (It cannot be the
+            # slot's: a channel takes the slot inside a spack.)
+            credit.held += 1
             return True
         partial = self._partial.get(channel_id, 0) + size
         in_slot = self.slot == channel_id and not self._slot_complete
@@ -214,31 +218,13 @@ class Demux:
             self._partial[channel_id] = partial
         else:
             self._partial.pop(channel_id, None)
-            self._whole(channel_id, partial, self._slot_granted if in_slot else 0)
             if in_slot:
                 self._slot_complete = True  # later spacks of the channel take credit again
+                self._slot_ahead = credit.held
+            credit.held += 1
         return True
 
-    def _whole(self, channel_id: int, size: int, granted: int) -> None:
-        """A spack of ``size`` data bytes ended, ``granted`` of them granted back already."""
-        sizes = self._sizes.get(channel_id)
-        if sizes is None:
-            sizes = self._sizes[channel_id] = deque()
-        sizes.append(size)
-        pending = self._granted.get(channel_id)
-        if pending is None:
-            pending = self._granted[channel_id] = deque()
-        pending.append(granted)
-
     # -- credit back -------------------------------------------------------------------
-
-    def next_size(self, channel_id: int) -> int:
-        """The data bytes of the next spack the receiver delivers on ``channel_id``."""
-        sizes = self._sizes[channel_id]
-        size = sizes.popleft()
-        if not sizes:
-            del self._sizes[channel_id]
-        return size
 
     def release(self, channel_id: int, size: int, grants: RecordWriter) -> bool:
         """The application has a spack of ``size`` data bytes from ``channel_id``.
@@ -248,21 +234,25 @@ class Demux:
         :returns: whether it added records to ``grants`` (or freed the assembly slot, which
             may have).
         """
-        granted = self._granted.get(channel_id)
-        pre = granted.popleft() if granted else 0
-        if granted is not None and not granted:
-            del self._granted[channel_id]
-        handover = pre > 0  # the slot's spack: its bytes went back as they arrived
-        if handover:
-            size -= pre
-            self._free_slot()
+        handover = False
+        if channel_id == self.slot and self._slot_complete:
+            if self._slot_ahead:
+                self._slot_ahead -= 1
+            else:  # the slot's spack: its bytes went back as they arrived
+                handover = True
+                size = 0
+                self._free_slot()
         table = self.table
         if not channel_id:
-            increment = table.channel0.release(size)
+            credit: Credit | None = table.channel0
         elif (channel := table.channels.get(channel_id)) is not None:
-            increment = channel.credit.release(size)
+            credit = channel.credit
         else:
-            increment = 0  # the channel ended: only the connection's credit goes back
+            credit = None  # the channel ended: only the connection's credit goes back
+        increment = 0
+        if credit is not None:
+            credit.held -= 1
+            increment = credit.release(size)
         if increment:
             grants.add(_WINDOW, encode_uvarint(increment), channel_id)
         connection = table.connection.release(size)
@@ -298,6 +288,7 @@ class Demux:
         self._slot_granted = 0
         self._slot_owed = 0
         self._slot_complete = False
+        self._slot_ahead = 0
 
     def _release_connection(self, size: int, grants: RecordWriter) -> None:
         increment = self.table.connection.release(size)

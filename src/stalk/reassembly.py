@@ -45,7 +45,7 @@ class Reassembler:
     :param limit: the largest encoded spack we accept (``max_message_size``).
     """
 
-    __slots__ = ("decoder", "joined", "limit")
+    __slots__ = ("decoder", "finished_size", "joined", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -53,6 +53,8 @@ class Reassembler:
         self.decoder: SpackDecoder | None = None
         #: The pieces so far of a spack being joined (see :data:`JOIN_LIMIT`).
         self.joined: bytearray | memoryview | None = None
+        #: The encoded size (its data bytes) of the spack the last :meth:`feed` completed.
+        self.finished_size = 0
 
     @property
     def idle(self) -> bool:
@@ -131,4 +133,5 @@ class Reassembler:
         if kind is _FRAGMENT:
             return None, offset, work
         self.decoder = None
+        self.finished_size = decoder.size
         return decoder.finish(), offset, work

@@ -390,7 +390,7 @@ class Receiver:
                     return
                 if spack is not None:
                     self._events.append(
-                        ChannelMessageReceived(spack, channel, demux.next_size(channel))
+                        ChannelMessageReceived(spack, channel, reassembler.finished_size)
                     )
             elif (
                 kind is not _MESSAGE
@@ -406,9 +406,7 @@ class Receiver:
                 return
             else:
                 self._work += len(body)
-                self._events.append(
-                    ChannelMessageReceived(spack, channel, demux.next_size(channel))
-                )
+                self._events.append(ChannelMessageReceived(spack, channel, len(body)))
         if answers.pending():  # sent once the message passed, as _finish() sends them
             if self._states.can_send_data:
                 self._control.extend(answers)
@@ -436,7 +434,7 @@ class Receiver:
                     return False
                 kind, channel, body = records[index]
                 if demux is not None:
-                    reassembler = demux.reassembler(channel)
+                    reassembler = demux.reassembler(channel) if channel else demux.channel0
                 if reassembler.decoder is None and (
                     kind is _FRAGMENT or (kind is _MESSAGE and reassembler.joined is not None)
                 ):
@@ -464,7 +462,7 @@ class Receiver:
                         events.append(
                             MessageReceived(spack)
                             if demux is None
-                            else ChannelMessageReceived(spack, channel, demux.next_size(channel))
+                            else ChannelMessageReceived(spack, channel, len(body))
                         )
                 elif self._record(incoming, kind, channel, body, reassembler):
                     incoming.offset = 0
@@ -519,12 +517,13 @@ class Receiver:
             self._states.process(Input.CLOSE_RECEIVED)
         self._events.extend(incoming.events)
 
-    def _received(self, spack: Spack, channel: int) -> MessageReceived | ChannelMessageReceived:
+    def _received(
+        self, spack: Spack, channel: int, size: int
+    ) -> MessageReceived | ChannelMessageReceived:
         """The event for a spack decoded: with channels, with its channel and size."""
-        demux = self.demux
-        if demux is None:
+        if self.demux is None:
             return MessageReceived(spack)
-        return ChannelMessageReceived(spack, channel, demux.next_size(channel))
+        return ChannelMessageReceived(spack, channel, size)
 
     def _record(
         self,
@@ -547,7 +546,7 @@ class Receiver:
             )
             self._work += work
             if spack is not None:
-                incoming.events.append(self._received(spack, channel))
+                incoming.events.append(self._received(spack, channel, reassembler.finished_size))
             return incoming.offset == len(body)
         if channel:
             self._channel_end(incoming, kind, channel, body, reassembler)
