@@ -149,10 +149,10 @@ class Dispatcher:
     def _dispatch(self, event: Event) -> None:
         """Put one event of the session in its channel's inbox (the inbox wakes its task)."""
         session = self._session
-        if isinstance(event, ChannelMessageReceived):
+        if type(event) is ChannelMessageReceived:
             inbox = self._inboxes.get(event.channel)
             if inbox is not None:
-                inbox.received(event.spack, event.size)
+                inbox.received(event)
             else:  # closed or reset by the application: dropped, credit back
                 session.release(event.channel, event.size)
         elif isinstance(event, ChannelOpened):

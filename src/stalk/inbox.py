@@ -45,6 +45,7 @@ import anyio.lowlevel
 
 from stalk.channels import ChannelState
 from stalk.errors import ChannelClosed, ChannelReset, ConnectionLost, StalkError
+from stalk.events import ChannelMessageReceived
 from stalk.records import check_close
 from stalk.shared_io import Waiter
 from stalk.spack import Spack
@@ -91,8 +92,9 @@ class Inbox:
         self._link = dispatcher.link
         self._session = dispatcher.link.session
         self.id = channel_id
-        #: Spacks received and not yet returned, with their sizes in data bytes (credit).
-        self.spacks: deque[tuple[Spack, int]] = deque()
+        #: Spacks received and not yet returned, as their events (each with its size in
+        #: data bytes: the credit it gives back once returned).
+        self.spacks: deque[ChannelMessageReceived] = deque()
         #: The peer closed its direction (its CLOSE on the channel).
         self.eof = False
         #: The peer reset the channel: ``(code, reason)``.
@@ -113,10 +115,11 @@ class Inbox:
 
     # -- the peer's events (from the dispatcher) --------------------------------------
 
-    def received(self, spack: Spack, size: int) -> None:
-        """A spack of ``size`` data bytes arrived on the channel."""
-        self.spacks.append((spack, size))
-        self._io.delivered(self._waiter)
+    def received(self, event: ChannelMessageReceived) -> None:
+        """A spack arrived on the channel."""
+        self.spacks.append(event)
+        if self._waiter is not None:
+            self._io.delivered(self._waiter)
 
     def peer_closed(self) -> None:
         """The peer closed its direction."""
@@ -144,7 +147,10 @@ class Inbox:
         ):
             # One is here and nothing is in the way (as the loop below would find): take it.
             self._link.check_open()
-            return await self._take(waited=False)
+            spack, granted = self._take(waited=False)
+            if granted:
+                await self._io.write_owed()
+            return spack
         if self._streak >= _YIELD_EVERY:
             # A peer that sent many spacks at once must not keep a receive loop from ever
             # yielding (nothing is held yet, so a cancellation here loses nothing).
@@ -156,7 +162,10 @@ class Inbox:
             self._link.check_open()
             await self._check(sending=False)
             if self.spacks:
-                return await self._take(waited)
+                spack, granted = self._take(waited)
+                if granted:
+                    await self._io.write_owed()
+                return spack
             if self.eof:
                 raise anyio.EndOfStream
             if io.peer_close is not None:
@@ -177,20 +186,19 @@ class Inbox:
                 self._waiter = None
             waited = True
 
-    async def _take(self, waited: bool) -> Spack:
+    def _take(self, waited: bool) -> tuple[Spack, bool]:
         """Hand the next spack over, and its credit back to the peer.
 
-        Nothing here waits for anything a cancellation could interrupt: the WINDOW is
-        written as PONGs are, so the spack is never lost.
+        :returns: the spack, and whether the session now owes grants. The caller writes
+            them with :meth:`SharedIO.write_owed`, as PONGs are written: nothing a
+            cancellation could interrupt, so the spack is never lost.
         """
-        spack, size = self.spacks.popleft()
-        granted = self._session.release(self.id, size)
+        event = self.spacks.popleft()
+        granted = self._session.release(self.id, event.size)
         self._link.spacks_received += 1
         self._streak = 0 if waited else self._streak + 1
         self._answering = waited
-        if granted:
-            await self._io.write_owed()
-        return spack
+        return event.spack, granted
 
     # -- sending ------------------------------------------------------------------------
 
@@ -323,8 +331,8 @@ class Inbox:
 
     def _drop_spacks(self) -> None:
         """Drop what the application has not received: its credit goes back."""
-        for _, size in self.spacks:
-            self._session.release(self.id, size)
+        for event in self.spacks:
+            self._session.release(self.id, event.size)
         self.spacks.clear()
 
     # -- what a call raises --------------------------------------------------------------

@@ -52,7 +52,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from stalk.errors import ClosedByPeer, ConnectionLost, StalkError
-from stalk.events import NEED_DATA, PAUSED, CloseReceived, Event
+from stalk.events import NEED_DATA, PAUSED, ChannelMessageReceived, CloseReceived, Event
 from stalk.link import Link
 from stalk.wire import CloseCode
 
@@ -199,7 +199,7 @@ class SharedIO:
         """
         if ready():
             return
-        link, session = self._link, self._session
+        link, session, dispatch = self._link, self._session, self._dispatch
         self._reader = waiter
         try:
             while True:
@@ -208,7 +208,9 @@ class SharedIO:
                     event = session.next_event()
                 except StalkError as exc:
                     raise await link.fail(exc, close=True) from None
-                if event is NEED_DATA:
+                if type(event) is ChannelMessageReceived:
+                    dispatch(event)  # the most common event, first
+                elif event is NEED_DATA:
                     await self.write_owed()
                     self.progress()  # a batch of input is done: credit, ended channels
                     if ready():
@@ -236,7 +238,7 @@ class SharedIO:
                         raise link.tag(ConnectionLost("the peer closed the connection"))
                     return
                 else:
-                    self._dispatch(event)
+                    dispatch(event)
         except StalkError:
             self.wake_all()
             raise
@@ -283,9 +285,9 @@ class SharedIO:
         replies to one burst of input go out together (one Noise message, one write)
         rather than each alone.
         """
-        if waiter is not None:
+        if waiter is not None and waiter is not self._reader:  # the reader is running
             self.woken.add(waiter)
-            self.wake(waiter)
+            waiter.wake()
 
     def progress(self) -> None:
         """Something was written or read: wake the tasks whose condition it may satisfy."""
