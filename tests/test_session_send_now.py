@@ -6,7 +6,9 @@ sending with ``send_now`` and one with ``send``, each then writing all its outpu
 connection does; the bytes each client puts on the wire
 must be the same, in the same order, and so must what each server receives. Operations
 mix in what makes the general path necessary: spacks queued and not flushed, output not
-yet taken, answers owed to a PING, spacks over one Noise message, and rekeys.
+yet taken, answers owed to a PING, spacks over one Noise message, and rekeys. With
+channels, ``flush_now`` against ``flush`` the same way, with spacks on several channels
+and waiting for credit (the server's application releases what it received now and then).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 
 from helpers import Pair, drain, take_all
 from stalk.errors import MessageTooLarge
-from stalk.events import MessageReceived, PongReceived
+from stalk.events import ChannelMessageReceived, MessageReceived, PongReceived
+from stalk.handshake import ChannelParams
 from stalk.identity import Identity
 from stalk.session import Role, Session, SessionConfig
 from stalk.spack import Spack
@@ -153,3 +156,136 @@ def test_send_now_queues_nothing_for_a_spack_it_refuses() -> None:
     assert frame is not None
     side.deliver(frame)
     assert side.received == [Spack(1)]
+
+
+# -- with channels: flush_now against flush ---------------------------------------------------
+
+_SMALL = ChannelParams(max_channels=4, channel_window=6000, connection_window=65_516)
+_LARGE = ChannelParams(max_channels=4, channel_window=100_000, connection_window=200_000)
+# Windows smaller than a Noise message (spacks wait for credit), and larger (a spack
+# takes several messages at once).
+_WINDOWS = st.sampled_from(
+    [
+        _SMALL,
+        _LARGE,
+    ]
+)
+
+# ("now", c, size): queue a spack on channel slot ``c`` and flush it (flush_now on the fast
+# side); ("queue", c, size): queue one, no flush; ("take",), ("ping",), ("rekey",): as
+# above; ("release",): the server's application takes what it received (credit goes back).
+_channel_op = st.one_of(
+    st.tuples(st.just("now"), st.integers(0, 2), st.integers(0, 200)),
+    st.tuples(st.just("now"), st.integers(0, 2), st.integers(2000, 70_000)),
+    st.tuples(st.just("queue"), st.integers(0, 2), st.integers(0, 3000)),
+    st.tuples(st.just("take")),
+    st.tuples(st.just("ping")),
+    st.tuples(st.just("rekey")),
+    st.tuples(st.just("release")),
+)
+
+
+class _ChannelSide(_Side):
+    """A pair with channels: channel 0 and two channels of the client's."""
+
+    def __init__(self, rekey_after_messages: int, *, fast: bool, windows: ChannelParams) -> None:
+        config = SessionConfig(
+            max_message_size=_LIMIT, rekey_after_messages=rekey_after_messages, channels=windows
+        )
+        client = Session(
+            Role.INITIATOR, _CLIENT, config=config, ephemeral_for_testing_only=_CLIENT_EPHEMERAL
+        )
+        server = Session(
+            Role.RESPONDER, _SERVER, config=config, ephemeral_for_testing_only=_SERVER_EPHEMERAL
+        )
+        self.pair = Pair(client, server)
+        self.pair.pump()
+        self.fast = fast
+        self.wire = bytearray()
+        self.received = []
+        self.held: list[ChannelMessageReceived] = []
+        self.channels = [0, client.open_channel(), client.open_channel()]
+
+    def deliver(self, data: bytes | bytearray) -> None:
+        self.wire += data
+        self.pair.server.receive_data(bytes(data))
+        for event in drain(self.pair.server):
+            if isinstance(event, ChannelMessageReceived):
+                self.received.append((event.channel, event.spack))
+                self.held.append(event)
+        self._answers()
+
+    def _answers(self) -> None:
+        if answers := take_all(self.pair.server):  # grants, PONGs
+            self.pair.client.receive_data(answers)
+        for event in drain(self.pair.client):
+            if isinstance(event, PongReceived):
+                self.received.append(("pong", event.payload))
+        while data := self.pair.client.data_to_send():  # what the credit let go
+            self.deliver(data)
+
+    def run(self, op: tuple[object, ...], index: int) -> None:
+        client = self.pair.client
+        if op[0] in ("now", "queue"):
+            slot, size = op[1], op[2]
+            assert isinstance(slot, int)
+            assert isinstance(size, int)
+            client.queue(_spack(index, size), self.channels[slot])
+            if op[0] == "queue":
+                return
+            if self.fast and (frame := client.flush_now()) is not None:
+                assert client.data_to_send() == b""  # the frame was all there was
+                self.deliver(frame)
+                return
+            if not self.fast:
+                client.flush()
+            while data := client.data_to_send():
+                self.deliver(data)
+        elif op[0] == "release":
+            for event in self.held:
+                self.pair.server.release(event.channel, event.size)
+            self.held.clear()
+            self._answers()
+        else:
+            super().run(op, index)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(_channel_op, max_size=40),
+    rekey_after_messages=st.integers(1, 6),
+    windows=_WINDOWS,
+)
+@example(ops=[("now", 1, 10)], rekey_after_messages=100, windows=_SMALL)
+@example(ops=[("queue", 2, 10), ("now", 1, 10)], rekey_after_messages=100, windows=_SMALL)
+@example(
+    ops=[("now", 0, 8000), ("now", 0, 10), ("release",)], rekey_after_messages=100, windows=_SMALL
+)
+@example(ops=[("now", 1, 70_000)], rekey_after_messages=100, windows=_LARGE)
+def test_flush_now_puts_the_bytes_of_flush_on_the_wire_with_channels(
+    ops: list[tuple[object, ...]], rekey_after_messages: int, windows: ChannelParams
+) -> None:
+    """Channels pack through the multiplexer: flush_now seals its one plaintext at once,
+    and leaves more than one (or a spack waiting for credit) to the general path."""
+    fast = _ChannelSide(rekey_after_messages, fast=True, windows=windows)
+    general = _ChannelSide(rekey_after_messages, fast=False, windows=windows)
+    for index, op in enumerate(ops):
+        fast.run(op, index)
+        general.run(op, index)
+    for side in (fast, general):
+        side.pair.client.flush()
+        while data := side.pair.client.data_to_send():
+            side.deliver(data)
+        side.run(("release",), 0)
+    assert fast.wire == general.wire
+    assert fast.received == general.received
+
+
+def test_flush_now_seals_a_lone_spack_on_a_channel_at_once() -> None:
+    side = _ChannelSide(1000, fast=True, windows=_SMALL)
+    client = side.pair.client
+    client.queue(Spack("hello"), side.channels[1])
+    frame = client.flush_now()
+    assert frame is not None
+    side.deliver(frame)
+    assert side.received == [(side.channels[1], Spack("hello"))]

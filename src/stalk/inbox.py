@@ -246,8 +246,7 @@ class Inbox:
             and io.write_soon()
         ):
             return
-        session.flush()
-        await io.write()
+        await io.flush_now()
         if session.queued_bytes_on(self.id) > bound:
             await io.until(
                 lambda: (

@@ -338,6 +338,25 @@ class Link:
             return
         frame = self.session.send_now(spack)
         self.spacks_sent += 1
+        await self._write_frame(frame)
+
+    async def flush_now(self) -> None:
+        """Flush the session and write everything it has; the caller holds no lock.
+
+        As ``session.flush()`` then :meth:`write_all`, sealing at once as
+        :meth:`send_spack` does (``Session.flush_now``) when no other task is writing.
+        """
+        lock = self.send_lock
+        if lock.locked():
+            self.session.flush()
+            async with lock:
+                self.check_open()
+                await self.write_pending()
+            return
+        await self._write_frame(self.session.flush_now())
+
+    async def _write_frame(self, frame: bytearray | None) -> None:
+        """Write a frame the session sealed at once (``None``: write what it has)."""
         if frame is None:
             await self.write_all()
             return

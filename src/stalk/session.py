@@ -17,8 +17,9 @@ plus the API calls: :meth:`Session.accept`/:meth:`Session.refuse` (responder, af
 :meth:`Session.send`, :meth:`Session.ping`, :meth:`Session.close`. After *every* call, the
 driver writes out :meth:`Session.data_to_send` until it is empty (a responder answers as a
 side effect of receiving, and PINGs are answered automatically). A driver that writes each
-spack at once may call :meth:`Session.send_now` instead of :meth:`Session.send`: it hands
-back the spack's frame directly when nothing else waits to be sent.
+spack at once may call :meth:`Session.send_now` instead of :meth:`Session.send` (and
+:meth:`Session.flush_now` instead of :meth:`Session.flush`): it hands back the frame
+directly when what was flushed is one Noise message and nothing else waits to be sent.
 
 The session orchestrates; each job has its own module:
 
@@ -696,30 +697,47 @@ class Session:
     def send_now(self, spack: Spack) -> bytearray | None:
         """:meth:`send`, and when nothing waits to be encrypted, the spack's frame at once.
 
-        For a driver that writes all output at once (a connection without a writer task).
-        The frame returned, the spack's Noise message (with whatever was queued and not
-        flushed before it), is all there is to send: :meth:`data_to_send` has nothing
-        more. ``None``: output waited, or answers are owed, or the spack takes more than
-        one Noise message; it was queued and flushed behind the rest, and
-        :meth:`data_to_send` hands everything out as usual. The bytes on the wire are
-        those of :meth:`send` either way (``tests/test_session_send_now.py``).
+        :meth:`queue` then :meth:`flush_now`.
 
         :raises: as :meth:`queue`.
         """
-        writer, sealer = self._writer, self._sealer
-        if (
-            self._mux is not None
-            or self._closing is not None
-            or self._control.pending()
-            or not sealer.idle
-        ):
-            self.send(spack)
-            return None
         self.queue(spack)
-        plaintext = writer.take_only()
-        if plaintext is None:  # several plaintexts: the general way
-            self._push(writer)
+        return self.flush_now()
+
+    def flush_now(self) -> bytearray | None:
+        """:meth:`flush`, and when that makes one Noise message, its frame at once.
+
+        For a driver that writes all output at once (a connection without a writer task,
+        a reply). The frame returned, everything flushed in one Noise message, is all
+        there is to send now: :meth:`data_to_send` has nothing more. ``None``: output
+        waited, or answers are owed, or what was flushed takes more than one Noise
+        message (or, with channels, waits for credit); it was flushed behind the rest, and
+        :meth:`data_to_send` hands everything out as usual. The bytes on the wire are
+        those of :meth:`flush` either way (``tests/test_session_send_now.py``).
+
+        :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
+        """
+        writer, sealer, mux = self._writer, self._sealer, self._mux
+        if self._closing is not None or self._control.pending() or not sealer.idle:
+            self.flush()
             return None
+        if mux is not None:
+            self._check_sendable()
+            mux.flush()
+            plaintext = mux.next_plaintext()
+            if plaintext is None:
+                return None  # nothing could go: it waits for credit
+            if mux.unsent():  # more to pack: the general way, behind this one
+                sealer.push_one(plaintext)
+                return None
+        else:
+            if not writer.pending():
+                return None
+            self._check_sendable()
+            plaintext = writer.take_only()
+            if plaintext is None:  # several plaintexts: the general way
+                self._push(writer)
+                return None
         frame = sealer.seal_one(plaintext)
         self.bytes_sent += len(frame)
         return frame

@@ -311,6 +311,15 @@ class SharedIO:
             raise
         self.progress()
 
+    async def flush_now(self) -> None:
+        """Flush the session and write (``Link.flush_now``): a reply's way."""
+        try:
+            await self._link.flush_now()
+        except StalkError:
+            self.wake_all()
+            raise
+        self.progress()
+
     async def write_owed(self) -> None:
         """Write what the session owes now, never waiting for the send lock (a PONG's way).
 
