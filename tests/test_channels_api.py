@@ -513,6 +513,25 @@ async def test_every_channel_ends_with_the_connection() -> None:
             await channel.send(Spack("late"))
 
 
+async def test_a_receive_reading_channel_0_ends_with_the_connection_alone() -> None:
+    """Channel 0's receive reads without a cancel scope for other tasks to cancel: only
+    input or the connection's end can end its wait. As the reader it hands another
+    channel's spacks on, and closing the connection from another task ends it at once."""
+    async with client_and_server(handler=drain) as conn, anyio.create_task_group() as tg:
+        with anyio.fail_after(10):
+
+            async def receive_until_closed() -> None:
+                with pytest.raises(ConnectionClosed):
+                    await conn.receive()
+
+            tg.start_soon(receive_until_closed)
+            await anyio.wait_all_tasks_blocked()
+            channel = await conn.open_channel()
+            await channel.send(Spack("a channel's echo, read by channel 0's receive"))
+            assert await channel.receive() == Spack("a channel's echo, read by channel 0's receive")
+            await conn.aclose()
+
+
 async def test_without_both_offers_a_connection_has_no_channels() -> None:
     async with client_and_server(None, server=Config()) as conn:
         assert not conn.channels

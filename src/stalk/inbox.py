@@ -181,6 +181,9 @@ class Inbox:
                         or io.peer_close is not None
                     ),
                     waiter,
+                    # Channel 0 is neither closed nor reset apart from the connection:
+                    # only input, or the connection's end, can end this wait.
+                    input_only=not self.id,
                 )
             finally:
                 self._waiter = None

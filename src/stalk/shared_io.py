@@ -128,6 +128,7 @@ class SharedIO:
         waiter: Waiter | None = None,
         *,
         conditional: bool = False,
+        input_only: bool = False,
     ) -> None:
         """Return once ``ready()`` holds: be the reader when no task is, else wait.
 
@@ -135,6 +136,9 @@ class SharedIO:
             inbox, so that its events wake it).
         :param conditional: also woken by any progress (writes, input), for conditions
             no single event announces.
+        :param input_only: ``ready()`` can come true only through input, or the end of
+            the connection (which ends a read anyway: the transport closes): as the
+            reader, this task reads without a cancel scope for :meth:`wake` to cancel.
         :raises ~stalk.StalkError: the connection's error, if it is closed or broken.
         """
         waiter = waiter or Waiter()
@@ -146,7 +150,7 @@ class SharedIO:
             while not ready():
                 self._link.check_open()
                 if self._reader is None:
-                    await self._read(ready, waiter)
+                    await self._read(ready, waiter, nudge=not input_only)
                 else:
                     await waiter.sleep()
         finally:
