@@ -26,7 +26,9 @@ Flow control bounds what it takes in.
 
 **Waking.** A waiting task is woken by setting its event; the reader, blocked on the
 transport, by cancelling its read, which anyio makes safe (a read returns bytes or consumes
-none). Some conditions no single event announces: a sender's backlog shrinks when a write
+none). A reader whose condition only input can satisfy (channel 0's ``receive()``) reads
+without that cancel scope, which costs more than the read's own work: the connection's
+end closes the transport under it. Some conditions no single event announces: a sender's backlog shrinks when a write
 packed its spack, a slot for ``open_channel()`` frees when a channel of ours ended. The
 tasks waiting for those are *conditional*: every write and every batch of input wakes them
 (:meth:`SharedIO.progress`), and they look again.
