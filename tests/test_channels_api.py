@@ -36,6 +36,7 @@ from stalk import (
     create_listener,
 )
 from stalk.handshake import ChannelParams
+from stalk.shared_io import Waiter, waiter_class
 from stalk.wire import DEFAULT_CHANNEL_WINDOW, DEFAULT_CONNECTION_WINDOW
 from stalk.writing import Writer, writer_for
 
@@ -718,3 +719,39 @@ async def test_replies_to_a_burst_of_requests_go_out_together(
                     assert await channel.receive() == Spack(round_, channel.id)
                 writes.append(len([taken for taken in server_writes if taken]))
             assert writes[1] <= 4, writes  # not 64
+
+
+# -- the waiting primitive ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["chosen", "anyio"])
+async def test_a_waiter_sleeps_until_woken_and_a_wake_before_is_spent(kind: str) -> None:
+    """Whichever waiter the event loop gets (a bare future on asyncio), it behaves as the
+    anyio Event one: a sleep ends on a wake from then on, not on one before it; a
+    cancelled sleep leaves nothing behind."""
+    new_waiter = waiter_class() if kind == "chosen" else Waiter
+    waiter = new_waiter()
+    waiter.wake()  # nobody sleeps: spent
+    with anyio.move_on_after(0.05) as scope:
+        await waiter.sleep()
+    assert scope.cancelled_caught  # the earlier wake did not end it; cancelling did
+    waiter.wake()  # after a cancelled sleep: nothing to end, nothing kept
+    woken: list[bool] = []
+    async with anyio.create_task_group() as tg:
+
+        async def sleeper() -> None:
+            await waiter.sleep()
+            woken.append(True)
+
+        tg.start_soon(sleeper)
+        await anyio.wait_all_tasks_blocked()
+        assert not woken
+        waiter.wake()
+        waiter.wake()  # twice: harmless
+    assert woken == [True]
+
+
+async def test_the_waiter_of_asyncio_is_a_future_and_of_trio_anyios_event(
+    anyio_backend_name: str,
+) -> None:
+    assert (waiter_class() is Waiter) == (anyio_backend_name == "trio")

@@ -220,7 +220,7 @@ class Dispatcher:
             raise anyio.BusyResourceError("accepting channels from")
         opened = self._opened
         if not opened:
-            waiter = self._accept_waiter = Waiter()
+            waiter = self._accept_waiter = io.new_waiter()
             try:
                 await io.until(lambda: bool(opened) or io.peer_close is not None, waiter)
             finally:

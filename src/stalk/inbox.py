@@ -170,7 +170,7 @@ class Inbox:
                 raise anyio.EndOfStream
             if io.peer_close is not None:
                 raise io.peer_close_error()
-            waiter = self._waiter = Waiter()
+            waiter = self._waiter = io.new_waiter()
             try:
                 await io.until(
                     lambda: (

@@ -24,13 +24,14 @@ had their turn, and leaves it as soon as another task waits, so a task receiving
 answers reads them itself, with no task switch through the reader task.
 Flow control bounds what it takes in.
 
-**Waking.** A waiting task is woken by setting its event; the reader, blocked on the
-transport, by cancelling its read, which anyio makes safe (a read returns bytes or consumes
-none). A reader whose condition only input can satisfy (channel 0's ``receive()``) reads
-without that cancel scope, which costs more than the read's own work: the connection's
-end closes the transport under it. Some conditions no single event announces: a sender's backlog shrinks when a write
-packed its spack, a slot for ``open_channel()`` frees when a channel of ours ended. The
-tasks waiting for those are *conditional*: every write and every batch of input wakes them
+**Waking.** A waiting task is woken by setting its event (a bare future on asyncio:
+:class:`Waiter`); the reader, blocked on the transport, by cancelling its read, which
+anyio makes safe (a read returns bytes or consumes none). A reader whose condition only
+input can satisfy (channel 0's ``receive()``) reads without that cancel scope, which costs
+more than the read's own work: the connection's end closes the transport under it. Some
+conditions no single event announces: a sender's backlog shrinks when a write packed its
+spack, a slot for ``open_channel()`` frees when a channel of ours ended. The tasks waiting
+for those are *conditional*: every write and every batch of input wakes them
 (:meth:`SharedIO.progress`), and they look again.
 
 **Writes** go through the connection's :class:`~stalk.link.Link` as without channels (the
@@ -46,6 +47,7 @@ task still waiting then raises instead of waiting for input forever.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 
@@ -62,7 +64,11 @@ __all__ = ["SharedIO", "Waiter"]
 
 
 class Waiter:
-    """A task waiting in :class:`SharedIO`: it sleeps until woken, then looks again."""
+    """A task waiting in :class:`SharedIO`: it sleeps until woken, then looks again.
+
+    This one sleeps on an ``anyio.Event``; :func:`waiter_class` picks a cheaper one for
+    the running event loop, with the same behaviour (``tests/test_channels_api.py``).
+    """
 
     __slots__ = ("_event",)
 
@@ -80,6 +86,44 @@ class Waiter:
             self._event.set()
 
 
+class _FutureWaiter(Waiter):
+    """On asyncio: a bare future per sleep (anyio's Event wraps asyncio's, which wraps one).
+
+    A cancellation reaches the task in ``await future`` as in any asyncio wait.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._future: asyncio.Future[None] | None = None
+
+    async def sleep(self) -> None:
+        future = self._future = asyncio.get_running_loop().create_future()
+        try:
+            await future
+        finally:
+            self._future = None
+
+    def wake(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+def waiter_class() -> type[Waiter]:
+    """The cheapest :class:`Waiter` for the running event loop.
+
+    On asyncio a future per sleep; elsewhere (trio) anyio's Event, a thin layer over
+    trio's own (trio's directly measured no faster, within the noise).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return Waiter
+    return _FutureWaiter
+
+
 class SharedIO:
     """The transport of one connection with channels, as its tasks share it.
 
@@ -93,6 +137,8 @@ class SharedIO:
         self._session = link.session
         self._dispatch = dispatch
         self._task_group: TaskGroup | None = None
+        #: Makes the waiter of a task that is to wait here.
+        self.new_waiter = waiter_class()
         # Every waiting task, in arrival order (the next reader is the first); those woken
         # by any progress too; the reader, and the cancel scope of its read from the
         # transport; the reader task's waiter, while it runs.
@@ -143,7 +189,7 @@ class SharedIO:
             reader, this task reads without a cancel scope for :meth:`wake` to cancel.
         :raises ~stalk.StalkError: the connection's error, if it is closed or broken.
         """
-        waiter = waiter or Waiter()
+        waiter = waiter or self.new_waiter()
         waiting = self._waiting
         waiting[waiter] = None
         if conditional:
@@ -167,7 +213,7 @@ class SharedIO:
 
         It runs until the peer's CLOSE or the connection's end.
         """
-        waiter = self._idle_reader = Waiter()
+        waiter = self._idle_reader = self.new_waiter()
         waiting = self._waiting
         try:
             with contextlib.suppress(StalkError):
