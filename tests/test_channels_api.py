@@ -36,7 +36,7 @@ from stalk import (
     create_listener,
 )
 from stalk.handshake import ChannelParams
-from stalk.shared_io import Waiter, waiter_class
+from stalk.shared_io import Waiter, waiter_factory
 from stalk.wire import DEFAULT_CHANNEL_WINDOW, DEFAULT_CONNECTION_WINDOW
 from stalk.writing import Writer, writer_for
 
@@ -729,7 +729,7 @@ async def test_a_waiter_sleeps_until_woken_and_a_wake_before_is_spent(kind: str)
     """Whichever waiter the event loop gets (a bare future on asyncio), it behaves as the
     anyio Event one: a sleep ends on a wake from then on, not on one before it; a
     cancelled sleep leaves nothing behind."""
-    new_waiter = waiter_class() if kind == "chosen" else Waiter
+    new_waiter = waiter_factory() if kind == "chosen" else Waiter
     waiter = new_waiter()
     waiter.wake()  # nobody sleeps: spent
     with anyio.move_on_after(0.05) as scope:
@@ -754,4 +754,4 @@ async def test_a_waiter_sleeps_until_woken_and_a_wake_before_is_spent(kind: str)
 async def test_the_waiter_of_asyncio_is_a_future_and_of_trio_anyios_event(
     anyio_backend_name: str,
 ) -> None:
-    assert (waiter_class() is Waiter) == (anyio_backend_name == "trio")
+    assert (waiter_factory() is Waiter) == (anyio_backend_name == "trio")

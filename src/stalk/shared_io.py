@@ -47,9 +47,11 @@ task still waiting then raises instead of waiting for input forever.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
+import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -60,13 +62,16 @@ from stalk.events import NEED_DATA, PAUSED, ChannelMessageReceived, CloseReceive
 from stalk.link import Link
 from stalk.wire import CloseCode
 
+if TYPE_CHECKING:
+    import asyncio
+
 __all__ = ["SharedIO", "Waiter"]
 
 
 class Waiter:
     """A task waiting in :class:`SharedIO`: it sleeps until woken, then looks again.
 
-    This one sleeps on an ``anyio.Event``; :func:`waiter_class` picks a cheaper one for
+    This one sleeps on an ``anyio.Event``; :func:`waiter_factory` picks a cheaper one for
     the running event loop, with the same behaviour (``tests/test_channels_api.py``).
     """
 
@@ -92,14 +97,15 @@ class _FutureWaiter(Waiter):
     A cancellation reaches the task in ``await future`` as in any asyncio wait.
     """
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
+        self._loop = loop
         self._future: asyncio.Future[None] | None = None
 
     async def sleep(self) -> None:
-        future = self._future = asyncio.get_running_loop().create_future()
+        future = self._future = self._loop.create_future()
         try:
             await future
         finally:
@@ -111,17 +117,22 @@ class _FutureWaiter(Waiter):
             future.set_result(None)
 
 
-def waiter_class() -> type[Waiter]:
-    """The cheapest :class:`Waiter` for the running event loop.
+def waiter_factory() -> Callable[[], Waiter]:
+    """What makes the cheapest :class:`Waiter` for the running event loop.
 
     On asyncio a future per sleep; elsewhere (trio) anyio's Event, a thin layer over
-    trio's own (trio's directly measured no faster, within the noise).
+    trio's own (trio's directly measured no faster, within the noise). asyncio is not
+    imported for this: if it is not loaded, it is not running.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return Waiter
-    return _FutureWaiter
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            return functools.partial(_FutureWaiter, loop)
+    return Waiter
 
 
 class SharedIO:
@@ -138,7 +149,7 @@ class SharedIO:
         self._dispatch = dispatch
         self._task_group: TaskGroup | None = None
         #: Makes the waiter of a task that is to wait here.
-        self.new_waiter = waiter_class()
+        self.new_waiter = waiter_factory()
         # Every waiting task, in arrival order (the next reader is the first); those woken
         # by any progress too; the reader, and the cancel scope of its read from the
         # transport; the reader task's waiter, while it runs.
