@@ -731,13 +731,12 @@ class Session:
                 sealer.push_one(plaintext)
                 return None
         else:
-            if not writer.pending():
-                return None
-            self._check_sendable()
             plaintext = writer.take_only()
-            if plaintext is None:  # several plaintexts: the general way
-                self._push(writer)
+            if plaintext is None:  # several plaintexts (or none): the general way
+                self.flush()
                 return None
+            if not self._states.can_send_data:
+                self._check_sendable()
         frame = sealer.seal_one(plaintext)
         self.bytes_sent += len(frame)
         return frame
