@@ -751,7 +751,27 @@ async def test_a_waiter_sleeps_until_woken_and_a_wake_before_is_spent(kind: str)
     assert woken == [True]
 
 
-async def test_the_waiter_of_asyncio_is_a_future_and_of_trio_anyios_event(
-    anyio_backend_name: str,
-) -> None:
-    assert (waiter_factory() is Waiter) == (anyio_backend_name == "trio")
+async def test_each_event_loop_gets_a_waiter_of_its_own() -> None:
+    """Not anyio's Event on asyncio or trio: a future, a parked task."""
+    waiter = waiter_factory()()
+    assert type(waiter) is not Waiter
+
+
+async def test_a_sleep_cancelled_then_woken_leaves_the_task_alone() -> None:
+    """A wake that comes after the sleep was cancelled (in the same turn) reschedules
+    nothing: the task goes on with what the cancellation left it."""
+    waiter = waiter_factory()()
+    async with anyio.create_task_group() as tg:
+        scopes: list[anyio.CancelScope] = []
+
+        async def sleeper() -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                await waiter.sleep()
+            await anyio.sleep(0.01)  # a stray reschedule would wake this sleep early, or fail
+
+        tg.start_soon(sleeper)
+        await anyio.wait_all_tasks_blocked()
+        scopes[0].cancel()
+        waiter.wake()
+    assert scopes[0].cancelled_caught

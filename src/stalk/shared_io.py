@@ -51,7 +51,7 @@ import contextlib
 import functools
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -117,12 +117,42 @@ class _FutureWaiter(Waiter):
             future.set_result(None)
 
 
+class _TrioWaiter(Waiter):
+    """On trio: the task parks itself, and a wake reschedules it.
+
+    What trio's Event does for each waiter, without the Event or anyio's layer over it.
+    A cancellation aborts the park: the waiter forgets the task first, so a wake after it
+    reschedules nothing.
+    """
+
+    __slots__ = ("_lowlevel", "_task")
+
+    def __init__(self, lowlevel: Any) -> None:
+        super().__init__()
+        self._lowlevel = lowlevel  # trio.lowlevel (imported only when trio runs)
+        self._task: object = None
+
+    async def sleep(self) -> None:
+        lowlevel = self._lowlevel
+        self._task = lowlevel.current_task()
+        await lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _raise_cancel: object) -> object:
+        self._task = None
+        return self._lowlevel.Abort.SUCCEEDED
+
+    def wake(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            self._lowlevel.reschedule(task)
+
+
 def waiter_factory() -> Callable[[], Waiter]:
     """What makes the cheapest :class:`Waiter` for the running event loop.
 
-    On asyncio a future per sleep; elsewhere (trio) anyio's Event, a thin layer over
-    trio's own (trio's directly measured no faster, within the noise). asyncio is not
-    imported for this: if it is not loaded, it is not running.
+    A future per sleep on asyncio, a parked task on trio, anyio's Event otherwise. Neither
+    event loop is imported for this: if it is not loaded, it is not running.
     """
     asyncio = sys.modules.get("asyncio")
     if asyncio is not None:
@@ -132,6 +162,14 @@ def waiter_factory() -> Callable[[], Waiter]:
             pass
         else:
             return functools.partial(_FutureWaiter, loop)
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+        else:
+            return functools.partial(_TrioWaiter, trio.lowlevel)
     return Waiter
 
 
