@@ -24,14 +24,15 @@ had their turn, and leaves it as soon as another task waits, so a task receiving
 answers reads them itself, with no task switch through the reader task.
 Flow control bounds what it takes in.
 
-**Waking.** A waiting task is woken by setting its event (a bare future on asyncio:
-:class:`Waiter`); the reader, blocked on the transport, by cancelling its read, which
-anyio makes safe (a read returns bytes or consumes none). A reader whose condition only
-input can satisfy (channel 0's ``receive()``) reads without that cancel scope, which costs
-more than the read's own work: the connection's end closes the transport under it. Some
-conditions no single event announces: a sender's backlog shrinks when a write packed its
-spack, a slot for ``open_channel()`` frees when a channel of ours ended. The tasks waiting
-for those are *conditional*: every write and every batch of input wakes them
+**Waking.** A waiting task is woken by setting its event (a bare future on asyncio, a
+parked task on trio: :class:`Waiter`); the reader, blocked on the transport, by
+cancelling its read, which anyio makes safe (a read returns bytes or consumes none). A
+reader whose condition only input can satisfy (channel 0's ``receive()``) reads without
+that cancel scope, which costs more than the read's own work: the connection's end
+closes the transport under it. Some conditions no single event announces: a sender's
+backlog shrinks when a write packed its spack, a slot for ``open_channel()`` frees when
+a channel of ours ended. The tasks waiting for those are *conditional*: every write and
+every batch of input wakes them
 (:meth:`SharedIO.progress`), and they look again.
 
 **Writes** go through the connection's :class:`~stalk.link.Link` as without channels (the
