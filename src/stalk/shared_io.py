@@ -32,8 +32,7 @@ that cancel scope, which costs more than the read's own work: the connection's e
 closes the transport under it. Some conditions no single event announces: a sender's
 backlog shrinks when a write packed its spack, a slot for ``open_channel()`` frees when
 a channel of ours ended. The tasks waiting for those are *conditional*: every write and
-every batch of input wakes them
-(:meth:`SharedIO.progress`), and they look again.
+every batch of input wakes them (:meth:`SharedIO.progress`), and they look again.
 
 **Writes** go through the connection's :class:`~stalk.link.Link` as without channels (the
 send lock, the writer task, each buffer whole), and each is followed by a
