@@ -386,9 +386,12 @@ class SharedIO:
         replies to one burst of input go out together (one Noise message, one write)
         rather than each alone.
         """
-        if waiter is not None and waiter is not self._reader:  # the reader is running
+        if waiter is not None:
+            # The reader too: it is to run on with its spack, and the replies of tasks
+            # that run before it are better left to the writer task, to go with its own.
             self.woken.add(waiter)
-            waiter.wake()
+            if waiter is not self._reader:  # (the reader is running: nothing to wake)
+                waiter.wake()
 
     def progress(self) -> None:
         """Something was written or read: wake the tasks whose condition it may satisfy."""
