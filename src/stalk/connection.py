@@ -450,7 +450,7 @@ class Connection(ObjectStream[Spack]):
             return
         # Written before send returns: a reply, or no writer task.
         link.check_open()
-        await link.send_spack(item)
+        await link.send_now(item)
 
     async def send_eof(self) -> None:
         """Send CLOSE (normal) and half-close: the peer's ``receive()`` ends, ours goes on.

@@ -319,44 +319,33 @@ class Link:
             raise await self._write_failed(exc) from exc
         await self._write_rest(rest)
 
-    async def send_spack(self, spack: Spack) -> None:
-        """Send ``spack`` and write everything the session has; the caller holds no lock.
+    async def send_now(self, spack: Spack | None = None) -> None:
+        """Send ``spack`` (``None``: what is queued), write it all; the caller holds no lock.
 
-        As ``session.send(spack)`` then :meth:`write_all`. When no other task is writing,
-        the session seals the spack's frame at once (``Session.send_now``) and it is
-        offered to the kernel there and then. Never while another task writes: that
-        task writes what the session seals meanwhile, and a frame held here would be
-        overtaken.
+        As ``session.send(spack)`` (or ``session.flush()``) then :meth:`write_all`. When no
+        other task is writing, the session seals the frame at once (``Session.send_now``,
+        ``Session.flush_now``) and it is offered to the kernel there and then. Never while
+        another task writes: that task writes what the session seals meanwhile, and a
+        frame held here would be overtaken. One method for both, written out in full: it
+        is the path of every send without a writer task, where a call more shows.
         """
+        session = self.session
         lock = self.send_lock
         if lock.locked():
-            self.session.send(spack)
+            if spack is None:
+                session.flush()
+            else:
+                session.send(spack)
+                self.spacks_sent += 1
+            async with lock:
+                self.check_open()
+                await self.write_pending()
+            return
+        if spack is None:
+            frame = session.flush_now()
+        else:
+            frame = session.send_now(spack)
             self.spacks_sent += 1
-            async with lock:
-                self.check_open()
-                await self.write_pending()
-            return
-        frame = self.session.send_now(spack)
-        self.spacks_sent += 1
-        await self._write_frame(frame)
-
-    async def flush_now(self) -> None:
-        """Flush the session and write everything it has; the caller holds no lock.
-
-        As ``session.flush()`` then :meth:`write_all`, sealing at once as
-        :meth:`send_spack` does (``Session.flush_now``) when no other task is writing.
-        """
-        lock = self.send_lock
-        if lock.locked():
-            self.session.flush()
-            async with lock:
-                self.check_open()
-                await self.write_pending()
-            return
-        await self._write_frame(self.session.flush_now())
-
-    async def _write_frame(self, frame: bytearray | None) -> None:
-        """Write a frame the session sealed at once (``None``: write what it has)."""
         if frame is None:
             await self.write_all()
             return

@@ -416,9 +416,9 @@ class SharedIO:
         self.progress()
 
     async def flush_now(self) -> None:
-        """Flush the session and write (``Link.flush_now``): a reply's way."""
+        """Flush the session and write (``Link.send_now``): a reply's way."""
         try:
-            await self._link.flush_now()
+            await self._link.send_now()
         except StalkError:
             self.wake_all()
             raise
