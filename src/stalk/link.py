@@ -319,8 +319,8 @@ class Link:
             raise await self._write_failed(exc) from exc
         await self._write_rest(rest)
 
-    async def send_now(self, spack: Spack | None = None) -> None:
-        """Send ``spack`` (``None``: what is queued), write it all; the caller holds no lock.
+    async def send_now(self, spack: Spack | None, *, flush: bool = False) -> None:
+        """Send ``spack`` (``flush``: what is queued), write it all; the caller holds no lock.
 
         As ``session.send(spack)`` (or ``session.flush()``) then :meth:`write_all`. When no
         other task is writing, the session seals the frame at once (``Session.send_now``,
@@ -332,19 +332,19 @@ class Link:
         session = self.session
         lock = self.send_lock
         if lock.locked():
-            if spack is None:
+            if flush:
                 session.flush()
             else:
-                session.send(spack)
+                session.send(cast("Spack", spack))  # a non-Spack is refused there
                 self.spacks_sent += 1
             async with lock:
                 self.check_open()
                 await self.write_pending()
             return
-        if spack is None:
+        if flush:
             frame = session.flush_now()
         else:
-            frame = session.send_now(spack)
+            frame = session.send_now(cast("Spack", spack))  # a non-Spack is refused there
             self.spacks_sent += 1
         if frame is None:
             await self.write_all()

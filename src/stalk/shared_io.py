@@ -418,7 +418,7 @@ class SharedIO:
     async def flush_now(self) -> None:
         """Flush the session and write (``Link.send_now``): a reply's way."""
         try:
-            await self._link.send_now()
+            await self._link.send_now(None, flush=True)
         except StalkError:
             self.wake_all()
             raise
