@@ -114,6 +114,12 @@ class _Side:
         else:
             client._sealer.request_rekey()
 
+    def finish(self) -> None:
+        """Flush what is left and write it all, as a connection's end does."""
+        self.pair.client.flush()
+        while data := self.pair.client.data_to_send():
+            self.deliver(data)
+
 
 @settings(max_examples=300, deadline=None)
 @given(ops=st.lists(_op, max_size=40), rekey_after_messages=st.integers(1, 6))
@@ -124,15 +130,16 @@ class _Side:
 def test_send_now_puts_the_bytes_of_send_on_the_wire(
     ops: list[tuple[object, ...]], rekey_after_messages: int
 ) -> None:
-    fast = _Side(rekey_after_messages, fast=True)
-    general = _Side(rekey_after_messages, fast=False)
+    _same_wire(_Side(rekey_after_messages, fast=True), _Side(rekey_after_messages, fast=False), ops)
+
+
+def _same_wire(fast: _Side, general: _Side, ops: list[tuple[object, ...]]) -> None:
+    """Both sides run ``ops`` and finish: the same bytes on the wire, the same received."""
     for index, op in enumerate(ops):
         fast.run(op, index)
         general.run(op, index)
     for side in (fast, general):
-        side.pair.client.flush()
-        while data := side.pair.client.data_to_send():
-            side.deliver(data)
+        side.finish()
     assert fast.wire == general.wire
     assert fast.received == general.received
 
@@ -249,6 +256,11 @@ class _ChannelSide(_Side):
         else:
             super().run(op, index)
 
+    def finish(self) -> None:
+        """As a connection's end, then the server's application takes what is left."""
+        super().finish()
+        self.run(("release",), 0)
+
 
 @settings(max_examples=300, deadline=None)
 @given(
@@ -267,18 +279,11 @@ def test_flush_now_puts_the_bytes_of_flush_on_the_wire_with_channels(
 ) -> None:
     """Channels pack through the multiplexer: flush_now seals its one plaintext at once,
     and leaves more than one (or a spack waiting for credit) to the general path."""
-    fast = _ChannelSide(rekey_after_messages, fast=True, windows=windows)
-    general = _ChannelSide(rekey_after_messages, fast=False, windows=windows)
-    for index, op in enumerate(ops):
-        fast.run(op, index)
-        general.run(op, index)
-    for side in (fast, general):
-        side.pair.client.flush()
-        while data := side.pair.client.data_to_send():
-            side.deliver(data)
-        side.run(("release",), 0)
-    assert fast.wire == general.wire
-    assert fast.received == general.received
+    _same_wire(
+        _ChannelSide(rekey_after_messages, fast=True, windows=windows),
+        _ChannelSide(rekey_after_messages, fast=False, windows=windows),
+        ops,
+    )
 
 
 def test_flush_now_seals_a_lone_spack_on_a_channel_at_once() -> None:
