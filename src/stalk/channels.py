@@ -128,6 +128,11 @@ CHANNEL_TABLE: Final[dict[tuple[ChannelState, ChannelInput], ChannelState]] = {
 _PEER_INPUTS: Final = frozenset({_I.DATA_RECEIVED, _I.CLOSE_RECEIVED, _I.RESET_RECEIVED})
 
 
+def _name(what: str | int) -> str:
+    """A credit's name in an error: a channel's is made only then (not per record)."""
+    return f"channel {what}" if isinstance(what, int) else what
+
+
 class Credit:
     """One flow-control window, seen from both ends (SPEC "Channels", flow control).
 
@@ -156,22 +161,24 @@ class Credit:
             raise LocalProtocolError(f"{size} data bytes exceed the {self.send} granted")
         self.send -= size
 
-    def granted(self, increment: int, what: str) -> None:
-        """The peer granted ``increment`` more.
+    def granted(self, increment: int, what: str | int) -> None:
+        """The peer granted ``increment`` more (``what``: the credit's name, or its channel).
 
         :raises ~stalk.errors.FlowControlError: the credit would pass ``MAX_WINDOW``.
         """
         if self.send + increment > MAX_WINDOW:
-            raise FlowControlError(f"{what} credit granted past {MAX_WINDOW}")
+            raise FlowControlError(f"{_name(what)} credit granted past {MAX_WINDOW}")
         self.send += increment
 
-    def received(self, size: int, what: str) -> None:
-        """The peer sent ``size`` data bytes.
+    def received(self, size: int, what: str | int) -> None:
+        """The peer sent ``size`` data bytes (``what``: the credit's name, or its channel).
 
         :raises ~stalk.errors.FlowControlError: more than we granted.
         """
         if size > self.receive:
-            raise FlowControlError(f"{size} data bytes on {what} exceed the {self.receive} granted")
+            raise FlowControlError(
+                f"{size} data bytes on {_name(what)} exceed the {self.receive} granted"
+            )
         self.receive -= size
 
     def release(self, size: int) -> int:
@@ -342,9 +349,9 @@ class ChannelTable:
                 raise ProtocolError(message)
             raise LocalProtocolError(message)
         channel.state = new
-        if new is ChannelState.RESET_RECEIVED:
+        if new is _RR:
             self.peer_resets.append(channel.id)
-        if new is ChannelState.ENDED:
+        if new is _END:
             del self.channels[channel.id]
             if self._ours_parity(channel.id):
                 self.opened_by_us -= 1

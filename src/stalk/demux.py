@@ -46,6 +46,7 @@ _FRAGMENT: Final = RecordKind.FRAGMENT
 _CLOSE: Final = RecordKind.CLOSE
 _WINDOW: Final = RecordKind.WINDOW
 _CONNECTION_WINDOW: Final = RecordKind.CONNECTION_WINDOW
+_DATA_RECEIVED: Final = ChannelInput.DATA_RECEIVED
 
 
 class Demux:
@@ -130,7 +131,7 @@ class Demux:
             elif kind is _WINDOW:
                 channel = self._existing(channel_id)
                 if channel is not None:
-                    channel.credit.granted(decode_window(body), f"channel {channel_id}")
+                    channel.credit.granted(decode_window(body), channel_id)
             elif kind is _CLOSE:
                 found = self._lookup(channel_id, events)
                 reset_by_us = found.state.reset_by_us
@@ -180,8 +181,8 @@ class Demux:
         if channel_id:  # checked in SPEC's order: id, connection credit, state, credit
             channel = self._lookup(channel_id, events)
             table.connection.received(size, "the connection")
-            table.process(channel, ChannelInput.DATA_RECEIVED)
-            channel.credit.received(size, f"channel {channel_id}")
+            table.process(channel, _DATA_RECEIVED)
+            channel.credit.received(size, channel_id)
             if channel.state.reset_by_us:
                 # Sent before the peer saw our RESET: dropped, its connection credit back.
                 self._release_connection(size, grants)

@@ -110,6 +110,8 @@ __all__ = ["Role", "Session", "SessionConfig", "SessionState"]
 _HANDSHAKE = DirectionState.HANDSHAKE
 _CONFIRMING = DirectionState.CONFIRMING
 _OPEN = DirectionState.OPEN
+_CLOSED = DirectionState.CLOSED
+_DATA_SENT = ChannelInput.DATA_SENT
 _UNAUTHENTICATED = frozenset(
     {SessionState.HANDSHAKING, SessionState.AUTHORIZING, SessionState.CONFIRMING}
 )
@@ -324,7 +326,7 @@ class Session:
     @property
     def close_sent(self) -> bool:
         """Whether we sent CLOSE (ours, or an error CLOSE): our direction is finished."""
-        return self._states.send is DirectionState.CLOSED or self._sealer.closed
+        return self._states.send is _CLOSED or self._sealer.closed
 
     @property
     def close_received(self) -> CloseReceived | None:
@@ -392,7 +394,7 @@ class Session:
         if data and reader.eof:
             raise LocalProtocolError("receive_data() after EOF")
         self.bytes_received += len(data)
-        if data and self._states.receive is DirectionState.CLOSED:
+        if data and self._states.receive is _CLOSED:
             return  # the peer's direction is finished: nothing after its CLOSE is read
         reader.feed(data)
 
@@ -474,7 +476,7 @@ class Session:
             except ProtocolError as exc:
                 # Before READY the peer is not authenticated: report a failed handshake.
                 raise HandshakeFailed(f"handshake confirmation failed: {exc}") from exc
-        elif receive is DirectionState.CLOSED:
+        elif receive is _CLOSED:
             self._reader.discard()  # bytes after the peer's CLOSE are never read
         table = self._channels
         if table is not None and table.peer_resets and self._mux is not None:
@@ -666,7 +668,7 @@ class Session:
             raise LocalProtocolError(f"channel {channel} is not open for sending")
         pieces, _ = self._encode(spack)
         if found is not None:
-            table.process(found, ChannelInput.DATA_SENT)
+            table.process(found, _DATA_SENT)
         mux.queue(channel, pieces)
 
     def flush(self) -> None:
