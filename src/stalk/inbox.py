@@ -76,6 +76,7 @@ class Inbox:
         "_link",
         "_reset_seen",
         "_session",
+        "_sleeper",
         "_streak",
         "_waiter",
         "closed",
@@ -106,8 +107,10 @@ class Inbox:
         self.sent_eof = False
         #: We closed the channel (``"closed"``) or reset it (``"reset"``): any use raises.
         self.closed: str | None = None
-        # The task waiting in receive(), if any.
+        # The task waiting in receive(), if any; the waiter it sleeps on (one per inbox:
+        # made at its first wait, kept for the next).
         self._waiter: Waiter | None = None
+        self._sleeper: Waiter | None = None
         # Spacks receive() returned in a row without waiting.
         self._streak = 0
         # The last spack receive() returned had to wait: a send now is likely its reply.
@@ -170,24 +173,27 @@ class Inbox:
                 raise anyio.EndOfStream
             if io.peer_close is not None:
                 raise io.peer_close_error()
-            waiter = self._waiter = io.new_waiter()
+            waiter = self._sleeper
+            if waiter is None:
+                waiter = self._sleeper = io.new_waiter()
+            self._waiter = waiter
             try:
-                await io.until(
-                    lambda: (
-                        bool(self.spacks)
-                        or self.eof
-                        or self.reset is not None
-                        or self.closed is not None
-                        or io.peer_close is not None
-                    ),
-                    waiter,
-                    # Channel 0 is neither closed nor reset apart from the connection:
-                    # only input, or the connection's end, can end this wait.
-                    input_only=not self.id,
-                )
+                # Channel 0 is neither closed nor reset apart from the connection: only
+                # input, or the connection's end, can end its wait.
+                await io.until(self._receivable, waiter, input_only=not self.id)
             finally:
                 self._waiter = None
             waited = True
+
+    def _receivable(self) -> bool:
+        """Whether :meth:`receive` has something to return or raise."""
+        return (
+            bool(self.spacks)
+            or self.eof
+            or self.reset is not None
+            or self.closed is not None
+            or self._io.peer_close is not None
+        )
 
     def _take(self, waited: bool) -> tuple[Spack, bool]:
         """Hand the next spack over, and its credit back to the peer.
@@ -212,16 +218,18 @@ class Inbox:
             peer's RESET of the channel, and its event is still to be dispatched (the
             channel's unsent spacks go with it; the next call raises it).
         """
-        self._link.check_open()
-        problem = self._problem(sending=True)
-        if problem is not None:
-            if self._sees(problem):
-                self._io.nudge_writer()  # the answering RESET goes with the next write
-            raise problem
-        if self._reset_unseen():
+        link, session = self._link, self._session
+        link.check_open()
+        if self.closed is not None or self.reset is not None or self.sent_eof or session.close_sent:
+            problem = self._problem(sending=True)  # (one of those four: never None here)
+            if problem is not None:
+                if self._sees(problem):
+                    self._io.nudge_writer()  # the answering RESET goes with the next write
+                raise problem
+        if self.id and self._reset_unseen():
             return False
-        self._session.queue(item, self.id)
-        self._link.spacks_sent += 1
+        session.queue(item, self.id)
+        link.spacks_sent += 1
         return True
 
     async def send(self, item: Spack) -> None:
