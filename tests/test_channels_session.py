@@ -384,14 +384,17 @@ def test_runs_of_small_spacks_pack_as_the_general_loop_packs_them(
     sends: list[tuple[int, int, bool]], grant: int, capacity: int
 ) -> None:
     """The mux packs a run of one-piece spacks in short (``Mux._run``): the same queue
-    through the general loop alone gives the same plaintexts, credit and bookkeeping."""
-    params = ChannelParams(max_channels=8, channel_window=1024, connection_window=65_516)
+    through the general loop alone gives the same plaintexts, credit and bookkeeping.
+    Channel 129 has a two-byte id."""
+    params = ChannelParams(max_channels=80, channel_window=1024, connection_window=65_516)
 
     def replay(runs: bool) -> tuple[list[bytes], int, int]:
         table = ChannelTable(initiator=True, ours=params, theirs=params)
         mux = Mux(table, capacity)
         mux.runs = runs
-        channels = [0] + [table.open().id for _ in range(3)]
+        opened = [table.open().id for _ in range(65)]
+        channels = [0, opened[0], opened[1], opened[-1]]
+        assert channels[-1] == 129
         plaintexts: list[bytes] = []
         for index, (which, size, flush) in enumerate(sends):
             mux.queue(channels[which], [bytes([index % 256]) * size])

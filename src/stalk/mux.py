@@ -39,6 +39,8 @@ __all__ = ["Mux"]
 #: Room under which a plaintext is finished rather than carrying a tiny FRAGMENT.
 _MIN_FRAGMENT: Final = 512
 _CHANNEL_CLOSE: Final = b"\x00\x00"
+_MESSAGE: Final = RecordKind.MESSAGE
+_FRAGMENT: Final = RecordKind.FRAGMENT
 _MESSAGE_BYTE: Final = int(RecordKind.MESSAGE)
 
 
@@ -273,7 +275,7 @@ class Mux:
             if isinstance(item, bytes):
                 left = len(item)
                 if left <= credit and left + uvarint_len(left) <= avail:  # whole: as below
-                    plaintext += _header(RecordKind.MESSAGE, channel, left)
+                    plaintext += _header(_MESSAGE, channel, left)
                     plaintext += item
                     self._spend(channel, left)
                     self._packed(channel, left)
@@ -282,7 +284,7 @@ class Mux:
                 item = queue[0] = _Outgoing((item,))  # in parts, as any spack
             left = item.left
             if left <= credit and left + uvarint_len(left) <= avail:
-                plaintext += _header(RecordKind.MESSAGE, channel, left)
+                plaintext += _header(_MESSAGE, channel, left)
                 for view in item.take(left):
                     plaintext += view
                 self._spend(channel, left)
@@ -295,7 +297,7 @@ class Mux:
                 # MESSAGE, which has no piece to cut): the next plaintext.
                 return True
             size = min(room, credit, left)
-            plaintext += _header(RecordKind.FRAGMENT, channel, size)
+            plaintext += _header(_FRAGMENT, channel, size)
             for view in item.take(size):
                 plaintext += view
             self._spend(channel, size)
@@ -312,18 +314,22 @@ class Mux:
         :returns: how many spacks it packed (0: the first did not fit; the general loop
             takes it).
         """
-        base = self._capacity - 1 - uvarint_len(channel)
-        short = channel < 0x80  # one-byte channel id: a small spack's header is 3 bytes
+        # A MESSAGE's header: this prefix (kind and channel id), then the body's length.
+        prefix = bytes((_MESSAGE_BYTE,)) + encode_uvarint(channel)
+        base = self._capacity - len(prefix)
         spent = packed = 0
         item = queue[0]
         while type(item) is bytes:
             left = len(item)
-            if spent + left > credit or left + uvarint_len(left) > base - len(plaintext):
+            short = left < 0x80  # a one-byte length: most small spacks
+            room = base - len(plaintext)
+            if spent + left > credit or left + (1 if short else uvarint_len(left)) > room:
                 break
-            if short and left < 0x80:
-                plaintext += bytes((_MESSAGE_BYTE, channel, left))
+            plaintext += prefix
+            if short:
+                plaintext.append(left)
             else:
-                plaintext += _header(RecordKind.MESSAGE, channel, left)
+                plaintext += encode_uvarint(left)
             plaintext += item
             spent += left
             packed += 1
