@@ -336,6 +336,27 @@ async def test_cancelled_receives_lose_and_repeat_nothing() -> None:
     assert cancelled > 0
 
 
+async def test_a_second_receive_on_a_channel_is_refused_and_the_first_goes_on() -> None:
+    async with client_and_server() as conn:
+        channel = await conn.open_channel()
+        first_waits = anyio.Event()
+
+        async def first() -> None:
+            first_waits.set()
+            assert await channel.receive() == Spack("answer")
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                await first_waits.wait()
+                await anyio.wait_all_tasks_blocked()
+                with pytest.raises(anyio.BusyResourceError):
+                    await channel.receive()
+                await channel.send(Spack("answer"))
+            await channel.send(Spack("again"))  # the refused call left no receive behind
+            assert await channel.receive() == Spack("again")
+
+
 async def test_cancelled_sends_leave_their_spack_queued_once() -> None:
     go = anyio.Event()
     received: list[int] = []

@@ -64,7 +64,7 @@ class Channel(ObjectStream[Spack]):
     def __init__(self, dispatcher: Dispatcher, inbox: Inbox) -> None:
         self._dispatcher = dispatcher
         self._inbox = inbox
-        self._receive_guard = anyio.ResourceGuard("receiving from")
+        self._receiving = False  # a receive() is running (a second one is refused)
 
     @property
     def id(self) -> int:
@@ -147,8 +147,13 @@ class Channel(ObjectStream[Spack]):
             task that read the peer's offence).
         :raises ~anyio.BusyResourceError: another task is already receiving on it.
         """
-        with self._receive_guard:
+        if self._receiving:
+            raise anyio.BusyResourceError("receiving from")
+        self._receiving = True
+        try:
             return await self._inbox.receive()
+        finally:
+            self._receiving = False
 
     async def send_eof(self) -> None:
         """Close our direction (the channel's CLOSE, after what it queued); receive goes on.

@@ -70,7 +70,7 @@ class ChannelState(enum.IntEnum):
     @property
     def reset_by_us(self) -> bool:
         """We sent the channel's RESET: what the peer sends on it now is dropped."""
-        return self is ChannelState.RESET_SENT or self is ChannelState.CLOSED_RESET_SENT
+        return self in _RESET_BY_US
 
 
 class ChannelInput(enum.IntEnum):
@@ -93,6 +93,7 @@ class ChannelInput(enum.IntEnum):
 _O, _SC, _RC = ChannelState.OPEN, ChannelState.SEND_CLOSED, ChannelState.RECEIVE_CLOSED
 _RS, _CRS = ChannelState.RESET_SENT, ChannelState.CLOSED_RESET_SENT
 _RR, _END = ChannelState.RESET_RECEIVED, ChannelState.ENDED
+_RESET_BY_US: Final = frozenset({_RS, _CRS})
 _I = ChannelInput
 
 #: Every allowed ``(state, input) -> state``; a pair missing is not allowed. WINDOW records

@@ -60,6 +60,7 @@ __all__ = ["Inbox"]
 _REPLY_BATCH: Final = 16384
 #: receive() lets other tasks run after this many spacks returned without waiting.
 _YIELD_EVERY: Final = 512
+_RESET_RECEIVED: Final = ChannelState.RESET_RECEIVED
 
 
 class Inbox:
@@ -163,7 +164,8 @@ class Inbox:
         waited = False
         while True:
             self._link.check_open()
-            await self._check(sending=False)
+            if self.closed is not None or self.reset is not None:  # (else no problem)
+                await self._check(sending=False)
             if self.spacks:
                 spack, granted = self._take(waited)
                 if granted:
@@ -397,5 +399,5 @@ class Inbox:
         return (
             self.reset is None
             and self.id != 0
-            and self._session.channel_state(self.id) is ChannelState.RESET_RECEIVED
+            and self._session.channel_state(self.id) is _RESET_RECEIVED
         )
