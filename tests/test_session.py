@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import tracemalloc
@@ -30,6 +31,7 @@ from stalk.errors import (
 )
 from stalk.events import (
     NEED_DATA,
+    ChannelMessageReceived,
     CloseReceived,
     Event,
     HandshakeComplete,
@@ -858,3 +860,22 @@ def test_receiving_never_encrypts() -> None:
     pair.client.receive_data(wire)
     events = drain(pair.client)
     assert [type(event) for event in events] == [MessageReceived, PongReceived]
+
+
+def test_the_events_made_per_spack_are_frozen_values_like_the_others() -> None:
+    """MessageReceived and ChannelMessageReceived set their fields through their slots
+    (cheaper than a frozen dataclass's __init__): they still compare, print and refuse
+    changes as every other event does."""
+    for event, other in (
+        (MessageReceived(Spack(1)), MessageReceived(Spack(2))),
+        (ChannelMessageReceived(Spack(1), 3, 4), ChannelMessageReceived(Spack(1), 3, 5)),
+    ):
+        same = dataclasses.replace(event)
+        assert same == event
+        assert same != other
+        assert dataclasses.astuple(event)[0] == Spack(1)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            event.spack = Spack(2)  # type: ignore[misc]
+    assert repr(ChannelMessageReceived(Spack(1), 3, 4)) == (
+        "ChannelMessageReceived(spack=Spack(1), channel=3, size=4)"
+    )

@@ -8,6 +8,7 @@ meaning "feed more bytes with ``receive_data`` before asking again"; ``PAUSED`` 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -82,14 +83,22 @@ class HandshakeComplete:
     peer_max_message_size: int
 
 
-@dataclass(frozen=True, slots=True)
+# The two events made once per spack set their fields through their slots' own setters:
+# a frozen dataclass's generated __init__ sets each one by name through object.__setattr__,
+# which costs 400 ns for three fields, against 250. They stay frozen all the same.
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class MessageReceived:
     """One whole spack, authenticated and decoded (a connection without channels)."""
 
     spack: Spack
 
+    def __init__(self, spack: Spack) -> None:
+        _set_message_spack(self, spack)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class ChannelMessageReceived:
     """One whole spack on a connection with channels (channel 0 included).
 
@@ -101,6 +110,23 @@ class ChannelMessageReceived:
     spack: Spack
     channel: int
     size: int
+
+    def __init__(self, spack: Spack, channel: int, size: int) -> None:
+        _set_spack(self, spack)
+        _set_channel(self, channel)
+        _set_size(self, size)
+
+
+def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
+    """The setter of the slot ``name`` of ``cls`` (its member descriptor's ``__set__``)."""
+    setter: Callable[[object, object], None] = vars(cls)[name].__set__
+    return setter
+
+
+_set_message_spack: Final = _slot_setter(MessageReceived, "spack")
+_set_spack: Final = _slot_setter(ChannelMessageReceived, "spack")
+_set_channel: Final = _slot_setter(ChannelMessageReceived, "channel")
+_set_size: Final = _slot_setter(ChannelMessageReceived, "size")
 
 
 @dataclass(frozen=True, slots=True)
