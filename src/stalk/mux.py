@@ -38,6 +38,7 @@ __all__ = ["Mux"]
 
 #: Room under which a plaintext is finished rather than carrying a tiny FRAGMENT.
 _MIN_FRAGMENT: Final = 512
+_SPARE_QUEUES: Final = 64
 _CHANNEL_CLOSE: Final = b"\x00\x00"
 _MESSAGE: Final = RecordKind.MESSAGE
 _FRAGMENT: Final = RecordKind.FRAGMENT
@@ -105,6 +106,7 @@ class Mux:
         "_by_channel",
         "_capacity",
         "_queues",
+        "_spare",
         "_table",
         "_unflushed",
         "closing",
@@ -118,6 +120,9 @@ class Mux:
         # Sendable items by channel, in turn order (a dict keeps insertion order; a
         # channel that had its turn moves to the end).
         self._queues: dict[int, deque[_Item]] = {}
+        # Queues emptied by packing, kept for the next channel that needs one (at most
+        # _SPARE_QUEUES): with many channels, most flushes find a channel with none.
+        self._spare: list[deque[_Item]] = []
         self._unflushed: list[tuple[int, _Item]] = []
         #: Data bytes queued and not yet packed (flushed or not).
         self.queued_bytes = 0
@@ -165,11 +170,11 @@ class Mux:
 
     def flush(self) -> None:
         """Make everything queued so far sendable."""
-        queues = self._queues
+        queues, spare = self._queues, self._spare
         for channel, item in self._unflushed:
             queue = queues.get(channel)
             if queue is None:
-                queue = queues[channel] = deque()
+                queue = queues[channel] = spare.pop() if spare else deque()
             queue.append(item)
         self._unflushed.clear()
 
@@ -236,6 +241,8 @@ class Mux:
                     queues[channel] = queue  # the back of the line
                 else:
                     waiting[channel] = queue
+            elif len(self._spare) < _SPARE_QUEUES:
+                self._spare.append(queue)
             if full:
                 break
         queues.update(waiting)
@@ -266,7 +273,9 @@ class Mux:
                 plaintext += item.record
                 queue.popleft()
                 continue
-            credit = min(table.connection.send, table.credit(channel).send)
+            credit = table.connection.send
+            if (on_channel := table.credit(channel).send) < credit:
+                credit = on_channel
             if not credit:
                 return False
             if type(item) is bytes and self.runs and self._run(channel, queue, plaintext, credit):
