@@ -584,11 +584,48 @@ async def test_channel_zero_of_a_connection_with_channels_works_as_ever() -> Non
                 conn.queue(Spack(i))
             await conn.flush()
             assert [await conn.receive() for _ in range(3)] == [Spack(i) for i in range(3)]
+            # Five windows of small spacks each way: every spack received gives its
+            # credit back, whichever way receive() took it.
+            burst = [Spack(i, b"b" * 100) for i in range(200)]
+            for spack in burst:
+                conn.queue(spack)
+            await conn.flush()
+            assert [await conn.receive() for _ in burst] == burst
             await conn.send_eof()  # the server's echo ends, and its handler closes
             with pytest.raises(anyio.EndOfStream):
                 await conn.receive()
             with pytest.raises(ConnectionClosed):
                 await conn.send(Spack("after eof"))
+
+
+async def test_channel_0_grants_credit_as_it_hands_spacks_over_without_reading_more() -> None:
+    """A receiver with no reader task (no ``async with``) takes what it read at once,
+    then stops reading: the credit those spacks free must reach the sender then, not at
+    its next read, or a sender waiting for it waits forever."""
+    window = SMALL.channel_window
+    first = [Spack(i, b"a" * 90) for i in range(window // 100)]  # about one window
+    flushed, done = anyio.Event(), anyio.Event()
+
+    async def server(conn: Connection) -> None:
+        for spack in first:
+            conn.queue(spack)
+        await conn.flush()  # one Noise message, in the client's socket once this returns
+        flushed.set()
+        await conn.send(Spack("needs the credit back", b"c" * 1000))
+        done.set()
+        await conn.receive()  # until the client closes
+
+    # send_buffer=0: the server's send() returns once its spack is out, credit and all.
+    async with serving(server, config=replace(SMALL, send_buffer=0)) as (host, port, _):
+        conn = await connect(host, port, config=SMALL)
+        try:
+            with anyio.fail_after(10):
+                await flushed.wait()
+                assert [await conn.receive() for _ in first] == first  # one read
+                await done.wait()
+                assert await conn.receive() == Spack("needs the credit back", b"c" * 1000)
+        finally:
+            await conn.aclose()
 
 
 async def test_without_async_with_calls_that_wait_read_the_connection() -> None:

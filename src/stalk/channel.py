@@ -129,7 +129,11 @@ class Channel(ObjectStream[Spack]):
         :raises ~stalk.ConnectionLost: the connection broke, or the peer closed it while
             this spack waited for credit.
         """
-        await self._inbox.send(item)
+        inbox = self._inbox
+        if not inbox.queue(item):
+            await inbox.raise_reset()
+        if not inbox.leave_to_writer():
+            await inbox.write_queued()
 
     async def receive(self) -> Spack:
         """The next spack the peer sent on this channel.

@@ -428,7 +428,10 @@ class Connection(ObjectStream[Spack]):
         :raises ~stalk.ConnectionLost: the connection broke (or a write timed out).
         """
         if self._channels is not None:
-            await self._channels.channel0.send(item)
+            channel0 = self._channels.channel0
+            channel0.queue(item)  # (True: channel 0 is never reset)
+            if not channel0.leave_to_writer():
+                await channel0.write_queued()
             return
         link = self._link
         answering, self._answering = self._answering, False
@@ -494,7 +497,13 @@ class Connection(ObjectStream[Spack]):
         """
         with self._receive_guard:
             if self._channels is not None:
-                return await self._channels.channel0.receive()
+                channels = self._channels
+                taken = channels.channel0.take_now()  # (Inbox.receive, in short)
+                if taken is None:
+                    return await channels.channel0.receive_waiting()
+                if self._session.release(0, taken.size):
+                    await channels.io.write_owed()
+                return taken.spack
             if self._streak >= _YIELD_EVERY:
                 # A peer that sent many spacks at once must not keep a receive loop from
                 # ever yielding: let other tasks run (nothing is held yet, so a cancellation

@@ -76,6 +76,7 @@ class Inbox:
         "_io",
         "_link",
         "_reset_seen",
+        "_send_buffer",
         "_session",
         "_sleeper",
         "_streak",
@@ -93,6 +94,7 @@ class Inbox:
         self._io = dispatcher.io
         self._link = dispatcher.link
         self._session = dispatcher.link.session
+        self._send_buffer = dispatcher.link.config.send_buffer
         self.id = channel_id
         #: Spacks received and not yet returned, as their events (each with its size in
         #: data bytes: the credit it gives back once returned).
@@ -141,20 +143,37 @@ class Inbox:
 
     # -- receiving ----------------------------------------------------------------------
 
-    async def receive(self) -> Spack:
-        """The next spack of the channel; see :meth:`stalk.Channel.receive`."""
+    # Each spack handed over gives its credit back (Session.release); the grants that makes
+    # are written with SharedIO.write_owed, as PONGs are: nothing a cancellation could
+    # interrupt, so the spack is never lost. take_now() is receive()'s first step without
+    # a coroutine of its own (Connection.receive takes it for channel 0).
+
+    def take_now(self) -> ChannelMessageReceived | None:
+        """The next spack's event if one is here and nothing is in the way, taken.
+
+        The caller releases its credit and writes the grants, as :meth:`receive` does.
+        """
         if (
             self.spacks
             and self.closed is None
             and self.reset is None
             and self._streak < _YIELD_EVERY
         ):
-            # One is here and nothing is in the way (as the loop below would find): take it.
             self._link.check_open()
-            spack, granted = self._take(waited=False)
-            if granted:
+            return self._take(waited=False)
+        return None
+
+    async def receive(self) -> Spack:
+        """The next spack of the channel; see :meth:`stalk.Channel.receive`."""
+        event = self.take_now()
+        if event is not None:
+            if self._session.release(self.id, event.size):
                 await self._io.write_owed()
-            return spack
+            return event.spack
+        return await self.receive_waiting()
+
+    async def receive_waiting(self) -> Spack:
+        """:meth:`receive` after :meth:`take_now` found nothing to take: wait for it."""
         if self._streak >= _YIELD_EVERY:
             # A peer that sent many spacks at once must not keep a receive loop from ever
             # yielding (nothing is held yet, so a cancellation here loses nothing).
@@ -167,10 +186,10 @@ class Inbox:
             if self.closed is not None or self.reset is not None:  # (else no problem)
                 await self._check(sending=False)
             if self.spacks:
-                spack, granted = self._take(waited)
-                if granted:
+                event = self._take(waited)
+                if self._session.release(self.id, event.size):
                     await self._io.write_owed()
-                return spack
+                return event.spack
             if self.eof:
                 raise anyio.EndOfStream
             if io.peer_close is not None:
@@ -197,19 +216,13 @@ class Inbox:
             or self._io.peer_close is not None
         )
 
-    def _take(self, waited: bool) -> tuple[Spack, bool]:
-        """Hand the next spack over, and its credit back to the peer.
-
-        :returns: the spack, and whether the session now owes grants. The caller writes
-            them with :meth:`SharedIO.write_owed`, as PONGs are written: nothing a
-            cancellation could interrupt, so the spack is never lost.
-        """
+    def _take(self, waited: bool) -> ChannelMessageReceived:
+        """Take the next spack's event (the caller releases its credit at once)."""
         event = self.spacks.popleft()
-        granted = self._session.release(self.id, event.size)
         self._link.spacks_received += 1
         self._streak = 0 if waited else self._streak + 1
         self._answering = waited
-        return event.spack, granted
+        return event
 
     # -- sending ------------------------------------------------------------------------
 
@@ -234,31 +247,49 @@ class Inbox:
         link.spacks_sent += 1
         return True
 
-    async def send(self, item: Spack) -> None:
-        """Queue ``item`` and get it going; see :meth:`stalk.Channel.send`."""
+    # A send is three steps, so that the common one costs no coroutine of its own:
+    # queue(); leave_to_writer(), which is all when it returns True; else write_queued().
+    # (Channel.send and, for channel 0, Connection.send take them in turn.)
+
+    async def raise_reset(self) -> None:
+        """After :meth:`queue` dropped the spack: wait for the peer's RESET, and raise it."""
+        await self._io.until(lambda: self.reset is not None, conditional=True)
+        await self._check(sending=True)
+
+    def _bound(self) -> int:
+        """The bytes of the channel that may wait once send() returns.
+
+        Without the connection's tasks (no ``async with``), nothing would write or read
+        for a backlog: send() returns once its spack is written.
+        """
+        return self._send_buffer if self._io.task_group is not None else 0
+
+    def leave_to_writer(self) -> bool:
+        """After :meth:`queue`: leave what is queued to the writer task, if send() may return.
+
+        :returns: ``False`` when the caller is to :meth:`write_queued`.
+        """
         session, link, io = self._session, self._link, self._io
-        if not self.queue(item):
-            await io.until(lambda: self.reset is not None, conditional=True)
-            await self._check(sending=True)  # raises the reset
-        # Without the connection's tasks (no ``async with``), nothing would write or read
-        # for a backlog: send() returns once its spack is written.
-        bound = link.config.send_buffer if io.task_group is not None else 0
         answering, self._answering = self._answering, False
         # A reply (the last receive had to wait) is written at once when nothing else is
         # being written and no other task that input woke is still to run: latency
         # matters, and there is nothing to batch it with (as Connection.send does without
         # channels). The replies to a burst of requests are written together, by the last
         # of them or by the writer task.
-        if (
-            session.queued_bytes_on(self.id) <= bound
+        return (
+            session.queued_bytes_on(self.id) <= self._bound()
             and not (
                 answering
                 and (not io.woken or session.queued_bytes >= _REPLY_BATCH)
                 and not link.send_lock.locked()
             )
             and io.write_soon()
-        ):
-            return
+        )
+
+    async def write_queued(self) -> None:
+        """Write what is queued, then wait while more than the bound waits for credit."""
+        session, link, io = self._session, self._link, self._io
+        bound = self._bound()
         await io.flush_now()
         if session.queued_bytes_on(self.id) > bound:
             await io.until(

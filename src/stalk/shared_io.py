@@ -185,7 +185,8 @@ class SharedIO:
         self._link = link
         self._session = link.session
         self._dispatch = dispatch
-        self._task_group: TaskGroup | None = None
+        #: The connection's task group while it is used as ``async with``, else ``None``.
+        self.task_group: TaskGroup | None = None
         #: Makes the waiter of a task that is to wait here.
         self.new_waiter = waiter_factory()
         # Every waiting task, in arrival order (the next reader is the first); those woken
@@ -203,19 +204,14 @@ class SharedIO:
 
     # -- the connection's tasks ---------------------------------------------------------
 
-    @property
-    def task_group(self) -> TaskGroup | None:
-        """The connection's task group while it is used as ``async with``, else ``None``."""
-        return self._task_group
-
     def start(self, task_group: TaskGroup) -> None:
         """The connection entered ``async with``: the reader task starts, a writer may."""
-        self._task_group = task_group
+        self.task_group = task_group
         task_group.start_soon(self._read_behind, name=f"stalk reader {self._link.address}")
 
     def stop(self) -> None:
         """The connection's task group is ending."""
-        self._task_group = None
+        self.task_group = None
 
     # -- waiting and reading ------------------------------------------------------------
 
@@ -441,7 +437,7 @@ class SharedIO:
         :returns: ``False`` when there is no writer task (outside ``async with conn``): the
             caller writes.
         """
-        group, link = self._task_group, self._link
+        group, link = self.task_group, self._link
         if group is None:
             return False
         if not link.writer_running:
