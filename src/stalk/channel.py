@@ -155,7 +155,13 @@ class Channel(ObjectStream[Spack]):
             raise anyio.BusyResourceError("receiving from")
         self._receiving = True
         try:
-            return await self._inbox.receive()
+            inbox = self._inbox
+            taken = inbox.take_now()
+            if taken is None:
+                return await inbox.receive_waiting()
+            if inbox.release(taken):
+                await inbox.write_owed()
+            return taken.spack
         finally:
             self._receiving = False
 

@@ -497,12 +497,12 @@ class Connection(ObjectStream[Spack]):
         """
         with self._receive_guard:
             if self._channels is not None:
-                channels = self._channels
-                taken = channels.channel0.take_now()  # (Inbox.receive, in short)
+                channel0 = self._channels.channel0  # as Channel.receive
+                taken = channel0.take_now()
                 if taken is None:
-                    return await channels.channel0.receive_waiting()
-                if self._session.release(0, taken.size):
-                    await channels.io.write_owed()
+                    return await channel0.receive_waiting()
+                if channel0.release(taken):
+                    await channel0.write_owed()
                 return taken.spack
             if self._streak >= _YIELD_EVERY:
                 # A peer that sent many spacks at once must not keep a receive loop from

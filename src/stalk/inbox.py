@@ -143,15 +143,16 @@ class Inbox:
 
     # -- receiving ----------------------------------------------------------------------
 
-    # Each spack handed over gives its credit back (Session.release); the grants that makes
-    # are written with SharedIO.write_owed, as PONGs are: nothing a cancellation could
-    # interrupt, so the spack is never lost. take_now() is receive()'s first step without
-    # a coroutine of its own (Connection.receive takes it for channel 0).
+    # A receive is take_now(), which finds the spack waiting most of the time, else
+    # receive_waiting(): no coroutine of its own for the common case (Channel.receive, and
+    # Connection.receive for channel 0, take them in turn). Each spack handed over gives
+    # its credit back (release()); the grants that makes are written with write_owed(), as
+    # PONGs are: nothing a cancellation could interrupt, so the spack is never lost.
 
     def take_now(self) -> ChannelMessageReceived | None:
         """The next spack's event if one is here and nothing is in the way, taken.
 
-        The caller releases its credit and writes the grants, as :meth:`receive` does.
+        The caller then calls :meth:`release`, and :meth:`write_owed` if that says so.
         """
         if (
             self.spacks
@@ -163,17 +164,19 @@ class Inbox:
             return self._take(waited=False)
         return None
 
-    async def receive(self) -> Spack:
-        """The next spack of the channel; see :meth:`stalk.Channel.receive`."""
-        event = self.take_now()
-        if event is not None:
-            if self._session.release(self.id, event.size):
-                await self._io.write_owed()
-            return event.spack
-        return await self.receive_waiting()
+    def release(self, event: ChannelMessageReceived) -> bool:
+        """The spack of ``event`` is the application's: its credit goes back.
+
+        :returns: whether that owes grants (then :meth:`write_owed`).
+        """
+        return self._session.release(self.id, event.size)
+
+    async def write_owed(self) -> None:
+        """Write the grants (and any other record) the session owes, as PONGs are."""
+        await self._io.write_owed()
 
     async def receive_waiting(self) -> Spack:
-        """:meth:`receive` after :meth:`take_now` found nothing to take: wait for it."""
+        """A receive after :meth:`take_now` found nothing to take: wait for the spack."""
         if self._streak >= _YIELD_EVERY:
             # A peer that sent many spacks at once must not keep a receive loop from ever
             # yielding (nothing is held yet, so a cancellation here loses nothing).
@@ -187,7 +190,7 @@ class Inbox:
                 await self._check(sending=False)
             if self.spacks:
                 event = self._take(waited)
-                if self._session.release(self.id, event.size):
+                if self.release(event):
                     await self._io.write_owed()
                 return event.spack
             if self.eof:
@@ -207,7 +210,7 @@ class Inbox:
             waited = True
 
     def _receivable(self) -> bool:
-        """Whether :meth:`receive` has something to return or raise."""
+        """Whether :meth:`receive_waiting` has something to return or raise."""
         return (
             bool(self.spacks)
             or self.eof
