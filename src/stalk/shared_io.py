@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -80,10 +80,13 @@ class Waiter:
     def __init__(self) -> None:
         self._event: anyio.Event | None = None  # made by each sleep: most waits never sleep
 
-    async def sleep(self) -> None:
-        """Wait until woken from now on (a wake before this call is spent: look again)."""
+    def sleep(self) -> Awaitable[None]:
+        """Wait until woken from now on (a wake before this call is spent: look again).
+
+        What to await, made when called: a waiter's sleep is no coroutine of its own.
+        """
         self._event = anyio.Event()
-        await self._event.wait()
+        return self._event.wait()
 
     def wake(self) -> None:
         """End the current sleep, if any."""
@@ -94,7 +97,8 @@ class Waiter:
 class _FutureWaiter(Waiter):
     """On asyncio: a bare future per sleep (anyio's Event wraps asyncio's, which wraps one).
 
-    A cancellation reaches the task in ``await future`` as in any asyncio wait.
+    A cancellation reaches the task in ``await future`` as in any asyncio wait, and
+    cancels the future: a wake after it finds it done, and does nothing.
     """
 
     __slots__ = ("_future", "_loop")
@@ -104,17 +108,16 @@ class _FutureWaiter(Waiter):
         self._loop = loop
         self._future: asyncio.Future[None] | None = None
 
-    async def sleep(self) -> None:
+    def sleep(self) -> Awaitable[None]:
         future = self._future = self._loop.create_future()
-        try:
-            await future
-        finally:
-            self._future = None
+        return future
 
     def wake(self) -> None:
         future = self._future
-        if future is not None and not future.done():
-            future.set_result(None)
+        if future is not None:
+            self._future = None
+            if not future.done():
+                future.set_result(None)
 
 
 class _TrioWaiter(Waiter):
@@ -132,10 +135,10 @@ class _TrioWaiter(Waiter):
         self._lowlevel = lowlevel  # trio.lowlevel (imported only when trio runs)
         self._task: object = None
 
-    async def sleep(self) -> None:
+    def sleep(self) -> Awaitable[None]:
         lowlevel = self._lowlevel
         self._task = lowlevel.current_task()
-        await lowlevel.wait_task_rescheduled(self._abort)
+        return lowlevel.wait_task_rescheduled(self._abort)  # type: ignore[no-any-return]
 
     def _abort(self, _raise_cancel: object) -> object:
         self._task = None
