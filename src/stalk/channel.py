@@ -156,12 +156,12 @@ class Channel(ObjectStream[Spack]):
         self._receiving = True
         try:
             inbox = self._inbox
-            taken = inbox.take_now()
-            if taken is None:
+            spack = inbox.take_now()
+            if spack is None:
                 return await inbox.receive_waiting()
-            if inbox.release(taken):
+            if inbox.owed:
                 await inbox.write_owed()
-            return taken.spack
+            return spack
         finally:
             self._receiving = False
 

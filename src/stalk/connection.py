@@ -501,9 +501,9 @@ class Connection(ObjectStream[Spack]):
                 taken = channel0.take_now()
                 if taken is None:
                     return await channel0.receive_waiting()
-                if channel0.release(taken):
+                if channel0.owed:
                     await channel0.write_owed()
-                return taken.spack
+                return taken
             if self._streak >= _YIELD_EVERY:
                 # A peer that sent many spacks at once must not keep a receive loop from
                 # ever yielding: let other tasks run (nothing is held yet, so a cancellation
