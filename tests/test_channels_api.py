@@ -535,6 +535,39 @@ async def test_every_channel_ends_with_the_connection() -> None:
             await channel.send(Spack("late"))
 
 
+async def test_the_reader_task_reads_on_only_once_the_application_stops_taking() -> None:
+    """While the application takes spacks already read, the reader task does not read
+    more (they would only wait, decoded); once it stops taking, the reader task reads
+    everything that came, as it does for a channel nobody reads."""
+    count = 30_000  # about 2 MB: within channel 0's window, many reads of 256 KiB
+
+    async def server(conn: Connection) -> None:
+        for i in range(count):
+            conn.queue(Spack(i, b"x" * 60))
+        await conn.flush()
+        await conn.receive()  # until the client closes
+
+    config = Config(max_channels=4)
+    async with (
+        serving(server, config=config) as (host, port, _),
+        await connect(host, port, config=config) as conn,
+    ):
+        io = conn._channels.io if conn._channels is not None else None
+        assert io is not None
+        most = 0
+        with anyio.fail_after(20):
+            for i in range(count // 2):
+                assert (await conn.receive())[0] == i
+                most = max(most, io.held)
+                await anyio.lowlevel.checkpoint()  # the reader task has its turns
+            assert most < count // 4  # about one read at a time, not all that came
+            while io.held < count - count // 2:  # stopped taking: the rest is read
+                await anyio.sleep(0.001)
+            assert [(await conn.receive())[0] for _ in range(count // 2, count)] == list(
+                range(count // 2, count)
+            )
+
+
 async def test_a_receive_reading_channel_0_ends_with_the_connection_alone() -> None:
     """Channel 0's receive reads without a cancel scope for other tasks to cancel: only
     input or the connection's end can end its wait. As the reader it hands another

@@ -137,6 +137,7 @@ class Inbox:
         """A spack arrived on the channel."""
         self.spacks.append(event.spack)
         self._sizes.append(event.size)
+        self._io.held += 1
         if self._waiter is not None:
             self._io.delivered(self._waiter)
 
@@ -228,6 +229,7 @@ class Inbox:
     def _take(self, waited: bool) -> Spack:
         """Take the next spack, and give its credit back (:attr:`owed`: grants to write)."""
         spack = self.spacks.popleft()
+        self._io.held -= 1
         self.owed = self._session.release(self.id, self._sizes.popleft())
         self._link.spacks_received += 1
         self._streak = 0 if waited else self._streak + 1
@@ -386,6 +388,7 @@ class Inbox:
         """Drop what the application has not received: its credit goes back."""
         for size in self._sizes:
             self._session.release(self.id, size)
+        self._io.held -= len(self.spacks)
         self.spacks.clear()
         self._sizes.clear()
 

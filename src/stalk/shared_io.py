@@ -22,7 +22,10 @@ while no other task waits, so that credit, the peer's new channels (for a
 application is not receiving; it takes a free role only after the tasks already running
 had their turn, and leaves it as soon as another task waits, so a task receiving its
 answers reads them itself, with no task switch through the reader task.
-Flow control bounds what it takes in.
+Flow control bounds what it takes in. It does not read while the application is taking
+spacks already read (it looks again once the application stopped taking them, or the
+application's own receive reads): more would only lengthen a backlog held decoded, up to
+a window of small spacks, which the garbage collector goes through again and again.
 
 **Waking.** A waiting task is woken by setting its event (a bare future on asyncio, a
 parked task on trio: :class:`Waiter`); the reader, blocked on the transport, by
@@ -66,6 +69,10 @@ if TYPE_CHECKING:
     import asyncio
 
 __all__ = ["SharedIO", "Waiter"]
+
+#: While the application takes spacks already read, the reader task looks again this
+#: often (seconds) whether it still does, before it reads more.
+_TAKING_PAUSE = 0.001
 
 
 class Waiter:
@@ -204,6 +211,8 @@ class SharedIO:
         self.peer_close: CloseReceived | None = None
         #: The tasks that input woke (a spack arrived for them) and that have not run yet.
         self.woken: set[Waiter] = set()
+        #: Spacks in the channels' inboxes, not yet taken by the application.
+        self.held = 0
 
     # -- the connection's tasks ---------------------------------------------------------
 
@@ -262,11 +271,21 @@ class SharedIO:
         It runs until the peer's CLOSE or the connection's end.
         """
         waiter = self._idle_reader = self.new_waiter()
-        waiting = self._waiting
+        waiting, link = self._waiting, self._link
+        taken = link.spacks_received  # by the application, when this task last looked
+
+        def taking() -> bool:
+            """Whether the application took spacks already read since the last look.
+
+            With some left, reading more now would only lengthen that backlog (held
+            decoded): this task looks again a pause later (or when woken).
+            """
+            return bool(self.held) and link.spacks_received != taken
+
         try:
             with contextlib.suppress(StalkError):
                 while self.peer_close is None:
-                    self._link.check_open()
+                    link.check_open()
                     if self._reader is None and not waiting:
                         # The tasks already running go first: one that sends and then
                         # receives takes the role itself and reads its answer, with no
@@ -274,11 +293,18 @@ class SharedIO:
                         await anyio.lowlevel.checkpoint()
                         if self._reader is not None or waiting:
                             continue
+                        if taking():
+                            taken = link.spacks_received
+                            with anyio.move_on_after(_TAKING_PAUSE):
+                                await waiter.sleep()
+                            continue
+                        taken = link.spacks_received
                         await self._read(
-                            lambda: bool(waiting) or self.peer_close is not None,
+                            lambda: bool(waiting) or self.peer_close is not None or taking(),
                             waiter,
                             nudge=False,  # it stops reading once another task waits
                         )
+                        taken = link.spacks_received
                         if self._reader is None and waiting:
                             self.wake(next(iter(waiting)))
                     else:
