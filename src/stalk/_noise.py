@@ -56,8 +56,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import os
 import struct
 import warnings
+from collections import deque
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
@@ -82,6 +84,7 @@ __all__ = [
     "HandshakeAuthenticationFailed",
     "NoiseHandshake",
     "TransportCipher",
+    "prepare_ephemeral",
 ]
 
 #: Curve25519 public key length (Noise §12.1).
@@ -236,6 +239,35 @@ def _aead(key: bytes, *, chacha: bool) -> Any:
 
 
 _ZEROS: Final = bytes(32)
+
+
+# -- ephemeral keys ------------------------------------------------------------------------
+
+#: At most one ephemeral key made ahead of need by :func:`prepare_ephemeral`, for the next
+#: handshake of this process. ``popleft`` hands it to exactly one taker, across threads too.
+_SPARE: Final[deque[X25519PrivateKey]] = deque(maxlen=1)
+if hasattr(os, "register_at_fork"):  # a forked child must never use its parent's key
+    os.register_at_fork(after_in_child=_SPARE.clear)
+
+
+def prepare_ephemeral() -> None:
+    """Make the next handshake's ephemeral key now, unless one is waiting.
+
+    For a driver with time on its hands, waiting for the peer's handshake message: a key
+    pair costs about as much as a DH (20 us here), and the next handshake, which would make
+    it while its peer waits, takes it ready made. Each key is still used once and fresh
+    from the system's random generator; it is only made earlier.
+    """
+    if not _SPARE:
+        _SPARE.append(X25519PrivateKey.generate())
+
+
+def _new_ephemeral() -> X25519PrivateKey:
+    """The key :func:`prepare_ephemeral` made, taken (never to be used again), or a new one."""
+    try:
+        return _SPARE.popleft()
+    except IndexError:
+        return X25519PrivateKey.generate()
 
 
 # -- the lean engine -----------------------------------------------------------------------
@@ -402,7 +434,7 @@ class _LeanEngine:
         for step in self._steps(writing=True):
             if step == "e":
                 if self._e is None:
-                    self._e = X25519PrivateKey.generate()
+                    self._e = _new_ephemeral()
                 public = self._e.public_key().public_bytes_raw()
                 parts.append(public)
                 self._mix_hash(public)

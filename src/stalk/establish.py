@@ -21,6 +21,7 @@ import anyio
 import anyio.lowlevel
 
 from stalk._logs import CONNECTION, HANDSHAKE, THROTTLE
+from stalk._noise import prepare_ephemeral
 from stalk.certificates import CertifiedIdentity
 from stalk.errors import HandshakeFailed
 from stalk.events import NEED_DATA, PAUSED, HandshakeComplete, PeerIdentified
@@ -64,6 +65,8 @@ async def _run(link: Link, authorize: Authorize | None, started: float) -> None:
         event = session.next_event()
         await link.write_handshake()  # a responder answers as a side effect of reading
         if event is NEED_DATA:
+            # While the peer works on its answer, the next handshake's key costs no one.
+            prepare_ephemeral()
             await link.receive_into_session(handshake=True)
         elif event is PAUSED:
             await anyio.lowlevel.checkpoint()  # its output was just written
