@@ -214,22 +214,27 @@ class _ChannelSide(_Side):
         self.channels = [0, client.open_channel(), client.open_channel()]
 
     def deliver(self, data: bytes | bytearray) -> None:
-        self.wire += data
-        self.pair.server.receive_data(bytes(data))
-        for event in drain(self.pair.server):
-            if isinstance(event, ChannelMessageReceived):
-                self.received.append((event.channel, event.spack))
-                self.held.append(event)
-        self._answers()
+        """Deliver ``data``, then what the credit granted back lets go, until nothing does.
 
-    def _answers(self) -> None:
-        if answers := take_all(self.pair.server):  # grants, PONGs
+        A loop, not a recursion: a large spack over a small window takes many rounds.
+        """
+        while data:
+            self.wire += data
+            self.pair.server.receive_data(bytes(data))
+            for event in drain(self.pair.server):
+                if isinstance(event, ChannelMessageReceived):
+                    self.received.append((event.channel, event.spack))
+                    self.held.append(event)
+            data = self._answers()
+
+    def _answers(self) -> bytes | bytearray:
+        """The server's answers (grants, PONGs) to the client; the client's next output."""
+        if answers := take_all(self.pair.server):
             self.pair.client.receive_data(answers)
         for event in drain(self.pair.client):
             if isinstance(event, PongReceived):
                 self.received.append(("pong", event.payload))
-        while data := self.pair.client.data_to_send():  # what the credit let go
-            self.deliver(data)
+        return self.pair.client.data_to_send()  # what the credit let go
 
     def run(self, op: tuple[object, ...], index: int) -> None:
         client = self.pair.client
@@ -252,7 +257,7 @@ class _ChannelSide(_Side):
             for event in self.held:
                 self.pair.server.release(event.channel, event.size)
             self.held.clear()
-            self._answers()
+            self.deliver(self._answers())
         else:
             super().run(op, index)
 
