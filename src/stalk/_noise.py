@@ -180,7 +180,9 @@ class TransportCipher:
         """
         if len(plaintext) > MAX_PLAINTEXT:
             raise ValueError(f"plaintext of {len(plaintext)} bytes exceeds {MAX_PLAINTEXT}")
-        ciphertext: bytes = self._aead_call("encrypt", plaintext)
+        nonce = self._next_nonce()
+        ciphertext: bytes = self._aead.encrypt(nonce, plaintext, None)
+        self._n += 1
         return ciphertext
 
     def encrypt_into(self, plaintext: bytes | bytearray | memoryview, out: memoryview) -> None:
@@ -193,12 +195,6 @@ class TransportCipher:
         nonce = self._next_nonce()
         self._aead.encrypt_into(nonce, plaintext, None, out)
         self._n += 1
-
-    def _aead_call(self, method: str, data: bytes | bytearray | memoryview) -> bytes:
-        nonce = self._next_nonce()
-        result: bytes = getattr(self._aead, method)(nonce, data, None)
-        self._n += 1
-        return result
 
     def decrypt(self, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """Decrypt and authenticate one transport message; the nonce advances only on success.

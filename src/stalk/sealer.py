@@ -198,6 +198,10 @@ class Sealer:
             raise LocalProtocolError("a plaintext is sealed at once only when nothing waits")
         return self._seal_lone(plaintext)
 
+    def seal_idle(self, plaintext: bytearray) -> bytearray:
+        """:meth:`seal_one` for a caller that checked :attr:`idle` itself."""
+        return self._seal_lone(plaintext)
+
     def push_one(self, plaintext: bytearray) -> None:
         """:meth:`push` for one plaintext (not ending with CLOSE), without an iterator."""
         idle = self._lone is None and self._flushed is None
@@ -251,20 +255,19 @@ class Sealer:
         )
 
     def _seal_lone(self, plaintext: bytearray) -> bytearray:
-        """Encrypt ``plaintext`` into a buffer of its own and return it."""
+        """Encrypt ``plaintext`` as a frame in a buffer of its own and return it."""
         cipher = self._cipher
         if cipher is None:  # pragma: no cover - callers checked
             raise LocalProtocolError("nothing to seal")
-        out = bytearray(len(plaintext) + _OVERHEAD)
-        view = memoryview(out)
+        rekey = self._count(plaintext, may_rekey=True)
+        out = bytearray(_FRAME.pack(len(plaintext) + TAGLEN))
         try:
-            size = self._seal_frame(cipher, plaintext, view, 0, may_rekey=True)
+            out += cipher.encrypt(plaintext)
         except NonceExhausted as exc:
             self._exhausted = exc
             raise
-        finally:
-            view.release()  # ``out`` may be resized once no view of it is left
-        del out[size:]
+        if rekey:
+            self._rekeyed(cipher)
         return out
 
     def _seal_next(self) -> int:
@@ -356,20 +359,33 @@ class Sealer:
         Applies the rekey policy: a REKEY record ends the plaintext when one is due, unless
         ``may_rekey`` is false (the plaintext ends with CLOSE, which must stay last).
         """
-        self._messages += 1
-        self._bytes += len(plaintext)
-        rekey = may_rekey and self._rekey_due()
-        if rekey:
-            plaintext.extend(REKEY_RECORD)
+        rekey = self._count(plaintext, may_rekey=may_rekey)
         size = len(plaintext) + TAGLEN
         _FRAME.pack_into(out, offset, size)
         start = offset + FRAME_HEADER_LEN
         end = start + size
         cipher.encrypt_into(plaintext, out[start:end])
         if rekey:
-            cipher.rekey()
-            self.rekeys += 1
-            self._requested = False
-            self._messages = 0
-            self._bytes = 0
+            self._rekeyed(cipher)
         return end
+
+    def _count(self, plaintext: bytearray, *, may_rekey: bool) -> bool:
+        """Count a plaintext about to be sealed; whether it carries a REKEY (appended here).
+
+        The rekey policy: a REKEY record ends the plaintext when one is due, unless
+        ``may_rekey`` is false (the plaintext ends with CLOSE, which must stay last).
+        """
+        self._messages += 1
+        self._bytes += len(plaintext)
+        rekey = may_rekey and self._rekey_due()
+        if rekey:
+            plaintext.extend(REKEY_RECORD)
+        return rekey
+
+    def _rekeyed(self, cipher: TransportCipher) -> None:
+        """The plaintext carrying a REKEY was sealed: the next ones use the new key."""
+        cipher.rekey()
+        self.rekeys += 1
+        self._requested = False
+        self._messages = 0
+        self._bytes = 0

@@ -112,6 +112,7 @@ _CONFIRMING = DirectionState.CONFIRMING
 _OPEN = DirectionState.OPEN
 _CLOSED = DirectionState.CLOSED
 _DATA_SENT = ChannelInput.DATA_SENT
+_MESSAGE_BYTE = int(RecordKind.MESSAGE)
 _UNAUTHENTICATED = frozenset(
     {SessionState.HANDSHAKING, SessionState.AUTHORIZING, SessionState.CONFIRMING}
 )
@@ -703,6 +704,29 @@ class Session:
 
         :raises: as :meth:`queue`.
         """
+        sealer = self._sealer
+        if (
+            self._mux is None
+            and self._closing is None
+            and not self._writer.pending()
+            and not self._control.pending()
+            and sealer.idle
+            and self._states.can_send_data
+        ):
+            pieces, size = self._encode(spack)
+            if size < 0x80:
+                # The common small spack, in short: the plaintext queue() then flush_now()
+                # would make (one MESSAGE record with a one-byte length), sealed at once.
+                plaintext = bytearray((_MESSAGE_BYTE, 0, size))
+                plaintext += pieces[0]
+                frame = sealer.seal_idle(plaintext)
+                self.bytes_sent += len(frame)
+                return frame
+            if len(pieces) == 1:
+                self._writer.add_message(pieces[0])
+            else:
+                self._writer.add_message_pieces(pieces)
+            return self.flush_now()
         self.queue(spack)
         return self.flush_now()
 

@@ -7,6 +7,7 @@
     python -m stalk.bench.profile_cell handshake xx --concurrency 16
     python -m stalk.bench.profile_cell linearity
     python -m stalk.bench.profile_cell send 64 --transport stalk_ch0   # channel 0, channels on
+    python -m stalk.bench.profile_cell send 64 --transport stalk_plain # no writer task
     python -m stalk.bench.profile_cell fanout channels     # 1000 channels, 64 B round trips
     python -m stalk.bench.profile_cell fanout stalk --streams 100
     python -m stalk.bench.profile_cell quiet stalk_busy    # channel A while B streams
@@ -122,8 +123,9 @@ def main() -> int:
     parser.add_argument(
         "--transport",
         default="stalk",
-        choices=[*bench.TRANSPORTS, "stalk_ch0"],
-        help="stalk_ch0: channel 0 of a connection with channels",
+        choices=[*bench.TRANSPORTS, "stalk_ch0", "stalk_plain", "stalk_ch0_plain"],
+        help="stalk_ch0: channel 0 of a connection with channels; *_plain: a connection "
+        "used without async with (no writer task)",
     )
     parser.add_argument("--backend", default="asyncio", choices=bench.available_backends())
     parser.add_argument("--concurrency", type=int, default=1)
