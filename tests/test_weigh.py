@@ -39,7 +39,13 @@ from stalk.spack import (
     encode_spack,
     encode_spack_pieces,
 )
-from stalk.weigh import MAX_WEIGHT_PER_BYTE, Weigher, weigh, within_budget
+from stalk.weigh import (
+    ALWAYS_WITHIN_BUDGET,
+    MAX_WEIGHT_PER_BYTE,
+    Weigher,
+    weigh,
+    within_budget,
+)
 from stalk.wire import WEIGHT_FACTOR, WEIGHT_FLOOR
 from test_spack import raw_msgpack, spack_values
 
@@ -340,6 +346,15 @@ def test_the_heaviest_shape_reaches_the_maximum_and_one_record_is_always_within_
     assert within_budget(65_535)
     assert MAX_WEIGHT_PER_BYTE * 65_535 <= WEIGHT_FACTOR * 65_535 + WEIGHT_FLOOR
     assert not within_budget(100_000)
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_the_size_always_within_budget_is_where_the_heaviest_shape_reaches_the_budget(
+    offset: int,
+) -> None:
+    size = ALWAYS_WITHIN_BUDGET + offset
+    by_formula = MAX_WEIGHT_PER_BYTE * size <= WEIGHT_FACTOR * size + WEIGHT_FLOOR
+    assert within_budget(size) is by_formula is (offset <= 0)
 
 
 def test_a_trailing_payload_adds_less_weight_than_budget_so_only_the_rest_is_weighed() -> None:

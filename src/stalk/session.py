@@ -92,7 +92,7 @@ from stalk.records import RecordWriter, check_close, encode_close
 from stalk.sealer import Sealer
 from stalk.spack import Spack, encode_spack_pieces
 from stalk.states import Direction, Directions, DirectionState, Input, SessionState, refusal
-from stalk.weigh import check_weight
+from stalk.weigh import ALWAYS_WITHIN_BUDGET, check_weight
 from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
@@ -192,6 +192,7 @@ class Session:
         "_hs",
         "_mux",
         "_pattern",
+        "_peer_limit",
         "_reader",
         "_receiver",
         "_result",
@@ -259,6 +260,7 @@ class Session:
             )
         self._pattern: Pattern | None = self._hs.pattern
         self._result: HandshakeResult | None = None
+        self._peer_limit = 0  # the peer's max_message_size, once the handshake told it
         self._receiver: Receiver | None = None
         self._channels: ChannelTable | None = None  # once both offered channels
         self._mux: Mux | None = None  # with channels: the application's spacks go here
@@ -524,6 +526,7 @@ class Session:
     def _start_transport(self, result: HandshakeResult) -> None:
         """The handshake produced the transport ciphers: start both directions."""
         self._result = result
+        self._peer_limit = result.peer_params.max_message_size
         self._hs = None
         self._sealer.start(result.send_cipher)
         ours, theirs = self.config.channels, result.peer_params.channels
@@ -652,12 +655,13 @@ class Session:
             )
         pieces = encode_spack_pieces(spack._values)
         size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
-        limit = self.peer_max_message_size or 0
+        limit = self._peer_limit
         if size > limit:
             raise MessageTooLarge(
                 f"spack of {size} bytes exceeds the peer's limit of {limit} bytes"
             )
-        check_weight(pieces, size)
+        if size > ALWAYS_WITHIN_BUDGET:  # (else check_weight() has nothing to check)
+            check_weight(pieces, size)
         return pieces, size
 
     def _queue_on_channel(self, spack: Spack, channel: int) -> None:

@@ -74,6 +74,7 @@ from stalk.wire import (
 )
 
 __all__ = [
+    "ALWAYS_WITHIN_BUDGET",
     "BIG",
     "MAX_WEIGHT_PER_BYTE",
     "Weigher",
@@ -819,12 +820,15 @@ def _length(view: memoryview, pos: int, size: int) -> int:
     return _U32.unpack_from(view, pos + 1)[0]  # type: ignore[no-any-return]
 
 
-def within_budget(size: int) -> bool:
-    """Whether every spack of ``size`` encoded bytes is within its budget, whatever its shape.
+#: Every spack of at most this many encoded bytes is within its budget, whatever its
+#: shape: ``MAX_WEIGHT_PER_BYTE * size <= WEIGHT_FACTOR * size + WEIGHT_FLOOR`` (about
+#: 82 KiB, which covers every spack that fits in one record).
+ALWAYS_WITHIN_BUDGET: Final = WEIGHT_FLOOR // (MAX_WEIGHT_PER_BYTE - WEIGHT_FACTOR)
 
-    True up to about 82 KiB, which covers every spack that fits in one record.
-    """
-    return MAX_WEIGHT_PER_BYTE * size <= WEIGHT_FACTOR * size + WEIGHT_FLOOR
+
+def within_budget(size: int) -> bool:
+    """Whether every spack of ``size`` encoded bytes is within its budget, whatever its shape."""
+    return size <= ALWAYS_WITHIN_BUDGET
 
 
 def weigh(encoding: bytes | bytearray | memoryview, max_size: int | None = None) -> int:
