@@ -320,7 +320,7 @@ async def test_an_oversized_spack_is_cut_off_at_the_limit(
                 try:
                     for start in range(0, FLOOD_FRAGMENTS * FRAGMENT, FRAGMENT):
                         chunk = flood[start : start + FRAGMENT]
-                        session._writer.add(RecordKind.FRAGMENT, chunk)  # bypasses the limit
+                        session._sender.writer.add(RecordKind.FRAGMENT, chunk)  # bypasses the limit
                         session.flush()
                         await stream.send(take_all(session))
                         sent += FRAGMENT
@@ -388,11 +388,11 @@ async def test_a_peer_still_sending_after_our_error_close_reads_it(anyio_backend
             async with anyio.create_task_group() as tg:
                 tg.start_soon(read_close)
                 with contextlib.suppress(anyio.BrokenResourceError, OSError):
-                    session._writer.add(RecordKind.MESSAGE, b"\xc1")  # never valid msgpack
+                    session._sender.writer.add(RecordKind.MESSAGE, b"\xc1")  # never valid msgpack
                     for _ in range(64):  # then 3.8 MiB more, as if a large send went on
                         session.flush()
                         await stream.send(take_all(session))
-                        session._writer.add(RecordKind.FRAGMENT, bytes(60_000))
+                        session._sender.writer.add(RecordKind.FRAGMENT, bytes(60_000))
             await wait_until(lambda: errors, timeout=10)
         await stream.aclose()
     assert codes == [CloseCode.PROTOCOL_ERROR]

@@ -312,8 +312,8 @@ def test_peer_exceeding_our_limit_is_a_protocol_error() -> None:
     small = SessionConfig(max_message_size=4096)
     pair = connected_pair(server_config=small)
     # A misbehaving client ignores the advertised limit.
-    pair.client._writer.add_message(Spack(b"x" * 200_000).encode())
-    pair.client._push(pair.client._writer)
+    pair.client._sender.writer.add_message(Spack(b"x" * 200_000).encode())
+    pair.client._sender.push(pair.client._sender.writer)
     pair.server.receive_data(take_all(pair.client))
     with pytest.raises(MessageLimitExceeded):
         drain(pair.server)

@@ -26,15 +26,19 @@ The session orchestrates; each job has its own module:
 - :mod:`stalk.states`: the two directions' state machine, the one source of truth for what
   is allowed when (:attr:`Session.state` summarizes it);
 - :mod:`stalk.framing`: the frame reader both phases read from;
-- :mod:`stalk.handshake`: the Noise handshake objects, then SPEC "Confirmation": the party
-  that read the last handshake message sends READY as its first record, and its peer
-  reports nothing (and sends no spack) until READY arrives. For the IK responder this is
-  the replay defence: a recorded message 1 replayed by an attacker never produces a valid
-  READY. For the XX initiator it carries the responder's authorization verdict;
+- :mod:`stalk.handshake` and :mod:`stalk.opening`: the Noise handshake objects and the
+  handshake phase that drives them, then SPEC "Confirmation": the party that read the last
+  handshake message sends READY as its first record, and its peer reports nothing (and
+  sends no spack) until READY arrives. For the IK responder this is the replay defence: a
+  recorded message 1 replayed by an attacker never produces a valid READY. For the XX
+  initiator it carries the responder's authorization verdict;
 - :mod:`stalk.receiver` and :mod:`stalk.reassembly`: the transport phase's receive loop,
   bounded per call (SPEC "Resource model"), and spacks rebuilt from their pieces;
-- :mod:`stalk.records`: records packed into plaintexts;
-- :mod:`stalk.sealer`: the only place anything is encrypted, with the rekey policy.
+- :mod:`stalk.sender` and :mod:`stalk.records`: the send side, records queued in call
+  order and packed into plaintexts;
+- :mod:`stalk.sealer`: the only place anything is encrypted, with the rekey policy;
+- :mod:`stalk.channel_ops`, :mod:`stalk.mux` and :mod:`stalk.demux`: with channels, the
+  channel operations, and each direction's channels.
 
 Invariants:
 
@@ -57,16 +61,14 @@ from collections import deque
 from dataclasses import dataclass
 
 from stalk.certificates import Certificate, CertificatePolicy, CertifiedIdentity
-from stalk.channels import ChannelInput, ChannelState, ChannelTable
+from stalk.channel_ops import ChannelOps
+from stalk.channels import ChannelState, ChannelTable
 from stalk.errors import (
     ConnectionLost,
     HandshakeFailed,
-    InvalidSpackValue,
     LocalProtocolError,
-    MessageTooLarge,
     ProtocolError,
     StalkError,
-    reason_for_peer,
 )
 from stalk.events import (
     NEED_DATA,
@@ -78,21 +80,17 @@ from stalk.events import (
     Paused,
     PeerIdentified,
 )
-from stalk.framing import FrameReader, encode_refusal
-from stalk.handshake import (
-    ChannelParams,
-    HandshakeResult,
-    InitiatorHandshake,
-    ResponderHandshake,
-)
+from stalk.framing import FrameReader
+from stalk.handshake import ChannelParams, HandshakeResult
 from stalk.identity import Identity, PublicIdentity
 from stalk.mux import Mux
+from stalk.opening import Opening
 from stalk.receiver import Receiver
-from stalk.records import RecordWriter, check_close, encode_close
+from stalk.records import RecordWriter, check_close
 from stalk.sealer import Sealer
-from stalk.spack import Spack, encode_spack_pieces
-from stalk.states import Direction, Directions, DirectionState, Input, SessionState, refusal
-from stalk.weigh import ALWAYS_WITHIN_BUDGET, check_weight
+from stalk.sender import Sender
+from stalk.spack import Spack
+from stalk.states import Directions, DirectionState, Input, SessionState
 from stalk.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REKEY_AFTER_BYTES,
@@ -111,8 +109,6 @@ _HANDSHAKE = DirectionState.HANDSHAKE
 _CONFIRMING = DirectionState.CONFIRMING
 _OPEN = DirectionState.OPEN
 _CLOSED = DirectionState.CLOSED
-_DATA_SENT = ChannelInput.DATA_SENT
-_MESSAGE_BYTE = int(RecordKind.MESSAGE)
 _UNAUTHENTICATED = frozenset(
     {SessionState.HANDSHAKING, SessionState.AUTHORIZING, SessionState.CONFIRMING}
 )
@@ -185,22 +181,17 @@ class Session:
     # Slots: a session is held per connection, and an instance dict costs more.
     __slots__ = (
         "_channels",
-        "_closing",
-        "_control",
         "_error",
         "_events",
-        "_hs",
-        "_mux",
-        "_pattern",
-        "_peer_limit",
+        "_opening",
+        "_ops",
         "_reader",
         "_receiver",
         "_result",
         "_sealer",
+        "_sender",
         "_states",
-        "_writer",
         "bytes_received",
-        "bytes_sent",
         "config",
         "identity",
         "role",
@@ -228,9 +219,8 @@ class Session:
             certificate = certificate.encoded
         self.role = role
         self.identity = identity
-        #: Bytes handed out by :meth:`data_to_send`, and given to :meth:`receive_data`:
-        #: what went to and came from the transport, the handshake's included.
-        self.bytes_sent = 0
+        #: Bytes given to :meth:`receive_data`: what came from the transport, the
+        #: handshake's included.
         self.bytes_received = 0
         config = self.config = config or SessionConfig()
         self._states = Directions()
@@ -238,40 +228,23 @@ class Session:
         self._sealer = Sealer(config.rekey_after_messages, config.rekey_after_bytes)
         self._events: deque[Event] = deque()
         self._error: StalkError | None = None
-        self._hs: InitiatorHandshake | ResponderHandshake | None
-        if role is Role.INITIATOR:
-            self._hs = InitiatorHandshake(
-                identity,
-                peer,
-                config.max_message_size,
-                channels=config.channels,
-                certificate=certificate,
-                policy=certificate_policy,
-                ephemeral=ephemeral_for_testing_only,
-            )
-        else:
-            self._hs = ResponderHandshake(
-                identity,
-                config.max_message_size,
-                channels=config.channels,
-                certificate=certificate,
-                policy=certificate_policy,
-                ephemeral=ephemeral_for_testing_only,
-            )
-        self._pattern: Pattern | None = self._hs.pattern
+        self._sender = Sender(self._sealer, RecordWriter(), self._states)
+        self._ops = ChannelOps(self._sender)
         self._result: HandshakeResult | None = None
-        self._peer_limit = 0  # the peer's max_message_size, once the handshake told it
         self._receiver: Receiver | None = None
         self._channels: ChannelTable | None = None  # once both offered channels
-        self._mux: Mux | None = None  # with channels: the application's spacks go here
-        self._closing: tuple[int, str] | None = None  # a CLOSE waiting for queued spacks
-        # Application records (spacks, and CLOSE/PING, which must follow what was queued
-        # before them) and control records the session emits by itself (READY, PONG, error
-        # CLOSE). Keeping them apart lets the receive path owe a PONG without flushing
-        # spacks the application queued but has not flushed.
-        self._writer = RecordWriter()
-        self._control = RecordWriter()
-        self._take_handshake_output()
+        self._opening = Opening(
+            identity,
+            self._sender,
+            self._states,
+            initiator=role is Role.INITIATOR,
+            peer=peer,
+            max_message_size=config.max_message_size,
+            channels=config.channels,
+            certificate=certificate,
+            policy=certificate_policy,
+            ephemeral=ephemeral_for_testing_only,
+        )
 
     # -- introspection -------------------------------------------------------------------
 
@@ -288,7 +261,7 @@ class Session:
     @property
     def pattern(self) -> Pattern | None:
         """``"XX"`` or ``"IK"`` (a responder knows it once the preamble arrived)."""
-        return self._pattern
+        return self._opening.pattern
 
     @property
     def peer(self) -> PublicIdentity | None:
@@ -327,6 +300,14 @@ class Session:
         return self._channels is not None
 
     @property
+    def bytes_sent(self) -> int:
+        """Bytes handed out by :meth:`data_to_send` and :meth:`send_now`.
+
+        What went to the transport, the handshake's included.
+        """
+        return self._sender.bytes_sent
+
+    @property
     def close_sent(self) -> bool:
         """Whether we sent CLOSE (ours, or an error CLOSE): our direction is finished."""
         return self._states.send is _CLOSED or self._sealer.closed
@@ -353,13 +334,11 @@ class Session:
         With channels: data bytes queued and not yet sent (flushed or not, waiting for
         their turn or for credit).
         """
-        if self._mux is not None:
-            return self._mux.queued_bytes
-        return self._writer.queued_bytes
+        return self._sender.queued_bytes
 
     def queued_bytes_on(self, channel: int) -> int:
         """With channels: data bytes queued on ``channel`` and not yet sent (0 without)."""
-        return self._mux.queued_on(channel) if self._mux is not None else 0
+        return self._ops.queued_on(channel)
 
     @property
     def unsent(self) -> bool:
@@ -367,24 +346,21 @@ class Session:
 
         A CLOSE of the connection waits for them (:meth:`close`), some perhaps for credit.
         """
-        return self._mux is not None and self._mux.unsent()
+        return self._sender.unsent
 
     def channel_state(self, channel: int) -> ChannelState | None:
         """The state of ``channel`` (not 0); ``None`` when it is not open (ended, or never)."""
-        table = self._channels
-        found = table.channels.get(channel) if table is not None else None
-        return found.state if found is not None else None
+        return self._ops.state(channel)
 
     @property
     def can_open_channel(self) -> bool:
         """Whether :meth:`open_channel` would open one now (within the peer's limit)."""
-        table = self._channels
-        return table is not None and table.can_open()
+        return self._ops.can_open
 
     @property
     def has_output(self) -> bool:
         """Whether :meth:`data_to_send` has anything (answers owed to the peer included)."""
-        return self._sealer.pending or self._control.pending()
+        return self._sender.has_output
 
     # -- bytes in, events out ---------------------------------------------------------------
 
@@ -442,26 +418,7 @@ class Session:
         out what is encrypted already or encrypts about 2 MiB more of what was flushed (see
         :mod:`stalk.sealer`), so a large spack is never held as ciphertext all at once.
         """
-        sealer = self._sealer
-        if self._control.pending() and sealer.cipher is not None and not sealer.closed:
-            sealer.push(self._control.pack())  # answers owed (PONGs; WINDOW with channels)
-        if self._closing is not None and not (self._mux is not None and self._mux.unsent()):
-            code, reason = self._closing  # everything queued before close() has gone
-            self._closing = None
-            self._writer.add(RecordKind.CLOSE, encode_close(code, reason))
-            self._push(self._writer, final=True)
-        data = sealer.take()
-        self.bytes_sent += len(data)
-        return data
-
-    # -- the handshake --------------------------------------------------------------------
-
-    def _take_handshake_output(self) -> None:
-        hs = self._hs
-        if hs is not None and hs.out:
-            for data in hs.out:
-                self._sealer.add_cleartext(data)
-            hs.out.clear()
+        return self._sender.take()
 
     def _progress(self) -> None:
         states = self._states
@@ -482,10 +439,8 @@ class Session:
         elif receive is _CLOSED:
             self._reader.discard()  # bytes after the peer's CLOSE are never read
         table = self._channels
-        if table is not None and table.peer_resets and self._mux is not None:
-            for channel in table.peer_resets:  # our direction ended with the peer's RESET
-                self._mux.drop(channel)
-            table.peer_resets.clear()
+        if table is not None and table.peer_resets:
+            self._ops.drop_peer_resets()
         if self._reader.eof and not self._events and not receiver.busy:
             self._end_of_input()
 
@@ -495,62 +450,59 @@ class Session:
             raise ConnectionLost(f"connection cut in the middle of a frame ({left} bytes)")
         self._states.process(Input.EOF)
 
+    def _fail(self, exc: StalkError) -> None:
+        self._error = exc
+        self._states.process(Input.FAIL)
+        self._events.clear()
+        if self._receiver is not None:
+            self._receiver.reset()
+        self._sender.fail(exc)
+
+    # -- the handshake --------------------------------------------------------------------
+
     def _progress_handshake(self) -> None:
-        hs = self._hs
-        if hs is None:  # pragma: no cover - present while the handshake runs
-            return
-        try:
-            done = hs.step(self._reader)
-        except HandshakeFailed as exc:
-            if isinstance(hs, ResponderHandshake) and hs.failure_close is not None:
-                # XX message 3 was read: the verdict is given, but an authenticated CLOSE
-                # can still say why instead of READY (SPEC "Verdict and refusals").
-                code, cipher = hs.failure_close
-                self._sealer.start(cipher)
-                self._queue_final_close(code, reason_for_peer(exc))
-            raise
-        finally:
-            self._take_handshake_output()
-        self._pattern = hs.pattern
-        if isinstance(hs, ResponderHandshake):
-            if hs.awaiting_authorization and hs.peer is not None and hs.pattern is not None:
-                self._states.process(Input.PEER_IDENTIFIED)
-                self._events.append(PeerIdentified(hs.peer, hs.pattern))
-            return
-        if done and hs.result is not None:
-            self._start_transport(hs.result)
+        outcome = self._opening.step(self._reader)
+        if isinstance(outcome, PeerIdentified):
+            self._states.process(Input.PEER_IDENTIFIED)
+            self._events.append(outcome)
+        elif outcome is not None:
+            self._start_transport(outcome)
             self._states.process(Input.KEYS)
-            if hs.pattern == "IK":
+            if outcome.pattern == "IK":
                 self._send_ready()
 
     def _start_transport(self, result: HandshakeResult) -> None:
         """The handshake produced the transport ciphers: start both directions."""
         self._result = result
-        self._peer_limit = result.peer_params.max_message_size
-        self._hs = None
         self._sealer.start(result.send_cipher)
         ours, theirs = self.config.channels, result.peer_params.channels
         if ours is not None and theirs is not None:
             self._channels = ChannelTable(
                 initiator=self.role is Role.INITIATOR, ours=ours, theirs=theirs
             )
-            self._mux = Mux(self._channels)
-            self._sealer.attach(self._mux)
-        self._receiver = Receiver(
+        receiver = self._receiver = Receiver(
             self._reader,
             result.recv_cipher,
             states=self._states,
             events=self._events,
-            control=self._control,
+            control=self._sender.control,
             limit=self.config.max_message_size,
             confirmed=_complete(result),
             channels=self._channels,
         )
+        limit, table = result.peer_params.max_message_size, self._channels
+        if table is None:
+            self._sender.start(limit, None)
+        else:  # with channels, the application's spacks go to the multiplexer
+            mux = Mux(table)
+            self._sender.start(limit, (table, mux))
+            self._ops.start(table, mux, receiver)
 
     def _send_ready(self) -> None:
         """Confirm the handshake we read the last message of (SPEC "Confirmation")."""
-        self._control.add(RecordKind.READY)
-        self._sealer.push(self._control.pack())
+        control = self._sender.control
+        control.add(RecordKind.READY)
+        self._sealer.push(control.pack())
         self._states.process(Input.READY_SENT)
         if self._result is not None:
             self._events.append(_complete(self._result))
@@ -562,14 +514,10 @@ class Session:
 
         :raises ~stalk.LocalProtocolError: not awaiting authorization.
         """
-        hs = self._authorizing(Input.ACCEPT)
-        hs.accept()
-        self._take_handshake_output()
-        if hs.result is None:  # pragma: no cover - accept() always sets it
-            raise LocalProtocolError("handshake produced no result")
-        self._start_transport(hs.result)
+        result = self._opening.accept()
+        self._start_transport(result)
         self._states.process(Input.ACCEPT)
-        if hs.pattern == "XX":
+        if result.pattern == "XX":
             self._send_ready()
 
     def refuse(self, reason: str = "not authorized") -> None:
@@ -581,49 +529,10 @@ class Session:
 
         :raises ~stalk.LocalProtocolError: not awaiting authorization.
         """
-        hs = self._authorizing(Input.REFUSE)
-        hs.refuse()
-        self._hs = None
-        if hs.result is not None:
-            self._result = hs.result
-            self._sealer.start(hs.result.send_cipher)
-            self._queue_final_close(CloseCode.NOT_AUTHORIZED, reason)
-        else:
-            self._sealer.add_cleartext(encode_refusal(CloseCode.NOT_AUTHORIZED, reason))
+        self._result = self._opening.refuse(reason)
         self._states.process(Input.REFUSE)
 
-    def _queue_final_close(self, code: int, reason: str) -> None:
-        """Queue a CLOSE from the control writer as our last transport message."""
-        self._control.add(RecordKind.CLOSE, encode_close(code, reason))
-        self._sealer.push(self._control.pack(), final=True)
-
-    def _authorizing(self, what: Input) -> ResponderHandshake:
-        if not self._states.allows(what) or not isinstance(self._hs, ResponderHandshake):
-            raise LocalProtocolError("accept()/refuse() are only valid after PeerIdentified")
-        return self._hs
-
-    def _fail(self, exc: StalkError) -> None:
-        self._error = exc
-        self._states.process(Input.FAIL)
-        self._events.clear()
-        if self._receiver is not None:
-            self._receiver.reset()
-        sealer = self._sealer
-        if (
-            sealer.cipher is None
-            or sealer.closed
-            or isinstance(exc, (ConnectionLost, HandshakeFailed))
-        ):
-            return
-        self._writer = RecordWriter()  # drop anything queued: it will never be wanted
-        self._queue_final_close(exc.close_code, str(exc))
-
-    # -- sending ----------------------------------------------------------------------------
-
-    def _check_sendable(self) -> None:
-        states = self._states
-        if not states.can_send_data:
-            raise refusal(Direction.SEND, states.send, Input.DATA_SENT)
+    # -- sending (the work is the sender's: :mod:`stalk.sender`) ----------------------------
 
     def queue(self, spack: Spack, channel: int = 0) -> None:
         """Encode ``spack`` and queue it; :meth:`flush` sends everything queued.
@@ -635,46 +544,7 @@ class Session:
         :raises ~stalk.LocalProtocolError: the session is not open yet, or the channel is
             not open for sending.
         """
-        if not self._states.can_send_data:
-            self._check_sendable()
-        if channel or self._mux is not None:
-            self._queue_on_channel(spack, channel)
-            return
-        pieces, _ = self._encode(spack)
-        if len(pieces) == 1:
-            self._writer.add_message(pieces[0])
-        else:
-            self._writer.add_message_pieces(pieces)
-
-    def _encode(self, spack: Spack) -> tuple[list[bytes], int]:
-        """A spack's encoding as pieces, and its size, checked against the peer's limits."""
-        if type(spack) is not Spack and not isinstance(spack, Spack):
-            raise InvalidSpackValue(
-                f"send() and queue() take a Spack, not {type(spack).__name__}: "
-                "wrap the values as Spack(value, ...)"
-            )
-        pieces = encode_spack_pieces(spack._values)
-        size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
-        limit = self._peer_limit
-        if size > limit:
-            raise MessageTooLarge(
-                f"spack of {size} bytes exceeds the peer's limit of {limit} bytes"
-            )
-        if size > ALWAYS_WITHIN_BUDGET:  # (else check_weight() has nothing to check)
-            check_weight(pieces, size)
-        return pieces, size
-
-    def _queue_on_channel(self, spack: Spack, channel: int) -> None:
-        mux, table = self._mux, self._channels
-        if mux is None or table is None:
-            raise LocalProtocolError("this connection has no channels (the peer offered none)")
-        found = table.channels.get(channel) if channel else None
-        if channel and (found is None or channel in mux.closing):
-            raise LocalProtocolError(f"channel {channel} is not open for sending")
-        pieces, _ = self._encode(spack)
-        if found is not None:
-            table.process(found, _DATA_SENT)
-        mux.queue(channel, pieces)
+        self._sender.queue(spack, channel)
 
     def flush(self) -> None:
         """Send everything queued, in as few Noise messages as possible.
@@ -684,22 +554,13 @@ class Session:
 
         :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
         """
-        if self._mux is not None:
-            self._check_sendable()
-            self._mux.flush()
-            return
-        writer = self._writer
-        if writer.pending():
-            self._check_sendable()
-            if not self._control.pending() and (plaintext := writer.take_only()) is not None:
-                self._sealer.push_one(plaintext)  # the common small send
-            else:
-                self._push(writer)
+        self._sender.flush()
 
     def send(self, spack: Spack) -> None:
         """:meth:`queue` then :meth:`flush`."""
-        self.queue(spack)
-        self.flush()
+        sender = self._sender
+        sender.queue(spack)
+        sender.flush()
 
     def send_now(self, spack: Spack) -> bytearray | None:
         """:meth:`send`, and when nothing waits to be encrypted, the spack's frame at once.
@@ -708,31 +569,7 @@ class Session:
 
         :raises: as :meth:`queue`.
         """
-        sealer = self._sealer
-        if (
-            self._mux is None
-            and self._closing is None
-            and not self._writer.pending()
-            and not self._control.pending()
-            and sealer.idle
-            and self._states.can_send_data
-        ):
-            pieces, size = self._encode(spack)
-            if size < 0x80:
-                # The common small spack, in short: the plaintext queue() then flush_now()
-                # would make (one MESSAGE record with a one-byte length), sealed at once.
-                plaintext = bytearray((_MESSAGE_BYTE, 0, size))
-                plaintext += pieces[0]
-                frame = sealer.seal_idle(plaintext)
-                self.bytes_sent += len(frame)
-                return frame
-            if len(pieces) == 1:
-                self._writer.add_message(pieces[0])
-            else:
-                self._writer.add_message_pieces(pieces)
-            return self.flush_now()
-        self.queue(spack)
-        return self.flush_now()
+        return self._sender.send_now(spack)
 
     def flush_now(self) -> bytearray | None:
         """:meth:`flush`, and when that makes one Noise message, its frame at once.
@@ -747,29 +584,7 @@ class Session:
 
         :raises ~stalk.ConnectionClosed: we already sent CLOSE or the session failed.
         """
-        writer, sealer, mux = self._writer, self._sealer, self._mux
-        if self._closing is not None or self._control.pending() or not sealer.idle:
-            self.flush()
-            return None
-        if mux is not None:
-            self._check_sendable()
-            mux.flush()
-            plaintext = mux.next_plaintext()
-            if plaintext is None:
-                return None  # nothing could go: it waits for credit
-            if mux.unsent():  # more to pack: the general way, behind this one
-                sealer.push_one(plaintext)
-                return None
-        else:
-            plaintext = writer.take_only()
-            if plaintext is None:  # several plaintexts (or none): the general way
-                self.flush()
-                return None
-            if not self._states.can_send_data:
-                self._check_sendable()
-        frame = sealer.seal_one(plaintext)
-        self.bytes_sent += len(frame)
-        return frame
+        return self._sender.flush_now()
 
     def ping(self, payload: bytes = b"") -> None:
         """Send a PING; the peer's PONG arrives as :class:`~stalk.events.PongReceived`.
@@ -778,100 +593,9 @@ class Session:
         """
         if len(payload) > MAX_PING_PAYLOAD:
             raise ValueError(f"ping payload longer than {MAX_PING_PAYLOAD} bytes")
-        self._check_sendable()
-        self._writer.add(RecordKind.PING, payload)
+        self._sender.ping(payload)
         if self._receiver is not None:
             self._receiver.pings_sent += 1
-        self._push(self._writer)
-
-    # -- channels ---------------------------------------------------------------------------
-
-    def open_channel(self) -> int:
-        """Open a channel of ours; its id. Its first record (spack or CLOSE) opens it.
-
-        :raises ~stalk.LocalProtocolError: no channels on this connection, or the peer's
-            limit of open channels is reached.
-        """
-        table = self._channels
-        if table is None:
-            raise LocalProtocolError("this connection has no channels (the peer offered none)")
-        self._check_sendable()
-        return table.open().id
-
-    def close_channel(self, channel: int) -> None:
-        """Send the CLOSE of our direction of ``channel``, after what it has queued.
-
-        :raises ~stalk.LocalProtocolError: the channel is not open for sending.
-        """
-        mux, table = self._mux, self._channels
-        found = table.channels.get(channel) if table is not None and channel else None
-        if mux is None or found is None or channel in mux.closing:
-            raise LocalProtocolError(f"channel {channel} is not open for sending")
-        if found.state not in (ChannelState.OPEN, ChannelState.RECEIVE_CLOSED):
-            raise LocalProtocolError(f"channel {channel} is {found.state}")
-        self._check_sendable()
-        mux.queue_close(channel)
-        mux.flush()
-
-    def reset_channel(self, channel: int, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Reset ``channel``: both directions end; what it had not sent is dropped.
-
-        :raises ValueError: the code is not a u16 or the reason is too long.
-        :raises ~stalk.LocalProtocolError: the channel is not open (or already reset).
-        """
-        body = encode_close(code, reason)
-        mux, table, receiver = self._mux, self._channels, self._receiver
-        demux = receiver.demux if receiver is not None else None
-        found = table.channels.get(channel) if table is not None and channel else None
-        if table is None or mux is None or receiver is None or demux is None or found is None:
-            raise LocalProtocolError(f"channel {channel} is not open")
-        self._check_sendable()
-        on_wire = table.on_wire(channel)
-        if not on_wire and found.state is ChannelState.OPEN:
-            # Nothing of it went out: its CLOSE opens it on the wire, before the RESET.
-            table.process(found, ChannelInput.CLOSE_SENT)
-        table.process(found, ChannelInput.RESET_SENT)
-        mux.drop(channel)
-        demux.forget(channel, self._control)
-        receiver.channel_reset(channel)
-        if on_wire:
-            self._control.add(RecordKind.RESET, body, channel)
-        else:
-            mux.queue_opening_reset(channel, body)
-
-    def release(self, channel: int, size: int) -> bool:
-        """The application has the spack of a :class:`~stalk.events.ChannelMessageReceived`.
-
-        With channels, hands its ``size`` back as credit (WINDOW records go out a quarter
-        window at a time); call it for every such event, in the order they came on each
-        channel, also for a spack dropped because its channel was reset. Once :meth:`close`
-        was called it grants nothing, as received messages then grant nothing (SPEC
-        "Channels": nothing more is owed). Without channels it does nothing.
-
-        :returns: whether it queued a grant (the driver then has output to write), so that
-            the common release, which grants nothing, costs the driver no further look.
-        """
-        receiver = self._receiver
-        demux = receiver.demux if receiver is not None else None
-        if demux is None:
-            return False
-        if not self._states.can_send_data:
-            demux.release(channel, size, RecordWriter())
-            return False
-        return demux.release(channel, size, self._control)
-
-    def release_channel(self, channel: int) -> None:
-        """The application let go of a channel the peer reset: our answering RESET goes.
-
-        :raises ~stalk.LocalProtocolError: the channel is not one the peer reset.
-        """
-        table = self._channels
-        found = table.channels.get(channel) if table is not None else None
-        if table is None or found is None:
-            raise LocalProtocolError(f"channel {channel} is not open")
-        table.process(found, ChannelInput.RELEASED)
-        if self._states.can_send_data:
-            self._control.add(RecordKind.RESET, encode_close(CloseCode.NORMAL, ""), channel)
 
     def request_rekey(self) -> None:
         """Rekey our sending cipher with the next Noise message (policy does it anyway)."""
@@ -893,15 +617,50 @@ class Session:
             self._states.process(Input.ABANDON)
             return
         self._states.process(Input.CLOSE_SENT)
-        if self._mux is not None and self._mux.unsent():
-            self._mux.flush()
-            self._closing = (code, reason)  # data_to_send() sends it once they have gone
-            return
-        self._writer.add(RecordKind.CLOSE, encode_close(code, reason))
-        self._push(self._writer, final=True)
+        self._sender.close(code, reason)
 
-    def _push(self, writer: RecordWriter, *, final: bool = False) -> None:
-        """Hand everything ``writer`` holds to the sealer, after any answers owed."""
-        if writer is not self._control and self._control.pending():
-            self._sealer.push(self._control.pack())
-        self._sealer.push(writer.pack(), final=final)
+    # -- channels (the work is :mod:`stalk.channel_ops`') ------------------------------------
+
+    def open_channel(self) -> int:
+        """Open a channel of ours; its id. Its first record (spack or CLOSE) opens it.
+
+        :raises ~stalk.LocalProtocolError: no channels on this connection, or the peer's
+            limit of open channels is reached.
+        """
+        return self._ops.open()
+
+    def close_channel(self, channel: int) -> None:
+        """Send the CLOSE of our direction of ``channel``, after what it has queued.
+
+        :raises ~stalk.LocalProtocolError: the channel is not open for sending.
+        """
+        self._ops.close(channel)
+
+    def reset_channel(self, channel: int, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Reset ``channel``: both directions end; what it had not sent is dropped.
+
+        :raises ValueError: the code is not a u16 or the reason is too long.
+        :raises ~stalk.LocalProtocolError: the channel is not open (or already reset).
+        """
+        self._ops.reset(channel, code, reason)
+
+    def release(self, channel: int, size: int) -> bool:
+        """The application has the spack of a :class:`~stalk.events.ChannelMessageReceived`.
+
+        With channels, hands its ``size`` back as credit (WINDOW records go out a quarter
+        window at a time); call it for every such event, in the order they came on each
+        channel, also for a spack dropped because its channel was reset. Once :meth:`close`
+        was called it grants nothing, as received messages then grant nothing (SPEC
+        "Channels": nothing more is owed). Without channels it does nothing.
+
+        :returns: whether it queued a grant (the driver then has output to write), so that
+            the common release, which grants nothing, costs the driver no further look.
+        """
+        return self._ops.release(channel, size, self._states.can_send_data)
+
+    def release_channel(self, channel: int) -> None:
+        """The application let go of a channel the peer reset: our answering RESET goes.
+
+        :raises ~stalk.LocalProtocolError: the channel is not one the peer reset.
+        """
+        self._ops.release_channel(channel, self._states.can_send_data)
