@@ -30,9 +30,12 @@ describes every figure exactly.
 
 The modules, one job each: this one (the command line, imported by ``stalk`` on every
 command, so it imports nothing heavy), :mod:`~stalk.bench.common` (budgets, framing, TLS
-material, statistics), :mod:`~stalk.bench.workers`, :mod:`~stalk.bench.orchestrator`,
-:mod:`~stalk.bench.report`, and two tools of their own: :mod:`~stalk.bench.hostile` (CPU
-of adversarial record mixes) and :mod:`~stalk.bench.profile_cell` (one cell under cProfile).
+material, statistics), :mod:`~stalk.bench.workers` (the server and the client worker),
+:mod:`~stalk.bench.dialer` (the client's connection of each kind),
+:mod:`~stalk.bench.crowd` (the client's figures that open many connections: handshakes,
+memory, fan-out), :mod:`~stalk.bench.orchestrator`, :mod:`~stalk.bench.report`, and two
+tools of their own: :mod:`~stalk.bench.hostile` (CPU of adversarial record mixes) and
+:mod:`~stalk.bench.profile_cell` (one cell under cProfile).
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import anyio
 import msgpack
-from anyio.abc import ByteStream
+from anyio.abc import AsyncResource, ByteStream
 
 import stalk
 from stalk.bench import HOST, READ_SIZE
@@ -269,6 +269,11 @@ class _Framed:
         await self.stream.aclose()
 
 
+#: A stream of spacks the client times: a stalk connection, one of its channels, or a
+#: TLS/TCP connection with the framing of the workload.
+_Stream: TypeAlias = stalk.Connection | stalk.Channel | _Framed
+
+
 #: Whatever ends a connection's command loop: the peer went away, cleanly or not.
 _ENDED: Final = (
     anyio.EndOfStream,
@@ -277,6 +282,11 @@ _ENDED: Final = (
     OSError,
     stalk.StalkError,
 )
+
+
+async def _close_quietly(conn: AsyncResource | _Framed) -> None:
+    with contextlib.suppress(*_ENDED):
+        await conn.aclose()
 
 
 def _emit(obj: dict[str, Any]) -> None:

@@ -19,10 +19,10 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import anyio
-from anyio.abc import AsyncResource, SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.tls import TLSStream
 
 import stalk
@@ -40,9 +40,8 @@ from stalk.bench import (
 from stalk.bench.common import (
     _ENDED,
     BenchError,
-    _client_ssl_context,
+    _close_quietly,
     _emit,
-    _fd_limit,
     _Framed,
     _median,
     _p99,
@@ -51,24 +50,18 @@ from stalk.bench.common import (
     _read_stdin_line,
     _run_loop,
     _server_ssl_context,
+    _Stream,
     bench_authority,
     bench_certificate,
     rss_bytes,
 )
+from stalk.bench.crowd import _Crowd
+from stalk.bench.dialer import _Dialer
 
-#: A stream of spacks the client times: a stalk connection, one of its channels, or a
-#: TLS/TCP connection with the framing of the workload.
-_Stream: TypeAlias = stalk.Connection | stalk.Channel | _Framed
 #: Listener settings of every stalk listener here: every client is on HOST, and the memory
 #: and fan-out figures hold a thousand connections open, so the caps are raised to what
 #: _raise_fd_limit() makes room for.
 _MANY: Final[dict[str, Any]] = {"max_connections": 4096, "max_handshakes_per_address": 256}
-#: Connections opened at once while the fan-out figure sets up its connections.
-_OPENERS: Final = 16
-#: Distinct client certificates the certified handshakes cycle through: more than a
-#: verifier caches (SIGNED_CACHE, 256), so the server checks a signature every time, as
-#: it would for many different clients.
-_CLIENT_CERTIFICATES: Final = 512
 
 # -- the server worker -------------------------------------------------------------------
 
@@ -234,110 +227,24 @@ async def _server_main(options: argparse.Namespace) -> None:
 
 
 class _Client:
+    """The client worker: runs the orchestrator's jobs, one at a time, and answers each.
+
+    It keeps one data connection per transport (the ``--connect`` kinds, opened at start)
+    for the figures measured on a connection (throughput, round trip, linearity, the quiet
+    spack beside a stream); the figures that open many connections are its ``crowd``'s.
+    """
+
     def __init__(self, options: argparse.Namespace) -> None:
-        self.ports: dict[str, int] = json.loads(options.ports)
-        self.server_key = stalk.PublicIdentity.from_string(options.server_key)
-        self.identity = stalk.Identity.generate()
-        self.ssl_context = _client_ssl_context(options.cafile)
-        self.big_config = stalk.Config(max_message_size=BIG_LIMIT)
-        self.channel_config = stalk.Config(max_channels=CHANNEL_LIMIT)
-        self.channel_big_config = stalk.Config(
-            max_channels=CHANNEL_LIMIT, max_message_size=BIG_LIMIT
-        )
-        now = int(time.time())
-        #: The certified handshakes' client certificates, cycled (see _CLIENT_CERTIFICATES).
-        self.certificates = [
-            bench_certificate(self.identity, "bench-client", serial, now)
-            for serial in range(_CLIENT_CERTIFICATES)
-        ]
-        self._next_certificate = 0
-        #: The authority the certified handshakes trust, in its public form: a client loads
-        #: it once (deriving it from the private key costs more than a handshake's check).
-        self.authority = bench_authority().public
-        #: The returning peers' trust: kept, so it remembers the server's certificate.
-        self.known_authorities = stalk.Authorities([self.authority])
+        self.dialer = _Dialer(json.loads(options.ports), options.server_key, options.cafile)
+        self.crowd = _Crowd(self.dialer, self._remote)
         self.conns: dict[str, _Stream] = {}
-        #: The fan-out figure's streams, by kind, opened by its first job and kept.
-        self.pools: dict[str, list[_Stream]] = {}
         self._spacks: dict[int, stalk.Spack] = {}
         self._messages: dict[int, list[bytes]] = {}
-        #: Where the stalk connections opened by jobs live (each in a task of its own,
-        #: inside ``async with``) until ``stop`` is set.
-        self.holders: anyio.abc.TaskGroup | None = None
-        self.stop = anyio.Event()
 
     # connections
 
-    async def dial(self, kind: str) -> AsyncResource:
-        """Open one connection of ``kind`` (full handshake) and return it."""
-        if kind == "stalk_xx":
-            return await stalk.connect(HOST, self.ports["stalk"], identity=self.identity)
-        if kind in ("stalk_xx_cert_known", "stalk_ik_cert_known"):
-            # Returning peers: one certificate each way, seen before by both verifiers.
-            return await stalk.connect(
-                HOST,
-                self.ports["stalk_cert"],
-                self.server_key if kind == "stalk_ik_cert_known" else None,
-                identity=self.identity,
-                certificate=self.certificates[0],
-                authorities=self.known_authorities,
-                expect_name=CERTIFIED_NAME,
-            )
-        if kind in ("stalk_xx_cert", "stalk_ik_cert"):
-            # A fresh Authorities each time: the server's certificate is checked every time
-            # (an Authorities keeps the certificates it verified), as a new client would.
-            self._next_certificate = (self._next_certificate + 1) % len(self.certificates)
-            return await stalk.connect(
-                HOST,
-                self.ports["stalk_cert"],
-                self.server_key if kind == "stalk_ik_cert" else None,
-                identity=self.identity,
-                certificate=self.certificates[self._next_certificate],
-                authorities=stalk.Authorities([self.authority]),
-                expect_name=CERTIFIED_NAME,
-            )
-        if kind in ("stalk", "stalk_ik", "stalk_plain"):
-            return await stalk.connect(
-                HOST, self.ports["stalk"], self.server_key, identity=self.identity
-            )
-        if kind == "stalk_big":
-            return await stalk.connect(
-                HOST,
-                self.ports["stalk_big"],
-                self.server_key,
-                identity=self.identity,
-                config=self.big_config,
-            )
-        if kind in ("stalk_ch0", "stalk_ch0_plain", "stalk_chfan"):
-            return await stalk.connect(
-                HOST,
-                self.ports["stalk_ch"],
-                self.server_key,
-                identity=self.identity,
-                config=self.channel_config,
-            )
-        if kind == "stalk_chbig":
-            return await stalk.connect(
-                HOST,
-                self.ports["stalk_chbig"],
-                self.server_key,
-                identity=self.identity,
-                config=self.channel_big_config,
-            )
-        if kind in ("tls", "tls2"):
-            return await anyio.connect_tcp(
-                HOST,
-                self.ports["tls"],
-                ssl_context=self.ssl_context,
-                tls=True,
-                tls_standard_compatible=False,
-            )
-        if kind == "tcp":
-            return await anyio.connect_tcp(HOST, self.ports["tcp"])
-        raise BenchError(f"unknown connection kind {kind!r}")
-
     async def connect_data(self, kind: str) -> None:
-        conn = await self.dial(kind)
+        conn = await self.dialer.dial(kind)
         if isinstance(conn, stalk.Connection):
             self.conns[kind] = conn
         elif isinstance(conn, (TLSStream, SocketStream)):
@@ -356,14 +263,6 @@ class _Client:
             assert isinstance(conn, stalk.Connection)
             channel = self.conns[name] = await conn.open_channel()
         return channel
-
-    async def hold(
-        self, conn: stalk.Connection, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Keep ``conn`` open inside ``async with`` (its writer and reader run) until stop."""
-        async with conn:
-            task_status.started()
-            await self.stop.wait()
 
     def spack(self, size: int) -> stalk.Spack:
         if size not in self._spacks:
@@ -405,15 +304,17 @@ class _Client:
         if op == "rtt":
             return await self.rtt(job["conn"], job["size"], job["n"])
         if op == "handshake":
-            return await self.handshakes(job["kind"], job["concurrency"], job["n"])
+            return await self.crowd.handshakes(job["kind"], job["concurrency"], job["n"])
         if op == "linearity":
             small = await self.sink(job["conn"], LINEARITY_SMALL, job["small_n"], 1)
             big = await self.sink(job["conn"], LINEARITY_BIG, job["big_n"], 1)
             return {"small_seconds": small, "big_seconds": big}
         if op == "memory":
-            return await self.memory(job["conn"], job["n"], job["concurrency"])
+            return await self.crowd.memory(job["conn"], job["n"], job["concurrency"])
         if op == "fanout":
-            return {"seconds": await self.fanout(job["kind"], job["streams"], job["n"])}
+            spack, message = self.spack(FANOUT_SIZE), self.message(FANOUT_SIZE)
+            seconds = await self.crowd.fanout(job["kind"], job["streams"], job["n"], spack, message)
+            return {"seconds": seconds}
         if op == "quiet":
             return await self.quiet(job["kind"], job["n"], job["limit"])
         raise BenchError(f"unknown job {op!r}")
@@ -513,111 +414,6 @@ class _Client:
                 await conn.receive()
         return {"seconds": seconds, "median": _median(samples), "p99": _p99(samples)}
 
-    async def handshakes(self, kind: str, concurrency: int, n: int) -> dict[str, Any]:
-        """Open and close ``n`` connections, ``concurrency`` at a time; time each opening."""
-        latencies: list[float] = []
-        remaining = n
-        clock = time.perf_counter
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                t0 = clock()
-                conn = await self.dial(kind)
-                latencies.append(clock() - t0)
-                await conn.aclose()
-
-        start = clock()
-        async with anyio.create_task_group() as tg:
-            for _ in range(concurrency):
-                tg.start_soon(worker)
-        seconds = clock() - start
-        return {"seconds": seconds, "median": _median(latencies), "p99": _p99(latencies)}
-
-    async def fanout(self, kind: str, streams: int, n: int) -> float:
-        """``streams`` streams of ``kind`` at once, each ``n`` 64 B round trips in a row.
-
-        Each stream sends a spack, waits for its echo, and again. The seconds run from the
-        first request to the last echo; the streams are opened by the first such job and
-        kept (their opening is not timed), each told to echo ``n`` spacks before the clock
-        starts.
-        """
-        pool = await self._pool(kind, streams)
-        spack, message = self.spack(FANOUT_SIZE), self.message(FANOUT_SIZE)
-
-        async def exchange(stream: _Stream) -> None:
-            if isinstance(stream, _Framed):
-                send_framed, receive_framed = stream.send, stream.receive
-                for _ in range(n):
-                    await send_framed(message)
-                    await receive_framed()
-            else:
-                send, receive = stream.send, stream.receive
-                for _ in range(n):
-                    await send(spack)
-                    await receive()
-
-        for stream in pool:
-            if isinstance(stream, _Framed):
-                await stream.send(["echo", n])
-            else:
-                await stream.send(stalk.Spack("echo", n))
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for stream in pool:
-                tg.start_soon(exchange, stream)
-        return time.perf_counter() - start
-
-    async def _pool(self, kind: str, streams: int) -> list[_Stream]:
-        """The fan-out's streams of ``kind``, opened once: channels, or connections.
-
-        The channels are those of one connection; the connections (stalk IK, TLS, TCP) are
-        opened ``_OPENERS`` at a time.
-        """
-        pool = self.pools.get(kind)
-        if pool is not None:
-            return pool
-        # Every kind's connections stay open together (and this process's own files).
-        needed = 3 * streams + 256
-        limit = _fd_limit()
-        if limit is not None and limit < needed:
-            raise BenchError(
-                f"the fan-out figure needs about {needed} open files per process; "
-                f"the limit here is {limit} (raise ulimit -n)"
-            )
-        holders = self.holders
-        assert holders is not None, "jobs run inside _client_main"
-        if kind == "channels":
-            conn = await self.dial("stalk_chfan")
-            assert isinstance(conn, stalk.Connection)
-            await holders.start(self.hold, conn)
-            # Opening sends nothing: the first command on each opens it at the server.
-            pool = [await conn.open_channel() for _ in range(streams)]
-        else:
-            dial_kind = "stalk_ik" if kind == "stalk" else kind
-            opened: list[AsyncResource] = []
-            remaining = streams
-
-            async def opener() -> None:
-                nonlocal remaining
-                while remaining > 0:
-                    remaining -= 1
-                    opened.append(await self.dial(dial_kind))
-
-            async with anyio.create_task_group() as tg:
-                for _ in range(_OPENERS):
-                    tg.start_soon(opener)
-            pool = []
-            for conn in opened:
-                if isinstance(conn, stalk.Connection):
-                    await holders.start(self.hold, conn)
-                    pool.append(conn)
-                elif isinstance(conn, (TLSStream, SocketStream)):
-                    pool.append(_Framed(conn))
-        self.pools[kind] = pool
-        return pool
-
     async def quiet(self, kind: str, n: int, limit: float) -> dict[str, Any]:
         """``n`` 64 B round trips timed one by one, alone or while another stream streams.
 
@@ -673,58 +469,12 @@ class _Client:
         answer["stream_mb_per_s"] = streamed * STREAM_SIZE / stream_seconds / 1e6
         return answer
 
-    async def close(self) -> None:
-        """Close what jobs opened: the fan-out's TLS/TCP streams, and stop the holders."""
-        for pool in self.pools.values():
-            for stream in pool:
-                if isinstance(stream, _Framed):
-                    await _close_quietly(stream)
-        self.stop.set()
-
-    async def _server_rss(self, kind: str, expected: int) -> int:
-        answer = await self._remote(kind, ["rss", expected])
-        if int(answer[2]) != expected:
-            raise BenchError(f"server has {answer[2]} {kind} connections, expected {expected}")
-        return int(answer[1])
-
-    async def memory(self, kind: str, n: int, concurrency: int) -> dict[str, Any]:
-        """RSS growth of both processes over ``n`` idle established connections."""
-        dial_kind = "stalk_ik" if kind == "stalk" else kind
-        for conn in [await self.dial(dial_kind) for _ in range(16)]:  # warm-up
-            await conn.aclose()
-        server_before = await self._server_rss(kind, 1)
-        gc.collect()
-        client_before = rss_bytes()
-        held: list[AsyncResource] = []
-        remaining = n
-
-        async def opener() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                held.append(await self.dial(dial_kind))
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(concurrency):
-                tg.start_soon(opener)
-        server_after = await self._server_rss(kind, 1 + n)
-        gc.collect()
-        client_after = rss_bytes()
-        for conn in held:
-            await conn.aclose()
-        return {
-            "server_before": server_before,
-            "server_after": server_after,
-            "client_before": client_before,
-            "client_after": client_after,
-        }
-
 
 async def _client_main(options: argparse.Namespace) -> None:
     client = _Client(options)
     async with anyio.create_task_group() as holders, contextlib.AsyncExitStack() as stack:
-        client.holders = holders
-        stack.push_async_callback(client.close)
+        client.crowd.holders = holders
+        stack.push_async_callback(client.crowd.close)
         for kind in filter(None, options.connect.split(",")):
             await client.connect_data(kind)
             conn = client.conns[kind]
@@ -742,11 +492,6 @@ async def _client_main(options: argparse.Namespace) -> None:
             except Exception as exc:  # noqa: BLE001 - reported to the orchestrator, which stops
                 result = {"error": f"{type(exc).__name__}: {exc}"}
             _emit(result)
-
-
-async def _close_quietly(conn: AsyncResource | _Framed) -> None:
-    with contextlib.suppress(*_ENDED):
-        await conn.aclose()
 
 
 def worker_main(argv: Sequence[str]) -> int:

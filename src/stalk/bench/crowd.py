@@ -1,0 +1,213 @@
+"""The client worker's figures that open many connections: handshakes, memory, fan-out.
+
+Each job dials its own connections (through :class:`~stalk.bench.dialer._Dialer`), apart
+from the data connections the other figures keep; the fan-out's streams stay open from
+its first job to the end of the worker.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import anyio
+from anyio.abc import AsyncResource, SocketStream, TaskStatus
+from anyio.streams.tls import TLSStream
+
+import stalk
+from stalk.bench.common import (
+    BenchError,
+    _close_quietly,
+    _fd_limit,
+    _Framed,
+    _median,
+    _p99,
+    _Stream,
+    rss_bytes,
+)
+from stalk.bench.dialer import _Dialer
+
+#: Connections opened at once while the fan-out figure sets up its connections.
+_OPENERS: Final = 16
+
+
+class _Crowd:
+    """Handshakes, memory per idle connection and the fan-out, for the client worker."""
+
+    def __init__(
+        self, dialer: _Dialer, remote: Callable[[str, list[Any]], Awaitable[list[Any]]]
+    ) -> None:
+        #: The dialer's ``dial``, bound once: the handshake figure calls it in its timed loop.
+        self.dial = dialer.dial
+        #: Sends a command on the client's data connection of a kind, returns the answer.
+        self.remote = remote
+        #: The fan-out figure's streams, by kind, opened by its first job and kept.
+        self.pools: dict[str, list[_Stream]] = {}
+        #: Where the stalk connections opened by jobs live (each in a task of its own,
+        #: inside ``async with``) until ``stop`` is set.
+        self.holders: anyio.abc.TaskGroup | None = None
+        self.stop = anyio.Event()
+
+    async def handshakes(self, kind: str, concurrency: int, n: int) -> dict[str, Any]:
+        """Open and close ``n`` connections, ``concurrency`` at a time; time each opening."""
+        latencies: list[float] = []
+        remaining = n
+        clock = time.perf_counter
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                t0 = clock()
+                conn = await self.dial(kind)
+                latencies.append(clock() - t0)
+                await conn.aclose()
+
+        start = clock()
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(worker)
+        seconds = clock() - start
+        return {"seconds": seconds, "median": _median(latencies), "p99": _p99(latencies)}
+
+    async def _server_rss(self, kind: str, expected: int) -> int:
+        """The server's RSS once it holds ``expected`` connections of ``kind``."""
+        answer = await self.remote(kind, ["rss", expected])
+        if int(answer[2]) != expected:
+            raise BenchError(f"server has {answer[2]} {kind} connections, expected {expected}")
+        return int(answer[1])
+
+    async def memory(self, kind: str, n: int, concurrency: int) -> dict[str, Any]:
+        """RSS growth of both processes over ``n`` idle established connections."""
+        dial_kind = "stalk_ik" if kind == "stalk" else kind
+        for conn in [await self.dial(dial_kind) for _ in range(16)]:  # warm-up
+            await conn.aclose()
+        server_before = await self._server_rss(kind, 1)
+        gc.collect()
+        client_before = rss_bytes()
+        held: list[AsyncResource] = []
+        remaining = n
+
+        async def opener() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                held.append(await self.dial(dial_kind))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(opener)
+        server_after = await self._server_rss(kind, 1 + n)
+        gc.collect()
+        client_after = rss_bytes()
+        for conn in held:
+            await conn.aclose()
+        return {
+            "server_before": server_before,
+            "server_after": server_after,
+            "client_before": client_before,
+            "client_after": client_after,
+        }
+
+    async def fanout(
+        self, kind: str, streams: int, n: int, spack: stalk.Spack, message: list[bytes]
+    ) -> float:
+        """``streams`` streams of ``kind`` at once, each ``n`` 64 B round trips in a row.
+
+        Each stream sends a spack (stalk: ``spack``; TLS, TCP: ``message``, the same
+        payload), waits for its echo, and again. The seconds run from the
+        first request to the last echo; the streams are opened by the first such job and
+        kept (their opening is not timed), each told to echo ``n`` spacks before the clock
+        starts.
+        """
+        pool = await self._pool(kind, streams)
+
+        async def exchange(stream: _Stream) -> None:
+            if isinstance(stream, _Framed):
+                send_framed, receive_framed = stream.send, stream.receive
+                for _ in range(n):
+                    await send_framed(message)
+                    await receive_framed()
+            else:
+                send, receive = stream.send, stream.receive
+                for _ in range(n):
+                    await send(spack)
+                    await receive()
+
+        for stream in pool:
+            if isinstance(stream, _Framed):
+                await stream.send(["echo", n])
+            else:
+                await stream.send(stalk.Spack("echo", n))
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for stream in pool:
+                tg.start_soon(exchange, stream)
+        return time.perf_counter() - start
+
+    async def _pool(self, kind: str, streams: int) -> list[_Stream]:
+        """The fan-out's streams of ``kind``, opened once: channels, or connections.
+
+        The channels are those of one connection; the connections (stalk IK, TLS, TCP) are
+        opened ``_OPENERS`` at a time.
+        """
+        pool = self.pools.get(kind)
+        if pool is not None:
+            return pool
+        # Every kind's connections stay open together (and this process's own files).
+        needed = 3 * streams + 256
+        limit = _fd_limit()
+        if limit is not None and limit < needed:
+            raise BenchError(
+                f"the fan-out figure needs about {needed} open files per process; "
+                f"the limit here is {limit} (raise ulimit -n)"
+            )
+        holders = self.holders
+        assert holders is not None, "jobs run inside _client_main"
+        if kind == "channels":
+            conn = await self.dial("stalk_chfan")
+            assert isinstance(conn, stalk.Connection)
+            await holders.start(self.hold, conn)
+            # Opening sends nothing: the first command on each opens it at the server.
+            pool = [await conn.open_channel() for _ in range(streams)]
+        else:
+            dial_kind = "stalk_ik" if kind == "stalk" else kind
+            opened: list[AsyncResource] = []
+            remaining = streams
+
+            async def opener() -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    opened.append(await self.dial(dial_kind))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(_OPENERS):
+                    tg.start_soon(opener)
+            pool = []
+            for conn in opened:
+                if isinstance(conn, stalk.Connection):
+                    await holders.start(self.hold, conn)
+                    pool.append(conn)
+                elif isinstance(conn, (TLSStream, SocketStream)):
+                    pool.append(_Framed(conn))
+        self.pools[kind] = pool
+        return pool
+
+    async def hold(
+        self, conn: stalk.Connection, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep ``conn`` open inside ``async with`` (its writer and reader run) until stop."""
+        async with conn:
+            task_status.started()
+            await self.stop.wait()
+
+    async def close(self) -> None:
+        """Close what jobs opened: the fan-out's TLS/TCP streams, and stop the holders."""
+        for pool in self.pools.values():
+            for stream in pool:
+                if isinstance(stream, _Framed):
+                    await _close_quietly(stream)
+        self.stop.set()
