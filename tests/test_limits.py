@@ -29,6 +29,7 @@ from anyio.abc import SocketStream
 
 from faultproxy import guarded_listener
 from helpers import drain, echo, take_all, wait_until
+from stalk.admission import _address_key
 from stalk.config import Config
 from stalk.connection import Connection, connect
 from stalk.errors import (
@@ -44,7 +45,7 @@ from stalk.errors import (
 from stalk.events import NEED_DATA, CloseReceived, HandshakeComplete
 from stalk.handshake import InitiatorHandshake
 from stalk.identity import Identity, PublicIdentity
-from stalk.listener import Listener, _address_key, _check_file_limit, listen
+from stalk.listener import Listener, _check_file_limit, listen
 from stalk.session import Role, Session, SessionConfig
 from stalk.spack import Spack, SpackDecoder
 from stalk.wire import CloseCode, RecordKind

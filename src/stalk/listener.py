@@ -49,40 +49,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
-import ipaddress
 import logging
 import os
 import socket
 import stat
-import struct
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, TypeAlias, TypedDict
 
 import anyio
 import anyio.streams.stapled
-import anyio.to_thread
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
 from stalk import _logs
 from stalk._logs import HANDSHAKE, THROTTLE
-from stalk.certificates import Authorities, Certificate, RevocationFile, utc_text
+from stalk.admission import Admission, client_key
+from stalk.certificates import Authorities, Certificate, RevocationFile
 from stalk.channel import ChannelHandler
 from stalk.config import DEFAULT_CONFIG, Config, check_channel_handler
 from stalk.connection import Authorize, Connection, certificate_policy
-from stalk.errors import (
-    ConnectionLost,
-    HandshakeFailed,
-    IdentityFileError,
-    RevocationListError,
-    StalkError,
-)
-from stalk.handshake import busy_refusal
+from stalk.errors import ConnectionLost, HandshakeFailed, StalkError
 from stalk.identity import Identity
 from stalk.link import address_text, remote_address
+from stalk.revocation_reload import RevocationReloader
 from stalk.wire import CloseCode
-from stalk.writing import anyio_socket
 
 __all__ = [
     "ConnectionHandler",
@@ -101,8 +91,6 @@ logger = _logs.LISTENER
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: How long to pause accepting after such an error.
 _ACCEPT_BACKOFF: Final = 0.1
-#: How long a BUSY refusal may take to write before the socket is dropped anyway.
-_REFUSAL_TIMEOUT: Final = 1.0
 #: Descriptors a process needs besides the listener's connections: listening sockets,
 #: standard streams, the event loop's own, log files, the application's other files and
 #: outgoing connections, refusals being written.
@@ -110,54 +98,6 @@ _FD_MARGIN: Final = 64
 
 #: ``async def handler(conn)``: serves one connection; it is closed when the handler ends.
 ConnectionHandler: TypeAlias = Callable[[Connection], Awaitable[None]]
-
-
-def _address_key(address: object) -> str | None:
-    """What the per-address handshake cap counts by over IP: the IPv4 address, or the /64.
-
-    ``address`` is a socket's remote address (``(host, port, ...)``); IPv4-mapped IPv6
-    addresses count as IPv4. ``None`` for anything that is not an IP address (over a unix
-    socket, :func:`_peer_user` gives the key).
-    """
-    host = address[0] if isinstance(address, tuple) and address else address
-    if not isinstance(host, str):
-        return None
-    return _host_key(host)
-
-
-@functools.lru_cache(maxsize=1024)
-def _host_key(host: str) -> str | None:
-    """:func:`_address_key` of a host: parsing it costs more than the rest of accepting.
-
-    Cached: clients come back from the same addresses, and an entry is a few short
-    strings (a flood from many addresses only evicts the oldest).
-    """
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])  # drop an IPv6 zone (fe80::1%eth0)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
-#: ``struct ucred`` (Linux): pid, uid, gid.
-_UCRED: Final = struct.Struct("3i")
-
-
-def _peer_user(stream: ByteStream) -> str | None:
-    """``"uid N"`` of the process at the other end of a unix socket (Linux), else ``None``."""
-    option = getattr(socket, "SO_PEERCRED", None)
-    sock = anyio_socket(stream) or stream.extra(SocketAttribute.raw_socket, None)
-    if option is None or sock is None or sock.family != getattr(socket, "AF_UNIX", None):
-        return None
-    try:
-        _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, option, _UCRED.size))
-    except OSError:
-        return None
-    return f"uid {uid}"
 
 
 def _check_certificate(certificate: Certificate | None, identity: Identity) -> None:
@@ -260,20 +200,12 @@ class StreamListener(anyio.abc.Listener[Connection]):
         any handler runs (see :func:`listen`).
     :param config: timeouts and limits (default :class:`~stalk.Config`).
     :param channel_handler: run for every channel a client opens (see :func:`listen`).
-    :param certificate: our certificate, presented to every client in the handshake (its
-        subject must be ``identity``'s key): clients that trust its authority connect by
-        name, without pinning our key.
-    :param authorities: require every client to present a certificate issued by one of
-        these, checked in the handshake before ``authorize`` runs: a client without one,
-        or with one that is forged, expired, revoked, for another key... is refused with
-        CERTIFICATE_REFUSED (and never reaches ``authorize`` or the handler).
-    :param allow_names: with ``authorities``: admit only certificates for these names...
-    :param allow_groups: ...or (either admits) in one of these groups.
-    :param revocations: with ``authorities``: a revocation list file (``stalk authority
-        revoke`` writes one), read now and again whenever it has changed when a client
-        arrives, so a revocation applies from the next handshake on. A version that cannot
-        be read or is refused is logged and leaves the list in force (connections already
-        established are not affected).
+    :param certificate: our certificate (see :func:`create_listener`).
+    :param authorities: require clients' certificates (see :func:`create_listener`).
+    :param allow_names: with ``authorities``: these names...
+    :param allow_groups: ...or these groups admit.
+    :param revocations: a revocation list file (or its path), read now and reloaded when
+        it changes (see :func:`create_listener`).
     :raises ValueError: ``channel_handler`` was given without ``Config.max_channels``,
         ``certificate`` is for another key, or names or groups to allow, or revocations,
         were given without ``authorities``.
@@ -317,16 +249,13 @@ class StreamListener(anyio.abc.Listener[Connection]):
         self.certificate = certificate
         self.authorities = authorities
         self._allow = trust["allow_names"], trust["allow_groups"]
-        self._reloading = anyio.Lock()
+        self._reloader = RevocationReloader()
         self._sockets = listener
         self.identity = identity
         self._authorize = authorize
         self._config = config
         self._channel_handler = channel_handler
-        self._handshakes = 0
-        self._connections = 0
-        #: handshakes in progress by address key; an entry is removed when it drops to 0
-        self._handshakes_by_address: dict[str, int] = {}
+        self._admission = Admission(config)
         self._address = _listener_address(listener)
         self._closed = False
         self._bound(self._address)
@@ -354,12 +283,12 @@ class StreamListener(anyio.abc.Listener[Connection]):
     @property
     def handshakes_in_progress(self) -> int:
         """How many handshakes are running now."""
-        return self._handshakes
+        return self._admission.handshakes
 
     @property
     def connections(self) -> int:
         """How many connections are established now (their handlers are running)."""
-        return self._connections
+        return self._admission.connections
 
     @property
     def handshakes_by_address(self) -> dict[str, int]:
@@ -371,7 +300,7 @@ class StreamListener(anyio.abc.Listener[Connection]):
         Only keys with a handshake in progress appear, so its size is bounded by
         ``Config.max_handshakes``.
         """
-        return dict(self._handshakes_by_address)
+        return self._admission.by_address
 
     async def serve(
         self,
@@ -448,68 +377,15 @@ class StreamListener(anyio.abc.Listener[Connection]):
                 continue
             task_group.start_soon(self._handle, stream, handler)
 
-    def _refusal(self, key: str | None) -> tuple[int, str, str] | None:
-        """Why a client from ``key`` is refused now: (log level, reason sent, detail).
-
-        A full listener is the operator's business (WARNING); one address over its share
-        is routine under attack (INFO). Either is throttled by its reason.
-        """
-        config = self._config
-        if self._connections + self._handshakes >= config.max_connections:
-            return (
-                logging.WARNING,
-                "too many connections",
-                f"{self._connections} established + {self._handshakes} handshaking, "
-                f"max_connections={config.max_connections}",
-            )
-        if self._handshakes >= config.max_handshakes:
-            return (
-                logging.WARNING,
-                "too many handshakes",
-                f"{self._handshakes} in progress, max_handshakes={config.max_handshakes}",
-            )
-        from_key = self._handshakes_by_address.get(key, 0) if key is not None else 0
-        if from_key >= config.max_handshakes_per_address:
-            # One host over its share: routine under attack, not a capacity problem.
-            return (
-                logging.INFO,
-                "too many handshakes from your address",
-                f"{from_key} in progress from {key}, "
-                f"max_handshakes_per_address={config.max_handshakes_per_address}",
-            )
-        return None
-
     async def _handle(self, stream: ByteStream, handler: ConnectionHandler) -> None:
         address = remote_address(stream)
-        key = _peer_user(stream) if isinstance(address, str) else _address_key(address)
-        refusal = self._refusal(key)
-        if refusal is not None:
-            level, reason, detail = refusal
-            THROTTLE.log(
-                logger,
-                level,
-                reason,
-                "refusing %s with BUSY: %s (%s)",
-                address_text(address),
-                reason,
-                detail,
-            )
-            with (
-                anyio.move_on_after(_REFUSAL_TIMEOUT, shield=True),
-                contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError),
-            ):
-                await stream.send(busy_refusal(reason))
-            await anyio.aclose_forcefully(stream)
+        key = client_key(stream, address)
+        admission = self._admission
+        if not await admission.admit(stream, address, key):
             return
-        self._handshakes += 1
-        if key is not None:
-            self._handshakes_by_address[key] = self._handshakes_by_address.get(key, 0) + 1
         try:
-            revocations = self.revocations
-            # A reload under way counts as a change: the file's version is marked read
-            # before its list is in force, and this handshake must wait for that list.
-            if revocations is not None and (revocations.changed() or self._reloading.locked()):
-                await self._reload_revocations(revocations)
+            if self.revocations is not None:
+                await self._reloader.up_to_date(self.revocations)
             conn = await Connection.wrap(
                 stream,
                 identity=self.identity,
@@ -539,12 +415,8 @@ class StreamListener(anyio.abc.Listener[Connection]):
             await anyio.aclose_forcefully(stream)
             return
         finally:
-            self._handshakes -= 1
-            if key is not None:
-                left = self._handshakes_by_address.pop(key) - 1
-                if left:
-                    self._handshakes_by_address[key] = left
-        self._connections += 1
+            admission.handshake_ended(key)
+        admission.connection_started()
         try:
             async with conn:  # its writer task runs while the handler does
                 try:
@@ -554,43 +426,7 @@ class StreamListener(anyio.abc.Listener[Connection]):
                     # being stopped (cancelled): tell the peer instead of leaving it hanging.
                     await conn.close(CloseCode.GOING_AWAY, "listener shutting down")
         finally:
-            self._connections -= 1
-
-    async def _reload_revocations(self, revocations: RevocationFile) -> None:
-        """Put the revocation file's new version in force before this handshake checks.
-
-        Read in a worker thread (a list may hold 100,000 entries); handshakes that arrive
-        meanwhile wait for it, so none is checked against a list the file has replaced. A
-        version that cannot be read, is not signed by one of our authorities, or is not
-        newer than the list in force is logged and changes nothing.
-        """
-        async with self._reloading:
-            if not revocations.changed():
-                return  # another handshake reloaded it while we waited
-            try:
-                loaded = await anyio.to_thread.run_sync(revocations.read)
-                applied = revocations.apply(loaded)
-            except (IdentityFileError, RevocationListError) as exc:
-                logger.warning(
-                    "revocation list %s not reloaded, the one in force stays: %s",
-                    revocations.path,
-                    exc,
-                )
-                return
-            if not applied:
-                logger.warning(
-                    "revocation list %s not reloaded: issued %s, not after the one in force",
-                    revocations.path,
-                    utc_text(loaded.issued_at),
-                )
-                return
-            logger.info(
-                "revocation list %s reloaded: %d serials and %d keys revoked (issued %s)",
-                revocations.path,
-                len(loaded.serials),
-                len(loaded.subjects),
-                utc_text(loaded.issued_at),
-            )
+            admission.connection_ended()
 
     @staticmethod
     async def _run_handler(handler: ConnectionHandler, conn: Connection) -> None:
@@ -617,7 +453,7 @@ class StreamListener(anyio.abc.Listener[Connection]):
         state = (
             "closed"
             if self._closed
-            else f"{self._connections} connected, {self._handshakes} handshaking"
+            else f"{self.connections} connected, {self.handshakes_in_progress} handshaking"
         )
         where = address_text(self.address)
         return f"<stalk.Listener {where} {self.identity.public.fingerprint} {state}>"
