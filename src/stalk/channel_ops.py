@@ -16,12 +16,10 @@ from stalk.errors import LocalProtocolError
 from stalk.mux import Mux
 from stalk.receiver import Receiver
 from stalk.records import RecordWriter, encode_close
-from stalk.sender import Sender
+from stalk.sender import NO_CHANNELS, Sender
 from stalk.wire import CloseCode, RecordKind
 
 __all__ = ["ChannelOps"]
-
-_NO_CHANNELS = "this connection has no channels (the peer offered none)"
 
 
 class ChannelOps:
@@ -59,7 +57,7 @@ class ChannelOps:
         """Open a channel of ours; its id. Its first record (spack or CLOSE) opens it."""
         table = self.table
         if table is None:
-            raise LocalProtocolError(_NO_CHANNELS)
+            raise LocalProtocolError(NO_CHANNELS)
         self._sender.check_sendable()
         return table.open().id
 

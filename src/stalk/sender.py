@@ -33,7 +33,10 @@ from stalk.states import Direction, Directions, Input, refusal
 from stalk.weigh import ALWAYS_WITHIN_BUDGET, check_weight
 from stalk.wire import RecordKind
 
-__all__ = ["Sender"]
+__all__ = ["NO_CHANNELS", "Sender"]
+
+#: What a channel operation on a connection without channels raises.
+NO_CHANNELS = "this connection has no channels (the peer offered none)"
 
 _DATA_SENT = ChannelInput.DATA_SENT
 _MESSAGE_BYTE = int(RecordKind.MESSAGE)
@@ -140,7 +143,7 @@ class Sender:
     def _queue_on_channel(self, spack: Spack, channel: int) -> None:
         mux, table = self._mux, self._table
         if mux is None or table is None:
-            raise LocalProtocolError("this connection has no channels (the peer offered none)")
+            raise LocalProtocolError(NO_CHANNELS)
         found = table.channels.get(channel) if channel else None
         if channel and (found is None or channel in mux.closing):
             raise LocalProtocolError(f"channel {channel} is not open for sending")
