@@ -87,18 +87,7 @@ class _Crowd:
         server_before = await self._server_rss(kind, 1)
         gc.collect()
         client_before = rss_bytes()
-        held: list[AsyncResource] = []
-        remaining = n
-
-        async def opener() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                held.append(await self.dial(dial_kind))
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(concurrency):
-                tg.start_soon(opener)
+        held = await self._open(dial_kind, n, concurrency)
         server_after = await self._server_rss(kind, 1 + n)
         gc.collect()
         client_after = rss_bytes()
@@ -174,18 +163,7 @@ class _Crowd:
             pool = [await conn.open_channel() for _ in range(streams)]
         else:
             dial_kind = "stalk_ik" if kind == "stalk" else kind
-            opened: list[AsyncResource] = []
-            remaining = streams
-
-            async def opener() -> None:
-                nonlocal remaining
-                while remaining > 0:
-                    remaining -= 1
-                    opened.append(await self.dial(dial_kind))
-
-            async with anyio.create_task_group() as tg:
-                for _ in range(_OPENERS):
-                    tg.start_soon(opener)
+            opened = await self._open(dial_kind, streams, _OPENERS)
             pool = []
             for conn in opened:
                 if isinstance(conn, stalk.Connection):
@@ -195,6 +173,22 @@ class _Crowd:
                     pool.append(_Framed(conn))
         self.pools[kind] = pool
         return pool
+
+    async def _open(self, kind: str, n: int, concurrency: int) -> list[AsyncResource]:
+        """``n`` connections of ``kind``, opened by ``concurrency`` tasks at once."""
+        opened: list[AsyncResource] = []
+        remaining = n
+
+        async def opener() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                opened.append(await self.dial(kind))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(opener)
+        return opened
 
     async def hold(
         self, conn: stalk.Connection, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
