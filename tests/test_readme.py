@@ -180,6 +180,7 @@ CORE = [
     "_noise",
     "reassembly",
     "receiver",
+    "record_loop",
     "records",
     "sealer",
     "session",
