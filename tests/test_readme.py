@@ -182,6 +182,7 @@ CORE = [
     "opening",
     "reassembly",
     "receiver",
+    "record_loop",
     "records",
     "sealer",
     "sender",
