@@ -14,7 +14,7 @@ bytes to and from the transport and owns everything that touches it:
   PINGs the receive path produced are written without ever waiting for the lock
   (``write_pong``).
 - **Reading**: ``receive_into_session`` feeds the session, under the idle timer when
-  ``Config.idle_timeout`` is set (keepalive PING, then TIMEOUT).
+  ``Config.idle_timeout`` is set (:mod:`stalk.keepalive`: keepalive PING, then TIMEOUT).
 - **Failure and teardown**: any protocol or transport error is terminal. ``fail`` marks
   the link broken, writes the session's error CLOSE when asked (and lingers so that the
   peer can read it), and closes the transport; errors are tagged with the peer's address
@@ -51,6 +51,7 @@ from stalk.errors import (
     ProtocolError,
     StalkError,
 )
+from stalk.keepalive import IdleTimer
 from stalk.session import Role, Session
 from stalk.spack import Spack
 from stalk.wire import CloseCode, close_code_name
@@ -217,10 +218,12 @@ class Link:
         #: Whether the writer task runs (or was started), and its wake-up call.
         self.writer_running = False
         self.wakeup = anyio.Event()
-        #: Idle timer (Config.idle_timeout): seconds receive() has waited for the network
-        #: since the peer's last byte, and whether a keepalive PING went out since then.
-        self._idle_waited = 0.0
-        self._keepalive_sent = False
+        #: Config.idle_timeout's timer of the reads, if set.
+        self._idle = (
+            None
+            if config.idle_timeout is None
+            else IdleTimer(transport, session, config.idle_timeout, self.write_pong)
+        )
         #: Spacks handed to the session to send, and returned by receive(): counted by the
         #: Connection where each one passes anyway (the session counts bytes and rekeys).
         self.spacks_sent = 0
@@ -494,12 +497,12 @@ class Link:
         :param handshake: any transport failure is then a failed handshake, and the idle
             timer does not run (``handshake_timeout`` bounds the handshake).
         """
-        idle = None if handshake else self.config.idle_timeout
+        idle = None if handshake else self._idle
         try:
             if idle is None:
                 data: bytes | None = await self.transport.receive(self.config.read_size)
             else:
-                data = await self._receive_or_keepalive(idle)
+                data = await idle.receive(self.config.read_size)
         except anyio.EndOfStream:
             self.session.receive_data(b"")
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
@@ -509,52 +512,18 @@ class Link:
                 raise self.closed_error() from exc
             raise await self.fail(ConnectionLost(f"connection lost: {exc!r}")) from exc
         else:
-            if data is None:
-                raise await self._idle_timeout()
+            if data is None:  # the idle timer's verdict: the peer is gone
+                raise await self._idle_timeout(idle.waited if idle is not None else 0.0)
             self.session.receive_data(data)
 
-    async def _receive_or_keepalive(self, idle: float) -> bytes | None:
-        """Read from the transport under the idle timer; ``None``: the peer is gone.
-
-        The timer counts only time spent here (so an application busy between two
-        ``receive()`` calls is never mistaken for an idle peer), across calls, cancelled
-        ones included (so receiving under short application timeouts still counts). After
-        ``idle`` seconds of waiting since the peer's last byte a PING goes out; after
-        ``2 * idle`` the peer has not answered it. Any byte resets the timer: a PONG, or
-        anything else the peer had to say. A read either returns bytes or consumes none
-        when cancelled, so the timer's deadlines never lose data.
-        """
-        while True:
-            phase_end = 2 * idle if self._keepalive_sent else idle
-            started = anyio.current_time()
-            with anyio.move_on_after(phase_end - self._idle_waited):
-                try:
-                    data = await self.transport.receive(self.config.read_size)
-                except BaseException:  # cancelled (by this timer or the caller), or failed
-                    self._idle_waited += anyio.current_time() - started
-                    raise
-                self._idle_waited = 0.0
-                self._keepalive_sent = False
-                return data
-            self._idle_waited = phase_end
-            if self._keepalive_sent:
-                return None
-            self._keepalive_sent = True
-            try:
-                # PING is an application record: it also sends what queue() left unflushed.
-                self.session.ping()
-            except StalkError:
-                continue  # we already sent CLOSE: nothing can go out; the peer may still talk
-            await self.write_pong()
-
-    async def _idle_timeout(self) -> StalkError:
+    async def _idle_timeout(self, waited: float) -> StalkError:
         """Close with TIMEOUT (best effort, never waiting for a blocked sender); the error."""
         if self.broken is None and not self.closed:
             self.session.close(CloseCode.TIMEOUT, "idle timeout")
             await self.write_best_effort()
         return await self.fail(
             IdleTimeout(
-                f"the peer sent nothing during {self._idle_waited:g} s of waiting and did not "
+                f"the peer sent nothing during {waited:g} s of waiting and did not "
                 "answer a keepalive PING"
             )
         )
