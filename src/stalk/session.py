@@ -32,8 +32,9 @@ The session orchestrates; each job has its own module:
   sends no spack) until READY arrives. For the IK responder this is the replay defence: a
   recorded message 1 replayed by an attacker never produces a valid READY. For the XX
   initiator it carries the responder's authorization verdict;
-- :mod:`stalk.receiver` and :mod:`stalk.reassembly`: the transport phase's receive loop,
-  bounded per call (SPEC "Resource model"), and spacks rebuilt from their pieces;
+- :mod:`stalk.receiver`, :mod:`stalk.record_loop` and :mod:`stalk.reassembly`: the
+  transport phase's receive loop, bounded per call (SPEC "Resource model"), each
+  message's records, and spacks rebuilt from their pieces;
 - :mod:`stalk.sender` and :mod:`stalk.records`: the send side, records queued in call
   order and packed into plaintexts;
 - :mod:`stalk.sealer`: the only place anything is encrypted, with the rekey policy;
