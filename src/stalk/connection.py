@@ -165,13 +165,20 @@ class Connection(ObjectStream[Spack]):
     :meth:`wrap` for an arbitrary anyio byte stream.
     """
 
-    def __init__(self, transport: ByteStream, session: Session, config: Config) -> None:
+    def __init__(
+        self,
+        transport: ByteStream,
+        session: Session,
+        config: Config,
+        handler: MessageHandler | None = None,
+        channel_handler: ChannelHandler | None = None,
+    ) -> None:
         self._link = Link(transport, session, config)
         self._transport = transport
         self._session = session
         self._config = config
         self._receive_guard = anyio.ResourceGuard("receiving from")
-        self._handler: MessageHandler | None = None
+        self._handler = handler
         self._task_group: TaskGroup | None = None
         #: The last spack receive() returned had to wait for the network: a reply sent
         #: now is latency-bound (request/response), so send() writes it at once.
@@ -180,7 +187,7 @@ class Connection(ObjectStream[Spack]):
         self._streak = 0
         #: With channels (both sides offered them), what feeds them: set once established.
         self._channels: Dispatcher | None = None
-        self._channel_handler: ChannelHandler | None = None
+        self._channel_handler = channel_handler
 
     # -- construction ---------------------------------------------------------------------
 
@@ -233,7 +240,7 @@ class Connection(ObjectStream[Spack]):
             another key, or names or groups to allow without ``authorities``.
         """
         config = config or DEFAULT_CONFIG
-        conn = cls._start(
+        conn = _unestablished(
             transport,
             identity=identity,
             peer=peer,
@@ -253,36 +260,6 @@ class Connection(ObjectStream[Spack]):
                 HandshakeTimeout(f"no complete handshake within {config.handshake_timeout} s")
             )
         conn._established()
-        return conn
-
-    @classmethod
-    def _start(
-        cls,
-        transport: ByteStream,
-        *,
-        identity: Identity,
-        peer: PublicIdentity | None,
-        server_side: bool,
-        config: Config,
-        handler: MessageHandler | None,
-        channel_handler: ChannelHandler | None = None,
-        certificate: Certificate | None = None,
-        policy: CertificatePolicy | None = None,
-    ) -> Connection:
-        """A connection whose handshake has not run yet (see :func:`~stalk.establish.establish`)."""
-        check_channel_handler(config, channel_handler)
-        role = Role.RESPONDER if server_side else Role.INITIATOR
-        session = Session(
-            role,
-            identity,
-            peer=peer,
-            config=config.session_config(),
-            certificate=certificate,
-            certificate_policy=policy,
-        )
-        conn = cls(transport, session, config)
-        conn._handler = handler
-        conn._channel_handler = channel_handler
         return conn
 
     def _established(self) -> None:
@@ -706,6 +683,35 @@ class Connection(ObjectStream[Spack]):
             logger.debug("receiving from %s ended: %r", address_text(self._link.address), exc)
 
 
+def _unestablished(
+    transport: ByteStream,
+    *,
+    identity: Identity,
+    peer: PublicIdentity | None,
+    server_side: bool,
+    config: Config,
+    handler: MessageHandler | None,
+    channel_handler: ChannelHandler | None = None,
+    certificate: Certificate | None = None,
+    policy: CertificatePolicy | None = None,
+) -> Connection:
+    """A connection over ``transport`` whose handshake has not run yet (:func:`establish`).
+
+    What :meth:`Connection.wrap` and :func:`connect` share: the session for our role.
+    """
+    check_channel_handler(config, channel_handler)
+    role = Role.RESPONDER if server_side else Role.INITIATOR
+    session = Session(
+        role,
+        identity,
+        peer=peer,
+        config=config.session_config(),
+        certificate=certificate,
+        certificate_policy=policy,
+    )
+    return Connection(transport, session, config, handler, channel_handler)
+
+
 @functools.lru_cache(maxsize=256)
 def _ip_literal(host: str) -> bool:
     """Whether ``host`` is an IP address without a scope (dialled or bound directly).
@@ -874,7 +880,7 @@ async def _open(
             )
             error.peer_address = where
             raise error from exc
-        conn = Connection._start(
+        conn = _unestablished(
             stream,
             identity=identity,
             peer=peer,
