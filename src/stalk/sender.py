@@ -43,7 +43,10 @@ _MESSAGE_BYTE = int(RecordKind.MESSAGE)
 
 
 class Sender:
-    """What a session sends once its handshake produced keys, in the order it is asked.
+    """What a session sends, in the order it is asked: records, once there are keys.
+
+    The handshake's messages go through the same sealer, in cleartext (:meth:`take`
+    hands them out too).
 
     :param sealer: the session's sealer (it also carries the handshake's messages).
     :param control: the session's control writer, shared with the receive side, which
