@@ -17,6 +17,7 @@ import sys
 import time
 import tracemalloc
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -26,6 +27,7 @@ from functools import partial
 import anyio
 import pytest
 from anyio.abc import SocketStream
+from anyio.streams.stapled import StapledObjectStream
 
 from faultproxy import guarded_listener
 from helpers import drain, echo, take_all, wait_until
@@ -45,6 +47,7 @@ from stalk.errors import (
 from stalk.events import NEED_DATA, CloseReceived, HandshakeComplete
 from stalk.handshake import InitiatorHandshake
 from stalk.identity import Identity, PublicIdentity
+from stalk.link import Link
 from stalk.listener import Listener, _check_file_limit, listen
 from stalk.session import Role, Session, SessionConfig
 from stalk.spack import Spack, SpackDecoder
@@ -802,6 +805,24 @@ async def test_established_connections_are_capped(anyio_backend: str) -> None:
 
 
 IDLE_TIMEOUT = 0.5
+
+
+def test_a_link_and_its_idle_timer_are_freed_without_the_garbage_collector() -> None:
+    """No reference cycle between a link and its idle timer: a server's connections are
+    freed as each one ends, not at the collector's next pass over everything held."""
+    send, receive = anyio.create_memory_object_stream[bytes](1)
+    session = Session(Role.INITIATOR, Identity.generate())
+    link = Link(StapledObjectStream(send, receive), session, Config(idle_timeout=5))  # type: ignore[arg-type]
+    assert link._idle is not None
+    freed = weakref.ref(link)
+    gc.disable()
+    try:
+        del link
+        assert freed() is None
+    finally:
+        gc.enable()
+        send.close()
+        receive.close()
 
 
 async def test_idle_timeout_drops_a_silent_peer_and_keeps_a_live_one(

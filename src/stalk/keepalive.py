@@ -26,29 +26,28 @@ class IdleTimer:
     """The idle timer of one connection's reads.
 
     :param idle: ``Config.idle_timeout`` (seconds).
-    :param write_ping: gets the keepalive PING the session queued written, never waiting
-        for a blocked sender (``Link.write_pong``).
     """
 
-    __slots__ = ("_idle", "_ping_sent", "_session", "_transport", "_write_ping", "waited")
+    __slots__ = ("_idle", "_ping_sent", "_session", "_transport", "waited")
 
-    def __init__(
-        self,
-        transport: ByteStream,
-        session: Session,
-        idle: float,
-        write_ping: Callable[[], Awaitable[None]],
-    ) -> None:
+    def __init__(self, transport: ByteStream, session: Session, idle: float) -> None:
         self._transport = transport
         self._session = session
         self._idle = idle
-        self._write_ping = write_ping
         #: Seconds spent reading since the peer's last byte.
         self.waited = 0.0
         self._ping_sent = False  # a keepalive PING went out since the peer's last byte
 
-    async def receive(self, read_size: int) -> bytes | None:
-        """Read from the transport; ``None``: the peer answered nothing for ``2 * idle``."""
+    async def receive(
+        self, read_size: int, write_ping: Callable[[], Awaitable[None]]
+    ) -> bytes | None:
+        """Read from the transport; ``None``: the peer answered nothing for ``2 * idle``.
+
+        :param write_ping: gets the keepalive PING the session queued written, never
+            waiting for a blocked sender (``Link.write_pong``). A call's argument, not an
+            attribute: the link holds this timer, and the timer holding the link's method
+            would make a reference cycle, freed only by the garbage collector.
+        """
         idle = self._idle
         while True:
             phase_end = 2 * idle if self._ping_sent else idle
@@ -71,4 +70,4 @@ class IdleTimer:
                 self._session.ping()
             except StalkError:
                 continue  # we already sent CLOSE: nothing can go out; the peer may still talk
-            await self._write_ping()
+            await write_ping()

@@ -222,7 +222,7 @@ class Link:
         self._idle = (
             None
             if config.idle_timeout is None
-            else IdleTimer(transport, session, config.idle_timeout, self.write_pong)
+            else IdleTimer(transport, session, config.idle_timeout)
         )
         #: Spacks handed to the session to send, and returned by receive(): counted by the
         #: Connection where each one passes anyway (the session counts bytes and rekeys).
@@ -502,7 +502,7 @@ class Link:
             if idle is None:
                 data: bytes | None = await self.transport.receive(self.config.read_size)
             else:
-                data = await idle.receive(self.config.read_size)
+                data = await idle.receive(self.config.read_size, self.write_pong)
         except anyio.EndOfStream:
             self.session.receive_data(b"")
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
