@@ -180,8 +180,11 @@ _WINDOWS = st.sampled_from(
 
 # ("now", c, size): queue a spack on channel slot ``c`` and flush it (flush_now on the fast
 # side); ("queue", c, size): queue one, no flush; ("take",), ("ping",), ("rekey",): as
-# above; ("release",): the server's application takes what it received (credit goes back).
+# above; ("release",): the server's application takes what it received (credit goes back);
+# ("send", size): send a spack on channel 0 (send_now on the fast side, queue and flush on
+# the other).
 _channel_op = st.one_of(
+    st.tuples(st.just("send"), st.integers(0, 200)),
     st.tuples(st.just("now"), st.integers(0, 2), st.integers(0, 200)),
     st.tuples(st.just("now"), st.integers(0, 2), st.integers(2000, 70_000)),
     st.tuples(st.just("queue"), st.integers(0, 2), st.integers(0, 3000)),
@@ -238,7 +241,19 @@ class _ChannelSide(_Side):
 
     def run(self, op: tuple[object, ...], index: int) -> None:
         client = self.pair.client
-        if op[0] in ("now", "queue"):
+        if op[0] == "send":
+            size = op[1]
+            assert isinstance(size, int)
+            if self.fast and (frame := client.send_now(_spack(index, size))) is not None:
+                assert client.data_to_send() == b""  # the frame was all there was
+                self.deliver(frame)
+                return
+            if not self.fast:
+                client.queue(_spack(index, size))
+                client.flush()
+            while data := client.data_to_send():
+                self.deliver(data)
+        elif op[0] in ("now", "queue"):
             slot, size = op[1], op[2]
             assert isinstance(slot, int)
             assert isinstance(size, int)
@@ -279,11 +294,20 @@ class _ChannelSide(_Side):
     ops=[("now", 0, 8000), ("now", 0, 10), ("release",)], rekey_after_messages=100, windows=_SMALL
 )
 @example(ops=[("now", 1, 70_000)], rekey_after_messages=100, windows=_LARGE)
+@example(
+    ops=[("send", 10), ("queue", 1, 10), ("send", 10)], rekey_after_messages=100, windows=_SMALL
+)
+@example(
+    ops=[("now", 0, 5990), ("send", 20), ("release",), ("send", 20)],
+    rekey_after_messages=100,
+    windows=_SMALL,
+)
 def test_flush_now_puts_the_bytes_of_flush_on_the_wire_with_channels(
     ops: list[tuple[object, ...]], rekey_after_messages: int, windows: ChannelParams
 ) -> None:
     """Channels pack through the multiplexer: flush_now seals its one plaintext at once,
-    and leaves more than one (or a spack waiting for credit) to the general path."""
+    and leaves more than one (or a spack waiting for credit) to the general path; send_now
+    seals a lone small spack on channel 0 itself, within credit."""
     _same_wire(
         _ChannelSide(rekey_after_messages, fast=True, windows=windows),
         _ChannelSide(rekey_after_messages, fast=False, windows=windows),
@@ -299,3 +323,21 @@ def test_flush_now_seals_a_lone_spack_on_a_channel_at_once() -> None:
     assert frame is not None
     side.deliver(frame)
     assert side.received == [(side.channels[1], Spack("hello"))]
+
+
+def test_send_now_seals_a_lone_spack_on_channel_0_at_once_within_credit() -> None:
+    """Channel 0 with channels: the shortcut spends the credit; without credit it waits."""
+    side = _ChannelSide(1000, fast=True, windows=_SMALL)
+    client = side.pair.client
+    frame = client.send_now(Spack("hello"))
+    assert frame is not None
+    side.deliver(frame)
+    assert side.received == [(0, Spack("hello"))]
+    big = client.send_now(Spack(bytes(_SMALL.channel_window - 20)))  # what is left, nearly
+    assert big is not None
+    side.deliver(big)
+    # Over channel 0's credit: the general path, in parts as the assembly slot grants.
+    assert client.send_now(Spack(bytes(30))) is None
+    while data := client.data_to_send():
+        side.deliver(data)
+    assert side.received[-1] == (0, Spack(bytes(30)))

@@ -406,6 +406,9 @@ class Connection(ObjectStream[Spack]):
         """
         if self._channels is not None:
             channel0 = self._channels.channel0
+            if channel0.sends_now():
+                await channel0.send_now(item)
+                return
             channel0.queue(item)  # (True: channel 0 is never reset)
             if not channel0.leave_to_writer():
                 await channel0.write_queued()

@@ -300,9 +300,42 @@ class Inbox:
 
     async def write_queued(self) -> None:
         """Write what is queued, then wait while more than the bound waits for credit."""
+        await self._io.send_now(None)
+        await self._within_bound()
+
+    def sends_now(self) -> bool:
+        """Whether a send on channel 0 is written before it returns, by :meth:`send_now`.
+
+        A reply (as :meth:`leave_to_writer` tells one) while the channel is open for
+        sending; or any send without the connection's tasks.
+        """
+        link, io = self._link, self._io
+        return (
+            (
+                (self._answering and not io.woken and not link.send_lock.locked())
+                or io.task_group is None
+            )
+            and self.closed is None
+            and not self.sent_eof
+            and not self._session.close_sent
+        )
+
+    async def send_now(self, item: Spack) -> None:
+        """Channel 0, when :meth:`sends_now` says so: send ``item`` and write it at once.
+
+        :meth:`queue` then :meth:`write_queued`, in one step: when nothing else waits to be
+        sent and the credit covers it, the session seals a small spack at once
+        (``Session.send_now``), as without channels.
+        """
+        self._answering = False
+        self._link.check_open()
+        await self._io.send_now(item)
+        await self._within_bound()
+
+    async def _within_bound(self) -> None:
+        """After a write: wait while more than the bound of the channel waits for credit."""
         session, link, io = self._session, self._link, self._io
         bound = self._bound()
-        await io.flush_now()
         if session.queued_bytes_on(self.id) > bound:
             await io.until(
                 lambda: (

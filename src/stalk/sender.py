@@ -170,32 +170,58 @@ class Sender:
                 self.push(writer)
 
     def send_now(self, spack: Spack) -> bytearray | None:
-        """Queue then :meth:`flush_now`; a small spack alone is sealed in one step."""
+        """Queue then :meth:`flush_now`; a small spack alone is sealed in one step.
+
+        With channels too, on channel 0, when nothing else is queued and its credit and
+        the connection's cover it: the plaintext is the MESSAGE record the multiplexer
+        would pack (``tests/test_session_send_now.py`` compares them).
+        """
         sealer = self.sealer
         if (
-            self._mux is None
-            and self._closing is None
-            and not self.writer.pending()
+            self._closing is None
             and not self.control.pending()
             and sealer.idle
             and self._states.can_send_data
         ):
-            pieces, size = self._encode(spack)
-            if size < 0x80:
-                # The common small spack, in short: the plaintext queue() then flush_now()
-                # would make (one MESSAGE record with a one-byte length), sealed at once.
-                plaintext = bytearray((_MESSAGE_BYTE, 0, size))
-                plaintext += pieces[0]
-                frame = sealer.seal_idle(plaintext)
-                self.bytes_sent += len(frame)
-                return frame
-            if len(pieces) == 1:
-                self.writer.add_message(pieces[0])
-            else:
-                self.writer.add_message_pieces(pieces)
-            return self.flush_now()
+            mux = self._mux
+            if mux is None:
+                if not self.writer.pending():
+                    pieces, size = self._encode(spack)
+                    if size < 0x80:
+                        return self._seal_small(pieces[0], size)
+                    if len(pieces) == 1:
+                        self.writer.add_message(pieces[0])
+                    else:
+                        self.writer.add_message_pieces(pieces)
+                    return self.flush_now()
+            elif not mux.unsent():
+                pieces, size = self._encode(spack)
+                table = self._table
+                if (
+                    size < 0x80
+                    and table is not None
+                    and table.connection.send >= size
+                    and table.channel0.send >= size
+                ):
+                    table.connection.spend(size)
+                    table.channel0.spend(size)
+                    return self._seal_small(pieces[0], size)
+                mux.queue(0, pieces)
+                return self.flush_now()
         self.queue(spack)
         return self.flush_now()
+
+    def _seal_small(self, piece: bytes, size: int) -> bytearray:
+        """The frame of a lone spack under 128 bytes on channel 0, sealed at once.
+
+        The plaintext :meth:`queue` then :meth:`flush_now` would make: one MESSAGE record
+        on channel 0 with a one-byte length.
+        """
+        plaintext = bytearray((_MESSAGE_BYTE, 0, size))
+        plaintext += piece
+        frame = self.sealer.seal_idle(plaintext)
+        self.bytes_sent += len(frame)
+        return frame
 
     def flush_now(self) -> bytearray | None:
         """:meth:`flush`; when that makes the one Noise message to send, its frame."""

@@ -63,6 +63,7 @@ from anyio.abc import TaskGroup
 from stalk.errors import ClosedByPeer, ConnectionLost, StalkError
 from stalk.events import NEED_DATA, PAUSED, ChannelMessageReceived, CloseReceived, Event
 from stalk.link import Link
+from stalk.spack import Spack
 from stalk.wire import CloseCode
 
 if TYPE_CHECKING:
@@ -440,10 +441,13 @@ class SharedIO:
             raise
         self.progress()
 
-    async def flush_now(self) -> None:
-        """Flush the session and write (``Link.send_now``): a reply's way."""
+    async def send_now(self, spack: Spack | None) -> None:
+        """Send ``spack`` on channel 0 (``None``: flush what is queued) and write it all.
+
+        ``Link.send_now``: a reply's way, and every send's without the connection's tasks.
+        """
         try:
-            await self._link.send_now(None, flush=True)
+            await self._link.send_now(spack, flush=spack is None)
         except StalkError:
             self.wake_all()
             raise
