@@ -35,7 +35,9 @@ from stalk import (
     connect,
     create_listener,
 )
+from stalk.events import ChannelMessageReceived
 from stalk.handshake import ChannelParams
+from stalk.inbox import Inbox
 from stalk.shared_io import Waiter, waiter_factory
 from stalk.wire import DEFAULT_CHANNEL_WINDOW, DEFAULT_CONNECTION_WINDOW
 from stalk.writing import Writer, writer_for
@@ -569,6 +571,54 @@ async def test_the_reader_task_reads_on_only_once_the_application_stops_taking()
             assert [(await conn.receive())[0] for _ in range(count // 2, count)] == list(
                 range(count // 2, count)
             )
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-inbox"])
+async def test_channel_0_reads_its_spacks_itself_or_through_its_inbox_alike(
+    direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Channel 0's receive(), as the reader, takes its spack itself (``SharedIO.direct``),
+    not through its inbox: the same spacks in the same order either way, in round trips,
+    in bursts, and while other channels are busy."""
+    through_inbox: list[object] = []
+    received = Inbox.received
+
+    def counting(inbox: Inbox, event: ChannelMessageReceived) -> None:
+        through_inbox.append(inbox)
+        received(inbox, event)
+
+    monkeypatch.setattr(Inbox, "received", counting)
+    async with client_and_server() as conn:
+        assert conn._channels is not None
+        conn._channels.io.direct = direct
+        channel0 = conn._channels.channel0
+        rounds = [Spack(i, b"r" * i) for i in range(40)]
+        with anyio.fail_after(20):
+            for spack in rounds:
+                await conn.send(spack)
+                assert await conn.receive() == spack
+            via_inbox = through_inbox.count(channel0)
+            # Mostly taken directly (the reader task may read some first); all through
+            # the inbox otherwise.
+            assert via_inbox < len(rounds) // 2 if direct else via_inbox == len(rounds)
+
+            async def other(n: int) -> None:
+                async with await conn.open_channel() as channel:
+                    for i in range(20):
+                        await channel.send(Spack(n, i, b"o" * 300))
+                        assert await channel.receive() == Spack(n, i, b"o" * 300)
+
+            burst = [Spack(i, b"b" * (i * 37)) for i in range(100)]
+            async with anyio.create_task_group() as tg:
+                for n in range(3):
+                    tg.start_soon(other, n)
+                for spack in burst:
+                    conn.queue(spack)
+                await conn.flush()
+                assert [await conn.receive() for _ in burst] == burst
+                for spack in rounds:
+                    await conn.send(spack)
+                    assert await conn.receive() == spack
 
 
 async def test_a_receive_reading_channel_0_ends_with_the_connection_alone() -> None:

@@ -210,10 +210,20 @@ class Inbox:
             self._waiter = waiter
             try:
                 # Channel 0 is neither closed nor reset apart from the connection: only
-                # input, or the connection's end, can end its wait.
-                await io.until(self._receivable, waiter, input_only=not self.id)
+                # input, or the connection's end, can end its wait. As the reader, it
+                # takes its next spack itself (``direct``): the inbox is empty.
+                event = await io.until(
+                    self._receivable,
+                    waiter,
+                    input_only=not self.id,
+                    direct=not self.id and io.direct,
+                )
             finally:
                 self._waiter = None
+            if event is not None:
+                self._handed(event.size, waited=True)
+                await io.write_owed()  # the grant, and what else the batch owes (PONGs)
+                return event.spack
             waited = True
 
     def _receivable(self) -> bool:
@@ -230,11 +240,15 @@ class Inbox:
         """Take the next spack, and give its credit back (:attr:`owed`: grants to write)."""
         spack = self.spacks.popleft()
         self._io.held -= 1
-        self.owed = self._session.release(self.id, self._sizes.popleft())
+        self._handed(self._sizes.popleft(), waited)
+        return spack
+
+    def _handed(self, size: int, waited: bool) -> None:
+        """A spack of ``size`` data bytes goes to the application: its credit goes back."""
+        self.owed = self._session.release(self.id, size)
         self._link.spacks_received += 1
         self._streak = 0 if waited else self._streak + 1
         self._answering = waited
-        return spack
 
     # -- sending ------------------------------------------------------------------------
 

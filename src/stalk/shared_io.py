@@ -16,6 +16,11 @@ Every event goes from the session to an inbox with no await in between, so a rea
 cancelled at any point loses nothing, and neither does a waiting task (its inbox keeps
 what came).
 
+**Channel 0 as the reader** takes its own next spack itself, not through its inbox
+(``until(direct=True)``), and dispatches the rest of that batch as any reader does: its
+inbox is empty when it starts reading, and only the reader fills inboxes, so the order
+holds. A connection used only on channel 0 thus reads as one without channels does.
+
 **The reader task** (inside ``async with conn``) is the reader of last resort: it reads
 while no other task waits, so that credit, the peer's new channels (for a
 ``channel_handler``) and every channel's spacks are taken as they come even when the
@@ -214,6 +219,9 @@ class SharedIO:
         self.woken: set[Waiter] = set()
         #: Spacks in the channels' inboxes, not yet taken by the application.
         self.held = 0
+        #: Channel 0's receive() takes its spack itself as the reader (``until(direct=)``);
+        #: ``False`` only to compare with the inbox's way.
+        self.direct = True
 
     # -- the connection's tasks ---------------------------------------------------------
 
@@ -235,7 +243,8 @@ class SharedIO:
         *,
         conditional: bool = False,
         input_only: bool = False,
-    ) -> None:
+        direct: bool = False,
+    ) -> ChannelMessageReceived | None:
         """Return once ``ready()`` holds: be the reader when no task is, else wait.
 
         :param waiter: how this task is woken (a channel's receive() registers one in its
@@ -245,6 +254,10 @@ class SharedIO:
         :param input_only: ``ready()`` can come true only through input, or the end of
             the connection (which ends a read anyway: the transport closes): as the
             reader, this task reads without a cancel scope for :meth:`wake` to cancel.
+        :param direct: channel 0's ``receive()``, its inbox empty: as the reader, this
+            task takes channel 0's next spack itself, returned as its event (not put in
+            the inbox, which stays empty: only the reader fills it).
+        :returns: channel 0's spack, with ``direct``, when this task read it.
         :raises ~stalk.StalkError: the connection's error, if it is closed or broken.
         """
         waiter = waiter or self.new_waiter()
@@ -256,9 +269,12 @@ class SharedIO:
             while not ready():
                 self._link.check_open()
                 if self._reader is None:
-                    await self._read(ready, waiter, nudge=not input_only)
+                    taken = await self._read(ready, waiter, nudge=not input_only, direct=direct)
+                    if taken is not None:
+                        return taken
                 else:
                     await waiter.sleep()
+            return None
         finally:
             del waiting[waiter]
             self._conditional.pop(waiter, None)
@@ -313,7 +329,14 @@ class SharedIO:
         finally:
             self._idle_reader = None
 
-    async def _read(self, ready: Callable[[], bool], waiter: Waiter, *, nudge: bool = True) -> None:
+    async def _read(
+        self,
+        ready: Callable[[], bool],
+        waiter: Waiter,
+        *,
+        nudge: bool = True,
+        direct: bool = False,
+    ) -> ChannelMessageReceived | None:
         """Be the reader until ``ready()`` holds: read, and dispatch every event.
 
         Once it holds, the events the session can give without more input are dispatched
@@ -323,10 +346,13 @@ class SharedIO:
 
         :param nudge: read from the transport in a cancel scope that :meth:`wake`
             cancels, for a condition that may come true without input.
+        :param direct: return channel 0's next spack as its event (see :meth:`until`),
+            once the rest of its batch is dispatched.
         """
         if ready():
-            return
+            return None
         link, session, dispatch = self._link, self._session, self._dispatch
+        taken: ChannelMessageReceived | None = None
         self._reader = waiter
         try:
             while True:
@@ -336,12 +362,15 @@ class SharedIO:
                 except StalkError as exc:
                     raise await link.fail(exc, close=True) from None
                 if type(event) is ChannelMessageReceived:
-                    dispatch(event)  # the most common event, first
+                    if direct and not event.channel and taken is None:
+                        taken = event  # ahead of the rest of its batch, which is dispatched
+                    else:
+                        dispatch(event)  # the most common event, first
                 elif event is NEED_DATA:
                     await self.write_owed()
                     self.progress()  # a batch of input is done: credit, ended channels
-                    if ready():
-                        return
+                    if taken is not None or ready():
+                        return taken
                     if not nudge:
                         await link.receive_into_session()
                         continue
@@ -352,8 +381,8 @@ class SharedIO:
                 elif event is PAUSED:
                     await self.write_owed()
                     self.progress()
-                    if ready():
-                        return  # the next reader resumes reading
+                    if taken is not None or ready():
+                        return taken  # the next reader resumes reading
                     await link.resume_reading()
                     self.progress()
                 elif isinstance(event, CloseReceived):
@@ -363,7 +392,7 @@ class SharedIO:
                         # Nothing can come after the peer's CLOSE: a wait on input would
                         # never end (every caller's condition counts the CLOSE in).
                         raise link.tag(ConnectionLost("the peer closed the connection"))
-                    return
+                    return taken
                 else:
                     dispatch(event)
         except StalkError:
