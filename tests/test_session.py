@@ -879,3 +879,30 @@ def test_the_events_made_per_spack_are_frozen_values_like_the_others() -> None:
     assert repr(ChannelMessageReceived(Spack(1), 3, 4)) == (
         "ChannelMessageReceived(spack=Spack(1), channel=3, size=4)"
     )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 200_000), min_size=1, max_size=6),
+    chunk=st.integers(1, 70_000),
+)
+def test_input_waiting_false_means_next_event_needs_data(sizes: list[int], chunk: int) -> None:
+    """``input_waiting`` lets a driver skip ``next_event`` when it would need data: checked
+    at every step of spacks (large ones over several steps) arriving in chunks."""
+    pair = connected_pair()
+    for i, size in enumerate(sizes):
+        pair.client.send(Spack(i, bytes(size)))
+    wire = take_all(pair.client)
+    server, received = pair.server, []
+    for start in range(0, len(wire), chunk):
+        server.receive_data(wire[start : start + chunk])
+        while True:
+            waiting = server.input_waiting
+            event = server.next_event()
+            if event is NEED_DATA:
+                break
+            assert waiting, event
+            if isinstance(event, MessageReceived):
+                received.append(event.spack)
+    assert not server.input_waiting
+    assert received == [Spack(i, bytes(size)) for i, size in enumerate(sizes)]

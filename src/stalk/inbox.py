@@ -168,14 +168,17 @@ class Inbox:
 
         The caller then calls :meth:`write_owed` if :attr:`owed` says so.
         """
-        if (
-            self.spacks
-            and self.closed is None
-            and self.reset is None
-            and self._streak < _YIELD_EVERY
-        ):
-            self._link.check_open()
-            return self._take(waited=False)
+        if self.closed is None and self.reset is None and self._streak < _YIELD_EVERY:
+            if self.spacks:
+                self._link.check_open()
+                return self._take(waited=False)
+            if not self.id:
+                self._link.check_open()
+                if (event := self._io.next_direct()) is None:
+                    return None
+                self._handed(event.size, waited=False)
+                self.owed = self.owed or self._session.has_output  # PONGs too
+                return event.spack
         return None
 
     async def write_owed(self) -> None:

@@ -363,6 +363,21 @@ class Session:
         """Whether :meth:`data_to_send` has anything (answers owed to the peer included)."""
         return self._sender.has_output
 
+    @property
+    def input_waiting(self) -> bool:
+        """Whether :meth:`next_event` may give an event without more input.
+
+        ``False`` means it returns ``NEED_DATA`` (or what it returned last: the peer's
+        CLOSE, the session's error): a driver that only wants events already read skips
+        the call.
+        """
+        receiver = self._receiver
+        return (
+            bool(self._events)
+            or self._reader.unconsumed > 0
+            or (receiver is not None and receiver.busy)
+        )
+
     # -- bytes in, events out ---------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:

@@ -17,9 +17,11 @@ cancelled at any point loses nothing, and neither does a waiting task (its inbox
 what came).
 
 **Channel 0 as the reader** takes its own next spack itself, not through its inbox
-(``until(direct=True)``), and dispatches the rest of that batch as any reader does: its
-inbox is empty when it starts reading, and only the reader fills inboxes, so the order
-holds. A connection used only on channel 0 thus reads as one without channels does.
+(``until(direct=True)``), and leaves the rest of that batch in the session; its next
+receive() with its inbox empty takes the next one from there while no task reads
+(:meth:`SharedIO.next_direct`), dispatching the events before it. Its inbox is empty
+whenever it does, and only a reader fills inboxes, so the order holds. A connection used
+only on channel 0 thus reads as one without channels does.
 
 **The reader task** (inside ``async with conn``) is the reader of last resort: it reads
 while no other task waits, so that credit, the peer's new channels (for a
@@ -346,13 +348,12 @@ class SharedIO:
 
         :param nudge: read from the transport in a cancel scope that :meth:`wake`
             cancels, for a condition that may come true without input.
-        :param direct: return channel 0's next spack as its event (see :meth:`until`),
-            once the rest of its batch is dispatched.
+        :param direct: return channel 0's next spack as its event (see :meth:`until`);
+            the rest of its batch waits in the session (:meth:`next_direct`).
         """
         if ready():
             return None
         link, session, dispatch = self._link, self._session, self._dispatch
-        taken: ChannelMessageReceived | None = None
         self._reader = waiter
         try:
             while True:
@@ -362,15 +363,16 @@ class SharedIO:
                 except StalkError as exc:
                     raise await link.fail(exc, close=True) from None
                 if type(event) is ChannelMessageReceived:
-                    if direct and not event.channel and taken is None:
-                        taken = event  # ahead of the rest of its batch, which is dispatched
-                    else:
-                        dispatch(event)  # the most common event, first
+                    if direct and not event.channel:
+                        if self._conditional:
+                            self.progress()  # what came before it may be their credit
+                        return event  # the rest of its batch: see next_direct()
+                    dispatch(event)  # the most common event, first
                 elif event is NEED_DATA:
                     await self.write_owed()
                     self.progress()  # a batch of input is done: credit, ended channels
-                    if taken is not None or ready():
-                        return taken
+                    if ready():
+                        return None
                     if not nudge:
                         await link.receive_into_session()
                         continue
@@ -381,8 +383,8 @@ class SharedIO:
                 elif event is PAUSED:
                     await self.write_owed()
                     self.progress()
-                    if taken is not None or ready():
-                        return taken  # the next reader resumes reading
+                    if ready():
+                        return None  # the next reader resumes reading
                     await link.resume_reading()
                     self.progress()
                 elif isinstance(event, CloseReceived):
@@ -392,7 +394,7 @@ class SharedIO:
                         # Nothing can come after the peer's CLOSE: a wait on input would
                         # never end (every caller's condition counts the CLOSE in).
                         raise link.tag(ConnectionLost("the peer closed the connection"))
-                    return taken
+                    return None
                 else:
                     dispatch(event)
         except StalkError:
@@ -401,6 +403,34 @@ class SharedIO:
         finally:
             self._reader = None
             self._read_scope = None
+
+    def next_direct(self) -> ChannelMessageReceived | None:
+        """Channel 0's next spack from what the session read, when no task is reading.
+
+        Channel 0's receive() with its inbox empty (see :meth:`until`'s ``direct``): the
+        events before it are dispatched as the reader would. ``None`` when the session
+        needs input first, paused, has the peer's CLOSE or an error, or another task
+        reads: the reader's way then handles it (the session gives the same again).
+        """
+        session, dispatch = self._session, self._dispatch
+        if self._reader is not None or not self.direct or not session.input_waiting:
+            return None
+        try:
+            while True:
+                event = session.next_event()
+                if type(event) is ChannelMessageReceived:
+                    if not event.channel:
+                        break
+                    dispatch(event)
+                elif event is NEED_DATA or event is PAUSED or isinstance(event, CloseReceived):
+                    return None
+                else:
+                    dispatch(event)
+        except StalkError:
+            return None
+        if self._conditional:
+            self.progress()  # what came before it may be their credit
+        return event
 
     def _peer_closed(self, event: CloseReceived) -> None:
         """The peer's CLOSE of the connection (the session returns it again and again)."""
