@@ -142,6 +142,11 @@ class FrameReader:
             self._more.append(chunk)
 
     @property
+    def buffered(self) -> bool:
+        """Whether any received byte is not consumed yet (``unconsumed``, without counting)."""
+        return self._pos < len(self._in) or bool(self._more)
+
+    @property
     def unconsumed(self) -> int:
         """Received bytes not consumed yet."""
         return len(self._in) - self._pos + sum(map(len, self._more or ()))

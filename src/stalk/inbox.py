@@ -10,7 +10,10 @@ protocol decision (states, credit, what goes on the wire); the inbox keeps what 
 application has and has not seen.
 
 **Receiving** takes the next spack from the inbox, waiting in the connection's
-:class:`~stalk.shared_io.SharedIO` while it is empty (perhaps as the reader). **Credit**
+:class:`~stalk.shared_io.SharedIO` while it is empty (perhaps as the reader); channel 0,
+its inbox empty, takes its spack from the session itself (``SharedIO.next_direct``, or
+as the reader). **Sending** on channel 0, a reply or without the connection's tasks,
+seals a small spack in one step as without channels (``Session.send_now``). **Credit**
 goes back to the peer as the application receives a spack (``Session.release``), and the
 WINDOW records that produces are written at once, as PONGs are: a channel that its
 application does not read holds at most its window, and the peer stops sending on it,
@@ -176,8 +179,9 @@ class Inbox:
                 self._link.check_open()
                 if (event := self._io.next_direct()) is None:
                     return None
+                # (PONGs it owes go when the reader's way next needs input, as they do
+                # after a batch the reader handed out.)
                 self._handed(event.size, waited=False)
-                self.owed = self.owed or self._session.has_output  # PONGs too
                 return event.spack
         return None
 

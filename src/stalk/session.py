@@ -373,9 +373,7 @@ class Session:
         """
         receiver = self._receiver
         return (
-            bool(self._events)
-            or self._reader.unconsumed > 0
-            or (receiver is not None and receiver.busy)
+            bool(self._events) or self._reader.buffered or (receiver is not None and receiver.busy)
         )
 
     # -- bytes in, events out ---------------------------------------------------------------

@@ -290,16 +290,17 @@ class SharedIO:
         It runs until the peer's CLOSE or the connection's end.
         """
         waiter = self._idle_reader = self.new_waiter()
-        waiting, link = self._waiting, self._link
+        waiting, link, session = self._waiting, self._link, self._session
         taken = link.spacks_received  # by the application, when this task last looked
 
         def taking() -> bool:
             """Whether the application took spacks already read since the last look.
 
-            With some left, reading more now would only lengthen that backlog (held
-            decoded): this task looks again a pause later (or when woken).
+            With some left (in the inboxes, or read and not yet handed out: channel 0
+            takes those itself), reading more now would only lengthen that backlog:
+            this task looks again a pause later (or when woken).
             """
-            return bool(self.held) and link.spacks_received != taken
+            return (bool(self.held) or session.input_waiting) and link.spacks_received != taken
 
         try:
             with contextlib.suppress(StalkError):
