@@ -169,21 +169,24 @@ class Inbox:
     def take_now(self) -> Spack | None:
         """The next spack if one is here and nothing is in the way, taken, credit released.
 
-        The caller then calls :meth:`write_owed` if :attr:`owed` says so.
+        Channel 0 with its inbox empty takes it from what the session read, when no task
+        reads (``SharedIO.next_direct``). The caller then calls :meth:`write_owed` if
+        :attr:`owed` says so.
         """
-        if self.closed is None and self.reset is None and self._streak < _YIELD_EVERY:
-            if self.spacks:
-                self._link.check_open()
-                return self._take(waited=False)
-            if not self.id:
-                self._link.check_open()
-                if (event := self._io.next_direct()) is None:
-                    return None
-                # (PONGs it owes go when the reader's way next needs input, as they do
-                # after a batch the reader handed out.)
-                self._handed(event.size, waited=False)
-                return event.spack
-        return None
+        spacks = self.spacks
+        if self.id and not spacks:
+            return None  # (channel 0 may find its spack in the session)
+        if self.closed is not None or self.reset is not None or self._streak >= _YIELD_EVERY:
+            return None
+        self._link.check_open()
+        if spacks:
+            return self._take(waited=False)
+        if (event := self._io.next_direct()) is None:
+            return None
+        # (PONGs it owes go when the reader's way next needs input, as they do after a
+        # batch the reader handed out.)
+        self._handed(event.size, waited=False)
+        return event.spack
 
     async def write_owed(self) -> None:
         """Write the grants (and any other record) the session owes, as PONGs are."""
