@@ -509,7 +509,7 @@ def run(
                 with start_pair(backend, *tls_files, kinds, env) as pair:
                     samples = _measure_rounds(pair, cells, budget, tell)
             if "channels" in families:
-                # A pair of its own: the fan-out's thousands of connections and the 16 MiB
+                # A pair of its own: the fan-out's thousand connections and the 16 MiB
                 # streams must not shape the heaps and loops of the other cells' workers.
                 kinds = ["stalk_chbig", "tls", "tls2"]
                 with start_pair(backend, *tls_files, kinds, env) as pair:

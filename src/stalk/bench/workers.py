@@ -14,6 +14,7 @@ import json
 import math
 import os
 import ssl
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -132,6 +133,14 @@ class _Server:
             await anyio.sleep(0.05)
             gc.collect()
             await endpoint.reply(["rss", rss_bytes(), self.open[kind]])
+        elif op == "settle":
+            # The client closed streams: wait until this side's ends have closed too (at
+            # most ``limit`` left), and their objects are gone.
+            with anyio.move_on_after(60):
+                while sum(self.open.values()) > int(command[1]):
+                    await anyio.sleep(0.01)
+            gc.collect()
+            await endpoint.reply(["settled", sum(self.open.values())])
         elif op == "profile":
             self._profile(command)
             await endpoint.reply(["ok"])
@@ -236,7 +245,7 @@ class _Client:
 
     def __init__(self, options: argparse.Namespace) -> None:
         self.dialer = _Dialer(json.loads(options.ports), options.server_key, options.cafile)
-        self.crowd = _Crowd(self.dialer, self._remote)
+        self.crowd = _Crowd(self.dialer, self._remote, self._settle)
         self.conns: dict[str, _Stream] = {}
         self._spacks: dict[int, stalk.Spack] = {}
         self._messages: dict[int, list[bytes]] = {}
@@ -296,6 +305,11 @@ class _Client:
         await endpoint.reply(command)
         return list(await endpoint.receive())
 
+    async def _settle(self, limit: int) -> int:
+        """The streams the server serves, once at most ``limit`` remain (see ``settle``)."""
+        answer = await self._remote(next(iter(self.conns)), ["settle", limit])
+        return int(answer[1])
+
     async def _dispatch(self, job: dict[str, Any]) -> dict[str, Any]:
         op = job["op"]
         if op == "sink":
@@ -314,7 +328,8 @@ class _Client:
         if op == "fanout":
             spack, message = self.spack(FANOUT_SIZE), self.message(FANOUT_SIZE)
             seconds = await self.crowd.fanout(job["kind"], job["streams"], job["n"], spack, message)
-            return {"seconds": seconds}
+            # The streams the server serves, the data connections' included: one kind's.
+            return {"seconds": seconds, "server_streams": await self._settle(sys.maxsize)}
         if op == "quiet":
             return await self.quiet(job["kind"], job["n"], job["limit"])
         raise BenchError(f"unknown job {op!r}")
