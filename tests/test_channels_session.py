@@ -272,6 +272,87 @@ def test_any_mix_of_channels_and_sizes_arrives_in_order(
     assert client.queued_bytes == 0
 
 
+def _credit_state(session: Session) -> tuple[object, ...]:
+    """Every credit of ``session``'s channels, both ways, and the assembly slot."""
+    table, demux = session._channels, session._ops.demux
+    assert table is not None
+    assert demux is not None
+    credits = [("connection", table.connection), (0, table.channel0)]
+    credits += [(channel.id, channel.credit) for channel in table.channels.values()]
+    return demux.slot, [
+        (name, credit.send, credit.receive, credit.released, credit.held)
+        for name, credit in credits
+    ]
+
+
+#: A connection window smaller than a channel's: its grants fall between theirs.
+WIDE = ChannelParams(max_channels=8, channel_window=1 << 20, connection_window=65_516)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 9_000) | st.integers(0, 300), st.booleans()),
+        min_size=1,
+        max_size=80,
+    ),
+    st.integers(1, 200_000),
+    st.sampled_from([SMALL, WIDE]),
+)
+@example([(1, 1019, True)], 1, SMALL)  # 1024 encoded bytes: the threshold, to the byte
+@example([(0, 16_374, True)], 1, WIDE)  # the connection's threshold, to the byte
+def test_a_release_that_grants_nothing_takes_the_general_ways_steps_in_short(
+    sends: list[tuple[int, int, bool]], step: int, params: ChannelParams
+) -> None:
+    """``Demux.release`` in short, when neither credit reaches its threshold, against its
+    general way alone (``Demux.short``): at every release on either side the same answer
+    and the same credit, and the same spacks arrive, through windows of 4 KiB (and the
+    slot) or 64 KiB, on channel 0 and others."""
+
+    def replay(short: bool) -> tuple[list[tuple[bool, object]], dict[int, list[Spack]]]:
+        pair = _pair(params, params)
+        client, server = pair.client, pair.server
+        trace: list[tuple[bool, object]] = []
+        for session in (client, server):
+            demux = session._ops.demux
+            assert demux is not None
+            demux.short = short
+
+        class Tracing(_Driver):
+            def step(self, src: Session, dst: Session, limit: int | None = None) -> bool:
+                moved = 0
+                while (limit is None or moved < limit) and (data := src.data_to_send()):
+                    dst.receive_data(data)
+                    moved += len(data)
+                    for event in drain(dst):
+                        self.events[dst].append(event)
+                        if isinstance(event, ChannelMessageReceived):
+                            granted = dst.release(event.channel, event.size)
+                            trace.append((granted, _credit_state(dst)))
+                return bool(moved)
+
+        channels = [0] + [client.open_channel() for _ in range(3)]
+        driver = Tracing(pair)
+        for index, (which, size, flush) in enumerate(sends):
+            client.queue(Spack(index, b"v" * size), channels[which])
+            if flush:
+                client.flush()
+                driver.step(client, server, step)
+                driver.step(server, client)
+        client.flush()
+        driver.run()
+        return trace, dict(driver.spacks(server))
+
+    short = replay(short=True)
+    assert short == replay(short=False)
+    per_channel: dict[int, int] = defaultdict(int)
+    for which, size, _ in sends:
+        per_channel[which] += size
+    # Grants were made (a quarter of a window), unless too little was sent.
+    quarter = params.channel_window // 4
+    assert any(granted for granted, _ in short[0]) or max(per_channel.values()) < quarter
+
+
 def test_can_open_channel_says_whether_the_peers_limit_leaves_room() -> None:
     pair = _pair(
         server=ChannelParams(max_channels=2, channel_window=4096, connection_window=65_516)

@@ -12,10 +12,11 @@ here too, so nothing more of it is delivered.
 from __future__ import annotations
 
 from stalk.channels import ChannelInput, ChannelState, ChannelTable
+from stalk.demux import Demux
 from stalk.errors import LocalProtocolError
 from stalk.mux import Mux
 from stalk.receiver import Receiver
-from stalk.records import RecordWriter, encode_close
+from stalk.records import encode_close
 from stalk.sender import NO_CHANNELS, Sender
 from stalk.wire import CloseCode, RecordKind
 
@@ -25,17 +26,20 @@ __all__ = ["ChannelOps"]
 class ChannelOps:
     """The channel operations of one session; without channels, each says there are none."""
 
-    __slots__ = ("_mux", "_receiver", "_sender", "table")
+    __slots__ = ("_mux", "_receiver", "_sender", "demux", "table")
 
     def __init__(self, sender: Sender) -> None:
         self._sender = sender
         self.table: ChannelTable | None = None
         self._mux: Mux | None = None
         self._receiver: Receiver | None = None
+        #: The receive side of the channels (:class:`~stalk.demux.Demux`), once started.
+        self.demux: Demux | None = None
 
     def start(self, table: ChannelTable, mux: Mux, receiver: Receiver) -> None:
         """Both parties offered channels: the transport phase has them."""
         self.table, self._mux, self._receiver = table, mux, receiver
+        self.demux = receiver.demux
 
     def state(self, channel: int) -> ChannelState | None:
         """The state of ``channel`` (not 0); ``None`` when it is not open (ended, or never)."""
@@ -103,20 +107,6 @@ class ChannelOps:
             for channel in table.peer_resets:
                 mux.drop(channel)
             table.peer_resets.clear()
-
-    def release(self, channel: int, size: int, sending: bool) -> bool:
-        """Hand ``size`` received on ``channel`` back as credit; whether a grant was queued.
-
-        :param sending: whether our direction is open; once closed, nothing is granted.
-        """
-        receiver = self._receiver
-        demux = receiver.demux if receiver is not None else None
-        if demux is None:
-            return False
-        if not sending:
-            demux.release(channel, size, RecordWriter())
-            return False
-        return demux.release(channel, size, self._sender.control)
 
     def release_channel(self, channel: int, sending: bool) -> None:
         """The application let go of a channel the peer reset: our answering RESET goes."""

@@ -141,7 +141,7 @@ class Credit:
     :param receive: what we granted the peer.
     """
 
-    __slots__ = ("_threshold", "held", "receive", "released", "send", "window")
+    __slots__ = ("held", "receive", "released", "send", "threshold", "window")
 
     def __init__(self, send: int, receive: int) -> None:
         #: Data bytes we may still send.
@@ -154,7 +154,8 @@ class Credit:
         self.released = 0
         #: Whole spacks received on it that the application has not let go of yet.
         self.held = 0
-        self._threshold = max(1, receive // 4)
+        #: Released bytes are granted back once they reach this: a quarter window.
+        self.threshold = max(1, receive // 4)
 
     def spend(self, size: int) -> None:
         """We send ``size`` data bytes (the caller checked that they fit)."""
@@ -189,7 +190,7 @@ class Credit:
         WINDOW record per quarter window, not one per spack.
         """
         released = self.released + size
-        if released < self._threshold:
+        if released < self.threshold:
             self.released = released
             return 0
         increment, self.released = released, 0

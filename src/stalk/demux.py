@@ -15,7 +15,10 @@ hands every batch of parsed records to a :class:`Demux` before decoding any of t
 - it counts the whole spacks each channel holds: the driver hands each spack's data
   bytes (its encoded length, in its event) back with :meth:`Demux.release` once the
   application has it, in order, and that is when credit goes back to the peer (a quarter
-  window at a time), so what the peer makes us hold is bounded by what we granted;
+  window at a time), so what the peer makes us hold is bounded by what we granted. Most
+  releases grant nothing and take a short way (``tests/test_channels_session.py``
+  compares it with the general one); a run of whole spacks on channel 0 is counted
+  against credit at once;
 - it gives the **assembly slot** (SPEC "Channels", flow control) to the first channel that
   runs out of credit, its own or the connection's, in the middle of a spack: from then on
   that spack's pieces are granted back as they arrive (a quarter window at a time, or
@@ -68,6 +71,7 @@ class Demux:
         "_slot_step",
         "channel0",
         "limit",
+        "short",
         "slot",
         "table",
     )
@@ -91,6 +95,9 @@ class Demux:
         self._slot_complete = False  # the slot's spack arrived whole (not yet released)
         # Once it did: the spacks of its channel to be released before it.
         self._slot_ahead = 0
+        #: :meth:`release` takes its short way when it grants nothing; ``False`` only to
+        #: compare with the general way (``tests/test_channels_session.py``).
+        self.short = True
 
     # -- routing -----------------------------------------------------------------------
 
@@ -108,17 +115,21 @@ class Demux:
         """
         kept: list[Record] = []
         table = self.table
-        partial, connection, channel0 = self._partial, table.connection, table.channel0
+        partial = self._partial
+        run = count = 0  # a run of whole spacks on channel 0 not counted yet: bytes, spacks
         for record in records:
             kind, channel_id, body = record
             if kind is _MESSAGE and not channel_id and 0 not in partial:
-                # A whole spack on channel 0, the most common record: _data, in short.
-                size = len(body)
-                connection.received(size, "the connection")
-                channel0.received(size, "channel 0")
-                channel0.held += 1
+                # A whole spack on channel 0, the most common record: counted with the
+                # rest of its run, before any other record (_count_run).
+                run += len(body)
+                count += 1
                 kept.append(record)
-            elif kind is _MESSAGE or kind is _FRAGMENT:
+                continue
+            if count:
+                self._count_run(kept, run, count)
+                run = count = 0
+            if kind is _MESSAGE or kind is _FRAGMENT:
                 if self._data(channel_id, len(body), kind is _FRAGMENT, events, grants):
                     kept.append(record)
             elif not channel_id:
@@ -149,7 +160,29 @@ class Demux:
                 table.process(channel, ChannelInput.RESET_RECEIVED)
                 self.forget(channel_id, grants)
                 kept.append(record)
+        if count:
+            self._count_run(kept, run, count)
         return kept
+
+    def _count_run(self, kept: list[Record], size: int, count: int) -> None:
+        """Count ``kept``'s last ``count`` records against credit, all at once.
+
+        They are whole spacks on channel 0, of ``size`` data bytes together: what
+        :meth:`_data` would count one by one.
+
+        :raises ~stalk.errors.FlowControlError: beyond credit (the first record beyond it
+            says so, as counted one by one).
+        """
+        table = self.table
+        connection, channel0 = table.connection, table.channel0
+        if size <= connection.receive and size <= channel0.receive:
+            connection.received(size, "the connection")
+            channel0.received(size, "channel 0")
+        else:
+            for _, _, body in kept[-count:]:
+                connection.received(len(body), "the connection")
+                channel0.received(len(body), "channel 0")
+        channel0.held += count
 
     def _lookup(self, channel_id: int, events: MutableSequence[Event]) -> Channel:
         """The channel a data or CLOSE record is for, opening it if the peer opens it."""
@@ -235,6 +268,29 @@ class Demux:
         :returns: whether it added records to ``grants`` (or freed the assembly slot, which
             may have).
         """
+        if channel_id != self.slot and self.short:
+            # Most releases grant nothing: each credit only adds the bytes it will grant
+            # once they reach its threshold (Credit.release), here for both at once.
+            table = self.table
+            if not channel_id:
+                credit: Credit | None = table.channel0
+            elif (channel := table.channels.get(channel_id)) is not None:
+                credit = channel.credit
+            else:
+                credit = None
+            connection = table.connection
+            if credit is not None and (
+                (released := credit.released + size) < credit.threshold
+                and (total := connection.released + size) < connection.threshold
+            ):
+                credit.held -= 1
+                credit.released = released
+                connection.released = total
+                return False
+        return self._release(channel_id, size, grants)
+
+    def _release(self, channel_id: int, size: int, grants: RecordWriter) -> bool:
+        """:meth:`release`, every case."""
         handover = False
         if channel_id == self.slot and self._slot_complete:
             if self._slot_ahead:

@@ -670,7 +670,13 @@ class Session:
         :returns: whether it queued a grant (the driver then has output to write), so that
             the common release, which grants nothing, costs the driver no further look.
         """
-        return self._ops.release(channel, size, self._states.can_send_data)
+        demux = self._ops.demux
+        if demux is None:
+            return False
+        if self._states.can_send_data:
+            return demux.release(channel, size, self._sender.control)
+        demux.release(channel, size, RecordWriter())  # (once we sent CLOSE, nothing is owed)
+        return False
 
     def release_channel(self, channel: int) -> None:
         """The application let go of a channel the peer reset: our answering RESET goes.
