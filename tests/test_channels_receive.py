@@ -177,6 +177,17 @@ def test_data_beyond_the_channel_window_is_a_flow_control_error() -> None:
     _fails(pair, FlowControlError, "exceed", _record(RecordKind.MESSAGE, 1, body))
 
 
+def test_a_run_of_spacks_beyond_channel_0s_window_names_the_spack_that_crossed_it() -> None:
+    """Whole spacks on channel 0 in a row are counted together; beyond the window, the
+    error is the one counting them one by one gives: the spack that crossed it."""
+    body = encode_spack(Spack(b"z" * 1500))  # three of them: more than the 4096 granted
+    run = [_record(RecordKind.MESSAGE, 0, body)] * 3
+    assert len(body) == 1504
+    _fails(_pair(), FlowControlError, "^1504 data bytes on channel 0 exceed the 1088", *run)
+    _deliver(pair := _pair(), *run[:2], _record(RecordKind.PING, 0, b""))
+    _fails(pair, FlowControlError, "^1504 data bytes on channel 0 exceed the 1088", run[0])
+
+
 def test_data_beyond_the_connection_window_is_a_flow_control_error() -> None:
     pair = connected_pair(
         client_config=SessionConfig(channels=CLIENT),
