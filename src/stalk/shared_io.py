@@ -414,7 +414,7 @@ class SharedIO:
         reads: the reader's way then handles it (the session gives the same again).
         """
         session, dispatch = self._session, self._dispatch
-        if self._reader is not None or not self.direct or not session.input_waiting:
+        if self._reader is not None or not self.direct:
             return None
         try:
             while True:
