@@ -232,7 +232,8 @@ class Inbox:
                 self._waiter = None
             if event is not None:
                 self._handed(event.size, waited=True)
-                await io.write_owed()  # the grant, and what else the batch owes (PONGs)
+                if self._session.has_output:  # the grant, and what else the batch owes
+                    await io.write_owed()
                 return event.spack
             waited = True
 
@@ -325,7 +326,8 @@ class Inbox:
     async def write_queued(self) -> None:
         """Write what is queued, then wait while more than the bound waits for credit."""
         await self._io.send_now(None)
-        await self._within_bound()
+        if self._session.queued_bytes_on(self.id) > self._bound():
+            await self._within_bound()
 
     def sends_now(self) -> bool:
         """Whether a send on channel 0 is written before it returns, by :meth:`send_now`.
@@ -354,30 +356,33 @@ class Inbox:
         self._answering = False
         self._link.check_open()
         await self._io.send_now(item)
-        await self._within_bound()
+        if self._session.queued_bytes_on(self.id) > self._bound():
+            await self._within_bound()
 
     async def _within_bound(self) -> None:
-        """After a write: wait while more than the bound of the channel waits for credit."""
+        """Wait until at most the bound of the channel waits for credit.
+
+        After a write that left more (the caller looks first: most writes leave nothing).
+        """
         session, link, io = self._session, self._link, self._io
         bound = self._bound()
-        if session.queued_bytes_on(self.id) > bound:
-            await io.until(
-                lambda: (
-                    # (a RESET read and not yet dispatched dropped the backlog: wait for it)
-                    (session.queued_bytes_on(self.id) <= bound and not self._reset_unseen())
-                    or self._problem(sending=True) is not None
-                    or io.peer_close is not None
-                ),
-                conditional=True,
-            )
-            await self._check(sending=True)
-            if (left := session.queued_bytes_on(self.id)) > bound:  # the peer closed it all
-                raise link.tag(
-                    ConnectionLost(
-                        f"the peer closed the connection while {left} bytes of channel "
-                        f"{self.id} waited for credit"
-                    )
+        await io.until(
+            lambda: (
+                # (a RESET read and not yet dispatched dropped the backlog: wait for it)
+                (session.queued_bytes_on(self.id) <= bound and not self._reset_unseen())
+                or self._problem(sending=True) is not None
+                or io.peer_close is not None
+            ),
+            conditional=True,
+        )
+        await self._check(sending=True)
+        if (left := session.queued_bytes_on(self.id)) > bound:  # the peer closed it all
+            raise link.tag(
+                ConnectionLost(
+                    f"the peer closed the connection while {left} bytes of channel "
+                    f"{self.id} waited for credit"
                 )
+            )
 
     # -- ending -------------------------------------------------------------------------
 

@@ -370,7 +370,8 @@ class SharedIO:
                         return event  # the rest of its batch: see next_direct()
                     dispatch(event)  # the most common event, first
                 elif event is NEED_DATA:
-                    await self.write_owed()
+                    if session.has_output:  # (most reads owe nothing: no coroutine then)
+                        await self.write_owed()
                     self.progress()  # a batch of input is done: credit, ended channels
                     if ready():
                         return None
