@@ -61,8 +61,11 @@ class _Driver:
             for event in drain(dst):
                 self.events[dst].append(event)
                 if isinstance(event, ChannelMessageReceived):
-                    dst.release(event.channel, event.size)
+                    self.released(dst, dst.release(event.channel, event.size))
         return bool(moved)
+
+    def released(self, session: Session, granted: bool) -> None:
+        """``session``'s application released a spack (``granted``: credit went back)."""
 
     def run(self) -> None:
         client, server = self.pair.client, self.pair.server
@@ -254,22 +257,31 @@ def test_any_mix_of_channels_and_sizes_arrives_in_order(
 ) -> None:
     """Whatever is sent on whichever channel, with whatever flushes, arrives in order."""
     pair = _pair()
-    client, server = pair.client, pair.server
-    channels = [0] + [client.open_channel() for _ in range(3)]
-    expected: dict[int, list[Spack]] = defaultdict(list)
     driver = _Driver(pair)
+    expected = _send_all(driver, sends, step)
+    assert driver.spacks(pair.server) == expected
+    assert pair.client.queued_bytes == 0
+
+
+def _send_all(
+    driver: _Driver, sends: list[tuple[int, int, bool]], step: int
+) -> dict[int, list[Spack]]:
+    """The client sends ``sends`` (which of channel 0 and three it opens, size, flush),
+    ``step`` bytes moved after each flush, then everything; what it sent, by channel."""
+    client, server = driver.pair.client, driver.pair.server
+    channels = [0] + [client.open_channel() for _ in range(3)]
+    sent: dict[int, list[Spack]] = defaultdict(list)
     for index, (which, size, flush) in enumerate(sends):
         spack = Spack(index, b"v" * size)
         client.queue(spack, channels[which])
-        expected[channels[which]].append(spack)
+        sent[channels[which]].append(spack)
         if flush:
             client.flush()
             driver.step(client, server, step)
             driver.step(server, client)
     client.flush()
     driver.run()
-    assert driver.spacks(server) == expected
-    assert client.queued_bytes == 0
+    return sent
 
 
 def _credit_state(session: Session) -> tuple[object, ...]:
@@ -306,42 +318,25 @@ def test_a_release_that_grants_nothing_takes_the_general_ways_steps_in_short(
 ) -> None:
     """``Demux.release`` in short, when neither credit reaches its threshold, against its
     general way alone (``Demux.short``): at every release on either side the same answer
-    and the same credit, and the same spacks arrive, through windows of 4 KiB (and the
-    slot) or 64 KiB, on channel 0 and others."""
+    and the same credit, and every spack arrives, through windows of 4 KiB per channel
+    (and the slot), or of 1 MiB per channel and 64 KiB for the connection."""
 
     def replay(short: bool) -> tuple[list[tuple[bool, object]], dict[int, list[Spack]]]:
         pair = _pair(params, params)
-        client, server = pair.client, pair.server
         trace: list[tuple[bool, object]] = []
-        for session in (client, server):
+        for session in (pair.client, pair.server):
             demux = session._ops.demux
             assert demux is not None
             demux.short = short
 
         class Tracing(_Driver):
-            def step(self, src: Session, dst: Session, limit: int | None = None) -> bool:
-                moved = 0
-                while (limit is None or moved < limit) and (data := src.data_to_send()):
-                    dst.receive_data(data)
-                    moved += len(data)
-                    for event in drain(dst):
-                        self.events[dst].append(event)
-                        if isinstance(event, ChannelMessageReceived):
-                            granted = dst.release(event.channel, event.size)
-                            trace.append((granted, _credit_state(dst)))
-                return bool(moved)
+            def released(self, session: Session, granted: bool) -> None:
+                trace.append((granted, _credit_state(session)))
 
-        channels = [0] + [client.open_channel() for _ in range(3)]
         driver = Tracing(pair)
-        for index, (which, size, flush) in enumerate(sends):
-            client.queue(Spack(index, b"v" * size), channels[which])
-            if flush:
-                client.flush()
-                driver.step(client, server, step)
-                driver.step(server, client)
-        client.flush()
-        driver.run()
-        return trace, dict(driver.spacks(server))
+        expected = _send_all(driver, sends, step)
+        assert driver.spacks(pair.server) == expected
+        return trace, expected
 
     short = replay(short=True)
     assert short == replay(short=False)

@@ -268,29 +268,30 @@ class Demux:
         :returns: whether it added records to ``grants`` (or freed the assembly slot, which
             may have).
         """
-        if channel_id != self.slot and self.short:
+        table = self.table
+        if not channel_id:
+            credit: Credit | None = table.channel0
+        elif (channel := table.channels.get(channel_id)) is not None:
+            credit = channel.credit
+        else:
+            credit = None  # the channel ended: only the connection's credit goes back
+        if credit is not None and channel_id != self.slot and self.short:
             # Most releases grant nothing: each credit only adds the bytes it will grant
             # once they reach its threshold (Credit.release), here for both at once.
-            table = self.table
-            if not channel_id:
-                credit: Credit | None = table.channel0
-            elif (channel := table.channels.get(channel_id)) is not None:
-                credit = channel.credit
-            else:
-                credit = None
             connection = table.connection
-            if credit is not None and (
-                (released := credit.released + size) < credit.threshold
-                and (total := connection.released + size) < connection.threshold
-            ):
+            if (released := credit.released + size) < credit.threshold and (
+                total := connection.released + size
+            ) < connection.threshold:
                 credit.held -= 1
                 credit.released = released
                 connection.released = total
                 return False
-        return self._release(channel_id, size, grants)
+        return self._release(channel_id, size, credit, grants)
 
-    def _release(self, channel_id: int, size: int, grants: RecordWriter) -> bool:
-        """:meth:`release`, every case."""
+    def _release(
+        self, channel_id: int, size: int, credit: Credit | None, grants: RecordWriter
+    ) -> bool:
+        """:meth:`release`, every case (``credit``: the channel's, if it is open)."""
         handover = False
         if channel_id == self.slot and self._slot_complete:
             if self._slot_ahead:
@@ -300,12 +301,6 @@ class Demux:
                 size = 0
                 self._free_slot()
         table = self.table
-        if not channel_id:
-            credit: Credit | None = table.channel0
-        elif (channel := table.channels.get(channel_id)) is not None:
-            credit = channel.credit
-        else:
-            credit = None  # the channel ended: only the connection's credit goes back
         increment = 0
         if credit is not None:
             credit.held -= 1
