@@ -218,7 +218,10 @@ def test_channel_zero_is_measured_with_the_channels_family() -> None:
     assert all(CH0 not in cell.subjects for cell in without)
 
 
-def test_the_fan_out_measures_each_kind_with_only_its_own_streams_open(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_fan_out_measures_each_kind_with_only_its_own_streams_open(
+    tmp_path: Path, backend: str
+) -> None:
     """A fan-out run of one kind closes the streams the previous kind left open, at both
     ends, before it opens its own: the server then serves the data connections and that
     kind's streams, whatever ran before (a channels connection counts its channels and
@@ -226,7 +229,7 @@ def test_the_fan_out_measures_each_kind_with_only_its_own_streams_open(tmp_path:
     tls_files = bench.common.make_certificate(tmp_path)
     streams = 12
     kinds = ["stalk_chbig", "tls", "tls2"]  # the fan-out's pair, as the orchestrator starts it
-    with orchestrator.start_pair("asyncio", *tls_files, kinds, orchestrator.worker_env()) as pair:
+    with orchestrator.start_pair(backend, *tls_files, kinds, orchestrator.worker_env()) as pair:
 
         def serving(kind: str) -> int:
             answer = pair.job(op="fanout", kind=kind, streams=streams, n=2)
