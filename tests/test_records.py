@@ -17,6 +17,7 @@ from stalk.records import (
     encode_close,
     encode_uvarint,
     parse_records,
+    read_channel_records,
     read_records,
     read_uvarint,
 )
@@ -347,3 +348,40 @@ def test_channel_headers_read_inline_as_read_uvarint_reads_them(
             fast = None
         if fast is not None:
             assert fast == slow
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([RecordKind.MESSAGE, RecordKind.FRAGMENT, RecordKind.PING]),
+            st.sampled_from([0, 0, 1, 200]),
+            st.binary(min_size=1, max_size=200),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    st.integers(1, 8),
+)
+def test_the_channel_parser_counts_a_batch_of_channel_0_messages(
+    records: list[tuple[RecordKind, int, bytes]], stop: int
+) -> None:
+    """Each batch it parses comes with its bodies' bytes when every record is a MESSAGE on
+    channel 0 (a run the demux counts at once), else -1."""
+    records = [
+        (kind, 0 if kind is RecordKind.PING else channel, body[:16])
+        for kind, channel, body in records
+    ]
+    data = b"".join(
+        bytes((kind,)) + encode_uvarint(channel) + encode_uvarint(len(body)) + body
+        for kind, channel, body in records
+    )
+    view, pos, seen = memoryview(data), 0, 0
+    while pos < len(view):
+        batch, pos, counted = read_channel_records(view, pos, stop)
+        expected = records[seen : seen + len(batch)]
+        assert [(r.kind, r.channel, bytes(r.body)) for r in batch] == expected
+        plain = all(kind is RecordKind.MESSAGE and not channel for kind, channel, _ in expected)
+        assert counted == (sum(len(body) for _, _, body in expected) if plain else -1)
+        seen += len(batch)
+    assert seen == len(records)

@@ -17,8 +17,11 @@ hands every batch of parsed records to a :class:`Demux` before decoding any of t
   application has it, in order, and that is when credit goes back to the peer (a quarter
   window at a time), so what the peer makes us hold is bounded by what we granted. Most
   releases grant nothing and take a short way (``tests/test_channels_session.py``
-  compares it with the general one); a run of whole spacks on channel 0 is counted
-  against credit at once;
+  compares it with the general one). Whole spacks on channel 0 in a row are counted
+  against credit at once: a batch of nothing else, from the count the parser made as it
+  parsed it (:func:`~stalk.records.read_channel_records`), and a run inside any other
+  batch as routing meets it (``tests/test_channels_receive.py`` compares both with the
+  count record by record);
 - it gives the **assembly slot** (SPEC "Channels", flow control) to the first channel that
   runs out of credit, its own or the connection's, in the middle of a spack: from then on
   that spack's pieces are granted back as they arrive (a quarter window at a time, or
@@ -32,7 +35,7 @@ there, in order after the channel's spacks.
 
 from __future__ import annotations
 
-from collections.abc import MutableSequence
+from collections.abc import MutableSequence, Sequence
 from typing import Final
 
 from stalk.channels import Channel, ChannelInput, ChannelTable, Credit
@@ -102,7 +105,11 @@ class Demux:
     # -- routing -----------------------------------------------------------------------
 
     def route(
-        self, records: list[Record], events: MutableSequence[Event], grants: RecordWriter
+        self,
+        records: list[Record],
+        events: MutableSequence[Event],
+        grants: RecordWriter,
+        data: int = -1,
     ) -> list[Record]:
         """Do the bookkeeping of ``records`` in order; the records left to decode.
 
@@ -110,12 +117,19 @@ class Demux:
             channel's first spack).
         :param grants: where the WINDOW and RESET records we owe go (sent once the
             message passed, like PONGs).
+        :param data: the bytes of the records' bodies if every one is a MESSAGE on channel
+            0 (:func:`~stalk.records.read_channel_records` says), else -1.
         :raises ~stalk.errors.ProtocolError: a record breaks SPEC "Channels" (its subclasses
             say which: too many channels, data beyond credit).
         """
+        partial = self._partial
+        if data >= 0 and 0 not in partial:
+            # Whole spacks on channel 0 only (none is a spack's last piece): the most
+            # common batch, counted at once, every record kept.
+            self._count_run(records, data, len(records))
+            return records
         kept: list[Record] = []
         table = self.table
-        partial = self._partial
         run = count = 0  # a run of whole spacks on channel 0 not counted yet: bytes, spacks
         for record in records:
             kind, channel_id, body = record
@@ -164,7 +178,7 @@ class Demux:
             self._count_run(kept, run, count)
         return kept
 
-    def _count_run(self, kept: list[Record], size: int, count: int) -> None:
+    def _count_run(self, kept: Sequence[Record], size: int, count: int) -> None:
         """Count ``kept``'s last ``count`` records against credit, all at once.
 
         They are whole spacks on channel 0, of ``size`` data bytes together: what

@@ -27,7 +27,13 @@ from stalk.events import (
     PongReceived,
 )
 from stalk.reassembly import Reassembler
-from stalk.records import Record, RecordWriter, decode_close, read_records
+from stalk.records import (
+    Record,
+    RecordWriter,
+    decode_close,
+    read_channel_records,
+    read_records,
+)
 from stalk.spack import Spack, decode_fast
 from stalk.wire import CloseCode, RecordKind
 
@@ -42,6 +48,9 @@ RECORD_COST: Final = 32
 _MESSAGE: Final = RecordKind.MESSAGE
 _FRAGMENT: Final = RecordKind.FRAGMENT
 _KIND: Final = operator.itemgetter(0)
+#: Builds a ChannelMessageReceived without NamedTuple's Python-level ``__new__`` (one per
+#: spack received).
+_new_event: Final = tuple.__new__
 
 
 def _coalesce(records: list[Record]) -> list[Record]:
@@ -222,7 +231,7 @@ class RecordLoop:
                         events.append(
                             MessageReceived(spack)
                             if demux is None
-                            else ChannelMessageReceived(spack, channel, len(body))
+                            else _new_event(ChannelMessageReceived, (spack, channel, len(body)))
                         )
                 elif self._record(incoming, kind, channel, body, reassembler):
                     incoming.offset = 0
@@ -242,12 +251,15 @@ class RecordLoop:
         """Parse the next records of the message, as many as this call's budget allows."""
         demux = self.demux
         batch = max((STEP - self.work) // RECORD_COST, 1)
-        records, incoming.parsed = read_records(
-            incoming.plaintext, incoming.parsed, batch, channels=demux is not None
-        )
-        self.work += len(records) * RECORD_COST
-        if demux is not None:
-            records = demux.route(records, incoming.events, incoming.answers())
+        if demux is None:
+            records, incoming.parsed = read_records(incoming.plaintext, incoming.parsed, batch)
+            self.work += len(records) * RECORD_COST
+        else:
+            records, incoming.parsed, data = read_channel_records(
+                incoming.plaintext, incoming.parsed, batch
+            )
+            self.work += len(records) * RECORD_COST
+            records = demux.route(records, incoming.events, incoming.answers(), data)
         incoming.records = _coalesce(records)
         incoming.index = 0
 
@@ -257,7 +269,7 @@ class RecordLoop:
         """The event for a spack decoded: with channels, with its channel and size."""
         if self.demux is None:
             return MessageReceived(spack)
-        return ChannelMessageReceived(spack, channel, size)
+        return _new_event(ChannelMessageReceived, (spack, channel, size))
 
     def _record(
         self,

@@ -56,6 +56,7 @@ __all__ = [
     "lone_channel_piece",
     "lone_piece",
     "parse_records",
+    "read_channel_records",
     "read_records",
     "read_uvarint",
     "take_views",
@@ -271,7 +272,7 @@ def read_records(
     if end == 0:
         raise ProtocolError("transport message with no records")
     if channels:
-        return _read_channel_records(view, pos, end if count is None else count)
+        return read_channel_records(view, pos, end if count is None else count)[:2]
     records: list[Record] = []
     stop = end if count is None else count
     kinds = _KIND_BY_BYTE
@@ -303,10 +304,19 @@ def read_records(
     return records, pos
 
 
-def _read_channel_records(view: memoryview, pos: int, stop: int) -> tuple[list[Record], int]:
-    """:func:`read_records` for a connection with channels: every kind, every channel."""
+def read_channel_records(view: memoryview, pos: int, stop: int) -> tuple[list[Record], int, int]:
+    """:func:`read_records` for a connection with channels: every kind, every channel.
+
+    Parses up to ``stop`` records from ``pos``, of a plaintext :func:`read_records` found
+    not empty.
+
+    :returns: the records, where the next one starts, and the bytes of their bodies when
+        every one is a MESSAGE on channel 0, else -1: a run the
+        :class:`~stalk.demux.Demux` counts against credit at once, as it is parsed.
+    """
     end = len(view)
     records: list[Record] = []
+    data = 0  # the bodies' bytes while every record is a MESSAGE on channel 0
     while pos < end and len(records) != stop:
         kind = _ALL_KINDS_BY_BYTE.get(view[pos])
         if kind is None:
@@ -326,14 +336,18 @@ def _read_channel_records(view: memoryview, pos: int, stop: int) -> tuple[list[R
         pos += length
         if channel:
             _check_channel_body(kind, channel, body)
+            data = -1
         elif kind is not _MESSAGE:
             if kind is RecordKind.RESET:
                 raise ProtocolError("RESET record on channel 0")
             _check_body(kind, body)
             if kind in _LAST_IN_MESSAGE and pos < end:
                 raise ProtocolError(f"record after {kind.name} in one Noise message")
+            data = -1
+        elif data >= 0:
+            data += length
         records.append(_new_record(Record, (kind, channel, body)))
-    return records, pos
+    return records, pos, data
 
 
 def _check_channel_body(kind: RecordKind, channel: int, body: memoryview) -> None:
