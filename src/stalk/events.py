@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 from stalk.identity import PublicIdentity
 from stalk.spack import Spack
@@ -83,9 +83,11 @@ class HandshakeComplete:
     peer_max_message_size: int
 
 
-# The two events made once per spack set their fields through their slots' own setters:
-# a frozen dataclass's generated __init__ sets each one by name through object.__setattr__,
-# which costs 400 ns for three fields, against 250. They stay frozen all the same.
+# The two events made once per spack are made without a frozen dataclass's generated
+# __init__, which sets each field by name through object.__setattr__. MessageReceived sets
+# its one field through its slot's own setter (110 ns, against 250). ChannelMessageReceived
+# is a named tuple that the receiver builds with tuple.__new__ (90 ns, against 190 with
+# three setters, 400 with __init__). Both stay immutable all the same.
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -98,23 +100,16 @@ class MessageReceived:
         _set_message_spack(self, spack)
 
 
-@dataclass(frozen=True, slots=True, init=False)
-class ChannelMessageReceived:
-    """One whole spack on a connection with channels (channel 0 included).
+class ChannelMessageReceived(NamedTuple):
+    """One whole spack on a connection with channels (channel 0 included)."""
 
-    :ivar channel: the channel it came on.
-    :ivar size: its data bytes, which the driver hands back to
-        :meth:`~stalk.session.Session.release` once the application has the spack.
-    """
-
+    #: The spack.
     spack: Spack
+    #: The channel it came on.
     channel: int
+    #: Its data bytes, which the driver hands back to
+    #: :meth:`~stalk.session.Session.release` once the application has the spack.
     size: int
-
-    def __init__(self, spack: Spack, channel: int, size: int) -> None:
-        _set_spack(self, spack)
-        _set_channel(self, channel)
-        _set_size(self, size)
 
 
 def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
@@ -124,9 +119,6 @@ def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
 
 
 _set_message_spack: Final = _slot_setter(MessageReceived, "spack")
-_set_spack: Final = _slot_setter(ChannelMessageReceived, "spack")
-_set_channel: Final = _slot_setter(ChannelMessageReceived, "channel")
-_set_size: Final = _slot_setter(ChannelMessageReceived, "size")
 
 
 @dataclass(frozen=True, slots=True)

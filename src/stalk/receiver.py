@@ -65,6 +65,9 @@ OWED_LIMIT: Final = RECORD_CAPACITY
 # Enum members as the record loop keeps them (see stalk.record_loop), for the fast paths.
 _MESSAGE: Final = RecordKind.MESSAGE
 _FRAGMENT: Final = RecordKind.FRAGMENT
+#: Builds a ChannelMessageReceived without NamedTuple's Python-level ``__new__`` (one per
+#: spack received).
+_new_event: Final = tuple.__new__
 
 
 class Receiver:
@@ -294,9 +297,8 @@ class Receiver:
                         incoming.grants, self._answers = answers, RecordWriter()
                     return
                 if spack is not None:
-                    self._events.append(
-                        ChannelMessageReceived(spack, channel, reassembler.finished_size)
-                    )
+                    size = reassembler.finished_size
+                    self._events.append(_new_event(ChannelMessageReceived, (spack, channel, size)))
             elif (
                 kind is not _MESSAGE
                 or reassembler.joined is not None
@@ -311,7 +313,7 @@ class Receiver:
                 return
             else:
                 self._work += len(body)
-                self._events.append(ChannelMessageReceived(spack, channel, len(body)))
+                self._events.append(_new_event(ChannelMessageReceived, (spack, channel, len(body))))
         if answers.pending():  # sent once the message passed, as _finish() sends them
             if self._states.can_send_data:
                 self._control.extend(answers)
