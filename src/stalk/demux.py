@@ -43,6 +43,7 @@ from stalk.errors import ProtocolError
 from stalk.events import ChannelOpened, Event
 from stalk.reassembly import Reassembler
 from stalk.records import Record, RecordWriter, decode_close, decode_window, encode_uvarint
+from stalk.states import Directions
 from stalk.wire import RecordKind
 
 __all__ = ["Demux"]
@@ -61,9 +62,13 @@ class Demux:
     :param table: the connection's channels.
     :param limit: the largest encoded spack we accept.
     :param channel0: channel 0's reassembler (the receiver's own).
+    :param control: where the grants of :meth:`release` go (the session's control records).
+    :param states: the session's directions: once ours may send no more data, a release
+        grants nothing.
     """
 
     __slots__ = (
+        "_control",
         "_partial",
         "_reassemblers",
         "_slot_ahead",
@@ -72,6 +77,7 @@ class Demux:
         "_slot_owed",
         "_slot_quarter",
         "_slot_step",
+        "_states",
         "channel0",
         "limit",
         "short",
@@ -79,8 +85,18 @@ class Demux:
         "table",
     )
 
-    def __init__(self, table: ChannelTable, limit: int, channel0: Reassembler) -> None:
+    def __init__(
+        self,
+        table: ChannelTable,
+        limit: int,
+        channel0: Reassembler,
+        *,
+        control: RecordWriter,
+        states: Directions,
+    ) -> None:
         self.table = table
+        self._control = control
+        self._states = states
         self.limit = limit
         self.channel0 = channel0
         # Data bytes of the spack in progress, per channel (0 included).
@@ -274,13 +290,14 @@ class Demux:
 
     # -- credit back -------------------------------------------------------------------
 
-    def release(self, channel_id: int, size: int, grants: RecordWriter) -> bool:
+    def release(self, channel_id: int, size: int) -> bool:
         """The application has a spack of ``size`` data bytes from ``channel_id``.
 
-        Spacks of one channel are released in the order they were delivered.
+        Spacks of one channel are released in the order they were delivered. This is
+        :attr:`stalk.session.Session.release` on a connection with channels.
 
-        :returns: whether it added records to ``grants`` (or freed the assembly slot, which
-            may have).
+        :returns: whether it added grants to the session's control records (or freed the
+            assembly slot, which may have).
         """
         table = self.table
         if not channel_id:
@@ -300,7 +317,11 @@ class Demux:
                 credit.released = released
                 connection.released = total
                 return False
-        return self._release(channel_id, size, credit, grants)
+        if self._states.can_send_data:
+            return self._release(channel_id, size, credit, self._control)
+        # Once we sent CLOSE, nothing is owed (SPEC "Channels"): the counts alone move.
+        self._release(channel_id, size, credit, RecordWriter())
+        return False
 
     def _release(
         self, channel_id: int, size: int, credit: Credit | None, grants: RecordWriter

@@ -108,7 +108,7 @@ class ChannelMessageReceived(NamedTuple):
     #: The channel it came on.
     channel: int
     #: Its data bytes, which the driver hands back to
-    #: :meth:`~stalk.session.Session.release` once the application has the spack.
+    #: :attr:`~stalk.session.Session.release` once the application has the spack.
     size: int
 
 

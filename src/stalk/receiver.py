@@ -125,7 +125,11 @@ class Receiver:
         self.confirmed: HandshakeComplete | None = confirmed
         self.reassembler = Reassembler(limit)
         #: With channels, routes each record to its channel (SPEC "Channels").
-        self.demux = None if channels is None else Demux(channels, limit, self.reassembler)
+        self.demux = (
+            None
+            if channels is None
+            else Demux(channels, limit, self.reassembler, control=control, states=states)
+        )
         # With channels, the answers a one-record message owes (kept empty between uses).
         self._answers = RecordWriter() if channels is not None else None
         self._incoming: Incoming | None = None

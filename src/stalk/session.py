@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from stalk.certificates import Certificate, CertificatePolicy, CertifiedIdentity
@@ -147,6 +148,11 @@ class SessionConfig:
             raise ValueError("rekey intervals must be positive")
 
 
+def _release_nothing(channel: int, size: int) -> bool:
+    """:attr:`Session.release` without channels: there is no credit to give back."""
+    return False
+
+
 def _complete(result: HandshakeResult) -> HandshakeComplete:
     """The event that reports a confirmed handshake."""
     return HandshakeComplete(
@@ -195,6 +201,7 @@ class Session:
         "bytes_received",
         "config",
         "identity",
+        "release",
         "role",
     )
 
@@ -231,6 +238,19 @@ class Session:
         self._error: StalkError | None = None
         self._sender = Sender(self._sealer, RecordWriter(), self._states)
         self._ops = ChannelOps(self._sender)
+        #: ``release(channel, size)``: the application has the spack of a
+        #: :class:`~stalk.events.ChannelMessageReceived`. With channels, hands its ``size``
+        #: back as credit (WINDOW records go out a quarter window at a time); call it for
+        #: every such event, in the order they came on each channel, also for a spack
+        #: dropped because its channel was reset. Once :meth:`close` was called it grants
+        #: nothing, as received messages then grant nothing (SPEC "Channels": nothing more
+        #: is owed). Without channels it does nothing. It returns whether it queued a grant
+        #: (the driver then has output to write), so that the common release, which
+        #: grants nothing, costs the driver no further look.
+        #:
+        #: An attribute, not a method: with channels it is the demux's own
+        #: (``Demux.release``), so a driver's call per spack goes straight there.
+        self.release: Callable[[int, int], bool] = _release_nothing
         self._result: HandshakeResult | None = None
         self._receiver: Receiver | None = None
         self._channels: ChannelTable | None = None  # once both offered channels
@@ -511,6 +531,8 @@ class Session:
             mux = Mux(table)
             self._sender.start(limit, (table, mux))
             self._ops.start(table, mux, receiver)
+            assert receiver.demux is not None  # (the receiver has one with channels)
+            self.release = receiver.demux.release
 
     def _send_ready(self) -> None:
         """Confirm the handshake we read the last message of (SPEC "Confirmation")."""
@@ -657,26 +679,6 @@ class Session:
         :raises ~stalk.LocalProtocolError: the channel is not open (or already reset).
         """
         self._ops.reset(channel, code, reason)
-
-    def release(self, channel: int, size: int) -> bool:
-        """The application has the spack of a :class:`~stalk.events.ChannelMessageReceived`.
-
-        With channels, hands its ``size`` back as credit (WINDOW records go out a quarter
-        window at a time); call it for every such event, in the order they came on each
-        channel, also for a spack dropped because its channel was reset. Once :meth:`close`
-        was called it grants nothing, as received messages then grant nothing (SPEC
-        "Channels": nothing more is owed). Without channels it does nothing.
-
-        :returns: whether it queued a grant (the driver then has output to write), so that
-            the common release, which grants nothing, costs the driver no further look.
-        """
-        demux = self._ops.demux
-        if demux is None:
-            return False
-        if self._states.can_send_data:
-            return demux.release(channel, size, self._sender.control)
-        demux.release(channel, size, RecordWriter())  # (once we sent CLOSE, nothing is owed)
-        return False
 
     def release_channel(self, channel: int) -> None:
         """The application let go of a channel the peer reset: our answering RESET goes.
