@@ -184,8 +184,12 @@ class Inbox:
         if (event := self._io.next_direct()) is None:
             return None
         # (PONGs it owes go when the reader's way next needs input, as they do after a
-        # batch the reader handed out.)
-        self._handed(event.size, waited=False)
+        # batch the reader handed out.) It is handed over as _handed(size, waited=False)
+        # does, in line: this is the way of most spacks channel 0 receives.
+        self.owed = self._session.release(0, event.size)
+        self._link.spacks_received += 1
+        self._streak += 1
+        self._answering = False
         return event.spack
 
     async def write_owed(self) -> None:
