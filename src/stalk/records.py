@@ -317,14 +317,13 @@ def read_channel_records(view: memoryview, pos: int, stop: int) -> tuple[list[Re
     end = len(view)
     records: list[Record] = []
     data = 0  # the bodies' bytes while every record is a MESSAGE on channel 0
+    kinds = _ALL_KINDS_BY_BYTE
     while pos < end and len(records) != stop:
-        kind = _ALL_KINDS_BY_BYTE.get(view[pos])
+        kind = kinds.get(view[pos])
         if kind is None:
             raise ProtocolError(f"unknown record kind 0x{view[pos]:02x}")
-        if pos + 2 < end and view[pos + 1] < 0x80 and view[pos + 2] < 0x80:
-            # The common case, ids and lengths below 128: both varints read inline.
-            channel, length = view[pos + 1], view[pos + 2]
-            pos += 3
+        if pos + 2 < end and (channel := view[pos + 1]) < 0x80 and (length := view[pos + 2]) < 0x80:
+            pos += 3  # the common case, ids and lengths below 128: both varints read inline
         else:
             channel, pos = read_uvarint(view, pos + 1, _MAX_CHANNEL_VARINT)
             if channel > MAX_CHANNEL_ID:
