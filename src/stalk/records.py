@@ -322,8 +322,13 @@ def read_channel_records(view: memoryview, pos: int, stop: int) -> tuple[list[Re
         kind = kinds.get(view[pos])
         if kind is None:
             raise ProtocolError(f"unknown record kind 0x{view[pos]:02x}")
-        if pos + 2 < end and (channel := view[pos + 1]) < 0x80 and (length := view[pos + 2]) < 0x80:
-            pos += 3  # the common case, ids and lengths below 128: both varints read inline
+        if pos + 2 < end and (channel := view[pos + 1]) < 0x80:
+            # The common case, ids below 128: the id read inline, and the length too when
+            # it is below 128.
+            if (length := view[pos + 2]) < 0x80:
+                pos += 3
+            else:
+                length, pos = read_uvarint(view, pos + 2, _MAX_LENGTH_VARINT)
         else:
             channel, pos = read_uvarint(view, pos + 1, _MAX_CHANNEL_VARINT)
             if channel > MAX_CHANNEL_ID:
