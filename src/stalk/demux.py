@@ -17,11 +17,12 @@ hands every batch of parsed records to a :class:`Demux` before decoding any of t
   application has it, in order, and that is when credit goes back to the peer (a quarter
   window at a time), so what the peer makes us hold is bounded by what we granted. Most
   releases grant nothing and take a short way (``tests/test_channels_session.py``
-  compares it with the general one). Whole spacks on channel 0 in a row are counted
-  against credit at once: a batch of nothing else, from the count the parser made as it
-  parsed it (:func:`~stalk.records.read_channel_records`), and a run inside any other
-  batch as routing meets it (``tests/test_channels_receive.py`` compares both with the
-  count record by record);
+  compares it with the general one). Channel 0's data is counted against credit a
+  batch at once when the batch holds nothing else (whole spacks, perhaps the end of one
+  and the start of another, as a stream of large spacks has), from the count the parser
+  made as it parsed it (:func:`~stalk.records.read_channel_records`); so is a run of
+  whole spacks on channel 0 inside any other batch, as routing meets it
+  (``tests/test_channels_receive.py`` compares both with the count record by record);
 - it gives the **assembly slot** (SPEC "Channels", flow control) to the first channel that
   runs out of credit, its own or the connection's, in the middle of a spack: from then on
   that spack's pieces are granted back as they arrive (a quarter window at a time, or
@@ -134,16 +135,14 @@ class Demux:
         :param grants: where the WINDOW and RESET records we owe go (sent once the
             message passed, like PONGs).
         :param data: the bytes of the records' bodies if every one is a MESSAGE on channel
-            0 (:func:`~stalk.records.read_channel_records` says), else -1.
+            0 but the last, which may be a FRAGMENT on channel 0
+            (:func:`~stalk.records.read_channel_records` says), else -1.
         :raises ~stalk.errors.ProtocolError: a record breaks SPEC "Channels" (its subclasses
             say which: too many channels, data beyond credit).
         """
-        partial = self._partial
-        if data >= 0 and 0 not in partial:
-            # Whole spacks on channel 0 only (none is a spack's last piece): the most
-            # common batch, counted at once, every record kept.
-            self._count_run(records, data, len(records))
+        if data >= 0 and self._channel0_data(records, data, grants):
             return records
+        partial = self._partial
         kept: list[Record] = []
         table = self.table
         run = count = 0  # a run of whole spacks on channel 0 not counted yet: bytes, spacks
@@ -213,6 +212,43 @@ class Demux:
                 connection.received(len(body), "the connection")
                 channel0.received(len(body), "channel 0")
         channel0.held += count
+
+    def _channel0_data(self, records: list[Record], data: int, grants: RecordWriter) -> bool:
+        """Count a batch of channel 0's data at once: what :meth:`_data` would, one by one.
+
+        The records are MESSAGEs on channel 0 but the last, which may be a FRAGMENT (their
+        ``data`` bytes, as the parser counted them); the first may end a spack in progress.
+
+        :returns: ``False`` when the general way is to count them instead: beyond credit
+            (its error names the record that crossed it), or while a channel holds the
+            assembly slot with a spack in progress. Nothing is counted then.
+        """
+        if 0 not in self._partial and records[-1][0] is _MESSAGE:
+            # Whole spacks only: the most common batch. (None can be the slot's: a
+            # channel takes the slot inside a spack.)
+            self._count_run(records, data, len(records))
+            return True
+        if self.slot is not None:
+            return False
+        table = self.table
+        connection, channel0 = table.connection, table.channel0
+        if data > connection.receive or data > channel0.receive:
+            return False
+        connection.receive -= data
+        channel0.receive -= data
+        last = records[-1]
+        if last[0] is _MESSAGE:
+            channel0.held += len(records)
+            del self._partial[0]  # the first record ended the spack in progress
+            return True
+        ends = len(records) - 1  # the MESSAGEs: each ends a spack
+        channel0.held += ends
+        so_far = len(last[2]) + (self._partial.get(0, 0) if not ends else 0)
+        if not channel0.receive or not connection.receive:
+            # Out of credit inside a spack: it takes the slot (as in _data).
+            self._take_slot(0, so_far, channel0, grants)
+        self._partial[0] = so_far
+        return True
 
     def _lookup(self, channel_id: int, events: MutableSequence[Event]) -> Channel:
         """The channel a data or CLOSE record is for, opening it if the peer opens it."""

@@ -311,12 +311,15 @@ def read_channel_records(view: memoryview, pos: int, stop: int) -> tuple[list[Re
     not empty.
 
     :returns: the records, where the next one starts, and the bytes of their bodies when
-        every one is a MESSAGE on channel 0, else -1: a run the
-        :class:`~stalk.demux.Demux` counts against credit at once, as it is parsed.
+        every one is a MESSAGE on channel 0 but the last, which may also be a FRAGMENT on
+        channel 0; else -1. Such a batch (whole spacks, perhaps the end of one and the
+        start of another) the :class:`~stalk.demux.Demux` counts against credit at once.
     """
     end = len(view)
     records: list[Record] = []
     data = 0  # the bodies' bytes while every record is a MESSAGE on channel 0
+    # With a FRAGMENT on channel 0 after such records: the bytes with it, and its index.
+    cut = cut_at = -1
     kinds = _ALL_KINDS_BY_BYTE
     while pos < end and len(records) != stop:
         kind = kinds.get(view[pos])
@@ -347,10 +350,14 @@ def read_channel_records(view: memoryview, pos: int, stop: int) -> tuple[list[Re
             _check_body(kind, body)
             if kind in _LAST_IN_MESSAGE and pos < end:
                 raise ProtocolError(f"record after {kind.name} in one Noise message")
+            if kind is _FRAGMENT and data >= 0:
+                cut, cut_at = data + length, len(records)
             data = -1
         elif data >= 0:
             data += length
         records.append(_new_record(Record, (kind, channel, body)))
+    if data < 0 and cut_at == len(records) - 1:
+        data = cut  # the FRAGMENT came last
     return records, pos, data
 
 
