@@ -223,7 +223,7 @@ class Demux:
             (its error names the record that crossed it), or while a channel holds the
             assembly slot with a spack in progress. Nothing is counted then.
         """
-        if 0 not in self._partial and records[-1][0] is _MESSAGE:
+        if 0 not in self._partial and records[-1].kind is _MESSAGE:
             # Whole spacks only: the most common batch. (None can be the slot's: a
             # channel takes the slot inside a spack.)
             self._count_run(records, data, len(records))
@@ -237,13 +237,13 @@ class Demux:
         connection.receive -= data
         channel0.receive -= data
         last = records[-1]
-        if last[0] is _MESSAGE:
+        if last.kind is _MESSAGE:
             channel0.held += len(records)
             del self._partial[0]  # the first record ended the spack in progress
             return True
         ends = len(records) - 1  # the MESSAGEs: each ends a spack
         channel0.held += ends
-        so_far = len(last[2]) + (self._partial.get(0, 0) if not ends else 0)
+        so_far = len(last.body) + (self._partial.get(0, 0) if not ends else 0)
         if not channel0.receive or not connection.receive:
             # Out of credit inside a spack: it takes the slot (as in _data).
             self._take_slot(0, so_far, channel0, grants)
