@@ -547,8 +547,9 @@ def _replay(plaintexts: list[list[_Rec]], releases: list[bool]) -> list[object]:
     seen: list[object] = []
     held: list[ChannelMessageReceived] = []
     client_ok = True
-    table = pair.client._channels
+    table, ours = pair.client._channels, pair.server._channels
     assert table is not None
+    assert ours is not None
     for plaintext, release in zip(plaintexts, releases, strict=False):
         records = [_record(kind, channel, body) for kind, channel, body in plaintext]
         pair.server.receive_data(_forge(pair.client, *records))
@@ -584,6 +585,17 @@ def _replay(plaintexts: list[list[_Rec]], releases: list[bool]) -> list[object]:
                     for channel in table.channels.values()
                 ),
             )
+        )
+        # The server's own count of what it granted and holds.
+        seen.append(
+            [
+                (credit.receive, credit.released, credit.held)
+                for credit in (
+                    ours.connection,
+                    ours.channel0,
+                    *(ours.channels[key].credit for key in sorted(ours.channels)),
+                )
+            ]
         )
     return seen
 

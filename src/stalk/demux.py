@@ -193,6 +193,24 @@ class Demux:
             self._count_run(kept, run, count)
         return kept
 
+    def count_lone(self, size: int) -> bool:
+        """Count a whole spack of ``size`` data bytes on channel 0, alone in its message.
+
+        What :meth:`route` would do with it, in short: the receiver's way for the most
+        common plaintext (``tests/test_channels_receive.py`` compares both).
+
+        :returns: ``False`` when :meth:`route` is to count it instead, nothing counted:
+            channel 0 has a spack in progress, or the spack is beyond credit (route's
+            error says so).
+        """
+        connection, channel0 = self.table.connection, self.table.channel0
+        if size > connection.receive or size > channel0.receive or 0 in self._partial:
+            return False
+        connection.receive -= size
+        channel0.receive -= size
+        channel0.held += 1
+        return True
+
     def _count_run(self, kept: Sequence[Record], size: int, count: int) -> None:
         """Count ``kept``'s last ``count`` records against credit, all at once.
 
@@ -205,8 +223,8 @@ class Demux:
         table = self.table
         connection, channel0 = table.connection, table.channel0
         if size <= connection.receive and size <= channel0.receive:
-            connection.received(size, "the connection")
-            channel0.received(size, "channel 0")
+            connection.receive -= size  # (Credit.received, its check made for both)
+            channel0.receive -= size
         else:
             for _, _, body in kept[-count:]:
                 connection.received(len(body), "the connection")

@@ -280,13 +280,31 @@ class Receiver:
         weigh, one too large) goes to the record loop as the routed batch, so the channels'
         bookkeeping is done once either way (``tests/test_channels_receive.py`` checks it).
         """
+        kind, channel, body = record
+        if kind is _MESSAGE and not channel and demux.count_lone(len(body)):
+            # A whole spack on channel 0, the most common plaintext: counted, then decoded
+            # here if it can be at once (as below), else by the record loop.
+            self._work += RECORD_COST
+            reassembler = demux.channel0
+            if (
+                reassembler.decoder is None
+                and reassembler.joined is None
+                and len(body) <= self._limit
+                and (spack := decode_fast(body)) is not None
+            ):
+                self._work += len(body)
+                self._events.append(_new_event(ChannelMessageReceived, (spack, 0, len(body))))
+                return
+            incoming = self._incoming = Incoming(plaintext, len(plaintext), confirming=False)
+            incoming.records = [record]
+            self._continue(incoming)
+            return
         answers = self._answers
         if answers is None:  # pragma: no cover - created with the demux
             raise AssertionError("no answers writer without channels")
         kept = demux.route([record], self._events, answers)
         self._work += RECORD_COST
         if kept:
-            kind, channel, body = record
             reassembler = demux.reassembler(channel)
             if reassembler.decoder is not None:
                 spack, offset, work = reassembler.feed(kind, body, 0, STEP - self._work)

@@ -203,8 +203,8 @@ class Sender:
                     and table.connection.send >= size
                     and table.channel0.send >= size
                 ):
-                    table.connection.spend(size)
-                    table.channel0.spend(size)
+                    table.connection.send -= size  # (Credit.spend, its check made here)
+                    table.channel0.send -= size
                     return self._seal_small(pieces[0], size)
                 mux.queue(0, pieces)
                 return self.flush_now()
