@@ -38,7 +38,7 @@ from stalk import (
 from stalk.events import ChannelMessageReceived
 from stalk.handshake import ChannelParams
 from stalk.inbox import Inbox
-from stalk.shared_io import Waiter, waiter_factory
+from stalk.shared_io import SharedIO, Waiter, waiter_factory
 from stalk.wire import DEFAULT_CHANNEL_WINDOW, DEFAULT_CONNECTION_WINDOW
 from stalk.writing import Writer, writer_for
 
@@ -583,13 +583,16 @@ async def test_the_reader_task_reads_on_only_once_the_application_stops_taking()
             )
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-inbox"])
+@pytest.mark.parametrize("way", ["direct", "as-the-reader", "through-inbox"])
 async def test_channel_0_reads_its_spacks_itself_or_through_its_inbox_alike(
-    direct: bool, monkeypatch: pytest.MonkeyPatch
+    way: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Channel 0's receive(), as the reader, takes its spack itself (``SharedIO.direct``),
     not through its inbox: the same spacks in the same order either way, in round trips,
-    in bursts, and while other channels are busy."""
+    in bursts, and while other channels are busy. While no other task reads or waits it
+    reads without waiting's bookkeeping (``SharedIO.read_direct``), else as any reader
+    (``SharedIO.until``): the two ways alike too."""
+    direct = way != "through-inbox"
     through_inbox: list[object] = []
     received = Inbox.received
 
@@ -597,7 +600,12 @@ async def test_channel_0_reads_its_spacks_itself_or_through_its_inbox_alike(
         through_inbox.append(inbox)
         received(inbox, event)
 
+    async def never(io: SharedIO, waiter: Waiter) -> None:
+        return None
+
     monkeypatch.setattr(Inbox, "received", counting)
+    if way == "as-the-reader":
+        monkeypatch.setattr(SharedIO, "read_direct", never)
     async with client_and_server() as conn:
         assert conn._channels is not None
         conn._channels.io.direct = direct

@@ -226,12 +226,14 @@ class Inbox:
                 # Channel 0 is neither closed nor reset apart from the connection: only
                 # input, or the connection's end, can end its wait. As the reader, it
                 # takes its next spack itself (``direct``): the inbox is empty.
-                event = await io.until(
-                    self._receivable,
-                    waiter,
-                    input_only=not self.id,
-                    direct=not self.id and io.direct,
-                )
+                event = None if self.id else await io.read_direct(waiter)
+                if event is None and not self._receivable():
+                    event = await io.until(
+                        self._receivable,
+                        waiter,
+                        input_only=not self.id,
+                        direct=not self.id and io.direct,
+                    )
             finally:
                 self._waiter = None
             if event is not None:
@@ -329,7 +331,8 @@ class Inbox:
 
     async def write_queued(self) -> None:
         """Write what is queued, then wait while more than the bound waits for credit."""
-        await self._io.send_now(None)
+        if await self._io.send_now(None):
+            return
         if self._session.queued_bytes_on(self.id) > self._bound():
             await self._within_bound()
 
@@ -359,7 +362,8 @@ class Inbox:
         """
         self._answering = False
         self._link.check_open()
-        await self._io.send_now(item)
+        if await self._io.send_now(item):
+            return  # (nothing of it is left)
         if self._session.queued_bytes_on(self.id) > self._bound():
             await self._within_bound()
 

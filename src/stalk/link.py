@@ -322,7 +322,7 @@ class Link:
             raise await self._write_failed(exc) from exc
         await self._write_rest(rest)
 
-    async def send_now(self, spack: Spack | None, *, flush: bool = False) -> None:
+    async def send_now(self, spack: Spack | None, *, flush: bool = False) -> bool:
         """Send ``spack`` (``flush``: what is queued), write it all; the caller holds no lock.
 
         As ``session.send(spack)`` (or ``session.flush()``) then :meth:`write_all`. When no
@@ -331,6 +331,10 @@ class Link:
         another task writes: that task writes what the session seals meanwhile, and a
         frame held here would be overtaken. One method for both, written out in full: it
         is the path of every send without a writer task, where a call more shows.
+
+        :returns: whether the session sealed the frame at once and the kernel took it
+            whole: then nothing the call queued is left (with channels, nothing waits for
+            credit).
         """
         session = self.session
         lock = self.send_lock
@@ -343,7 +347,7 @@ class Link:
             async with lock:
                 self.check_open()
                 await self.write_pending()
-            return
+            return False
         if flush:
             frame = session.flush_now()
         else:
@@ -351,15 +355,16 @@ class Link:
             self.spacks_sent += 1
         if frame is None:
             await self.write_all()
-            return
+            return False
         try:
             sent = self.writer.write_nowait(frame)
         except OSError as exc:
             raise await self._write_failed(exc) from exc
         if sent == len(frame):  # the common case, in short
             await self.writer.checkpoint()  # a cancellation takes effect after the write
-            return
+            return True
         await self._write_rest(memoryview(frame)[sent:])
+        return False
 
     async def _write_rest(self, rest: memoryview | None) -> None:
         """After an offer to the kernel: write what it did not take, then what follows.

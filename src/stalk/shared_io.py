@@ -20,8 +20,10 @@ what came).
 (``until(direct=True)``), and leaves the rest of that batch in the session; its next
 receive() with its inbox empty takes the next one from there while no task reads
 (:meth:`SharedIO.next_direct`), dispatching the events before it. Its inbox is empty
-whenever it does, and only a reader fills inboxes, so the order holds. A connection used
-only on channel 0 thus reads as one without channels does.
+whenever it does, and only a reader fills inboxes, so the order holds. While no other
+task reads or waits, it reads without the bookkeeping of waiting tasks
+(:meth:`SharedIO.read_direct`). A connection used only on channel 0 thus reads as one
+without channels does.
 
 **The reader task** (inside ``async with conn``) is the reader of last resort: it reads
 while no other task waits, so that credit, the peer's new channels (for a
@@ -282,7 +284,7 @@ class SharedIO:
             self._conditional.pop(waiter, None)
             self.woken.discard(waiter)
             if self._reader is None:  # the reader's role is free: pass it on
-                self.wake(next(iter(waiting)) if waiting else self._idle_reader)
+                self._pass_role()
 
     async def _read_behind(self) -> None:
         """The reader task: read while no other task waits (the reader of last resort).
@@ -406,6 +408,63 @@ class SharedIO:
             self._reader = None
             self._read_scope = None
 
+    async def read_direct(self, waiter: Waiter) -> ChannelMessageReceived | None:
+        """Channel 0's receive() with its inbox empty, while no task reads or waits.
+
+        It becomes the reader and reads until channel 0's next spack, which it returns,
+        dispatching the events before it: :meth:`until` with ``direct``, without the
+        bookkeeping of other waiting tasks, for the receive of a connection used as one
+        without channels (``tests/test_channels_api.py`` compares the two).
+
+        :returns: ``None`` when another task reads or waits (or ``direct`` is off), or
+            once the peer's CLOSE is read (:attr:`peer_close`).
+        """
+        if self._reader is not None or self._waiting or not self.direct:
+            return None
+        link, session, dispatch = self._link, self._session, self._dispatch
+        self._reader = waiter
+        try:
+            while True:
+                link.check_open()
+                try:
+                    event = session.next_event()
+                except StalkError as exc:
+                    raise await link.fail(exc, close=True) from None
+                if type(event) is ChannelMessageReceived:
+                    if not event.channel:
+                        if self._conditional:
+                            self.progress()  # what came before it may be their credit
+                        return event  # the rest of its batch: see next_direct()
+                    dispatch(event)
+                elif event is NEED_DATA:
+                    if session.has_output:
+                        await self.write_owed()
+                    if self._conditional:
+                        self.progress()
+                    await link.receive_into_session()
+                elif event is PAUSED:
+                    await self.write_owed()
+                    self.progress()
+                    await link.resume_reading()
+                    self.progress()
+                elif isinstance(event, CloseReceived):
+                    self._peer_closed(event)
+                    await self.write_owed()
+                    return None
+                else:
+                    dispatch(event)
+        except StalkError:
+            self.wake_all()
+            raise
+        finally:
+            self._reader = None
+            self._pass_role()
+
+    def _pass_role(self) -> None:
+        """The reader's role is free: wake the first waiting task, else the reader task."""
+        waiting = self._waiting
+        self.wake(next(iter(waiting)) if waiting else self._idle_reader)
+
     def next_direct(self) -> ChannelMessageReceived | None:
         """Channel 0's next spack from what the session read, when no task is reading.
 
@@ -502,17 +561,21 @@ class SharedIO:
             raise
         self.progress()
 
-    async def send_now(self, spack: Spack | None) -> None:
+    async def send_now(self, spack: Spack | None) -> bool:
         """Send ``spack`` on channel 0 (``None``: flush what is queued) and write it all.
 
         ``Link.send_now``: a reply's way, and every send's without the connection's tasks.
+
+        :returns: as ``Link.send_now``: whether nothing it queued is left.
         """
         try:
-            await self._link.send_now(spack, flush=spack is None)
+            whole = await self._link.send_now(spack, flush=spack is None)
         except StalkError:
             self.wake_all()
             raise
-        self.progress()
+        if self._conditional:
+            self.progress()
+        return whole
 
     async def write_owed(self) -> None:
         """Write what the session owes now, never waiting for the send lock (a PONG's way).
