@@ -639,6 +639,58 @@ async def test_channel_0_reads_its_spacks_itself_or_through_its_inbox_alike(
                     assert await conn.receive() == spack
 
 
+async def test_round_trips_on_channel_0_do_not_wake_the_reader_task_each_time() -> None:
+    """Channel 0's receive reads its answer itself, as the reader, and gives the role up
+    with it. The reader task (the reader while no other task is) is not woken for that
+    each time: it dozes and looks again a moment later. Woken each time, it would cost
+    a task switch or two per round trip."""
+    async with client_and_server() as conn:
+        assert conn._channels is not None
+        io = conn._channels.io
+        wakes: list[Waiter | None] = []
+        wake = io.wake
+
+        def counting(waiter: Waiter | None) -> None:
+            if waiter is not None and waiter is io._idle_reader:
+                wakes.append(waiter)
+            wake(waiter)
+
+        io.wake = counting  # type: ignore[method-assign]
+        rounds = 300
+        with anyio.fail_after(20):
+            for i in range(rounds):
+                await conn.send(Spack(i))
+                assert await conn.receive() == Spack(i)
+        assert len(wakes) < rounds // 10
+
+
+async def test_the_reader_task_reads_what_comes_once_round_trips_stop() -> None:
+    """After round trips on channel 0 (the reader task dozing, not woken as the role
+    changes hands), the application stops receiving: what comes next is still read, by
+    the reader task once it looks again, here a channel the server opens for the
+    client's channel handler."""
+    greeted = anyio.Event()
+
+    async def greeted_by(channel: Channel) -> None:
+        assert await channel.receive() == Spack("after the round trips")
+        greeted.set()
+
+    async def server(conn: Connection) -> None:
+        for _ in range(100):
+            await conn.send(await conn.receive())
+        channel = await conn.open_channel()
+        await channel.send(Spack("after the round trips"))
+        async for _ in conn:
+            pass
+
+    async with client_and_server(None, handler=server, client_channel_handler=greeted_by) as conn:
+        with anyio.fail_after(10):
+            for i in range(100):
+                await conn.send(Spack(i))
+                assert await conn.receive() == Spack(i)
+            await greeted.wait()
+
+
 async def test_a_receive_reading_channel_0_ends_with_the_connection_alone() -> None:
     """Channel 0's receive reads without a cancel scope for other tasks to cancel: only
     input or the connection's end can end its wait. As the reader it hands another
@@ -911,6 +963,30 @@ async def test_a_waiter_sleeps_until_woken_and_a_wake_before_is_spent(kind: str)
         waiter.wake()
         waiter.wake()  # twice: harmless
     assert woken == [True]
+
+
+@pytest.mark.parametrize("kind", ["chosen", "anyio"])
+async def test_a_waiter_dozes_until_woken_or_for_its_time(kind: str) -> None:
+    """A doze is a sleep that also ends once its time runs out; a cancelled one leaves
+    nothing behind (no timer that ends a later doze early)."""
+    new_waiter = waiter_factory() if kind == "chosen" else Waiter
+    waiter = new_waiter()
+    start = anyio.current_time()
+    with anyio.fail_after(5):
+        await waiter.doze(0.05)
+    assert anyio.current_time() - start >= 0.04
+    with anyio.fail_after(5):  # woken: at once, not after its ten seconds
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter.doze, 10)
+            await anyio.wait_all_tasks_blocked()
+            waiter.wake()
+    with anyio.move_on_after(0.01) as scope:
+        await waiter.doze(0.02)
+    assert scope.cancelled_caught
+    start = anyio.current_time()
+    with anyio.fail_after(5):
+        await waiter.doze(0.05)
+    assert anyio.current_time() - start >= 0.04
 
 
 async def test_each_event_loop_gets_a_waiter_of_its_own() -> None:

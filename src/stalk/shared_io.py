@@ -30,7 +30,10 @@ while no other task waits, so that credit, the peer's new channels (for a
 ``channel_handler``) and every channel's spacks are taken as they come even when the
 application is not receiving; it takes a free role only after the tasks already running
 had their turn, and leaves it as soon as another task waits, so a task receiving its
-answers reads them itself, with no task switch through the reader task.
+answers reads them itself, with no task switch through the reader task. Nor is it woken
+each time such a task gives the role up: when the role changed hands since it last
+looked, it dozes (1 ms) rather than sleep until woken, then looks again. A request and
+its answer thus cost the reader task nothing, and a role left free is taken within 1 ms.
 Flow control bounds what it takes in. It does not read while the application is taking
 spacks already read (it looks again once the application stopped taking them, or the
 application's own receive reads): more would only lengthen a backlog held decoded, up to
@@ -62,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -80,9 +84,11 @@ if TYPE_CHECKING:
 
 __all__ = ["SharedIO", "Waiter"]
 
-#: While the application takes spacks already read, the reader task looks again this
-#: often (seconds) whether it still does, before it reads more.
-_TAKING_PAUSE = 0.001
+#: How soon (seconds) the reader task looks again when another task will likely read for
+#: it: while the application takes spacks already read (before it reads more), and while
+#: the reader's role changes hands, as it does with every answer a task reads itself
+#: (rather than be woken each time).
+_LOOK_AGAIN = 0.001
 
 
 class Waiter:
@@ -110,6 +116,11 @@ class Waiter:
         if self._event is not None:
             self._event.set()
 
+    async def doze(self, seconds: float) -> None:
+        """Sleep as :meth:`sleep` does, for at most ``seconds``."""
+        with anyio.move_on_after(seconds):
+            await self.sleep()
+
 
 class _FutureWaiter(Waiter):
     """On asyncio: a bare future per sleep (anyio's Event wraps asyncio's, which wraps one).
@@ -136,6 +147,21 @@ class _FutureWaiter(Waiter):
             if not future.done():
                 future.set_result(None)
 
+    async def doze(self, seconds: float) -> None:
+        # The event loop's own timer: a cancel scope costs more.
+        future = self._future = self._loop.create_future()
+        timer = self._loop.call_later(seconds, _time_out, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+
+
+def _time_out(future: asyncio.Future[None]) -> None:
+    """A doze's time ran out (unless a wake came first)."""
+    if not future.done():
+        future.set_result(None)
+
 
 class _TrioWaiter(Waiter):
     """On trio: the task parks itself, and a wake reschedules it.
@@ -145,11 +171,12 @@ class _TrioWaiter(Waiter):
     reschedules nothing.
     """
 
-    __slots__ = ("_lowlevel", "_task")
+    __slots__ = ("_lowlevel", "_task", "_trio")
 
-    def __init__(self, lowlevel: Any) -> None:
+    def __init__(self, trio: Any) -> None:
         super().__init__()
-        self._lowlevel = lowlevel  # trio.lowlevel (imported only when trio runs)
+        self._trio = trio  # (imported only when trio runs)
+        self._lowlevel = trio.lowlevel
         self._task: object = None
 
     def sleep(self) -> Awaitable[None]:
@@ -166,6 +193,11 @@ class _TrioWaiter(Waiter):
         if task is not None:
             self._task = None
             self._lowlevel.reschedule(task)
+
+    async def doze(self, seconds: float) -> None:
+        # trio's own cancel scope: anyio's over it costs more.
+        with self._trio.move_on_after(seconds):
+            await self.sleep()
 
 
 def waiter_factory() -> Callable[[], Waiter]:
@@ -189,7 +221,7 @@ def waiter_factory() -> Callable[[], Waiter]:
         except RuntimeError:
             pass
         else:
-            return functools.partial(_TrioWaiter, trio.lowlevel)
+            return functools.partial(_TrioWaiter, trio)
     return Waiter
 
 
@@ -217,6 +249,10 @@ class SharedIO:
         self._reader: Waiter | None = None
         self._read_scope: anyio.CancelScope | None = None
         self._idle_reader: Waiter | None = None
+        # Whether the reader task dozes (it looks again soon: no need to wake it), and
+        # how many times a task gave the reader's role up.
+        self._dozing = False
+        self._handovers = 0
         #: The peer's CLOSE of the connection, once read.
         self.peer_close: CloseReceived | None = None
         #: The tasks that input woke (a spack arrived for them) and that have not run yet.
@@ -294,6 +330,8 @@ class SharedIO:
         waiter = self._idle_reader = self.new_waiter()
         waiting, link, session = self._waiting, self._link, self._session
         taken = link.spacks_received  # by the application, when this task last looked
+        # The handovers of the reader's role, and the time, when this task last slept.
+        handovers, looked = self._handovers, time.monotonic()
 
         def taking() -> bool:
             """Whether the application took spacks already read since the last look.
@@ -317,8 +355,7 @@ class SharedIO:
                             continue
                         if taking():
                             taken = link.spacks_received
-                            with anyio.move_on_after(_TAKING_PAUSE):
-                                await waiter.sleep()
+                            await waiter.doze(_LOOK_AGAIN)
                             continue
                         taken = link.spacks_received
                         await self._read(
@@ -330,7 +367,21 @@ class SharedIO:
                         if self._reader is None and waiting:
                             self.wake(next(iter(waiting)))
                     else:
-                        await waiter.sleep()
+                        # The role is taken. When it changed hands at least once per
+                        # _LOOK_AGAIN since the last look, as it does with each answer a
+                        # task reads itself, it will again: rather than be woken each
+                        # time, look again a moment later. Else sleep until woken.
+                        now = time.monotonic()
+                        often = (self._handovers - handovers) * _LOOK_AGAIN >= now - looked
+                        handovers, looked = self._handovers, now
+                        if not often:
+                            await waiter.sleep()  # until the role is given up (_pass_role)
+                            continue
+                        self._dozing = True
+                        try:
+                            await waiter.doze(_LOOK_AGAIN)
+                        finally:
+                            self._dozing = False
         finally:
             self._idle_reader = None
 
@@ -461,9 +512,18 @@ class SharedIO:
             self._pass_role()
 
     def _pass_role(self) -> None:
-        """The reader's role is free: wake the first waiting task, else the reader task."""
+        """The reader's role is free: wake the first waiting task, else the reader task.
+
+        A dozing reader task looks again soon by itself: waking it each time a task that
+        reads its own answers gives the role up would cost a task switch (two on trio)
+        per answer.
+        """
+        self._handovers += 1
         waiting = self._waiting
-        self.wake(next(iter(waiting)) if waiting else self._idle_reader)
+        if waiting:
+            self.wake(next(iter(waiting)))
+        elif not self._dozing:
+            self.wake(self._idle_reader)
 
     def next_direct(self) -> ChannelMessageReceived | None:
         """Channel 0's next spack from what the session read, when no task is reading.
