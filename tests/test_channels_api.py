@@ -13,6 +13,7 @@ from typing import cast
 import anyio
 import anyio.abc
 import pytest
+import sniffio
 
 import stalk.link
 from helpers import echo, serving
@@ -38,7 +39,7 @@ from stalk import (
 from stalk.events import ChannelMessageReceived
 from stalk.handshake import ChannelParams
 from stalk.inbox import Inbox
-from stalk.shared_io import SharedIO, Waiter, waiter_factory
+from stalk.shared_io import Waiter, waiter_factory
 from stalk.wire import DEFAULT_CHANNEL_WINDOW, DEFAULT_CONNECTION_WINDOW
 from stalk.writing import Writer, writer_for
 
@@ -583,16 +584,13 @@ async def test_the_reader_task_reads_on_only_once_the_application_stops_taking()
             )
 
 
-@pytest.mark.parametrize("way", ["direct", "as-the-reader", "through-inbox"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-inbox"])
 async def test_channel_0_reads_its_spacks_itself_or_through_its_inbox_alike(
-    way: str, monkeypatch: pytest.MonkeyPatch
+    direct: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Channel 0's receive(), as the reader, takes its spack itself (``SharedIO.direct``),
-    not through its inbox: the same spacks in the same order either way, in round trips,
-    in bursts, and while other channels are busy. While no other task reads or waits it
-    reads without waiting's bookkeeping (``SharedIO.read_direct``), else as any reader
-    (``SharedIO.until``): the two ways alike too."""
-    direct = way != "through-inbox"
+    """Channel 0's receive(), as the reader, takes its spack itself (``SharedIO.direct``:
+    ``read_direct``, ``next_direct``), not through its inbox: the same spacks in the same
+    order either way, in round trips, in bursts, and while other channels are busy."""
     through_inbox: list[object] = []
     received = Inbox.received
 
@@ -600,12 +598,7 @@ async def test_channel_0_reads_its_spacks_itself_or_through_its_inbox_alike(
         through_inbox.append(inbox)
         received(inbox, event)
 
-    async def never(io: SharedIO, waiter: Waiter) -> None:
-        return None
-
     monkeypatch.setattr(Inbox, "received", counting)
-    if way == "as-the-reader":
-        monkeypatch.setattr(SharedIO, "read_direct", never)
     async with client_and_server() as conn:
         assert conn._channels is not None
         conn._channels.io.direct = direct
@@ -639,23 +632,30 @@ async def test_channel_0_reads_its_spacks_itself_or_through_its_inbox_alike(
                     assert await conn.receive() == spack
 
 
-async def test_round_trips_on_channel_0_do_not_wake_the_reader_task_each_time() -> None:
+async def test_round_trips_on_channel_0_do_not_wake_the_reader_task_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Channel 0's receive reads its answer itself, as the reader, and gives the role up
     with it. The reader task (the reader while no other task is) is not woken for that
-    each time: it dozes and looks again a moment later. Woken each time, it would cost
-    a task switch or two per round trip."""
+    each time: on asyncio only if the role is still free once the tasks that can run
+    have run, on trio not while it dozes (it looks again a moment later). Woken each
+    time, it would cost two turns of the event loop per round trip."""
     async with client_and_server() as conn:
         assert conn._channels is not None
         io = conn._channels.io
-        wakes: list[Waiter | None] = []
-        wake = io.wake
+        with anyio.fail_after(20):
+            while io._idle_reader is None:  # the reader task has started
+                await anyio.lowlevel.checkpoint()
+        reader = io._idle_reader
+        wakes: list[Waiter] = []
+        wake = type(reader).wake
 
-        def counting(waiter: Waiter | None) -> None:
-            if waiter is not None and waiter is io._idle_reader:
+        def counting(waiter: Waiter) -> None:
+            if waiter is reader:
                 wakes.append(waiter)
             wake(waiter)
 
-        io.wake = counting  # type: ignore[method-assign]
+        monkeypatch.setattr(type(reader), "wake", counting)
         rounds = 300
         with anyio.fail_after(20):
             for i in range(rounds):
@@ -987,6 +987,50 @@ async def test_a_waiter_dozes_until_woken_or_for_its_time(kind: str) -> None:
     with anyio.fail_after(5):
         await waiter.doze(0.05)
     assert anyio.current_time() - start >= 0.04
+
+
+@pytest.mark.parametrize("kind", ["chosen", "anyio"])
+async def test_a_waiter_woken_after_the_turn_is_woken_only_if_still_wanted(kind: str) -> None:
+    """``wake_after_turn`` asks whether to wake once the tasks that can run now have run
+    (``defers``: on asyncio), else at once: a task made runnable before the call has run
+    by then, or not."""
+    new_waiter = waiter_factory() if kind == "chosen" else Waiter
+    waiter = new_waiter()
+    woken: list[bool] = []
+    ran: list[bool] = []
+    go = anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def sleeper() -> None:
+            await waiter.sleep()
+            woken.append(True)
+
+        async def runnable() -> None:
+            await go.wait()
+            ran.append(True)
+
+        tg.start_soon(sleeper)
+        tg.start_soon(runnable)
+        await anyio.wait_all_tasks_blocked()
+        waiter.wake_after_turn(lambda: False)  # not wanted: not woken
+        await anyio.sleep(0.01)
+        assert not woken
+        go.set()  # it can run now
+        waiter.wake_after_turn(lambda: not ran)
+        await anyio.sleep(0.01)
+        assert ran
+        assert woken == ([] if waiter.defers else [True])
+        if waiter.defers:
+            waiter.wake_after_turn(lambda: True)
+            with anyio.fail_after(5):
+                while not woken:
+                    await anyio.lowlevel.checkpoint()
+    assert type(waiter).defers is (kind == "chosen" and _on_asyncio())
+
+
+def _on_asyncio() -> bool:
+    """Whether the test runs on asyncio (the only event loop whose waiter defers)."""
+    return sniffio.current_async_library() == "asyncio"
 
 
 async def test_each_event_loop_gets_a_waiter_of_its_own() -> None:

@@ -223,17 +223,12 @@ class Inbox:
                 waiter = self._sleeper = io.new_waiter()
             self._waiter = waiter
             try:
-                # Channel 0 is neither closed nor reset apart from the connection: only
-                # input, or the connection's end, can end its wait. As the reader, it
-                # takes its next spack itself (``direct``): the inbox is empty.
+                # Channel 0, its inbox empty, takes its next spack itself as the reader
+                # while no other task reads. It is neither closed nor reset apart from the
+                # connection: only input, or the connection's end, can end its wait.
                 event = None if self.id else await io.read_direct(waiter)
                 if event is None and not self._receivable():
-                    event = await io.until(
-                        self._receivable,
-                        waiter,
-                        input_only=not self.id,
-                        direct=not self.id and io.direct,
-                    )
+                    await io.until(self._receivable, waiter, input_only=not self.id)
             finally:
                 self._waiter = None
             if event is not None:

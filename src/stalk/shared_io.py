@@ -16,14 +16,15 @@ Every event goes from the session to an inbox with no await in between, so a rea
 cancelled at any point loses nothing, and neither does a waiting task (its inbox keeps
 what came).
 
-**Channel 0 as the reader** takes its own next spack itself, not through its inbox
-(``until(direct=True)``), and leaves the rest of that batch in the session; its next
-receive() with its inbox empty takes the next one from there while no task reads
-(:meth:`SharedIO.next_direct`), dispatching the events before it. Its inbox is empty
-whenever it does, and only a reader fills inboxes, so the order holds. While no other
-task reads or waits, it reads without the bookkeeping of waiting tasks
-(:meth:`SharedIO.read_direct`). A connection used only on channel 0 thus reads as one
-without channels does.
+**Channel 0 as the reader** (its receive() with its inbox empty, while no task reads)
+takes its own next spack itself, not through its inbox, without the bookkeeping of a
+waiting task (:meth:`SharedIO.read_direct`), and leaves the rest of that batch in the
+session; its next receive() with its inbox empty takes the next one from there while no
+task reads (:meth:`SharedIO.next_direct`), dispatching the events before it. Its inbox
+is empty whenever it does, and only a reader fills inboxes, so the order holds. (While
+another task reads, channel 0 waits as any channel does, and its spacks come through
+its inbox.) A connection used only on channel 0 thus reads as one without channels
+does.
 
 **The reader task** (inside ``async with conn``) is the reader of last resort: it reads
 while no other task waits, so that credit, the peer's new channels (for a
@@ -31,9 +32,13 @@ while no other task waits, so that credit, the peer's new channels (for a
 application is not receiving; it takes a free role only after the tasks already running
 had their turn, and leaves it as soon as another task waits, so a task receiving its
 answers reads them itself, with no task switch through the reader task. Nor is it woken
-each time such a task gives the role up: when the role changed hands since it last
-looked, it dozes (1 ms) rather than sleep until woken, then looks again. A request and
-its answer thus cost the reader task nothing, and a role left free is taken within 1 ms.
+each time such a task gives the role up, only to find it taken again: on asyncio it is
+woken only if the role is still free once the tasks that can run have run (two
+callbacks, no task); on trio, while the role changes hands at least once a millisecond,
+it dozes (1 ms) rather than sleep until woken, then looks again. (Not on asyncio: a
+pending timer makes each of the event loop's waits for input cost more, about 8 µs a
+round trip here, more than the wakes.) A request and its answer thus cost the reader
+task nothing, and a role left free is taken at once, or within 1 ms on trio.
 Flow control bounds what it takes in. It does not read while the application is taking
 spacks already read (it looks again once the application stopped taking them, or the
 application's own receive reads): more would only lengthen a backlog held decoded, up to
@@ -85,9 +90,9 @@ if TYPE_CHECKING:
 __all__ = ["SharedIO", "Waiter"]
 
 #: How soon (seconds) the reader task looks again when another task will likely read for
-#: it: while the application takes spacks already read (before it reads more), and while
-#: the reader's role changes hands, as it does with every answer a task reads itself
-#: (rather than be woken each time).
+#: it: while the application takes spacks already read (before it reads more), and on
+#: trio while the reader's role changes hands, as it does with every answer a task reads
+#: itself (rather than be woken each time).
 _LOOK_AGAIN = 0.001
 
 
@@ -99,6 +104,10 @@ class Waiter:
     """
 
     __slots__ = ("_event",)
+
+    #: Whether :meth:`wake_after_turn` waits for the tasks that can run to have run
+    #: (else it decides at once).
+    defers: bool = False
 
     def __init__(self) -> None:
         self._event: anyio.Event | None = None  # made by each sleep: most waits never sleep
@@ -121,6 +130,14 @@ class Waiter:
         with anyio.move_on_after(seconds):
             await self.sleep()
 
+    def wake_after_turn(self, still: Callable[[], bool]) -> None:
+        """Wake it if ``still()`` holds once the tasks that can run now have run.
+
+        Without a cheap way to wait for that, ``still()`` is asked at once.
+        """
+        if still():
+            self.wake()
+
 
 class _FutureWaiter(Waiter):
     """On asyncio: a bare future per sleep (anyio's Event wraps asyncio's, which wraps one).
@@ -130,6 +147,8 @@ class _FutureWaiter(Waiter):
     """
 
     __slots__ = ("_future", "_loop")
+
+    defers = True
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -155,6 +174,15 @@ class _FutureWaiter(Waiter):
             await future
         finally:
             timer.cancel()
+
+    def wake_after_turn(self, still: Callable[[], bool]) -> None:
+        # Two hops: a callback queued now runs before the tasks that run next (the
+        # event loop runs what is ready in order); one it queues runs after them.
+        self._loop.call_soon(self._loop.call_soon, self._wake_if, still)
+
+    def _wake_if(self, still: Callable[[], bool]) -> None:
+        if still():
+            self.wake()
 
 
 def _time_out(future: asyncio.Future[None]) -> None:
@@ -249,17 +277,19 @@ class SharedIO:
         self._reader: Waiter | None = None
         self._read_scope: anyio.CancelScope | None = None
         self._idle_reader: Waiter | None = None
-        # Whether the reader task dozes (it looks again soon: no need to wake it), and
-        # how many times a task gave the reader's role up.
+        # Whether the reader task dozes (it looks again soon: no need to wake it), how
+        # many times a task gave the reader's role up, and whether a look at the role
+        # is due once the tasks that can run have run (Waiter.wake_after_turn).
         self._dozing = False
         self._handovers = 0
+        self._look_due = False
         #: The peer's CLOSE of the connection, once read.
         self.peer_close: CloseReceived | None = None
         #: The tasks that input woke (a spack arrived for them) and that have not run yet.
         self.woken: set[Waiter] = set()
         #: Spacks in the channels' inboxes, not yet taken by the application.
         self.held = 0
-        #: Channel 0's receive() takes its spack itself as the reader (``until(direct=)``);
+        #: Channel 0's receive() takes its spack itself as the reader (:meth:`read_direct`);
         #: ``False`` only to compare with the inbox's way.
         self.direct = True
 
@@ -283,8 +313,7 @@ class SharedIO:
         *,
         conditional: bool = False,
         input_only: bool = False,
-        direct: bool = False,
-    ) -> ChannelMessageReceived | None:
+    ) -> None:
         """Return once ``ready()`` holds: be the reader when no task is, else wait.
 
         :param waiter: how this task is woken (a channel's receive() registers one in its
@@ -294,10 +323,6 @@ class SharedIO:
         :param input_only: ``ready()`` can come true only through input, or the end of
             the connection (which ends a read anyway: the transport closes): as the
             reader, this task reads without a cancel scope for :meth:`wake` to cancel.
-        :param direct: channel 0's ``receive()``, its inbox empty: as the reader, this
-            task takes channel 0's next spack itself, returned as its event (not put in
-            the inbox, which stays empty: only the reader fills it).
-        :returns: channel 0's spack, with ``direct``, when this task read it.
         :raises ~stalk.StalkError: the connection's error, if it is closed or broken.
         """
         waiter = waiter or self.new_waiter()
@@ -309,12 +334,9 @@ class SharedIO:
             while not ready():
                 self._link.check_open()
                 if self._reader is None:
-                    taken = await self._read(ready, waiter, nudge=not input_only, direct=direct)
-                    if taken is not None:
-                        return taken
+                    await self._read(ready, waiter, nudge=not input_only)
                 else:
                     await waiter.sleep()
-            return None
         finally:
             del waiting[waiter]
             self._conditional.pop(waiter, None)
@@ -367,21 +389,23 @@ class SharedIO:
                         if self._reader is None and waiting:
                             self.wake(next(iter(waiting)))
                     else:
-                        # The role is taken. When it changed hands at least once per
-                        # _LOOK_AGAIN since the last look, as it does with each answer a
-                        # task reads itself, it will again: rather than be woken each
-                        # time, look again a moment later. Else sleep until woken.
-                        now = time.monotonic()
-                        often = (self._handovers - handovers) * _LOOK_AGAIN >= now - looked
-                        handovers, looked = self._handovers, now
-                        if not often:
-                            await waiter.sleep()  # until the role is given up (_pass_role)
-                            continue
-                        self._dozing = True
-                        try:
-                            await waiter.doze(_LOOK_AGAIN)
-                        finally:
-                            self._dozing = False
+                        # The role is taken. Where a wake cannot wait for the tasks
+                        # that can run (Waiter.defers), and the role changed hands at
+                        # least once per _LOOK_AGAIN since the last look, as it does with
+                        # each answer a task reads itself, it will again: rather than be
+                        # woken each time, look again a moment later.
+                        if not waiter.defers:
+                            now = time.monotonic()
+                            often = (self._handovers - handovers) * _LOOK_AGAIN >= now - looked
+                            handovers, looked = self._handovers, now
+                            if often:
+                                self._dozing = True
+                                try:
+                                    await waiter.doze(_LOOK_AGAIN)
+                                finally:
+                                    self._dozing = False
+                                continue
+                        await waiter.sleep()  # until the role is given up (_pass_role)
         finally:
             self._idle_reader = None
 
@@ -391,8 +415,7 @@ class SharedIO:
         waiter: Waiter,
         *,
         nudge: bool = True,
-        direct: bool = False,
-    ) -> ChannelMessageReceived | None:
+    ) -> None:
         """Be the reader until ``ready()`` holds: read, and dispatch every event.
 
         Once it holds, the events the session can give without more input are dispatched
@@ -402,11 +425,9 @@ class SharedIO:
 
         :param nudge: read from the transport in a cancel scope that :meth:`wake`
             cancels, for a condition that may come true without input.
-        :param direct: return channel 0's next spack as its event (see :meth:`until`);
-            the rest of its batch waits in the session (:meth:`next_direct`).
         """
         if ready():
-            return None
+            return
         link, session, dispatch = self._link, self._session, self._dispatch
         self._reader = waiter
         try:
@@ -417,17 +438,13 @@ class SharedIO:
                 except StalkError as exc:
                     raise await link.fail(exc, close=True) from None
                 if type(event) is ChannelMessageReceived:
-                    if direct and not event.channel:
-                        if self._conditional:
-                            self.progress()  # what came before it may be their credit
-                        return event  # the rest of its batch: see next_direct()
                     dispatch(event)  # the most common event, first
                 elif event is NEED_DATA:
                     if session.has_output:  # (most reads owe nothing: no coroutine then)
                         await self.write_owed()
                     self.progress()  # a batch of input is done: credit, ended channels
                     if ready():
-                        return None
+                        return
                     if not nudge:
                         await link.receive_into_session()
                         continue
@@ -439,7 +456,7 @@ class SharedIO:
                     await self.write_owed()
                     self.progress()
                     if ready():
-                        return None  # the next reader resumes reading
+                        return  # the next reader resumes reading
                     await link.resume_reading()
                     self.progress()
                 elif isinstance(event, CloseReceived):
@@ -449,7 +466,7 @@ class SharedIO:
                         # Nothing can come after the peer's CLOSE: a wait on input would
                         # never end (every caller's condition counts the CLOSE in).
                         raise link.tag(ConnectionLost("the peer closed the connection"))
-                    return None
+                    return
                 else:
                     dispatch(event)
         except StalkError:
@@ -460,17 +477,19 @@ class SharedIO:
             self._read_scope = None
 
     async def read_direct(self, waiter: Waiter) -> ChannelMessageReceived | None:
-        """Channel 0's receive() with its inbox empty, while no task reads or waits.
+        """Channel 0's receive() with its inbox empty, while no task reads.
 
-        It becomes the reader and reads until channel 0's next spack, which it returns,
-        dispatching the events before it: :meth:`until` with ``direct``, without the
-        bookkeeping of other waiting tasks, for the receive of a connection used as one
-        without channels (``tests/test_channels_api.py`` compares the two).
+        It becomes the reader and reads until channel 0's next spack, which it returns
+        (not through its inbox), dispatching the events before it; the rest of that
+        batch waits in the session (:meth:`next_direct`). What :meth:`until` does for a
+        waiting task, without its bookkeeping: the receive of a connection used as one
+        without channels (``tests/test_channels_api.py`` compares it with the inbox's
+        way).
 
-        :returns: ``None`` when another task reads or waits (or ``direct`` is off), or
-            once the peer's CLOSE is read (:attr:`peer_close`).
+        :returns: ``None`` when another task reads (or ``direct`` is off), or once the
+            peer's CLOSE is read (:attr:`peer_close`).
         """
-        if self._reader is not None or self._waiting or not self.direct:
+        if self._reader is not None or not self.direct:
             return None
         link, session, dispatch = self._link, self._session, self._dispatch
         self._reader = waiter
@@ -514,21 +533,29 @@ class SharedIO:
     def _pass_role(self) -> None:
         """The reader's role is free: wake the first waiting task, else the reader task.
 
-        A dozing reader task looks again soon by itself: waking it each time a task that
-        reads its own answers gives the role up would cost a task switch (two on trio)
+        The reader task only if the role is still free once the tasks that can run now
+        have run (on asyncio: ``Waiter.wake_after_turn``), and not while it dozes (it
+        looks again soon by itself): a task that reads its own answers takes the role
+        back with each, and waking the reader task each time would cost it two turns
         per answer.
         """
         self._handovers += 1
         waiting = self._waiting
         if waiting:
             self.wake(next(iter(waiting)))
-        elif not self._dozing:
-            self.wake(self._idle_reader)
+        elif not self._dozing and not self._look_due and (reader := self._idle_reader):
+            self._look_due = True
+            reader.wake_after_turn(self._role_free)
+
+    def _role_free(self) -> bool:
+        """Whether the role is free with no task waiting (the due look at it)."""
+        self._look_due = False
+        return self._reader is None and not self._waiting
 
     def next_direct(self) -> ChannelMessageReceived | None:
         """Channel 0's next spack from what the session read, when no task is reading.
 
-        Channel 0's receive() with its inbox empty (see :meth:`until`'s ``direct``): the
+        Channel 0's receive() with its inbox empty (see :meth:`read_direct`): the
         events before it are dispatched as the reader would. ``None`` when the session
         needs input first, paused, has the peer's CLOSE or an error, or another task
         reads: the reader's way then handles it (the session gives the same again).
