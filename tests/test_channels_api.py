@@ -665,10 +665,10 @@ async def test_round_trips_on_channel_0_do_not_wake_the_reader_task_each_time(
 
 
 async def test_the_reader_task_reads_what_comes_once_round_trips_stop() -> None:
-    """After round trips on channel 0 (the reader task dozing, not woken as the role
+    """After round trips on channel 0 (the reader task not woken each time the role
     changes hands), the application stops receiving: what comes next is still read, by
-    the reader task once it looks again, here a channel the server opens for the
-    client's channel handler."""
+    the reader task once it looks again (at once on asyncio, within a millisecond on
+    trio), here a channel the server opens for the client's channel handler."""
     greeted = anyio.Event()
 
     async def greeted_by(channel: Channel) -> None:
