@@ -227,7 +227,7 @@ class Inbox:
                 # while no other task reads. It is neither closed nor reset apart from the
                 # connection: only input, or the connection's end, can end its wait.
                 event = None if self.id else await io.read_direct(waiter)
-                if event is None and not self._receivable():
+                if event is None:
                     await io.until(self._receivable, waiter, input_only=not self.id)
             finally:
                 self._waiter = None
