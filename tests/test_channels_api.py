@@ -991,9 +991,10 @@ async def test_a_waiter_dozes_until_woken_or_for_its_time(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["chosen", "anyio"])
 async def test_a_waiter_woken_after_the_turn_is_woken_only_if_still_wanted(kind: str) -> None:
-    """``wake_after_turn`` asks whether to wake once the tasks that can run now have run
-    (``defers``: on asyncio), else at once: a task made runnable before the call has run
-    by then, or not."""
+    """``wake_after_turn`` asks whether to wake when the look is due and again once the
+    tasks that can run now have run (``defers``: on asyncio), else at once: a task made
+    runnable before the call has run by then, or not. One look at a time, ended by the
+    first ``False``."""
     new_waiter = waiter_factory() if kind == "chosen" else Waiter
     waiter = new_waiter()
     woken: list[bool] = []
@@ -1021,10 +1022,22 @@ async def test_a_waiter_woken_after_the_turn_is_woken_only_if_still_wanted(kind:
         assert ran
         assert woken == ([] if waiter.defers else [True])
         if waiter.defers:
-            waiter.wake_after_turn(lambda: True)
+            asked: list[bool] = []
+
+            def wanted() -> bool:
+                asked.append(True)
+                return True
+
+            waiter.wake_after_turn(wanted)
+            waiter.wake_after_turn(wanted)  # one look at a time: this one adds nothing
             with anyio.fail_after(5):
                 while not woken:
                     await anyio.lowlevel.checkpoint()
+            assert len(asked) == 2  # asked when due and after the turn
+            asked.clear()
+            waiter.wake_after_turn(lambda: bool(asked.append(True)))  # not wanted when due
+            await anyio.sleep(0.01)
+            assert len(asked) == 1  # the look ended there
     assert type(waiter).defers is (kind == "chosen" and _on_asyncio())
 
 
