@@ -407,7 +407,8 @@ class Connection(ObjectStream[Spack]):
         if self._channels is not None:
             channel0 = self._channels.channel0
             if channel0.sends_now():
-                await channel0.send_now(item)
+                if not await channel0.send_now(item):
+                    await channel0.keep_within_bound()
                 return
             channel0.queue(item)  # (True: channel 0 is never reset)
             if not channel0.leave_to_writer():

@@ -54,6 +54,8 @@ from stalk.shared_io import Waiter
 from stalk.spack import Spack
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from stalk.dispatcher import Dispatcher
 
 __all__ = ["Inbox"]
@@ -326,10 +328,8 @@ class Inbox:
 
     async def write_queued(self) -> None:
         """Write what is queued, then wait while more than the bound waits for credit."""
-        if await self._io.send_now(None):
-            return
-        if self._session.queued_bytes_on(self.id) > self._bound():
-            await self._within_bound()
+        if not await self._io.send_now(None):
+            await self.keep_within_bound()
 
     def sends_now(self) -> bool:
         """Whether a send on channel 0 is written before it returns, by :meth:`send_now`.
@@ -348,25 +348,25 @@ class Inbox:
             and not self._session.close_sent
         )
 
-    async def send_now(self, item: Spack) -> None:
+    def send_now(self, item: Spack) -> Awaitable[bool]:
         """Channel 0, when :meth:`sends_now` says so: send ``item`` and write it at once.
 
         :meth:`queue` then :meth:`write_queued`, in one step: when nothing else waits to be
         sent and the credit covers it, the session seals a small spack at once
-        (``Session.send_now``), as without channels.
+        (``Session.send_now``), as without channels. What to await (no coroutine of its
+        own, on a reply's way): ``False`` when the caller is to :meth:`keep_within_bound`.
         """
         self._answering = False
         self._link.check_open()
-        if await self._io.send_now(item):
-            return  # (nothing of it is left)
+        return self._io.send_now(item)
+
+    async def keep_within_bound(self) -> None:
+        """After a write that left some of what was queued: wait while it exceeds the bound."""
         if self._session.queued_bytes_on(self.id) > self._bound():
             await self._within_bound()
 
     async def _within_bound(self) -> None:
-        """Wait until at most the bound of the channel waits for credit.
-
-        After a write that left more (the caller looks first: most writes leave nothing).
-        """
+        """Wait until at most the bound of the channel waits for credit."""
         session, link, io = self._session, self._link, self._io
         bound = self._bound()
         await io.until(
