@@ -1035,7 +1035,12 @@ async def test_a_waiter_woken_after_the_turn_is_woken_only_if_still_wanted(kind:
                     await anyio.lowlevel.checkpoint()
             assert len(asked) == 2  # asked when due and after the turn
             asked.clear()
-            waiter.wake_after_turn(lambda: bool(asked.append(True)))  # not wanted when due
+
+            def unwanted() -> bool:
+                asked.append(True)
+                return False
+
+            waiter.wake_after_turn(unwanted)  # not wanted when the look is due
             await anyio.sleep(0.01)
             assert len(asked) == 1  # the look ended there
     assert type(waiter).defers is (kind == "chosen" and _on_asyncio())
