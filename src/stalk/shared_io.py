@@ -33,12 +33,13 @@ application is not receiving; it takes a free role only after the tasks already 
 had their turn, and leaves it as soon as another task waits, so a task receiving its
 answers reads them itself, with no task switch through the reader task. Nor is it woken
 each time such a task gives the role up, only to find it taken again: on asyncio it is
-woken only if the role is still free once the tasks that can run have run (two
-callbacks, no task); on trio, while the role changes hands at least once a millisecond,
-it dozes (1 ms) rather than sleep until woken, then looks again. (Not on asyncio: a
-pending timer makes each of the event loop's waits for input cost more, about 8 µs a
-round trip here, more than the wakes.) A request and its answer thus cost the reader
-task nothing, and a role left free is taken at once, or within 1 ms on trio.
+woken only if the role is still free once the tasks that can run have run (a callback,
+and a second one only if the role is free when the first runs; no task); on trio, while
+the role changes hands at least once per :data:`_LOOK_AGAIN` (5 ms), it dozes that long
+rather than sleep until woken, then looks again. (Not on asyncio: a pending timer makes
+each of the event loop's waits for input cost more, about 8 µs a round trip here, more
+than the wakes.) A request and its answer thus cost the reader task nothing, and a role
+left free is taken at once, or within 5 ms on trio.
 Flow control bounds what it takes in. It does not read while the application is taking
 spacks already read (it looks again once the application stopped taking them, or the
 application's own receive reads): more would only lengthen a backlog held decoded, up to
