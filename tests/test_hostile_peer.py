@@ -106,6 +106,10 @@ class HostilePeer(RuleBasedStateMachine):
     @initialize()
     def start_tracing(self) -> None:
         gc.collect()
+        # Traces from this example on only: earlier examples' blocks (hypothesis keeps
+        # much of each) would make every snapshot of a long search slower and slower.
+        tracemalloc.stop()
+        tracemalloc.start()
         self.base = None
 
     # -- driving the victim ---------------------------------------------------------------
