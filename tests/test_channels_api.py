@@ -574,7 +574,7 @@ async def test_the_reader_task_reads_on_only_once_the_application_stops_taking()
                 most = max(most, held())
                 await anyio.lowlevel.checkpoint()  # the reader task has its turns
             # About one read (256 KiB, ~3,500 spacks) at a time, not all that came; a
-            # stall of the application past the reader task's 1 ms pause lets it read
+            # stall of the application past the reader task's pause (_LOOK_AGAIN) lets it read
             # one more, so the bound leaves room for a few.
             assert most < count // 2
             while io.held < count - count // 2:  # stopped taking: the rest is read
@@ -667,8 +667,8 @@ async def test_round_trips_on_channel_0_do_not_wake_the_reader_task_each_time(
 async def test_the_reader_task_reads_what_comes_once_round_trips_stop() -> None:
     """After round trips on channel 0 (the reader task not woken each time the role
     changes hands), the application stops receiving: what comes next is still read, by
-    the reader task once it looks again (at once on asyncio, within a millisecond on
-    trio), here a channel the server opens for the client's channel handler."""
+    the reader task once it looks again (at once on asyncio, within ``_LOOK_AGAIN``, 5 ms,
+    on trio), here a channel the server opens for the client's channel handler."""
     greeted = anyio.Event()
 
     async def greeted_by(channel: Channel) -> None:
