@@ -578,3 +578,25 @@ def test_an_empty_encoding_that_does_not_fit_waits_for_the_next_plaintext(runs: 
             assert len(plaintexts) < 100
         assert not mux.unsent()
         assert b"".join(plaintexts).count(bytes((RecordKind.MESSAGE, 0, 0))) == 3
+
+
+def test_the_backlog_is_what_the_next_plaintexts_can_carry_within_credit() -> None:
+    """``Mux.backlog`` (which sizes the sealer's output): one channel's data within its
+    credit and the connection's; several channels' within the connection's; and the
+    plaintexts then built carry no more than it said."""
+    params = ChannelParams(max_channels=8, channel_window=100_000, connection_window=150_000)
+    table = ChannelTable(initiator=True, ours=params, theirs=params)
+    mux = Mux(table)
+    assert mux.backlog() == 0
+    channel = table.open().id
+    mux.queue(channel, [b"x" * 300_000])
+    mux.flush()
+    assert mux.backlog() == 100_000  # the channel's credit
+    mux.queue(0, [b"y" * 80_000])
+    mux.flush()
+    assert mux.backlog() == 150_000  # two channels: the connection's credit
+    carried = 0
+    while (plaintext := mux.next_plaintext()) is not None:
+        carried += len(plaintext)
+    assert 150_000 <= carried < 150_000 + 100  # the data, and a few record headers
+    assert mux.backlog() == 0  # out of credit

@@ -10,6 +10,8 @@ bytes are cut into buffers may differ: a frame sealed at once is handed out on i
 from __future__ import annotations
 
 import os
+import tracemalloc
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import example, given, settings
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 from stalk._noise import MAX_NONCE, TAGLEN, TransportCipher
 from stalk.errors import LocalProtocolError, NonceExhausted
 from stalk.records import RecordWriter
-from stalk.sealer import REKEY_RECORD, Sealer
+from stalk.sealer import OUTPUT_FRAMES, REKEY_RECORD, Sealer
 from stalk.wire import FRAME_HEADER_LEN, RECORD_CAPACITY, RecordKind
 
 _KEY = bytes(range(32))
@@ -215,3 +217,171 @@ def test_take_only_declines_an_empty_queue() -> None:
     assert writer.take_only() == bytearray((RecordKind.PING, 0, 1)) + b"x"
     assert writer.take_only() is None
     assert RECORD_CAPACITY > 300 * 30  # the sizes above fit one plaintext or spill over
+
+
+class _Source:
+    """A :class:`~stalk.sealer.PlaintextSource` over a fixed list, building each when asked.
+
+    :param contended: for each plaintext, whether the source is contended once it is taken.
+    :param backlog: what :meth:`backlog` answers, as a factor of the true remaining bytes
+        (a hint may be too low or too high; the bytes out must not depend on it).
+    """
+
+    def __init__(self, sizes: list[int], contended: list[bool], backlog: float) -> None:
+        self.sizes = sizes
+        self.contended_after = contended
+        self.factor = backlog
+        self.taken = 0
+
+    def next_plaintext(self) -> bytearray | None:
+        if self.taken == len(self.sizes):
+            return None
+        self.taken += 1
+        return _plaintext(self.taken, self.sizes[self.taken - 1])
+
+    def sendable(self) -> bool:
+        return self.taken < len(self.sizes)
+
+    def contended(self) -> bool:
+        return bool(self.taken) and self.contended_after[self.taken - 1]
+
+    def backlog(self) -> int:
+        return int(sum(self.sizes[self.taken :]) * self.factor)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(
+        st.one_of(st.integers(1, 3000), st.just(RECORD_CAPACITY)), min_size=1, max_size=80
+    ),
+    data=st.data(),
+    backlog=st.sampled_from([0.0, 0.3, 1.0, 5.0]),
+    messages=st.integers(1, 8),
+)
+def test_a_source_is_sealed_as_the_general_path_seals_its_plaintexts(
+    sizes: list[int], data: st.DataObject, backlog: float, messages: int
+) -> None:
+    """Plaintexts sealed as the source builds them: the bytes of pushing them, in order.
+
+    Whatever the source's backlog hint says, and however its contention changes, each
+    buffer holds at most :data:`OUTPUT_FRAMES` frames, one while contended.
+    """
+    contended = data.draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)))
+    fast, general = _sealers(messages, 10**6)
+    source = _Source(sizes, contended, backlog)
+    fast.attach(source)
+    buffers = []
+    while data_out := fast.take():
+        buffers.append(bytes(data_out))
+    general.push(iter([_plaintext(k + 1, n) for k, n in enumerate(sizes)]))
+    assert b"".join(buffers) == b"".join(_drain(general))
+    frames = 0
+    for buffer in buffers:
+        offset = count = 0
+        while offset < len(buffer):
+            offset += FRAME_HEADER_LEN + int.from_bytes(buffer[offset : offset + 2], "big")
+            count += 1
+        assert offset == len(buffer)
+        assert count <= OUTPUT_FRAMES
+        if contended[frames]:
+            assert count == 1
+        frames += count
+    assert frames == len(sizes)
+
+
+def test_a_source_is_sealed_holding_one_plaintext_at_a_time() -> None:
+    """Sealing a source's buffer holds that buffer and about one plaintext, measured.
+
+    Building a buffer's worth of plaintexts before sealing them would hold twice as much,
+    where the C allocator starts giving memory back to the kernel and faulting it in again.
+    """
+    sealer = Sealer(rekey_after_messages=10**6, rekey_after_bytes=10**9)
+    sealer.start(TransportCipher(_KEY))
+    source = _Source([RECORD_CAPACITY] * 100, [False] * 100, 1.0)
+    sealer.attach(source)
+    tracemalloc.start()
+    try:
+        first = sealer.take()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    buffer = OUTPUT_FRAMES * (FRAME_HEADER_LEN + RECORD_CAPACITY + len(REKEY_RECORD) + TAGLEN)
+    assert len(first) == OUTPUT_FRAMES * (FRAME_HEADER_LEN + RECORD_CAPACITY + TAGLEN)
+    assert peak < buffer + 3 * RECORD_CAPACITY
+
+
+def _quick(seed: int, size: int) -> bytearray:
+    """A plaintext of ``size`` bytes told apart by ``seed``, made fast enough for many."""
+    plaintext = bytearray(size)
+    plaintext[:4] = seed.to_bytes(4, "big")[:size]
+    return plaintext
+
+
+def _lazy(sizes: list[int], first_seed: int = 1) -> Iterator[bytearray]:
+    """Plaintexts built only as they are asked for (as a flush's large spack is)."""
+    for k, size in enumerate(sizes):
+        yield _quick(first_seed + k, size)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    flushes=st.lists(
+        st.tuples(
+            st.lists(
+                st.one_of(st.integers(1, 3000), st.just(RECORD_CAPACITY)), min_size=1, max_size=70
+            ),
+            st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    messages=st.integers(1, 8),
+)
+def test_a_flush_of_known_size_is_sealed_as_one_frame_at_a_time_would_be(
+    flushes: list[tuple[list[int], float, bool]], messages: int
+) -> None:
+    """Plaintexts pushed with their size (or a wrong one): the bytes of sealing each alone.
+
+    The reference pushes every plaintext on its own, without a size. Each buffer holds at
+    most :data:`OUTPUT_FRAMES` frames; with the true size of full plaintexts, a flush's
+    buffers are all full but its last.
+    """
+    sized, alone = _sealers(messages, 10**6)
+    seed = 1
+    for index, (sizes, factor, final) in enumerate(flushes):
+        last = final and index == len(flushes) - 1
+        sized.push(_lazy(sizes, seed), final=last, size=int(sum(sizes) * factor))
+        for k, size in enumerate(sizes):
+            alone.push(iter([_quick(seed + k, size)]), final=last and k == len(sizes) - 1)
+        seed += len(sizes)
+    buffers = _drain(sized)
+    assert b"".join(buffers) == b"".join(_drain(alone))
+    for buffer in buffers:
+        offset = count = 0
+        while offset < len(buffer):
+            offset += FRAME_HEADER_LEN + int.from_bytes(buffer[offset : offset + 2], "big")
+            count += 1
+        assert count <= OUTPUT_FRAMES
+    sizes, factor, _ = flushes[0]
+    if len(flushes) == 1 and factor == 1.0 and set(sizes[:-1]) <= {RECORD_CAPACITY}:
+        # Full plaintexts (as a large spack's are), the true size: only the last buffer
+        # is not full (and buffers of under 64 KiB are joined).
+        assert len(buffers) == -(-len(sizes) // OUTPUT_FRAMES) or sum(sizes) < 64 * 1024
+
+
+def test_a_large_flush_is_sealed_holding_one_plaintext_at_a_time() -> None:
+    """A flush of a large spack's plaintexts, with its size: held at once are the buffer,
+    the plaintext being sealed, the next (looked ahead) and the one after being built."""
+    sealer = Sealer(rekey_after_messages=10**6, rekey_after_bytes=10**9)
+    sealer.start(TransportCipher(_KEY))
+    sizes = [RECORD_CAPACITY] * 100
+    sealer.push(_lazy(sizes), size=sum(sizes))
+    tracemalloc.start()
+    try:
+        first = sealer.take()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(first) == OUTPUT_FRAMES * (FRAME_HEADER_LEN + RECORD_CAPACITY + TAGLEN)
+    assert peak < len(first) + 4 * RECORD_CAPACITY

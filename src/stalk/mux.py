@@ -224,6 +224,22 @@ class Mux:
         """Whether several channels have something queued (they take turns)."""
         return len(self._queues) > 1
 
+    def backlog(self) -> int:
+        """About what the next plaintexts carry: data queued, within credit.
+
+        One channel's queue within its own credit and the connection's; several channels'
+        within the connection's.
+        """
+        table = self._table
+        queues = self._queues
+        if len(queues) == 1:
+            channel = next(iter(queues))
+            if size := self._by_channel.get(channel, 0):  # (data queued: the channel is open)
+                size = min(size, table.credit(channel).send)
+        else:
+            size = self.queued_bytes
+        return min(size, table.connection.send)
+
     def _fill(self) -> bytearray:
         """One plaintext: the channels in turn, each until the plaintext or its data ends."""
         plaintext = bytearray()

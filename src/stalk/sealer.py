@@ -13,7 +13,12 @@ only the time moves: a large spack is never held as ciphertext all at once, its 
 bytes leave while the rest waits, and receiving (which queues PONGs) never encrypts.
 
 Each frame's header is packed in place and its ciphertext encrypted straight into the
-output buffer: one copy of each plaintext byte.
+output buffer: one copy of each plaintext byte. Each plaintext is encrypted as soon as it
+is built, into a buffer sized for what follows it (a flush's size, given with it; the
+source's backlog, below), so what is held at once is that buffer and a plaintext or two.
+Building a buffer's worth of plaintexts before encrypting them would hold twice that,
+about 4 MiB, where glibc's allocator starts giving the heap's top back to the kernel
+after each buffer and faulting it in again (7 page faults for each 16 KiB spack).
 
 With channels, the session also attaches the :class:`~stalk.mux.Mux` as a
 :class:`PlaintextSource`: when nothing pushed waits, :meth:`Sealer.take` asks it for
@@ -37,7 +42,7 @@ from typing import Final, Protocol
 
 from stalk._noise import TAGLEN, TransportCipher
 from stalk.errors import LocalProtocolError, NonceExhausted
-from stalk.wire import FRAME_HEADER_LEN, RecordKind
+from stalk.wire import FRAME_HEADER_LEN, MAX_NOISE_MESSAGE, RECORD_CAPACITY, RecordKind
 
 __all__ = ["OUTPUT_FRAMES", "REKEY_RECORD", "PlaintextSource", "Sealer"]
 
@@ -55,6 +60,10 @@ _JOIN_BELOW: Final = 64 * 1024
 _FRAME: Final = struct.Struct(">H")
 #: The most a plaintext grows by when sealed: header, tag, and a REKEY record.
 _OVERHEAD: Final = FRAME_HEADER_LEN + TAGLEN + len(REKEY_RECORD)
+#: The largest frame: a header and the largest Noise message.
+_MAX_FRAME: Final = FRAME_HEADER_LEN + MAX_NOISE_MESSAGE
+#: The most plaintext bytes an output buffer holds after its first.
+_BUFFER_REST: Final = (OUTPUT_FRAMES - 1) * RECORD_CAPACITY
 
 
 class PlaintextSource(Protocol):
@@ -69,18 +78,26 @@ class PlaintextSource(Protocol):
     def contended(self) -> bool:
         """Whether several channels are taking turns (seal one plaintext at a time)."""
 
+    def backlog(self) -> int:
+        """About how many bytes the next plaintexts will carry (sizes the output buffer).
+
+        Too little only ends a buffer early; too much costs zeroed bytes given back.
+        """
+
 
 class _Flushed:
     """Plaintexts flushed together, not encrypted yet, with the next one looked ahead.
 
     :param final: the last plaintext ends with CLOSE (no REKEY may follow it).
+    :param size: their bytes, if known (sizes the output buffers; 0: one frame each).
     """
 
-    __slots__ = ("final", "next", "plaintexts")
+    __slots__ = ("final", "left", "next", "plaintexts")
 
-    def __init__(self, plaintexts: Iterator[bytearray], final: bool) -> None:
+    def __init__(self, plaintexts: Iterator[bytearray], final: bool, size: int = 0) -> None:
         self.plaintexts = plaintexts
         self.final = final
+        self.left = size
         self.next = next(plaintexts, None)
 
 
@@ -153,11 +170,13 @@ class Sealer:
         """Queue bytes that need no encryption (handshake messages, a refusal)."""
         self._out.append(data)
 
-    def push(self, plaintexts: Iterator[bytearray], *, final: bool = False) -> None:
+    def push(self, plaintexts: Iterator[bytearray], *, final: bool = False, size: int = 0) -> None:
         """Queue plaintexts for encryption, after everything queued before them.
 
         :param final: the last one ends with CLOSE, which must stay the last record (and
             nothing is sent after it, so rekeying then would be pointless).
+        :param size: their bytes, if known: output buffers are then sized to hold them
+            (up to :data:`OUTPUT_FRAMES` frames each) rather than one frame each.
         :raises ~stalk.LocalProtocolError: no cipher yet, or a CLOSE was pushed already.
         :raises ~stalk.NonceExhausted: the cipher has no nonce left (nothing more is sent).
         """
@@ -170,7 +189,7 @@ class Sealer:
         if self._lone is not None:  # it was flushed first
             self._flushed.append(_Flushed(iter((self._lone,)), final=False))
             self._lone = None
-        self._flushed.append(_Flushed(plaintexts, final))
+        self._flushed.append(_Flushed(plaintexts, final, size))
         self.closed = final
 
     @property
@@ -273,6 +292,9 @@ class Sealer:
     def _seal_next(self) -> int:
         """Encrypt up to :data:`OUTPUT_FRAMES` queued plaintexts into one output buffer.
 
+        Each is encrypted as the flush's iterator builds it, into a buffer sized from the
+        flush's bytes left; the buffer ends when the next would not fit.
+
         :returns: the size of that buffer.
         """
         cipher = self._cipher
@@ -283,60 +305,76 @@ class Sealer:
         plaintext = entry.next
         if plaintext is None:  # pragma: no cover - a flushed entry always has one left
             raise LocalProtocolError("nothing to seal")
-        group = [plaintext]
         size = len(plaintext) + _OVERHEAD
-        following = next(entry.plaintexts, None)
-        while following is not None and len(group) < OUTPUT_FRAMES:
-            group.append(following)
-            size += len(following) + _OVERHEAD
-            following = next(entry.plaintexts, None)
-        entry.next = following
-        if following is None:
-            flushed.popleft()
-            if not flushed:
-                self._flushed = None  # an idle connection holds no empty deque
-        return self._seal_group(cipher, group, size, final=entry.final and following is None)
+        if (rest := min(entry.left - len(plaintext), _BUFFER_REST)) > 0:
+            # Room for the rest of the flush, up to a buffer's worth: its bytes, and the
+            # overhead of as many plaintexts as packing fills them into (each but the last
+            # more than half full) and one more.
+            size += rest + (2 * rest // RECORD_CAPACITY + 2) * _OVERHEAD
+        out = bytearray(size)
+        view = memoryview(out)
+        offset = count = 0
+        try:
+            while True:
+                entry.next = following = next(entry.plaintexts, None)
+                entry.left -= len(plaintext)
+                may_rekey = not (entry.final and following is None)
+                offset = self._seal_frame(cipher, plaintext, view, offset, may_rekey=may_rekey)
+                count += 1
+                if following is None:
+                    flushed.popleft()
+                    if not flushed:
+                        self._flushed = None  # an idle connection holds no empty deque
+                    break
+                if count == OUTPUT_FRAMES or offset + len(following) + _OVERHEAD > size:
+                    break
+                plaintext = following
+        except NonceExhausted as exc:
+            self._exhausted = exc
+            self._flushed = None
+            raise
+        finally:
+            view.release()  # ``out`` may be resized once no view of it is left
+        if offset < size:
+            del out[offset:]
+        self._out.append(out)
+        return offset
 
     def _seal_source(self) -> int:
         """Encrypt the source's next plaintexts into one output buffer; its size (0: none).
 
         Up to :data:`OUTPUT_FRAMES` of them while one channel is sending alone; one while
         several take turns, so each waits behind about one Noise message of the others.
+        Each is encrypted as it is built, into a buffer with room for the first and as
+        many largest frames as the source's :meth:`~PlaintextSource.backlog` fills; the
+        buffer ends when that room does.
         """
         source = self._source
         cipher = self._cipher
         if source is None or cipher is None:  # pragma: no cover - take() checked
             raise LocalProtocolError("nothing to seal")
-        group: list[bytearray] = []
-        size = 0
-        while len(group) < OUTPUT_FRAMES and (plaintext := source.next_plaintext()) is not None:
-            group.append(plaintext)
-            size += len(plaintext) + _OVERHEAD
-            if source.contended():
-                break
-        if not group:
+        plaintext = source.next_plaintext()
+        if plaintext is None:
             return 0
-        return self._seal_group(cipher, group, size, final=False)
-
-    def _seal_group(
-        self, cipher: TransportCipher, group: list[bytearray], size: int, *, final: bool
-    ) -> int:
-        """Encrypt ``group`` as frames into a new output buffer of ``size`` bytes at most.
-
-        :param final: the group's last plaintext ends with CLOSE (no REKEY after it).
-        :returns: the buffer's size.
-        """
+        size = len(plaintext) + _OVERHEAD
+        frames = 1
+        if not source.contended() and (backlog := source.backlog()):
+            frames += min(OUTPUT_FRAMES - 1, -(-backlog // RECORD_CAPACITY))
+            size += (frames - 1) * _MAX_FRAME
         out = bytearray(size)
-        offset = 0
-        last = len(group) - 1
         view = memoryview(out)
+        offset = 0
         try:
-            for index, plaintext in enumerate(group):
-                may_rekey = not (final and index == last)
-                offset = self._seal_frame(cipher, plaintext, view, offset, may_rekey=may_rekey)
+            while True:
+                offset = self._seal_frame(cipher, plaintext, view, offset, may_rekey=True)
+                frames -= 1
+                if not frames or source.contended():
+                    break
+                if (following := source.next_plaintext()) is None:
+                    break
+                plaintext = following
         except NonceExhausted as exc:
             self._exhausted = exc
-            self._flushed = None
             raise
         finally:
             view.release()  # ``out`` may be resized once no view of it is left

@@ -299,4 +299,5 @@ class Sender:
         """Hand everything ``writer`` holds to the sealer, after any answers owed."""
         if writer is not self.control and self.control.pending():
             self.sealer.push(self.control.pack())
-        self.sealer.push(writer.pack(), final=final)
+        size = writer.queued_bytes
+        self.sealer.push(writer.pack(), final=final, size=size)
