@@ -5,6 +5,10 @@
 general path (:meth:`Sealer.push` of a one-plaintext iterator)
 on the same operations and require the same bytes out, in the same order. (Where the
 bytes are cut into buffers may differ: a frame sealed at once is handed out on its own.)
+
+Plaintexts are encrypted as they are built, into buffers sized from a flush's size or a
+source's backlog: the last tests run those against sealing each plaintext alone (the
+same bytes, whatever the size said) and measure what is held while sealing.
 """
 
 from __future__ import annotations
