@@ -293,22 +293,32 @@ def test_a_source_is_sealed_as_the_general_path_seals_its_plaintexts(
     assert frames == len(sizes)
 
 
-def test_a_source_is_sealed_holding_one_plaintext_at_a_time() -> None:
-    """Sealing a source's buffer holds that buffer and about one plaintext, measured.
-
-    Building a buffer's worth of plaintexts before sealing them would hold twice as much,
-    where the C allocator starts giving memory back to the kernel and faulting it in again.
-    """
+def _sealer_without_rekeys() -> Sealer:
     sealer = Sealer(rekey_after_messages=10**6, rekey_after_bytes=10**9)
     sealer.start(TransportCipher(_KEY))
-    source = _Source([RECORD_CAPACITY] * 100, [False] * 100, 1.0)
-    sealer.attach(source)
+    return sealer
+
+
+def _take_traced(sealer: Sealer) -> tuple[bytes | bytearray, int]:
+    """The first buffer taken, and the most memory Python held while taking it."""
     tracemalloc.start()
     try:
         first = sealer.take()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    return first, peak
+
+
+def test_a_source_is_sealed_holding_one_plaintext_at_a_time() -> None:
+    """Sealing a source's buffer holds that buffer and about one plaintext, measured.
+
+    Building a buffer's worth of plaintexts before sealing them would hold twice as much,
+    where the C allocator starts giving memory back to the kernel and faulting it in again.
+    """
+    sealer = _sealer_without_rekeys()
+    sealer.attach(_Source([RECORD_CAPACITY] * 100, [False] * 100, 1.0))
+    first, peak = _take_traced(sealer)
     buffer = OUTPUT_FRAMES * (FRAME_HEADER_LEN + RECORD_CAPACITY + len(REKEY_RECORD) + TAGLEN)
     assert len(first) == OUTPUT_FRAMES * (FRAME_HEADER_LEN + RECORD_CAPACITY + TAGLEN)
     assert peak < buffer + 3 * RECORD_CAPACITY
@@ -377,15 +387,9 @@ def test_a_flush_of_known_size_is_sealed_as_one_frame_at_a_time_would_be(
 def test_a_large_flush_is_sealed_holding_one_plaintext_at_a_time() -> None:
     """A flush of a large spack's plaintexts, with its size: held at once are the buffer,
     the plaintext being sealed, the next (looked ahead) and the one after being built."""
-    sealer = Sealer(rekey_after_messages=10**6, rekey_after_bytes=10**9)
-    sealer.start(TransportCipher(_KEY))
+    sealer = _sealer_without_rekeys()
     sizes = [RECORD_CAPACITY] * 100
     sealer.push(_lazy(sizes), size=sum(sizes))
-    tracemalloc.start()
-    try:
-        first = sealer.take()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    first, peak = _take_traced(sealer)
     assert len(first) == OUTPUT_FRAMES * (FRAME_HEADER_LEN + RECORD_CAPACITY + TAGLEN)
     assert peak < len(first) + 4 * RECORD_CAPACITY

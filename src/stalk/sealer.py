@@ -297,48 +297,42 @@ class Sealer:
 
         :returns: the size of that buffer.
         """
-        cipher = self._cipher
         flushed = self._flushed
-        if cipher is None or not flushed:  # pragma: no cover - take() seals only what was flushed
+        if not flushed or flushed[0].next is None:  # pragma: no cover - take() checked
             raise LocalProtocolError("nothing to seal")
-        entry = flushed[0]
-        plaintext = entry.next
-        if plaintext is None:  # pragma: no cover - a flushed entry always has one left
-            raise LocalProtocolError("nothing to seal")
-        size = len(plaintext) + _OVERHEAD
-        if (rest := min(entry.left - len(plaintext), _BUFFER_REST)) > 0:
+        first = len(flushed[0].next)
+        size = first + _OVERHEAD
+        if (rest := min(flushed[0].left - first, _BUFFER_REST)) > 0:
             # Room for the rest of the flush, up to a buffer's worth: its bytes, and the
             # overhead of as many plaintexts as packing fills them into (each but the last
             # more than half full) and one more.
             size += rest + (2 * rest // RECORD_CAPACITY + 2) * _OVERHEAD
-        out = bytearray(size)
-        view = memoryview(out)
-        offset = count = 0
-        try:
-            while True:
-                entry.next = following = next(entry.plaintexts, None)
-                entry.left -= len(plaintext)
-                may_rekey = not (entry.final and following is None)
-                offset = self._seal_frame(cipher, plaintext, view, offset, may_rekey=may_rekey)
-                count += 1
-                if following is None:
-                    flushed.popleft()
-                    if not flushed:
-                        self._flushed = None  # an idle connection holds no empty deque
-                    break
-                if count == OUTPUT_FRAMES or offset + len(following) + _OVERHEAD > size:
-                    break
-                plaintext = following
-        except NonceExhausted as exc:
-            self._exhausted = exc
-            self._flushed = None
-            raise
-        finally:
-            view.release()  # ``out`` may be resized once no view of it is left
-        if offset < size:
-            del out[offset:]
-        self._out.append(out)
-        return offset
+        return self._seal_run(bytearray(size), self._flushed_run(flushed, size))
+
+    def _flushed_run(self, flushed: deque[_Flushed], size: int) -> Iterator[tuple[bytearray, bool]]:
+        """The first flush's next plaintexts whose frames fit ``size`` bytes.
+
+        Each comes with whether it may carry a REKEY; the flush leaves the queue once all
+        its plaintexts are taken.
+        """
+        entry = flushed[0]
+        plaintext = entry.next
+        used = 0  # at least the frames' bytes so far
+        for _ in range(OUTPUT_FRAMES):
+            if plaintext is None:  # pragma: no cover - a flushed entry always has one left
+                return
+            entry.next = following = next(entry.plaintexts, None)
+            entry.left -= len(plaintext)
+            used += len(plaintext) + _OVERHEAD
+            yield plaintext, not (entry.final and following is None)
+            if following is None:
+                flushed.popleft()
+                if not flushed:
+                    self._flushed = None  # an idle connection holds no empty deque
+                return
+            if used + len(following) + _OVERHEAD > size:
+                return
+            plaintext = following
 
     def _seal_source(self) -> int:
         """Encrypt the source's next plaintexts into one output buffer; its size (0: none).
@@ -350,8 +344,7 @@ class Sealer:
         buffer ends when that room does.
         """
         source = self._source
-        cipher = self._cipher
-        if source is None or cipher is None:  # pragma: no cover - take() checked
+        if source is None:  # pragma: no cover - take() checked
             raise LocalProtocolError("nothing to seal")
         plaintext = source.next_plaintext()
         if plaintext is None:
@@ -361,24 +354,30 @@ class Sealer:
         if not source.contended() and (backlog := source.backlog()):
             frames += min(OUTPUT_FRAMES - 1, -(-backlog // RECORD_CAPACITY))
             size += (frames - 1) * _MAX_FRAME
-        out = bytearray(size)
+        run = _source_run(source, plaintext, frames)
+        del plaintext  # held by the run alone, until sealed
+        return self._seal_run(bytearray(size), run)
+
+    def _seal_run(self, out: bytearray, plaintexts: Iterator[tuple[bytearray, bool]]) -> int:
+        """Encrypt each ``(plaintext, may_rekey)`` into ``out`` as a frame, as it comes.
+
+        Queues the part of ``out`` filled for the transport, and returns its size.
+        """
+        cipher = self._cipher
+        if cipher is None:  # pragma: no cover - take() checked
+            raise LocalProtocolError("nothing to seal")
         view = memoryview(out)
         offset = 0
         try:
-            while True:
-                offset = self._seal_frame(cipher, plaintext, view, offset, may_rekey=True)
-                frames -= 1
-                if not frames or source.contended():
-                    break
-                if (following := source.next_plaintext()) is None:
-                    break
-                plaintext = following
+            for plaintext, may_rekey in plaintexts:
+                offset = self._seal_frame(cipher, plaintext, view, offset, may_rekey=may_rekey)
         except NonceExhausted as exc:
             self._exhausted = exc
+            self._flushed = None
             raise
         finally:
             view.release()  # ``out`` may be resized once no view of it is left
-        if offset < size:
+        if offset < len(out):
             del out[offset:]
         self._out.append(out)
         return offset
@@ -427,3 +426,21 @@ class Sealer:
         self._requested = False
         self._messages = 0
         self._bytes = 0
+
+
+def _source_run(
+    source: PlaintextSource, plaintext: bytearray, frames: int
+) -> Iterator[tuple[bytearray, bool]]:
+    """``plaintext`` and the source's next ones, each built once the one before is sealed.
+
+    At most ``frames`` of them, and only one while the source is contended.
+    """
+    while True:
+        yield plaintext, True
+        frames -= 1
+        if not frames or source.contended():
+            return
+        following = source.next_plaintext()
+        if following is None:
+            return
+        plaintext = following
