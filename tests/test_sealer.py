@@ -380,8 +380,8 @@ def test_a_flush_of_known_size_is_sealed_as_one_frame_at_a_time_would_be(
     sizes, factor, _ = flushes[0]
     if len(flushes) == 1 and factor == 1.0 and set(sizes[:-1]) <= {RECORD_CAPACITY}:
         # Full plaintexts (as a large spack's are), the true size: only the last buffer
-        # is not full (and buffers of under 64 KiB are joined).
-        assert len(buffers) == -(-len(sizes) // OUTPUT_FRAMES) or sum(sizes) < 64 * 1024
+        # is not full.
+        assert len(buffers) == -(-len(sizes) // OUTPUT_FRAMES)
 
 
 def test_a_large_flush_is_sealed_holding_one_plaintext_at_a_time() -> None:

@@ -298,29 +298,29 @@ class Sealer:
         :returns: the size of that buffer.
         """
         flushed = self._flushed
-        if not flushed or flushed[0].next is None:  # pragma: no cover - take() checked
-            raise LocalProtocolError("nothing to seal")
-        first = len(flushed[0].next)
-        size = first + _OVERHEAD
-        if (rest := min(flushed[0].left - first, _BUFFER_REST)) > 0:
+        if not flushed or (plaintext := flushed[0].next) is None:  # pragma: no cover
+            raise LocalProtocolError("nothing to seal")  # (take() seals only what waits)
+        size = len(plaintext) + _OVERHEAD
+        if (rest := min(flushed[0].left - len(plaintext), _BUFFER_REST)) > 0:
             # Room for the rest of the flush, up to a buffer's worth: its bytes, and the
             # overhead of as many plaintexts as packing fills them into (each but the last
             # more than half full) and one more.
             size += rest + (2 * rest // RECORD_CAPACITY + 2) * _OVERHEAD
-        return self._seal_run(bytearray(size), self._flushed_run(flushed, size))
+        run = self._flushed_run(flushed, plaintext, size)
+        del plaintext  # held by the run alone, until sealed
+        return self._seal_run(bytearray(size), run)
 
-    def _flushed_run(self, flushed: deque[_Flushed], size: int) -> Iterator[tuple[bytearray, bool]]:
-        """The first flush's next plaintexts whose frames fit ``size`` bytes.
+    def _flushed_run(
+        self, flushed: deque[_Flushed], plaintext: bytearray, size: int
+    ) -> Iterator[tuple[bytearray, bool]]:
+        """``plaintext`` (the first flush's next) and those after it that fit ``size`` bytes.
 
         Each comes with whether it may carry a REKEY; the flush leaves the queue once all
         its plaintexts are taken.
         """
         entry = flushed[0]
-        plaintext = entry.next
         used = 0  # at least the frames' bytes so far
         for _ in range(OUTPUT_FRAMES):
-            if plaintext is None:  # pragma: no cover - a flushed entry always has one left
-                return
             entry.next = following = next(entry.plaintexts, None)
             entry.left -= len(plaintext)
             used += len(plaintext) + _OVERHEAD
